@@ -1,0 +1,292 @@
+"""Frozen PLM backbones behind one small interface: masked LM, seq2seq and decoder-only.
+
+A soft prompt of shape [n_tokens, d_model] goes in front of the token embeddings; label words are scored
+by the PLM's own head at one position per example: the `<mask>` slot (masked LM), the first decoder step
+(seq2seq) or the next token after the template (decoder-only). Only the label-word rows of the output
+embedding are multiplied, and only at that position.
+"""
+
+import logging
+from dataclasses import dataclass, field
+from enum import Enum
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ptx.errors import PtxError
+
+log = logging.getLogger(__name__)
+
+
+class BackboneKind(str, Enum):
+    MASKED_LM = "masked_lm"
+    SEQ2SEQ = "seq2seq"
+    CAUSAL_LM = "causal_lm"
+
+
+class Insertion(str, Enum):
+    PREPEND = "prepend"  # prompt before the whole input (PEFT's layout)
+    PAPER = "paper"  # Su et al.'s RoBERTa layout: slot 0 is <mask>, prompt positions get zero position embeddings
+
+
+MASKED_TYPES = {"bert", "roberta", "xlm-roberta", "mpnet", "distilbert", "electra", "deberta", "deberta-v2", "camembert"}
+TAIL_KEEP = 8  # tokens kept at the end of an over-long text: the template's tail ("It was") must survive
+
+
+@dataclass
+class Backbone:
+    """A frozen PLM with its tokenizer; see docs/design.md for the contract."""
+
+    name: str
+    revision: str | None
+    kind: BackboneKind
+    insertion: Insertion
+    model: nn.Module
+    tokenizer: object
+    d_model: int
+    n_layers: int
+    d_ff: int
+    _specials: tuple = field(default=((), ()), repr=False)
+
+    # ---- tokenisation -------------------------------------------------------------------------------
+    @property
+    def pad_id(self) -> int:
+        tok = self.tokenizer
+        pid = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        return int(pid if pid is not None else 0)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def _ids(self, text: str) -> list[int]:
+        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"]) if text else []
+
+    def encode(self, before: str, after: str, max_length: int) -> tuple[list[int], int]:
+        """Token ids of one example (no prompt) and the index of its scoring position within them."""
+        prefix, suffix = self._specials
+        pre, post = self._ids(before), self._ids(after)
+        mask_slot = self.kind is BackboneKind.MASKED_LM and self.insertion is Insertion.PREPEND
+        if self.kind is BackboneKind.CAUSAL_LM:
+            post, suffix = [], ()  # the next token after `before` is the label word: nothing may follow
+        budget = max_length - len(prefix) - len(suffix) - len(post) - int(mask_slot)
+        if budget < TAIL_KEEP + 1:
+            post = post[: max(0, len(post) - (TAIL_KEEP + 1 - budget))]
+            budget = max(TAIL_KEEP + 1, budget)
+        if len(pre) > budget:  # cut the middle of the text, keep the template's tail before the mask
+            pre = pre[: budget - TAIL_KEEP] + pre[-TAIL_KEEP:]
+        if mask_slot:
+            ids = [*prefix, *pre, self.tokenizer.mask_token_id, *post, *suffix]
+            return ids, len(prefix) + len(pre)
+        if self.kind is BackboneKind.CAUSAL_LM:
+            ids = [*prefix, *pre]
+            return ids, len(ids) - 1
+        return [*prefix, *pre, *post, *suffix], 0  # seq2seq and the paper layout score outside the text
+
+    def label_ids(self, words) -> torch.LongTensor:
+        """Token id of each label word [n_labels]; a word that is not one token is an error."""
+        out = []
+        for word in words:
+            found = None
+            for variant in (f" {word}", word):  # BPE/sentencepiece vocabularies mark a leading space
+                ids = self._ids(variant)
+                ids = [i for i in ids if i not in self._space_ids()]
+                if len(ids) == 1:
+                    found = ids[0]
+                    break
+            if found is None:
+                pieces = self.tokenizer.convert_ids_to_tokens(self._ids(f" {word}"))
+                raise PtxError(f"verbalizer word '{word}' is not one token of backbone '{self.name}' "
+                               f"(it splits into {pieces}); choose a single-token word")
+            out.append(found)
+        if len(set(out)) != len(out):
+            raise PtxError(f"verbalizer {list(words)} maps two labels to one token on backbone '{self.name}'")
+        return torch.tensor(out, dtype=torch.long)
+
+    def _space_ids(self) -> set:
+        # sentencepiece may emit a bare "▁" before a word it cannot merge with the space
+        return {i for i in self._ids(" ") if self.tokenizer.convert_ids_to_tokens(i) in ("▁", "Ġ")}
+
+    # ---- forward ------------------------------------------------------------------------------------
+    def input_embeddings(self) -> torch.Tensor:
+        """The frozen token embedding matrix [vocab, d_model]."""
+        return self.model.get_input_embeddings().weight
+
+    def _inputs(self, prompts: torch.Tensor, batch: dict):
+        """Prompt-prefixed input embeddings [P*B, n+T, d] and attention mask [P*B, n+T]."""
+        ids, attn = batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device)
+        n_prompts, n_tok, _ = prompts.shape
+        bsz, seq = ids.shape
+        tok = self.model.get_input_embeddings()(ids)
+        prompts = prompts.to(tok.dtype)
+        if self.insertion is Insertion.PAPER:
+            mask_row = self.input_embeddings()[self.tokenizer.mask_token_id].to(tok.dtype)
+            prompts = torch.cat([mask_row.expand(n_prompts, 1, -1), prompts[:, 1:]], dim=1)
+        x = torch.cat([prompts[:, None].expand(-1, bsz, -1, -1), tok[None].expand(n_prompts, -1, -1, -1)], dim=2)
+        x = x.reshape(n_prompts * bsz, n_tok + seq, -1)
+        mask = torch.cat([attn.new_ones(bsz, n_tok), attn], dim=1).repeat(n_prompts, 1)
+        return x, mask
+
+    def _positions(self, n_tok: int, seq: int, rows: int) -> torch.Tensor | None:
+        """Position ids for the paper layout: prompt slots at the padding index (a zero embedding)."""
+        if self.insertion is not Insertion.PAPER:
+            return None
+        pad = getattr(self.model.config, "pad_token_id", 1) or 0
+        first = pad + 1 if self.model.config.model_type in ("roberta", "xlm-roberta", "camembert") else 0
+        pos = torch.cat([torch.full((n_tok,), pad), torch.arange(first, first + seq)])
+        return pos.to(self.device).expand(rows, -1)
+
+    def hidden_at_score(self, prompts: torch.Tensor, batch: dict) -> torch.Tensor:
+        """Final hidden state at each example's scoring position [P*B, d] (after any decoder step)."""
+        x, mask = self._inputs(prompts, batch)
+        n_tok, rows = prompts.shape[1], x.shape[0]
+        score = batch["score_index"].to(self.device).repeat(prompts.shape[0])
+        body = self.model.base_model if self.kind is not BackboneKind.SEQ2SEQ else None
+        if self.kind is BackboneKind.SEQ2SEQ:
+            enc = self.model.get_encoder()(inputs_embeds=x, attention_mask=mask).last_hidden_state
+            start = torch.full((rows, 1), self.model.config.decoder_start_token_id, device=self.device)
+            dec = self.model.get_decoder()(input_ids=start, encoder_hidden_states=enc, encoder_attention_mask=mask)
+            return dec.last_hidden_state[:, 0]
+        pos = self._positions(n_tok, x.shape[1] - n_tok, rows)
+        kwargs = {"position_ids": pos} if pos is not None else {}
+        hidden = body(inputs_embeds=x, attention_mask=mask, **kwargs).last_hidden_state
+        if self.kind is BackboneKind.MASKED_LM and self.insertion is Insertion.PAPER:
+            return hidden[:, 0]
+        return hidden[torch.arange(rows, device=self.device), n_tok + score]
+
+    def _head(self, hidden: torch.Tensor, label_ids: torch.Tensor) -> torch.Tensor:
+        """The PLM's own output head restricted to label rows: [N, d] -> [N, n_labels]."""
+        model, label_ids = self.model, label_ids.to(self.device)
+        if self.kind is BackboneKind.MASKED_LM:
+            if hasattr(model, "cls"):  # BERT
+                hidden = model.cls.predictions.transform(hidden)
+            elif hasattr(model, "lm_head") and hasattr(model.lm_head, "dense"):  # RoBERTa, MPNet
+                head = model.lm_head
+                hidden = head.layer_norm(F.gelu(head.dense(hidden)))
+            else:  # an unknown masked-LM head: run it whole, still only at the scoring position
+                head = getattr(model, "lm_head", None) or getattr(model, "cls", None)
+                if head is None:
+                    raise PtxError(f"unknown masked-LM head on backbone '{self.name}' ({model.config.model_type})")
+                return head(hidden)[:, label_ids]
+        elif self.kind is BackboneKind.SEQ2SEQ and getattr(model.config, "scale_decoder_outputs",
+                                                           model.config.tie_word_embeddings):
+            hidden = hidden * (self.d_model ** -0.5)
+        out = model.get_output_embeddings()
+        logits = hidden @ out.weight[label_ids].T
+        bias = out.bias if getattr(out, "bias", None) is not None else getattr(getattr(model, "lm_head", None), "bias", None)
+        return logits + bias[label_ids] if isinstance(bias, torch.Tensor) else logits
+
+    def label_logits(self, prompts: torch.Tensor, batch: dict, label_ids: torch.Tensor) -> torch.Tensor:
+        """Label-word logits: prompts [P, n, d] -> [P, B, n_labels]; a 2-D prompt [n, d] -> [B, n_labels]."""
+        squeeze = prompts.dim() == 2
+        prompts = prompts[None] if squeeze else prompts
+        logits = self._head(self.hidden_at_score(prompts, batch), label_ids)
+        logits = logits.float().view(prompts.shape[0], batch["input_ids"].shape[0], -1)
+        return logits[0] if squeeze else logits
+
+    def seq2seq_loss(self, prompt: torch.Tensor, batch: dict) -> torch.Tensor:
+        """Teacher-forced token cross-entropy of the target text (generation tasks, seq2seq only)."""
+        self._require_seq2seq()
+        x, mask = self._inputs(prompt[None], batch)
+        labels = batch["target_ids"].to(self.device).masked_fill(batch["target_ids"].to(self.device) == self.pad_id, -100)
+        return self.model(inputs_embeds=x, attention_mask=mask, labels=labels).loss
+
+    @torch.no_grad()
+    def generate(self, prompt: torch.Tensor, batch: dict, max_new_tokens: int = 32) -> list[str]:
+        """Greedy generation of text answers (seq2seq only)."""
+        self._require_seq2seq()
+        x, mask = self._inputs(prompt[None].to(self.device), batch)
+        out = self.model.generate(inputs_embeds=x, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False)
+        return self.tokenizer.batch_decode(out, skip_special_tokens=True)
+
+    def _require_seq2seq(self):
+        if self.kind is not BackboneKind.SEQ2SEQ:
+            raise PtxError(f"generation tasks need a seq2seq backbone; '{self.name}' is {self.kind.value}")
+
+    # ---- FFN hook points ----------------------------------------------------------------------------
+    def ffn_modules(self, where: str = "decoder") -> list[nn.Module]:
+        """Per layer, the module whose output is the FFN's intermediate activation (active when > 0).
+
+        BERT/RoBERTa/MPNet: the intermediate block, after GELU. T5: `wi` of the encoder or decoder
+        (`where`). Llama/Qwen2 (gated): the gate projection, before SiLU. GPT-2: `c_fc`, before GELU.
+        For every one of these, "> 0" before or after the activation is the same test.
+        """
+        model = self.model
+        if self.kind is BackboneKind.SEQ2SEQ:
+            if where not in ("encoder", "decoder"):
+                raise PtxError(f"hook point '{where}' does not exist on seq2seq backbone '{self.name}'; "
+                               "expected 'encoder' or 'decoder'")
+            stack = model.get_encoder() if where == "encoder" else model.get_decoder()
+            return [blk.layer[-1].DenseReluDense.wi if hasattr(blk.layer[-1].DenseReluDense, "wi")
+                    else blk.layer[-1].DenseReluDense.wi_0 for blk in stack.block]
+        base = model.base_model
+        if hasattr(base, "encoder") and hasattr(base.encoder, "layer"):
+            return [layer.intermediate for layer in base.encoder.layer]
+        if hasattr(base, "layers"):
+            return [layer.mlp.gate_proj for layer in base.layers]
+        if hasattr(base, "h"):
+            return [blk.mlp.c_fc for blk in base.h]
+        raise PtxError(f"no known FFN hook point on backbone '{self.name}' ({model.config.model_type})")
+
+
+def detect_kind(config) -> BackboneKind:
+    """The backbone kind from a transformers config."""
+    if getattr(config, "is_encoder_decoder", False):
+        return BackboneKind.SEQ2SEQ
+    archs = " ".join(getattr(config, "architectures", None) or [])
+    if "MaskedLM" in archs or config.model_type in MASKED_TYPES:
+        return BackboneKind.MASKED_LM
+    return BackboneKind.CAUSAL_LM
+
+
+def _special_layout(tokenizer) -> tuple[tuple, tuple]:
+    """The special tokens the tokenizer puts before and after a text, found by tokenising one word."""
+    bare = list(tokenizer("a", add_special_tokens=False)["input_ids"])
+    full = list(tokenizer("a", add_special_tokens=True)["input_ids"])
+    for i in range(len(full) - len(bare) + 1):
+        if full[i:i + len(bare)] == bare:
+            return tuple(full[:i]), tuple(full[i + len(bare):])
+    return (), ()
+
+
+def load_backbone(name: str, insertion: str = "prepend", device: str | None = None,
+                  dtype: torch.dtype = torch.float32) -> Backbone:
+    """Load a frozen backbone by alias, local path or Hugging Face id."""
+    import transformers
+
+    from ptx.assets import resolve_model
+
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+
+    try:
+        insertion = Insertion(insertion)
+    except ValueError:
+        raise PtxError(f"unknown insertion '{insertion}'; expected one of "
+                       f"{[i.value for i in Insertion]}") from None
+    src = resolve_model(name)
+    try:
+        config = transformers.AutoConfig.from_pretrained(src.path, revision=src.revision if not src.offline else None)
+    except OSError as exc:
+        raise PtxError(f"cannot load backbone '{name}': {str(exc).splitlines()[0]}") from None
+    kind = detect_kind(config)
+    auto = {BackboneKind.MASKED_LM: transformers.AutoModelForMaskedLM,
+            BackboneKind.SEQ2SEQ: transformers.AutoModelForSeq2SeqLM,
+            BackboneKind.CAUSAL_LM: transformers.AutoModelForCausalLM}[kind]
+    rev = None if src.offline else src.revision
+    model = auto.from_pretrained(src.path, revision=rev, dtype=dtype, attn_implementation="sdpa")
+    tokenizer = transformers.AutoTokenizer.from_pretrained(src.path, revision=rev)
+    if insertion is Insertion.PAPER and (kind is not BackboneKind.MASKED_LM or tokenizer.mask_token_id is None):
+        raise PtxError(f"insertion 'paper' is the masked-LM <mask>-slot layout; backbone '{name}' is {kind.value}")
+    model.requires_grad_(False)
+    model.eval()
+    if device:
+        model.to(device)
+    cfg = model.config
+    d_model = getattr(cfg, "d_model", None) or cfg.hidden_size
+    n_layers = getattr(cfg, "num_layers", None) or cfg.num_hidden_layers
+    d_ff = getattr(cfg, "d_ff", None) or getattr(cfg, "intermediate_size", None) or getattr(cfg, "n_inner", None) or 4 * d_model
+    return Backbone(name=name, revision=src.revision, kind=kind, insertion=insertion, model=model,
+                    tokenizer=tokenizer, d_model=int(d_model), n_layers=int(n_layers), d_ff=int(d_ff),
+                    _specials=_special_layout(tokenizer))

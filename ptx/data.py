@@ -1,0 +1,117 @@
+"""Task examples x backbone tokenizer -> tokenized, Arrow-cached splits; length-bucketed batches."""
+
+import hashlib
+import json
+import logging
+import random
+from pathlib import Path
+
+import datasets
+import torch
+
+from ptx.backbones import Backbone, BackboneKind
+from ptx.io import cache_dir
+
+log = logging.getLogger(__name__)
+ENCODING_VERSION = 1  # bump when encode() changes what it writes
+
+
+def _fingerprint(spec, backbone: Backbone, split: str, limit: int | None) -> str:
+    """Cache key: task name+version, tokenizer identity, insertion, split and size."""
+    tok = backbone.tokenizer
+    key = json.dumps([ENCODING_VERSION, spec.name, spec.version, spec.max_length, backbone.name, backbone.revision,
+                      backbone.kind.value, backbone.insertion.value, type(tok).__name__, len(tok),
+                      tok.name_or_path, split, limit], sort_keys=True)
+    return hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
+def encode_split(spec, backbone: Backbone, split: str, limit: int | None = None,
+                 use_cache: bool = True) -> datasets.Dataset:
+    """Tokenize one split of a task for one backbone; columns input_ids, score_index, length, label|target_ids."""
+    from ptx.tasks import load_split
+
+    path = cache_dir() / "encoded" / f"{spec.name}-v{spec.version}-{split}-{_fingerprint(spec, backbone, split, limit)}"
+    if use_cache and path.exists():
+        return datasets.load_from_disk(str(path))
+    datasets.disable_progress_bars()
+    raw = load_split(spec, split, limit=limit)
+    generation = spec.kind == "generation"
+    if not generation:
+        backbone.label_ids(spec.verbalizer)  # fail early, before tokenizing, on a multi-token label word
+
+    def encode(example):
+        before, after = spec.render(example)
+        ids, score = backbone.encode(before, after, spec.max_length)
+        row = {"input_ids": ids, "score_index": score, "length": len(ids)}
+        if generation:
+            target = backbone.tokenizer(example["target"], truncation=True, max_length=64)["input_ids"]
+            row["target_ids"] = list(target)
+        else:
+            row["label"] = int(example["label"])
+        return row
+
+    keep = ["label"] if not generation else []
+    encoded = raw.map(encode, remove_columns=[c for c in raw.column_names if c not in keep])
+    if use_cache:
+        tmp = path.with_name(path.name + f".tmp-{random.getrandbits(32):08x}")
+        encoded.save_to_disk(str(tmp))
+        try:
+            tmp.rename(path)
+        except OSError:  # another process on this node wrote it first: theirs is identical
+            pass
+        encoded = datasets.load_from_disk(str(path)) if path.exists() else encoded
+    return encoded
+
+
+def collate(rows: list[dict], pad_id: int) -> dict:
+    """Right-pad a list of encoded rows to the batch's longest: input_ids/attention_mask [B, T]."""
+    width = max(len(r["input_ids"]) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    attn = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, : len(r["input_ids"])] = torch.tensor(r["input_ids"])
+        attn[i, : len(r["input_ids"])] = 1
+    batch = {"input_ids": ids, "attention_mask": attn,
+             "score_index": torch.tensor([r["score_index"] for r in rows], dtype=torch.long)}
+    if "label" in rows[0]:
+        batch["labels"] = torch.tensor([r["label"] for r in rows], dtype=torch.long)
+    if "target_ids" in rows[0]:
+        tw = max(len(r["target_ids"]) for r in rows)
+        tgt = torch.full((len(rows), tw), pad_id, dtype=torch.long)
+        for i, r in enumerate(rows):
+            tgt[i, : len(r["target_ids"])] = torch.tensor(r["target_ids"])
+        batch["target_ids"] = tgt
+    return batch
+
+
+def bucketed_order(lengths: list[int], batch_size: int, rng: random.Random | None) -> list[list[int]]:
+    """Index batches of similar length (less padding); batch order shuffled when `rng` is given."""
+    idx = list(range(len(lengths)))
+    if rng is not None:
+        rng.shuffle(idx)
+    chunk = batch_size * 32  # sort inside large chunks so epochs still differ
+    out = []
+    for s in range(0, len(idx), chunk):
+        part = sorted(idx[s: s + chunk], key=lambda i: lengths[i])
+        out += [part[j: j + batch_size] for j in range(0, len(part), batch_size)]
+    if rng is not None:
+        rng.shuffle(out)
+    return out
+
+
+def iterate_batches(encoded: datasets.Dataset, batch_size: int, pad_id: int, seed: int | None = None,
+                    epochs: int | None = 1):
+    """Yield collated batches; `seed` shuffles (training), None keeps a fixed order (evaluation)."""
+    rows = encoded.to_list()
+    lengths = [r["length"] for r in rows]
+    rng = random.Random(seed) if seed is not None else None
+    epoch = 0
+    while epochs is None or epoch < epochs:
+        for group in bucketed_order(lengths, batch_size, rng):
+            yield collate([rows[i] for i in group], pad_id)
+        epoch += 1
+
+
+def cache_path() -> Path:
+    """Where tokenized splits are cached (shared by every trial on a node)."""
+    return cache_dir() / "encoded"

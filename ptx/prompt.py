@@ -1,0 +1,188 @@
+"""The soft prompt, its init modes, and the prompt artifact (save, strict load, PEFT export, import)."""
+
+import json
+import logging
+from dataclasses import dataclass
+from enum import Enum
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from ptx import __version__
+from ptx.errors import PtxError
+from ptx.io import atomic_dir, git_sha, write_json
+
+log = logging.getLogger(__name__)
+FORMAT_VERSION = 1
+DEFAULT_TOKENS = 100  # the paper's prompt length
+VOCAB_SAMPLE_TOP = 5000  # sample init tokens from the most frequent ids (low ids in BPE/WordPiece vocabularies)
+
+
+class InitMode(str, Enum):
+    RANDOM = "random"  # Gaussian with the vocabulary embeddings' own scale
+    VOCAB = "vocab"  # embeddings of sampled vocabulary tokens
+    TEXT = "text"  # embeddings of an init text, cycled to length
+    ARTIFACT = "artifact"  # a saved prompt (transfer initialisation)
+
+
+class SoftPrompt(nn.Module):
+    """A trainable [n_tokens, d_model] prompt; the only parameters that train."""
+
+    def __init__(self, init: torch.Tensor):
+        super().__init__()
+        self.weight = nn.Parameter(init.detach().clone().float())
+
+    def forward(self) -> torch.Tensor:
+        return self.weight
+
+
+def init_prompt(backbone, n_tokens: int = DEFAULT_TOKENS, mode: str = "random", seed: int = 0,
+                text: str | None = None, artifact: str | Path | None = None) -> torch.Tensor:
+    """An initial prompt [n_tokens, d_model] for `backbone`."""
+    try:
+        mode = InitMode(mode)
+    except ValueError:
+        raise PtxError(f"unknown init mode '{mode}'; expected one of {[m.value for m in InitMode]}") from None
+    gen = torch.Generator().manual_seed(seed)
+    emb = backbone.input_embeddings().detach().float().cpu()
+    if mode is InitMode.RANDOM:
+        return torch.randn(n_tokens, emb.shape[1], generator=gen) * emb.std()
+    if mode is InitMode.VOCAB:
+        ids = torch.randint(0, min(VOCAB_SAMPLE_TOP, emb.shape[0]), (n_tokens,), generator=gen)
+        return emb[ids].clone()
+    if mode is InitMode.TEXT:
+        if not text:
+            raise PtxError("init mode 'text' needs --init-text (the text whose token embeddings start the prompt)")
+        ids = backbone.tokenizer(text, add_special_tokens=False)["input_ids"]
+        if not ids:
+            raise PtxError(f"init text {text!r} tokenizes to nothing")
+        return emb[torch.tensor([ids[i % len(ids)] for i in range(n_tokens)])].clone()
+    if artifact is None:
+        raise PtxError("init mode 'artifact' needs the path of a prompt artifact (--init-from DIR)")
+    loaded = load_prompt(artifact, backbone=backbone)
+    if loaded.prompt.shape[0] != n_tokens:
+        raise PtxError(f"init prompt {artifact} has {loaded.prompt.shape[0]} tokens; this run wants {n_tokens}")
+    return loaded.prompt.clone()
+
+
+@dataclass(frozen=True)
+class PromptArtifact:
+    """A loaded prompt: the tensor [n_tokens, d_model] and its metadata (prompt.json)."""
+
+    prompt: torch.Tensor
+    meta: dict
+    path: Path | None = None
+
+
+def backbone_meta(backbone) -> dict:
+    """The backbone identity recorded in artifacts."""
+    return {"name": backbone.name, "revision": backbone.revision, "kind": backbone.kind.value,
+            "d_model": backbone.d_model}
+
+
+def save_prompt(out_dir: str | Path, prompt: torch.Tensor, meta: dict) -> Path:
+    """Write a prompt artifact atomically: prompt.safetensors + prompt.json (sorted keys)."""
+    if prompt.dim() != 2:
+        raise PtxError(f"a prompt must be [n_tokens, d_model]; got shape {list(prompt.shape)}")
+    full = {"format_version": FORMAT_VERSION, "ptx_version": __version__, "git_sha": git_sha(),
+            "n_tokens": int(prompt.shape[0]), **meta}
+    out_dir = Path(out_dir)
+    with atomic_dir(out_dir) as tmp:
+        save_file({"prompt": prompt.detach().float().cpu().contiguous()}, str(tmp / "prompt.safetensors"))
+        write_json(tmp / "prompt.json", full)
+    return out_dir
+
+
+def load_prompt(path: str | Path, backbone=None) -> PromptArtifact:
+    """Strictly load a prompt artifact; a mismatch with `backbone` names both sides."""
+    path = Path(path)
+    meta_file, weights = path / "prompt.json", path / "prompt.safetensors"
+    for f in (meta_file, weights):
+        if not f.is_file():
+            raise PtxError(f"{path} is not a prompt artifact: {f.name} is missing")
+    try:
+        meta = json.loads(meta_file.read_text())
+    except json.JSONDecodeError as exc:
+        raise PtxError(f"{meta_file}: corrupt JSON ({exc})") from None
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise PtxError(f"{meta_file}: format_version {meta.get('format_version')!r} is not supported "
+                       f"(this ptx reads {FORMAT_VERSION})")
+    try:
+        tensors = load_file(str(weights))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise PtxError(f"{weights}: corrupt or truncated safetensors file ({exc})") from None
+    if set(tensors) != {"prompt"}:
+        raise PtxError(f"{weights}: expected one tensor 'prompt', found {sorted(tensors)}")
+    prompt = tensors["prompt"]
+    bmeta = meta.get("backbone") or {}
+    if prompt.dim() != 2 or prompt.shape[1] != bmeta.get("d_model"):
+        raise PtxError(f"{weights}: prompt shape {list(prompt.shape)} does not match prompt.json "
+                       f"d_model {bmeta.get('d_model')}")
+    if not torch.isfinite(prompt).all():
+        raise PtxError(f"{weights}: prompt holds NaN or inf values")
+    if backbone is not None:
+        check_compatible(meta, backbone, where=str(path))
+    return PromptArtifact(prompt=prompt, meta=meta, path=path)
+
+
+def check_compatible(meta: dict, backbone, where: str) -> None:
+    """Raise when a prompt's backbone (name, width) is not `backbone`."""
+    b = meta.get("backbone") or {}
+    if b.get("d_model") != backbone.d_model:
+        raise PtxError(f"{where}: prompt width {b.get('d_model')} (backbone '{b.get('name')}') does not match "
+                       f"backbone '{backbone.name}' width {backbone.d_model}; cross-model use needs a projector")
+    if b.get("name") != backbone.name:
+        raise PtxError(f"{where}: prompt was trained on backbone '{b.get('name')}', not '{backbone.name}'; "
+                       "cross-model use needs a projector")
+
+
+PEFT_TASK_TYPE = {"causal_lm": "CAUSAL_LM", "seq2seq": "SEQ_2_SEQ_LM", "masked_lm": "FEATURE_EXTRACTION"}
+
+
+def export_peft(artifact: PromptArtifact, out_dir: str | Path, base_model: str | None = None) -> Path:
+    """Write a PEFT prompt-tuning adapter (adapter_config.json + adapter_model.safetensors)."""
+    meta, prompt = artifact.meta, artifact.prompt
+    if meta.get("insertion") == "paper":
+        raise PtxError("the paper's <mask>-slot layout has no PEFT equivalent (PEFT cannot replace slot 0 "
+                       "with <mask> or zero the prompt position embeddings); export a 'prepend' prompt")
+    b = meta["backbone"]
+    config = {
+        "peft_type": "PROMPT_TUNING",
+        "task_type": PEFT_TASK_TYPE[b["kind"]],
+        "num_virtual_tokens": int(prompt.shape[0]),
+        "token_dim": int(prompt.shape[1]),
+        "num_transformer_submodules": 1,  # ptx prompts the encoder only, also for seq2seq
+        "prompt_tuning_init": "RANDOM",
+        "base_model_name_or_path": base_model or b["name"],
+        "revision": b.get("revision"),
+        "inference_mode": True,
+        "peft_version": None,
+    }
+    out_dir = Path(out_dir)
+    with atomic_dir(out_dir) as tmp:
+        save_file({"prompt_embeddings": prompt.float().contiguous()}, str(tmp / "adapter_model.safetensors"))
+        write_json(tmp / "adapter_config.json", {k: v for k, v in config.items() if v is not None})
+    return out_dir
+
+
+def import_torch_prompt(file: str | Path, d_model: int, backbone_name: str) -> torch.Tensor:
+    """Read a released raw torch tensor file safely (weights_only) and check it is [n, d_model]."""
+    file = Path(file)
+    if not file.is_file():
+        raise PtxError(f"{file}: no such file")
+    try:
+        obj = torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises UnpicklingError, RuntimeError, EOFError...: all mean "not a safe tensor file"
+        raise PtxError(f"{file}: not a plain tensor file loadable with weights_only=True "
+                       f"({type(exc).__name__}: {str(exc).splitlines()[0][:200]})") from None
+    if not isinstance(obj, torch.Tensor):
+        raise PtxError(f"{file}: expected one tensor [n_tokens, d_model], found {type(obj).__name__}")
+    if obj.dim() != 2 or obj.shape[1] != d_model:
+        raise PtxError(f"{file}: tensor shape {list(obj.shape)} does not fit backbone '{backbone_name}' "
+                       f"(expected [n_tokens, {d_model}])")
+    if not torch.isfinite(obj).all():
+        raise PtxError(f"{file}: tensor holds NaN or inf values")
+    return obj.float()

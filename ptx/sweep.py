@@ -1,0 +1,427 @@
+"""Everything Ray: connecting, Tune sweeps of prompt runs (checkpoint, retry, resume), task maps, actor pools.
+
+The MLflow hierarchy: one parent run per sweep (`ptx.kind=sweep`), one child run per trial. A trial's run id
+lives in its checkpoints and in the run's `ptx.trial_id` tag, so a retried or resumed trial reuses its run.
+After `fit()`, the driver finalises every trial from its last checkpoint (a trial stopped early by ASHA, or one
+that errored, still gets its best prompt logged) and tags the best prompt per (task, backbone).
+"""
+
+import dataclasses
+import logging
+import os
+import tempfile
+import time
+from pathlib import Path
+
+from ptx import track
+from ptx.errors import PtxError
+from ptx.stages import PromptRequest, run_prompt
+from ptx.train import TrainSettings, load_checkpoint, save_checkpoint
+
+log = logging.getLogger(__name__)
+STATE_FILE = "ptx_sweep.json"  # beside the Tune experiment: what `ptx resume` needs to finish the job
+FAIL_ONCE_ENV = "PTX_FAIL_ONCE_AT_STEP"  # fault-injection hook for tests: "STEP:MARKER_DIR"
+
+
+# ---- connecting -------------------------------------------------------------------------------------
+def connect(address: str | None = None, num_cpus: int | None = None, num_gpus: int | None = None) -> str | None:
+    """Join a cluster (`auto`, HOST:PORT, ray://HOST:10001) or start a local Ray; returns the dashboard URL."""
+    import ray
+
+    if ray.is_initialized():
+        return None
+    env = {"env_vars": {k: os.environ[k] for k in ("PTX_CACHE_DIR", "MLFLOW_TRACKING_URI", FAIL_ONCE_ENV,
+                                                    "HF_HUB_OFFLINE") if k in os.environ}}
+    try:
+        if address:
+            ctx = ray.init(address=address, runtime_env=env, logging_level=logging.WARNING)
+        else:
+            ctx = ray.init(num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=True, dashboard_host="127.0.0.1",
+                           runtime_env=env, logging_level=logging.WARNING)
+    except (ConnectionError, RuntimeError, ValueError) as exc:
+        raise PtxError(f"cannot reach a Ray cluster at --address {address!r}: {str(exc).splitlines()[0]}") from None
+    url = getattr(ctx, "dashboard_url", None)
+    return f"http://{url}" if url and not url.startswith("http") else url
+
+
+def check_resources(cpu: float, gpu: float, custom: dict | None = None) -> None:
+    """Refuse a per-trial request that no node in the cluster can satisfy (before any trial starts)."""
+    import ray
+
+    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+    need = {"CPU": cpu, "GPU": gpu, **(custom or {})}
+    for node in nodes:
+        if all(node.get(k, 0) >= v for k, v in need.items() if v):
+            return
+    best = {k: max((n.get(k, 0) for n in nodes), default=0) for k in need}
+    raise PtxError(f"resources per trial {need} exceed every node of the cluster (largest node offers {best})")
+
+
+def shutdown() -> None:
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+
+
+# ---- the Tune sweep ---------------------------------------------------------------------------------
+def _tune_space(space: dict) -> dict:
+    """Spec search space -> Tune distributions."""
+    from ray import tune
+
+    out = {}
+    for key, dist in space.items():
+        (kind, arg), = dist.items()
+        out[key] = {"grid": tune.grid_search, "choice": tune.choice}.get(kind, lambda a, k=kind: getattr(tune, k)(*a))(
+            list(arg))
+    return out
+
+
+def _request_from(config: dict) -> PromptRequest:
+    """Trial config (a base request + searched fields) -> PromptRequest."""
+    base = dict(config["request"])
+    settings = dict(base.pop("settings"))
+    for key, value in config.items():
+        if key in {f.name for f in dataclasses.fields(TrainSettings)}:
+            settings[key] = value
+        elif key in ("prompt_length", "init"):
+            base[key] = value
+    return PromptRequest(**base, settings=TrainSettings(**settings))
+
+
+def _find_trial_run(tracker, trial_id: str, sweep_run: str):
+    runs = tracker.find_runs({"ptx.trial_id": trial_id, "ptx.sweep_run": sweep_run}, status=None, max_results=1)
+    return runs[0].info.run_id if runs else None
+
+
+def _maybe_fail(step: int) -> None:
+    """Test hook: raise once at STEP (a marker file records that it happened)."""
+    spec = os.environ.get(FAIL_ONCE_ENV)
+    if not spec:
+        return
+    at, marker_dir = spec.split(":", 1)
+    from ray import tune
+
+    marker = Path(marker_dir) / f"failed-{tune.get_context().get_trial_id()}"
+    if step >= int(at) and not marker.exists():
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        marker.write_text("1")
+        raise RuntimeError(f"injected failure at step {step} ({FAIL_ONCE_ENV})")
+
+
+def prompt_trainable(config: dict) -> None:
+    """One Tune trial = one prompt run; reports each dev evaluation with a checkpoint."""
+    from ray import tune
+
+    const = config["const"]
+    req = _request_from(config)
+    tracker = track.Tracker(const["tracking_uri"], const["experiment"], workdir=Path(const["workdir"]))
+    trial_id = tune.get_context().get_trial_id()
+    resume, run_id = None, None
+    ckpt = tune.get_checkpoint()
+    if ckpt is not None:
+        with ckpt.as_directory() as d:
+            resume = load_checkpoint(d)
+        run_id = resume.get("mlflow_run_id")
+    run_id = run_id or _find_trial_run(tracker, trial_id, const["parent_run_id"])
+    if run_id and resume is None:
+        tracker.client.set_terminated(run_id, "RUNNING")
+
+    def report(metrics: dict, step: int, state: dict | None):
+        metrics = {**metrics, "step": step, "mlflow_run_id": state.get("mlflow_run_id") if state else run_id}
+        if state is None:
+            tune.report(metrics)
+            return
+        with tempfile.TemporaryDirectory() as d:
+            save_checkpoint(state, d)
+            tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(d))
+        _maybe_fail(step)
+
+    tags = {"ptx.trial_id": trial_id, "ptx.sweep_run": const["parent_run_id"], "ptx.study": const["study"],
+            **const.get("tags", {})}
+    run = run_prompt(req, const["workdir"], tracker=tracker, parent_run_id=const["parent_run_id"],
+                     report=report, resume=resume, run_id=run_id, extra_tags=tags, force=const.get("force", False))
+    if run.reused:  # this config already has a finished run (an earlier sweep): report it and stop
+        tune.report({"best_dev_metric": run.best_metric, "mlflow_run_id": run.run_id, "reused": True, "step": 0})
+
+
+def build_tuner(requests: list[PromptRequest], name: str, workdir: Path, tracking_uri: str, experiment: str,
+                parent_run_id: str, storage_path: str, search: dict | None = None, algorithm: str = "grid",
+                num_samples: int = 1, scheduler: dict | None = None, resources: dict | None = None,
+                max_concurrent: int | None = None, max_failures: int = 2, tags: dict | None = None,
+                force: bool = False, metric_name: str = "best_dev_metric"):
+    """A Tune experiment over a list of base requests (x an optional search space)."""
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    res = dict(resources or {"cpu": 1})
+    custom = res.pop("custom", None) or {}
+    trainable = tune.with_resources(prompt_trainable, {"cpu": res.get("cpu", 1), "gpu": res.get("gpu", 0), **custom})
+    const = {"tracking_uri": tracking_uri, "experiment": experiment, "workdir": str(workdir), "study": name,
+             "parent_run_id": parent_run_id, "tags": tags or {}, "force": force}
+    space = {"request": tune.grid_search([dataclasses.asdict(r) for r in requests]), "const": const,
+             **_tune_space(search or {})}
+    sched = FIFOScheduler()
+    if scheduler and scheduler.get("type") == "asha":
+        steps = max(r.settings.steps // r.settings.eval_every + 1 for r in requests)
+        sched = ASHAScheduler(time_attr="training_iteration", max_t=scheduler.get("max_t") or steps,
+                              grace_period=scheduler.get("grace_period", 2),
+                              reduction_factor=scheduler.get("reduction_factor", 2))
+    search_alg = None
+    if algorithm == "optuna":
+        from ray.tune.search import ConcurrencyLimiter
+        from ray.tune.search.optuna import OptunaSearch
+
+        search_alg = OptunaSearch()
+        if max_concurrent:
+            search_alg = ConcurrencyLimiter(search_alg, max_concurrent=max_concurrent)
+    tune_config = tune.TuneConfig(
+        metric=metric_name if (sched is not None and not isinstance(sched, FIFOScheduler)) or search_alg else None,
+        mode="max", scheduler=sched, search_alg=search_alg, num_samples=num_samples,
+        max_concurrent_trials=max_concurrent, trial_name_creator=_trial_name, trial_dirname_creator=_trial_name)
+    run_config = tune.RunConfig(name=name, storage_path=storage_path,
+                                failure_config=tune.FailureConfig(max_failures=max_failures),
+                                checkpoint_config=tune.CheckpointConfig(num_to_keep=2), verbose=1)
+    return tune.Tuner(trainable, param_space=space, tune_config=tune_config, run_config=run_config)
+
+
+def _trial_name(trial) -> str:
+    """Readable names for the dashboard: task-backbone-seed-trialid."""
+    req = trial.config.get("request", {})
+    seed = trial.config.get("seed", req.get("settings", {}).get("seed"))
+    return f"{req.get('task')}-{str(req.get('backbone')).replace('/', '_')}-s{seed}-{trial.trial_id}"
+
+
+def sweep_requests(spec) -> list[PromptRequest]:
+    """The grid of base requests of a study's training stage: backbones x tasks x seeds."""
+    from dataclasses import replace
+
+    out = []
+    for backbone in spec.backbones:
+        for task in spec.tasks:
+            for seed in spec.seeds:
+                out.append(PromptRequest(task=task, backbone=backbone, insertion=spec.insertion,
+                                         prompt_length=spec.prompt_length, init=spec.init,
+                                         train_limit=spec.data.train_limit, dev_limit=spec.data.dev_limit,
+                                         settings=replace(spec.train, seed=seed)))
+    return out
+
+
+def plan(spec) -> dict:
+    """What a sweep would run: trial count, resources, concurrency (nothing is started)."""
+    from math import prod
+
+    reqs = sweep_requests(spec)
+    grid_points = prod(len(d.get("grid", d.get("choice", [None]))) if spec.search.algorithm == "grid" else 1
+                       for d in spec.search.space.values()) if spec.search.space else 1
+    n = len(reqs) * grid_points * spec.search.num_samples
+    per_trial = {"cpu": spec.resources.cpu, "gpu": spec.resources.gpu, **spec.resources.custom}
+    return {"study": spec.name, "trials": n, "base_runs": len(reqs), "search_points": grid_points,
+            "samples": spec.search.num_samples, "scheduler": spec.scheduler.type, "resources_per_trial": per_trial,
+            "max_concurrent": spec.max_concurrent, "steps_per_trial": spec.train.steps, "stages": list(spec.stages)}
+
+
+def run_sweep(spec, workdir: Path, tracking_uri: str, storage_path: str | None = None,
+              max_concurrent: int | None = None, force: bool = False, requests: list | None = None,
+              name: str | None = None, tags: dict | None = None) -> dict:
+    """Run a study's training stage (or `requests`) as a Tune experiment; finalise and tag the best prompts."""
+    name = name or spec.name
+    storage = storage_path or spec.storage_path or str(Path(workdir) / "ray_results")
+    if "://" not in storage:
+        storage = str(Path(storage).expanduser().resolve())
+    check_resources(spec.resources.cpu, spec.resources.gpu, spec.resources.custom)
+    tracker = track.Tracker(tracking_uri, spec.name, workdir=workdir)
+    parent = tracker.start_run(f"sweep {name}", {"ptx.kind": "sweep", "ptx.study": spec.name,
+                                                  "ptx.experiment_path": f"{storage}/{name}",
+                                                  "ptx.config_hash": spec.hash()})
+    tracker.log(parent, params={"plan": plan(spec)})
+    tuner = build_tuner(requests or sweep_requests(spec), name, Path(workdir), tracking_uri, spec.name, parent,
+                        storage, search=spec.search.space, algorithm=spec.search.algorithm,
+                        num_samples=spec.search.num_samples, scheduler=dataclasses.asdict(spec.scheduler),
+                        resources=dataclasses.asdict(spec.resources),
+                        max_concurrent=max_concurrent or spec.max_concurrent, max_failures=spec.max_failures,
+                        tags=tags, force=force)
+    _write_state(storage, name, {"tracking_uri": tracking_uri, "experiment": spec.name, "workdir": str(workdir),
+                                 "parent_run_id": parent, "study_file": spec.source_file, "name": name})
+    return _fit_and_finalise(tuner, tracker, parent, Path(workdir))
+
+
+def _write_state(storage: str, name: str, state: dict) -> None:
+    import json
+
+    import pyarrow.fs as pafs
+
+    fs, root = pafs.FileSystem.from_uri(storage) if "://" in storage else (pafs.LocalFileSystem(), storage)
+    fs.create_dir(f"{root}/{name}", recursive=True)
+    with fs.open_output_stream(f"{root}/{name}/{STATE_FILE}") as f:
+        f.write(json.dumps(state, sort_keys=True).encode())
+
+
+def _read_state(path: str) -> dict:
+    import json
+
+    import pyarrow.fs as pafs
+
+    fs, root = pafs.FileSystem.from_uri(path) if "://" in path else (pafs.LocalFileSystem(), str(Path(path).resolve()))
+    try:
+        with fs.open_input_stream(f"{root}/{STATE_FILE}") as f:
+            return json.loads(f.read().decode())
+    except (FileNotFoundError, OSError):
+        raise PtxError(f"{path} is not a ptx sweep: {STATE_FILE} is missing") from None
+
+
+def resume_sweep(path: str, restart_errored: bool = False) -> dict:
+    """Restore an interrupted sweep (e.g. its driver was killed) and finish it."""
+    from ray import tune
+
+    path = path if "://" in path else str(Path(path).expanduser().resolve())
+    if not tune.Tuner.can_restore(path):
+        raise PtxError(f"{path} is not a Tune experiment directory (no experiment state found)")
+    state = _read_state(path)
+    tuner = tune.Tuner.restore(path, trainable=prompt_trainable, resume_unfinished=True,
+                               resume_errored=not restart_errored, restart_errored=restart_errored)
+    tracker = track.Tracker(state["tracking_uri"], state["experiment"], workdir=Path(state["workdir"]))
+    return _fit_and_finalise(tuner, tracker, state["parent_run_id"], Path(state["workdir"]))
+
+
+def _fit_and_finalise(tuner, tracker, parent: str, workdir: Path) -> dict:
+    t0 = time.perf_counter()
+    grid = tuner.fit()
+    wall = time.perf_counter() - t0
+    summary = finalise(grid, tracker, workdir)
+    summary.update(wall_seconds=wall, experiment_path=grid.experiment_path, parent_run_id=parent)
+    tracker.log(parent, {"trials": summary["trials"], "errored": summary["errored"], "wall_seconds": wall})
+    tracker.finish(parent, "FINISHED" if not summary["errored"] else "FAILED")
+    return summary
+
+
+def finalise(grid, tracker, workdir: Path) -> dict:
+    """Close every trial's MLflow run from its last checkpoint; tag the best prompt per (task, backbone)."""
+    from ptx.prompt import save_prompt
+    from ptx.tasks import load_task
+
+    rows, errored = [], 0
+    for result in grid:
+        req = result.config["request"]
+        run_id = (result.metrics or {}).get("mlflow_run_id")
+        if result.checkpoint is not None:
+            with result.checkpoint.as_directory() as d:
+                state = load_checkpoint(d)
+            run_id = state.get("mlflow_run_id") or run_id
+        else:
+            state = None
+        if result.error is not None:
+            errored += 1
+        if run_id:
+            run = tracker.get_run(run_id)
+            if run.info.status != "FINISHED" and state is not None:
+                # stopped early by the scheduler, or errored after its retries: keep the last good checkpoint
+                spec = load_task(req["task"])
+                art = Path(workdir) / "prompts" / run_id
+                if not (art / "prompt.json").exists():
+                    meta = {"config_hash": run.data.tags.get("ptx.config_hash"), "mlflow_run_id": run_id,
+                            "backbone": _backbone_meta_from(run, state), "task": {"name": spec.name, "version": spec.version},
+                            "verbalizer": list(spec.verbalizer), "insertion": req.get("insertion", "prepend"),
+                            "init": {"mode": req.get("init"), "source": run.data.tags.get("ptx.source_run")},
+                            "seed": req["settings"]["seed"], "best_step": state["best_step"],
+                            "dev_metric": {"name": spec.metric, "value": state["best_metric"]}}
+                    save_prompt(art, state["best_prompt"], meta)
+                tracker.log_curve(run_id, [{"step": p["step"], f"dev_{spec.metric}": p["dev_metric"]} for p in state["curve"]])
+                tracker.log(run_id, {"best_dev_metric": state["best_metric"]}, step=state["best_step"],
+                            tags={"ptx.stopped": "error" if result.error else "scheduler",
+                                  "ptx.best_step": state["best_step"]})
+                tracker.log_artifacts(run_id, art, track.PROMPT_ARTIFACT)
+                tracker.finish(run_id, "FAILED" if result.error else "FINISHED")
+        rows.append({"task": req["task"], "backbone": req["backbone"], "seed": req["settings"]["seed"],
+                     "run_id": run_id, "best": (state or {}).get("best_metric", (result.metrics or {}).get("best_dev_metric")),
+                     "error": str(result.error).splitlines()[0] if result.error else None,
+                     "iterations": (result.metrics or {}).get("training_iteration")})
+    tag_best(tracker, {(r["task"], r["backbone"]) for r in rows})
+    return {"trials": len(rows), "errored": errored, "rows": rows}
+
+
+def _backbone_meta_from(run, state) -> dict:
+    d = int(state["best_prompt"].shape[1])
+    return {"name": run.data.tags.get("ptx.backbone"), "revision": None, "kind": run.data.tags.get("ptx.backbone_kind"),
+            "d_model": d}
+
+
+def tag_best(tracker, pairs) -> None:
+    """Tag the best finished prompt run per (task, backbone) with ptx.best=true (others false)."""
+    for task, backbone in pairs:
+        runs = [r for r in tracker.find_runs({"ptx.kind": track.KIND_PROMPT, "ptx.task": task, "ptx.backbone": backbone})
+                if "best_dev_metric" in r.data.metrics and r.data.tags.get("ptx.origin") != "imported"]
+        if not runs:
+            continue
+        best = max(runs, key=lambda r: r.data.metrics["best_dev_metric"])
+        for r in runs:
+            tracker.client.set_tag(r.info.run_id, "ptx.best", "true" if r.info.run_id == best.info.run_id else "false")
+
+
+def trial_table(path: str) -> list[dict]:
+    """The trial table of a sweep (state, task, backbone, seed, best metric, MLflow run id)."""
+    from ray import tune
+
+    path = path if "://" in path else str(Path(path).expanduser().resolve())
+    if not tune.Tuner.can_restore(path):
+        raise PtxError(f"{path} is not a Tune experiment directory (no experiment state found)")
+    from ray.tune import ExperimentAnalysis
+
+    analysis = ExperimentAnalysis(path)
+    rows = []
+    for trial in analysis.trials:
+        req, last = trial.config.get("request", {}), trial.last_result or {}
+        rows.append({"trial": trial.trial_id, "state": trial.status, "task": req.get("task"),
+                     "backbone": req.get("backbone"), "seed": req.get("settings", {}).get("seed"),
+                     "best": last.get("best_dev_metric"), "iter": last.get("training_iteration"),
+                     "run_id": last.get("mlflow_run_id")})
+    return rows
+
+
+# ---- generic distribution for the other stages ------------------------------------------------------
+def map_tasks(fn, items: list, resources: dict | None = None, names: list[str] | None = None) -> list:
+    """Run fn(item) as one Ray task per item (readable names), results in order; a failed item raises."""
+    import ray
+
+    res = dict(resources or {"cpu": 1})
+    custom = res.pop("custom", None) or {}
+    remote = ray.remote(fn).options(num_cpus=res.get("cpu", 1), num_gpus=res.get("gpu", 0), resources=custom or None,
+                                    max_retries=2, retry_exceptions=False)
+    refs = [remote.options(name=(names[i] if names else f"{fn.__name__}-{i}")).remote(item) for i, item in enumerate(items)]
+    return ray.get(refs)
+
+
+def map_actors(actor_factory, method: str, items: list, num_actors: int = 2, resources: dict | None = None,
+               name: str = "worker", max_resubmits: int = 3) -> list:
+    """Map items over a pool of actors (each built once, e.g. loading a backbone); a dead actor's work is redone."""
+    import ray
+    from ray.exceptions import RayActorError
+
+    res = dict(resources or {"cpu": 1})
+    custom = res.pop("custom", None) or {}
+    cls = ray.remote(actor_factory).options(num_cpus=res.get("cpu", 1), num_gpus=res.get("gpu", 0),
+                                            resources=custom or None, max_restarts=0)
+    actors = [cls.options(name=f"{name}-{i}-{os.getpid()}").remote() for i in range(max(1, min(num_actors, len(items))))]
+    results: list = [None] * len(items)
+    pending = list(range(len(items)))
+    attempts = [0] * len(items)
+    in_flight: dict = {}
+    spawned = len(actors)
+    while pending or in_flight:
+        while pending and actors:
+            i, actor = pending.pop(0), actors.pop(0)
+            in_flight[getattr(actor, method).remote(items[i])] = (i, actor)
+        done, _ = ray.wait(list(in_flight), num_returns=1)
+        i, actor = in_flight.pop(done[0])
+        try:
+            results[i] = ray.get(done[0])
+            actors.append(actor)
+        except RayActorError:
+            attempts[i] += 1
+            if attempts[i] > max_resubmits:
+                raise PtxError(f"item {i} failed on {attempts[i]} actors; giving up") from None
+            log.warning("actor died while processing item %d; resubmitting to a new actor", i)
+            pending.insert(0, i)
+            actors.append(cls.options(name=f"{name}-{spawned}-{os.getpid()}").remote())
+            spawned += 1
+    return results

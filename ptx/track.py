@@ -1,0 +1,213 @@
+"""Everything MLflow: the store every later stage reads from (runs, lineage tags, artifacts, queries).
+
+Only the client API is used, with explicit run ids, so this works whether or not an MLflow run is active in
+the process (inside a Ray trial, a notebook, a script that already called mlflow.start_run).
+"""
+
+import logging
+import os
+import shutil
+import socket
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+
+from ptx.errors import PtxError
+
+log = logging.getLogger(__name__)
+
+KIND_PROMPT, KIND_TRANSFER, KIND_INDICATORS, KIND_PROJECTOR, KIND_REPORT = (
+    "prompt", "transfer", "indicators", "projector", "report")
+PROMPT_ARTIFACT = "prompt"  # the artifact sub-directory that holds a prompt run's prompt artifact
+DEFAULT_EXPERIMENT = "ptx"
+# MLflow's own HTTP retries back off for minutes; keep a dead server's cost bounded (seconds), then fail clearly
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "3")
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
+
+
+def resolve_tracking_uri(uri: str | None, workdir: str | Path) -> str:
+    """--tracking-uri, else $MLFLOW_TRACKING_URI, else sqlite:///<workdir>/mlflow.db (absolute)."""
+    uri = uri or os.environ.get("MLFLOW_TRACKING_URI")
+    if uri:
+        if uri.startswith("file:") or (("://" not in uri) and not uri.startswith("databricks")):
+            raise PtxError(f"tracking URI '{uri}': the file store is not supported by MLflow 3; use "
+                           "sqlite:///ABS/PATH/mlflow.db or http://HOST:PORT")
+        return uri
+    workdir = Path(workdir).expanduser().resolve()
+    workdir.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{workdir / 'mlflow.db'}"
+
+
+def wait_reachable(uri: str, tries: int = 3, delay: float = 1.0) -> None:
+    """For an http(s) URI, check the server answers /health (bounded retries); raise naming the URI."""
+    if not uri.startswith(("http://", "https://")):
+        return
+    last = None
+    for attempt in range(tries):
+        try:
+            with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=5) as resp:
+                if resp.status == 200:
+                    return
+        except (urllib.error.URLError, OSError, socket.timeout) as exc:
+            last = exc
+        if attempt + 1 < tries:
+            time.sleep(delay * (attempt + 1))
+    raise PtxError(f"MLflow tracking server {uri} is unreachable after {tries} tries ({last})")
+
+
+@dataclass
+class Tracker:
+    """A handle on one MLflow store and experiment."""
+
+    uri: str
+    experiment: str = DEFAULT_EXPERIMENT
+    workdir: Path | None = None
+
+    def __post_init__(self):
+        from mlflow.tracking import MlflowClient
+
+        wait_reachable(self.uri)
+        self.client = MlflowClient(tracking_uri=self.uri)
+        self.experiment_id = self._experiment_id(self.experiment)
+
+    def _experiment_id(self, name: str) -> str:
+        from mlflow.exceptions import MlflowException
+
+        exp = self.client.get_experiment_by_name(name)
+        if exp is not None:
+            return exp.experiment_id
+        location = None
+        if self.uri.startswith("sqlite:") and self.workdir is not None:
+            location = (Path(self.workdir).resolve() / "artifacts").as_uri()
+        try:
+            return self.client.create_experiment(name, artifact_location=location)
+        except MlflowException:  # another process created it a moment ago
+            return self.client.get_experiment_by_name(name).experiment_id
+
+    # ---- runs ---------------------------------------------------------------------------------------
+    def start_run(self, name: str, tags: dict, parent_run_id: str | None = None) -> str:
+        """Create a run (RUNNING) with lineage tags; returns its id."""
+        tags = {k: str(v) for k, v in tags.items() if v is not None}
+        if parent_run_id:
+            tags["mlflow.parentRunId"] = parent_run_id
+        return self.client.create_run(self.experiment_id, run_name=name, tags=tags).info.run_id
+
+    def log(self, run_id: str, metrics: dict | None = None, step: int = 0, params: dict | None = None,
+            tags: dict | None = None) -> None:
+        """Log metrics at `step`, params and tags in one batched request."""
+        from mlflow.entities import Metric, Param, RunTag
+
+        now = int(time.time() * 1000)
+        ms = [Metric(k, float(v), now, int(step)) for k, v in (metrics or {}).items() if v is not None]
+        ps = [Param(k, str(v)[:6000]) for k, v in flatten(params or {}).items()]
+        ts = [RunTag(k, str(v)) for k, v in (tags or {}).items() if v is not None]
+        n = max(-(-len(ms) // 1000), -(-len(ps) // 100), -(-len(ts) // 100), 1)  # MLflow's per-request caps
+        for b in range(n):
+            self.client.log_batch(run_id, metrics=ms[b * 1000:(b + 1) * 1000], params=ps[b * 100:(b + 1) * 100],
+                                  tags=ts[b * 100:(b + 1) * 100])
+
+    def log_curve(self, run_id: str, curve: list[dict]) -> None:
+        """Log a whole learning curve ([{step, key: value}]) in batched requests."""
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        ms = [Metric(k, float(v), now, int(p["step"])) for p in curve for k, v in p.items()
+              if k != "step" and v is not None]
+        for i in range(0, len(ms), 1000):
+            self.client.log_batch(run_id, metrics=ms[i:i + 1000])
+
+    def log_artifacts(self, run_id: str, local_dir: str | Path, artifact_path: str | None = None) -> None:
+        self.client.log_artifacts(run_id, str(local_dir), artifact_path)
+
+    def finish(self, run_id: str, status: str = "FINISHED") -> None:
+        self.client.set_terminated(run_id, status)
+
+    def get_run(self, run_id: str):
+        """The run, or a PtxError when the id does not exist."""
+        from mlflow.exceptions import MlflowException
+
+        try:
+            return self.client.get_run(run_id)
+        except MlflowException:
+            raise PtxError(f"run '{run_id}' does not exist in the MLflow store {self.uri}") from None
+
+    # ---- queries ------------------------------------------------------------------------------------
+    def find_runs(self, tags: dict | None = None, status: str | None = "FINISHED", order_by: list | None = None,
+                  max_results: int = 5000, experiment_ids: list | None = None) -> list:
+        """Runs whose tags equal `tags` (and in `status` when given)."""
+        clauses = [f"tags.`{k}` = '{v}'" for k, v in (tags or {}).items() if v is not None]
+        if status:
+            clauses.append(f"attributes.status = '{status}'")
+        return list(self.client.search_runs(experiment_ids or [self.experiment_id], " and ".join(clauses),
+                                            order_by=order_by, max_results=max_results))
+
+    def all_experiment_ids(self) -> list[str]:
+        return [e.experiment_id for e in self.client.search_experiments()]
+
+    def finished_run(self, kind: str, config_hash: str):
+        """A FINISHED run of `kind` with this config hash, or None (the idempotency check)."""
+        runs = self.find_runs({"ptx.kind": kind, "ptx.config_hash": config_hash}, status="FINISHED", max_results=1)
+        return runs[0] if runs else None
+
+    def prompt_runs(self, task: str | None = None, backbone: str | None = None, all_experiments: bool = True) -> list:
+        """Finished prompt runs, newest first, optionally filtered by task and backbone."""
+        ids = self.all_experiment_ids() if all_experiments else None
+        return self.find_runs({"ptx.kind": KIND_PROMPT, "ptx.task": task, "ptx.backbone": backbone},
+                              order_by=["attributes.start_time DESC"], experiment_ids=ids)
+
+    def best_prompt_run(self, task: str, backbone: str):
+        """The finished prompt run with the best dev metric for (task, backbone), or a PtxError."""
+        runs = [r for r in self.prompt_runs(task, backbone) if "best_dev_metric" in r.data.metrics]
+        if not runs:
+            raise PtxError(f"no finished prompt run for task '{task}' on backbone '{backbone}' in {self.uri}")
+        return max(runs, key=lambda r: r.data.metrics["best_dev_metric"])
+
+    # ---- artifacts ----------------------------------------------------------------------------------
+    def download_prompt(self, run_id: str, out_dir: str | Path) -> Path:
+        """Download a prompt run's artifact into `out_dir` (must not exist or be empty)."""
+        run = self.get_run(run_id)
+        if run.data.tags.get("ptx.kind") != KIND_PROMPT:
+            raise PtxError(f"run '{run_id}' is not a prompt run (ptx.kind={run.data.tags.get('ptx.kind')!r})")
+        return self.download(run_id, PROMPT_ARTIFACT, out_dir)
+
+    def download(self, run_id: str, artifact_path: str, out_dir: str | Path) -> Path:
+        """Download one artifact directory safely: no path may escape `out_dir`; nothing half-written."""
+        out = Path(out_dir).resolve()
+        if out.exists() and (not out.is_dir() or any(out.iterdir())):
+            raise PtxError(f"download target {out} exists and is not an empty directory")
+        for path in self._artifact_files(run_id, artifact_path):
+            rel = PurePosixPath(path).relative_to(artifact_path)
+            if rel.is_absolute() or ".." in rel.parts or not (out / rel).resolve().is_relative_to(out):
+                raise PtxError(f"run '{run_id}': artifact path '{path}' would escape {out}; refusing to download")
+        with tempfile.TemporaryDirectory(dir=out.parent if out.parent.exists() else None) as tmp:
+            local = self.client.download_artifacts(run_id, artifact_path, tmp)
+            out.parent.mkdir(parents=True, exist_ok=True)
+            if out.exists():
+                out.rmdir()
+            shutil.move(local, out)
+        return out
+
+    def _artifact_files(self, run_id: str, path: str) -> list[str]:
+        files, todo = [], [path]
+        while todo:
+            for info in self.client.list_artifacts(run_id, todo.pop()):
+                (todo if info.is_dir else files).append(info.path)
+        if not files:
+            raise PtxError(f"run '{run_id}' has no artifact '{path}'")
+        return files
+
+
+def flatten(d: dict, prefix: str = "") -> dict:
+    """{'a': {'b': 1}} -> {'a.b': 1}, for MLflow params."""
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out

@@ -1,0 +1,170 @@
+"""One prompt-tuning run, written out top to bottom. Knows nothing of Ray or MLflow: it reports through a callable."""
+
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from ptx.data import iterate_batches
+from ptx.evaluate import _autocast, score_prompts
+from ptx.prompt import SoftPrompt
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    steps: int = 1000  # optimizer steps
+    batch_size: int = 16  # the paper's batch size
+    lr: float = 1e-3  # the paper's RoBERTa-base rate (1e-4 RoBERTa-large, 5e-3 T5-base)
+    weight_decay: float = 0.0
+    warmup_steps: int = 0  # linear warm-up, then constant (the paper used a constant rate)
+    max_grad_norm: float | None = None  # clip the prompt's gradient norm when set
+    eval_every: int = 100  # steps between dev evaluations (also the report/checkpoint cadence)
+    eval_batch_size: int = 64
+    patience: int | None = None  # stop after this many evaluations without a dev improvement
+    seed: int = 0
+    bf16: bool = True  # autocast to bf16 on CUDA; ignored on CPU
+
+
+@dataclass
+class TrainResult:
+    prompt: torch.Tensor  # the best dev checkpoint [n_tokens, d_model]
+    best_step: int
+    best_metric: float
+    metric: str
+    curve: list = field(default_factory=list)  # [{step, dev_metric, train_loss}], step 0 = the init
+    steps_done: int = 0
+    stopped: str = "max_steps"  # max_steps | early_stop | nonfinite_loss
+    seconds: float = 0.0
+
+
+Report = Callable[..., None]  # report(metrics: dict, step: int, state: dict | None = None)
+
+
+def train_prompt(backbone, spec, init: torch.Tensor, train_data, dev_data, settings: TrainSettings,
+                 report: Report | None = None, resume: dict | None = None, progress: bool = False) -> TrainResult:
+    """Tune a soft prompt in front of a frozen backbone; keep the best dev checkpoint."""
+    device = backbone.device
+    torch.manual_seed(settings.seed)
+    prompt = SoftPrompt(init).to(device)
+    opt = torch.optim.AdamW([prompt.weight], lr=settings.lr, weight_decay=settings.weight_decay)
+    warm = max(1, settings.warmup_steps)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm) if settings.warmup_steps else 1.0)
+    generation = spec.kind == "generation"
+    label_ids = None if generation else backbone.label_ids(spec.verbalizer).to(device)
+
+    def evaluate() -> float:
+        return score_prompts(backbone, prompt.weight.detach(), spec, dev_data, settings.eval_batch_size)[0]
+
+    start, curve, best, best_step, stale = 0, [], -math.inf, 0, 0
+    best_prompt = prompt.weight.detach().clone()
+    if resume:  # continue a run from its last checkpoint (a retried or resumed trial)
+        prompt.weight.data.copy_(resume["prompt"].to(device))
+        opt.load_state_dict(resume["optimizer"])
+        sched.load_state_dict(resume["scheduler"])
+        start, curve, best, best_step = resume["step"], list(resume["curve"]), resume["best_metric"], resume["best_step"]
+        best_prompt, stale = resume["best_prompt"].to(device), resume.get("stale", 0)
+    else:
+        best = evaluate()
+        curve.append({"step": 0, "dev_metric": best, "train_loss": None})
+        if report:
+            report({f"dev_{spec.metric}": best, "best_dev_metric": best}, 0, None)
+
+    # a resumed run reseeds its data order from where it stopped, so it does not replay the same batches
+    batches = iterate_batches(train_data, settings.batch_size, backbone.pad_id, seed=settings.seed + start, epochs=None)
+    t0, losses, stopped, step = time.perf_counter(), [], "max_steps", start
+    bar = tqdm(total=settings.steps, initial=start, disable=not progress, desc=f"tuning {spec.name}")
+    for step in range(start + 1, settings.steps + 1):
+        batch = next(batches)
+        with _autocast(backbone) if settings.bf16 else torch.autocast(device.type, enabled=False):
+            if generation:
+                loss = backbone.seq2seq_loss(prompt.weight, batch)
+            else:
+                logits = backbone.label_logits(prompt.weight, batch, label_ids)
+                loss = F.cross_entropy(logits.float(), batch["labels"].to(device))
+        if not torch.isfinite(loss):
+            stopped = "nonfinite_loss"
+            log.error("non-finite loss %s at step %d; keeping the best checkpoint (step %d)", loss.item(), step, best_step)
+            break
+        loss.backward()
+        if settings.max_grad_norm:
+            torch.nn.utils.clip_grad_norm_([prompt.weight], settings.max_grad_norm)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+        bar.update(1)
+        if step % settings.eval_every == 0 or step == settings.steps:
+            dev = evaluate()
+            train_loss = sum(losses) / len(losses)
+            losses = []
+            curve.append({"step": step, "dev_metric": dev, "train_loss": train_loss})
+            if dev > best:
+                best, best_step, stale = dev, step, 0
+                best_prompt = prompt.weight.detach().clone()
+            else:
+                stale += 1
+            bar.set_postfix(loss=f"{train_loss:.3f}", dev=f"{dev:.3f}", best=f"{best:.3f}")
+            if report:
+                state = {"prompt": prompt.weight.detach().cpu(), "optimizer": opt.state_dict(),
+                         "scheduler": sched.state_dict(), "step": step, "curve": curve, "best_metric": best,
+                         "best_step": best_step, "best_prompt": best_prompt.cpu(), "stale": stale}
+                report({f"dev_{spec.metric}": dev, "train_loss": train_loss, "best_dev_metric": best}, step, state)
+            if settings.patience is not None and stale >= settings.patience:
+                stopped = "early_stop"
+                break
+    bar.close()
+    return TrainResult(prompt=best_prompt.cpu(), best_step=best_step, best_metric=best, metric=spec.metric,
+                       curve=curve, steps_done=step, stopped=stopped, seconds=time.perf_counter() - t0)
+
+
+def settings_dict(settings: TrainSettings) -> dict:
+    """Settings as a plain dict (for params and hashes)."""
+    return asdict(settings)
+
+
+def save_checkpoint(state: dict, directory) -> None:
+    """Write a training state (from `report`) as safetensors + JSON: no pickle."""
+    import json
+    from pathlib import Path
+
+    from safetensors.torch import save_file
+
+    directory = Path(directory)
+    opt = state["optimizer"]
+    tensors = {"prompt": state["prompt"], "best_prompt": state["best_prompt"]}
+    for pid, pstate in opt["state"].items():
+        for key, value in pstate.items():
+            tensors[f"opt.{pid}.{key}"] = value.detach().cpu() if torch.is_tensor(value) else torch.tensor(value)
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(directory / "state.safetensors"))
+    meta = {k: state[k] for k in ("step", "curve", "best_metric", "best_step", "stale")}
+    meta.update(param_groups=opt["param_groups"], scheduler=state["scheduler"],
+                extra={k: v for k, v in state.items() if k.startswith("mlflow") or k.startswith("ptx")})
+    (directory / "state.json").write_text(json.dumps(meta, sort_keys=True, default=str))
+
+
+def load_checkpoint(directory) -> dict:
+    """Read a state written by `save_checkpoint` back into the dict `train_prompt(resume=...)` takes."""
+    import json
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    directory = Path(directory)
+    tensors = load_file(str(directory / "state.safetensors"))
+    meta = json.loads((directory / "state.json").read_text())
+    opt_state: dict = {}
+    for key, value in tensors.items():
+        if key.startswith("opt."):
+            _, pid, name = key.split(".", 2)
+            opt_state.setdefault(int(pid), {})[name] = value
+    state = {k: meta[k] for k in ("step", "curve", "best_metric", "best_step", "stale")}
+    state.update(prompt=tensors["prompt"], best_prompt=tensors["best_prompt"], scheduler=meta["scheduler"],
+                 optimizer={"state": opt_state, "param_groups": meta["param_groups"]}, **meta.get("extra", {}))
+    return state
