@@ -133,10 +133,11 @@ def known_d_model(name: str) -> int | None:
     """The hidden width of an alias, a paper backbone or a local model directory, without loading weights."""
     if name in _WIDTHS:
         return _WIDTHS[name]
-    if _PAPER_HUB_IDS.get(name, name) in {p.stem for p in _CONFIGS.glob("*.json")}:
+    local = Path(name).expanduser() / "config.json"
+    if local.is_file():  # a local directory wins over a paper name, as in resolve_model
+        config = json.loads(local.read_text())
+    elif _PAPER_HUB_IDS.get(name, name) in {p.stem for p in _CONFIGS.glob("*.json")}:
         config = paper_config(name)
-    elif (Path(name).expanduser() / "config.json").is_file():
-        config = json.loads((Path(name).expanduser() / "config.json").read_text())
     else:
         return None
     width = config.get("d_model", config.get("hidden_size"))
@@ -208,10 +209,9 @@ def _build_tiny(alias: str, out: Path) -> str:
     # Each punctuation mark is its own word so "great." and "great" share the id of "great".
     tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
     tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in specials])
-    names = {t for t in ((spec["single"] + " " + spec["pair"]).split()) if not t.startswith("$")}
+    used = {t.split(":")[0] for t in f"{spec['single']} {spec['pair']}".split() if not t.startswith("$")}
     tok.post_processor = processors.TemplateProcessing(
-        single=spec["single"], pair=spec["pair"], special_tokens=[(t.split(":")[0], vocab[t.split(":")[0]])
-                                                                  for t in sorted(names)])
+        single=spec["single"], pair=spec["pair"], special_tokens=[(t, vocab[t]) for t in sorted(used)])
     tok.decoder = decoders.WordPiece()  # joins words with spaces and tidies " ." into "."
     tokenizer = transformers.PreTrainedTokenizerFast(
         tokenizer_object=tok, model_max_length=512, extra_special_tokens=list(spec["tail"]) or None,

@@ -110,10 +110,14 @@ def _is_str(v) -> bool:
     return isinstance(v, str) and v.strip() != ""
 
 
+_ALIASES = {"dataset": "source", "data": "source"}  # the architecture note's early sketch said `dataset:`
+
+
 def _check_keys(raw: dict, allowed, where: str, errors: list[str]) -> None:
     for key in raw:
         if key not in allowed:
-            errors.append(f"unknown field '{where}{key}'{suggest(key, allowed)}")
+            hint = suggest(key, allowed) or (f"; did you mean '{_ALIASES[key]}'?" if key in _ALIASES else "")
+            errors.append(f"unknown field '{where}{key}'{hint}")
 
 
 def _parse_source(raw, folder: Path, errors: list[str]) -> DataSource | None:
@@ -233,14 +237,14 @@ def parse_task(raw, path: Path) -> TaskSpec:
         errors.append(f"field 'category': expected a non-empty string, found {raw['category']!r}")
     if "kind" in raw and kind not in KINDS:
         errors.append(f"field 'kind': expected one of {list(KINDS)}, found {kind!r}{suggest(kind, KINDS)}")
-    if "metric" in raw and metric not in METRICS:
+    if "metric" in raw and not (isinstance(metric, str) and metric in METRICS):
         errors.append(f"field 'metric': expected one of {sorted(METRICS)}, found {metric!r}{suggest(metric, METRICS)}")
     elif kind in KINDS and metric in METRICS and METRIC_KIND[metric] != kind:
         errors.append(f"field 'metric': '{metric}' scores {METRIC_KIND[metric]} tasks, but kind is '{kind}'")
     if "max_length" in raw and not (_is_int(raw["max_length"]) and raw["max_length"] >= 8):
         errors.append(f"field 'max_length': expected an integer >= 8, found {raw['max_length']!r}")
     preprocess = raw.get("preprocess")
-    if preprocess is not None and preprocess not in PREPROCESSORS:
+    if preprocess is not None and not (isinstance(preprocess, str) and preprocess in PREPROCESSORS):
         errors.append(f"field 'preprocess': unknown preprocessor {preprocess!r}{suggest(preprocess, PREPROCESSORS)}; "
                       f"choose from {sorted(PREPROCESSORS)}")
     for key in ("dev_size", "test_size"):
@@ -253,15 +257,20 @@ def parse_task(raw, path: Path) -> TaskSpec:
         _check_template(raw["template"], kind, errors)
 
     labels, verbalizer = raw.get("labels"), raw.get("verbalizer")
+    booleans = [key for key, values in (("labels", labels), ("verbalizer", verbalizer))
+                if isinstance(values, list) and any(isinstance(v, bool) for v in values)]
+    for key in booleans:  # YAML 1.1 reads bare yes/no/true/false as booleans, never what a label means
+        errors.append(f"field '{key}': found a boolean in {raw[key]!r}; quote words like \"yes\" and \"no\"")
     if kind == "classification":
         if not _is_str(raw.get("label_column")):
             errors.append(f"field 'label_column': a classification task needs the raw label column, "
                           f"found {raw.get('label_column')!r}")
-        if not (isinstance(verbalizer, list) and verbalizer and all(_is_str(w) for w in verbalizer)):
+        words_ok = isinstance(verbalizer, list) and verbalizer and all(_is_str(w) for w in verbalizer)
+        if not words_ok and "verbalizer" not in booleans:
             errors.append(f"field 'verbalizer': expected a non-empty list of words, found {verbalizer!r}")
-        elif len(set(verbalizer)) != len(verbalizer):
+        elif words_ok and len(set(verbalizer)) != len(verbalizer):
             errors.append(f"field 'verbalizer': words must be distinct, found {verbalizer!r}")
-        if labels is not None:
+        if labels is not None and "labels" not in booleans:
             if not (isinstance(labels, list) and labels and all(isinstance(v, str | int) for v in labels)):
                 errors.append(f"field 'labels': expected a list of raw label values, found {labels!r}")
             elif len(set(labels)) != len(labels):

@@ -309,19 +309,16 @@ def _clean(spec: TaskSpec, df: pd.DataFrame, where: str) -> pd.DataFrame:
     dropped = int((~keep).sum())
     out = out[keep].drop_duplicates(subset=fields).reset_index(drop=True)
     if spec.kind == "classification":
-        index = [label_index(v, spec) for v in out["label"]]
-        bad = next((v for v, i in zip(out["label"], index, strict=True) if i is None), None)
-        if len(out) and any(i is None for i in index):
+        raw = out["label"].tolist()  # python scalars: an error shows 7, not np.int64(7)
+        index = [label_index(v, spec) for v in raw]
+        if None in index:
+            bad = raw[index.index(None)]
             expected = list(spec.labels) if spec.labels is not None else f"ints 0..{len(spec.verbalizer) - 1}"
             raise PtxError(f"task '{spec.name}': label {bad!r} in column '{value_col}' (split '{where}') is not "
                            f"one of {expected}")
         out["label"] = np.asarray(index, dtype=np.int64)
     log.debug("task %s split %s: %d rows, %d empty dropped", spec.name, where, len(out), dropped)
     return out
-
-
-def _keys(df: pd.DataFrame, fields: list[str]) -> list[tuple]:
-    return list(zip(*(df[f] for f in fields), strict=True))
 
 
 def _drop_overlap(spec: TaskSpec, rows: dict[str, pd.DataFrame]) -> dict[str, pd.DataFrame]:
@@ -331,7 +328,7 @@ def _drop_overlap(spec: TaskSpec, rows: dict[str, pd.DataFrame]) -> dict[str, pd
     for role in ("test", "dev", "train"):
         if role not in rows:
             continue
-        keys = _keys(rows[role], fields)
+        keys = list(zip(*(rows[role][f] for f in fields), strict=True))
         if later:
             keep = np.array([k not in later for k in keys], dtype=bool)
             if not keep.all():
