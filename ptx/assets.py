@@ -24,7 +24,7 @@ except ImportError:  # not POSIX: the atomic rename alone still keeps the cache 
 
 log = logging.getLogger(__name__)
 
-_CACHE_VERSION = "v1"  # bump when a builder changes what it writes, so stale caches are not reused
+_CACHE_VERSION = "v2"  # bump when a builder changes what it writes, so stale caches are not reused
 _MARKER = "ptx_asset.json"  # written last inside the temp dir: a cache dir holding it is complete
 _CONFIGS = Path(__file__).parent / "configs"
 _BUILD_LOCK = threading.RLock()  # flock is per open file, so threads of one process also need a lock
@@ -99,6 +99,9 @@ def resolve_model(name_or_path: str) -> ModelSource:
     name = str(name_or_path)
     if not name.strip():
         raise PtxError("model: expected an alias, a local model directory or a hub id; found an empty name")
+    if name == "qwen2.5-0.5b":  # opt-in large model: built only by `make assets-large`, never on demand
+        from ptx.assets_large import resolve_large
+        return resolve_large(name)
     if name in ALIASES:
         path, revision = _cached(name)
         return ModelSource(str(path), revision, name, True)

@@ -70,12 +70,16 @@ class Backbone:
         mask_slot = self.kind is BackboneKind.MASKED_LM and self.insertion is Insertion.PREPEND
         if self.kind is BackboneKind.CAUSAL_LM:
             post, suffix = [], ()  # the next token after `before` is the label word: nothing may follow
-        budget = max_length - len(prefix) - len(suffix) - len(post) - int(mask_slot)
-        if budget < TAIL_KEEP + 1:
-            post = post[: max(0, len(post) - (TAIL_KEEP + 1 - budget))]
-            budget = max(TAIL_KEEP + 1, budget)
+        room = max_length - len(prefix) - len(suffix) - int(mask_slot)  # for the text before and after the mask
+        if room < 1:
+            raise PtxError(f"max_length {max_length} leaves no room for text on backbone '{self.name}'; "
+                           f"expected more than {max_length - room}")
+        # over-long text after the mask gives way first, so the text before it keeps TAIL_KEEP + 1 tokens
+        post = post[: max(0, room - min(len(pre), TAIL_KEEP + 1))]
+        budget = room - len(post)
         if len(pre) > budget:  # cut the middle of the text, keep the template's tail before the mask
-            pre = pre[: budget - TAIL_KEEP] + pre[-TAIL_KEEP:]
+            tail = min(TAIL_KEEP, budget)
+            pre = pre[: budget - tail] + pre[len(pre) - tail:]
         if mask_slot:
             ids = [*prefix, *pre, self.tokenizer.mask_token_id, *post, *suffix]
             return ids, len(prefix) + len(pre)
@@ -92,12 +96,12 @@ class Backbone:
             for variant in (f" {word}", word):  # BPE/sentencepiece vocabularies mark a leading space
                 ids = self._ids(variant)
                 ids = [i for i in ids if i not in self._space_ids()]
-                if len(ids) == 1:
+                if len(ids) == 1 and ids[0] != self.tokenizer.unk_token_id:  # <unk> is one token but no word
                     found = ids[0]
                     break
             if found is None:
                 pieces = self.tokenizer.convert_ids_to_tokens(self._ids(f" {word}"))
-                raise PtxError(f"verbalizer word '{word}' is not one token of backbone '{self.name}' "
+                raise PtxError(f"verbalizer word '{word}' is not one known token of backbone '{self.name}' "
                                f"(it splits into {pieces}); choose a single-token word")
             out.append(found)
         if len(set(out)) != len(out):
@@ -132,9 +136,8 @@ class Backbone:
         """Position ids for the paper layout: prompt slots at the padding index (a zero embedding)."""
         if self.insertion is not Insertion.PAPER:
             return None
-        pad = getattr(self.model.config, "pad_token_id", 1) or 0
-        first = pad + 1 if self.model.config.model_type in ("roberta", "xlm-roberta", "camembert") else 0
-        pos = torch.cat([torch.full((n_tok,), pad), torch.arange(first, first + seq)])
+        pad = _zero_position(self.model)  # load_backbone checked it exists; text counts from pad + 1 (RoBERTa)
+        pos = torch.cat([torch.full((n_tok,), pad), torch.arange(pad + 1, pad + 1 + seq)])
         return pos.to(self.device).expand(rows, -1)
 
     def hidden_at_score(self, prompts: torch.Tensor, batch: dict) -> torch.Tensor:
@@ -240,6 +243,14 @@ def detect_kind(config) -> BackboneKind:
     return BackboneKind.CAUSAL_LM
 
 
+def _zero_position(model) -> int | None:
+    """The position id whose embedding is all zeros (RoBERTa's padding index), or None when there is none."""
+    emb = getattr(getattr(model.base_model, "embeddings", None), "position_embeddings", None)
+    if not isinstance(emb, nn.Embedding) or emb.padding_idx is None:
+        return None
+    return int(emb.padding_idx) if not emb.weight[emb.padding_idx].any() else None
+
+
 def _special_layout(tokenizer) -> tuple[tuple, tuple]:
     """The special tokens the tokenizer puts before and after a text, found by tokenising one word."""
     bare = list(tokenizer("a", add_special_tokens=False)["input_ids"])
@@ -279,6 +290,9 @@ def load_backbone(name: str, insertion: str = "prepend", device: str | None = No
     tokenizer = transformers.AutoTokenizer.from_pretrained(src.path, revision=rev)
     if insertion is Insertion.PAPER and (kind is not BackboneKind.MASKED_LM or tokenizer.mask_token_id is None):
         raise PtxError(f"insertion 'paper' is the masked-LM <mask>-slot layout; backbone '{name}' is {kind.value}")
+    if insertion is Insertion.PAPER and _zero_position(model) is None:  # e.g. BERT: every position id is learned
+        raise PtxError(f"insertion 'paper' gives prompt slots a zero position embedding (RoBERTa's padding index); "
+                       f"backbone '{name}' ({model.config.model_type}) has no zero position row; use 'prepend'")
     model.requires_grad_(False)
     model.eval()
     if device:

@@ -169,7 +169,8 @@ def prompts():
 def prompts_list(task, backbone, fmt, workdir, tracking_uri):
     """List finished prompt runs."""
     tracker = _tracker(tracking_uri, _workdir(workdir))
-    rows = [{"run_id": r.info.run_id, "task": r.data.tags.get("ptx.task"), "backbone": r.data.tags.get("ptx.backbone"),
+    rows = [{"run_id": r.info.run_id, "task": r.data.tags.get("ptx.task") or f"({r.data.tags.get('ptx.name', '')})",
+             "backbone": r.data.tags.get("ptx.backbone"), "insertion": r.data.tags.get("ptx.insertion", ""),
              "seed": r.data.tags.get("ptx.seed", ""), "origin": r.data.tags.get("ptx.origin", ""),
              "best": r.data.tags.get("ptx.best", ""),
              "dev": _fmt(r.data.metrics.get("best_dev_metric"))} for r in tracker.prompt_runs(task, backbone)]
@@ -224,18 +225,21 @@ def prompts_export_peft(run_id, out, base_model, workdir, tracking_uri):
 @prompts.command("import")
 @click.argument("file", type=click.Path())
 @click.option("--backbone", required=True, help="The backbone the prompt was trained on (e.g. roberta-base).")
-@click.option("--task", required=True)
-@click.option("--insertion", type=click.Choice(["prepend", "paper"]), default="prepend", show_default=True)
+@click.option("--task", default=None, help="The task it was trained on; omit for a task-less prompt (give --name).")
+@click.option("--name", default=None, help="A name for a task-less prompt, e.g. 'random' (the paper's baseline).")
+@click.option("--insertion", type=click.Choice(["prepend", "paper"]), default="prepend", show_default=True,
+              help="paper: the released RoBERTa prompts' <mask>-slot layout.")
 @click.option("--d-model", type=int, default=None, help="Backbone width when it is not known offline.")
 @workdir_option
 @uri_option
-def prompts_import(file, backbone, task, insertion, d_model, workdir, tracking_uri):
+def prompts_import(file, backbone, task, name, insertion, d_model, workdir, tracking_uri):
     """Import a released raw torch prompt (read with weights_only=True) into the bank."""
     from ptx.stages import import_prompt
 
     wd = _workdir(workdir)
-    run = import_prompt(file, backbone, task, insertion, wd, _tracker(tracking_uri, wd), d_model)
-    click.echo(f"imported {file} as run {run.run_id}: {run.artifact}")
+    run = import_prompt(file, backbone, task, insertion, wd, _tracker(tracking_uri, wd), d_model, name=name)
+    verb = "already imported as run" if run.reused else "imported as run"
+    click.echo(f"{file}: {verb} {run.run_id}: {run.artifact}")
 
 
 # ---- MLflow server ----------------------------------------------------------------------------------
@@ -250,8 +254,156 @@ def mlflow_server(host, port, workdir):
     cmd = [sys.executable, "-m", "mlflow", "server", "--host", host, "--port", str(port),
            "--backend-store-uri", f"sqlite:///{wd / 'mlflow.db'}", "--artifacts-destination", str(wd / "artifacts"),
            "--workers", "1"]
+    # ptx needs no MLflow jobs (GenAI judges, trace rollups): without them the server starts faster, runs fewer processes
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": os.environ.get("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")}
     click.echo(f"MLflow server on http://{host}:{port} (store {wd}); set MLFLOW_TRACKING_URI=http://{host}:{port}")
-    sys.exit(subprocess.call(cmd))
+    sys.stdout.flush()
+    # become the server (exec, not a child): a SIGTERM to this pid reaches MLflow, which stops its uvicorn worker
+    if os.name == "posix":  # (Windows' exec spawns a new process and returns: use a child there)
+        os.execve(sys.executable, cmd, env)
+    sys.exit(subprocess.call(cmd, env=env))
+
+
+# ---- studies and sweeps -----------------------------------------------------------------------------
+address_option = click.option("--address", default=None,
+                              help="Ray cluster: auto, HOST:PORT or ray://HOST:10001 (default: start a local Ray).")
+set_option = click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+                          help="Override a spec field, e.g. --set train.steps=10 (repeatable).")
+
+
+@cli.command()
+@click.argument("spec_path", metavar="SPEC", type=click.Path())
+@address_option
+@click.option("--dry-run", is_flag=True, help="Print the plan (trials, resources, concurrency) and exit.")
+@click.option("--max-concurrent", type=int, default=None, help="Cap on trials running at once.")
+@click.option("--force", is_flag=True, help="Retrain configs that already have a finished run.")
+@set_option
+@workdir_option
+@uri_option
+def sweep(spec_path, address, dry_run, max_concurrent, force, overrides, workdir, tracking_uri):
+    """Run a study's training stage as a Ray Tune experiment."""
+    from ptx.config import load_study
+
+    spec = load_study(spec_path, overrides)
+    if dry_run:
+        _print_plan(spec, max_concurrent)
+        return
+    _run(spec, ["train"], workdir, tracking_uri, address, force, max_concurrent)
+
+
+@cli.command()
+@click.argument("spec_path", metavar="SPEC", type=click.Path())
+@address_option
+@click.option("--stage", "stages", multiple=True, help="Run only these stages (repeatable; default: the spec's).")
+@click.option("--dry-run", is_flag=True, help="Print the plan and exit.")
+@click.option("--max-concurrent", type=int, default=None)
+@click.option("--force", is_flag=True, help="Retrain configs that already have a finished run.")
+@set_option
+@workdir_option
+@uri_option
+def run(spec_path, address, stages, dry_run, max_concurrent, force, overrides, workdir, tracking_uri):
+    """Run every stage of a study in order, skipping work already logged."""
+    from ptx.config import load_study
+
+    spec = load_study(spec_path, overrides)
+    if dry_run:
+        _print_plan(spec, max_concurrent)
+        return
+    _run(spec, list(stages) or None, workdir, tracking_uri, address, force, max_concurrent)
+
+
+@cli.command()
+@click.option("--smoke", is_flag=True, help="Tiny random backbones: every stage in about a minute.")
+@address_option
+@set_option
+@workdir_option
+@uri_option
+def demo(smoke, address, overrides, workdir, tracking_uri):
+    """The offline demo study (experiments/demo.yaml, or smoke.yaml with --smoke)."""
+    from ptx.config import load_study
+
+    spec = load_study(_experiments_dir() / ("smoke.yaml" if smoke else "demo.yaml"), overrides)
+    _run(spec, None, workdir, tracking_uri, address, False, None)
+
+
+def _experiments_dir() -> Path:
+    here = Path(__file__).resolve().parent.parent / "experiments"
+    if not here.is_dir():
+        raise PtxError(f"experiments/ not found beside the ptx package ({here}); run from a source checkout")
+    return here
+
+
+def _run(spec, stages, workdir, tracking_uri, address, force, max_concurrent):
+    from ptx.study import run_study
+
+    def ready(info):
+        click.echo(f"study {spec.name}: results under {info['workdir']}")
+        click.echo(f"  MLflow: {info['tracking_uri']}")
+        click.echo(f"  MLflow UI: mlflow ui --backend-store-uri {info['tracking_uri']} --host 127.0.0.1")
+        if info.get("dashboard"):
+            click.echo(f"  Ray dashboard (while this runs): {info['dashboard']}")
+
+    summary = run_study(spec, workdir or (str(_workdir(None) / spec.name) if not spec.workdir else None),
+                        tracking_uri, address, stages, force, max_concurrent, on_ready=ready)
+    for stage, result in summary["stages"].items():
+        click.echo(f"stage {stage}: {_stage_line(result)}")
+    report = summary["stages"].get("report", {}).get("path")
+    if report:
+        click.echo(f"report: {report}")
+
+
+def _stage_line(result: dict) -> str:
+    keys = ("trials", "errored", "units_computed", "units_skipped", "rows", "skipped", "reason", "path", "seconds")
+    parts = []
+    for k in keys:
+        if k in result and not isinstance(result[k], list | dict):
+            v = result[k]
+            parts.append(f"{k}={v:.1f}" if isinstance(v, float) else f"{k}={v}")
+    return ", ".join(parts) or "done"
+
+
+def _print_plan(spec, max_concurrent):
+    from ptx.sweep import plan
+
+    p = plan(spec)
+    cap = max_concurrent or spec.max_concurrent
+    res = p["resources_per_trial"]
+    click.echo(f"study {p['study']}: {p['trials']} trials = {p['base_runs']} runs (backbones x tasks x seeds) "
+               f"x {p['search_points']} search points x {p['samples']} samples")
+    click.echo(f"  stages: {', '.join(p['stages'])}; scheduler: {p['scheduler']}; {p['steps_per_trial']} steps per trial")
+    click.echo(f"  resources per trial: {res}; max concurrent: {cap or 'as resources allow'}")
+    if res.get("gpu"):
+        per_gpu = int(1 / res["gpu"]) if res["gpu"] < 1 else 1
+        click.echo(f"  packing: {per_gpu} trial(s) per GPU; N GPUs run up to {per_gpu}*N trials at once")
+    else:
+        click.echo(f"  concurrency on this machine (CPU): up to {int((os.cpu_count() or 1) // res['cpu'])} trials")
+
+
+@cli.command()
+@click.argument("experiment", type=click.Path())
+@click.option("--restart-errored", is_flag=True, help="Restart errored trials from scratch (default: resume them).")
+@address_option
+def resume(experiment, restart_errored, address):
+    """Restore an interrupted sweep (e.g. its driver was killed) and finish it."""
+    from ptx import sweep as sw
+
+    sw.connect(address)
+    summary = sw.resume_sweep(experiment, restart_errored=restart_errored)
+    click.echo(f"resumed {summary['experiment_path']}: {summary['trials']} trials, {summary['errored']} errored, "
+               f"{summary['wall_seconds']:.1f} s")
+
+
+@cli.command()
+@click.argument("experiment", type=click.Path())
+@click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table")
+def status(experiment, fmt):
+    """Print a sweep's trial table (state, task, backbone, best metric, MLflow run id)."""
+    from ptx.sweep import trial_table
+
+    rows = trial_table(experiment)
+    for r in rows:
+        r["best"] = _fmt(r["best"]) if isinstance(r["best"], float) else r["best"]
+    _print_rows(rows, fmt)
 
 
 # ---- helpers ----------------------------------------------------------------------------------------

@@ -1,5 +1,6 @@
 """Task examples x backbone tokenizer -> tokenized, Arrow-cached splits; length-bucketed batches."""
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -13,13 +14,15 @@ from ptx.backbones import Backbone, BackboneKind
 from ptx.io import cache_dir
 
 log = logging.getLogger(__name__)
-ENCODING_VERSION = 1  # bump when encode() changes what it writes
+ENCODING_VERSION = 2  # bump when encode() changes what it writes
 
 
 def _fingerprint(spec, backbone: Backbone, split: str, limit: int | None) -> str:
-    """Cache key: task name+version, tokenizer identity, insertion, split and size."""
+    """Cache key: the whole task spec, tokenizer identity, insertion, split and size."""
     tok = backbone.tokenizer
-    key = json.dumps([ENCODING_VERSION, spec.name, spec.version, spec.max_length, backbone.name, backbone.revision,
+    # the whole spec, not just name+version: an edited template or a temp task file must not hit a stale entry
+    task = json.dumps(dataclasses.asdict(spec), sort_keys=True, default=str)
+    key = json.dumps([ENCODING_VERSION, task, spec.max_length, backbone.name, backbone.revision,
                       backbone.kind.value, backbone.insertion.value, type(tok).__name__, len(tok),
                       tok.name_or_path, split, limit], sort_keys=True)
     return hashlib.sha256(key.encode()).hexdigest()[:16]
@@ -100,14 +103,23 @@ def bucketed_order(lengths: list[int], batch_size: int, rng: random.Random | Non
 
 
 def iterate_batches(encoded: datasets.Dataset, batch_size: int, pad_id: int, seed: int | None = None,
-                    epochs: int | None = 1):
-    """Yield collated batches; `seed` shuffles (training), None keeps a fixed order (evaluation)."""
+                    epochs: int | None = 1, skip: int = 0):
+    """Yield collated batches; `seed` shuffles (training), None keeps a fixed order (evaluation).
+
+    `skip` drops that many batches first without collating them: a resumed run sees exactly the batches an
+    uninterrupted run would have seen from there on.
+    """
     rows = encoded.to_list()
+    if not rows:  # with epochs=None an empty split would loop forever without yielding
+        return
     lengths = [r["length"] for r in rows]
     rng = random.Random(seed) if seed is not None else None
     epoch = 0
     while epochs is None or epoch < epochs:
         for group in bucketed_order(lengths, batch_size, rng):
+            if skip > 0:
+                skip -= 1
+                continue
             yield collate([rows[i] for i in group], pad_id)
         epoch += 1
 

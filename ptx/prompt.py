@@ -107,6 +107,8 @@ def load_prompt(path: str | Path, backbone=None) -> PromptArtifact:
         meta = json.loads(meta_file.read_text())
     except json.JSONDecodeError as exc:
         raise PtxError(f"{meta_file}: corrupt JSON ({exc})") from None
+    if not isinstance(meta, dict):
+        raise PtxError(f"{meta_file}: expected a JSON object of prompt metadata, found {type(meta).__name__}")
     if meta.get("format_version") != FORMAT_VERSION:
         raise PtxError(f"{meta_file}: format_version {meta.get('format_version')!r} is not supported "
                        f"(this ptx reads {FORMAT_VERSION})")
@@ -148,7 +150,13 @@ def export_peft(artifact: PromptArtifact, out_dir: str | Path, base_model: str |
     if meta.get("insertion") == "paper":
         raise PtxError("the paper's <mask>-slot layout has no PEFT equivalent (PEFT cannot replace slot 0 "
                        "with <mask> or zero the prompt position embeddings); export a 'prepend' prompt")
+    out_dir = Path(out_dir)
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):  # atomic_dir would replace it whole
+        raise PtxError(f"PEFT export target {out_dir.resolve()} exists and is not an empty directory")
     b = meta["backbone"]
+    if b.get("kind") not in PEFT_TASK_TYPE:
+        raise PtxError(f"prompt backbone kind {b.get('kind')!r} has no PEFT task type; expected one of "
+                       f"{sorted(PEFT_TASK_TYPE)}")
     config = {
         "peft_type": "PROMPT_TUNING",
         "task_type": PEFT_TASK_TYPE[b["kind"]],
@@ -157,11 +165,11 @@ def export_peft(artifact: PromptArtifact, out_dir: str | Path, base_model: str |
         "num_transformer_submodules": 1,  # ptx prompts the encoder only, also for seq2seq
         "prompt_tuning_init": "RANDOM",
         "base_model_name_or_path": base_model or b["name"],
-        "revision": b.get("revision"),
+        # PEFT reads `revision` as a hub revision of the base model: ptx aliases' revisions ("ptx-tiny-v1") are not
+        "revision": b.get("revision") if "/" in str(b["name"]) and not base_model else None,
         "inference_mode": True,
         "peft_version": None,
     }
-    out_dir = Path(out_dir)
     with atomic_dir(out_dir) as tmp:
         save_file({"prompt_embeddings": prompt.float().contiguous()}, str(tmp / "adapter_model.safetensors"))
         write_json(tmp / "adapter_config.json", {k: v for k, v in config.items() if v is not None})

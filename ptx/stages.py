@@ -74,7 +74,7 @@ def run_prompt(req: PromptRequest, workdir: str | Path, tracker=None, parent_run
         done = tracker.finished_run(track.KIND_PROMPT, digest)
         if done is not None:
             log.info("config %s already has finished run %s; reusing it", digest, done.info.run_id)
-            return PromptRun(done.info.run_id, workdir / "prompts" / done.info.run_id,
+            return PromptRun(done.info.run_id, _local_copy(tracker, done.info.run_id, workdir),
                              done.data.metrics.get("best_dev_metric", float("nan")),
                              int(done.data.tags.get("ptx.best_step", 0)), reused=True)
     from ptx.tasks import load_task
@@ -89,14 +89,30 @@ def run_prompt(req: PromptRequest, workdir: str | Path, tracker=None, parent_run
     tags = {"ptx.kind": track.KIND_PROMPT, "ptx.task": spec.name, "ptx.backbone": req.backbone,
             "ptx.seed": req.settings.seed, "ptx.config_hash": digest, "ptx.source_run": source_run,
             "ptx.origin": "trained", "ptx.init": "artifact" if init_dir else req.init, "ptx.category": spec.category,
-            "ptx.backbone_kind": backbone.kind.value, **(extra_tags or {})}
+            "ptx.backbone_kind": backbone.kind.value, "ptx.insertion": backbone.insertion.value, **(extra_tags or {})}
     if tracker is not None and run_id is None:
-        run_id = tracker.start_run(f"{spec.name}/{req.backbone}/s{req.settings.seed}", tags, parent_run_id)
-        tracker.log(run_id, params=asdict(req))
+        try:
+            run_id = tracker.start_run(f"{spec.name}/{req.backbone}/s{req.settings.seed}", tags, parent_run_id)
+            tracker.log(run_id, params=asdict(req))
+        except PtxError:
+            raise
+        except Exception as exc:
+            raise PtxError(f"could not start a run in the MLflow store {tracker.uri} ({type(exc).__name__}: "
+                           f"{str(exc).splitlines()[0][:200]})") from exc
+    lost: list = []  # the first tracking failure: training goes on, the prompt is kept on disk, the error comes last
+
+    def track_call(fn, *args, **kwargs) -> None:
+        if tracker is None or lost:
+            return
+        try:
+            fn(*args, **kwargs)
+        except Exception as exc:  # a dead server must not throw away the training: keep going, report at the end
+            log.error("MLflow store %s failed (%s: %s); training goes on, nothing more is logged", tracker.uri,
+                      type(exc).__name__, str(exc).splitlines()[0][:200] if str(exc) else "")
+            lost.append(exc)
 
     def log_and_report(metrics: dict, step: int, state: dict | None = None):
-        if tracker is not None:
-            tracker.log(run_id, metrics, step)
+        track_call(tracker and tracker.log, run_id, metrics, step)
         if report is not None:
             if state is not None:
                 state["mlflow_run_id"] = run_id  # lives in the checkpoint: a resumed trial keeps its run
@@ -106,8 +122,7 @@ def run_prompt(req: PromptRequest, workdir: str | Path, tracker=None, parent_run
         result = train_prompt(backbone, spec, init, train, dev, req.settings, report=log_and_report,
                               resume=resume, progress=progress)
     except BaseException:
-        if tracker is not None:
-            tracker.finish(run_id, "FAILED")
+        track_call(tracker and tracker.finish, run_id, "FAILED")
         raise
     meta = {"config_hash": digest, "mlflow_run_id": run_id, "backbone": backbone_meta(backbone),
             "task": {"name": spec.name, "version": spec.version}, "verbalizer": list(spec.verbalizer),
@@ -118,52 +133,82 @@ def run_prompt(req: PromptRequest, workdir: str | Path, tracker=None, parent_run
     artifact = save_prompt(workdir / "prompts" / (run_id or digest), result.prompt, meta)
     out = PromptRun(run_id, artifact, result.best_metric, result.best_step, stopped=result.stopped,
                     seconds=result.seconds, curve=result.curve)
-    if tracker is not None:
-        try:
-            tracker.log(run_id, {"best_dev_metric": result.best_metric, "seconds": result.seconds},
-                        step=result.best_step, tags={"ptx.best_step": result.best_step, "ptx.stopped": result.stopped})
-            tracker.log_artifacts(run_id, artifact, track.PROMPT_ARTIFACT)
-            tracker.finish(run_id, "FINISHED" if result.stopped != "nonfinite_loss" else "FAILED")
-        except Exception as exc:
-            raise PtxError(f"could not log run {run_id} to {tracker.uri} ({type(exc).__name__}); the trained "
-                           f"prompt is kept at {artifact}") from exc
+    # best_dev_metric is already in the curve (one point per eval); logging it again would add a duplicate point
+    last_step = result.curve[-1]["step"] if result.curve else result.best_step
+    track_call(tracker and tracker.log, run_id, {"seconds": result.seconds}, step=last_step,
+               tags={"ptx.best_step": result.best_step, "ptx.stopped": result.stopped})
+    track_call(tracker and tracker.log_artifacts, run_id, artifact, track.PROMPT_ARTIFACT)
+    track_call(tracker and tracker.finish, run_id, "FINISHED" if result.stopped != "nonfinite_loss" else "FAILED")
+    if lost:
+        exc = lost[0]
+        raise PtxError(f"could not log run {run_id} to {tracker.uri} ({type(exc).__name__}); the trained prompt "
+                       f"is kept on local disk at {artifact}") from exc
     if result.stopped == "nonfinite_loss":
         raise PtxError(f"training stopped: non-finite loss after step {result.steps_done}; the best checkpoint "
                        f"(step {result.best_step}, dev {result.best_metric:.4f}) is kept at {artifact}")
     return out
 
 
-def import_prompt(file: str | Path, backbone_name: str, task: str, insertion: str, workdir: str | Path,
-                  tracker=None, d_model: int | None = None) -> PromptRun:
-    """Import a released raw torch prompt into the bank (ptx.origin=imported)."""
+def import_prompt(file: str | Path, backbone_name: str, task: str | None, insertion: str, workdir: str | Path,
+                  tracker=None, d_model: int | None = None, name: str | None = None) -> PromptRun:
+    """Import a released raw torch prompt [n_tokens, d_model] into the bank (ptx.origin=imported).
+
+    `task` None imports a prompt that belongs to no task (the paper's random baseline): it then needs `name`.
+    """
     from ptx.assets import known_d_model
     from ptx.tasks import load_task
 
-    spec = load_task(task)
+    if task is None and not name:
+        raise PtxError(f"{file}: a prompt with no --task needs --name (e.g. --name random for a baseline prompt)")
+    spec = load_task(task) if task is not None else None
     width = d_model or known_d_model(backbone_name)
     if width is None:
         raise PtxError(f"the width of backbone '{backbone_name}' is not known offline; pass --d-model")
+    kind = _backbone_kind(backbone_name)
+    if insertion == "paper" and kind != "masked_lm":
+        raise PtxError(f"insertion 'paper' is the masked-LM <mask>-slot layout; backbone '{backbone_name}' is {kind}")
     tensor = import_torch_prompt(file, width, backbone_name)
-    digest = config_hash({"import": str(Path(file).resolve()), "sha": _sha(file), "backbone": backbone_name,
-                          "task": task, "insertion": insertion})
-    tags = {"ptx.kind": track.KIND_PROMPT, "ptx.task": spec.name, "ptx.backbone": backbone_name,
-            "ptx.config_hash": digest, "ptx.origin": "imported", "ptx.category": spec.category}
+    # the content, not the path, is the identity: the same file imported from two places is one run
+    digest = config_hash({"import": _sha(file), "backbone": backbone_name, "task": task, "name": name,
+                          "insertion": insertion})
+    label = name or spec.name
+    tags = {"ptx.kind": track.KIND_PROMPT, "ptx.task": spec.name if spec else None, "ptx.name": label,
+            "ptx.backbone": backbone_name, "ptx.config_hash": digest, "ptx.origin": "imported",
+            "ptx.category": spec.category if spec else None, "ptx.backbone_kind": kind, "ptx.insertion": insertion,
+            "ptx.imported_from": Path(file).name}
+    workdir = Path(workdir).resolve()
     run_id = None
     if tracker is not None:
         done = tracker.finished_run(track.KIND_PROMPT, digest)
         if done is not None:
-            return PromptRun(done.info.run_id, Path(workdir) / "prompts" / done.info.run_id, float("nan"), 0, True)
-        run_id = tracker.start_run(f"import {spec.name}/{backbone_name}", tags)
-    meta = {"config_hash": digest, "mlflow_run_id": run_id,
-            "backbone": {"name": backbone_name, "revision": None, "kind": _kind_guess(backbone_name), "d_model": width},
-            "task": {"name": spec.name, "version": spec.version}, "verbalizer": list(spec.verbalizer),
-            "insertion": insertion, "init": {"mode": "imported", "source": str(file)}, "seed": None,
+            return PromptRun(done.info.run_id, _local_copy(tracker, done.info.run_id, workdir), float("nan"), 0,
+                             reused=True)
+        run_id = tracker.start_run(f"import {label}/{backbone_name}", tags)
+    meta = {"config_hash": digest, "mlflow_run_id": run_id, "name": label,
+            "backbone": {"name": backbone_name, "revision": None, "kind": kind, "d_model": width},
+            "task": {"name": spec.name, "version": spec.version} if spec else None,
+            "verbalizer": list(spec.verbalizer) if spec and spec.verbalizer else None,
+            "insertion": insertion, "init": {"mode": "imported", "source": str(Path(file).resolve())}, "seed": None,
             "best_step": None, "dev_metric": None}
-    artifact = save_prompt(Path(workdir).resolve() / "prompts" / (run_id or digest), tensor, meta)
+    artifact = save_prompt(workdir / "prompts" / (run_id or digest), tensor, meta)
     if tracker is not None:
-        tracker.log_artifacts(run_id, artifact, track.PROMPT_ARTIFACT)
-        tracker.finish(run_id)
+        try:
+            tracker.log_artifacts(run_id, artifact, track.PROMPT_ARTIFACT)
+            tracker.finish(run_id)
+        except Exception as exc:
+            raise PtxError(f"could not log run {run_id} to {tracker.uri} ({type(exc).__name__}); the imported "
+                           f"prompt is kept on local disk at {artifact}") from exc
     return PromptRun(run_id, artifact, float("nan"), 0)
+
+
+def _local_copy(tracker, run_id: str, workdir: Path) -> Path:
+    """The run's prompt under `workdir`/prompts, downloaded through MLflow when this workdir lacks it."""
+    local = Path(workdir) / "prompts" / run_id
+    if not (local / "prompt.json").is_file():
+        if local.exists() and not any(local.iterdir()):
+            local.rmdir()
+        tracker.download_prompt(run_id, local)
+    return local
 
 
 def _sha(file) -> str:
@@ -172,9 +217,23 @@ def _sha(file) -> str:
     return hashlib.sha256(Path(file).read_bytes()).hexdigest()[:16]
 
 
-def _kind_guess(name: str) -> str:
+def _backbone_kind(name: str) -> str:
+    """The kind of a backbone from its local or shipped config.json (no weights loaded); else from its name."""
+    import json
+    from types import SimpleNamespace
+
+    from ptx.assets import paper_config
+    from ptx.backbones import detect_kind
+
+    local = Path(name).expanduser() / "config.json"
+    try:
+        config = json.loads(local.read_text()) if local.is_file() else paper_config(name)
+    except PtxError:
+        config = None
+    if config:
+        return detect_kind(SimpleNamespace(**{"is_encoder_decoder": False, "architectures": None, **config})).value
     n = name.lower()
-    return "seq2seq" if "t5" in n else "masked_lm" if ("bert" in n or "roberta" in n) else "causal_lm"
+    return "seq2seq" if "t5" in n else "masked_lm" if any(k in n for k in ("bert", "roberta", "minilm")) else "causal_lm"
 
 
 def with_settings(req: PromptRequest, **changes) -> PromptRequest:

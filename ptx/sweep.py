@@ -32,6 +32,8 @@ def connect(address: str | None = None, num_cpus: int | None = None, num_gpus: i
         return None
     env = {"env_vars": {k: os.environ[k] for k in ("PTX_CACHE_DIR", "MLFLOW_TRACKING_URI", FAIL_ONCE_ENV,
                                                     "HF_HUB_OFFLINE") if k in os.environ}}
+    if address and address != "auto":
+        _check_reachable(address)
     try:
         if address:
             ctx = ray.init(address=address, runtime_env=env, logging_level=logging.WARNING)
@@ -42,6 +44,20 @@ def connect(address: str | None = None, num_cpus: int | None = None, num_gpus: i
         raise PtxError(f"cannot reach a Ray cluster at --address {address!r}: {str(exc).splitlines()[0]}") from None
     url = getattr(ctx, "dashboard_url", None)
     return f"http://{url}" if url and not url.startswith("http") else url
+
+
+def _check_reachable(address: str, timeout: float = 5.0) -> None:
+    """A TCP connect to HOST:PORT first: Ray itself waits minutes on an unreachable GCS."""
+    import socket
+
+    hostport = address.split("://", 1)[-1]
+    host, _, port = hostport.rpartition(":")
+    if not host or not port.isdigit():
+        raise PtxError(f"--address {address!r}: expected auto, HOST:PORT or ray://HOST:10001")
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout).close()
+    except OSError as exc:
+        raise PtxError(f"cannot reach a Ray cluster at --address {address!r}: {exc}") from None
 
 
 def check_resources(cpu: float, gpu: float, custom: dict | None = None) -> None:
@@ -100,6 +116,8 @@ def _maybe_fail(step: int) -> None:
     if not spec:
         return
     at, marker_dir = spec.split(":", 1)
+    if not Path(marker_dir).is_dir():  # armed only while the marker directory exists
+        return
     from ray import tune
 
     marker = Path(marker_dir) / f"failed-{tune.get_context().get_trial_id()}"
@@ -178,7 +196,7 @@ def build_tuner(requests: list[PromptRequest], name: str, workdir: Path, trackin
     tune_config = tune.TuneConfig(
         metric=metric_name if (sched is not None and not isinstance(sched, FIFOScheduler)) or search_alg else None,
         mode="max", scheduler=sched, search_alg=search_alg, num_samples=num_samples,
-        max_concurrent_trials=max_concurrent, trial_name_creator=_trial_name, trial_dirname_creator=_trial_name)
+        max_concurrent_trials=max_concurrent, reuse_actors=True, trial_name_creator=_trial_name, trial_dirname_creator=_trial_name)
     run_config = tune.RunConfig(name=name, storage_path=storage_path,
                                 failure_config=tune.FailureConfig(max_failures=max_failures),
                                 checkpoint_config=tune.CheckpointConfig(num_to_keep=2), verbose=1)
@@ -385,23 +403,28 @@ def map_tasks(fn, items: list, resources: dict | None = None, names: list[str] |
 
     res = dict(resources or {"cpu": 1})
     custom = res.pop("custom", None) or {}
-    remote = ray.remote(fn).options(num_cpus=res.get("cpu", 1), num_gpus=res.get("gpu", 0), resources=custom or None,
-                                    max_retries=2, retry_exceptions=False)
-    refs = [remote.options(name=(names[i] if names else f"{fn.__name__}-{i}")).remote(item) for i, item in enumerate(items)]
+    remote = ray.remote(fn)  # options() once per call: Ray's options() result has no options() of its own
+    opts = {"num_cpus": res.get("cpu", 1), "num_gpus": res.get("gpu", 0), "resources": custom or None,
+            "max_retries": 2, "retry_exceptions": False}
+    refs = [remote.options(name=(names[i] if names else f"{fn.__name__}-{i}"), **opts).remote(item)
+            for i, item in enumerate(items)]
     return ray.get(refs)
 
 
 def map_actors(actor_factory, method: str, items: list, num_actors: int = 2, resources: dict | None = None,
-               name: str = "worker", max_resubmits: int = 3) -> list:
-    """Map items over a pool of actors (each built once, e.g. loading a backbone); a dead actor's work is redone."""
+               name: str = "worker", max_resubmits: int = 3, init_args: tuple = ()) -> list:
+    """Map items over a pool of actors (each built once, `cls(*init_args)`); a dead actor's work is redone."""
     import ray
     from ray.exceptions import RayActorError
 
     res = dict(resources or {"cpu": 1})
     custom = res.pop("custom", None) or {}
-    cls = ray.remote(actor_factory).options(num_cpus=res.get("cpu", 1), num_gpus=res.get("gpu", 0),
-                                            resources=custom or None, max_restarts=0)
-    actors = [cls.options(name=f"{name}-{i}-{os.getpid()}").remote() for i in range(max(1, min(num_actors, len(items))))]
+    # one options() call per actor (an options wrapper has no .options); a per-call token keeps names unique
+    # while a previous pool's actors are still being torn down
+    opts = dict(num_cpus=res.get("cpu", 1), num_gpus=res.get("gpu", 0), resources=custom or None, max_restarts=0)
+    cls, token = ray.remote(actor_factory), os.urandom(3).hex()
+    actors = [cls.options(name=f"{name}-{i}-{os.getpid()}-{token}", **opts).remote(*init_args)
+              for i in range(max(1, min(num_actors, len(items))))]
     results: list = [None] * len(items)
     pending = list(range(len(items)))
     attempts = [0] * len(items)
@@ -422,6 +445,6 @@ def map_actors(actor_factory, method: str, items: list, num_actors: int = 2, res
                 raise PtxError(f"item {i} failed on {attempts[i]} actors; giving up") from None
             log.warning("actor died while processing item %d; resubmitting to a new actor", i)
             pending.insert(0, i)
-            actors.append(cls.options(name=f"{name}-{spawned}-{os.getpid()}").remote())
+            actors.append(cls.options(name=f"{name}-{spawned}-{os.getpid()}-{token}", **opts).remote(*init_args))
             spawned += 1
     return results

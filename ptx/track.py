@@ -7,7 +7,6 @@ the process (inside a Ray trial, a notebook, a script that already called mlflow
 import logging
 import os
 import shutil
-import socket
 import tempfile
 import time
 import urllib.error
@@ -27,6 +26,7 @@ DEFAULT_EXPERIMENT = "ptx"
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "3")
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # prompts are small; bars garble CLI errors
 
 
 def resolve_tracking_uri(uri: str | None, workdir: str | Path) -> str:
@@ -42,17 +42,17 @@ def resolve_tracking_uri(uri: str | None, workdir: str | Path) -> str:
     return f"sqlite:///{workdir / 'mlflow.db'}"
 
 
-def wait_reachable(uri: str, tries: int = 3, delay: float = 1.0) -> None:
+def wait_reachable(uri: str, tries: int = 3, delay: float = 1.0, timeout: float = 3.0) -> None:
     """For an http(s) URI, check the server answers /health (bounded retries); raise naming the URI."""
     if not uri.startswith(("http://", "https://")):
         return
     last = None
-    for attempt in range(tries):
+    for attempt in range(tries):  # worst case tries * timeout + delay * tries * (tries - 1) / 2 seconds (12 s)
         try:
-            with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=5) as resp:
+            with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout) as resp:
                 if resp.status == 200:
                     return
-        except (urllib.error.URLError, OSError, socket.timeout) as exc:
+        except OSError as exc:  # URLError and socket timeouts are OSErrors
             last = exc
         if attempt + 1 < tries:
             time.sleep(delay * (attempt + 1))
@@ -105,7 +105,7 @@ class Tracker:
         ms = [Metric(k, float(v), now, int(step)) for k, v in (metrics or {}).items() if v is not None]
         ps = [Param(k, str(v)[:6000]) for k, v in flatten(params or {}).items()]
         ts = [RunTag(k, str(v)) for k, v in (tags or {}).items() if v is not None]
-        n = max(-(-len(ms) // 1000), -(-len(ps) // 100), -(-len(ts) // 100), 1)  # MLflow's per-request caps
+        n = max(-(-len(ms) // 1000), -(-len(ps) // 100), -(-len(ts) // 100))  # MLflow's per-request caps
         for b in range(n):
             self.client.log_batch(run_id, metrics=ms[b * 1000:(b + 1) * 1000], params=ps[b * 100:(b + 1) * 100],
                                   tags=ts[b * 100:(b + 1) * 100])
@@ -132,13 +132,19 @@ class Tracker:
 
         try:
             return self.client.get_run(run_id)
-        except MlflowException:
+        except MlflowException as exc:
+            if exc.error_code not in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+                raise PtxError(f"MLflow store {self.uri} failed to answer for run '{run_id}' "
+                               f"({exc.error_code}: {str(exc).splitlines()[0][:200]})") from None
             raise PtxError(f"run '{run_id}' does not exist in the MLflow store {self.uri}") from None
 
     # ---- queries ------------------------------------------------------------------------------------
     def find_runs(self, tags: dict | None = None, status: str | None = "FINISHED", order_by: list | None = None,
                   max_results: int = 5000, experiment_ids: list | None = None) -> list:
         """Runs whose tags equal `tags` (and in `status` when given)."""
+        for k, v in (tags or {}).items():
+            if v is not None and ("'" in str(v) or "\\" in str(v)):  # MLflow's filter syntax has no escape
+                raise PtxError(f"tag filter {k}={v!r}: quotes and backslashes are not allowed in a search value")
         clauses = [f"tags.`{k}` = '{v}'" for k, v in (tags or {}).items() if v is not None]
         if status:
             clauses.append(f"attributes.status = '{status}'")
@@ -180,9 +186,7 @@ class Tracker:
         if out.exists() and (not out.is_dir() or any(out.iterdir())):
             raise PtxError(f"download target {out} exists and is not an empty directory")
         for path in self._artifact_files(run_id, artifact_path):
-            rel = PurePosixPath(path).relative_to(artifact_path)
-            if rel.is_absolute() or ".." in rel.parts or not (out / rel).resolve().is_relative_to(out):
-                raise PtxError(f"run '{run_id}': artifact path '{path}' would escape {out}; refusing to download")
+            artifact_target(out, artifact_path, path, run_id)
         with tempfile.TemporaryDirectory(dir=out.parent if out.parent.exists() else None) as tmp:
             local = self.client.download_artifacts(run_id, artifact_path, tmp)
             out.parent.mkdir(parents=True, exist_ok=True)
@@ -199,6 +203,19 @@ class Tracker:
         if not files:
             raise PtxError(f"run '{run_id}' has no artifact '{path}'")
         return files
+
+
+def artifact_target(out: Path, root: str, path: str, run_id: str = "?") -> Path:
+    """Where artifact `path` (under `root`) lands inside `out`; PtxError if it would land outside `out`."""
+    out = Path(out).resolve()
+    pure, base = PurePosixPath(path), PurePosixPath(root)
+    # MLflow refuses '..' when logging, but a store or server we do not control may still list one
+    if pure.is_absolute() or ".." in pure.parts or "\\" in path or not pure.is_relative_to(base):
+        raise PtxError(f"run '{run_id}': artifact path '{path}' would escape {out}; refusing to download")
+    target = (out / pure.relative_to(base)).resolve()
+    if not target.is_relative_to(out):  # e.g. a symlink inside `out`
+        raise PtxError(f"run '{run_id}': artifact path '{path}' would escape {out}; refusing to download")
+    return target
 
 
 def flatten(d: dict, prefix: str = "") -> dict:

@@ -1,5 +1,6 @@
 """One prompt-tuning run, written out top to bottom. Knows nothing of Ray or MLflow: it reports through a callable."""
 
+import copy
 import logging
 import math
 import time
@@ -11,6 +12,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ptx.data import iterate_batches
+from ptx.errors import PtxError
 from ptx.evaluate import _autocast, score_prompts
 from ptx.prompt import SoftPrompt
 
@@ -51,6 +53,8 @@ def train_prompt(backbone, spec, init: torch.Tensor, train_data, dev_data, setti
                  report: Report | None = None, resume: dict | None = None, progress: bool = False) -> TrainResult:
     """Tune a soft prompt in front of a frozen backbone; keep the best dev checkpoint."""
     device = backbone.device
+    if len(train_data) == 0:
+        raise PtxError(f"task '{spec.name}': the training split is empty")
     torch.manual_seed(settings.seed)
     prompt = SoftPrompt(init).to(device)
     opt = torch.optim.AdamW([prompt.weight], lr=settings.lr, weight_decay=settings.weight_decay)
@@ -76,8 +80,9 @@ def train_prompt(backbone, spec, init: torch.Tensor, train_data, dev_data, setti
         if report:
             report({f"dev_{spec.metric}": best, "best_dev_metric": best}, 0, None)
 
-    # a resumed run reseeds its data order from where it stopped, so it does not replay the same batches
-    batches = iterate_batches(train_data, settings.batch_size, backbone.pad_id, seed=settings.seed + start, epochs=None)
+    # a resumed run skips the batches it already saw: from here on it sees what an uninterrupted run would
+    batches = iterate_batches(train_data, settings.batch_size, backbone.pad_id, seed=settings.seed, epochs=None,
+                              skip=start)
     t0, losses, stopped, step = time.perf_counter(), [], "max_steps", start
     bar = tqdm(total=settings.steps, initial=start, disable=not progress, desc=f"tuning {spec.name}")
     for step in range(start + 1, settings.steps + 1):
@@ -89,8 +94,9 @@ def train_prompt(backbone, spec, init: torch.Tensor, train_data, dev_data, setti
                 logits = backbone.label_logits(prompt.weight, batch, label_ids)
                 loss = F.cross_entropy(logits.float(), batch["labels"].to(device))
         if not torch.isfinite(loss):
-            stopped = "nonfinite_loss"
-            log.error("non-finite loss %s at step %d; keeping the best checkpoint (step %d)", loss.item(), step, best_step)
+            stopped, step = "nonfinite_loss", step - 1
+            log.error("non-finite loss %s at step %d; keeping the best checkpoint (step %d)", loss.item(), step + 1,
+                      best_step)
             break
         loss.backward()
         if settings.max_grad_norm:
@@ -98,6 +104,11 @@ def train_prompt(backbone, spec, init: torch.Tensor, train_data, dev_data, setti
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
+        if not torch.isfinite(prompt.weight).all():  # a diverged update: its dev score must never become "best"
+            stopped, step = "nonfinite_loss", step - 1
+            log.error("non-finite prompt after the update of step %d; keeping the best checkpoint (step %d)",
+                      step + 1, best_step)
+            break
         losses.append(loss.item())
         bar.update(1)
         if step % settings.eval_every == 0 or step == settings.steps:
@@ -112,8 +123,9 @@ def train_prompt(backbone, spec, init: torch.Tensor, train_data, dev_data, setti
                 stale += 1
             bar.set_postfix(loss=f"{train_loss:.3f}", dev=f"{dev:.3f}", best=f"{best:.3f}")
             if report:
-                state = {"prompt": prompt.weight.detach().cpu(), "optimizer": opt.state_dict(),
-                         "scheduler": sched.state_dict(), "step": step, "curve": curve, "best_metric": best,
+                # copies: on CPU .cpu() aliases the live tensors, which the next steps update in place
+                state = {"prompt": prompt.weight.detach().cpu().clone(), "optimizer": copy.deepcopy(opt.state_dict()),
+                         "scheduler": sched.state_dict(), "step": step, "curve": list(curve), "best_metric": best,
                          "best_step": best_step, "best_prompt": best_prompt.cpu(), "stale": stale}
                 report({f"dev_{spec.metric}": dev, "train_loss": train_loss, "best_dev_metric": best}, step, state)
             if settings.patience is not None and stale >= settings.patience:

@@ -14,6 +14,7 @@ import transformers
 from safetensors.torch import load_file
 
 from ptx import assets
+from ptx.assets import _CACHE_VERSION
 from ptx.assets import ALIASES, ModelSource, known_d_model, paper_config, resolve_model
 from ptx.errors import PtxError
 
@@ -57,7 +58,7 @@ def load(alias, path):
 @pytest.mark.parametrize("alias", list(TINY))
 def test_tiny_alias_builds_and_reloads(alias, tiny_cache):
     source = resolve_model(alias)
-    assert source == ModelSource(str(tiny_cache / "models" / f"{alias}-v1"), "ptx-tiny-v1", alias, True)
+    assert source == ModelSource(str(tiny_cache / "models" / f"{alias}-{_CACHE_VERSION}"), f"ptx-tiny-{_CACHE_VERSION}", alias, True)
     model, tokenizer = load(alias, source.path)
     _, d_model, vocab, ids = TINY[alias]
     width = model.config.d_model if alias == "tiny-t5" else model.config.hidden_size
@@ -159,7 +160,7 @@ def test_unlocked_race_still_leaves_one_complete_dir(fresh_cache, monkeypatch):
     with ThreadPoolExecutor(3) as pool:
         sources = list(pool.map(lambda _: resolve_model("tiny-bert"), range(3)))
     assert len(calls) == 3 and len(set(sources)) == 1
-    assert sorted(p.name for p in (fresh_cache / "models").iterdir()) == [".tiny-bert-v1.lock", "tiny-bert-v1"]
+    assert sorted(p.name for p in (fresh_cache / "models").iterdir()) == [f".tiny-bert-{_CACHE_VERSION}.lock", f"tiny-bert-{_CACHE_VERSION}"]
     load("tiny-bert", sources[0].path)
 
 
@@ -167,7 +168,7 @@ def test_failed_build_leaves_no_cache(fresh_cache, monkeypatch):
     monkeypatch.setattr(assets, "_build_tiny", lambda alias, out: 1 / 0)
     with pytest.raises(ZeroDivisionError):
         resolve_model("tiny-llama")
-    assert not (fresh_cache / "models" / "tiny-llama-v1").exists()
+    assert not (fresh_cache / "models" / f"tiny-llama-{_CACHE_VERSION}").exists()
 
 
 @pytest.mark.parametrize("name, hint", [("tiny-bret", "tiny-bert"), ("tiny-robrta", "tiny-roberta"),

@@ -1,0 +1,3 @@
+from ptx.cli import main
+
+main()

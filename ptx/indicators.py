@@ -1,0 +1,445 @@
+"""Transferability indicators: prompt-embedding similarities, ON (see activations.py), correlation with transfer.
+
+Correlation follows Su et al.: for each target task, over its source prompts (the target task's own prompts
+excluded), correlate the indicator between a source prompt and the target task's own prompt with the zero-shot
+transfer score; average over targets. Also pooled over all (source, target) pairs. Confidence intervals come
+from a seeded bootstrap over pairs (within each target for the mean over targets).
+"""
+
+import logging
+import warnings
+
+import numpy as np
+import pandas as pd
+import torch
+
+from ptx.errors import PtxError
+
+log = logging.getLogger(__name__)
+EMBEDDING_INDICATORS = ("e_concat_cos", "e_concat_euclid", "e_avg_cos", "e_avg_euclid", "mean_cos")
+METHODS = ("spearman", "pearson", "kendall")
+MIN_SOURCES = 3  # fewer source prompts than this: a target's correlation is undefined
+
+
+# ---- embedding similarity -----------------------------------------------------------------------------
+def stack_prompts(prompts) -> torch.Tensor:
+    """A list of [n, d] prompts (or a stack) -> [P, n, d]; differing widths or lengths are an error."""
+    if isinstance(prompts, torch.Tensor):
+        if prompts.dim() != 3:
+            raise PtxError(f"prompts: expected a stack [P, n_tokens, d_model], found shape {list(prompts.shape)}")
+        return prompts.float()
+    shapes = sorted({tuple(p.shape) for p in prompts})
+    if len({s[-1] for s in shapes}) > 1:
+        raise PtxError(f"prompts: widths differ {sorted({s[-1] for s in shapes})}; embedding similarity needs one "
+                       "backbone (project across backbones first)")
+    if len(shapes) > 1:
+        raise PtxError(f"prompts: lengths differ {sorted({s[0] for s in shapes})}; expected one [n_tokens, d_model]")
+    return torch.stack([p.float() for p in prompts])
+
+
+def _inv_dist(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return 1.0 / (1.0 + torch.cdist(a.double(), b.double()).float())
+
+
+def embedding_similarities(prompts, drop_first: bool = False, block: int = 2_000_000) -> dict[str, torch.Tensor]:
+    """Pairwise similarities of prompts [P, n, d] -> {name: [P, P]} (see EMBEDDING_INDICATORS).
+
+    e_concat_*: of the flattened prompts; e_avg_*: the mean over all token pairs (i of one prompt, j of the
+    other); mean_cos: cosine of the mean-pooled prompts; *_euclid: 1 / (1 + distance). `drop_first` leaves out
+    row 0 (the paper's RoBERTa layout overwrote it with <mask>).
+    """
+    x = stack_prompts(prompts)
+    x = x[:, 1:] if drop_first else x
+    p, n, _ = x.shape
+    flat = x.reshape(p, -1)
+    unit = torch.nn.functional.normalize(flat, dim=1)
+    tok_unit = torch.nn.functional.normalize(x, dim=2).mean(1)  # mean_ij cos(a_i, b_j) = mean(â) · mean(b̂)
+    pooled = torch.nn.functional.normalize(x.mean(1), dim=1)
+    tokens = x.reshape(p * n, -1)
+    rows = max(1, block // (n * n * p))  # prompts per block of the [rows*n, P*n] token distance matrix
+    e_avg_euclid = torch.cat([_inv_dist(tokens[s * n:(s + rows) * n], tokens).view(-1, n, p, n).mean((1, 3))
+                              for s in range(0, p, rows)])
+    return {"e_concat_cos": unit @ unit.T, "e_concat_euclid": _inv_dist(flat, flat),
+            "e_avg_cos": tok_unit @ tok_unit.T, "e_avg_euclid": e_avg_euclid, "mean_cos": pooled @ pooled.T}
+
+
+# ---- correlation with transfer ------------------------------------------------------------------------
+def transfer_pairs(transfer: pd.DataFrame, indicators: dict, run_ids: list, run_tasks: list,
+                   own_runs: dict | None = None, score: str = "relative_value", split: str | None = None,
+                   metric: str | None = None) -> pd.DataFrame:
+    """(target, source prompt) pairs: target_task, source_task, source_run, y (transfer score) and one column per
+    indicator (between the source prompt and the mean over the target task's own prompts)."""
+    need = {"source_prompt_run", "source_task", "target_task", score}
+    if missing := need - set(transfer.columns):
+        raise PtxError(f"transfer table: missing columns {sorted(missing)}; found {list(transfer.columns)}")
+    t = transfer
+    if "split" in t.columns and t["split"].nunique() > 1:
+        split = split or next((s for s in ("test", "dev") if s in set(t["split"])), sorted(t["split"].unique())[0])
+    if split is not None and "split" in t.columns:
+        if split not in set(t["split"]):
+            raise PtxError(f"transfer table: no rows for split '{split}'; found {sorted(t['split'].unique())}")
+        t = t[t["split"] == split]
+    if metric is not None:
+        t = t[t["metric"] == metric]
+    elif "metric" in t.columns and (several := t.groupby("target_task")["metric"].nunique()).max() > 1:
+        raise PtxError(f"transfer table: targets {list(several[several > 1].index)} have several metrics; pass metric=")
+    index = {r: i for i, r in enumerate(run_ids)}
+    own = own_runs or {}
+    if not own_runs:
+        for r, task in zip(run_ids, run_tasks, strict=True):
+            own.setdefault(task, []).append(r)
+    known = t["source_prompt_run"].isin(index)
+    if (~known).any():
+        log.info("transfer table: %d rows whose source is not in the bank (e.g. a random prompt) left out",
+                 int((~known).sum()))
+    t = t[known & (t["source_task"] != t["target_task"])]
+    t = t.groupby(["target_task", "source_task", "source_prompt_run"], as_index=False)[score].mean()
+    parts = []
+    for target, rows in t.groupby("target_task"):
+        cols = [index[r] for r in own.get(target, []) if r in index]
+        rows = rows[~rows["source_prompt_run"].isin(own.get(target, []))]
+        if not cols or rows.empty:
+            why = "no prompt of the target task in the bank" if not cols else "no source prompt in the bank"
+            parts.append(pd.DataFrame({"target_task": [target], "n_own": [len(cols)], "y": [np.nan], "reason": why}))
+            continue
+        src = [index[r] for r in rows["source_prompt_run"]]
+        part = pd.DataFrame({"target_task": target, "source_task": rows["source_task"].to_numpy(),
+                             "source_run": rows["source_prompt_run"].to_numpy(), "y": rows[score].to_numpy(float),
+                             "n_own": len(cols)})
+        for name, mat in indicators.items():
+            m = torch.as_tensor(mat).float()
+            part[name] = m[src][:, cols].mean(1).numpy()
+        parts.append(part)
+    if not parts:
+        raise PtxError("transfer table: no (source, target) pair between prompts of the bank")
+    return pd.concat(parts, ignore_index=True)
+
+
+def _rank(a: np.ndarray) -> np.ndarray:
+    from scipy.stats import rankdata
+
+    return rankdata(a, axis=-1)
+
+
+def _row_corr(x: np.ndarray, y: np.ndarray, method: str) -> np.ndarray:
+    """Correlation of each row pair, x, y [B, n] -> [B] (NaN for a constant row); tau-b for Kendall."""
+    if method == "kendall":  # tau-b = sum(sx*sy) / sqrt(#pairs untied in x * #pairs untied in y), i < j
+        i, j = np.triu_indices(x.shape[1], 1)
+        out = np.empty(x.shape[0])
+        step = max(1, 8_000_000 // max(1, len(i)))
+        for s in range(0, x.shape[0], step):
+            sx = np.sign(x[s:s + step, i] - x[s:s + step, j]).astype(np.int8)
+            sy = np.sign(y[s:s + step, i] - y[s:s + step, j]).astype(np.int8)
+            num = np.einsum("bk,bk->b", sx, sy, dtype=np.int64)
+            nx, ny = np.count_nonzero(sx, axis=1), np.count_nonzero(sy, axis=1)
+            with np.errstate(invalid="ignore", divide="ignore"):
+                out[s:s + step] = num / np.sqrt(nx.astype(float) * ny)
+        return out
+    if method == "spearman":
+        x, y = _rank(x), _rank(y)
+    xc, yc = x - x.mean(1, keepdims=True), y - y.mean(1, keepdims=True)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return (xc * yc).sum(1) / np.sqrt((xc * xc).sum(1) * (yc * yc).sum(1))
+
+
+def correlation(x, y, method: str) -> tuple[float, str | None]:
+    """One correlation via scipy.stats and why it is undefined (NaN, reason) when it is."""
+    from scipy import stats
+
+    x, y = np.asarray(x, float), np.asarray(y, float)
+    if len(x) < MIN_SOURCES:
+        return float("nan"), f"fewer than {MIN_SOURCES} source prompts ({len(x)})"
+    if np.ptp(x) == 0:
+        return float("nan"), "constant indicator values"
+    if np.ptp(y) == 0:
+        return float("nan"), "constant transfer scores"
+    fn = {"spearman": stats.spearmanr, "pearson": stats.pearsonr, "kendall": stats.kendalltau}[method]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return float(fn(x, y).statistic), None
+
+
+def correlate_indicators(pairs: pd.DataFrame, indicators, methods=METHODS, bootstrap: int = 1000,
+                         seed: int = 0, ci: float = 0.95) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Correlate each indicator column of `pairs` with y: (summary, per_target) tables.
+
+    summary: indicator, method, mean_over_targets, ci_low, ci_high, pooled, pooled_ci_low, pooled_ci_high,
+    n_targets_defined, n_targets, n_pairs. The bootstrap resamples the same pairs for every indicator.
+    """
+    rng = np.random.default_rng(seed)
+    reasons = pairs.dropna(subset=["reason"]).set_index("target_task")["reason"].to_dict() if "reason" in pairs else {}
+    valid = pairs.dropna(subset=["y"])
+    groups = {t: valid[valid["target_task"] == t] for t in sorted(pairs["target_task"].unique())}
+    boot = {t: rng.integers(0, len(g), (bootstrap, len(g))) for t, g in groups.items() if len(g) >= MIN_SOURCES}
+    pooled_idx = rng.integers(0, len(valid), (bootstrap, len(valid))) if len(valid) >= MIN_SOURCES else None
+    q = [(1 - ci) / 2 * 100, (1 + ci) / 2 * 100]
+    summary, per_target = [], []
+    for name in indicators:
+        for method in methods:
+            values, boots = {}, []
+            for t, g in groups.items():
+                r, why = correlation(g[name], g["y"], method) if len(g) else (float("nan"), reasons.get(t))
+                values[t] = r
+                per_target.append({"indicator": name, "method": method, "target_task": t, "n_sources": len(g),
+                                   "value": r, "reason": why})
+                if np.isfinite(r):
+                    boots.append(_row_corr(g[name].to_numpy(float)[boot[t]], g["y"].to_numpy(float)[boot[t]], method))
+            defined = [r for r in values.values() if np.isfinite(r)]
+            pooled, _ = correlation(valid[name], valid["y"], method)
+            with warnings.catch_warnings():  # a resample may be constant: NaN, left out of the percentiles
+                warnings.simplefilter("ignore", RuntimeWarning)
+                lo = hi = plo = phi = np.nan
+                if boots and bootstrap:
+                    lo, hi = np.nanpercentile(np.nanmean(np.stack(boots), 0), q)
+                if pooled_idx is not None and np.isfinite(pooled) and bootstrap:
+                    pb = _row_corr(valid[name].to_numpy(float)[pooled_idx], valid["y"].to_numpy(float)[pooled_idx], method)
+                    plo, phi = np.nanpercentile(pb, q)
+            summary.append({"indicator": name, "method": method,
+                            "mean_over_targets": float(np.mean(defined)) if defined else np.nan,
+                            "ci_low": float(lo), "ci_high": float(hi), "pooled": pooled, "pooled_ci_low": float(plo),
+                            "pooled_ci_high": float(phi), "n_targets_defined": len(defined),
+                            "n_targets": len(groups), "n_pairs": len(valid)})
+    return pd.DataFrame(summary), pd.DataFrame(per_target)
+
+
+def scatter_plots(pairs: pd.DataFrame, indicators, summary: pd.DataFrame, out_dir) -> list:
+    """One PNG per indicator: indicator vs transfer score, one colour per target task."""
+    from pathlib import Path
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = []
+    rows = pairs.dropna(subset=["y"])
+    for name in indicators:
+        fig, ax = plt.subplots(figsize=(5, 4))
+        for target, g in rows.groupby("target_task"):
+            ax.scatter(g[name], g["y"], s=14, label=target)
+        s = summary[(summary.indicator == name) & (summary.method == "spearman")]
+        rho = s["mean_over_targets"].iloc[0] if len(s) else float("nan")
+        ax.set(xlabel=name, ylabel="zero-shot transfer (relative)", title=f"{name}: mean Spearman {rho:.2f}")
+        if rows["target_task"].nunique() <= 20:
+            ax.legend(fontsize=6, ncol=2)
+        fig.tight_layout()
+        path = out_dir / f"scatter_{name}.png"
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+def rankings(pairs: pd.DataFrame, indicators) -> pd.DataFrame:
+    """Per target task, source prompts ranked by each indicator: target_task, source_task, source_run, indicator,
+    score, rank (1 = the most similar source)."""
+    rows = pairs.dropna(subset=["source_run"])
+    out = []
+    for name in indicators:
+        part = rows[["target_task", "source_task", "source_run", name]].rename(columns={name: "score"})
+        part = part.assign(indicator=name, rank=part.groupby("target_task")["score"].rank(ascending=False,
+                                                                                       method="first").astype(int))
+        out.append(part)
+    return pd.concat(out, ignore_index=True).sort_values(["indicator", "target_task", "rank"], ignore_index=True)
+
+
+# ---- the stage: bank -> indicators -> correlation, logged to MLflow -------------------------------------
+MAIN_ON = ("on", "on_jaccard")
+
+
+def load_bank(tracker, runs: list, workdir) -> tuple[list, list, torch.Tensor, str]:
+    """Prompt runs -> (run ids, tasks, prompts [P, n, d], insertion); artifacts come through MLflow."""
+    from pathlib import Path
+
+    from ptx.prompt import load_prompt
+
+    ids, tasks, prompts, insertions = [], [], [], set()
+    for run in runs:
+        rid = run.info.run_id
+        local = Path(workdir) / "prompts" / rid
+        if not (local / "prompt.json").is_file():
+            local = Path(workdir) / "downloads" / rid
+            if not (local / "prompt.json").is_file():
+                tracker.download_prompt(rid, local)
+        art = load_prompt(local)
+        ids.append(rid)
+        tasks.append(art.meta["task"]["name"])
+        prompts.append(art.prompt)
+        insertions.add(art.meta.get("insertion", "prepend"))
+    if len(insertions) > 1:
+        raise PtxError(f"prompt bank: insertion modes differ {sorted(insertions)}; one backbone layout per bank")
+    return ids, tasks, stack_prompts(prompts), insertions.pop() if insertions else "prepend"
+
+
+def bank_runs(tracker, backbone: str, tasks=None) -> list:
+    """The bank of a study: finished trained or imported prompt runs on `backbone` (transfer-initialised left out)."""
+    from ptx import track
+
+    runs = tracker.find_runs({"ptx.kind": track.KIND_PROMPT, "ptx.backbone": backbone},
+                             order_by=["attributes.start_time ASC"])
+    return [r for r in runs if r.data.tags.get("ptx.init") != "artifact"
+            and (tasks is None or r.data.tags.get("ptx.task") in tasks)]
+
+
+def _own_runs(runs) -> dict:
+    """Per task, the prompt(s) that stand for it as a target: the run tagged ptx.best=true, else all its runs."""
+    own: dict = {}
+    for r in runs:
+        own.setdefault(r.data.tags.get("ptx.task"), []).append(r)
+    return {t: [r.info.run_id for r in rs if r.data.tags.get("ptx.best") == "true"] or [r.info.run_id for r in rs]
+            for t, rs in own.items()}
+
+
+def _transfer_table(tracker, backbone: str, table) -> pd.DataFrame:
+    if table is None:
+        try:
+            from ptx.transfer import load_transfer_table
+        except ImportError as exc:
+            raise PtxError(f"no transfer table for backbone '{backbone}' (ptx.transfer unavailable: {exc}); "
+                           "run the transfer stage first") from None
+        try:
+            table = load_transfer_table(tracker, backbone)
+        except PtxError as exc:
+            raise PtxError(f"no transfer table for backbone '{backbone}' in {tracker.uri} ({exc}); run the "
+                           "transfer stage first") from None
+    if table is None or len(table) == 0:
+        raise PtxError(f"no transfer table for backbone '{backbone}' in {tracker.uri}; run the transfer stage first")
+    return table[table["backbone"] == backbone] if "backbone" in table.columns else table
+
+
+def analyse(transfer: pd.DataFrame, matrices: dict, ids: list, tasks: list, own: dict | None, out_dir,
+            bootstrap: int, seed: int = 0, window_methods=("spearman",)) -> dict:
+    """Correlate every indicator matrix with transfer; write the tables (parquet) and plots under `out_dir`."""
+    from pathlib import Path
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    main = [n for n in matrices if n in EMBEDDING_INDICATORS or n in MAIN_ON]
+    windows = [n for n in matrices if n not in main]
+    pairs = transfer_pairs(transfer, matrices, ids, tasks, own)
+    summary, per_target = correlate_indicators(pairs, main, bootstrap=bootstrap, seed=seed)
+    win, win_targets = correlate_indicators(pairs, windows, window_methods, bootstrap, seed) if windows else (None, None)
+    long = pd.concat([pd.DataFrame({"indicator": n, "source_run": np.repeat(ids, len(ids)),
+                                    "target_run": np.tile(ids, len(ids)), "value": torch.as_tensor(m).flatten().numpy()})
+                      for n, m in matrices.items() if not n.split(".")[-1].startswith("layer_")], ignore_index=True)
+    tables = {"indicators": long, "correlations": summary, "correlations_per_target": per_target,
+              "pairs": pairs, "recommendations": rankings(pairs, main)}
+    if win is not None:
+        tables.update(correlations_windows=win, correlations_windows_per_target=win_targets)
+    for name, df in tables.items():
+        df.to_parquet(out / f"{name}.parquet", index=False)
+    scatter_plots(pairs.dropna(subset=["y"]), main, summary, out / "plots")
+    return tables
+
+
+def _metrics(tables: dict) -> dict:
+    rows = pd.concat([t for k, t in tables.items() if k in ("correlations", "correlations_windows")])
+    return {f"{r.method}.{r.indicator}": r.mean_over_targets for r in rows.itertuples() if np.isfinite(r.mean_over_targets)}
+
+
+def run_indicators_stage(spec, tracker, workdir, transfer_table: pd.DataFrame | None = None) -> dict:
+    """Per backbone of a study: embedding indicators + ON (actor pool) vs transfer, logged as ptx.kind=indicators."""
+    import dataclasses
+    import time
+    from pathlib import Path
+
+    from ptx import track
+    from ptx.activations import compute_bank_activations, overlap_matrices, save_masks
+    from ptx.config import config_hash
+
+    ind, out = spec.indicators, {}
+    for backbone in spec.backbones:
+        runs = bank_runs(tracker, backbone, spec.tasks)
+        if len(runs) < 2:
+            raise PtxError(f"backbone '{backbone}': the bank has {len(runs)} finished prompt run(s) for the study's "
+                           "tasks; expected at least 2 (run the train stage first)")
+        table = _transfer_table(tracker, backbone, transfer_table)
+        digest = config_hash({"stage": "indicators", "backbone": backbone, "runs": sorted(r.info.run_id for r in runs),
+                              "settings": dataclasses.asdict(ind),
+                              "transfer": int(pd.util.hash_pandas_object(table, index=False).sum())})
+        done = tracker.finished_run(track.KIND_INDICATORS, digest)
+        if done is not None:
+            out[backbone] = {"run_id": done.info.run_id, "reused": True}
+            continue
+        t0 = time.perf_counter()
+        ids, tasks, prompts, insertion = load_bank(tracker, runs, workdir)
+        matrices = embedding_similarities(prompts, drop_first=insertion == "paper")
+        masks = compute_bank_activations(backbone, prompts, insertion, ind.probe, tasks, ind.probe_examples,
+                                         getattr(ind, "position", "score"), ind.hook, ind.num_actors,
+                                         dataclasses.asdict(ind.resources))
+        matrices.update(overlap_matrices(masks, ind.windows, getattr(ind, "window_stride", None)))
+        run_id = tracker.start_run(f"indicators {backbone}", {"ptx.kind": track.KIND_INDICATORS, "ptx.backbone": backbone,
+                                                              "ptx.study": spec.name, "ptx.config_hash": digest})
+        try:
+            art = Path(workdir).resolve() / "indicators" / run_id
+            save_masks(art / "activations", masks, {
+                "backbone": backbone, "insertion": insertion, "probe": ind.probe, "where": ind.hook,
+                "position": getattr(ind, "position", "score"), "prompt_runs": ids, "prompt_tasks": tasks,
+                "probe_examples": ind.probe_examples if ind.probe == "examples" else None})
+            tables = analyse(table, matrices, ids, tasks, _own_runs(runs), art / "tables", ind.bootstrap)
+            tracker.log(run_id, {**_metrics(tables), "n_prompts": len(ids), "seconds": time.perf_counter() - t0},
+                        params={"indicators": dataclasses.asdict(ind), "n_prompts": len(ids)})
+            tracker.log_artifacts(run_id, art)
+            tracker.finish(run_id)
+        except BaseException:
+            tracker.finish(run_id, "FAILED")
+            raise
+        out[backbone] = {"run_id": run_id, "reused": False, "artifacts": art, "summary": tables["correlations"]}
+    return out
+
+
+# ---- reference check: the authors' released prompts and zero-shot results ------------------------------
+def reference_check(reference_dir, tracker, workdir, bootstrap: int = 1000, seed: int = 0) -> pd.DataFrame:
+    """Import the released prompts (prompts/BACKBONE/TASK.pt) through `import_prompt`, correlate the embedding
+    indicators with zero_shot_transfer.csv; one summary row per (backbone, indicator, method).
+
+    RoBERTa prompts are imported with insertion 'paper' and row 0 is left out of the similarities (the authors'
+    code overwrote it with <mask>). Files whose name is not a registered task (random.pt) are not imported.
+    """
+    from pathlib import Path
+
+    from ptx import track
+    from ptx.prompt import load_prompt
+    from ptx.stages import import_prompt
+    from ptx.tasks import list_tasks
+
+    root, workdir = Path(reference_dir), Path(workdir).resolve()
+    csv = root / "zero_shot_transfer.csv"
+    if not csv.is_file() or not (root / "prompts").is_dir():
+        raise PtxError(f"reference dir {root}: expected prompts/BACKBONE/TASK.pt and zero_shot_transfer.csv")
+    zero_shot = pd.read_csv(csv)
+    known, out = {t.name for t in list_tasks()}, []
+    for bdir in sorted(p for p in (root / "prompts").iterdir() if p.is_dir()):
+        backbone, insertion = bdir.name, "paper" if "roberta" in bdir.name else "prepend"
+        ids, tasks, prompts = [], [], []
+        for f in sorted(bdir.glob("*.pt")):
+            if f.stem not in known:
+                log.info("%s: '%s' is not a registered task; not imported", f, f.stem)
+                continue
+            run = import_prompt(f, backbone, f.stem, insertion, workdir, tracker)
+            local = run.artifact
+            if not (local / "prompt.json").is_file():  # imported earlier into another workdir
+                local = tracker.download_prompt(run.run_id, workdir / "downloads" / run.run_id)
+            ids.append(run.run_id or local.name)
+            tasks.append(f.stem)
+            prompts.append(load_prompt(local).prompt)
+        matrices = embedding_similarities(stack_prompts(prompts), drop_first=insertion == "paper")
+        zs = zero_shot[zero_shot["backbone"] == backbone]
+        own = zs[zs["source_prompt"] == zs["target_task"]].set_index("target_task")["value"]
+        zs = zs.assign(source_task=zs["source_prompt"], source_prompt_run=zs["source_prompt"].map(dict(zip(tasks, ids, strict=True))),
+                       relative_value=zs["value"] / zs["target_task"].map(own))
+        tables = analyse(zs, matrices, ids, tasks, None, workdir / "reference_check" / backbone, bootstrap, seed)
+        if tracker is not None:
+            rid = tracker.start_run(f"reference check {backbone}", {
+                "ptx.kind": track.KIND_INDICATORS, "ptx.backbone": backbone, "ptx.study": "reference-check",
+                "ptx.origin": "reference"})
+            tracker.log(rid, {**_metrics(tables), "n_prompts": len(ids)}, params={"reference_dir": str(root)})
+            tracker.log_artifacts(rid, workdir / "reference_check" / backbone)
+            tracker.finish(rid)
+        out.append(tables["correlations"].assign(backbone=backbone, n_prompts=len(ids)))
+    if not out:
+        raise PtxError(f"reference dir {root}: no backbone folders under prompts/")
+    df = pd.concat(out, ignore_index=True)
+    return df[["backbone", *[c for c in df.columns if c != "backbone"]]]

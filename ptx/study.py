@@ -1,0 +1,86 @@
+"""A study runs in stages; each reads what earlier stages logged to MLflow and skips work already done."""
+
+import importlib
+import logging
+import time
+from pathlib import Path
+
+from ptx import track
+from ptx.errors import PtxError
+
+log = logging.getLogger(__name__)
+
+# stage name -> (module, function); every function is fn(spec, tracker, workdir) -> dict
+STAGE_FUNCTIONS = {
+    "train": ("ptx.study", "run_train_stage"),
+    "transfer": ("ptx.transfer", "run_transfer_stage"),
+    "tpt": ("ptx.transfer", "run_tpt_stage"),
+    "indicators": ("ptx.indicators", "run_indicators_stage"),
+    "projector": ("ptx.projector", "run_projector_stage"),
+    "report": ("ptx.report", "run_report_stage"),
+}
+
+
+def workdir_for(spec, workdir: str | Path | None) -> Path:
+    """--workdir, else the spec's workdir, else ./ptx-work/<study> (absolute: Ray trials change directory)."""
+    return Path(workdir or spec.workdir or Path("ptx-work") / spec.name).expanduser().resolve()
+
+
+def train_experiment_name(spec) -> str:
+    """One Tune experiment per study config: a changed spec gets a fresh experiment, the same one resumes."""
+    return f"{spec.name}-train-{spec.hash()[:8]}"
+
+
+def run_train_stage(spec, tracker, workdir: Path, force: bool = False, max_concurrent: int | None = None) -> dict:
+    """The training stage as a Ray Tune sweep; an interrupted sweep of the same spec is resumed."""
+    from ptx import sweep
+
+    storage = spec.storage_path or str(workdir / "ray_results")
+    if "://" not in storage:
+        storage = str(Path(storage).expanduser().resolve())
+    name = train_experiment_name(spec)
+    path = f"{storage}/{name}"
+    if not force and _tune_experiment_exists(path):
+        log.info("resuming the interrupted training sweep at %s", path)
+        return sweep.resume_sweep(path)
+    return sweep.run_sweep(spec, workdir, tracker.uri, storage_path=storage, max_concurrent=max_concurrent,
+                           force=force, name=name, tags={"ptx.stage": "train"})
+
+
+def _tune_experiment_exists(path: str) -> bool:
+    from ray import tune
+
+    try:
+        return tune.Tuner.can_restore(path)
+    except Exception:  # a storage URI that does not exist yet
+        return False
+
+
+def run_study(spec, workdir: str | Path | None = None, tracking_uri: str | None = None, address: str | None = None,
+              stages: list[str] | None = None, force: bool = False, max_concurrent: int | None = None,
+              on_ready=None) -> dict:
+    """Run the spec's stages in order (or `stages`); returns a summary per stage."""
+    from ptx import sweep
+
+    workdir = workdir_for(spec, workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    uri = track.resolve_tracking_uri(tracking_uri or spec.tracking_uri, workdir)
+    tracker = track.Tracker(uri, spec.name, workdir=workdir)
+    todo = list(stages or spec.stages)
+    for stage in todo:
+        if stage not in STAGE_FUNCTIONS:
+            raise PtxError(f"unknown stage '{stage}'; expected one of {list(STAGE_FUNCTIONS)}")
+    dashboard = sweep.connect(address)
+    if on_ready:
+        on_ready({"workdir": str(workdir), "tracking_uri": uri, "dashboard": dashboard})
+    summary = {"workdir": str(workdir), "tracking_uri": uri, "dashboard": dashboard, "stages": {}}
+    for stage in todo:
+        module, fn = STAGE_FUNCTIONS[stage]
+        t0 = time.perf_counter()
+        log.info("stage %s", stage)
+        func = getattr(importlib.import_module(module), fn)
+        kwargs = {"force": force, "max_concurrent": max_concurrent} if stage == "train" else {}
+        result = func(spec, tracker, workdir, **kwargs) or {}
+        result["seconds"] = time.perf_counter() - t0
+        summary["stages"][stage] = result
+    return summary

@@ -1,0 +1,180 @@
+"""Sweeps on a real local Ray (2 CPUs) with a real sqlite MLflow store, on tiny backbones."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from ptx import sweep, track
+from ptx.config import load_study
+from ptx.errors import PtxError
+
+pytestmark = pytest.mark.ray
+REPO = Path(__file__).resolve().parent.parent
+FAIL_MARKERS = None  # set by the fixture: the fault hook is armed only while this directory exists
+
+
+def write_spec(path: Path, **changes) -> Path:
+    spec = {
+        "name": path.stem,
+        "backbones": ["tiny-llama"],
+        "tasks": ["tweet_sentiment", "drug_sentiment"],
+        "seeds": [0],
+        "prompt_length": 4,
+        "init": "vocab",
+        "train": {"steps": 12, "batch_size": 8, "lr": 0.05, "eval_every": 3, "eval_batch_size": 32},
+        "data": {"train_limit": 64, "dev_limit": 16, "test_limit": 16},
+        "resources": {"cpu": 1},
+        "max_concurrent": 2,
+        "max_failures": 2,
+    }
+    for key, value in changes.items():
+        spec[key] = value
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+@pytest.fixture(scope="module")
+def ray_session(tmp_path_factory):
+    global FAIL_MARKERS
+    FAIL_MARKERS = tmp_path_factory.mktemp("faults") / "armed"
+    os.environ[sweep.FAIL_ONCE_ENV] = f"6:{FAIL_MARKERS}"
+    sweep.connect(num_cpus=2)
+    yield
+    sweep.shutdown()
+    os.environ.pop(sweep.FAIL_ONCE_ENV, None)
+
+
+def prompt_runs(uri: str, experiment: str) -> list:
+    return track.Tracker(uri, experiment).find_runs({"ptx.kind": "prompt"}, status=None)
+
+
+def test_asha_sweep_stops_poor_trials_early(ray_session, tmp_path):
+    spec = load_study(write_spec(
+        tmp_path / "asha.yaml", seeds=[0, 1],
+        search={"algorithm": "grid", "space": {"lr": {"grid": [1e-6, 0.05]}}},
+        scheduler={"type": "asha", "grace_period": 1, "reduction_factor": 2},
+        train={"steps": 15, "batch_size": 8, "lr": 0.05, "eval_every": 3, "eval_batch_size": 32}))
+    uri = track.resolve_tracking_uri(None, tmp_path)
+    summary = sweep.run_sweep(spec, tmp_path, uri, max_concurrent=2)
+    assert summary["trials"] == 8 and summary["errored"] == 0
+    iterations = [r["iterations"] for r in summary["rows"]]
+    full = 15 // 3 + 1  # step-0 evaluation + one per eval_every
+    assert max(iterations) == full
+    assert min(iterations) < full, f"ASHA stopped no trial early: {iterations}"
+    runs = prompt_runs(uri, spec.name)
+    assert len(runs) == 8 and all(r.info.status == "FINISHED" for r in runs)
+    best = [r for r in runs if r.data.tags.get("ptx.best") == "true"]
+    assert {(r.data.tags["ptx.task"], r.data.tags["ptx.backbone"]) for r in best} == {
+        ("tweet_sentiment", "tiny-llama"), ("drug_sentiment", "tiny-llama")}
+    assert all(r.data.tags.get("mlflow.parentRunId") == summary["parent_run_id"] for r in runs)
+
+
+def test_failed_trial_retries_from_checkpoint(ray_session, tmp_path):
+    spec = load_study(write_spec(tmp_path / "retry.yaml", tasks=["tweet_sentiment"]))
+    uri = track.resolve_tracking_uri(None, tmp_path)
+    FAIL_MARKERS.mkdir(parents=True, exist_ok=True)
+    try:
+        summary = sweep.run_sweep(spec, tmp_path, uri)
+    finally:
+        fired = list(FAIL_MARKERS.iterdir())
+        for f in fired:
+            f.unlink()
+        FAIL_MARKERS.rmdir()
+    assert len(fired) == 1, "the injected failure did not fire"
+    assert summary["errored"] == 0 and summary["trials"] == 1
+    runs = prompt_runs(uri, spec.name)
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"  # the retry reused the trial's run
+    client = track.Tracker(uri, spec.name).client
+    steps = [m.step for m in client.get_metric_history(runs[0].info.run_id, "dev_accuracy")]
+    # resumed from the step-6 checkpoint: step 0 logged once, no step before 6 logged twice
+    assert steps.count(0) == 1 and steps.count(3) == 1 and max(steps) == 12
+
+
+def test_rerun_reuses_finished_runs(ray_session, tmp_path):
+    spec = load_study(write_spec(tmp_path / "again.yaml", tasks=["drug_sentiment"]))
+    uri = track.resolve_tracking_uri(None, tmp_path)
+    sweep.run_sweep(spec, tmp_path, uri, name="first")
+    t0 = time.perf_counter()
+    summary = sweep.run_sweep(spec, tmp_path, uri, name="second")
+    assert summary["errored"] == 0
+    assert len(prompt_runs(uri, spec.name)) == 1, "the same config trained twice"
+    assert time.perf_counter() - t0 < 120
+
+
+def test_killed_driver_is_finished_by_resume(tmp_path):
+    spec_path = write_spec(tmp_path / "killed.yaml", seeds=[0, 1],
+                           train={"steps": 30, "batch_size": 8, "lr": 0.05, "eval_every": 3, "eval_batch_size": 32})
+    env = {**os.environ, "PTX_WORKDIR": str(tmp_path)}
+    env.pop(sweep.FAIL_ONCE_ENV, None)
+    ptx = [sys.executable, "-m", "ptx", ]
+    driver = subprocess.Popen([*ptx, "sweep", str(spec_path), "--workdir", str(tmp_path)], env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    results = tmp_path / "ray_results"
+    deadline = time.time() + 240
+    while time.time() < deadline and not list(results.glob("*/*/checkpoint_*")):
+        time.sleep(1)
+    assert list(results.glob("*/*/checkpoint_*")), "no checkpoint appeared before the kill"
+    os.killpg(driver.pid, signal.SIGKILL)  # the driver and the Ray it started, mid-sweep
+    driver.wait()
+    experiment = next(p for p in results.iterdir() if p.is_dir())
+    out = subprocess.run([*ptx, "resume", str(experiment)], env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    uri = track.resolve_tracking_uri(None, tmp_path)
+    runs = prompt_runs(uri, "killed")
+    assert len(runs) == 4, [r.data.tags.get("ptx.trial_id") for r in runs]
+    assert len({r.data.tags["ptx.trial_id"] for r in runs}) == 4
+    assert all(r.info.status == "FINISHED" for r in runs)
+    client = track.Tracker(uri, "killed").client
+    for r in runs:
+        names = {a.path for a in client.list_artifacts(r.info.run_id, "prompt")}
+        assert names == {"prompt/prompt.json", "prompt/prompt.safetensors"}
+    status = subprocess.run([*ptx, "status", str(experiment)], env=env, capture_output=True, text=True, timeout=120)
+    assert status.returncode == 0 and status.stdout.count("TERMINATED") == 4
+
+
+@pytest.mark.parametrize("spec_file", sorted((REPO / "experiments").glob("*.yaml")), ids=lambda p: p.name)
+def test_dry_run_of_every_shipped_spec(spec_file):
+    from click.testing import CliRunner
+
+    from ptx.cli import cli
+
+    out = CliRunner().invoke(cli, ["run", str(spec_file), "--dry-run"])
+    assert out.exit_code == 0, out.output
+    spec = load_study(spec_file)
+    n = len(spec.backbones) * len(spec.tasks) * len(spec.seeds)
+    assert f"{n} trials" in out.output or "trials =" in out.output
+
+
+def test_spec_errors_are_collected(tmp_path):
+    bad = write_spec(tmp_path / "bad.yaml", tasks=["tweet_sentimnt"], backbones=["tiny-lama"], lernrate=1,
+                     scheduler={"type": "hyperband"})
+    with pytest.raises(PtxError) as err:
+        load_study(bad)
+    msg = str(err.value)
+    assert "4 error(s)" in msg and "bad.yaml" in msg
+    assert "did you mean 'tweet_sentiment'" in msg and "did you mean 'tiny-llama'" in msg
+    assert "lernrate: unknown key" in msg and "scheduler.type" in msg
+
+
+def test_bad_cli_inputs_exit_2(tmp_path):
+    env = {**os.environ}
+    ptx = [sys.executable, "-m", "ptx"]
+    big = write_spec(tmp_path / "big.yaml", resources={"cpu": 1, "gpu": 4})
+    cases = [
+        ([*ptx, "sweep", str(big), "--workdir", str(tmp_path)], "exceed every node"),
+        ([*ptx, "sweep", str(write_spec(tmp_path / "ok.yaml")), "--address", "127.0.0.1:1", "--workdir", str(tmp_path)],
+         "cannot reach a Ray cluster"),
+        ([*ptx, "resume", str(tmp_path)], "not a Tune experiment"),
+        ([*ptx, "status", str(tmp_path)], "not a Tune experiment"),
+    ]
+    for cmd, expected in cases:
+        out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+        assert out.returncode == 2, (cmd, out.stderr[-1500:])
+        last = [line for line in out.stderr.splitlines() if line.startswith("error:")]
+        assert last and expected in last[-1], out.stderr[-1500:]

@@ -1,0 +1,223 @@
+"""The zero-shot transfer matrix, its resumable Ray/MLflow stage, and TPT's convergence speed-up (tiny backbones)."""
+
+import math
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+from ptx import track
+from ptx.backbones import load_backbone
+from ptx.config import DataLimits, Resources, StudySpec, TptStage, TransferStage
+from ptx.data import collate, encode_split
+from ptx.errors import PtxError
+from ptx.evaluate import score_prompts
+from ptx.prompt import backbone_meta
+from ptx.tasks import load_task
+from ptx.train import TrainSettings
+from ptx.transfer import (
+    KIND_UNIT,
+    RANDOM,
+    convergence_speedup,
+    load_transfer_table,
+    run_tpt_stage,
+    run_transfer_stage,
+    transfer_matrix,
+)
+
+TARGETS = ["tweet_sentiment", "drug_sentiment", "bbc_topic"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def cache(tmp_path_factory):
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("PTX_CACHE_DIR", str(tmp_path_factory.mktemp("ptx-cache")))
+        yield
+
+
+@pytest.fixture(scope="module")
+def llama():
+    return load_backbone("tiny-llama")
+
+
+def _prompt(bb, task, seed, n_tokens=6, dev=None, scale=3.0):
+    gen = torch.Generator().manual_seed(seed)
+    emb_std = bb.input_embeddings().detach().std()
+    meta = {"backbone": backbone_meta(bb), "task": {"name": task}, "insertion": "prepend",
+            "dev_metric": {"name": "accuracy", "value": dev}}
+    return torch.randn(n_tokens, bb.d_model, generator=gen) * emb_std * scale, meta
+
+
+def test_matrix_shape_diagonal_and_relative(llama):
+    bank = {"tw": _prompt(llama, "tweet_sentiment", 1), "drugA": _prompt(llama, "drug_sentiment", 2),
+            "drugB": _prompt(llama, "drug_sentiment", 3), "short": _prompt(llama, "tweet_sentiment", 4, n_tokens=3)}
+    table = transfer_matrix(llama, bank, TARGETS, splits=("dev", "test"), limits=16, prompts_per_pass=3)
+    df = table.to_pandas()
+    assert len(df) == (len(bank) + 1) * len(TARGETS) * 2
+    assert set(df.source_prompt_run) == {*bank, RANDOM}
+    assert (df[df.source_prompt_run == RANDOM].source_task == RANDOM).all()
+    assert set(df.columns) == {"backbone", "source_prompt_run", "source_task", "source_category", "target_task",
+                               "target_category", "split", "metric", "value", "relative_value", "n_examples"}
+    assert (df.n_examples == 16).all() and (df.backbone == "tiny-llama").all()
+    # the diagonal: each prompt on its own task equals its own one-prompt evaluation
+    for name, (tensor, meta) in bank.items():
+        spec = load_task(meta["task"]["name"])
+        for split in ("dev", "test"):
+            own = score_prompts(llama, tensor, spec, encode_split(spec, llama, split, limit=16))[0]
+            row = df[(df.source_prompt_run == name) & (df.target_task == spec.name) & (df.split == split)]
+            assert row.value.item() == pytest.approx(own, abs=1e-12)
+    # relative values: ÷ the target's own prompt (the best on dev among several); NaN without one
+    dev = df[df.split == "dev"].set_index(["source_prompt_run", "target_task"]).value
+    own = {"tweet_sentiment": max(["tw", "short"], key=lambda n: dev[(n, "tweet_sentiment")]),
+           "drug_sentiment": max(["drugA", "drugB"], key=lambda n: dev[(n, "drug_sentiment")])}
+    for _, r in df.iterrows():
+        if r.target_task == "bbc_topic":
+            assert math.isnan(r.relative_value)
+            continue
+        ref = df[(df.source_prompt_run == own[r.target_task]) & (df.target_task == r.target_task)
+                 & (df.split == r.split)].value.item()
+        assert r.relative_value == pytest.approx(r.value / ref if ref else math.nan, nan_ok=True)
+
+
+@pytest.mark.parametrize("name", ["tiny-bert", "tiny-t5", "tiny-llama"])
+def test_batched_prompts_equal_one_at_a_time(name):
+    bb = load_backbone(name)
+    spec = load_task("tweet_sentiment")
+    encoded = encode_split(spec, bb, "dev", limit=12)
+    batch = collate(encoded.to_list(), bb.pad_id)
+    label_ids = bb.label_ids(spec.verbalizer)
+    prompts = torch.stack([_prompt(bb, "tweet_sentiment", s)[0] for s in range(4)])
+    with torch.no_grad():
+        stacked = bb.label_logits(prompts, batch, label_ids)  # [P, B, L]
+        single = torch.stack([bb.label_logits(p, batch, label_ids) for p in prompts])
+    assert stacked.shape == (4, len(encoded), len(spec.verbalizer))
+    torch.testing.assert_close(stacked, single, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(single[0], single[1])  # the prompts do change the logits
+    bank = {f"p{i}": _prompt(bb, "tweet_sentiment", i) for i in range(4)}
+    one = transfer_matrix(bb, bank, ["tweet_sentiment", "drug_sentiment"], ("dev",), 12, prompts_per_pass=1)
+    many = transfer_matrix(bb, bank, ["tweet_sentiment", "drug_sentiment"], ("dev",), 12, prompts_per_pass=8)
+    assert one.column("value").to_pylist() == pytest.approx(many.column("value").to_pylist(), abs=1e-12)
+
+
+def test_user_errors(llama):
+    bert, t5 = load_backbone("tiny-bert"), load_backbone("tiny-t5")
+    assert bert.d_model == t5.d_model  # same width: only the name tells them apart
+    with pytest.raises(PtxError, match="tiny-bert.*tiny-t5"):
+        transfer_matrix(t5, {"b": _prompt(bert, "tweet_sentiment", 0)}, ["tweet_sentiment"], ("dev",), 4)
+    with pytest.raises(PtxError, match="width 64.*tiny-llama.*tiny-bert.*width 32"):
+        transfer_matrix(bert, {"l": _prompt(llama, "tweet_sentiment", 0)}, ["tweet_sentiment"], ("dev",), 4)
+    for bb in (bert, llama):
+        with pytest.raises(PtxError, match=f"'samsum' is a generation task.*'{bb.name}'.*seq2seq"):
+            transfer_matrix(bb, {"p": _prompt(bb, "tweet_sentiment", 0)}, ["tweet_sentiment", "samsum"], ("dev",), 4)
+    with pytest.raises(PtxError, match="prompt bank .* is empty"):
+        transfer_matrix(llama, {}, ["tweet_sentiment"], ("dev",), 4)
+
+
+def test_convergence_speedup_on_hand_made_curves():
+    vanilla = [(0, 0.3), (10, 0.5), (20, 0.75), (30, 0.8), (40, 0.8)]
+    r = convergence_speedup(vanilla, [(0, 0.5), (10, 0.73), (20, 0.81)])
+    assert (r["vanilla_steps"], r["tpt_steps"], r["speedup"], r["flag"]) == (30, 20, 1.5, "ok")
+    assert (r["vanilla_steps_90"], r["tpt_steps_90"], r["speedup_90"]) == (20, 10, 2.0)  # 90% of 0.8 = 0.72
+    assert (r["vanilla_best"], r["tpt_best"]) == (0.8, 0.81)
+    never = convergence_speedup(vanilla, [(0, 0.3), (10, 0.79)])
+    assert math.isnan(never["speedup"]) and never["flag"] == "tpt_not_reached" and math.isnan(never["tpt_steps"])
+    assert never["speedup_90"] == 2.0 and never["flag_90"] == "ok"
+    instant = convergence_speedup(vanilla, [(0, 0.8), (10, 0.8)])
+    assert math.isnan(instant["speedup"]) and instant["flag"] == "tpt_at_init"
+    flat = convergence_speedup([(0, 0.6), (10, 0.5)], [(0, 0.4), (10, 0.6)])
+    assert math.isnan(flat["speedup"]) and flat["flag"] == "vanilla_at_init"
+    # dict points, unsorted input, a re-logged step (the later value stands), NaN dropped
+    r = convergence_speedup([{"step": 20, "dev_metric": 0.9}, {"step": 10, "dev_metric": 0.4}],
+                            [(10, 0.95), (5, float("nan")), (10, 0.2), (20, 0.9)])
+    assert (r["tpt_steps"], r["speedup"]) == (20, 1.0)
+    with pytest.raises(PtxError, match="empty learning curve"):
+        convergence_speedup([], [(0, 1.0)])
+
+
+# ---- the stages: real local Ray, real sqlite MLflow ---------------------------------------------------------
+@pytest.fixture(scope="module")
+def study(tmp_path_factory, cache):
+    from ptx import stages, sweep
+
+    workdir = tmp_path_factory.mktemp("study")
+    spec = StudySpec(name="tiny-study", backbones=("tiny-bert",), tasks=tuple(TARGETS), seeds=(0,), prompt_length=4,
+                     train=TrainSettings(steps=6, eval_every=2, batch_size=8, eval_batch_size=32, lr=0.3),
+                     data=DataLimits(train_limit=32, dev_limit=16, test_limit=16),
+                     transfer=TransferStage(prompts_per_pass=4, resources=Resources(cpu=1)), tpt=TptStage(),
+                     workdir=str(workdir))
+    tracker = track.Tracker(f"sqlite:///{workdir / 'mlflow.db'}", spec.name, workdir=workdir)
+    reqs = sweep.sweep_requests(spec)
+    reqs.append(stages.with_settings(reqs[0], seed=1))  # a second seed of tweet_sentiment: one more source
+    bank = [stages.run_prompt(r, workdir, tracker) for r in reqs]
+    sweep.connect(num_cpus=2)
+    first = run_transfer_stage(spec, tracker, workdir)
+    yield {"spec": spec, "tracker": tracker, "workdir": workdir, "bank": bank, "first": first}
+    sweep.shutdown()
+
+
+def _units(tracker, status="FINISHED"):
+    return tracker.find_runs({"ptx.kind": KIND_UNIT}, status=status)
+
+
+@pytest.mark.ray
+def test_transfer_stage_logs_and_resumes_only_missing_units(study):
+    spec, tracker, workdir = study["spec"], study["tracker"], study["workdir"]
+    first = study["first"]
+    assert (first["computed"], first["skipped"]) == (3, 0)
+    table = load_transfer_table(tracker, "tiny-bert", spec.name)
+    assert len(table) == (len(study["bank"]) + 1) * len(TARGETS) * 2
+    assert set(table.source_prompt_run) == {r.run_id for r in study["bank"]} | {RANDOM}
+    run_id = first["backbones"]["tiny-bert"]["run_id"]
+    logged = {Path(a.path).name for a in tracker.client.list_artifacts(run_id, "transfer")}
+    assert {"transfer.parquet", "heatmap_dev.png", "heatmap_test.png"} <= logged
+    # interrupt: one unit was killed mid-run (left RUNNING), another never started (no run)
+    units = {r.data.tags["ptx.task"]: r.info.run_id for r in _units(tracker)}
+    assert set(units) == set(TARGETS)
+    tracker.client.set_terminated(units["bbc_topic"], "RUNNING")
+    tracker.client.delete_run(units["drug_sentiment"])
+    second = run_transfer_stage(spec, tracker, workdir)
+    assert (second["computed"], second["skipped"]) == (2, 1)
+    assert len(_units(tracker)) == 3  # tweet's old unit + two new ones
+    resumed = load_transfer_table(tracker, "tiny-bert", spec.name)
+    key = ["target_task", "split", "source_prompt_run"]
+    a, b = (t.sort_values(key).reset_index(drop=True) for t in (table, resumed))
+    assert a[key].equals(b[key])
+    assert a.value.tolist() == pytest.approx(b.value.tolist(), abs=1e-12)
+    third = run_transfer_stage(spec, tracker, workdir)
+    assert third["computed"] == 0 and third["backbones"]["tiny-bert"]["reused"]
+    assert third["backbones"]["tiny-bert"]["run_id"] == second["backbones"]["tiny-bert"]["run_id"]
+
+
+@pytest.mark.ray
+def test_tpt_stage_records_speedup(study):
+    from dataclasses import replace
+
+    spec, tracker, workdir = study["spec"], study["tracker"], study["workdir"]
+    with pytest.raises(PtxError, match="indicators stage must run first"):
+        run_tpt_stage(replace(spec, tpt=TptStage(source="indicator:on")), tracker, workdir)
+    with pytest.raises(PtxError, match="tpt.source.*'bbc_topik'; did you mean 'bbc_topic'"):
+        run_tpt_stage(replace(spec, tpt=TptStage(source="bbc_topik")), tracker, workdir)
+    vanilla_before = {r.info.run_id for r in tracker.prompt_runs(backbone="tiny-bert")}
+    out = run_tpt_stage(spec, tracker, workdir)
+    assert [s["target_task"] for s in out["skipped"]] == ["bbc_topic"]  # no same-category source
+    rows = {r["target_task"]: r for r in out["backbones"]["tiny-bert"]["table"]}
+    assert set(rows) == {"tweet_sentiment", "drug_sentiment"}
+    assert rows["tweet_sentiment"]["source_task"] == "drug_sentiment"
+    assert rows["drug_sentiment"]["source_task"] == "tweet_sentiment"
+    new = [r for r in tracker.prompt_runs(backbone="tiny-bert") if r.info.run_id not in vanilla_before]
+    assert sorted(r.data.tags["ptx.init"] for r in new) == ["artifact", "artifact"]  # vanilla PT was reused
+    seeds = pd.read_parquet(Path(out["backbones"]["tiny-bert"]["parquet"]).with_name("tpt_seeds.parquet"))
+    for _, r in seeds.iterrows():
+        assert tracker.get_run(r.tpt_run).data.tags["ptx.source_run"] == r.source_prompt_run
+        metric = f"dev_{r.metric}"
+        hist = [tracker.client.get_metric_history(run, metric) for run in (r.vanilla_run, r.tpt_run)]
+        expect = convergence_speedup(*hist)
+        assert r.flag == expect["flag"]
+        assert r.speedup == pytest.approx(expect["speedup"], nan_ok=True)
+        assert r.vanilla_best == pytest.approx(tracker.get_run(r.vanilla_run).data.metrics["best_dev_metric"])
+        assert (r.flag == "ok") == (r.speedup > 0)  # a figure, or NaN with the reason
+    tpt_runs = tracker.find_runs({"ptx.kind": "tpt", "ptx.study": spec.name})
+    assert len(tpt_runs) == 1
+    logged = {Path(a.path).name for a in tracker.client.list_artifacts(tpt_runs[0].info.run_id, "tpt")}
+    assert {"tpt.parquet", "tpt_seeds.parquet", "curves_tweet_sentiment.png"} <= logged
