@@ -262,7 +262,7 @@ class ActivationWorker:
         return self.examples[task]
 
     def masks(self, item: dict) -> dict:
-        """One chunk {prompts [p, n, d], task} -> {packed: uint8 [p, ceil(L*F/8)], n_layers, d_ff}."""
+        """One chunk {prompts [p, n, d], task} -> {packed: bytes of uint8 [p, ceil(L*F/8)], rows, n_layers, d_ff}."""
         import os
 
         marker = self.config.get("fault_marker")
@@ -273,11 +273,13 @@ class ActivationWorker:
             except FileNotFoundError:
                 pass
         c = self.config
-        masks = capture_activations(self.backbone, torch.as_tensor(item["prompts"]), c.get("probe", "paper"),
+        prompts = torch.tensor(np.array(item["prompts"], dtype=np.float32))  # own copy, not the read-only arg buffer
+        masks = capture_activations(self.backbone, prompts, c.get("probe", "paper"),
                                     self._examples(item.get("task")), c.get("position", "score"),
                                     c.get("where", "decoder"), prompts_per_pass=c.get("prompts_per_pass", 8))
-        return {"packed": np.packbits(masks.reshape(masks.shape[0], -1).numpy(), axis=1),
-                "n_layers": masks.shape[1], "d_ff": masks.shape[2]}
+        packed = np.packbits(masks.reshape(masks.shape[0], -1).numpy(), axis=1)
+        # bytes, not an array: the driver gets its own copy rather than a zero-copy view of a Ray buffer
+        return {"packed": packed.tobytes(), "rows": packed.shape[0], "n_layers": masks.shape[1], "d_ff": masks.shape[2]}
 
 
 def compute_bank_activations(backbone_name: str, prompts: torch.Tensor, insertion: str = "prepend",
@@ -309,7 +311,8 @@ def compute_bank_activations(backbone_name: str, prompts: torch.Tensor, insertio
               "cache_dir": str(cache_dir()), "fault_marker": fault_marker}
     parts = sweep.map_actors(ActivationWorker, "masks", items, num_actors=num_actors, resources=resources,
                              name="activations", init_args=(config,))
-    masks = unpack_masks(np.concatenate([p["packed"] for p in parts]), parts[0]["n_layers"], parts[0]["d_ff"])
+    packed = np.concatenate([np.frombuffer(p["packed"], np.uint8).reshape(p["rows"], -1) for p in parts])
+    masks = unpack_masks(packed, parts[0]["n_layers"], parts[0]["d_ff"])
     out = torch.empty_like(masks)
     out[torch.tensor(order)] = masks  # back to the caller's prompt order
     return out

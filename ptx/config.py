@@ -44,6 +44,7 @@ class Scheduler:
     grace_period: int = 2  # evaluations before ASHA may stop a trial
     reduction_factor: int = 2
     max_t: int | None = None  # evaluations; default: steps // eval_every + 1
+    metric: str = "best_dev_metric"  # what ASHA compares at each rung (train_loss: minimised)
 
 
 @dataclass(frozen=True)
@@ -249,7 +250,7 @@ def load_study(path: str | Path, overrides: list[str] | tuple = ()) -> StudySpec
         set_path(raw, key.strip(), value)
     errors: list[str] = []
     spec = _build(StudySpec, raw, path.name, errors)
-    if spec is not None and not errors:
+    if spec is not None:  # validate what parsed, so every error is reported in one go
         _validate(spec, path.name, errors)
     if errors:
         raise PtxError(f"{len(errors)} error(s) in study spec {path}: " + "; ".join(errors))

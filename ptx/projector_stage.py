@@ -232,7 +232,8 @@ def _curve(tracker, run, metric: str) -> list:
     return sorted(({"step": m.step, "dev_metric": m.value} for m in hist), key=lambda c: c["step"])
 
 
-def tpt_model(spec, tracker, workdir: Path, stage_run: str, objective: str, projected_dirs: dict, target_bb) -> list:
+def tpt_model(spec, tracker, workdir: Path, stage_run: str, objective: str, projected_dirs: dict, target_bb,
+              tasks=None) -> list:
     """Prompt tuning on the target from the projected prompt vs from `spec.init`, same seed; the speed-up per task."""
     from ptx.prompt import load_prompt
     from ptx.stages import PromptRequest, run_prompt
@@ -240,7 +241,7 @@ def tpt_model(spec, tracker, workdir: Path, stage_run: str, objective: str, proj
     from ptx.transfer import convergence_speedup  # the TPT stage's figure, so both stages report the same one
 
     p, rows = spec.projector, []
-    for task in p.eval_tasks or spec.tasks:
+    for task in tasks or p.eval_tasks or spec.tasks:
         if (objective, task) not in projected_dirs:
             continue
         init_dir = projected_dirs[objective, task]
@@ -260,8 +261,13 @@ def tpt_model(spec, tracker, workdir: Path, stage_run: str, objective: str, proj
     return rows
 
 
-def run_projector_stage(spec, tracker, workdir, objectives=None, evaluate: bool = True, tpt: bool = True) -> dict:
-    """The projector stage: skip (reason as a run tag) when a backbone is unset or missing; else train, eval, TPT."""
+def run_projector_stage(spec, tracker, workdir, objectives=None, evaluate: bool = True, tpt: bool = True,
+                        tpt_tasks=None) -> dict:
+    """The projector stage: skip (reason as a run tag) when a backbone is unset or missing; else train, eval, TPT.
+
+    `objectives` defaults to (spec.projector.objective,); `tpt_tasks` (default: the eval tasks) bounds TPT_MODEL,
+    the stage's most expensive part.
+    """
     import pandas as pd
 
     from ptx.backbones import load_backbone
@@ -301,7 +307,7 @@ def run_projector_stage(spec, tracker, workdir, objectives=None, evaluate: bool 
             pd.DataFrame(rows).to_parquet(tables / "projector_zero_shot.parquet", index=False)
             out.update(summary=summary, best_objective=best, table=str(tables / "projector_zero_shot.parquet"))
             if tpt:
-                tpt_rows = tpt_model(spec, tracker, workdir, stage_run, best, projected_dirs, target_bb)
+                tpt_rows = tpt_model(spec, tracker, workdir, stage_run, best, projected_dirs, target_bb, tpt_tasks)
                 pd.DataFrame(tpt_rows).to_parquet(tables / "projector_tpt.parquet", index=False)
                 for r in tpt_rows:  # NaN speed-ups (not reached, or at init) are explained by the flag tag
                     for key in ("speedup", "speedup_90", "tpt_best", "vanilla_best"):

@@ -146,10 +146,9 @@ def prompt_trainable(config: dict) -> None:
         tracker.client.set_terminated(run_id, "RUNNING")
 
     def report(metrics: dict, step: int, state: dict | None):
-        metrics = {**metrics, "step": step, "mlflow_run_id": state.get("mlflow_run_id") if state else run_id}
-        if state is None:
-            tune.report(metrics)
+        if state is None or "prompt" not in state:  # the step-0 evaluation: logged to MLflow, not a Tune result
             return
+        metrics = {**metrics, "step": step, "mlflow_run_id": state.get("mlflow_run_id")}
         with tempfile.TemporaryDirectory() as d:
             save_checkpoint(state, d)
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(d))
@@ -172,6 +171,9 @@ def build_tuner(requests: list[PromptRequest], name: str, workdir: Path, trackin
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
+    # checkpoints at every evaluation are the point (resume); Tune's warning about that is noise here
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")  # a reused run reports no train_loss
     res = dict(resources or {"cpu": 1})
     custom = res.pop("custom", None) or {}
     trainable = tune.with_resources(prompt_trainable, {"cpu": res.get("cpu", 1), "gpu": res.get("gpu", 0), **custom})
@@ -193,9 +195,11 @@ def build_tuner(requests: list[PromptRequest], name: str, workdir: Path, trackin
         search_alg = OptunaSearch()
         if max_concurrent:
             search_alg = ConcurrencyLimiter(search_alg, max_concurrent=max_concurrent)
+    metric_name = (scheduler or {}).get("metric") or metric_name
+    ranked = (scheduler or {}).get("type") == "asha" or search_alg is not None
     tune_config = tune.TuneConfig(
-        metric=metric_name if (sched is not None and not isinstance(sched, FIFOScheduler)) or search_alg else None,
-        mode="max", scheduler=sched, search_alg=search_alg, num_samples=num_samples,
+        metric=metric_name if ranked else None, mode=("min" if metric_name.endswith("loss") else "max") if ranked else None,
+        scheduler=sched, search_alg=search_alg, num_samples=num_samples,
         max_concurrent_trials=max_concurrent, reuse_actors=True, trial_name_creator=_trial_name, trial_dirname_creator=_trial_name)
     run_config = tune.RunConfig(name=name, storage_path=storage_path,
                                 failure_config=tune.FailureConfig(max_failures=max_failures),

@@ -249,8 +249,9 @@ def run_transfer_stage(spec, tracker, workdir: Path, address: str | None = None)
         if not bank:
             raise PtxError(f"the prompt bank for backbone '{name}' of study '{spec.name}' is empty in {tracker.uri}: "
                            "run the train stage first")
-        first = next(iter(bank.values())).meta
-        check_targets(name, first["backbone"].get("kind"), targets)
+        kind = next(iter(bank.values())).meta["backbone"].get("kind")
+        if kind:  # fail here, before any worker starts, on a target this backbone cannot score
+            check_targets(name, kind, targets)
         base = {"backbone": name, "sources": sorted(bank), "splits": list(cfg.splits), "limits": limits,
                 "random_baseline": cfg.random_baseline, "seed": spec.seeds[0], "insertion": spec.insertion}
         hashes = {t.name: config_hash({**base, "target": t.name}) for t in targets}
@@ -503,6 +504,10 @@ def run_tpt_stage(spec, tracker, workdir: Path, address: str | None = None) -> d
             if not (dest / "prompt.json").exists():
                 shutil.rmtree(dest, ignore_errors=True)
                 tracker.download_prompt(pick[0], dest)
+            n_tok = load_prompt(dest).prompt.shape[0]
+            if n_tok != spec.prompt_length:
+                raise PtxError(f"TPT source {pick[0]} ({pick[1]}) has {n_tok} prompt tokens; study '{spec.name}' "
+                               f"trains prompts of prompt_length {spec.prompt_length}")
             for seed in spec.tpt.seeds or spec.seeds:  # vanilla = the training stage's request: reused by its hash
                 vanilla = PromptRequest(task=target, backbone=name, insertion=spec.insertion,
                                         prompt_length=spec.prompt_length, init=spec.init,

@@ -58,13 +58,13 @@ def test_asha_sweep_stops_poor_trials_early(ray_session, tmp_path):
     spec = load_study(write_spec(
         tmp_path / "asha.yaml", seeds=[0, 1],
         search={"algorithm": "grid", "space": {"lr": {"grid": [1e-6, 0.05]}}},
-        scheduler={"type": "asha", "grace_period": 1, "reduction_factor": 2},
+        scheduler={"type": "asha", "grace_period": 1, "reduction_factor": 2, "metric": "train_loss"},
         train={"steps": 15, "batch_size": 8, "lr": 0.05, "eval_every": 3, "eval_batch_size": 32}))
     uri = track.resolve_tracking_uri(None, tmp_path)
     summary = sweep.run_sweep(spec, tmp_path, uri, max_concurrent=2)
     assert summary["trials"] == 8 and summary["errored"] == 0
     iterations = [r["iterations"] for r in summary["rows"]]
-    full = 15 // 3 + 1  # step-0 evaluation + one per eval_every
+    full = 15 // 3  # one Tune result per evaluation after step 0
     assert max(iterations) == full
     assert min(iterations) < full, f"ASHA stopped no trial early: {iterations}"
     runs = prompt_runs(uri, spec.name)

@@ -24,6 +24,7 @@ from ptx.transfer import (
     run_tpt_stage,
     run_transfer_stage,
     transfer_matrix,
+    transfer_matrix_from_store,
 )
 
 TARGETS = ["tweet_sentiment", "drug_sentiment", "bbc_topic"]
@@ -98,6 +99,14 @@ def test_batched_prompts_equal_one_at_a_time(name):
     one = transfer_matrix(bb, bank, ["tweet_sentiment", "drug_sentiment"], ("dev",), 12, prompts_per_pass=1)
     many = transfer_matrix(bb, bank, ["tweet_sentiment", "drug_sentiment"], ("dev",), 12, prompts_per_pass=8)
     assert one.column("value").to_pylist() == pytest.approx(many.column("value").to_pylist(), abs=1e-12)
+
+
+def test_package_exports_transfer_matrix_lazily():
+    import ptx
+
+    assert ptx.transfer_matrix is transfer_matrix
+    with pytest.raises(AttributeError):
+        ptx.no_such_name  # noqa: B018
 
 
 def test_user_errors(llama):
@@ -184,6 +193,12 @@ def test_transfer_stage_logs_and_resumes_only_missing_units(study):
     a, b = (t.sort_values(key).reset_index(drop=True) for t in (table, resumed))
     assert a[key].equals(b[key])
     assert a.value.tolist() == pytest.approx(b.value.tolist(), abs=1e-12)
+    # the notebook API computes the same matrix straight from the store
+    nb = transfer_matrix_from_store(tracker.uri, "tiny-bert", tasks=TARGETS, splits=("dev",), limits=16,
+                                    experiment=spec.name, workdir=workdir, seed=spec.seeds[0])
+    dev = a[a.split == "dev"].reset_index(drop=True)
+    nb = nb.sort_values(key).reset_index(drop=True)
+    assert nb[key].equals(dev[key]) and nb.value.tolist() == pytest.approx(dev.value.tolist(), abs=1e-12)
     third = run_transfer_stage(spec, tracker, workdir)
     assert third["computed"] == 0 and third["backbones"]["tiny-bert"]["reused"]
     assert third["backbones"]["tiny-bert"]["run_id"] == second["backbones"]["tiny-bert"]["run_id"]

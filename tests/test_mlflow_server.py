@@ -1,0 +1,220 @@
+"""A real `ptx mlflow-server` on 127.0.0.1: train against it over HTTP, fetch the prompt with ptx and with plain
+`mlflow artifacts download`, then kill the server in the middle of a run and check the prompt is kept locally.
+
+The server is a subprocess in its own session (process group), stopped with SIGTERM, then SIGKILL after a
+timeout; the tests check no process of that group is left behind.
+"""
+
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import psutil
+import pytest
+from mlflow.tracking import MlflowClient
+
+from ptx import track
+from ptx.cli import main
+from ptx.errors import PtxError
+from ptx.prompt import load_prompt
+from ptx.stages import PromptRequest, run_prompt
+from ptx.train import TrainSettings
+
+BIN = Path(sys.executable).parent
+START_TIMEOUT = 180  # s: a first start migrates a fresh sqlite db (slow on a loaded 2-core box)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _cache(tmp_path_factory):
+    old = os.environ.get("PTX_CACHE_DIR")
+    os.environ["PTX_CACHE_DIR"] = str(tmp_path_factory.getbasetemp() / "ptx-cache")
+    yield
+    if old is None:
+        os.environ.pop("PTX_CACHE_DIR", None)
+    else:
+        os.environ["PTX_CACHE_DIR"] = old
+
+
+@pytest.fixture(autouse=True)
+def _no_env_uri(monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def group_alive(pgid: int) -> list[psutil.Process]:
+    out = []
+    for proc in psutil.process_iter(["pid"]):
+        try:
+            if os.getpgid(proc.pid) == pgid and proc.status() != psutil.STATUS_ZOMBIE:
+                out.append(proc)
+        except (ProcessLookupError, psutil.Error):
+            pass
+    return out
+
+
+class Server:
+    """`ptx mlflow-server` as a subprocess in its own process group."""
+
+    def __init__(self, workdir: Path):
+        self.port, self.workdir = free_port(), workdir
+        self.log = workdir.parent / "server.log"
+        self.uri = f"http://127.0.0.1:{self.port}"
+        env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+        with open(self.log, "wb") as log:
+            self.proc = subprocess.Popen([str(BIN / "ptx"), "mlflow-server", "--port", str(self.port), "--workdir",
+                                          str(workdir)], stdout=log, stderr=subprocess.STDOUT, env=env,
+                                         start_new_session=True)
+
+    def wait_healthy(self) -> None:
+        deadline = time.monotonic() + START_TIMEOUT
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"server exited {self.proc.returncode}:\n{self.log.read_text()[-3000:]}")
+            try:
+                with urllib.request.urlopen(self.uri + "/health", timeout=2) as resp:
+                    if resp.status == 200:
+                        return
+            except OSError:
+                time.sleep(0.5)
+        self.stop()
+        raise AssertionError(f"server not healthy after {START_TIMEOUT} s:\n{self.log.read_text()[-3000:]}")
+
+    def stop(self, timeout: float = 20) -> None:
+        """SIGTERM, SIGKILL after `timeout`; then no process of the group may remain."""
+        pgid = self.proc.pid
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(pgid, signal.SIGKILL)
+                self.proc.wait(timeout=10)
+        deadline = time.monotonic() + timeout
+        while group_alive(pgid) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        left = group_alive(pgid)
+        if left:
+            os.killpg(pgid, signal.SIGKILL)
+            raise AssertionError(f"orphan server processes after stop: {[p.cmdline() for p in left]}")
+
+
+@pytest.fixture(scope="session")
+def empty_db(tmp_path_factory) -> Path:
+    """A real, migrated, empty MLflow sqlite db, made once per session (a fresh one migrates for ~10 s)."""
+    path = tmp_path_factory.getbasetemp() / "mlflow-template" / "mlflow.db"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        MlflowClient(f"sqlite:///{path}").search_experiments()
+    return path
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, empty_db):
+    workdir = tmp_path_factory.mktemp("server") / "srv"
+    workdir.mkdir()
+    shutil.copy(empty_db, workdir / "mlflow.db")
+    srv = Server(workdir)
+    try:
+        # while the server starts, build the tiny backbone and encode the data the tests train on
+        from ptx.backbones import load_backbone
+        from ptx.data import encode_split
+        from ptx.tasks import load_task
+
+        bb, spec = load_backbone("tiny-llama"), load_task("tweet_sentiment")
+        encode_split(spec, bb, "train", limit=32)
+        encode_split(spec, bb, "dev", limit=16)
+        srv.wait_healthy()
+    except BaseException:
+        srv.stop()
+        raise
+    yield srv
+    srv.stop()
+
+
+def ptx(monkeypatch, capsys, *args) -> tuple[int, str, str]:
+    monkeypatch.setattr(sys, "argv", ["ptx", *map(str, args)])
+    code = 0
+    try:
+        main()
+    except SystemExit as exc:
+        code = exc.code or 0
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_server_binds_loopback_only(server):
+    listening = [c for c in psutil.net_connections(kind="inet")
+                 if c.status == psutil.CONN_LISTEN and c.laddr.port == server.port]
+    assert listening and {c.laddr.ip for c in listening} == {"127.0.0.1"}
+
+
+def test_train_and_fetch_over_http(server, tmp_path, monkeypatch, capsys):
+    client_wd = tmp_path / "client"
+    code, out, err = ptx(monkeypatch, capsys, "train", "--task", "tweet_sentiment", "--backbone", "tiny-llama",
+                         "--steps", "4", "--eval-every", "2", "--train-limit", "32", "--dev-limit", "16",
+                         "--batch-size", "8", "--prompt-length", "4", "--lr", "0.05", "--workdir", client_wd,
+                         "--tracking-uri", server.uri)
+    assert code == 0, err
+    run_id = re.search(r"trained ([0-9a-f]{32})", out).group(1)
+    # the store and the artifacts live with the server, the client keeps only its local copy of the prompt
+    assert not (client_wd / "mlflow.db").exists() and not (client_wd / "artifacts").exists()
+    stored = list((server.workdir / "artifacts").rglob(f"{run_id}/artifacts/prompt/prompt.safetensors"))
+    assert len(stored) == 1
+    run = MlflowClient(server.uri).get_run(run_id)
+    assert run.info.status == "FINISHED" and run.data.tags["ptx.task"] == "tweet_sentiment"
+    assert sorted(m.step for m in MlflowClient(server.uri).get_metric_history(run_id, "dev_accuracy")) == [0, 2, 4]
+
+    got = tmp_path / "got"
+    code, _, err = ptx(monkeypatch, capsys, "prompts", "get", run_id, "-o", got, "--tracking-uri", server.uri,
+                       "--workdir", client_wd)
+    assert code == 0, err
+    plain = tmp_path / "plain"
+    env = {**os.environ, "MLFLOW_TRACKING_URI": server.uri}
+    done = subprocess.run([str(BIN / "mlflow"), "artifacts", "download", "-r", run_id, "-a", "prompt", "-d",
+                           str(plain)], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    for name in ("prompt.json", "prompt.safetensors"):
+        data = (got / name).read_bytes()
+        assert data == (plain / "prompt" / name).read_bytes() == stored[0].with_name(name).read_bytes()
+        assert data == (client_wd / "prompts" / run_id / name).read_bytes()
+    assert load_prompt(got).meta["mlflow_run_id"] == run_id
+
+
+def test_server_dies_mid_run_prompt_is_kept(server, tmp_path):
+    """Runs last: it stops the module's server in the middle of a training run."""
+    wd = tmp_path / "client"
+    tracker = track.Tracker(server.uri, workdir=wd)
+    req = PromptRequest(task="tweet_sentiment", backbone="tiny-llama", prompt_length=4, train_limit=32, dev_limit=16,
+                        settings=TrainSettings(steps=6, batch_size=8, lr=0.05, eval_every=2, seed=3))
+    seen = []
+
+    def report(metrics, step, state=None):  # the sweep's seam: called after each evaluation is logged
+        seen.append(step)
+        if step == 2:
+            server.stop()  # also asserts no orphan processes are left
+
+    t0 = time.perf_counter()
+    with pytest.raises(PtxError) as info:
+        run_prompt(req, wd, tracker=tracker, report=report)
+    elapsed = time.perf_counter() - t0
+    msg = str(info.value)
+    assert seen == [0, 2, 4, 6]  # training went on after the store died
+    assert "\n" not in msg and server.uri in msg and "kept on local disk at" in msg
+    kept = Path(msg.rsplit(" at ", 1)[1])
+    assert kept.is_relative_to(wd.resolve())
+    art = load_prompt(kept)
+    assert art.prompt.shape == (4, 64) and art.meta["best_step"] in (0, 2, 4, 6)
+    assert elapsed < 120, f"a dead server cost {elapsed:.0f} s"
+    print(f"dead server: run_prompt gave up logging and finished in {elapsed:.1f} s")
