@@ -10,7 +10,7 @@ from pathlib import Path
 import datasets
 import torch
 
-from ptx.backbones import Backbone, BackboneKind
+from ptx.backbones import Backbone
 from ptx.io import cache_dir
 
 log = logging.getLogger(__name__)

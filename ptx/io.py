@@ -50,7 +50,9 @@ def write_json(path: Path, obj) -> None:
 
 
 def git_sha() -> str | None:
-    """The git commit of the ptx checkout, when ptx runs from one."""
+    """The git commit of the ptx checkout, when ptx runs from one ($PTX_GIT_SHA in images without git)."""
+    if os.environ.get("PTX_GIT_SHA"):
+        return os.environ["PTX_GIT_SHA"]
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
                              text=True, timeout=5)

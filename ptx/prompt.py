@@ -147,9 +147,11 @@ PEFT_TASK_TYPE = {"causal_lm": "CAUSAL_LM", "seq2seq": "SEQ_2_SEQ_LM", "masked_l
 def export_peft(artifact: PromptArtifact, out_dir: str | Path, base_model: str | None = None) -> Path:
     """Write a PEFT prompt-tuning adapter (adapter_config.json + adapter_model.safetensors)."""
     meta, prompt = artifact.meta, artifact.prompt
+    where = f"run {meta['mlflow_run_id']}" if meta.get("mlflow_run_id") else str(artifact.path or "prompt")
     if meta.get("insertion") == "paper":
-        raise PtxError("the paper's <mask>-slot layout has no PEFT equivalent (PEFT cannot replace slot 0 "
-                       "with <mask> or zero the prompt position embeddings); export a 'prepend' prompt")
+        raise PtxError(f"{where}: insertion 'paper' (the <mask>-slot layout) has no PEFT equivalent (PEFT cannot "
+                       "replace slot 0 with <mask> or zero the prompt position embeddings); only 'prepend' "
+                       "prompts export")
     out_dir = Path(out_dir)
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):  # atomic_dir would replace it whole
         raise PtxError(f"PEFT export target {out_dir.resolve()} exists and is not an empty directory")

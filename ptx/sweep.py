@@ -21,6 +21,7 @@ from ptx.train import TrainSettings, load_checkpoint, save_checkpoint
 log = logging.getLogger(__name__)
 STATE_FILE = "ptx_sweep.json"  # beside the Tune experiment: what `ptx resume` needs to finish the job
 FAIL_ONCE_ENV = "PTX_FAIL_ONCE_AT_STEP"  # fault-injection hook for tests: "STEP:MARKER_DIR"
+_joined_cluster = False  # connected with --address (an autoscaler may add nodes) rather than a local Ray
 
 
 # ---- connecting -------------------------------------------------------------------------------------
@@ -28,8 +29,10 @@ def connect(address: str | None = None, num_cpus: int | None = None, num_gpus: i
     """Join a cluster (`auto`, HOST:PORT, ray://HOST:10001) or start a local Ray; returns the dashboard URL."""
     import ray
 
+    global _joined_cluster
     if ray.is_initialized():
         return None
+    _joined_cluster = bool(address)
     env = {"env_vars": {k: os.environ[k] for k in ("PTX_CACHE_DIR", "MLFLOW_TRACKING_URI", FAIL_ONCE_ENV,
                                                     "HF_HUB_OFFLINE") if k in os.environ}}
     if address and address != "auto":
@@ -60,8 +63,12 @@ def _check_reachable(address: str, timeout: float = 5.0) -> None:
         raise PtxError(f"cannot reach a Ray cluster at --address {address!r}: {exc}") from None
 
 
-def check_resources(cpu: float, gpu: float, custom: dict | None = None) -> None:
-    """Refuse a per-trial request that no node in the cluster can satisfy (before any trial starts)."""
+def check_resources(cpu: float, gpu: float, custom: dict | None = None, autoscaling: bool = False) -> None:
+    """Refuse a per-trial request that no node in the cluster can satisfy (before any trial starts).
+
+    On a cluster joined with --address the autoscaler may still add a node type that fits, so there the
+    mismatch is only a warning.
+    """
     import ray
 
     nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
@@ -70,6 +77,9 @@ def check_resources(cpu: float, gpu: float, custom: dict | None = None) -> None:
         if all(node.get(k, 0) >= v for k, v in need.items() if v):
             return
     best = {k: max((n.get(k, 0) for n in nodes), default=0) for k in need}
+    if autoscaling:
+        log.warning("no running node fits %s per trial (largest offers %s); waiting for the autoscaler", need, best)
+        return
     raise PtxError(f"resources per trial {need} exceed every node of the cluster (largest node offers {best})")
 
 
@@ -251,7 +261,7 @@ def run_sweep(spec, workdir: Path, tracking_uri: str, storage_path: str | None =
     storage = storage_path or spec.storage_path or str(Path(workdir) / "ray_results")
     if "://" not in storage:
         storage = str(Path(storage).expanduser().resolve())
-    check_resources(spec.resources.cpu, spec.resources.gpu, spec.resources.custom)
+    check_resources(spec.resources.cpu, spec.resources.gpu, spec.resources.custom, autoscaling=_joined_cluster)
     tracker = track.Tracker(tracking_uri, spec.name, workdir=workdir)
     parent = tracker.start_run(f"sweep {name}", {"ptx.kind": "sweep", "ptx.study": spec.name,
                                                   "ptx.experiment_path": f"{storage}/{name}",

@@ -14,8 +14,7 @@ import transformers
 from safetensors.torch import load_file
 
 from ptx import assets
-from ptx.assets import _CACHE_VERSION
-from ptx.assets import ALIASES, ModelSource, known_d_model, paper_config, resolve_model
+from ptx.assets import _CACHE_VERSION, ALIASES, ModelSource, known_d_model, paper_config, resolve_model
 from ptx.errors import PtxError
 
 # The cache dir CI (or the developer) gave us, read before any test changes it: the slow SmolLM2 test
