@@ -158,6 +158,39 @@ class Backbone:
             return hidden[:, 0]
         return hidden[torch.arange(rows, device=self.device), n_tok + score]
 
+    def _prompt_once(self) -> bool:
+        """Decoder-only with the prompt in front (and no sliding window): the prompt's states need no per-example run."""
+        cfg = self.model.config
+        sliding = getattr(cfg, "sliding_window", None) and getattr(cfg, "use_sliding_window", True)
+        return self.kind is BackboneKind.CAUSAL_LM and self.insertion is Insertion.PREPEND and not sliding
+
+    def _hidden_prompt_once(self, prompts: torch.Tensor, batch: dict) -> torch.Tensor:
+        """hidden_at_score for decoder-only models, prompt run once per prompt instead of once per example [P*B, d].
+
+        Causal attention keeps the prompt's states independent of the text after it, so each prompt runs alone
+        and every example's text runs on top of its key/value cache: the same values and gradients as one pass
+        over [prompt; text], with the prompt's share of the compute divided by the batch size (benchmarks/RESULTS.md).
+        Label scoring only: FFN hooks (activations.py) see one-pass calls through hidden_at_score.
+        """
+        import inspect
+
+        from transformers import DynamicCache
+
+        ids, attn = batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device)
+        n_prompts, n_tok, _ = prompts.shape
+        (bsz, seq), body = ids.shape, self.model.base_model
+        key = "cache" if "cache" in inspect.signature(body.forward).parameters else "past_key_values"
+        tok = self.model.get_input_embeddings()(ids)
+        cache = DynamicCache(config=self.model.config)
+        body(inputs_embeds=prompts.to(tok.dtype), use_cache=True, **{key: cache})
+        cache.batch_repeat_interleave(bsz)  # rows prompt-major, as _inputs lays them out
+        mask = torch.cat([attn.new_ones(bsz, n_tok), attn], dim=1).repeat(n_prompts, 1)
+        hidden = body(inputs_embeds=tok.repeat(n_prompts, 1, 1), attention_mask=mask, use_cache=True,
+                      **{key: cache}).last_hidden_state
+        assert cache.get_seq_length() == n_tok + seq, "the backbone did not attend to the prompt's key/value cache"
+        score = batch["score_index"].to(self.device).repeat(n_prompts)
+        return hidden[torch.arange(hidden.shape[0], device=self.device), score]
+
     def _head(self, hidden: torch.Tensor, label_ids: torch.Tensor) -> torch.Tensor:
         """The PLM's own output head restricted to label rows: [N, d] -> [N, n_labels]."""
         model, label_ids = self.model, label_ids.to(self.device)
@@ -184,7 +217,8 @@ class Backbone:
         """Label-word logits: prompts [P, n, d] -> [P, B, n_labels]; a 2-D prompt [n, d] -> [B, n_labels]."""
         squeeze = prompts.dim() == 2
         prompts = prompts[None] if squeeze else prompts
-        logits = self._head(self.hidden_at_score(prompts, batch), label_ids)
+        hidden = self._hidden_prompt_once(prompts, batch) if self._prompt_once() else self.hidden_at_score(prompts, batch)
+        logits = self._head(hidden, label_ids)
         logits = logits.float().view(prompts.shape[0], batch["input_ids"].shape[0], -1)
         return logits[0] if squeeze else logits
 

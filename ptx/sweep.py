@@ -137,9 +137,22 @@ def _maybe_fail(step: int) -> None:
         raise RuntimeError(f"injected failure at step {step} ({FAIL_ONCE_ENV})")
 
 
+def _curve_metrics(curve: list[dict], metric: str) -> list[dict]:
+    """The points `run_prompt` logs at each evaluation (dev metric, train loss, best so far), from a checkpoint's curve."""
+    best, out = float("-inf"), []
+    for p in curve:
+        best = max(best, p["dev_metric"])
+        out.append({"step": p["step"], f"dev_{metric}": p["dev_metric"], "train_loss": p.get("train_loss"),
+                    "best_dev_metric": best})
+    return out
+
+
 def prompt_trainable(config: dict) -> None:
     """One Tune trial = one prompt run; reports each dev evaluation with a checkpoint."""
+    import ray
     from ray import tune
+
+    from ptx.tasks import load_task
 
     const = config["const"]
     req = _request_from(config)
@@ -154,6 +167,13 @@ def prompt_trainable(config: dict) -> None:
     run_id = run_id or _find_trial_run(tracker, trial_id, const["parent_run_id"])
     if run_id and resume is None:
         tracker.client.set_terminated(run_id, "RUNNING")
+    node = ray.get_runtime_context().get_node_id()  # which node ran (the latest attempt of) this trial
+    if run_id:  # a retry (a failure, a lost node, an MLflow outage): the store keeps each point exactly once
+        metric = load_task(req.task).metric
+        tracker.skip_points |= tracker.stored_points(run_id, (f"dev_{metric}", "train_loss", "best_dev_metric"))
+        tracker.client.set_tag(run_id, "ptx.node", node)
+        if resume is not None:  # resend what the last attempt could not log (e.g. while the server was down)
+            tracker.log_curve(run_id, _curve_metrics(resume["curve"], metric))
 
     def report(metrics: dict, step: int, state: dict | None):
         if state is None or "prompt" not in state:  # the step-0 evaluation: logged to MLflow, not a Tune result
@@ -165,7 +185,7 @@ def prompt_trainable(config: dict) -> None:
         _maybe_fail(step)
 
     tags = {"ptx.trial_id": trial_id, "ptx.sweep_run": const["parent_run_id"], "ptx.study": const["study"],
-            **const.get("tags", {})}
+            "ptx.node": node, **const.get("tags", {})}
     run = run_prompt(req, const["workdir"], tracker=tracker, parent_run_id=const["parent_run_id"],
                      report=report, resume=resume, run_id=run_id, extra_tags=tags, force=const.get("force", False))
     if run.reused:  # this config already has a finished run (an earlier sweep): report it and stop

@@ -11,7 +11,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
 from ptx.errors import PtxError
@@ -66,6 +66,9 @@ class Tracker:
     uri: str
     experiment: str = DEFAULT_EXPERIMENT
     workdir: Path | None = None
+    # (run id, metric key, step) points already in the store that `log` must not send again: a retried trial
+    # re-runs steps an earlier attempt may have logged (see ptx.sweep.prompt_trainable)
+    skip_points: set = field(default_factory=set)
 
     def __post_init__(self):
         from mlflow.tracking import MlflowClient
@@ -102,7 +105,8 @@ class Tracker:
         from mlflow.entities import Metric, Param, RunTag
 
         now = int(time.time() * 1000)
-        ms = [Metric(k, float(v), now, int(step)) for k, v in (metrics or {}).items() if v is not None]
+        ms = [Metric(k, float(v), now, int(step)) for k, v in (metrics or {}).items()
+              if v is not None and (run_id, k, int(step)) not in self.skip_points]
         ps = [Param(k, str(v)[:6000]) for k, v in flatten(params or {}).items()]
         ts = [RunTag(k, str(v)) for k, v in (tags or {}).items() if v is not None]
         n = max(-(-len(ms) // 1000), -(-len(ps) // 100), -(-len(ts) // 100))  # MLflow's per-request caps
@@ -111,14 +115,20 @@ class Tracker:
                                   tags=ts[b * 100:(b + 1) * 100])
 
     def log_curve(self, run_id: str, curve: list[dict]) -> None:
-        """Log a whole learning curve ([{step, key: value}]) in batched requests."""
+        """Log a whole learning curve ([{step, key: value}]) in batched requests; points the store already has
+        (same key and step) are skipped, so a curve can be resent after an outage without duplicates."""
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
+        stored = self.stored_points(run_id, {k for p in curve for k in p if k != "step"})
         ms = [Metric(k, float(v), now, int(p["step"])) for p in curve for k, v in p.items()
-              if k != "step" and v is not None]
+              if k != "step" and v is not None and (run_id, k, int(p["step"])) not in stored]
         for i in range(0, len(ms), 1000):
             self.client.log_batch(run_id, metrics=ms[i:i + 1000])
+
+    def stored_points(self, run_id: str, keys) -> set:
+        """The (run id, key, step) points of these metric keys that the store holds for a run."""
+        return {(run_id, k, m.step) for k in keys for m in self.client.get_metric_history(run_id, k)}
 
     def log_artifacts(self, run_id: str, local_dir: str | Path, artifact_path: str | None = None) -> None:
         self.client.log_artifacts(run_id, str(local_dir), artifact_path)

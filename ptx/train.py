@@ -55,6 +55,8 @@ def train_prompt(backbone, spec, init: torch.Tensor, train_data, dev_data, setti
     device = backbone.device
     if len(train_data) == 0:
         raise PtxError(f"task '{spec.name}': the training split is empty")
+    if not torch.isfinite(init).all():  # its step-0 score would make it the "best" prompt
+        raise PtxError(f"the initial prompt holds NaN or inf values (shape {list(init.shape)})")
     torch.manual_seed(settings.seed)
     prompt = SoftPrompt(init).to(device)
     opt = torch.optim.AdamW([prompt.weight], lr=settings.lr, weight_decay=settings.weight_decay)

@@ -6,7 +6,6 @@ with no --task and `--name random`.
 """
 
 import json
-import os
 import pickle
 import shutil
 import sys
@@ -24,17 +23,6 @@ if not RELEASED.is_dir():  # the fixture lives in the shared reference folder, o
     pytest.skip(f"released prompts not found at {RELEASED}", allow_module_level=True)
 WIDTH = {"roberta-base": 768, "roberta-large": 1024, "t5-base": 768}
 COUNT = {"roberta-base": 14, "roberta-large": 13, "t5-base": 17}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _cache(tmp_path_factory):
-    old = os.environ.get("PTX_CACHE_DIR")
-    os.environ["PTX_CACHE_DIR"] = str(tmp_path_factory.getbasetemp() / "ptx-cache")
-    yield
-    if old is None:
-        os.environ.pop("PTX_CACHE_DIR", None)
-    else:
-        os.environ["PTX_CACHE_DIR"] = old
 
 
 @pytest.fixture(autouse=True)

@@ -31,17 +31,6 @@ BIN = Path(sys.executable).parent
 START_TIMEOUT = 180  # s: a first start migrates a fresh sqlite db (slow on a loaded 2-core box)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _cache(tmp_path_factory):
-    old = os.environ.get("PTX_CACHE_DIR")
-    os.environ["PTX_CACHE_DIR"] = str(tmp_path_factory.getbasetemp() / "ptx-cache")
-    yield
-    if old is None:
-        os.environ.pop("PTX_CACHE_DIR", None)
-    else:
-        os.environ["PTX_CACHE_DIR"] = old
-
-
 @pytest.fixture(autouse=True)
 def _no_env_uri(monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
@@ -121,18 +110,17 @@ def empty_db(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory, empty_db):
+def server(tmp_path_factory, empty_db, tiny):
     workdir = tmp_path_factory.mktemp("server") / "srv"
     workdir.mkdir()
     shutil.copy(empty_db, workdir / "mlflow.db")
     srv = Server(workdir)
     try:
         # while the server starts, build the tiny backbone and encode the data the tests train on
-        from ptx.backbones import load_backbone
         from ptx.data import encode_split
         from ptx.tasks import load_task
 
-        bb, spec = load_backbone("tiny-llama"), load_task("tweet_sentiment")
+        bb, spec = tiny("tiny-llama"), load_task("tweet_sentiment")
         encode_split(spec, bb, "train", limit=32)
         encode_split(spec, bb, "dev", limit=16)
         srv.wait_healthy()

@@ -6,7 +6,6 @@ RoBERTa layout (slot 0 = <mask>, zero position embeddings for the prompt) has no
 """
 
 import json
-import os
 import shutil
 import sys
 from pathlib import Path
@@ -20,7 +19,6 @@ peft = pytest.importorskip("peft")
 
 from ptx import track  # noqa: E402
 from ptx.assets import resolve_model  # noqa: E402
-from ptx.backbones import load_backbone  # noqa: E402
 from ptx.cli import main  # noqa: E402
 from ptx.data import collate, encode_split  # noqa: E402
 from ptx.prompt import load_prompt  # noqa: E402
@@ -31,17 +29,6 @@ from ptx.train import TrainSettings  # noqa: E402
 AUTO = {"causal_lm": transformers.AutoModelForCausalLM, "masked_lm": transformers.AutoModelForMaskedLM,
         "seq2seq": transformers.AutoModelForSeq2SeqLM}
 TASK_TYPE = {"causal_lm": "CAUSAL_LM", "masked_lm": "FEATURE_EXTRACTION", "seq2seq": "SEQ_2_SEQ_LM"}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _cache(tmp_path_factory):
-    old = os.environ.get("PTX_CACHE_DIR")
-    os.environ["PTX_CACHE_DIR"] = str(tmp_path_factory.getbasetemp() / "ptx-cache")
-    yield
-    if old is None:
-        os.environ.pop("PTX_CACHE_DIR", None)
-    else:
-        os.environ["PTX_CACHE_DIR"] = old
 
 
 @pytest.fixture(autouse=True)
@@ -78,22 +65,23 @@ def ptx(monkeypatch, capsys, *args) -> tuple[int, str, str]:
     return code, out.out, out.err
 
 
-def train(store, backbone: str, insertion: str = "prepend"):
+def train(store, tiny, backbone: str, insertion: str = "prepend"):
+    """A few real steps of ptx training (with a backbone from conftest's `tiny`), logged to the store."""
     wd, tracker = store
     req = PromptRequest(task="tweet_sentiment", backbone=backbone, insertion=insertion, prompt_length=5,
                         train_limit=32, dev_limit=16,
                         settings=TrainSettings(steps=3, batch_size=8, lr=0.3, eval_every=3))
-    return run_prompt(req, wd, tracker=tracker)
+    return run_prompt(req, wd, tracker=tracker, backbone=tiny(backbone, insertion))
 
 
-@pytest.mark.parametrize("backbone", ["tiny-llama", "tiny-bert", "tiny-t5"])
-def test_peft_gives_ptx_label_logits(store, backbone, tmp_path, monkeypatch, capsys):
-    run = train(store, backbone)
+@pytest.mark.parametrize("backbone", ["tiny-llama", "tiny-bert", "tiny-roberta", "tiny-t5"])
+def test_peft_gives_ptx_label_logits(store, tiny, backbone, tmp_path, monkeypatch, capsys):
+    run = train(store, tiny, backbone)
     export = tmp_path / "adapter"
     code, out, err = ptx(monkeypatch, capsys, "prompts", "export-peft", run.run_id, "-o", export,
                          "--workdir", store[0])
     assert code == 0, err
-    bb = load_backbone(backbone)
+    bb = tiny(backbone)
     prompt = load_prompt(run.artifact, backbone=bb).prompt
     config = json.loads((export / "adapter_config.json").read_text())
     assert config["task_type"] == TASK_TYPE[bb.kind.value] and config["num_transformer_submodules"] == 1
@@ -130,8 +118,8 @@ def test_peft_gives_ptx_label_logits(store, backbone, tmp_path, monkeypatch, cap
     assert ours.std() > 0  # a real comparison, not of constants
 
 
-def test_paper_layout_export_is_refused(store, tmp_path, monkeypatch, capsys):
-    run = train(store, "tiny-roberta", insertion="paper")
+def test_paper_layout_export_is_refused(store, tiny, tmp_path, monkeypatch, capsys):
+    run = train(store, tiny, "tiny-roberta", insertion="paper")
     assert load_prompt(run.artifact).meta["insertion"] == "paper"
     code, _, err = ptx(monkeypatch, capsys, "prompts", "export-peft", run.run_id, "-o", tmp_path / "x",
                        "--workdir", store[0])

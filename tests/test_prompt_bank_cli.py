@@ -5,7 +5,6 @@ migrated once per session, because a fresh db spends ~10 s in MLflow's migration
 """
 
 import json
-import os
 import shutil
 import socket
 import sys
@@ -25,17 +24,6 @@ from ptx.errors import PtxError
 from ptx.prompt import load_prompt
 from ptx.stages import PromptRequest, run_prompt
 from ptx.train import TrainSettings
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _cache(tmp_path_factory):
-    old = os.environ.get("PTX_CACHE_DIR")
-    os.environ["PTX_CACHE_DIR"] = str(tmp_path_factory.getbasetemp() / "ptx-cache")
-    yield
-    if old is None:
-        os.environ.pop("PTX_CACHE_DIR", None)
-    else:
-        os.environ["PTX_CACHE_DIR"] = old
 
 
 @pytest.fixture(autouse=True)
@@ -73,7 +61,7 @@ def user_error(result) -> str:
 
 
 @pytest.fixture(scope="module")
-def bank(tmp_path_factory, empty_db):
+def bank(tmp_path_factory, empty_db, tiny):
     """A workdir with three prompt runs (two seeds on tiny-llama, one on tiny-bert) and one non-prompt run."""
     wd = tmp_path_factory.mktemp("bank") / "wd"
     wd.mkdir()
@@ -83,7 +71,7 @@ def bank(tmp_path_factory, empty_db):
     for key, backbone, seed in [("llama0", "tiny-llama", 0), ("llama1", "tiny-llama", 1), ("bert0", "tiny-bert", 0)]:
         req = PromptRequest(task="tweet_sentiment", backbone=backbone, prompt_length=4, train_limit=32, dev_limit=16,
                             settings=TrainSettings(steps=4, batch_size=8, lr=0.05, eval_every=2, seed=seed))
-        runs[key] = run_prompt(req, wd, tracker=tracker)
+        runs[key] = run_prompt(req, wd, tracker=tracker, backbone=tiny(backbone))
     other = tracker.start_run("transfer", {"ptx.kind": track.KIND_TRANSFER})
     tracker.finish(other)
     return {"wd": wd, "tracker": tracker, "runs": runs, "other": other}

@@ -4,7 +4,6 @@ Real sqlite stores in tmp_path, real training of tiny backbones; the only wrappi
 `MlflowClient.log_batch` (instrumentation: the real method still runs).
 """
 
-import os
 import shutil
 import sys
 from pathlib import Path
@@ -22,18 +21,6 @@ from ptx.train import TrainSettings
 
 SMALL = ["--task", "tweet_sentiment", "--backbone", "tiny-llama", "--steps", "4", "--eval-every", "2",
          "--train-limit", "32", "--dev-limit", "16", "--batch-size", "8", "--prompt-length", "4", "--lr", "0.05"]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _cache(tmp_path_factory):
-    """One ptx cache per test session (tiny models are built there once)."""
-    old = os.environ.get("PTX_CACHE_DIR")
-    os.environ["PTX_CACHE_DIR"] = str(tmp_path_factory.getbasetemp() / "ptx-cache")
-    yield
-    if old is None:
-        os.environ.pop("PTX_CACHE_DIR", None)
-    else:
-        os.environ["PTX_CACHE_DIR"] = old
 
 
 @pytest.fixture(autouse=True)

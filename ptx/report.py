@@ -1,0 +1,806 @@
+"""The study report: one static index.html built from what the stages logged to MLflow.
+
+Everything is local: figures are PNGs beside index.html (fig/), CSS is inline, there is no external URL and no
+JS framework (one inline script only counts the images that loaded, for the headless-browser check). Figures are
+drawn here from the logged tables, not copied from the stages, so they share one style. Every number names the
+MLflow run it came from: the run id is printed beside it and the footnotes say how to fetch that run.
+"""
+
+import html
+import logging
+import math
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from ptx import __version__, track
+from ptx.errors import PtxError, suggest
+from ptx.io import atomic_dir, write_json
+
+log = logging.getLogger(__name__)
+RANDOM = "random"  # ptx.transfer.RANDOM: the random-prompt baseline's source_prompt_run / source_task
+EMBEDDING = ("e_concat_cos", "e_concat_euclid", "e_avg_cos", "e_avg_euclid", "mean_cos")  # ptx.indicators
+ON = ("on", "on_jaccard")
+KIND_TPT = "tpt"
+MARKER = '<meta name="generator" content="ptx report">'  # an existing out dir is only replaced when it is a report
+esc = html.escape
+
+
+# ---- small helpers ------------------------------------------------------------------------------------
+def _num(v, digits: int = 3, suffix: str = "") -> str:
+    """A number for a table or sentence ('—' when missing)."""
+    if v is None or (isinstance(v, float) and not math.isfinite(v)):
+        return "—"
+    return f"{v:.{digits}f}{suffix}" if isinstance(v, float | np.floating) else f"{v}{suffix}"
+
+
+def _ci(mean, lo, hi) -> str:
+    return f"{_num(mean)} [{_num(lo)}, {_num(hi)}]"
+
+
+def _table(head: list[str], rows: list[list]) -> str:
+    """An HTML table; str cells are HTML already (escape text with esc), numbers are formatted right-aligned."""
+    out = ["<div class='scroll'><table><thead><tr>", *(f"<th>{h}</th>" for h in head), "</tr></thead><tbody>"]
+    for row in rows:
+        cells = [f"<td class='n'>{_num(c)}</td>" if isinstance(c, int | float | np.number) and not isinstance(c, bool)
+                 else f"<td>{c}</td>" for c in row]
+        out.append("<tr>" + "".join(cells) + "</tr>")
+    return "".join(out) + "</tbody></table></div>"
+
+
+def _figure(ctx, fig, name: str, caption: str) -> str:
+    """Save a matplotlib Figure as fig/NAME.png; returns the <figure> HTML."""
+    fig.savefig(ctx.fig / name, dpi=120, facecolor="white")
+    return f"<figure><img src='fig/{esc(name)}' alt='{esc(caption)}'><figcaption>{caption}</figcaption></figure>"
+
+
+def _new_figure(w: float, h: float):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg  # Agg: no display, no pyplot global state
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(w, h), layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _slug(*parts) -> str:
+    return "_".join("".join(c if c.isalnum() or c in "-." else "-" for c in str(p)) for p in parts)
+
+
+@dataclass
+class Sources:
+    """The runs the report cites, numbered in order of first citation (the footnotes)."""
+
+    known: dict = field(default_factory=dict)  # run id -> MLflow run, to describe it in its footnote
+    cited: dict = field(default_factory=dict)  # run id -> footnote number
+
+    def cite(self, run) -> str:
+        """Inline HTML: the run id linked to its footnote."""
+        rid = run if isinstance(run, str) else run.info.run_id
+        if not isinstance(run, str):
+            self.known.setdefault(rid, run)
+        n = self.cited.setdefault(rid, len(self.cited) + 1)
+        return f"<a class='run' href='#run-{esc(rid)}'>{esc(rid)}</a><sup>{n}</sup>"
+
+    def footnotes(self, uri: str) -> str:
+        items = []
+        for rid, n in sorted(self.cited.items(), key=lambda kv: kv[1]):
+            run = self.known.get(rid)
+            tags = run.data.tags if run is not None else {}
+            kind = tags.get("ptx.kind", "")
+            what = ", ".join(esc(x) for x in (kind, run.info.run_name if run else "", tags.get("ptx.backbone"))
+                             if x)
+            cmd = (f"ptx prompts get {rid} -o prompt-{rid[:8]} --tracking-uri {uri}" if kind == track.KIND_PROMPT
+                   else f"MLFLOW_TRACKING_URI={uri} mlflow artifacts download -r {rid} -d run-{rid[:8]}")
+            items.append(f"<li id='run-{esc(rid)}' value='{n}'><code>{esc(rid)}</code> {what}<br>"
+                         f"<span class='cmd'>{esc(cmd)}</span></li>")
+        return "<ol class='sources'>" + "".join(items) + "</ol>"
+
+
+@dataclass
+class _Ctx:
+    tracker: object
+    experiment: str
+    exp_id: str
+    tmp: Path
+    fig: Path
+    sources: Sources = field(default_factory=Sources)
+    facts: dict = field(default_factory=dict)  # headline numbers (summary.json and the Findings box)
+    status: dict = field(default_factory=dict)  # section id -> (state, one line)
+
+
+def _runs(ctx, tags: dict, status: str | None = "FINISHED") -> list:
+    """Runs of this experiment with these tags, newest first."""
+    return ctx.tracker.find_runs(tags, status=status, order_by=["attributes.start_time DESC"],
+                                 experiment_ids=[ctx.exp_id])
+
+
+def _latest_per_backbone(runs, study: str) -> dict:
+    """backbone -> the newest run (runs of another study, e.g. a reference check, left out)."""
+    out = {}
+    for r in runs:
+        if r.data.tags.get("ptx.study", study) == study:
+            out.setdefault(r.data.tags.get("ptx.backbone", "?"), r)
+    return out
+
+
+def _not_run(ctx, section: str, stage: str, tags: dict) -> str:
+    """The 'not run' notice, naming an unfinished run of the stage when there is one."""
+    others = [r for r in _runs(ctx, tags, status=None) if r.info.status != "FINISHED"]
+    why = f"not run: the {stage} stage has no finished run in this experiment"
+    if others:
+        why += f" (latest: a {others[0].info.status} run, {ctx.sources.cite(others[0])})"
+    ctx.status[section] = ("missing", f"not run")
+    return f"<p class='notrun'>{why}.</p>"
+
+
+def _artifacts(ctx, run, path: str) -> Path | None:
+    """Download one artifact directory of a run into the scratch dir (None, logged, when it is absent)."""
+    dest = ctx.tmp / run.info.run_id / path.replace("/", "_")
+    if dest.is_dir():
+        return dest
+    try:
+        return ctx.tracker.download(run.info.run_id, path, dest)
+    except PtxError as exc:
+        log.warning("run %s: no artifact '%s' (%s)", run.info.run_id, path, exc)
+        return None
+
+
+def _parquet(folder: Path | None, name: str) -> pd.DataFrame | None:
+    if folder is None or not (folder / name).is_file():
+        return None
+    return pd.read_parquet(folder / name)
+
+
+# ---- training -----------------------------------------------------------------------------------------
+def _vanilla(run) -> bool:
+    """A prompt trained from scratch or imported (TPT and projected prompts are not the training stage's)."""
+    t = run.data.tags
+    return not t.get("ptx.source_run") and t.get("ptx.init") not in ("artifact", "projected") and not t.get("ptx.tpt")
+
+
+def _metric_name(run) -> str:
+    return next((k[4:] for k in run.data.metrics if k.startswith("dev_")), "metric")
+
+
+def training_section(ctx) -> str:
+    runs = [r for r in _runs(ctx, {"ptx.kind": track.KIND_PROMPT}) if _vanilla(r)]
+    if not runs:
+        return _not_run(ctx, "training", "train", {"ptx.kind": track.KIND_PROMPT})
+    best: dict = {}  # (backbone, task, seed) -> (best run, trials): a sweep may have several trials per seed
+    for r in runs:
+        t = r.data.tags
+        key = (t.get("ptx.backbone", "?"), t.get("ptx.category", ""), t.get("ptx.task", "?"), t.get("ptx.seed", ""))
+        old = best.get(key, (None, 0))
+        better = old[0] is None or r.data.metrics.get("best_dev_metric", -math.inf) > \
+            old[0].data.metrics.get("best_dev_metric", -math.inf)
+        best[key] = (r if better else old[0], old[1] + 1)
+    rows = []
+    for (backbone, category, task, seed), (r, trials) in sorted(best.items()):
+        m = r.data.metrics
+        test = next(((k[5:], v) for k, v in m.items() if k.startswith("test_")), (None, None))
+        rows.append([esc(backbone), esc(task), esc(category), esc(str(seed)), esc(_metric_name(r)),
+                     m.get("best_dev_metric", math.nan), esc(r.data.tags.get("ptx.best_step", "")),
+                     test[1] if test[0] else "<span class='muted'>not logged</span>", trials,
+                     esc(r.data.tags.get("ptx.origin", "")), ctx.sources.cite(r)])
+    n_tasks = len({k[2] for k in best})
+    ctx.status["training"] = ("ok", f"{len(runs)} prompt runs")
+    ctx.facts["training"] = {"prompt_runs": len(runs), "tasks": n_tasks}
+    return (f"<p>{len(runs)} finished prompt runs over {n_tasks} tasks. One row per (backbone, task, seed): the "
+            "run with the best dev score among that seed's trials.</p>"
+            + _table(["backbone", "task", "category", "seed", "metric", "best dev", "best step", "test", "trials",
+                      "origin", "run"], rows))
+
+
+# ---- transfer -----------------------------------------------------------------------------------------
+def _order(tasks, cats: dict) -> list:
+    """Tasks grouped by category (random last), alphabetical within a category."""
+    return sorted(tasks, key=lambda t: (t == RANDOM, cats.get(t, ""), t))
+
+
+def plot_heatmap(fig, d: pd.DataFrame, column: str, title: str, cbar: str, centre: float | None = None) -> None:
+    """Draw a transfer heatmap of one split: rows target tasks, columns source tasks (mean over their prompts)."""
+    from matplotlib.colors import TwoSlopeNorm
+    from matplotlib.patches import Rectangle
+
+    cats = {**dict(zip(d.source_task, d.source_category, strict=True)),
+            **dict(zip(d.target_task, d.target_category, strict=True))}
+    rows, cols = _order(d.target_task.unique(), cats), _order(d.source_task.unique(), cats)
+    grid = (d.pivot_table(index="target_task", columns="source_task", values=column, aggfunc="mean")
+            .reindex(index=rows, columns=cols).to_numpy(float))
+    ax = fig.subplots()
+    finite = grid[np.isfinite(grid)]
+    lo, hi = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
+    norm = (TwoSlopeNorm(centre, min(lo, centre - 1e-6), max(hi, centre + 1e-6)) if centre is not None else None)
+    im = ax.imshow(np.ma.masked_invalid(grid), cmap="RdBu" if centre is not None else "viridis", norm=norm,
+                   aspect="auto", vmin=None if norm else lo, vmax=None if norm else hi)
+    ax.set_xticks(range(len(cols)), cols, rotation=35, ha="right", fontsize=9)
+    ax.set_yticks(range(len(rows)), rows, fontsize=9)
+    ax.set_xlabel("source prompt (task; mean over its prompts)", fontsize=9)
+    ax.set_ylabel("target task", fontsize=9)
+    ax.set_title(title, fontsize=10.5, fontweight="bold")
+    for names, line, secondary in ((cols, ax.axvline, ax.secondary_xaxis("top")),
+                                   (rows, ax.axhline, ax.secondary_yaxis("right"))):
+        groups = [cats.get(n, "") for n in names]
+        starts = [i for i in range(len(names)) if i == 0 or groups[i] != groups[i - 1]]
+        for s in starts[1:]:
+            line(s - 0.5, color="black", lw=2)
+        ends = [*starts[1:], len(names)]
+        secondary.set_ticks([(a + b - 1) / 2 for a, b in zip(starts, ends, strict=True)],
+                            [groups[a] for a in starts], fontsize=8.5, color="#444", style="italic")
+        secondary.tick_params(length=0)
+    for i, r in enumerate(rows):
+        if r in cols:  # the target's own prompt
+            ax.add_patch(Rectangle((cols.index(r) - 0.5, i - 0.5), 1, 1, fill=False, ec="black", lw=1.6))
+    if grid.size <= 225:
+        for (i, j), v in np.ndenumerate(grid):
+            if math.isfinite(v):
+                r, g, b, _ = im.cmap(im.norm(v))
+                ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=8,
+                        color="black" if 0.299 * r + 0.587 * g + 0.114 * b > 0.55 else "white")
+    fig.colorbar(im, ax=ax, location="bottom", shrink=0.6, aspect=35, pad=0.02).set_label(cbar, fontsize=9)
+
+
+def category_summary(df: pd.DataFrame, split: str) -> dict:
+    """Mean relative transfer of same-category vs cross-category (source prompt, target) pairs, diagonal
+    excluded, and of the random prompt: {group: {mean, n, mean_value}}."""
+    d = df[df["split"] == split]
+    bank = d[(d.source_prompt_run != RANDOM) & (d.source_task != d.target_task)]
+    groups = {"same": bank[bank.source_category == bank.target_category],
+              "cross": bank[bank.source_category != bank.target_category],
+              "random": d[d.source_prompt_run == RANDOM]}
+    out = {}
+    for name, g in groups.items():
+        rel = g.relative_value[np.isfinite(g.relative_value)]
+        out[name] = {"mean": float(rel.mean()) if len(rel) else math.nan, "n": len(rel),
+                     "mean_value": float(g.value.mean()) if len(g) else math.nan, "values": rel.to_numpy()}
+    return out
+
+
+def _plot_groups(fig, summary: dict, title: str) -> None:
+    ax = fig.subplots()
+    colours = {"same": "#2f7d4f", "cross": "#c0692b", "random": "#7a7f8a"}
+    labels = {"same": "same category", "cross": "cross category", "random": "random prompt"}
+    rng = np.random.default_rng(0)
+    for i, (name, s) in enumerate(summary.items()):
+        ax.bar(i, s["mean"] if s["n"] else 0, color=colours[name], alpha=0.35, width=0.6)
+        ax.scatter(i + rng.uniform(-0.18, 0.18, len(s["values"])), s["values"], s=14, color=colours[name], zorder=3)
+        if s["n"]:
+            ax.text(i, s["mean"], f"{s['mean']:.2f}\nn={s['n']}", ha="center", va="bottom", fontsize=8.5)
+    ax.axhline(1.0, color="black", lw=0.8, ls="--")
+    ax.set_xticks(range(len(summary)), [labels[k] for k in summary], fontsize=9)
+    ax.set_ylabel("relative transfer (÷ target's own prompt)", fontsize=9)
+    ax.set_title(title, fontsize=10.5, fontweight="bold")
+
+
+def transfer_section(ctx) -> str:
+    tags = {"ptx.kind": track.KIND_TRANSFER}
+    latest = _latest_per_backbone(_runs(ctx, tags), ctx.experiment)
+    if not latest:
+        return _not_run(ctx, "transfer", "transfer", tags)
+    parts, facts = [], {}
+    for backbone, run in sorted(latest.items()):
+        df = _parquet(_artifacts(ctx, run, track.KIND_TRANSFER), "transfer.parquet")
+        cite = ctx.sources.cite(run)
+        if df is None or df.empty:
+            parts.append(f"<h3>{esc(backbone)}</h3><p class='notrun'>transfer run {cite} has no readable "
+                         "transfer/transfer.parquet.</p>")
+            continue
+        splits = [s for s in ("test", "dev") if s in set(df.split)] + sorted(set(df.split) - {"test", "dev"})
+        split = splits[0]  # test when there is one: dev chose the prompts
+        summary = category_summary(df, split)
+        facts[backbone] = {"split": split, "run_id": run.info.run_id,
+                           **{f"{k}_{m}": v[m] for k, v in summary.items() for m in ("mean", "n")}}
+        metrics = ", ".join(sorted(set(df.metric))) if "metric" in df else "score"
+        parts.append(f"<h3>{esc(backbone)}</h3><p>Zero-shot transfer of every bank prompt (columns) to every task "
+                     f"(rows), from transfer run {cite}; {df.source_prompt_run.nunique() - 1} source prompts, "
+                     f"{df.target_task.nunique()} targets, metric: {esc(metrics)}. Outlined cells: a task's own "
+                     "prompt; black lines separate categories.</p>")
+        for i, s in enumerate(splits):
+            d = df[df.split == s]
+            figs = []
+            for column, kind, cbar, centre in (("value", "absolute", f"score ({metrics})", None),
+                                               ("relative_value", "relative", "score ÷ target's own prompt", 1.0)):
+                n_r, n_c = d.target_task.nunique(), d.source_task.nunique()
+                fig = _new_figure(3.2 + 0.62 * n_c, 2.6 + 0.42 * n_r)
+                plot_heatmap(fig, d, column, f"{backbone} · {s} split · {kind} transfer", cbar, centre)
+                figs.append(_figure(ctx, fig, f"transfer_{_slug(backbone, s, kind)}.png",
+                                    f"{esc(backbone)}, {esc(s)} split, {kind} (run {esc(run.info.run_id)})"))
+            block = "<div class='grid2'>" + "".join(figs) + "</div>"
+            parts.append(block if i == 0 else f"<details><summary>{esc(s)} split heatmaps</summary>{block}</details>")
+        rows = [[label, summary[k]["mean"], summary[k]["n"], summary[k]["mean_value"], cite]
+                for k, label in (("same", "same category (off-diagonal)"), ("cross", "cross category"),
+                                 ("random", "random prompt"))]
+        fig = _new_figure(5.2, 3.4)
+        _plot_groups(fig, summary, f"{backbone} · {split} split")
+        parts.append(f"<h4>Same-category vs cross-category transfer ({esc(split)} split)</h4><div class='grid2'>"
+                     + _table(["source → target pairs", "mean relative", "pairs", "mean score", "run"], rows)
+                     + _figure(ctx, fig, f"categories_{_slug(backbone, split)}.png",
+                               "relative transfer per (source prompt, target) pair; bars: means") + "</div>")
+        bank = df[(df.source_prompt_run != RANDOM)].drop_duplicates("source_prompt_run")
+        parts.append("<details><summary>source prompts of this matrix</summary>" + _table(
+            ["source task", "category", "prompt run"],
+            [[esc(r.source_task), esc(r.source_category), ctx.sources.cite(r.source_prompt_run)]
+             for r in bank.sort_values(["source_category", "source_task"]).itertuples()]) + "</details>")
+    ctx.facts["transfer"] = facts
+    ctx.status["transfer"] = ("ok", ", ".join(latest))
+    return "".join(parts)
+
+
+# ---- TPT ----------------------------------------------------------------------------------------------
+def _history(ctx, run_id, key: str) -> list[tuple[int, float]]:
+    try:
+        points = ctx.tracker.client.get_metric_history(run_id, key)
+    except Exception as exc:  # a deleted run: the curve is left out, the table still stands
+        log.warning("run %s: no metric history '%s' (%s)", run_id, key, exc)
+        return []
+    by_step = {int(m.step): float(m.value) for m in points if math.isfinite(m.value)}
+    return sorted(by_step.items())
+
+
+def _plot_curves(ctx, fig, backbone: str, seeds: pd.DataFrame, agg: pd.DataFrame) -> int:
+    targets = list(dict.fromkeys(seeds.target_task))
+    ncol = min(3, len(targets))
+    axes = np.atleast_1d(fig.subplots(math.ceil(len(targets) / ncol), ncol, squeeze=False)).ravel()
+    drawn = 0
+    for ax, target in zip(axes, targets, strict=False):
+        g = seeds[seeds.target_task == target]
+        for k, r in enumerate(g.itertuples()):
+            key = f"dev_{r.metric}"
+            for run, colour, label in ((getattr(r, "vanilla_run", None), "#2f5da8", "vanilla PT"),
+                                       (getattr(r, "tpt_run", None), "#d9822b", "TPT")):
+                curve = _history(ctx, run, key) if isinstance(run, str) else []
+                if curve:
+                    drawn += 1
+                    ax.plot(*zip(*curve, strict=True), color=colour, marker=".", lw=1.4, alpha=0.9,
+                            label=label if k == 0 else None)
+            if isinstance(getattr(r, "vanilla_best", None), float):
+                ax.axhline(r.vanilla_best, color="#2f5da8", ls="--", lw=0.8)
+        a = agg[agg.target_task == target]
+        speed = float(a.speedup.iloc[0]) if len(a) else math.nan
+        src = g.source_task.iloc[0] if "source_task" in g else "?"
+        ax.set_title(f"{target} ← {src}: {_num(speed, 2, '×')}", fontsize=9.5)
+        ax.set_xlabel("step", fontsize=8.5)
+        ax.set_ylabel(f"dev {g.metric.iloc[0]}", fontsize=8.5)
+        ax.tick_params(labelsize=8)
+        ax.legend(fontsize=8)
+    for ax in axes[len(targets):]:
+        ax.set_visible(False)
+    fig.suptitle(f"{backbone}: dev score during prompt tuning, vanilla vs transfer-initialised (dashed: vanilla best)",
+                 fontsize=10.5, fontweight="bold")
+    return drawn
+
+
+def tpt_section(ctx) -> str:
+    tags = {"ptx.kind": KIND_TPT}
+    latest = _latest_per_backbone(_runs(ctx, tags), ctx.experiment)
+    if not latest:
+        return _not_run(ctx, "tpt", "TPT", tags)
+    parts, facts = [], {}
+    for backbone, run in sorted(latest.items()):
+        folder = _artifacts(ctx, run, KIND_TPT)
+        agg, seeds = _parquet(folder, "tpt.parquet"), _parquet(folder, "tpt_seeds.parquet")
+        cite = ctx.sources.cite(run)
+        if agg is None or agg.empty:
+            parts.append(f"<h3>{esc(backbone)}</h3><p class='notrun'>TPT run {cite} has no tpt/tpt.parquet.</p>")
+            continue
+        mean = float(agg.speedup.mean()) if agg.speedup.notna().any() else math.nan
+        mean90 = float(agg.speedup_90.mean()) if "speedup_90" in agg and agg.speedup_90.notna().any() else math.nan
+        facts[backbone] = {"run_id": run.info.run_id, "mean_speedup": mean, "mean_speedup_90": mean90,
+                           "targets": len(agg), "defined": int(agg.speedup.notna().sum())}
+        parts.append(f"<h3>{esc(backbone)}</h3><p>Prompt tuning started from a transferred prompt (TPT) beside "
+                     f"vanilla prompt tuning, same seeds; TPT run {cite}. Speed-up = steps vanilla needs to reach "
+                     "its best dev score ÷ steps TPT needs to reach it (mean over seeds).</p>")
+        rows = []
+        for r in agg.itertuples():
+            runs = seeds[seeds.target_task == r.target_task] if seeds is not None else pd.DataFrame()
+            ids = " ".join(ctx.sources.cite(x) for c in ("vanilla_run", "tpt_run") if c in runs
+                           for x in runs[c].dropna())
+            rows.append([esc(r.target_task), esc(r.source_task), ctx.sources.cite(r.source_prompt_run),
+                         r.vanilla_best, r.tpt_best, r.vanilla_steps, r.tpt_steps, _num(r.speedup, 2, "×"),
+                         _num(getattr(r, "speedup_90", math.nan), 2, "×"),
+                         f"{getattr(r, 'n_valid', '')}/{getattr(r, 'n_seeds', '')}", esc(str(getattr(r, "flags", ""))),
+                         ids or cite])
+        parts.append(_table(["target", "source task", "source prompt", "vanilla best", "TPT best", "vanilla steps",
+                             "TPT steps", "speed-up", "speed-up @90%", "seeds ok", "flags", "runs (vanilla, TPT)"],
+                            rows))
+        if seeds is not None and {"vanilla_run", "tpt_run", "metric", "target_task"} <= set(seeds.columns):
+            n = seeds.target_task.nunique()
+            fig = _new_figure(min(13.5, 4.4 * min(3, n)), 0.6 + 3.0 * math.ceil(n / 3))
+            if _plot_curves(ctx, fig, backbone, seeds, agg):
+                parts.append(_figure(ctx, fig, f"tpt_{_slug(backbone)}.png",
+                                     f"dev curves of the runs in the table above (TPT run {esc(run.info.run_id)})"))
+    ctx.facts["tpt"] = facts
+    ctx.status["tpt"] = ("ok", ", ".join(latest))
+    return "".join(parts)
+
+
+# ---- indicators ---------------------------------------------------------------------------------------
+def _plot_scatter(fig, pairs: pd.DataFrame, names: list, summary: pd.DataFrame, backbone: str) -> None:
+    ncol = min(4, len(names))
+    axes = np.atleast_1d(fig.subplots(math.ceil(len(names) / ncol), ncol, squeeze=False)).ravel()
+    targets = sorted(pairs.target_task.unique())
+    colours = {t: f"C{i % 10}" for i, t in enumerate(targets)}
+    sp = summary[summary.method == "spearman"].set_index("indicator")
+    for ax, name in zip(axes, names, strict=False):
+        for t in targets:
+            g = pairs[pairs.target_task == t]
+            ax.scatter(g[name], g.y, s=16, color=colours[t], label=t, alpha=0.85)
+        rho = sp.mean_over_targets.get(name, math.nan)
+        pooled = sp.pooled.get(name, math.nan) if "pooled" in sp else math.nan
+        ax.set_title(f"{name}: ρ̄ = {_num(rho, 2)} (pooled {_num(pooled, 2)})", fontsize=9.5,
+                     fontweight="bold" if name in ON else "normal")
+        ax.set_xlabel(name, fontsize=8.5)
+        ax.tick_params(labelsize=7.5)
+    for ax in axes[::ncol]:
+        ax.set_ylabel("relative transfer", fontsize=8.5)
+    for ax in axes[len(names):]:
+        ax.set_visible(False)
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside lower center", ncol=min(6, len(labels)), fontsize=8.5,
+               title="target task", title_fontsize=8.5)
+    fig.suptitle(f"{backbone}: indicator vs zero-shot transfer, one point per (source prompt, target task); "
+                 "ρ̄ = mean Spearman over targets", fontsize=10.5, fontweight="bold")
+
+
+def _layer_of(name: str) -> tuple[str, int, int] | None:
+    """'on.layer_3' -> ('on', 3, 3); 'on_jaccard.layers_1-3' -> ('on_jaccard', 1, 3); else None."""
+    base, _, rest = name.partition(".")
+    try:
+        if rest.startswith("layer_"):
+            k = int(rest[6:])
+            return base, k, k
+        if rest.startswith("layers_"):
+            a, b = rest[7:].split("-")
+            return base, int(a), int(b)
+    except ValueError:
+        return None
+    return None
+
+
+def _plot_layers(fig, win: pd.DataFrame, main: pd.DataFrame, backbone: str) -> None:
+    ax = fig.subplots()
+    for i, base in enumerate(b for b in ON if any(_layer_of(n) and _layer_of(n)[0] == b for n in win.indicator)):
+        colour = f"C{i}"
+        rows = [(_layer_of(r.indicator), r) for r in win.itertuples() if _layer_of(r.indicator)
+                and _layer_of(r.indicator)[0] == base]
+        single = sorted((lay[1], r) for lay, r in rows if lay[1] == lay[2])
+        if single:
+            x = np.array([k for k, _ in single]) + (i - 0.5) * 0.12
+            y = np.array([r.mean_over_targets for _, r in single], float)
+            err = np.array([[r.mean_over_targets - r.ci_low, r.ci_high - r.mean_over_targets] for _, r in single]).T
+            ax.errorbar(x, y, yerr=np.where(np.isfinite(err), err, 0), color=colour, marker="o", capsize=3,
+                        label=f"{base}, one layer")
+        for lay, r in rows:
+            if lay[1] != lay[2]:
+                ax.hlines(r.mean_over_targets, lay[1] - 0.4, lay[2] + 0.4, color=colour, lw=5, alpha=0.35)
+        whole = main[(main.indicator == base) & (main.method == "spearman")]
+        if len(whole):
+            ax.axhline(whole.mean_over_targets.iloc[0], color=colour, ls="--", lw=1,
+                       label=f"{base}, all layers")
+    ax.axhline(0, color="black", lw=0.6)
+    ax.set_xlabel("layer (wide bars: windows of layers)", fontsize=9)
+    ax.set_ylabel("Spearman with transfer (mean over targets)", fontsize=9)
+    ax.set_title(f"{backbone}: where in the network ON predicts transfer (95% CI)", fontsize=10.5,
+                 fontweight="bold")
+    ax.legend(fontsize=8)
+
+
+def indicators_section(ctx) -> str:
+    tags = {"ptx.kind": track.KIND_INDICATORS}
+    latest = _latest_per_backbone(_runs(ctx, tags), ctx.experiment)
+    if not latest:
+        return _not_run(ctx, "indicators", "indicators", tags)
+    parts, facts = [], {}
+    for backbone, run in sorted(latest.items()):
+        folder = _artifacts(ctx, run, "tables")
+        summary = _parquet(folder, "correlations.parquet")
+        cite = ctx.sources.cite(run)
+        if summary is None or summary.empty:
+            parts.append(f"<h3>{esc(backbone)}</h3><p class='notrun'>indicators run {cite} has no "
+                         "tables/correlations.parquet.</p>")
+            continue
+        sp = summary[summary.method == "spearman"].set_index("indicator")
+        emb = sp[sp.index.isin(EMBEDDING)].dropna(subset=["mean_over_targets"])
+        fact = {"run_id": run.info.run_id}
+        if "on" in sp.index:
+            fact.update(on=float(sp.loc["on", "mean_over_targets"]), on_ci=[float(sp.loc["on", "ci_low"]),
+                                                                               float(sp.loc["on", "ci_high"])])
+        if len(emb):
+            top = emb.mean_over_targets.idxmax()
+            fact.update(embedding=top, embedding_rho=float(emb.loc[top, "mean_over_targets"]),
+                        embedding_ci=[float(emb.loc[top, "ci_low"]), float(emb.loc[top, "ci_high"])])
+        facts[backbone] = fact
+        parts.append(f"<h3>{esc(backbone)}</h3><p>Correlation of each indicator with zero-shot transfer, per target "
+                     "task over its source prompts and then averaged (95% bootstrap CI), and pooled over all pairs; "
+                     f"from indicators run {cite}.</p>")
+        methods = [m for m in ("spearman", "pearson", "kendall") if m in set(summary.method)]
+        order = [n for n in (*ON, *EMBEDDING) if n in set(summary.indicator)]
+        order += sorted(set(summary.indicator) - set(order))
+        rows = []
+        for name in order:
+            by = summary[summary.indicator == name].set_index("method")
+            row = [f"<b>{esc(name)}</b>" if name in ON else esc(name)]
+            row += [_ci(*(by.loc[m, c] for c in ("mean_over_targets", "ci_low", "ci_high"))) if m in by.index
+                    else "—" for m in methods]
+            s = by.loc["spearman"] if "spearman" in by.index else by.iloc[0]
+            row += [_ci(s.get("pooled"), s.get("pooled_ci_low"), s.get("pooled_ci_high")),
+                    f"{s.get('n_targets_defined', '')}/{s.get('n_targets', '')}", s.get("n_pairs", ""), cite]
+            rows.append(row)
+        parts.append(_table(["indicator", *(f"{m} (mean over targets) [CI]" for m in methods), "Spearman pooled [CI]",
+                             "targets defined", "pairs", "run"], rows))
+        pairs = _parquet(folder, "pairs.parquet")
+        names = [n for n in order if pairs is not None and n in pairs.columns]
+        if names:
+            valid = pairs.dropna(subset=["y"])
+            ncol = min(4, len(names))
+            fig = _new_figure(3.3 * ncol, 0.9 + 2.9 * math.ceil(len(names) / ncol))
+            _plot_scatter(fig, valid, names, summary, backbone)
+            parts.append(_figure(ctx, fig, f"indicators_{_slug(backbone)}.png",
+                                 f"indicator vs transfer (run {esc(run.info.run_id)}; pairs.parquet)"))
+        win = _parquet(folder, "correlations_windows.parquet")
+        if win is not None and not win.empty:
+            win = win[win.method == "spearman"]
+            fig = _new_figure(7.5, 3.6)
+            _plot_layers(fig, win, summary, backbone)
+            rows = [[esc(r.indicator), _ci(r.mean_over_targets, r.ci_low, r.ci_high),
+                     f"{r.n_targets_defined}/{r.n_targets}", cite] for r in win.itertuples()]
+            parts.append("<h4>Per-layer ON</h4>" + _figure(ctx, fig, f"layers_{_slug(backbone)}.png",
+                                                            f"ON per layer and window (run {esc(run.info.run_id)})")
+                         + "<details><summary>per-layer table</summary>" + _table(
+                             ["indicator", "Spearman (mean over targets) [CI]", "targets defined", "run"], rows)
+                         + "</details>")
+    ctx.facts["indicators"] = facts
+    ctx.status["indicators"] = ("ok", ", ".join(latest))
+    return "".join(parts)
+
+
+# ---- projector ----------------------------------------------------------------------------------------
+def projector_section(ctx) -> str:
+    stage = [r for r in _runs(ctx, {"ptx.stage": "projector"}, status=None)
+             if r.data.tags.get("ptx.kind") in ("stage", track.KIND_PROJECTOR)]
+    stage += [r for r in _runs(ctx, {"ptx.kind": track.KIND_PROJECTOR}, status=None)
+              if "ptx.objective" not in r.data.tags and r not in stage]  # a stage run logged as kind=projector
+    done = sorted((r for r in stage if r.info.status == "FINISHED"), key=lambda r: -r.info.start_time)
+    if not done:
+        return _not_run(ctx, "projector", "projector", {"ptx.stage": "projector"})
+    run = done[0]
+    cite = ctx.sources.cite(run)
+    if run.data.tags.get("ptx.skipped") == "true":
+        reason = run.data.tags.get("ptx.skip_reason", "no reason recorded")
+        ctx.status["projector"] = ("skipped", "skipped")
+        ctx.facts["projector"] = {"skipped": reason, "run_id": run.info.run_id}
+        return f"<p class='notrun'>skipped: {esc(reason)} (projector stage run {cite}).</p>"
+    folder = _artifacts(ctx, run, "tables")
+    zs, tpt = _parquet(folder, "projector_zero_shot.parquet"), _parquet(folder, "projector_tpt.parquet")
+    models = [r for r in _runs(ctx, {"ptx.kind": track.KIND_PROJECTOR}) if "ptx.objective" in r.data.tags
+              and r.data.tags.get("mlflow.parentRunId") in (None, run.info.run_id)]
+    tags = run.data.tags
+    parts = [f"<p>Prompts of <b>{esc(tags.get('ptx.source_backbone', '?'))}</b> projected onto "
+             f"<b>{esc(tags.get('ptx.target_backbone', '?'))}</b> and scored zero-shot there beside a random prompt "
+             f"and the target backbone's own prompt; projector stage run {cite}.</p>"]
+    if models:
+        parts.append(_table(["objective", "form", "initial loss", "final loss", "projector run"],
+                            [[esc(r.data.tags["ptx.objective"]), esc(r.data.tags.get("ptx.form", "")),
+                              r.data.metrics.get("initial_loss", math.nan), r.data.metrics.get("final_loss", math.nan),
+                              ctx.sources.cite(r)] for r in models]))
+    facts = {"run_id": run.info.run_id}
+    if zs is not None and not zs.empty:
+        objectives = sorted(o for o in zs.objective.dropna().unique())
+        rows = []
+        for target, g in zs.groupby("target_task", sort=True):
+            own, rnd = g[g.prompt == "own"], g[g.prompt == "random"]
+            row = [esc(target), own.value.mean() if len(own) else g.own_value.iloc[0], rnd.value.mean()]
+            for o in objectives:
+                p = g[(g.prompt == "projected") & (g.objective == o)]
+                same, cross = p[p.same_task.astype(bool)], p[~p.same_task.astype(bool)]
+                row += [same.value.mean() if len(same) else math.nan,
+                        same.relative_value.mean() if len(same) else math.nan, cross.value.mean()]
+            ids = [x for c in ("source_prompt_run", "projector_run") if c in g for x in g[c].dropna().unique()]
+            rows.append([*row, " ".join(ctx.sources.cite(x) for x in ids)])
+        head = ["target task", "own prompt", "random prompt"]
+        for o in objectives:
+            head += [f"projected ({esc(o)}), same task", "÷ own", "projected, other tasks (mean)"]
+        parts.append(f"<h4>Zero-shot on the target backbone ({esc(str(zs.split.iloc[0]))} split)</h4>"
+                     + _table([*head, "runs (source prompts, projectors)"], rows))
+        same = zs[(zs.prompt == "projected") & zs.same_task.astype(bool)]
+        facts.update(own=float(zs[zs.prompt == "own"].value.mean()), random=float(zs[zs.prompt == "random"].value.mean()),
+                     projected={o: float(same[same.objective == o].value.mean()) for o in objectives})
+    if tpt is not None and not tpt.empty:
+        parts.append("<h4>Prompt tuning on the target from the projected prompt (TPT) vs from scratch</h4>" + _table(
+            ["task", "objective", "vanilla best", "TPT best", "speed-up", "speed-up @90%", "flag", "runs"],
+            [[esc(r.task), esc(r.objective), r.vanilla_best, r.tpt_best, _num(r.speedup, 2, "×"),
+              _num(r.speedup_90, 2, "×"), esc(r.flag), ctx.sources.cite(r.vanilla_run) + " "
+              + ctx.sources.cite(r.tpt_run)] for r in tpt.itertuples()]))
+    if len(parts) == 1:
+        parts.append(f"<p class='notrun'>projector stage run {cite} logged no result tables.</p>")
+    ctx.facts["projector"] = facts
+    ctx.status["projector"] = ("ok", "finished")
+    return "".join(parts)
+
+
+# ---- findings and the page ----------------------------------------------------------------------------
+def _missing(stage: str) -> str:
+    return f"<span class='muted'>not available: the {stage} stage has no finished run in this experiment.</span>"
+
+
+def findings(ctx) -> list[str]:
+    """Plain-language answers to the study's questions, each sentence carrying its numbers and runs."""
+    out = []
+    transfer = ctx.facts.get("transfer") or {}
+    for bb, f in transfer.items():
+        yes = f["same_mean"] > f["cross_mean"]
+        out.append(f"<b>Does same-category transfer beat cross-category? {'Yes' if yes else 'No'}</b> on "
+                   f"{esc(bb)} ({esc(f['split'])} split): a source prompt reaches {_num(f['same_mean'])} of the "
+                   f"target's own-prompt score on other tasks of its category (n = {f['same_n']} pairs) vs "
+                   f"{_num(f['cross_mean'])} on tasks of other categories (n = {f['cross_n']}); a random prompt "
+                   f"reaches {_num(f['random_mean'])} (n = {f['random_n']}). Run {ctx.sources.cite(f['run_id'])}.")
+    if not transfer:
+        out.append("<b>Does same-category transfer beat cross-category?</b> " + _missing("transfer"))
+    ind = ctx.facts.get("indicators") or {}
+    for bb, f in ind.items():
+        if "on" not in f or "embedding" not in f:
+            continue
+        yes = f["on"] > f["embedding_rho"]
+        overlap = f["on_ci"][0] <= f["embedding_ci"][1] and f["embedding_ci"][0] <= f["on_ci"][1]
+        out.append(f"<b>Does ON predict transfer better than embedding similarity? {'Yes' if yes else 'No'}</b> on "
+                   f"{esc(bb)}: mean Spearman over targets {_ci(f['on'], *f['on_ci'])} for ON vs "
+                   f"{_ci(f['embedding_rho'], *f['embedding_ci'])} for the best embedding similarity "
+                   f"({esc(f['embedding'])})" + ("; the 95% intervals overlap, so this is not conclusive" if overlap
+                                                 else "") + f". Run {ctx.sources.cite(f['run_id'])}.")
+    if not any("on" in f and "embedding" in f for f in ind.values()):
+        out.append("<b>Does ON predict transfer better than embedding similarity?</b> " + (
+            _missing("indicators") if not ind else "<span class='muted'>not available: the indicators run has no "
+                                                   "Spearman row for ON and an embedding similarity.</span>"))
+    tpt = ctx.facts.get("tpt") or {}
+    for bb, f in tpt.items():
+        m = f["mean_speedup"]
+        verdict = "faster" if m > 1 else "not faster" if math.isfinite(m) else "undefined"
+        out.append(f"<b>How fast is TPT?</b> On {esc(bb)}, transfer-initialised prompt tuning is {verdict}: it "
+                   f"reaches vanilla prompt tuning's best dev score in {_num(m, 2, '×')} fewer steps on average "
+                   f"(mean over the {f['defined']} of {f['targets']} targets with a defined speed-up; to 90% of that "
+                   f"score: {_num(f['mean_speedup_90'], 2, '×')}). Run {ctx.sources.cite(f['run_id'])}.")
+    if not tpt:
+        out.append("<b>How fast is TPT?</b> " + _missing("TPT"))
+    proj = ctx.facts.get("projector") or {}
+    if proj.get("projected"):
+        best = max(proj["projected"], key=lambda o: proj["projected"][o])
+        out.append(f"<b>Do projected prompts transfer across models?</b> Projected prompts ({esc(best)} objective) "
+                   f"score {_num(proj['projected'][best])} on their own task on the target backbone, vs "
+                   f"{_num(proj['random'])} for a random prompt and {_num(proj['own'])} for the target's own prompt. "
+                   f"Run {ctx.sources.cite(proj['run_id'])}.")
+    elif "skipped" in proj:
+        out.append(f"<b>Do projected prompts transfer across models?</b> <span class='muted'>skipped: "
+                   f"{esc(proj['skipped'])}.</span>")
+    return out
+
+
+CSS = """
+:root{--ink:#1c2230;--muted:#667085;--line:#e2e6ee;--accent:#2f5da8;--bg:#f4f6fa}
+*{box-sizing:border-box}
+body{margin:0;background:var(--bg);color:var(--ink);
+ font:15px/1.55 -apple-system,"Segoe UI",Roboto,"Helvetica Neue",Arial,sans-serif}
+main{max-width:1140px;margin:0 auto;padding:28px 28px 64px}
+h1{font-size:28px;margin:0 0 4px;letter-spacing:-.01em}
+h2{font-size:20px;margin:0 0 12px;padding-bottom:6px;border-bottom:1px solid var(--line)}
+h3{font-size:16.5px;margin:18px 0 6px;color:#24324d} h4{font-size:14.5px;margin:16px 0 6px}
+.meta{color:var(--muted);font-size:13px}
+nav{display:flex;flex-wrap:wrap;gap:8px;margin:14px 0 4px}
+nav a{text-decoration:none;font-size:13px;padding:4px 11px;border-radius:999px;border:1px solid var(--line);
+ background:#fff;color:var(--ink)}
+nav a.ok{border-color:#9cd3b0;background:#edf8f1} nav a.missing{border-color:#e7cf8a;background:#fff8e6}
+nav a.skipped{border-color:#c9cfdb;background:#f0f2f6}
+section{background:#fff;border:1px solid var(--line);border-radius:12px;padding:18px 24px;margin:18px 0;
+ box-shadow:0 1px 2px rgba(16,24,40,.05)}
+section.findings{border-left:6px solid var(--accent);background:#f0f5fd}
+.findings ul{margin:0;padding-left:20px} .findings li{margin:8px 0}
+table{border-collapse:collapse;font-size:13px;font-variant-numeric:tabular-nums;margin:6px 0}
+th{text-align:left;background:#f1f3f8;font-weight:600;position:sticky;top:0}
+td,th{padding:5px 10px;border-bottom:1px solid var(--line);vertical-align:top}
+td.n{text-align:right} tbody tr:nth-child(even) td{background:#fafbfd}
+.scroll{overflow-x:auto;max-width:100%}
+a.run{font-family:ui-monospace,SFMono-Regular,Menlo,Consolas,monospace;font-size:11px;color:var(--accent);
+ text-decoration:none;word-break:break-all}
+sup{font-size:9px;color:var(--muted)}
+.notrun{background:#fff8e6;border:1px solid #efd48c;padding:10px 14px;border-radius:8px;color:#6b5210}
+.muted{color:var(--muted)}
+figure{margin:10px 0} figure img{max-width:100%;height:auto;border:1px solid var(--line);border-radius:8px;
+ background:#fff} figcaption{font-size:12px;color:var(--muted)}
+.grid2{display:grid;grid-template-columns:repeat(auto-fit,minmax(420px,1fr));gap:16px;align-items:start}
+details{margin:8px 0} summary{cursor:pointer;color:var(--accent);font-size:13.5px}
+code,.cmd{font-family:ui-monospace,SFMono-Regular,Menlo,Consolas,monospace;font-size:11.5px}
+code{background:#f1f3f8;padding:1px 5px;border-radius:4px} .cmd{color:#3d4a5f;background:#f6f7fa;padding:1px 5px}
+ol.sources li{font-size:12.5px;margin:4px 0}
+"""
+# counts the images that loaded into <html data-images="ok:N/M"> (read back by the headless-browser test)
+IMAGE_CHECK = """<script>window.addEventListener("load",function(){var m=document.images,k=0;
+for(var i=0;i<m.length;i++){if(m[i].complete&&m[i].naturalWidth>0){k++;}}
+document.documentElement.setAttribute("data-images","ok:"+k+"/"+m.length);});</script>"""
+
+SECTIONS = (("training", "Training", training_section), ("transfer", "Zero-shot transfer", transfer_section),
+            ("tpt", "Transfer-initialised prompt tuning (TPT)", tpt_section),
+            ("indicators", "Transferability indicators", indicators_section),
+            ("projector", "Cross-model projector", projector_section))
+
+
+def render(ctx, uri: str) -> str:
+    """The whole page as one HTML string (figures are written to ctx.fig as a side effect)."""
+    bodies = []
+    for sid, title, fn in SECTIONS:
+        try:
+            body = fn(ctx)
+        except Exception as exc:  # one broken table must not cost the rest of the report: say so in its place
+            log.exception("report section %s failed", sid)
+            ctx.status[sid] = ("missing", "failed")
+            body = f"<p class='notrun'>this section could not be built: {esc(type(exc).__name__)}: {esc(str(exc))}</p>"
+        bodies.append(f"<section id='{sid}'><h2>{esc(title)}</h2>{body}</section>")
+    facts = "".join(f"<li>{s}</li>" for s in findings(ctx))
+    nav = "".join(f"<a class='{ctx.status.get(sid, ('missing',))[0]}' href='#{sid}'>{esc(title.split(' (')[0])}: "
+                  f"{esc(ctx.status.get(sid, ('', 'not run'))[1])}</a>" for sid, title, _ in SECTIONS)
+    when = time.strftime("%Y-%m-%d %H:%M:%S %Z")
+    return (f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>{MARKER}"
+            f"<meta name='viewport' content='width=device-width, initial-scale=1'>"
+            f"<title>ptx report: {esc(ctx.experiment)}</title><style>{CSS}</style>{IMAGE_CHECK}</head><body><main>"
+            f"<header><h1>ptx report: {esc(ctx.experiment)}</h1><div class='meta'>MLflow store <code>{esc(uri)}</code>"
+            f" · experiment <code>{esc(ctx.experiment)}</code> (id {esc(ctx.exp_id)}) · built {esc(when)} by ptx "
+            f"{esc(__version__)}</div><nav>{nav}<a href='#sources'>Sources</a></nav></header>"
+            f"<section id='findings' class='findings'><h2>Findings</h2><ul>{facts}</ul></section>"
+            + "".join(bodies)
+            + "<section id='sources'><h2>Sources</h2><p class='meta'>Every number above names the MLflow run it came "
+              "from (the superscript is its footnote here). Fetch a prompt run with <code>ptx prompts get RUN_ID -o DIR"
+              "</code> and any run's artifacts with <code>mlflow artifacts download -r RUN_ID -d DIR</code> "
+              f"(tracking URI <code>{esc(uri)}</code>); browse them with <code>mlflow ui --backend-store-uri "
+              f"{esc(uri)}</code>.</p>{ctx.sources.footnotes(uri)}</section></main></body></html>")
+
+
+# ---- entry points -------------------------------------------------------------------------------------
+def _experiment_id(tracker, experiment: str) -> str:
+    exp = tracker.client.get_experiment_by_name(experiment)
+    if exp is None:
+        names = sorted(e.name for e in tracker.client.search_experiments())
+        raise PtxError(f"experiment '{experiment}' does not exist in the MLflow store {tracker.uri}"
+                       f"{suggest(experiment, names)} (found: {', '.join(names) or 'none'})")
+    return exp.experiment_id
+
+
+def build_report(tracker, experiment: str, out_dir) -> Path:
+    """Write OUT_DIR/index.html (+ fig/*.png, summary.json) for one MLflow experiment (= study); returns index.html."""
+    out = Path(out_dir).expanduser().resolve()
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (
+            (out / "index.html").is_file() and MARKER in (out / "index.html").read_text(errors="replace")[:2000]))):
+        raise PtxError(f"report directory {out}: exists and is not empty or a previous ptx report; choose a new -o")
+    exp_id = _experiment_id(tracker, experiment)
+    with tempfile.TemporaryDirectory(prefix="ptx-report-") as scratch, atomic_dir(out) as tmp:
+        ctx = _Ctx(tracker, experiment, exp_id, Path(scratch), tmp / "fig")
+        ctx.fig.mkdir()
+        page = render(ctx, tracker.uri)
+        (tmp / "index.html").write_text(page, encoding="utf-8")
+        write_json(tmp / "summary.json", {"experiment": experiment, "tracking_uri": tracker.uri,
+                                          "sections": {k: v[0] for k, v in ctx.status.items()},
+                                          "facts": ctx.facts, "runs": list(ctx.sources.cited)})
+    return out / "index.html"
+
+
+def run_report_stage(spec, tracker, workdir) -> dict:
+    """The study's report stage: WORKDIR/report/index.html, logged as the artifact dir of a ptx.kind=report run."""
+    workdir = Path(workdir).resolve()
+    if tracker.experiment != spec.name:  # stages read and write the study's own experiment
+        tracker = track.Tracker(tracker.uri, spec.name, workdir=workdir)
+    path = build_report(tracker, spec.name, workdir / "report")
+    run_id = tracker.start_run(f"report {spec.name}", {"ptx.kind": track.KIND_REPORT, "ptx.study": spec.name})
+    try:
+        import json
+
+        summary = json.loads((path.parent / "summary.json").read_text())
+        tracker.log(run_id, {"cited_runs": len(summary["runs"])},
+                    tags={f"ptx.report.{k}": v for k, v in summary["sections"].items()})
+        tracker.log_artifacts(run_id, path.parent, "report")
+        tracker.finish(run_id)
+    except BaseException:
+        tracker.finish(run_id, "FAILED")
+        raise
+    return {"path": str(path), "run_id": run_id}

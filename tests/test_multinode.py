@@ -1,0 +1,459 @@
+"""A real two-node Ray cluster and a real MLflow server on this one machine: a sweep spreads its trials over
+both nodes, survives the loss of a worker node, and survives an MLflow server restart, with nothing lost.
+
+Every node is one `ray start --block` in its own session, so its process group is the whole node (raylet,
+agents, the trial workers it forks): SIGKILL to the group is a node loss, and teardown kills every group this
+module started (never `ray stop`, which would also stop other tests' Ray). The cluster uses its own temp dir,
+ports and authentication token. The MLflow server is `ptx mlflow-server` in its own process group, and the
+sweep driver is `python -m ptx sweep ... --address` in a third.
+
+Figures (trials started/finished, retries, MLflow runs per trial, artifacts missing) are printed as `FIGURES`
+lines: `pytest -m cluster -s tests/test_multinode.py` shows them (docs/fault_tolerance.md quotes them).
+"""
+
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import psutil
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+
+pytestmark = [pytest.mark.cluster, pytest.mark.ray]
+BIN = Path(sys.executable).parent
+START_TIMEOUT = 180  # s: a node or the MLflow server starting on a loaded 2-core box
+SWEEP_TIMEOUT = 480  # s: one small sweep, faults included
+TRAIN_LIMIT, DEV_LIMIT = 64, 16
+
+
+def write_spec(path: Path, **changes) -> Path:
+    """A small study spec on tiny-llama (the helper of tests/test_sweep.py)."""
+    spec = {
+        "name": path.stem,
+        "backbones": ["tiny-llama"],
+        "tasks": ["tweet_sentiment", "drug_sentiment"],
+        "seeds": [0],
+        "prompt_length": 4,
+        "init": "vocab",
+        "train": {"steps": 12, "batch_size": 8, "lr": 0.05, "eval_every": 3, "eval_batch_size": 32},
+        "data": {"train_limit": TRAIN_LIMIT, "dev_limit": DEV_LIMIT, "test_limit": 16},
+        "resources": {"cpu": 1},
+        "max_concurrent": 2,
+        "max_failures": 2,
+    }
+    for key, value in changes.items():
+        spec[key] = value
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def group_alive(pgid: int) -> list[psutil.Process]:
+    out = []
+    for proc in psutil.process_iter(["pid"]):
+        try:
+            if os.getpgid(proc.pid) == pgid and proc.status() != psutil.STATUS_ZOMBIE:
+                out.append(proc)
+        except (ProcessLookupError, psutil.Error):
+            pass
+    return out
+
+
+def kill_group(proc: subprocess.Popen, sig: int = signal.SIGKILL, timeout: float = 30) -> None:
+    """Signal a process group this module started; wait until no member is left (SIGKILL after `timeout`)."""
+    pgid = proc.pid
+    try:
+        os.killpg(pgid, sig)
+    except ProcessLookupError:
+        pass
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(pgid, signal.SIGKILL)
+        proc.wait(timeout=10)
+    deadline = time.monotonic() + timeout
+    while group_alive(pgid) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    if group_alive(pgid):
+        os.killpg(pgid, signal.SIGKILL)
+        time.sleep(1)
+    left = group_alive(pgid)
+    assert not left, f"processes left in group {pgid}: {[p.pid for p in left]}"
+
+
+def tail(path: Path, n: int = 3000) -> str:
+    return path.read_text(errors="replace")[-n:] if path.exists() else "(no log)"
+
+
+# ---- the Ray cluster --------------------------------------------------------------------------------
+class RayNode:
+    """One `ray start --block` in its own session; `node_id` read from its raylet's command line."""
+
+    def __init__(self, args: list[str], env: dict, log: Path):
+        self.log, self.node_id = log, None
+        with open(log, "wb") as f:
+            self.proc = subprocess.Popen([str(BIN / "ray"), "start", "--block", *args], env=env, stdout=f,
+                                         stderr=subprocess.STDOUT, start_new_session=True)
+
+    def wait_started(self) -> str:
+        deadline = time.monotonic() + START_TIMEOUT
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"ray start exited {self.proc.returncode}:\n{tail(self.log)}")
+            if b"block forever" in self.log.read_bytes():
+                for p in group_alive(self.proc.pid):
+                    try:
+                        ids = [a.split("=", 1)[1] for a in p.cmdline() if a.startswith("--node_id=")]
+                    except psutil.Error:
+                        continue
+                    if ids and p.name() == "raylet":
+                        self.node_id = ids[0]
+                        return self.node_id
+            time.sleep(0.5)
+        raise AssertionError(f"node not started after {START_TIMEOUT} s:\n{tail(self.log)}")
+
+    def kill(self) -> None:
+        if self.proc.returncode is None:
+            kill_group(self.proc)
+
+
+class RayCluster:
+    """A head (1 CPU, resource head_node) and worker nodes (2 CPUs, worker_node) on 127.0.0.1, token-authenticated."""
+
+    def __init__(self, logs: Path):
+        self.logs = logs
+        # short: Ray's unix sockets live under it (a path limit of 107 bytes)
+        self.temp = Path(tempfile.mkdtemp(prefix="ptxray-", dir="/tmp"))
+        self.port = free_port()
+        self.address = f"127.0.0.1:{self.port}"
+        self.env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
+        # the cluster's own token: Ray 2.60 turns token auth on for `ray start` when ~/.ray/auth_token exists,
+        # and clients send a token only in token mode; one explicit token makes every process agree
+        self.env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(32))
+        self.nodes: list[RayNode] = []
+
+    def _common(self) -> list[str]:
+        return ["--node-ip-address", "127.0.0.1", "--temp-dir", str(self.temp), "--object-store-memory", "100000000",
+                "--disable-usage-stats", "--dashboard-agent-listen-port", str(free_port())]
+
+    def start_head(self) -> RayNode:
+        node = RayNode(["--head", "--port", str(self.port), "--num-cpus", "1", "--resources", '{"head_node": 1}',
+                        "--include-dashboard", "false", "--dashboard-port", str(free_port()),
+                        "--ray-client-server-port", str(free_port()), *self._common()], self.env,
+                       self.logs / "head.log")
+        self.nodes.append(node)
+        return node
+
+    def start_worker(self) -> RayNode:
+        node = RayNode(["--address", self.address, "--num-cpus", "2", "--resources", '{"worker_node": 1}',
+                        *self._common()], self.env, self.logs / f"worker{len(self.nodes)}.log")
+        self.nodes.append(node)
+        return node
+
+    def add_worker(self) -> RayNode:
+        node = self.start_worker()
+        node.wait_started()
+        return node
+
+    def alive(self) -> list[RayNode]:
+        return [n for n in self.nodes if n.proc.poll() is None]
+
+    def stop(self) -> None:
+        errors = []
+        for node in reversed(self.nodes):  # workers first, the head (GCS) last
+            try:
+                node.kill()
+            except AssertionError as exc:
+                errors.append(str(exc))
+        shutil.rmtree(self.temp, ignore_errors=True)
+        assert not errors, errors
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory, ptx_cache_dir):
+    logs = tmp_path_factory.mktemp("ray-logs")
+    ray_cluster = RayCluster(logs)
+    try:
+        head = ray_cluster.start_head()
+        # while the head starts: build the tiny backbone and encode the splits the trials read (once, not racing)
+        from ptx.backbones import load_backbone
+        from ptx.data import encode_split
+        from ptx.tasks import load_task
+
+        bb = load_backbone("tiny-llama")
+        for task in ("tweet_sentiment", "drug_sentiment"):
+            encode_split(load_task(task), bb, "train", limit=TRAIN_LIMIT)
+            encode_split(load_task(task), bb, "dev", limit=DEV_LIMIT)
+        head.wait_started()
+        ray_cluster.add_worker()
+        yield ray_cluster
+    finally:
+        ray_cluster.stop()
+
+
+# ---- the MLflow server ------------------------------------------------------------------------------
+class Server:
+    """`ptx mlflow-server` as a subprocess in its own process group; `restart` keeps the port and the store."""
+
+    def __init__(self, workdir: Path):
+        self.port, self.workdir = free_port(), workdir
+        self.uri = f"http://127.0.0.1:{self.port}"
+        self.proc, self.starts = None, 0
+        self.start()
+
+    def start(self) -> None:
+        self.starts += 1
+        self.log = self.workdir.parent / f"server{self.starts}.log"
+        env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+        with open(self.log, "wb") as log:
+            self.proc = subprocess.Popen([str(BIN / "ptx"), "mlflow-server", "--port", str(self.port), "--workdir",
+                                          str(self.workdir)], stdout=log, stderr=subprocess.STDOUT, env=env,
+                                         start_new_session=True)
+
+    def wait_healthy(self) -> None:
+        deadline = time.monotonic() + START_TIMEOUT
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"server exited {self.proc.returncode}:\n{tail(self.log)}")
+            try:
+                with urllib.request.urlopen(self.uri + "/health", timeout=2) as resp:
+                    if resp.status == 200:
+                        return
+            except OSError:
+                time.sleep(0.5)
+        raise AssertionError(f"server not healthy after {START_TIMEOUT} s:\n{tail(self.log)}")
+
+    def stop(self) -> None:
+        """SIGTERM (SIGKILL after 20 s); no process of the group may remain."""
+        if self.proc is not None and self.proc.returncode is None:
+            kill_group(self.proc, signal.SIGTERM, timeout=20)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("mlflow") / "srv"
+    workdir.mkdir()
+    # a migrated empty store: a fresh sqlite db spends ~10 s in MLflow's migrations at the first start
+    MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}").search_experiments()
+    srv = Server(workdir)
+    try:
+        srv.wait_healthy()
+        yield srv
+    finally:
+        srv.stop()
+
+
+# ---- the sweep driver -------------------------------------------------------------------------------
+class Sweep:
+    """`python -m ptx sweep SPEC --address ... --tracking-uri ...` in its own process group."""
+
+    def __init__(self, spec: Path, cluster: RayCluster, server: Server, workdir: Path):
+        self.spec, self.workdir, self.uri = spec, workdir, server.uri
+        self.log = workdir.parent / f"driver-{spec.stem}.log"
+        self.experiment = spec.stem
+        self.t0 = time.perf_counter()
+        with open(self.log, "wb") as f:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "ptx", "sweep", str(spec), "--address", cluster.address, "--tracking-uri",
+                 server.uri, "--workdir", str(workdir)], env=cluster.env, stdout=f, stderr=subprocess.STDOUT,
+                start_new_session=True)
+
+    def wait(self, timeout: float = SWEEP_TIMEOUT) -> float:
+        try:
+            rc = self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"sweep still running after {timeout} s:\n{tail(self.log)}") from None
+        assert rc == 0, f"sweep exited {rc}:\n{tail(self.log)}"
+        return time.perf_counter() - self.t0
+
+    def stop(self) -> None:
+        if self.proc.returncode is None:
+            kill_group(self.proc)
+
+    def experiment_path(self) -> Path:
+        found = [p for p in (self.workdir / "ray_results").glob(f"{self.experiment}-train-*") if p.is_dir()]
+        assert len(found) == 1, found
+        return found[0]
+
+    def checkpoints(self) -> list[Path]:
+        return list((self.workdir / "ray_results").glob(f"{self.experiment}-train-*/*/checkpoint_*"))
+
+
+@pytest.fixture
+def launch(cluster, server, tmp_path):
+    """launch(spec) -> a running Sweep; every driver still running at teardown is killed."""
+    started: list[Sweep] = []
+
+    def go(spec: Path) -> Sweep:
+        started.append(Sweep(spec, cluster, server, tmp_path / "work"))
+        return started[-1]
+
+    try:
+        yield go
+    finally:
+        for s in started:
+            s.stop()
+
+
+# ---- what the store and Tune recorded ---------------------------------------------------------------
+def prompt_runs(uri: str, experiment: str) -> list:
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name(experiment)
+    assert exp is not None, f"no MLflow experiment {experiment!r} on {uri}"
+    return client.search_runs([exp.experiment_id], "tags.`ptx.kind` = 'prompt'", max_results=1000)
+
+
+def tune_trials(path: Path) -> list[dict]:
+    """Each trial's id, final state and number of failures, as the Tune experiment state records them."""
+    from ray.tune import ExperimentAnalysis
+
+    return [{"trial": t.trial_id, "state": t.status, "failures": t.num_failures}
+            for t in ExperimentAnalysis(str(path)).trials]
+
+
+def check_store(uri: str, experiment: str, trials: list[dict], steps: list[int], metric: str = "dev_accuracy") -> dict:
+    """Assert one FINISHED run per trial, each evaluation step logged exactly once, the prompt artifact complete;
+    return the figures."""
+    client = MlflowClient(uri)
+    runs = prompt_runs(uri, experiment)
+    per_trial = {t["trial"]: [r for r in runs if r.data.tags.get("ptx.trial_id") == t["trial"]] for t in trials}
+    assert all(len(v) == 1 for v in per_trial.values()), {k: len(v) for k, v in per_trial.items()}
+    assert len(runs) == len(trials), "runs that belong to no trial"
+    missing, duplicated = 0, 0
+    for run in runs:
+        rid = run.info.run_id
+        assert run.info.status == "FINISHED", (rid, run.info.status)
+        for key, expected in ((metric, steps), ("best_dev_metric", steps), ("train_loss", steps[1:])):
+            got = sorted(m.step for m in client.get_metric_history(rid, key))
+            duplicated += len(got) - len(set(got))
+            assert got == expected, f"run {rid} {key}: steps {got}, expected each of {expected} once"
+        names = {a.path for a in client.list_artifacts(rid, "prompt")}
+        missing += len({"prompt/prompt.json", "prompt/prompt.safetensors"} - names)
+        if "prompt/prompt.json" in names:
+            meta = json.loads(Path(client.download_artifacts(rid, "prompt/prompt.json")).read_text())
+            best = max(m.value for m in client.get_metric_history(rid, metric))
+            assert meta["mlflow_run_id"] == rid and meta["dev_metric"]["value"] == pytest.approx(best)
+    assert missing == 0, f"{missing} prompt artifact files missing"
+    return {"trials_started": len({r.data.tags["ptx.trial_id"] for r in runs}),
+            "trials_finished": sum(t["state"] == "TERMINATED" for t in trials),
+            "retries": sum(t["failures"] for t in trials),
+            "runs_per_trial": sorted({len(v) for v in per_trial.values()}),
+            "artifacts_missing": missing, "metric_points_duplicated": duplicated}
+
+
+def figures(name: str, fig: dict) -> None:
+    print(f"FIGURES {name}: {json.dumps(fig, sort_keys=True)}")
+
+
+def wait_for(predicate, timeout: float, what: str, sweep: Sweep):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        if sweep.proc.poll() is not None:
+            raise AssertionError(f"the sweep ended (rc {sweep.proc.returncode}) before {what}:\n{tail(sweep.log)}")
+        time.sleep(0.5)
+    raise AssertionError(f"no {what} after {timeout} s:\n{tail(sweep.log)}")
+
+
+# ---- the tests --------------------------------------------------------------------------------------
+def test_sweep_runs_trials_on_both_nodes_and_logs_to_the_server(cluster, server, launch, tmp_path):
+    spec = write_spec(tmp_path / "multinode.yaml", seeds=[0, 1], max_concurrent=3)
+    sweep = launch(spec)
+    wall = sweep.wait()
+    trials = tune_trials(sweep.experiment_path())
+    assert len(trials) == 4 and all(t["state"] == "TERMINATED" for t in trials), trials
+    fig = check_store(server.uri, "multinode", trials, [0, 3, 6, 9, 12])
+    runs = prompt_runs(server.uri, "multinode")
+    nodes = {r.data.tags.get("ptx.node") for r in runs}
+    cluster_ids = {n.node_id for n in cluster.alive()}
+    assert nodes <= cluster_ids, (nodes, cluster_ids)
+    assert len(nodes) >= 2, f"every trial ran on one node: {nodes}"
+    # the artifacts went to the server's store, not to the driver's workdir
+    for r in runs:
+        assert list((server.workdir / "artifacts").rglob(f"{r.info.run_id}/artifacts/prompt/prompt.safetensors"))
+    assert not (tmp_path / "work" / "mlflow.db").exists()
+    figures("multinode", {**fig, "nodes_used": len(nodes), "wall_seconds": round(wall, 1)})
+
+
+def test_mlflow_server_restart_mid_sweep_loses_nothing(cluster, server, launch, tmp_path):
+    steps = list(range(0, 19, 3))
+    spec = write_spec(tmp_path / "outage.yaml", tasks=["tweet_sentiment"], seeds=[0, 1], max_failures=6,
+                      train={"steps": 18, "batch_size": 8, "lr": 0.05, "eval_every": 3, "eval_batch_size": 32})
+    sweep = launch(spec)
+    client = MlflowClient(server.uri)
+
+    def logged_an_evaluation():
+        exp = client.get_experiment_by_name("outage")
+        runs = client.search_runs([exp.experiment_id], "tags.`ptx.kind` = 'prompt'") if exp else []
+        return any(m.step >= 3 for r in runs for m in client.get_metric_history(r.info.run_id, "dev_accuracy"))
+
+    wait_for(logged_an_evaluation, SWEEP_TIMEOUT, "logged evaluation", sweep)
+    t_down = time.perf_counter()
+    server.stop()
+    time.sleep(20)  # longer than one MLflow call's own retries (3, backoff 1 s): trials' calls fail for good
+    server.start()
+    server.wait_healthy()
+    outage = time.perf_counter() - t_down
+    wall = sweep.wait()
+    trials = tune_trials(sweep.experiment_path())
+    assert len(trials) == 2 and all(t["state"] == "TERMINATED" for t in trials), trials
+    fig = check_store(server.uri, "outage", trials, steps)
+    assert fig["retries"] >= 1, "the outage failed no trial: nothing was tested"
+    figures("mlflow_outage", {**fig, "outage_seconds": round(outage, 1), "wall_seconds": round(wall, 1)})
+
+
+def test_worker_node_lost_mid_sweep_trials_finish_elsewhere(cluster, server, launch, tmp_path):
+    """Runs last: it kills the module's worker node and adds a fresh one."""
+    steps = list(range(0, 19, 3))
+    # trials may run only on worker nodes (two per node): once the worker is gone, nothing fits until a fresh node
+    spec = write_spec(tmp_path / "nodeloss.yaml", tasks=["tweet_sentiment"], seeds=[0, 1], max_failures=3,
+                      resources={"cpu": 1, "custom": {"worker_node": 0.5}},
+                      train={"steps": 18, "batch_size": 8, "lr": 0.05, "eval_every": 3, "eval_batch_size": 32})
+    workers = [n for n in cluster.alive() if n is not cluster.nodes[0]]
+    assert len(workers) == 1
+    victim = workers[0]
+    sweep = launch(spec)
+    client = MlflowClient(server.uri)
+    wait_for(sweep.checkpoints, SWEEP_TIMEOUT, "checkpoint", sweep)
+    exp = client.get_experiment_by_name("nodeloss")
+    before = {r.data.tags["ptx.trial_id"]: r.data.tags.get("ptx.node")
+              for r in client.search_runs([exp.experiment_id], "tags.`ptx.kind` = 'prompt'")}
+    assert before and set(before.values()) == {victim.node_id}, (before, victim.node_id)
+    victim.kill()  # SIGKILL to the whole node: raylet, agents, the trial workers on it
+    fresh = cluster.add_worker()
+    wall = sweep.wait()
+    trials = tune_trials(sweep.experiment_path())
+    assert len(trials) == 2 and all(t["state"] == "TERMINATED" for t in trials), trials
+    fig = check_store(server.uri, "nodeloss", trials, steps)
+    after = {r.data.tags["ptx.trial_id"]: r.data.tags.get("ptx.node") for r in prompt_runs(server.uri, "nodeloss")}
+    failed = {t["trial"] for t in trials if t["failures"]}
+    assert failed >= set(before), f"trials on the lost node that Tune did not retry: {set(before) - failed}"
+    assert all(after[t] == fresh.node_id for t in failed), (after, fresh.node_id)
+    for t in failed:  # each retry went on from a checkpoint: a restart from scratch would report step 3 again
+        reported = reported_steps(sweep.experiment_path(), t)
+        assert reported == sorted(set(reported)) and reported[-1] == steps[-1], (t, reported)
+    figures("node_loss", {**fig, "trials_on_lost_node": len(before), "wall_seconds": round(wall, 1)})
+
+
+def reported_steps(experiment: Path, trial_id: str) -> list[int]:
+    """The steps a trial reported to Tune over all its attempts (each attempt appends to result.json)."""
+    (trial_dir,) = [p for p in experiment.iterdir() if p.is_dir() and p.name.endswith(trial_id)]
+    lines = (trial_dir / "result.json").read_text().splitlines()
+    return [json.loads(line)["step"] for line in lines if line.strip()]
