@@ -16,7 +16,8 @@ logits at the scoring position) and the same optimizer (AdamW on the prompt only
   for seq2seq, passes `decoder_input_ids` instead of labels. The strongest PEFT baseline we know of.
 
 Ablation variants (`--ablation NAME` picks a set; `--variants` lists any):
-  ptx-fullvocab   ptx's body, then the full-vocabulary head at the scoring position (label rows only is the default)
+  ptx-onepass     decoder-only: one forward over [prompt; text] per example, as before the prompt-once path
+  ptx-fullvocab   ptx-onepass's body, then the full-vocabulary head at the scoring position (ptx: label rows only)
   ptx-eager       ptx with eager attention instead of SDPA (`load_backbone` uses SDPA)
   ptx-compile     ptx with `torch.compile(Backbone.label_logits)` (compile time is in the warm-up, reported apart)
   ptx-weightgrads ptx with the frozen weights' requires_grad switched on (what freezing saves)
@@ -62,14 +63,16 @@ VARIANTS = {
     "ptx": {"impl": "ptx"},
     "peft": {"impl": "peft"},
     "peft-lean": {"impl": "peft", "lean": True},
+    "ptx-onepass": {"impl": "ptx", "onepass": True},
     "ptx-fullvocab": {"impl": "ptx", "head": "full"},
     "ptx-eager": {"impl": "ptx", "attn": "eager"},
     "peft-eager": {"impl": "peft", "attn": "eager"},
     "ptx-compile": {"impl": "ptx", "compile": True},
     "ptx-weightgrads": {"impl": "ptx", "weight_grads": True},
 }
-ABLATIONS = {"head": ["ptx", "ptx-fullvocab", "peft-lean", "peft"], "attn": ["ptx", "ptx-eager"],
-             "compile": ["ptx", "ptx-compile"], "grads": ["ptx", "ptx-weightgrads"]}
+# ratios are always first variant / the others
+ABLATIONS = {"head": ["ptx-onepass", "ptx-fullvocab"], "prompt-once": ["ptx", "ptx-onepass"],
+             "attn": ["ptx", "ptx-eager"], "compile": ["ptx", "ptx-compile"], "grads": ["ptx", "ptx-weightgrads"]}
 
 
 # ---- model and batches ------------------------------------------------------------------------------
@@ -213,7 +216,11 @@ def ptx_step(backbone, batches, n_tokens: int, opts: dict, ctx):
             hidden = hidden * (backbone.d_model ** -0.5)
         return model.get_output_embeddings()(hidden)[:, ids].float()
 
-    logits_fn = full_vocab if opts.get("head") == "full" else backbone.label_logits
+    def one_pass(weight, batch, ids):  # ablation: label_logits without the decoder-only prompt-once path
+        return backbone._head(backbone.hidden_at_score(weight[None], batch), ids).float()
+
+    logits_fn = (full_vocab if opts.get("head") == "full" else one_pass if opts.get("onepass")
+                 else backbone.label_logits)
     if opts.get("compile"):
         logits_fn = torch.compile(logits_fn)
     grads = {"bytes": 0}
@@ -307,6 +314,9 @@ def worker_memory(args) -> dict:
     opts = VARIANTS[args.variant]
     backbone = load(args.backbone, args.device, weights_dtype(args), attn=opts.get("attn", "sdpa"))
     batches = make_batches(backbone, 4, args.batch_size, args.seq_len, args.device)
+    with torch.no_grad():  # weights may be memory-mapped: page them in now, or the first step's RSS counts them
+        for t in (*backbone.model.parameters(), *backbone.model.buffers()):
+            t.sum()
     meter = PeakMemory(args.device)
     meter.start()
     step, grads = (ptx_step if opts["impl"] == "ptx" else peft_step)(backbone, batches, args.prompt_length, opts,
@@ -365,9 +375,11 @@ def worker_time(args) -> dict:
                    threads=torch.get_num_threads(), achieved_tflops=rec["model_tflops_per_step"] / sec)
         if on_gpu:
             rec.update(mfu=rec["achieved_tflops"] / args.peak_tflops, peak_tflops=args.peak_tflops)
-        if "ptx" in times and v != "ptx":
-            rec["speed_ratio_ptx_over_this"] = median([a / b for a, b in zip(times[v], times["ptx"], strict=True)])
-            rec["wall_speed_ratio_ptx_over_this"] = median([a / b for a, b in zip(wall[v], wall["ptx"], strict=True)])
+        base = variants[0]
+        if v != base:  # paired: the same round's steps ran back to back
+            rec["base"] = base
+            rec["speed_ratio_base_over_this"] = median([a / b for a, b in zip(times[v], times[base], strict=True)])
+            rec["wall_speed_ratio_base_over_this"] = median([a / b for a, b in zip(wall[v], wall[base], strict=True)])
     return {"results": [records[v] for v in variants]}
 
 
@@ -498,15 +510,15 @@ def report_steps(results: list[dict]) -> str:
         cols += ["achieved_tflops", "mfu"]
     lines = [table([r for r in results if "error" not in r], cols)]
     by = {r["variant"]: r for r in results if "error" not in r}
-    base = by.get("ptx")
     for name, o in by.items():
-        if base is None or name == "ptx":
+        base = by.get(o.get("base"))
+        if base is None:
             continue
         mem = (f"{base['peak_bytes'] / o['peak_bytes']:.2f}x" if o.get("peak_bytes") and base.get("peak_bytes")
                else "n/a")
-        lines.append(f"ptx vs {name}: speed {o['speed_ratio_ptx_over_this']:.2f}x ({o['time_measure']} time; wall "
-                     f"{o['wall_speed_ratio_ptx_over_this']:.2f}x; medians of paired rounds), peak memory {mem} "
-                     f"of {name}'s")
+        lines.append(f"{base['variant']} vs {name}: speed {o['speed_ratio_base_over_this']:.2f}x ({o['time_measure']} "
+                     f"time; wall {o['wall_speed_ratio_base_over_this']:.2f}x; medians of paired rounds), peak "
+                     f"memory {mem} of {name}'s")
     for r in results:
         if "error" in r:
             lines.append(f"{r.get('variant', '?')}: ERROR {r['error']}")

@@ -379,6 +379,110 @@ def _print_plan(spec, max_concurrent):
         click.echo(f"  concurrency on this machine (CPU): up to {int((os.cpu_count() or 1) // res['cpu'])} trials")
 
 
+def _stage_command(group, name: str, stage: str, doc: str):
+    """A command that runs one stage of a study spec (the stage reads earlier stages from MLflow)."""
+
+    @group.command(name, help=doc)
+    @click.argument("spec_path", metavar="SPEC", type=click.Path())
+    @address_option
+    @set_option
+    @workdir_option
+    @uri_option
+    def command(spec_path, address, overrides, workdir, tracking_uri):
+        from ptx.config import load_study
+
+        _run(load_study(spec_path, overrides), [stage], workdir, tracking_uri, address, False, None)
+
+    return command
+
+
+@cli.group()
+def transfer():
+    """Cross-task transfer: the zero-shot matrix and transfer-initialised prompt tuning (TPT)."""
+
+
+_stage_command(transfer, "matrix", "transfer",
+               "Zero-shot transfer matrix of the study's prompts (one Ray task per target; resumes).")
+_stage_command(transfer, "tpt", "tpt", "Transfer-initialised prompt tuning beside vanilla PT; convergence speed-ups.")
+
+
+@cli.command()
+@click.argument("spec_path", metavar="SPEC", type=click.Path())
+@click.option("--transfer-table", default=None, type=click.Path(exists=True, dir_okay=False),
+              help="Correlate with this transfer table (Parquet/CSV, long format) instead of the transfer stage's.")
+@address_option
+@set_option
+@workdir_option
+@uri_option
+def indicators(spec_path, transfer_table, address, overrides, workdir, tracking_uri):
+    """Transferability indicators (embedding similarity, ON) and their correlation with transfer."""
+    from ptx.config import load_study
+
+    spec = load_study(spec_path, overrides)
+    if transfer_table is None:
+        _run(spec, ["indicators"], workdir, tracking_uri, address, False, None)
+        return
+    import pandas as pd
+
+    from ptx import sweep as sw
+    from ptx.indicators import run_indicators_stage
+    from ptx.study import workdir_for
+
+    table = pd.read_parquet(transfer_table) if transfer_table.endswith(".parquet") else pd.read_csv(transfer_table)
+    wd = workdir_for(spec, workdir or str(_workdir(None) / spec.name))
+    sw.connect(address)
+    result = run_indicators_stage(spec, _tracker(tracking_uri or spec.tracking_uri, wd, spec.name), wd,
+                                  transfer_table=table)
+    click.echo(f"indicators: {_stage_line(result)}")
+
+
+@cli.command("reference-check")
+@click.argument("reference_dir", type=click.Path(exists=True, file_okay=False))
+@click.option("--bootstrap", type=int, default=1000, show_default=True)
+@workdir_option
+@uri_option
+def reference_check_cmd(reference_dir, bootstrap, workdir, tracking_uri):
+    """Import the paper authors' released prompts and correlate embedding indicators with their results."""
+    from ptx.indicators import reference_check
+
+    wd = _workdir(workdir) / "reference-check"
+    table = reference_check(reference_dir, _tracker(tracking_uri, wd, "reference-check"), wd, bootstrap=bootstrap)
+    click.echo(table.to_string(index=False))
+
+
+@cli.command()
+@click.option("--task", required=True, help="A task with no prompt yet.")
+@click.option("--backbone", required=True)
+@click.option("--top", "top_k", type=int, default=5, show_default=True)
+@click.option("--probe-steps", type=int, default=50, show_default=True, help="Steps of the brief probe tuning.")
+@click.option("--experiment", default=None, help="MLflow experiment holding the bank (default: all).")
+@workdir_option
+@uri_option
+def recommend(task, backbone, top_k, probe_steps, experiment, workdir, tracking_uri):
+    """Rank the bank's prompts as sources for a new task by neuron overlap (ON)."""
+    from ptx.activations import recommend as rank
+
+    wd = _workdir(workdir)
+    rows = rank(task, backbone, _tracker(tracking_uri, wd, experiment), wd, top_k=top_k, probe_steps=probe_steps)
+    _print_rows(rows, "table")
+
+
+@cli.command()
+@click.argument("experiment")
+@click.option("-o", "--out", required=True, help="Output directory for index.html and its figures.")
+@workdir_option
+@uri_option
+def report(experiment, out, workdir, tracking_uri):
+    """Write the static HTML report of a study (EXPERIMENT = the study name) and log it to MLflow."""
+    from ptx.report import build_report
+
+    wd = _workdir(workdir)
+    if not (wd / "mlflow.db").exists() and (wd / experiment / "mlflow.db").exists():
+        wd = wd / experiment  # the default layout: ptx-work/<study>/mlflow.db
+    path = build_report(_tracker(tracking_uri, wd, experiment), experiment, out)
+    click.echo(f"report: {path}")
+
+
 @cli.command()
 @click.argument("experiment", type=click.Path())
 @click.option("--restart-errored", is_flag=True, help="Restart errored trials from scratch (default: resume them).")

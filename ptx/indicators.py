@@ -233,15 +233,14 @@ def scatter_plots(pairs: pd.DataFrame, indicators, summary: pd.DataFrame, out_di
 
 
 def rankings(pairs: pd.DataFrame, indicators) -> pd.DataFrame:
-    """Per target task, source prompts ranked by each indicator: target_task, source_task, source_run, indicator,
-    score, rank (1 = the most similar source)."""
+    """Per target task, source prompts ranked by each indicator: target_task, source_task, source_run
+    (also as source_prompt_run, the transfer table's name), indicator, score, rank (1 = the most similar)."""
     rows = pairs.dropna(subset=["source_run"])
     out = []
     for name in indicators:
         part = rows[["target_task", "source_task", "source_run", name]].rename(columns={name: "score"})
-        part = part.assign(indicator=name, rank=part.groupby("target_task")["score"].rank(ascending=False,
-                                                                                       method="first").astype(int))
-        out.append(part)
+        rank = part.groupby("target_task")["score"].rank(ascending=False, method="first").astype(int)
+        out.append(part.assign(indicator=name, source_prompt_run=part["source_run"], rank=rank))
     return pd.concat(out, ignore_index=True).sort_values(["indicator", "target_task", "rank"], ignore_index=True)
 
 
@@ -273,14 +272,19 @@ def load_bank(tracker, runs: list, workdir) -> tuple[list, list, torch.Tensor, s
     return ids, tasks, stack_prompts(prompts), insertions.pop() if insertions else "prepend"
 
 
-def bank_runs(tracker, backbone: str, tasks=None) -> list:
-    """The bank of a study: finished trained or imported prompt runs on `backbone` (transfer-initialised left out)."""
+def _vanilla(run) -> bool:
+    """Trained from scratch or imported (as the transfer stage's bank): TPT and projected prompts are no sources."""
+    tags = run.data.tags
+    return not tags.get("ptx.source_run") and tags.get("ptx.init") not in ("artifact", "projected")
+
+
+def bank_runs(tracker, backbone: str, tasks=None, experiment_ids=None) -> list:
+    """The bank: finished trained or imported prompt runs on `backbone` in the tracker's experiment, oldest first."""
     from ptx import track
 
     runs = tracker.find_runs({"ptx.kind": track.KIND_PROMPT, "ptx.backbone": backbone},
-                             order_by=["attributes.start_time ASC"])
-    return [r for r in runs if r.data.tags.get("ptx.init") != "artifact"
-            and (tasks is None or r.data.tags.get("ptx.task") in tasks)]
+                             order_by=["attributes.start_time ASC"], experiment_ids=experiment_ids)
+    return [r for r in runs if _vanilla(r) and (tasks is None or r.data.tags.get("ptx.task") in tasks)]
 
 
 def _own_runs(runs) -> dict:
@@ -292,18 +296,11 @@ def _own_runs(runs) -> dict:
             for t, rs in own.items()}
 
 
-def _transfer_table(tracker, backbone: str, table) -> pd.DataFrame:
+def _transfer_table(tracker, backbone: str, study: str, table) -> pd.DataFrame:
     if table is None:
-        try:
-            from ptx.transfer import load_transfer_table
-        except ImportError as exc:
-            raise PtxError(f"no transfer table for backbone '{backbone}' (ptx.transfer unavailable: {exc}); "
-                           "run the transfer stage first") from None
-        try:
-            table = load_transfer_table(tracker, backbone)
-        except PtxError as exc:
-            raise PtxError(f"no transfer table for backbone '{backbone}' in {tracker.uri} ({exc}); run the "
-                           "transfer stage first") from None
+        from ptx.transfer import load_transfer_table  # its PtxError says to run the transfer stage first
+
+        table = load_transfer_table(tracker, backbone, study)
     if table is None or len(table) == 0:
         raise PtxError(f"no transfer table for backbone '{backbone}' in {tracker.uri}; run the transfer stage first")
     return table[table["backbone"] == backbone] if "backbone" in table.columns else table
@@ -350,12 +347,14 @@ def run_indicators_stage(spec, tracker, workdir, transfer_table: pd.DataFrame | 
     from ptx.config import config_hash
 
     ind, out = spec.indicators, {}
+    if tracker.experiment != spec.name:  # stages read and write the study's experiment, as the other stages do
+        tracker = track.Tracker(tracker.uri, spec.name, workdir=Path(workdir))
     for backbone in spec.backbones:
         runs = bank_runs(tracker, backbone, spec.tasks)
         if len(runs) < 2:
             raise PtxError(f"backbone '{backbone}': the bank has {len(runs)} finished prompt run(s) for the study's "
                            "tasks; expected at least 2 (run the train stage first)")
-        table = _transfer_table(tracker, backbone, transfer_table)
+        table = _transfer_table(tracker, backbone, spec.name, transfer_table)
         digest = config_hash({"stage": "indicators", "backbone": backbone, "runs": sorted(r.info.run_id for r in runs),
                               "settings": dataclasses.asdict(ind),
                               "transfer": int(pd.util.hash_pandas_object(table, index=False).sum())})
@@ -379,6 +378,8 @@ def run_indicators_stage(spec, tracker, workdir, transfer_table: pd.DataFrame | 
                 "position": getattr(ind, "position", "score"), "prompt_runs": ids, "prompt_tasks": tasks,
                 "probe_examples": ind.probe_examples if ind.probe == "examples" else None})
             tables = analyse(table, matrices, ids, tasks, _own_runs(runs), art / "tables", ind.bootstrap)
+            (art / "indicators").mkdir()  # where TPT's `indicator:<name>` source reads its ranking
+            tables["recommendations"].to_parquet(art / "indicators" / "recommendations.parquet", index=False)
             tracker.log(run_id, {**_metrics(tables), "n_prompts": len(ids), "seconds": time.perf_counter() - t0},
                         params={"indicators": dataclasses.asdict(ind), "n_prompts": len(ids)})
             tracker.log_artifacts(run_id, art)

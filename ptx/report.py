@@ -134,7 +134,7 @@ def _not_run(ctx, section: str, stage: str, tags: dict) -> str:
     why = f"not run: the {stage} stage has no finished run in this experiment"
     if others:
         why += f" (latest: a {others[0].info.status} run, {ctx.sources.cite(others[0])})"
-    ctx.status[section] = ("missing", f"not run")
+    ctx.status[section] = ("missing", "not run")
     return f"<p class='notrun'>{why}.</p>"
 
 
@@ -370,8 +370,8 @@ def _plot_curves(ctx, fig, backbone: str, seeds: pd.DataFrame, agg: pd.DataFrame
         ax.legend(fontsize=8)
     for ax in axes[len(targets):]:
         ax.set_visible(False)
-    fig.suptitle(f"{backbone}: dev score during prompt tuning, vanilla vs transfer-initialised (dashed: vanilla best)",
-                 fontsize=10.5, fontweight="bold")
+    fig.suptitle(f"{backbone}: dev score while tuning, vanilla PT vs TPT (dashed: vanilla's best)", fontsize=10.5,
+                 fontweight="bold")
     return drawn
 
 
@@ -401,7 +401,7 @@ def tpt_section(ctx) -> str:
             ids = " ".join(ctx.sources.cite(x) for c in ("vanilla_run", "tpt_run") if c in runs
                            for x in runs[c].dropna())
             rows.append([esc(r.target_task), esc(r.source_task), ctx.sources.cite(r.source_prompt_run),
-                         r.vanilla_best, r.tpt_best, r.vanilla_steps, r.tpt_steps, _num(r.speedup, 2, "×"),
+                         r.vanilla_best, r.tpt_best, _num(r.vanilla_steps, 0), _num(r.tpt_steps, 0), _num(r.speedup, 2, "×"),
                          _num(getattr(r, "speedup_90", math.nan), 2, "×"),
                          f"{getattr(r, 'n_valid', '')}/{getattr(r, 'n_seeds', '')}", esc(str(getattr(r, "flags", ""))),
                          ids or cite])
@@ -463,6 +463,8 @@ def _layer_of(name: str) -> tuple[str, int, int] | None:
 
 
 def _plot_layers(fig, win: pd.DataFrame, main: pd.DataFrame, backbone: str) -> None:
+    from matplotlib.ticker import MaxNLocator
+
     ax = fig.subplots()
     for i, base in enumerate(b for b in ON if any(_layer_of(n) and _layer_of(n)[0] == b for n in win.indicator)):
         colour = f"C{i}"
@@ -483,6 +485,7 @@ def _plot_layers(fig, win: pd.DataFrame, main: pd.DataFrame, backbone: str) -> N
             ax.axhline(whole.mean_over_targets.iloc[0], color=colour, ls="--", lw=1,
                        label=f"{base}, all layers")
     ax.axhline(0, color="black", lw=0.6)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("layer (wide bars: windows of layers)", fontsize=9)
     ax.set_ylabel("Spearman with transfer (mean over targets)", fontsize=9)
     ax.set_title(f"{backbone}: where in the network ON predicts transfer (95% CI)", fontsize=10.5,
@@ -660,10 +663,10 @@ def findings(ctx) -> list[str]:
     for bb, f in tpt.items():
         m = f["mean_speedup"]
         verdict = "faster" if m > 1 else "not faster" if math.isfinite(m) else "undefined"
-        out.append(f"<b>How fast is TPT?</b> On {esc(bb)}, transfer-initialised prompt tuning is {verdict}: it "
-                   f"reaches vanilla prompt tuning's best dev score in {_num(m, 2, '×')} fewer steps on average "
-                   f"(mean over the {f['defined']} of {f['targets']} targets with a defined speed-up; to 90% of that "
-                   f"score: {_num(f['mean_speedup_90'], 2, '×')}). Run {ctx.sources.cite(f['run_id'])}.")
+        out.append(f"<b>How fast is TPT?</b> On {esc(bb)}, transfer-initialised prompt tuning is {verdict}: mean "
+                   f"speed-up {_num(m, 2, '×')} (vanilla's steps to its best dev score ÷ TPT's steps to that score, "
+                   f"over the {f['defined']} of {f['targets']} targets where it is defined; to 90% of that score: "
+                   f"{_num(f['mean_speedup_90'], 2, '×')}). Run {ctx.sources.cite(f['run_id'])}.")
     if not tpt:
         out.append("<b>How fast is TPT?</b> " + _missing("TPT"))
     proj = ctx.facts.get("projector") or {}
@@ -767,6 +770,17 @@ def _experiment_id(tracker, experiment: str) -> str:
     return exp.experiment_id
 
 
+def _plain(obj):
+    """JSON-safe facts: NaN becomes null, numpy scalars become Python numbers."""
+    if isinstance(obj, dict):
+        return {k: _plain(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_plain(v) for v in obj]
+    if isinstance(obj, np.generic):
+        obj = obj.item()
+    return None if isinstance(obj, float) and not math.isfinite(obj) else obj
+
+
 def build_report(tracker, experiment: str, out_dir) -> Path:
     """Write OUT_DIR/index.html (+ fig/*.png, summary.json) for one MLflow experiment (= study); returns index.html."""
     out = Path(out_dir).expanduser().resolve()
@@ -781,7 +795,7 @@ def build_report(tracker, experiment: str, out_dir) -> Path:
         (tmp / "index.html").write_text(page, encoding="utf-8")
         write_json(tmp / "summary.json", {"experiment": experiment, "tracking_uri": tracker.uri,
                                           "sections": {k: v[0] for k, v in ctx.status.items()},
-                                          "facts": ctx.facts, "runs": list(ctx.sources.cited)})
+                                          "facts": _plain(ctx.facts), "runs": list(ctx.sources.cited)})
     return out / "index.html"
 
 

@@ -31,23 +31,22 @@ def reference_logits(backbone, prompt, batch, label_ids):
     model, n = backbone.model, prompt.shape[0]
     ids, attn = batch["input_ids"], batch["attention_mask"]
     bsz = ids.shape[0]
-    prompt = prompt.clone()
     if backbone.insertion is Insertion.PAPER:
-        prompt[0] = model.get_input_embeddings().weight[backbone.tokenizer.mask_token_id]
+        mask_row = model.get_input_embeddings().weight[backbone.tokenizer.mask_token_id]
+        prompt = torch.cat([mask_row[None], prompt[1:]])
     x = torch.cat([prompt.expand(bsz, -1, -1), model.get_input_embeddings()(ids)], dim=1)
     mask = torch.cat([torch.ones(bsz, n, dtype=attn.dtype), attn], dim=1)
-    with torch.no_grad():
-        if backbone.kind is BackboneKind.SEQ2SEQ:
-            start = torch.full((bsz, 1), model.config.decoder_start_token_id)
-            logits = model(inputs_embeds=x, attention_mask=mask, decoder_input_ids=start).logits[:, 0]
-        elif backbone.insertion is Insertion.PAPER:
-            pad = model.config.pad_token_id  # RoBERTa: prompt slots at the padding index, text from pad + 1
-            pos = torch.cat([torch.full((n,), pad), torch.arange(pad + 1, pad + 1 + ids.shape[1])]).expand(bsz, -1)
-            logits = model(inputs_embeds=x, attention_mask=mask, position_ids=pos).logits[:, 0]
-        else:
-            logits = model(inputs_embeds=x, attention_mask=mask).logits
-            where = batch["score_index"] if backbone.kind is BackboneKind.MASKED_LM else attn.sum(1) - 1
-            logits = logits[torch.arange(bsz), n + where]
+    if backbone.kind is BackboneKind.SEQ2SEQ:
+        start = torch.full((bsz, 1), model.config.decoder_start_token_id)
+        logits = model(inputs_embeds=x, attention_mask=mask, decoder_input_ids=start).logits[:, 0]
+    elif backbone.insertion is Insertion.PAPER:
+        pad = model.config.pad_token_id  # RoBERTa: prompt slots at the padding index, text from pad + 1
+        pos = torch.cat([torch.full((n,), pad), torch.arange(pad + 1, pad + 1 + ids.shape[1])]).expand(bsz, -1)
+        logits = model(inputs_embeds=x, attention_mask=mask, position_ids=pos).logits[:, 0]
+    else:
+        logits = model(inputs_embeds=x, attention_mask=mask).logits
+        where = batch["score_index"] if backbone.kind is BackboneKind.MASKED_LM else attn.sum(1) - 1
+        logits = logits[torch.arange(bsz), n + where]
     return logits[:, label_ids]
 
 
@@ -64,6 +63,23 @@ def test_label_logits_equal_the_full_lm_head(tiny, name, insertion):
     assert got.shape == (3, 3)
     assert want.abs().max() > 1e-3  # not trivially zero
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize(("name", "insertion"), CONFIGS)
+def test_prompt_gradients_equal_the_full_models(tiny, name, insertion):
+    """Training backpropagates through label_logits: its gradient wrt the prompt is the full forward's."""
+    backbone = tiny(name, insertion)
+    batch, _ = make_batch(backbone)
+    label_ids = backbone.label_ids(VERBALIZER)
+    weights = torch.randn(3, len(VERBALIZER), generator=torch.Generator().manual_seed(0))
+    grads = []
+    for fn in (lambda p: backbone.label_logits(p, batch, label_ids), lambda p: reference_logits(backbone, p, batch, label_ids)):
+        prompt = init_prompt(backbone, N_TOK, "random", seed=1).requires_grad_(True)
+        with torch.enable_grad():
+            (fn(prompt) * weights).sum().backward()
+        grads.append(prompt.grad)
+    assert grads[0].abs().max() > 0
+    torch.testing.assert_close(grads[0], grads[1], atol=1e-5, rtol=1e-3)
 
 
 @pytest.mark.parametrize(("name", "insertion"), CONFIGS)
@@ -99,9 +115,14 @@ def test_the_model_receives_the_prompt_rows_first(tiny, name, insertion):
             backbone.label_logits(prompt, batch, label_ids)
     finally:
         hook.remove()
-    x = seen[0]
-    assert x.shape == (3, N_TOK + batch["input_ids"].shape[1], backbone.d_model)
     tokens = backbone.input_embeddings()[batch["input_ids"]]
+    if len(seen) == 2:  # decoder-only fast path: the prompt runs once, the texts run on its key/value cache
+        assert name == "tiny-llama"
+        torch.testing.assert_close(seen[0], prompt[None])
+        torch.testing.assert_close(seen[1], tokens)
+        return
+    x = seen[0]
+    assert len(seen) == 1 and x.shape == (3, N_TOK + batch["input_ids"].shape[1], backbone.d_model)
     torch.testing.assert_close(x[:, N_TOK:], tokens)
     if insertion == "paper":  # slot 0 is <mask>, the rest is the prompt
         mask_row = backbone.input_embeddings()[backbone.tokenizer.mask_token_id]

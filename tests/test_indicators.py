@@ -13,7 +13,6 @@ from scipy import stats
 from ptx import activations as act
 from ptx import indicators as ind
 from ptx import track
-from ptx.backbones import load_backbone
 from ptx.data import encode_split
 from ptx.errors import PtxError
 from ptx.tasks import load_task
@@ -24,15 +23,7 @@ TINY_KINDS = [("tiny-bert", "prepend", "decoder"), ("tiny-roberta", "paper", "de
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    path = tmp_path_factory.mktemp("ptx-cache")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("PTX_CACHE_DIR", str(path))
-        yield path
-
-
-@pytest.fixture(scope="module")
-def ray_local(cache):
+def ray_local(ptx_cache_dir):
     from ptx import sweep
 
     sweep.connect(num_cpus=2)
@@ -137,8 +128,8 @@ def test_embedding_similarities_match_their_definitions():
 
 # ---- hooks on every tiny kind ------------------------------------------------------------------------
 @pytest.mark.parametrize("name,insertion,where", TINY_KINDS)
-def test_hooks_on_every_tiny_kind(cache, name, insertion, where):
-    bb = load_backbone(name, insertion=insertion)
+def test_hooks_on_every_tiny_kind(tiny, name, insertion, where):
+    bb = tiny(name, insertion)
     emb = bb.input_embeddings().detach()
     prompts = emb[torch.randint(0, emb.shape[0], (6, 5), generator=torch.Generator().manual_seed(0))]
     masks = act.capture_activations(bb, prompts, where=where)
@@ -163,9 +154,9 @@ def test_hooks_on_every_tiny_kind(cache, name, insertion, where):
     assert single.equal(ex[:1])  # the mean over examples does not depend on batching
 
 
-def test_causal_probe_reads_the_start_token(cache):
+def test_causal_probe_reads_the_start_token(tiny):
     """Decoder-only: the paper probe reads the start token right after the prompt (causal: later tokens can't matter)."""
-    bb = load_backbone("tiny-llama")
+    bb = tiny("tiny-llama")
     prompts = torch.randn(3, 4, bb.d_model)
     probe = act.probe_batch(bb)
     longer = {**probe, "input_ids": torch.cat([probe["input_ids"], torch.tensor([[20, 21, 22]])], 1),
@@ -176,8 +167,8 @@ def test_causal_probe_reads_the_start_token(cache):
     assert torch.allclose(short, at_start, atol=1e-5) and not torch.allclose(short, long, atol=1e-3)
 
 
-def test_capture_refuses_bad_input(cache):
-    bb = load_backbone("tiny-llama")
+def test_capture_refuses_bad_input(tiny):
+    bb = tiny("tiny-llama")
     with pytest.raises(PtxError, match=r"expected \[P, n_tokens, 64\]"):
         act.capture_activations(bb, torch.randn(2, 3, 32))
     with pytest.raises(PtxError, match="needs an encoded split"):
@@ -190,8 +181,8 @@ def test_capture_refuses_bad_input(cache):
 
 # ---- the actor pool ----------------------------------------------------------------------------------
 @pytest.mark.ray
-def test_pool_equals_in_process_and_redoes_a_killed_actor(cache, ray_local, tmp_path):
-    bb = load_backbone("tiny-llama")
+def test_pool_equals_in_process_and_redoes_a_killed_actor(tiny, ray_local, tmp_path):
+    bb = tiny("tiny-llama")
     prompts = torch.randn(10, 4, bb.d_model, generator=torch.Generator().manual_seed(3))
     local = act.capture_activations(bb, prompts, prompts_per_pass=4)
     pooled = act.compute_bank_activations("tiny-llama", prompts, num_actors=2, chunk_size=4)
@@ -302,7 +293,7 @@ def _import_bank(tmp_path, tracker, tasks, per_task=2, d=64, backbone="tiny-llam
 
 
 @pytest.mark.ray
-def test_indicators_stage_logs_everything(cache, ray_local, tmp_path):
+def test_indicators_stage_logs_everything(tiny, ray_local, tmp_path):
     import yaml
 
     from ptx.activations import load_masks
@@ -319,7 +310,7 @@ def test_indicators_stage_logs_everything(cache, ray_local, tmp_path):
     spec_file.write_text(yaml.safe_dump({"name": "study", "backbones": ["tiny-llama"], "tasks": tasks,
                                          "indicators": {"num_actors": 2, "bootstrap": 100, "windows": 1}}))
     spec = load_study(spec_file)
-    with pytest.raises(PtxError, match="run the transfer stage first"):
+    with pytest.raises(PtxError, match="run the transfer stage first"):  # ptx.transfer finds no transfer run
         ind.run_indicators_stage(spec, tracker, tmp_path)
     out = ind.run_indicators_stage(spec, tracker, tmp_path, transfer_table=table)["tiny-llama"]
     run = tracker.get_run(out["run_id"])
@@ -338,12 +329,17 @@ def test_indicators_stage_logs_everything(cache, ray_local, tmp_path):
     assert summary.loc[("on", "spearman"), "mean_over_targets"] == pytest.approx(
         run.data.metrics["spearman.on"])
     assert len(list((out["artifacts"] / "tables" / "plots").glob("scatter_*.png"))) == 7
+    from ptx.transfer import _indicator_sources  # TPT's `tpt.source: indicator:on` reads this run
+
+    picks = _indicator_sources(tracker, "tiny-llama", "study", "on")
+    top = on.iloc[0]
+    assert picks["bbc_topic"] == (top["source_run"], top["source_task"])
     again = ind.run_indicators_stage(spec, tracker, tmp_path, transfer_table=table)["tiny-llama"]
     assert again == {"run_id": out["run_id"], "reused": True}
 
 
 @pytest.mark.slow
-def test_recommend_ranks_other_tasks_prompts(cache, tmp_path):
+def test_recommend_ranks_other_tasks_prompts(ptx_cache_dir, tmp_path):
     tracker = _tracker(tmp_path)
     _import_bank(tmp_path, tracker, ["tweet_sentiment", "drug_sentiment", "bbc_topic"], per_task=1)
     rows = act.recommend("bbc_topic", "tiny-llama", tracker, tmp_path, top_k=3, probe_steps=2)
@@ -357,7 +353,7 @@ def test_recommend_ranks_other_tasks_prompts(cache, tmp_path):
 # ---- the authors' released prompts -------------------------------------------------------------------
 @pytest.mark.slow
 @pytest.mark.skipif(not REFERENCE.is_dir(), reason="reference artifacts not present")
-def test_reference_prompts_import_and_correlate(cache, tmp_path):
+def test_reference_prompts_import_and_correlate(ptx_cache_dir, tmp_path):
     from ptx.prompt import import_torch_prompt
     from ptx.stages import import_prompt
 

@@ -4,6 +4,7 @@ import hashlib
 import json
 import math
 
+import datasets
 import pytest
 import torch
 from safetensors import safe_open
@@ -17,21 +18,34 @@ from ptx.stages import PromptRequest, run_prompt
 from ptx.tasks import load_task
 from ptx.train import TrainSettings, load_checkpoint, save_checkpoint, train_prompt
 
-# Per-step training loss of 5 fixed-seed steps: tweet_sentiment, one batch of 8 (train_limit=8, so every step
-# sees the same examples), a 4-token random (seed 0) prompt, lr 0.03. Observed once with this code on CPU fp32
-# and pasted here; they pin the loop (data order, loss, optimizer). Tolerance 1e-5, not 1e-4: tiny-bert's loss
-# moves only ~1e-4 in 5 steps (a random 32-wide model barely responds), so 1e-4 would pin nothing.
+# Per-step training loss of 5 fixed-seed steps on FIXED (below, one batch of 8, so every step sees the same
+# examples), a 4-token random (seed 0) prompt, lr 0.03. Observed once with this code on CPU fp32 and pasted
+# here; they pin the loop (batching, loss, optimizer) independently of any task's data. Tolerance 1e-5, not
+# 1e-4: tiny-bert's loss moves only ~1e-4 in 5 steps (a random 32-wide model barely responds), so 1e-4 would
+# pin nothing there.
 GOLDEN = {
-    "tiny-bert": [1.0769178867340088, 1.0768144130706787, 1.0767700672149658, 1.0767505168914795,
-                  1.0767407417297363],
-    "tiny-llama": [1.113340973854065, 1.053564429283142, 1.045389175415039, 1.042873740196228,
-                   1.0417062044143677],
+    "tiny-bert": [1.1003443002700806, 1.1002027988433838, 1.1001445055007935, 1.1001218557357788,
+                  1.1001124382019043],
+    "tiny-llama": [1.101556658744812, 1.0962107181549072, 1.0845744609832764, 1.081222653388977,
+                   1.0806255340576172],
 }
+FIXED = [("the movie was great", 2), ("a terrible film", 0), ("it was fine i guess", 1),
+         ("bad acting and a bad plot", 0), ("good fun for the whole family", 2), ("nothing special", 1),
+         ("the best film of the year", 2), ("boring", 0)]
 
 
 @pytest.fixture(scope="module")
 def spec():
     return load_task("tweet_sentiment")
+
+
+def _fixed_split(backbone):
+    """FIXED encoded like encode_split does with the template "{text} It was {mask}." (no task data involved)."""
+    rows = []
+    for text, label in FIXED:
+        ids, score = backbone.encode(f"{text} it was", ".", 96)
+        rows.append({"input_ids": ids, "score_index": score, "length": len(ids), "label": label})
+    return datasets.Dataset.from_list(rows)
 
 
 def _data(backbone, spec, train=64, dev=32):
@@ -62,10 +76,10 @@ def _state_hash(model) -> str:
 @pytest.mark.parametrize("name", sorted(GOLDEN))
 def test_golden_losses(tiny, spec, name):
     backbone = tiny(name)
-    train, dev = _data(backbone, spec, train=8, dev=16)
+    fixed = _fixed_split(backbone)
     rec = Recorder()
     settings = TrainSettings(steps=5, batch_size=8, lr=0.03, eval_every=1, eval_batch_size=16, seed=0)
-    train_prompt(backbone, spec, init_prompt(backbone, 4, "random", seed=0), train, dev, settings, report=rec)
+    train_prompt(backbone, spec, init_prompt(backbone, 4, "random", seed=0), fixed, fixed, settings, report=rec)
     losses = [m["train_loss"] for m, step, _ in rec.calls if step > 0]
     assert losses == pytest.approx(GOLDEN[name], abs=1e-5)
     assert all(b < a for a, b in zip(losses, losses[1:], strict=False))  # one fixed batch: strictly decreasing

@@ -1,0 +1,330 @@
+"""The static HTML report, built from a real sqlite MLflow store and rendered in headless Chromium.
+
+The store is a SYNTHETIC fixture: running the real train/transfer/TPT/indicators stages takes minutes (Ray Tune,
+actor pools), so the runs are logged here through `ptx.track.Tracker` with the tags the stages use, and their
+artifacts are written by the stage modules' own writers (`transfer._log_matrix`, `transfer._log_tpt`,
+`indicators.analyse`, `projector_stage._row`, `projector_stage.run_projector_stage` for the skipped case), so
+the layout is the stages' own; only the numbers (scores, curves, indicator matrices) are made up, shaped like a
+paper-style study (same-category transfer high, ON tracking transfer closely, TPT converging faster).
+"""
+
+import json
+import math
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pytest
+
+from ptx import track
+from ptx.config import ProjectorStage, StudySpec
+from ptx.errors import PtxError
+from ptx.report import build_report, run_report_stage
+
+TASKS = {"sst2": "sentiment", "imdb": "sentiment", "laptop": "sentiment", "mnli": "nli", "snli": "nli",
+         "qnli": "nli", "mrpc": "paraphrase", "qqp": "paraphrase"}
+SEEDS = (0, 1)
+STEPS = list(range(0, 101, 10))
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+
+
+def _curve(rng, start: float, best: float, reach: int) -> list[tuple[int, float]]:
+    """A dev curve rising (concave, a little noise) from `start` at step 0 to `best` at step `reach`, then flat."""
+    return [(s, round(best if s >= reach else start + (best - start) * (s / reach) ** 0.6 * rng.uniform(0.97, 0.99), 4))
+            for s in STEPS]
+
+
+def _prompt_run(tracker, backbone, task, seed, curve, status="FINISHED", extra=None, test=None):
+    tags = {"ptx.kind": track.KIND_PROMPT, "ptx.task": task, "ptx.backbone": backbone, "ptx.seed": seed,
+            "ptx.category": TASKS[task], "ptx.origin": "trained", "ptx.init": "random", "ptx.study": tracker.experiment,
+            "ptx.config_hash": f"{backbone}-{task}-{seed}-{extra}", **(extra or {})}
+    rid = tracker.start_run(f"{task}/{backbone}/s{seed}", tags)
+    bests = np.maximum.accumulate([v for _, v in curve])
+    tracker.log_curve(rid, [{"step": s, "dev_accuracy": v, "best_dev_metric": b}
+                            for (s, v), b in zip(curve, bests, strict=True)])
+    tracker.log(rid, {"test_accuracy": test}, step=curve[-1][0], tags={"ptx.best_step": curve[int(np.argmax(bests))][0]})
+    tracker.finish(rid, status)
+    return rid
+
+
+def _transfer_table(rng, backbone, bank) -> pd.DataFrame:
+    """Long transfer table (ptx.transfer.SCHEMA): same-category sources transfer well, others less, random least."""
+    own = {t: rng.uniform(0.78, 0.92) for t in TASKS}
+    rows = []
+    for split in ("dev", "test"):
+        for target, tcat in TASKS.items():
+            for (task, seed), rid in [*bank.items(), (("random", 0), "random")]:
+                cat = TASKS.get(task, "random")
+                rel = (1.0 if seed == 0 else 0.96) if task == target else rng.uniform(0.72, 0.92) if cat == tcat \
+                    else rng.uniform(0.35, 0.5) if task == "random" else rng.uniform(0.45, 0.68)
+                rows.append({"backbone": backbone, "source_prompt_run": rid, "source_task": task, "source_category": cat,
+                             "target_task": target, "target_category": tcat, "split": split, "metric": "accuracy",
+                             "value": own[target] * rel, "relative_value": rel, "n_examples": 200})
+    return pd.DataFrame(rows)
+
+
+def _log_transfer(tracker, backbone, table, workdir):
+    from ptx.transfer import SCHEMA, _log_matrix
+
+    run_id = tracker.start_run(f"transfer {tracker.experiment}/{backbone}", {
+        "ptx.kind": track.KIND_TRANSFER, "ptx.backbone": backbone, "ptx.study": tracker.experiment,
+        "ptx.config_hash": f"t-{backbone}"})
+    _log_matrix(tracker, run_id, pa.Table.from_pandas(table, schema=SCHEMA, preserve_index=False),
+                workdir / "transfer" / backbone)
+    return run_id
+
+
+def _log_indicators(tracker, rng, backbone, table, bank, workdir):
+    """Indicator matrices [P, P] built from the transfer scores: ON close to them, embeddings noisy."""
+    from ptx.indicators import analyse
+
+    ids = list(bank.values())
+    tasks = [t for t, _ in bank]
+    rel = table[table.split == "test"].set_index(["source_prompt_run", "target_task"]).relative_value
+    base = np.array([[rel[(i, tasks[j])] for j in range(len(ids))] for i in ids])
+    noisy = {"on": 0.03, "on_jaccard": 0.05, "e_concat_cos": 0.3, "e_avg_cos": 0.25, "mean_cos": 0.35,
+             "e_concat_euclid": 0.4, "e_avg_euclid": 0.4}
+    for layer, noise in enumerate((0.4, 0.2, 0.08, 0.05), 1):
+        noisy[f"on.layer_{layer}"], noisy[f"on_jaccard.layer_{layer}"] = noise, noise * 1.3
+    noisy.update({"on.layers_1-2": 0.25, "on.layers_3-4": 0.05})
+    matrices = {k: base + rng.normal(0, s, base.shape) for k, s in noisy.items()}
+    own = {t: [bank[t, 0]] for t in TASKS}
+    run_id = tracker.start_run(f"indicators {backbone}", {"ptx.kind": track.KIND_INDICATORS, "ptx.backbone": backbone,
+                                                          "ptx.study": tracker.experiment, "ptx.config_hash": "i"})
+    art = workdir / "indicators" / run_id
+    tables = analyse(table, matrices, ids, tasks, own, art / "tables", bootstrap=200)
+    tracker.log_artifacts(run_id, art)
+    tracker.finish(run_id)
+    return run_id, tables
+
+
+def _log_tpt(tracker, rng, backbone, bank, vanilla_curves, workdir):
+    from ptx.transfer import _log_tpt as log_tpt
+    from ptx.transfer import convergence_speedup
+
+    picks = {"sst2": "imdb", "mnli": "snli", "mrpc": "qqp", "qnli": "mnli"}
+    rows, curves = [], {}
+    for target, source in picks.items():
+        for seed in SEEDS:
+            vc = vanilla_curves[target, seed]
+            best = max(v for _, v in vc)
+            reach = best if target != "qnli" else best - 0.03  # qnli: TPT never gets there (flagged)
+            tc = _curve(rng, vc[0][1] + 0.3 * (best - vc[0][1]), reach, int(rng.choice([20, 30, 40])))
+            tpt = _prompt_run(tracker, backbone, target, seed, tc,
+                              extra={"ptx.init": "artifact", "ptx.source_run": bank[source, 0]})
+            rows.append({"backbone": backbone, "target_task": target, "source_task": source,
+                         "source_prompt_run": bank[source, 0], "seed": seed, "metric": "accuracy",
+                         **convergence_speedup(vc, tc), "vanilla_run": bank[target, seed], "tpt_run": tpt})
+            curves.setdefault(target, []).append((seed, vc, tc))
+    spec = StudySpec(name=tracker.experiment, backbones=(backbone,), tasks=tuple(TASKS))
+    return log_tpt(tracker, spec, backbone, rows, curves, workdir / "tpt" / backbone)
+
+
+def _log_projector(tracker, rng, source_bank, target_bank, workdir):
+    from ptx.projector_stage import _row
+    from ptx.transfer import convergence_speedup
+
+    p = ProjectorStage(source_backbone="tiny-llama", target_backbone="tiny-bert", objective="task")
+    stage = tracker.start_run(f"projector {tracker.experiment}", {
+        "ptx.kind": "stage", "ptx.stage": "projector", "ptx.study": tracker.experiment,
+        "ptx.source_backbone": p.source_backbone, "ptx.target_backbone": p.target_backbone})
+    proj = tracker.start_run("projector task tiny-llama->tiny-bert", {
+        "ptx.kind": track.KIND_PROJECTOR, "ptx.objective": "task", "ptx.form": "flat", "ptx.study": tracker.experiment,
+        "ptx.source_backbone": p.source_backbone, "ptx.target_backbone": p.target_backbone}, parent_run_id=stage)
+    tracker.log(proj, {"initial_loss": 1.31, "final_loss": 0.42})
+    tracker.finish(proj)
+    rows, tpt_rows = [], []
+    for target in ("sst2", "mnli", "mrpc"):
+        own = rng.uniform(0.8, 0.9)
+        for source in TASKS:
+            rel = rng.uniform(0.7, 0.85) if source == target else rng.uniform(0.4, 0.6)
+            rows.append(_row(p, "projected", "task", source, target, "accuracy", own * rel, own, 20, proj,
+                             source_bank[source, 0]))
+        rows.append(_row(p, "random", None, None, target, "accuracy", own * 0.45, own, 20, None, None))
+        rows.append(_row(p, "own", None, target, target, "accuracy", own, own, None, None, target_bank[target, 0]))
+        vc, tc = _curve(rng, 0.5, own, 80), _curve(rng, 0.7, own, 30)
+        tpt_rows.append({"task": target, "objective": "task", "vanilla_run": target_bank[target, 0],
+                         "tpt_run": target_bank[target, 1], **convergence_speedup(vc, tc)})
+    tables = workdir / "projector_stage" / stage / "tables"
+    tables.mkdir(parents=True)
+    pd.DataFrame(rows).to_parquet(tables / "projector_zero_shot.parquet", index=False)
+    pd.DataFrame(tpt_rows).to_parquet(tables / "projector_tpt.parquet", index=False)
+    tracker.log_artifacts(stage, tables, "tables")
+    tracker.finish(stage)
+    return stage, proj, pd.DataFrame(rows)
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    """A sqlite store holding a finished study ('paper-mini') and one that has only trained ('early')."""
+    workdir = tmp_path_factory.mktemp("store")
+    uri = f"sqlite:///{workdir / 'mlflow.db'}"
+    rng = np.random.default_rng(7)
+    tracker = track.Tracker(uri, "paper-mini", workdir=workdir)
+    out = {"uri": uri, "workdir": workdir, "tracker": tracker, "banks": {}, "tables": {}, "runs": {}}
+    curves = {}
+    for backbone in ("tiny-llama", "tiny-bert"):
+        bank = {}
+        for task in TASKS:
+            for seed in SEEDS:
+                curves[backbone, task, seed] = c = _curve(rng, rng.uniform(0.3, 0.5), rng.uniform(0.75, 0.9), int(rng.choice([60, 70, 80])))
+                bank[task, seed] = _prompt_run(tracker, backbone, task, seed, c,
+                                               test=round(max(v for _, v in c) - 0.02, 4) if seed == 0 else None)
+        out["banks"][backbone] = bank
+        out["tables"][backbone] = table = _transfer_table(rng, backbone, bank)
+        out["runs"][f"transfer/{backbone}"] = _log_transfer(tracker, backbone, table, workdir)
+    out["failed_prompt"] = _prompt_run(tracker, "tiny-llama", "sst2", 5, curves["tiny-llama", "sst2", 0], "FAILED")
+    llama = out["banks"]["tiny-llama"]
+    out["runs"]["indicators"], out["indicator_tables"] = _log_indicators(
+        tracker, rng, "tiny-llama", out["tables"]["tiny-llama"], llama, workdir)
+    out["tpt"] = _log_tpt(tracker, rng, "tiny-llama", llama,
+                          {(t, s): curves["tiny-llama", t, s] for t in TASKS for s in SEEDS}, workdir)
+    out["runs"]["tpt"] = out["tpt"]["run_id"]
+    out["runs"]["projector"], out["runs"]["projector_model"], out["projector_rows"] = _log_projector(
+        tracker, rng, llama, out["banks"]["tiny-bert"], workdir)
+    # 'early': trained only; a transfer stage died mid-run (RUNNING); the projector stage skipped (real stage code)
+    from ptx.projector_stage import run_projector_stage
+
+    early = track.Tracker(uri, "early", workdir=workdir)
+    out["early_prompt"] = _prompt_run(early, "tiny-llama", "sst2", 0, curves["tiny-llama", "sst2", 0])
+    out["early_transfer"] = early.start_run("transfer early/tiny-llama", {
+        "ptx.kind": track.KIND_TRANSFER, "ptx.backbone": "tiny-llama", "ptx.study": "early"})
+    out["early_spec"] = spec = StudySpec(name="early", backbones=("tiny-llama",), tasks=("sst2",))
+    out["early_skip"] = run_projector_stage(spec, early, workdir)
+    out["early"] = early
+    out["full_report"] = build_report(tracker, "paper-mini", workdir / "report-full")
+    return out
+
+
+def _section(page: str, sid: str) -> str:
+    m = re.search(rf"<section id='{sid}'[^>]*>(.*?)</section>", page, re.S)
+    assert m, f"section {sid} missing"
+    return m.group(1)
+
+
+def test_full_report_has_every_section_number_and_run(store):
+    index = store["full_report"]
+    page = index.read_text()
+    for sid in ("findings", "training", "transfer", "tpt", "indicators", "projector", "sources"):
+        _section(page, sid)
+    assert "not run" not in page and "could not be built" not in page
+    findings = _section(page, "findings")
+    # same vs cross category on the test split, diagonal and random prompt excluded: recomputed here
+    for backbone, table in store["tables"].items():
+        t = table[table.split == "test"]
+        bank = t[(t.source_prompt_run != "random") & (t.source_task != t.target_task)]
+        same = bank[bank.source_category == bank.target_category].relative_value
+        cross = bank[bank.source_category != bank.target_category].relative_value
+        rnd = t[t.source_prompt_run == "random"].relative_value
+        sentence = next(s for s in findings.split("<li>") if f"on {backbone} (test split)" in s)
+        assert "Does same-category transfer beat cross-category? Yes" in sentence
+        assert f"{same.mean():.3f}" in sentence and f"(n = {len(same)} pairs)" in sentence
+        assert f"{cross.mean():.3f}" in sentence and f"(n = {len(cross)})" in sentence
+        assert f"{rnd.mean():.3f}" in sentence and store["runs"][f"transfer/{backbone}"] in sentence
+    corr = store["indicator_tables"]["correlations"].set_index(["indicator", "method"])
+    on = corr.loc[("on", "spearman")]
+    emb = corr.xs("spearman", level="method").loc[["e_concat_cos", "e_concat_euclid", "e_avg_cos", "e_avg_euclid",
+                                                    "mean_cos"]]
+    top = emb.mean_over_targets.idxmax()
+    assert "Does ON predict transfer better than embedding similarity? Yes" in findings
+    assert f"{on.mean_over_targets:.3f} [{on.ci_low:.3f}, {on.ci_high:.3f}]" in findings
+    assert f"{emb.loc[top, 'mean_over_targets']:.3f}" in findings and f"({top})" in findings
+    agg = pd.DataFrame(store["tpt"]["table"])
+    assert agg.speedup.isna().sum() == 1  # qnli never reached vanilla's best: left out of the mean, and said so
+    assert f"mean speed-up {agg.speedup.mean():.2f}×" in findings and "over the 3 of 4 targets" in findings
+    # every stage run and every bank prompt is named, with a footnote that says how to fetch it
+    for rid in store["runs"].values():
+        assert rid in page
+    sources = _section(page, "sources")
+    for bank in store["banks"].values():
+        for rid in bank.values():
+            assert f"ptx prompts get {rid}" in sources
+    assert f"mlflow artifacts download -r {store['runs']['transfer/tiny-llama']}" in sources
+    assert store["failed_prompt"] not in page  # a FAILED run is no result
+    training = _section(page, "training")
+    assert training.count("<tr>") == 1 + 2 * len(TASKS) * len(SEEDS)  # header + (backbone, task, seed) rows
+    assert "not logged" in training
+    tpt = _section(page, "tpt")
+    assert all(f"{r['speedup']:.2f}×" in tpt for r in store["tpt"]["table"] if not math.isnan(r["speedup"]))
+    assert "tpt_not_reached" in tpt
+    proj = _section(page, "projector")
+    own = store["projector_rows"][lambda d: d.prompt == "own"]
+    assert all(f"{v:.3f}" in proj for v in own.value) and store["runs"]["projector_model"] in proj
+    assert "Per-layer ON" in _section(page, "indicators")
+    # self-contained: no external URL, every image a local PNG beside index.html
+    assert not re.search(r"(?:src|href)\s*=\s*['\"]?(?:https?:|//|file:)", page)
+    assert "http://" not in page and "https://" not in page
+    imgs = re.findall(r"<img src='([^']+)'", page)
+    assert len(imgs) >= 10
+    for src in imgs:
+        png = index.parent / src
+        assert png.is_file() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+    summary = json.loads((index.parent / "summary.json").read_text())
+    assert set(summary["sections"].values()) == {"ok"}
+    assert summary["facts"]["tpt"]["tiny-llama"]["mean_speedup"] == pytest.approx(agg.speedup.mean())
+
+
+def test_partial_report_says_what_did_not_run(store, tmp_path):
+    page = build_report(store["early"], "early", tmp_path / "r").read_text()
+    transfer = _section(page, "transfer")
+    assert "not run: the transfer stage has no finished run in this experiment" in transfer
+    assert "latest: a RUNNING run" in transfer and store["early_transfer"] in transfer
+    assert "not run: the TPT stage has no finished run" in _section(page, "tpt")
+    assert "not run: the indicators stage has no finished run" in _section(page, "indicators")
+    reason = store["early_skip"]["reason"]
+    assert reason == "projector.source_backbone is not set"
+    assert f"skipped: {reason}" in _section(page, "projector") and store["early_skip"]["stage_run"] in page
+    findings = _section(page, "findings")
+    assert findings.count("not available: the") == 3 and f"skipped: {reason}" in findings
+    assert store["early_prompt"] in _section(page, "training")
+    assert store["full_report"].read_text().count("<img") > page.count("<img") == 0
+
+
+@pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="headless Chromium missing: run `make browser`")
+def test_report_renders_in_headless_chromium(store, tmp_path):
+    from PIL import Image
+
+    index = store["full_report"]
+    flags = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+             "--disable-background-networking", "--disable-component-update", "--disable-sync",
+             "--disable-dev-shm-usage", "--hide-scrollbars"]
+    shot = tmp_path / "shot.png"
+    subprocess.run([*flags, f"--user-data-dir={tmp_path / 'u1'}", f"--screenshot={shot}", "--window-size=1200,3000",
+                    index.as_uri()], check=True, capture_output=True, timeout=120)
+    dom = subprocess.run([*flags, f"--user-data-dir={tmp_path / 'u2'}", "--run-all-compositor-stages-before-draw",
+                          "--virtual-time-budget=5000", "--dump-dom", index.as_uri()],
+                         check=True, capture_output=True, text=True, timeout=120).stdout
+    n_img = index.read_text().count("<img ")
+    m = re.search(r'data-images="ok:(\d+)/(\d+)"', dom)
+    assert m, "the page's image check did not run"
+    assert (int(m.group(1)), int(m.group(2))) == (n_img, n_img)  # every <img> loaded (naturalWidth > 0)
+    assert shot.stat().st_size > 50_000
+    pixels = np.asarray(Image.open(shot).convert("L"), dtype=float)
+    assert pixels.shape == (3000, 1200)
+    rows = pixels.std(axis=1)
+    assert pixels.std() > 20 and (rows > 5).mean() > 0.5  # not blank: content down most of the page
+
+
+def test_report_stage_logs_a_report_run_and_guards_its_directory(store, tmp_path):
+    early, spec = store["early"], store["early_spec"]
+    other = track.Tracker(store["uri"], "paper-mini", workdir=store["workdir"])  # the stage switches experiment
+    out = run_report_stage(spec, other, tmp_path)
+    assert Path(out["path"]) == tmp_path.resolve() / "report" / "index.html" and Path(out["path"]).is_file()
+    run = early.get_run(out["run_id"])
+    assert run.data.tags["ptx.kind"] == "report" and run.info.experiment_id == early.experiment_id
+    assert run.data.tags["ptx.report.projector"] == "skipped" and run.data.tags["ptx.report.transfer"] == "missing"
+    logged = {a.path for a in early.client.list_artifacts(out["run_id"], "report")}
+    assert {"report/index.html", "report/summary.json"} <= logged
+    again = run_report_stage(spec, early, tmp_path)  # a previous report is replaced
+    assert again["path"] == out["path"] and again["run_id"] != out["run_id"]
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep me")
+    with pytest.raises(PtxError, match="is not empty or a previous ptx report"):
+        build_report(early, "early", tmp_path / "mine")
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
+    with pytest.raises(PtxError, match="experiment 'paper-mni' does not exist.*did you mean 'paper-mini'"):
+        build_report(early, "paper-mni", tmp_path / "x")
