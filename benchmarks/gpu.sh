@@ -1,0 +1,99 @@
+#!/usr/bin/env bash
+# GPU benchmarks of the prompt-tuning train step (ptx vs PEFT) on random-weight models of real shapes, plus the
+# GPU ablations (bf16 autocast vs fp32, SDPA vs eager, decoder-only prompt-once vs one pass). About 5-6 minutes
+# on one H100/H200. Writes every figure to $OUT/gpu_results.json (or benchmarks/gpu_results.json without $OUT).
+#
+#   bash benchmarks/gpu.sh                        # the real run (needs CUDA)
+#   bash benchmarks/gpu.sh --device cpu --steps 2 # dry run: tiny backbones on CPU, catches breakage, no figures
+#
+# MFU = achieved model FLOP/s / peak, with model FLOPs = 4 x (matmul parameters) x tokens per step (forward and
+# activation gradients, no weight gradients; output head and attention scores left out) and peak = 989 TFLOP/s
+# (H100 SXM dense bf16; the H200 has the same peak). Change it with PEAK_TFLOPS=... .
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+DEVICE=cuda
+STEPS=20
+WARMUP=3
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --device) DEVICE="$2"; shift 2 ;;
+    --steps) STEPS="$2"; shift 2 ;;
+    --warmup) WARMUP="$2"; shift 2 ;;
+    *) echo "gpu.sh: unknown argument '$1' (expected --device, --steps, --warmup)" >&2; exit 2 ;;
+  esac
+done
+PY="${PYTHON:-}"
+if [ -z "$PY" ]; then
+  if [ -x .venv/bin/python ]; then PY=.venv/bin/python; else PY=python; fi
+fi
+PEAK_TFLOPS="${PEAK_TFLOPS:-989}"
+DEST="${OUT:-benchmarks}"
+PARTS="$(mktemp -d)"
+export PTX_CACHE_DIR="${PTX_CACHE_DIR:-$PARTS/cache}"
+export TOKENIZERS_PARALLELISM=false
+
+if [ "$DEVICE" = cpu ]; then
+  # dry run: the same code paths on tiny backbones, so a syntax or API error shows up without a GPU
+  DTYPE=fp32
+  MAIN=("tiny-roberta 4 8 16" "tiny-t5 4 8 16" "tiny-llama 4 8 16")
+  ROBERTA=tiny-roberta
+  LLAMA=tiny-llama
+  ABL_SHAPE=(4 8 16)
+else
+  DTYPE=bf16  # fp32 weights under bf16 autocast: ptx's train_prompt on CUDA
+  #     backbone              batch prompt text
+  MAIN=("random:roberta-base  32 100 128"
+        "random:roberta-large 16 100 128"
+        "random:t5-base       32 100 128"
+        "random:llama-1b      8  100 256")
+  ROBERTA=random:roberta-base
+  LLAMA=random:llama-1b
+  ABL_SHAPE=(32 100 128)
+fi
+
+bench() {  # name, then bench_train_step.py arguments
+  local name="$1"; shift
+  echo "== $name: $*"
+  "$PY" benchmarks/bench_train_step.py --device "$DEVICE" --steps "$STEPS" --warmup "$WARMUP" \
+    --peak-tflops "$PEAK_TFLOPS" --json "$PARTS/$name.json" "$@" || echo "!! $name failed" >&2
+}
+
+start=$(date +%s)
+for row in "${MAIN[@]}"; do
+  read -r bb bs n t <<<"$row"
+  bench "step-${bb#random:}" --backbone "$bb" --batch-size "$bs" --prompt-length "$n" --seq-len "$t" \
+    --dtype "$DTYPE" --variants ptx,peft,peft-lean
+done
+bench "ablation-bf16" --backbone "$ROBERTA" --batch-size "${ABL_SHAPE[0]}" --prompt-length "${ABL_SHAPE[1]}" \
+  --seq-len "${ABL_SHAPE[2]}" --dtype fp32 --variants ptx,peft
+bench "ablation-attn" --backbone "$ROBERTA" --batch-size "${ABL_SHAPE[0]}" --prompt-length "${ABL_SHAPE[1]}" \
+  --seq-len "${ABL_SHAPE[2]}" --dtype "$DTYPE" --ablation attn
+read -r _ lbs ln lt <<<"${MAIN[${#MAIN[@]}-1]}"
+bench "ablation-prompt-once" --backbone "$LLAMA" --batch-size "$lbs" --prompt-length "$ln" --seq-len "$lt" \
+  --dtype "$DTYPE" --ablation prompt-once
+bench "ablation-head" --backbone "$LLAMA" --batch-size "$lbs" --prompt-length "$ln" --seq-len "$lt" \
+  --dtype "$DTYPE" --ablation head
+
+mkdir -p "$DEST"
+"$PY" - "$PARTS" "$DEST/gpu_results.json" "$start" <<'EOF'
+import json, sys, time
+from pathlib import Path
+parts, dest, start = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3])
+runs = {p.stem: json.loads(p.read_text()) for p in sorted(parts.glob("*.json"))}
+summary = []
+for name, run in runs.items():
+    for r in run.get("results", []):
+        if "error" in r:
+            summary.append({"run": name, "variant": r.get("variant"), "error": r["error"]})
+            continue
+        summary.append({"run": name, **{k: r.get(k) for k in (
+            "variant", "backbone", "dtype", "batch_size", "prompt_length", "seq_len", "examples_per_s", "step_s",
+            "peak_mib", "achieved_tflops", "mfu", "speed_ratio_base_over_this", "base")}})
+out = {"wall_s": int(time.time()) - start, "summary": summary, "runs": runs}
+dest.write_text(json.dumps(out, indent=1, sort_keys=True, default=str))
+print(f"wrote {dest} ({len(summary)} rows, {out['wall_s']}s)")
+for s in summary:
+    print(s)
+EOF
+rm -rf "$PARTS"
