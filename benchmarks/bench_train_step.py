@@ -10,10 +10,13 @@ logits at the scoring position) and the same optimizer (AdamW on the prompt only
   input_ids, then the label-word columns of its output logits at the scoring position (masked LM: the <mask>
   position, `task_type=FEATURE_EXTRACTION` as ptx's PEFT export uses; causal LM: the last real token after a
   full forward; seq2seq: `labels` = the label word, logits of the first decoder step).
-  `num_transformer_submodules=1` (the prompt goes to the encoder only, like ptx; PEFT's seq2seq default of 2
-  would also put it in front of the decoder and be slower still).
+  `num_transformer_submodules=1` (the prompt goes to the encoder only, like ptx).
+- peft-default: the same with PEFT's default `num_transformer_submodules` (2 for seq2seq). In peft 0.21 prompt
+  tuning still prompts only the encoder (the second n vectors are allocated and never used), so it costs the same.
 - peft-lean: a PEFT user who knows transformers' `logits_to_keep` (the head only at the scoring positions) or,
-  for seq2seq, passes `decoder_input_ids` instead of labels. The strongest PEFT baseline we know of.
+  for seq2seq, passes `decoder_input_ids` instead of labels. The strongest PEFT baseline we know of. Masked-LM
+  classes (BertForMaskedLM, RobertaForMaskedLM) have no `logits_to_keep` (it would be swallowed by **kwargs), so
+  there peft-lean runs as peft and says so in a note.
 
 Ablation variants (`--ablation NAME` picks a set; `--variants` lists any):
   ptx-onepass     decoder-only: one forward over [prompt; text] per example, as before the prompt-once path
@@ -58,11 +61,16 @@ EXTRA_CONFIGS = {
     "llama-1b": dict(model_type="llama", architectures=["LlamaForCausalLM"], hidden_size=2048, num_hidden_layers=16,
                      num_attention_heads=32, num_key_value_heads=32, intermediate_size=8192, vocab_size=32000,
                      max_position_embeddings=2048, tie_word_embeddings=False, pad_token_id=0),
+    # t5-small's published shape: a seq2seq model of real size that a 2-core CPU can still step
+    "t5-small": dict(model_type="t5", architectures=["T5ForConditionalGeneration"], d_model=512, d_kv=64, d_ff=2048,
+                     num_layers=6, num_heads=8, vocab_size=32128, feed_forward_proj="relu", pad_token_id=0,
+                     eos_token_id=1, decoder_start_token_id=0, tie_word_embeddings=True),
 }
 VARIANTS = {
     "ptx": {"impl": "ptx"},
     "peft": {"impl": "peft"},
     "peft-lean": {"impl": "peft", "lean": True},
+    "peft-default": {"impl": "peft", "submodules": None},
     "ptx-onepass": {"impl": "ptx", "onepass": True},
     "ptx-fullvocab": {"impl": "ptx", "head": "full"},
     "ptx-eager": {"impl": "ptx", "attn": "eager"},
@@ -153,9 +161,10 @@ def label_word_ids(backbone):
     return torch.tensor([lo + 1 + 7 * i for i in range(N_LABELS)], device=backbone.device)
 
 
-def step_flops(backbone, batch_size: int, n_tokens: int) -> float:
-    """Model FLOPs of one prompt-tuning step: 4 x (matmul parameters) x tokens (forward + activation gradients,
-    no weight gradients); the output head is left out (ptx computes only label rows), attention scores too."""
+def step_flops(backbone, batch_size: int, n_prompt: int, seq_len: int, prompt_once: bool = False) -> float:
+    """Model FLOPs of one prompt-tuning step: 4 x (matmul parameters) x tokens run (forward + activation gradients,
+    no weight gradients). The output head is left out for every variant (ptx computes only label rows), attention
+    scores too. `prompt_once`: ptx's decoder-only path runs the prompt once, not once per example."""
     from torch import nn
 
     from ptx.backbones import BackboneKind
@@ -163,15 +172,23 @@ def step_flops(backbone, batch_size: int, n_tokens: int) -> float:
     def linear_params(module) -> int:
         return sum(m.weight.numel() for m in module.modules() if isinstance(m, nn.Linear))
 
-    model = backbone.model
+    model, tokens = backbone.model, batch_size * (n_prompt + seq_len)
     if backbone.kind is BackboneKind.SEQ2SEQ:
         dec = model.get_decoder()
         cross_kv = sum(m.k.weight.numel() + m.v.weight.numel() for n, m in dec.named_modules() if n.endswith("EncDecAttention"))
         enc = linear_params(model.get_encoder())
         # encoder over every token; decoder for one step per example, except cross-attention K/V over every token
-        return 4.0 * (enc * batch_size * n_tokens + (linear_params(dec) - cross_kv) * batch_size
-                      + cross_kv * batch_size * n_tokens)
-    return 4.0 * linear_params(model.base_model) * batch_size * n_tokens
+        return 4.0 * (enc * tokens + (linear_params(dec) - cross_kv) * batch_size + cross_kv * tokens)
+    if prompt_once:
+        tokens = n_prompt + batch_size * seq_len
+    return 4.0 * linear_params(model.base_model) * tokens
+
+
+def runs_prompt_once(backbone, opts: dict) -> bool:
+    """Whether this variant takes Backbone.label_logits' decoder-only prompt-once path."""
+    once = getattr(backbone, "_prompt_once", None)
+    return (opts["impl"] == "ptx" and not opts.get("onepass") and opts.get("head") != "full" and once is not None
+            and once())
 
 
 # ---- the two training steps -------------------------------------------------------------------------
@@ -251,17 +268,26 @@ def peft_step(backbone, batches, n_tokens: int, opts: dict, ctx):
     from ptx.backbones import BackboneKind
 
     kind = backbone.kind
+    # 1: the prompt in front of the encoder only, as ptx; None: PEFT's default (2 for seq2seq: also the decoder)
+    subs = opts.get("submodules", 1)
     config = PromptTuningConfig(task_type=KIND_TASK[kind.value], num_virtual_tokens=n_tokens,
-                                token_dim=backbone.d_model, num_transformer_submodules=1)
+                                token_dim=backbone.d_model, **({"num_transformer_submodules": subs} if subs else {}))
     model = get_peft_model(backbone.model, config)
     embedding = model.prompt_encoder["default"].embedding
-    embedding.weight.data.copy_(init_prompt(backbone, n_tokens).to(embedding.weight))
+    embedding.weight.data.copy_(init_prompt(backbone, embedding.weight.shape[0]).to(embedding.weight))
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
     label_ids = label_word_ids(backbone)
     lean = opts.get("lean", False)
     start = backbone.model.config.decoder_start_token_id if kind is BackboneKind.SEQ2SEQ else None
     grads = {"bytes": 0}
+    if lean and kind is not BackboneKind.SEQ2SEQ:
+        import inspect
+
+        if "logits_to_keep" not in inspect.signature(type(backbone.model).forward).parameters:
+            # e.g. BertForMaskedLM/RobertaForMaskedLM: the kwarg would be swallowed by **kwargs and ignored
+            lean = False
+            grads["note"] = f"{type(backbone.model).__name__} has no logits_to_keep: peft-lean runs as peft"
 
     def step(i):
         batch = batches[i % len(batches)]
@@ -271,7 +297,8 @@ def peft_step(backbone, batches, n_tokens: int, opts: dict, ctx):
             if kind is BackboneKind.SEQ2SEQ:
                 extra = ({"decoder_input_ids": torch.full_like(ids[:, :1], start)} if lean
                          else {"labels": label_ids[labels][:, None]})
-                word_logits = model(input_ids=ids, attention_mask=attn, **extra).logits[:, 0]
+                # the first decoder step of the answer is the last position (after PEFT's decoder prompt, if any)
+                word_logits = model(input_ids=ids, attention_mask=attn, **extra).logits[:, -1]
             else:
                 pos = n_tokens + batch["score_index"]  # PEFT's output covers the virtual tokens too
                 if lean:
@@ -299,11 +326,13 @@ def weights_dtype(args):
 
 
 def _variant_record(args, backbone, variant: str) -> dict:
-    flops = step_flops(backbone, args.batch_size, args.prompt_length + args.seq_len)
+    once = runs_prompt_once(backbone, VARIANTS[variant])
+    flops = step_flops(backbone, args.batch_size, args.prompt_length, args.seq_len, prompt_once=once)
     return {"variant": variant, "backbone": args.backbone, "kind": backbone.kind.value, "device": args.device,
             "dtype": args.dtype, "batch_size": args.batch_size, "prompt_length": args.prompt_length,
             "seq_len": args.seq_len, "n_params": sum(p.numel() for p in backbone.model.parameters()),
-            "model_tflops_per_step": flops / 1e12}
+            "model_tflops_per_step": flops / 1e12, "prompt_once": once,
+            "one_pass_tflops_per_step": step_flops(backbone, args.batch_size, args.prompt_length, args.seq_len) / 1e12}
 
 
 def worker_memory(args) -> dict:
@@ -356,6 +385,8 @@ def worker_time(args) -> dict:
         if args.device.startswith("cuda"):
             rec.update(peak_bytes=meter.peak(), peak_mib=mib(meter.peak()), memory_measure=meter.what())
         steps[v], rec["_grads"] = step, grads
+        if grads.get("note"):
+            rec["note"] = grads["note"]
     wall, cpu = {v: [] for v in variants}, {v: [] for v in variants}
     for r in range(args.steps):
         k = r % len(variants)
@@ -372,9 +403,11 @@ def worker_time(args) -> dict:
                    wall_step_s=median(wall[v]), wall_examples_per_s=args.batch_size / median(wall[v]),
                    cpu_step_s=median(cpu[v]), times=[round(t, 4) for t in times[v]],
                    frozen_weight_grad_bytes=rec.pop("_grads")["bytes"], time_measure="wall" if on_gpu else "cpu",
-                   threads=torch.get_num_threads(), achieved_tflops=rec["model_tflops_per_step"] / sec)
-        if on_gpu:
-            rec.update(mfu=rec["achieved_tflops"] / args.peak_tflops, peak_tflops=args.peak_tflops)
+                   threads=torch.get_num_threads(), achieved_tflops=rec["model_tflops_per_step"] / sec,
+                   one_pass_equivalent_tflops=rec["one_pass_tflops_per_step"] / sec)
+        if on_gpu:  # mfu: FLOPs this variant ran; effective_mfu: FLOPs of the one-pass step it replaces
+            rec.update(mfu=rec["achieved_tflops"] / args.peak_tflops, peak_tflops=args.peak_tflops,
+                       effective_mfu=rec["one_pass_equivalent_tflops"] / args.peak_tflops)
         base = variants[0]
         if v != base:  # paired: the same round's steps ran back to back
             rec["base"] = base
@@ -436,6 +469,7 @@ def worker_cache(args) -> dict:
         from ptx.tasks import load_task
 
         spec = load_task(args.task)
+        encode_split(spec, backbone, "train", limit=8, use_cache=False)  # imports and file reads: not timed
         t0 = time.perf_counter()
         n = len(encode_split(spec, backbone, "train", limit=args.limit, use_cache=False))
         nocache = time.perf_counter() - t0
@@ -507,7 +541,7 @@ def report_steps(results: list[dict]) -> str:
     cols = ["variant", "examples_per_s", "step_s", "step_s_min", "wall_examples_per_s", "peak_mib",
             "frozen_weight_grad_bytes", "warmup_s"]
     if any("mfu" in r for r in results):
-        cols += ["achieved_tflops", "mfu"]
+        cols += ["achieved_tflops", "mfu", "effective_mfu"]
     lines = [table([r for r in results if "error" not in r], cols)]
     by = {r["variant"]: r for r in results if "error" not in r}
     for name, o in by.items():
@@ -522,6 +556,8 @@ def report_steps(results: list[dict]) -> str:
     for r in results:
         if "error" in r:
             lines.append(f"{r.get('variant', '?')}: ERROR {r['error']}")
+        if r.get("note"):
+            lines.append(f"note: {r['variant']}: {r['note']}")
     return "\n".join(lines)
 
 

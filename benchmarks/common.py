@@ -38,7 +38,8 @@ def machine() -> dict:
         m = re.search(r"^Model name:\s*(.+)$", out, re.M)
         cpu = m.group(1).strip() if m else cpu
     info = {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__, "python": platform.python_version(),
-            "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
+            "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+            "load_average_1m": round(os.getloadavg()[0], 1)}  # other jobs on the machine inflate wall times
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
     with contextlib.suppress(Exception):

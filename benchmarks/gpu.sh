@@ -8,7 +8,9 @@
 #
 # MFU = achieved model FLOP/s / peak, with model FLOPs = 4 x (matmul parameters) x tokens per step (forward and
 # activation gradients, no weight gradients; output head and attention scores left out) and peak = 989 TFLOP/s
-# (H100 SXM dense bf16; the H200 has the same peak). Change it with PEAK_TFLOPS=... .
+# (H100 SXM dense bf16; the H200 has the same peak). Change it with PEAK_TFLOPS=... . `mfu` counts the tokens a
+# variant really runs (ptx's decoder-only path runs the prompt once per batch, not per example); `effective_mfu`
+# counts the one-pass step's tokens, B x (prompt + text), for every variant.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -36,7 +38,7 @@ export TOKENIZERS_PARALLELISM=false
 if [ "$DEVICE" = cpu ]; then
   # dry run: the same code paths on tiny backbones, so a syntax or API error shows up without a GPU
   DTYPE=fp32
-  MAIN=("tiny-roberta 4 8 16" "tiny-t5 4 8 16" "tiny-llama 4 8 16")
+  MAIN=("tiny-roberta 4 8 16" "random:t5-small 4 8 16" "tiny-llama 4 8 16")
   ROBERTA=tiny-roberta
   LLAMA=tiny-llama
   ABL_SHAPE=(4 8 16)
@@ -60,6 +62,18 @@ bench() {  # name, then bench_train_step.py arguments
 }
 
 start=$(date +%s)
+if [ "$DEVICE" = cpu ]; then  # the real run's random-weight configs, built on the meta device (no memory, no time)
+  "$PY" - <<'EOF'
+import sys
+import torch
+sys.path.insert(0, "benchmarks")
+from bench_train_step import load, step_flops
+for name in ["roberta-base", "roberta-large", "t5-base", "llama-1b"]:
+    b = load("random:" + name, "meta", torch.float32)
+    print(f"config check {name}: {b.kind.value}, {sum(p.numel() for p in b.model.parameters()) / 1e6:.0f}M params, "
+          f"{step_flops(b, 8, 100, 256) / 1e12:.2f} model TFLOP per one-pass step of 8 x (100 + 256) tokens")
+EOF
+fi
 for row in "${MAIN[@]}"; do
   read -r bb bs n t <<<"$row"
   bench "step-${bb#random:}" --backbone "$bb" --batch-size "$bs" --prompt-length "$n" --seq-len "$t" \
@@ -89,7 +103,7 @@ for name, run in runs.items():
             continue
         summary.append({"run": name, **{k: r.get(k) for k in (
             "variant", "backbone", "dtype", "batch_size", "prompt_length", "seq_len", "examples_per_s", "step_s",
-            "peak_mib", "achieved_tflops", "mfu", "speed_ratio_base_over_this", "base")}})
+            "peak_mib", "achieved_tflops", "mfu", "effective_mfu", "speed_ratio_base_over_this", "base")}})
 out = {"wall_s": int(time.time()) - start, "summary": summary, "runs": runs}
 dest.write_text(json.dumps(out, indent=1, sort_keys=True, default=str))
 print(f"wrote {dest} ({len(summary)} rows, {out['wall_s']}s)")

@@ -26,6 +26,9 @@ from ptx.io import atomic_dir, write_json
 log = logging.getLogger(__name__)
 MASKS_FORMAT = 1
 MASKS_FILE, MASKS_META = "activations.safetensors", "activations.json"
+ACTIVE_RULE = {"masked_lm": "intermediate output (after GELU) > 0",  # per kind, recorded in activations.json
+               "seq2seq": "wi / wi_0 output (before ReLU/GELU) > 0",
+               "causal_lm": "gate_proj output (before SiLU) > 0; GPT-2: c_fc output (before GELU) > 0"}
 
 
 class Probe(str, Enum):
@@ -279,17 +282,19 @@ class ActivationWorker:
                                     c.get("where", "decoder"), prompts_per_pass=c.get("prompts_per_pass", 8))
         packed = np.packbits(masks.reshape(masks.shape[0], -1).numpy(), axis=1)
         # bytes, not an array: the driver gets its own copy rather than a zero-copy view of a Ray buffer
-        return {"packed": packed.tobytes(), "rows": packed.shape[0], "n_layers": masks.shape[1], "d_ff": masks.shape[2]}
+        return {"packed": packed.tobytes(), "rows": packed.shape[0], "n_layers": masks.shape[1], "d_ff": masks.shape[2],
+                "kind": self.backbone.kind.value, "hooks": hook_names(self.backbone, c.get("where", "decoder"))}
 
 
 def compute_bank_activations(backbone_name: str, prompts: torch.Tensor, insertion: str = "prepend",
                              probe: str = "paper", tasks: list | None = None, probe_examples: int = 16,
                              position: str = "score", where: str = "decoder", num_actors: int = 2,
                              resources: dict | None = None, chunk_size: int = 8,
-                             fault_marker: str | None = None) -> torch.Tensor:
+                             fault_marker: str | None = None, describe: bool = False):
     """Masks of a bank, prompts [P, n, d] -> bool [P, n_layers, d_ff], on a Ray actor pool (one backbone per actor).
 
     probe="examples" reads each prompt with `probe_examples` training examples of its own task (`tasks[i]`).
+    describe=True returns (masks, {kind, hooks}): the backbone kind and the hooked modules' names.
     """
     from ptx import sweep
     from ptx.io import cache_dir
@@ -315,7 +320,7 @@ def compute_bank_activations(backbone_name: str, prompts: torch.Tensor, insertio
     masks = unpack_masks(packed, parts[0]["n_layers"], parts[0]["d_ff"])
     out = torch.empty_like(masks)
     out[torch.tensor(order)] = masks  # back to the caller's prompt order
-    return out
+    return (out, {"kind": parts[0]["kind"], "hooks": parts[0]["hooks"]}) if describe else out
 
 
 def unpack_masks(packed, n_layers: int, d_ff: int) -> torch.Tensor:

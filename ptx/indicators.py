@@ -337,16 +337,20 @@ def _metrics(tables: dict) -> dict:
 
 
 def run_indicators_stage(spec, tracker, workdir, transfer_table: pd.DataFrame | None = None) -> dict:
-    """Per backbone of a study: embedding indicators + ON (actor pool) vs transfer, logged as ptx.kind=indicators."""
+    """Per backbone of a study: embedding indicators + ON (actor pool) vs transfer, logged as ptx.kind=indicators.
+
+    Returns {study, backbones: {name: {run_id, reused, artifacts, n_prompts, spearman: {indicator: mean}}},
+    computed, skipped}. A backbone whose bank, settings and transfer table already have a finished run is skipped.
+    """
     import dataclasses
     import time
     from pathlib import Path
 
     from ptx import track
-    from ptx.activations import compute_bank_activations, overlap_matrices, save_masks
+    from ptx.activations import ACTIVE_RULE, compute_bank_activations, overlap_matrices, save_masks
     from ptx.config import config_hash
 
-    ind, out = spec.indicators, {}
+    ind, out = spec.indicators, {"study": spec.name, "backbones": {}, "computed": 0, "skipped": 0}
     if tracker.experiment != spec.name:  # stages read and write the study's experiment, as the other stages do
         tracker = track.Tracker(tracker.uri, spec.name, workdir=Path(workdir))
     for backbone in spec.backbones:
@@ -360,21 +364,24 @@ def run_indicators_stage(spec, tracker, workdir, transfer_table: pd.DataFrame | 
                               "transfer": int(pd.util.hash_pandas_object(table, index=False).sum())})
         done = tracker.finished_run(track.KIND_INDICATORS, digest)
         if done is not None:
-            out[backbone] = {"run_id": done.info.run_id, "reused": True}
+            out["backbones"][backbone] = {"run_id": done.info.run_id, "reused": True}
+            out["skipped"] += 1
             continue
         t0 = time.perf_counter()
         ids, tasks, prompts, insertion = load_bank(tracker, runs, workdir)
         matrices = embedding_similarities(prompts, drop_first=insertion == "paper")
-        masks = compute_bank_activations(backbone, prompts, insertion, ind.probe, tasks, ind.probe_examples,
-                                         getattr(ind, "position", "score"), ind.hook, ind.num_actors,
-                                         dataclasses.asdict(ind.resources))
+        masks, info = compute_bank_activations(backbone, prompts, insertion, ind.probe, tasks, ind.probe_examples,
+                                               getattr(ind, "position", "score"), ind.hook, ind.num_actors,
+                                               dataclasses.asdict(ind.resources), describe=True)
         matrices.update(overlap_matrices(masks, ind.windows, getattr(ind, "window_stride", None)))
         run_id = tracker.start_run(f"indicators {backbone}", {"ptx.kind": track.KIND_INDICATORS, "ptx.backbone": backbone,
                                                               "ptx.study": spec.name, "ptx.config_hash": digest})
         try:
             art = Path(workdir).resolve() / "indicators" / run_id
             save_masks(art / "activations", masks, {
-                "backbone": backbone, "insertion": insertion, "probe": ind.probe, "where": ind.hook,
+                "backbone": backbone, "backbone_kind": info["kind"], "hook_modules": info["hooks"],
+                "active": ACTIVE_RULE.get(info["kind"], "value > 0"), "insertion": insertion, "probe": ind.probe,
+                "where": ind.hook,
                 "position": getattr(ind, "position", "score"), "prompt_runs": ids, "prompt_tasks": tasks,
                 "probe_examples": ind.probe_examples if ind.probe == "examples" else None})
             tables = analyse(table, matrices, ids, tasks, _own_runs(runs), art / "tables", ind.bootstrap)
@@ -387,7 +394,10 @@ def run_indicators_stage(spec, tracker, workdir, transfer_table: pd.DataFrame | 
         except BaseException:
             tracker.finish(run_id, "FAILED")
             raise
-        out[backbone] = {"run_id": run_id, "reused": False, "artifacts": art, "summary": tables["correlations"]}
+        spearman = tables["correlations"].query("method == 'spearman'")
+        out["backbones"][backbone] = {"run_id": run_id, "reused": False, "artifacts": str(art), "n_prompts": len(ids),
+                                      "spearman": dict(zip(spearman.indicator, spearman.mean_over_targets, strict=True))}
+        out["computed"] += 1
     return out
 
 

@@ -42,9 +42,12 @@ def _ci(mean, lo, hi) -> str:
     return f"{_num(mean)} [{_num(lo)}, {_num(hi)}]"
 
 
-def _table(head: list[str], rows: list[list]) -> str:
-    """An HTML table; str cells are HTML already (escape text with esc), numbers are formatted right-aligned."""
-    out = ["<div class='scroll'><table><thead><tr>", *(f"<th>{h}</th>" for h in head), "</tr></thead><tbody>"]
+def _table(head: list[str], rows: list[list], source: str | None = None) -> str:
+    """An HTML table; str cells are HTML already (escape text with esc), numbers are formatted right-aligned;
+    `source`: the cited run every number of the table came from (a caption)."""
+    caption = f"<caption>all numbers from run {source}</caption>" if source else ""
+    out = [f"<div class='scroll'><table>{caption}<thead><tr>", *(f"<th>{h}</th>" for h in head),
+           "</tr></thead><tbody>"]
     for row in rows:
         cells = [f"<td class='n'>{_num(c)}</td>" if isinstance(c, int | float | np.number) and not isinstance(c, bool)
                  else f"<td>{c}</td>" for c in row]
@@ -86,10 +89,16 @@ class Sources:
         n = self.cited.setdefault(rid, len(self.cited) + 1)
         return f"<a class='run' href='#run-{esc(rid)}'>{esc(rid)}</a><sup>{n}</sup>"
 
-    def footnotes(self, uri: str) -> str:
-        items = []
+    def footnotes(self, tracker) -> str:
+        """The numbered list of cited runs, each with the command that fetches it."""
+        items, uri = [], tracker.uri
         for rid, n in sorted(self.cited.items(), key=lambda kv: kv[1]):
             run = self.known.get(rid)
+            if run is None:  # cited by id from a table (a source prompt, a TPT run): ask the store what it is
+                try:
+                    run = tracker.get_run(rid)
+                except PtxError:
+                    log.warning("cited run %s is not in the store %s", rid, uri)
             tags = run.data.tags if run is not None else {}
             kind = tags.get("ptx.kind", "")
             what = ", ".join(esc(x) for x in (kind, run.info.run_name if run else "", tags.get("ptx.backbone"))
@@ -167,33 +176,46 @@ def _metric_name(run) -> str:
     return next((k[4:] for k in run.data.metrics if k.startswith("dev_")), "metric")
 
 
+def _dev(run) -> float:
+    return run.data.metrics.get("best_dev_metric", -math.inf)
+
+
 def training_section(ctx) -> str:
+    """Per (backbone, task): each seed's best dev score (and test score) from the finished vanilla prompt runs."""
     runs = [r for r in _runs(ctx, {"ptx.kind": track.KIND_PROMPT}) if _vanilla(r)]
     if not runs:
         return _not_run(ctx, "training", "train", {"ptx.kind": track.KIND_PROMPT})
-    best: dict = {}  # (backbone, task, seed) -> (best run, trials): a sweep may have several trials per seed
+    best: dict = {}  # (backbone, category, task) -> {seed: [best run, trials]}: a sweep may run several per seed
     for r in runs:
         t = r.data.tags
-        key = (t.get("ptx.backbone", "?"), t.get("ptx.category", ""), t.get("ptx.task", "?"), t.get("ptx.seed", ""))
-        old = best.get(key, (None, 0))
-        better = old[0] is None or r.data.metrics.get("best_dev_metric", -math.inf) > \
-            old[0].data.metrics.get("best_dev_metric", -math.inf)
-        best[key] = (r if better else old[0], old[1] + 1)
+        cell = best.setdefault((t.get("ptx.backbone", "?"), t.get("ptx.category", ""), t.get("ptx.task", "?")),
+                               {}).setdefault(t.get("ptx.seed", "?"), [r, 0])
+        cell[0], cell[1] = max(cell[0], r, key=_dev), cell[1] + 1
+    seeds = sorted({s for cells in best.values() for s in cells}, key=lambda s: (len(s), s))
+    tests = {s for cells in best.values() for s, (r, _) in cells.items() if any(k.startswith("test_") for k in
+                                                                                r.data.metrics)}
     rows = []
-    for (backbone, category, task, seed), (r, trials) in sorted(best.items()):
-        m = r.data.metrics
-        test = next(((k[5:], v) for k, v in m.items() if k.startswith("test_")), (None, None))
-        rows.append([esc(backbone), esc(task), esc(category), esc(str(seed)), esc(_metric_name(r)),
-                     m.get("best_dev_metric", math.nan), esc(r.data.tags.get("ptx.best_step", "")),
-                     test[1] if test[0] else "<span class='muted'>not logged</span>", trials,
-                     esc(r.data.tags.get("ptx.origin", "")), ctx.sources.cite(r)])
+    for (backbone, category, task), cells in sorted(best.items()):
+        row = [esc(backbone), esc(task), esc(category), esc(_metric_name(next(iter(cells.values()))[0]))]
+        for s in seeds:
+            m = cells[s][0].data.metrics if s in cells else {}
+            row.append(m.get("best_dev_metric", math.nan))
+            if s in tests:
+                row.append(next((v for k, v in m.items() if k.startswith("test_")), math.nan))
+        devs = [_dev(r) for r, _ in cells.values() if math.isfinite(_dev(r))]
+        rows.append([*row, float(np.mean(devs)) if devs else math.nan,
+                     "<br>".join(f"s{s}: {ctx.sources.cite(cells[s][0])}" for s in seeds if s in cells)])
+    head = ["backbone", "task", "category", "metric"]
+    for s in seeds:
+        head += [f"seed {esc(s)}<br>best dev", *([f"seed {esc(s)}<br>test"] if s in tests else [])]
+    trials = max(n for cells in best.values() for _, n in cells.values())
     n_tasks = len({k[2] for k in best})
     ctx.status["training"] = ("ok", f"{len(runs)} prompt runs")
     ctx.facts["training"] = {"prompt_runs": len(runs), "tasks": n_tasks}
-    return (f"<p>{len(runs)} finished prompt runs over {n_tasks} tasks. One row per (backbone, task, seed): the "
-            "run with the best dev score among that seed's trials.</p>"
-            + _table(["backbone", "task", "category", "seed", "metric", "best dev", "best step", "test", "trials",
-                      "origin", "run"], rows))
+    return (f"<p>{len(runs)} finished prompt runs over {n_tasks} tasks and {len(seeds)} seed(s). Per (backbone, task):"
+            " each seed's best dev score" + (f" (the best of up to {trials} trials of that seed)" if trials > 1 else "")
+            + ("; test scores where the run logged one" if tests else "; no run logged a test score") + ".</p>"
+            + _table([*head, "mean dev", "runs"], rows))
 
 
 # ---- transfer -----------------------------------------------------------------------------------------
@@ -278,6 +300,7 @@ def _plot_groups(fig, summary: dict, title: str) -> None:
 
 
 def transfer_section(ctx) -> str:
+    """Per backbone: heatmaps of the latest transfer matrix, and same- vs cross-category transfer."""
     tags = {"ptx.kind": track.KIND_TRANSFER}
     latest = _latest_per_backbone(_runs(ctx, tags), ctx.experiment)
     if not latest:
@@ -296,10 +319,11 @@ def transfer_section(ctx) -> str:
         facts[backbone] = {"split": split, "run_id": run.info.run_id,
                            **{f"{k}_{m}": v[m] for k, v in summary.items() for m in ("mean", "n")}}
         metrics = ", ".join(sorted(set(df.metric))) if "metric" in df else "score"
+        n_src = df[df.source_prompt_run != RANDOM].source_prompt_run.nunique()
         parts.append(f"<h3>{esc(backbone)}</h3><p>Zero-shot transfer of every bank prompt (columns) to every task "
-                     f"(rows), from transfer run {cite}; {df.source_prompt_run.nunique() - 1} source prompts, "
-                     f"{df.target_task.nunique()} targets, metric: {esc(metrics)}. Outlined cells: a task's own "
-                     "prompt; black lines separate categories.</p>")
+                     f"(rows), from transfer run {cite}; {n_src} source prompts, {df.target_task.nunique()} targets, "
+                     f"metric: {esc(metrics)}. Outlined cells: a task's own prompt; black lines separate categories."
+                     "</p>")
         for i, s in enumerate(splits):
             d = df[df.split == s]
             figs = []
@@ -310,15 +334,15 @@ def transfer_section(ctx) -> str:
                 plot_heatmap(fig, d, column, f"{backbone} · {s} split · {kind} transfer", cbar, centre)
                 figs.append(_figure(ctx, fig, f"transfer_{_slug(backbone, s, kind)}.png",
                                     f"{esc(backbone)}, {esc(s)} split, {kind} (run {esc(run.info.run_id)})"))
-            block = "<div class='grid2'>" + "".join(figs) + "</div>"
+            block = f"<div class='{'grid2' if n_c <= 6 else 'stack'}'>" + "".join(figs) + "</div>"
             parts.append(block if i == 0 else f"<details><summary>{esc(s)} split heatmaps</summary>{block}</details>")
-        rows = [[label, summary[k]["mean"], summary[k]["n"], summary[k]["mean_value"], cite]
+        rows = [[label, summary[k]["mean"], summary[k]["n"], summary[k]["mean_value"]]
                 for k, label in (("same", "same category (off-diagonal)"), ("cross", "cross category"),
                                  ("random", "random prompt"))]
         fig = _new_figure(5.2, 3.4)
         _plot_groups(fig, summary, f"{backbone} · {split} split")
         parts.append(f"<h4>Same-category vs cross-category transfer ({esc(split)} split)</h4><div class='grid2'>"
-                     + _table(["source → target pairs", "mean relative", "pairs", "mean score", "run"], rows)
+                     + _table(["source → target pairs", "mean relative", "pairs", "mean score"], rows, cite)
                      + _figure(ctx, fig, f"categories_{_slug(backbone, split)}.png",
                                "relative transfer per (source prompt, target) pair; bars: means") + "</div>")
         bank = df[(df.source_prompt_run != RANDOM)].drop_duplicates("source_prompt_run")
@@ -376,6 +400,7 @@ def _plot_curves(ctx, fig, backbone: str, seeds: pd.DataFrame, agg: pd.DataFrame
 
 
 def tpt_section(ctx) -> str:
+    """Per backbone: the TPT speed-up table and the dev curves of its vanilla and TPT runs."""
     tags = {"ptx.kind": KIND_TPT}
     latest = _latest_per_backbone(_runs(ctx, tags), ctx.experiment)
     if not latest:
@@ -494,6 +519,7 @@ def _plot_layers(fig, win: pd.DataFrame, main: pd.DataFrame, backbone: str) -> N
 
 
 def indicators_section(ctx) -> str:
+    """Per backbone: the indicator-transfer correlations with CIs, scatter plots and per-layer ON."""
     tags = {"ptx.kind": track.KIND_INDICATORS}
     latest = _latest_per_backbone(_runs(ctx, tags), ctx.experiment)
     if not latest:
@@ -532,10 +558,10 @@ def indicators_section(ctx) -> str:
                     else "—" for m in methods]
             s = by.loc["spearman"] if "spearman" in by.index else by.iloc[0]
             row += [_ci(s.get("pooled"), s.get("pooled_ci_low"), s.get("pooled_ci_high")),
-                    f"{s.get('n_targets_defined', '')}/{s.get('n_targets', '')}", s.get("n_pairs", ""), cite]
+                    f"{s.get('n_targets_defined', '')}/{s.get('n_targets', '')}", s.get("n_pairs", "")]
             rows.append(row)
         parts.append(_table(["indicator", *(f"{m} (mean over targets) [CI]" for m in methods), "Spearman pooled [CI]",
-                             "targets defined", "pairs", "run"], rows))
+                             "targets defined", "pairs"], rows, cite))
         pairs = _parquet(folder, "pairs.parquet")
         names = [n for n in order if pairs is not None and n in pairs.columns]
         if names:
@@ -548,15 +574,16 @@ def indicators_section(ctx) -> str:
         win = _parquet(folder, "correlations_windows.parquet")
         if win is not None and not win.empty:
             win = win[win.method == "spearman"]
-            fig = _new_figure(7.5, 3.6)
+            keys = [(k[0], k[1] != k[2], k[1]) if (k := _layer_of(n)) else (n, False, 0) for n in win.indicator]
+            win = win.iloc[sorted(range(len(win)), key=keys.__getitem__)]  # per base: layers, then windows
+            fig = _new_figure(6.4, 3.4)
             _plot_layers(fig, win, summary, backbone)
             rows = [[esc(r.indicator), _ci(r.mean_over_targets, r.ci_low, r.ci_high),
-                     f"{r.n_targets_defined}/{r.n_targets}", cite] for r in win.itertuples()]
-            parts.append("<h4>Per-layer ON</h4>" + _figure(ctx, fig, f"layers_{_slug(backbone)}.png",
-                                                            f"ON per layer and window (run {esc(run.info.run_id)})")
-                         + "<details><summary>per-layer table</summary>" + _table(
-                             ["indicator", "Spearman (mean over targets) [CI]", "targets defined", "run"], rows)
-                         + "</details>")
+                     f"{r.n_targets_defined}/{r.n_targets}"] for r in win.itertuples()]
+            parts.append("<h4>Per-layer ON</h4><div class='grid2'>" + _figure(
+                ctx, fig, f"layers_{_slug(backbone)}.png", f"ON per layer and window (run {esc(run.info.run_id)})")
+                + _table(["indicator", "Spearman (mean over targets) [CI]", "targets defined"], rows, cite)
+                + "</div>")
     ctx.facts["indicators"] = facts
     ctx.status["indicators"] = ("ok", ", ".join(latest))
     return "".join(parts)
@@ -564,6 +591,7 @@ def indicators_section(ctx) -> str:
 
 # ---- projector ----------------------------------------------------------------------------------------
 def projector_section(ctx) -> str:
+    """The latest projector stage: its skip reason, or projectors, zero-shot results and TPT on the target."""
     stage = [r for r in _runs(ctx, {"ptx.stage": "projector"}, status=None)
              if r.data.tags.get("ptx.kind") in ("stage", track.KIND_PROJECTOR)]
     stage += [r for r in _runs(ctx, {"ptx.kind": track.KIND_PROJECTOR}, status=None)
@@ -603,13 +631,19 @@ def projector_section(ctx) -> str:
                 same, cross = p[p.same_task.astype(bool)], p[~p.same_task.astype(bool)]
                 row += [same.value.mean() if len(same) else math.nan,
                         same.relative_value.mean() if len(same) else math.nan, cross.value.mean()]
-            ids = [x for c in ("source_prompt_run", "projector_run") if c in g for x in g[c].dropna().unique()]
-            rows.append([*row, " ".join(ctx.sources.cite(x) for x in ids)])
+            mine = g[(g.prompt == "own") | ((g.prompt == "projected") & g.same_task.astype(bool))]
+            ids = [x for c in ("source_prompt_run", "projector_run") if c in g for x in mine[c].dropna().unique()]
+            rows.append([*row, "<br>".join(ctx.sources.cite(x) for x in ids)])
         head = ["target task", "own prompt", "random prompt"]
         for o in objectives:
             head += [f"projected ({esc(o)}), same task", "÷ own", "projected, other tasks (mean)"]
+        src = zs[zs.prompt == "projected"].drop_duplicates("source_task").sort_values("source_task")
         parts.append(f"<h4>Zero-shot on the target backbone ({esc(str(zs.split.iloc[0]))} split)</h4>"
-                     + _table([*head, "runs (source prompts, projectors)"], rows))
+                     + _table([*head, "runs (own prompt, same-task source prompt, projector)"], rows)
+                     + "<details><summary>projected source prompts</summary>" + _table(
+                         ["source task", "prompt run (source backbone)"],
+                         [[esc(r.source_task), ctx.sources.cite(r.source_prompt_run)] for r in src.itertuples()
+                          if isinstance(r.source_prompt_run, str)]) + "</details>")
         same = zs[(zs.prompt == "projected") & zs.same_task.astype(bool)]
         facts.update(own=float(zs[zs.prompt == "own"].value.mean()), random=float(zs[zs.prompt == "random"].value.mean()),
                      projected={o: float(same[same.objective == o].value.mean()) for o in objectives})
@@ -702,7 +736,8 @@ section{background:#fff;border:1px solid var(--line);border-radius:12px;padding:
 section.findings{border-left:6px solid var(--accent);background:#f0f5fd}
 .findings ul{margin:0;padding-left:20px} .findings li{margin:8px 0}
 table{border-collapse:collapse;font-size:13px;font-variant-numeric:tabular-nums;margin:6px 0}
-th{text-align:left;background:#f1f3f8;font-weight:600;position:sticky;top:0}
+th{text-align:left;background:#f1f3f8;font-weight:600}
+caption{caption-side:bottom;text-align:left;font-size:12px;color:var(--muted);padding-top:4px}
 td,th{padding:5px 10px;border-bottom:1px solid var(--line);vertical-align:top}
 td.n{text-align:right} tbody tr:nth-child(even) td{background:#fafbfd}
 .scroll{overflow-x:auto;max-width:100%}
@@ -714,6 +749,7 @@ sup{font-size:9px;color:var(--muted)}
 figure{margin:10px 0} figure img{max-width:100%;height:auto;border:1px solid var(--line);border-radius:8px;
  background:#fff} figcaption{font-size:12px;color:var(--muted)}
 .grid2{display:grid;grid-template-columns:repeat(auto-fit,minmax(420px,1fr));gap:16px;align-items:start}
+.stack figure img{display:block;margin:0 auto}
 details{margin:8px 0} summary{cursor:pointer;color:var(--accent);font-size:13.5px}
 code,.cmd{font-family:ui-monospace,SFMono-Regular,Menlo,Consolas,monospace;font-size:11.5px}
 code{background:#f1f3f8;padding:1px 5px;border-radius:4px} .cmd{color:#3d4a5f;background:#f6f7fa;padding:1px 5px}
@@ -757,7 +793,7 @@ def render(ctx, uri: str) -> str:
               "from (the superscript is its footnote here). Fetch a prompt run with <code>ptx prompts get RUN_ID -o DIR"
               "</code> and any run's artifacts with <code>mlflow artifacts download -r RUN_ID -d DIR</code> "
               f"(tracking URI <code>{esc(uri)}</code>); browse them with <code>mlflow ui --backend-store-uri "
-              f"{esc(uri)}</code>.</p>{ctx.sources.footnotes(uri)}</section></main></body></html>")
+              f"{esc(uri)}</code>.</p>{ctx.sources.footnotes(ctx.tracker)}</section></main></body></html>")
 
 
 # ---- entry points -------------------------------------------------------------------------------------

@@ -156,6 +156,9 @@ def prompt_trainable(config: dict) -> None:
 
     const = config["const"]
     req = _request_from(config)
+    # a trial (re)started while the MLflow server is down waits for it (80 s at most) instead of failing in 12 s:
+    # an outage then costs a trial one retry, not all of them (docs/fault_tolerance.md)
+    track.wait_reachable(const["tracking_uri"], tries=8, delay=2.0)
     tracker = track.Tracker(const["tracking_uri"], const["experiment"], workdir=Path(const["workdir"]))
     trial_id = tune.get_context().get_trial_id()
     resume, run_id = None, None

@@ -312,7 +312,9 @@ def test_indicators_stage_logs_everything(tiny, ray_local, tmp_path):
     spec = load_study(spec_file)
     with pytest.raises(PtxError, match="run the transfer stage first"):  # ptx.transfer finds no transfer run
         ind.run_indicators_stage(spec, tracker, tmp_path)
-    out = ind.run_indicators_stage(spec, tracker, tmp_path, transfer_table=table)["tiny-llama"]
+    result = ind.run_indicators_stage(spec, tracker, tmp_path, transfer_table=table)
+    assert result["computed"] == 1 and result["skipped"] == 0
+    out = result["backbones"]["tiny-llama"]
     run = tracker.get_run(out["run_id"])
     assert run.data.tags["ptx.kind"] == "indicators" and run.data.tags["ptx.study"] == "study"
     assert {"spearman.on", "spearman.e_concat_cos", "kendall.on_jaccard", "spearman.on.layer_2"} <= set(run.data.metrics)
@@ -321,21 +323,24 @@ def test_indicators_stage_logs_everything(tiny, ray_local, tmp_path):
     local = tracker.download(out["run_id"], "activations", tmp_path / "dl")
     masks, meta = load_masks(local)
     assert meta["prompt_runs"] == [r for r, _ in bank] and masks.shape == (8, 2, 128)
-    recs = pd.read_parquet(out["artifacts"] / "tables" / "recommendations.parquet")
+    assert meta["hook_modules"] == ["model.layers.0.mlp.gate_proj", "model.layers.1.mlp.gate_proj"]
+    assert meta["backbone_kind"] == "causal_lm" and "gate_proj" in meta["active"]
+    art = Path(out["artifacts"])
+    recs = pd.read_parquet(art / "tables" / "recommendations.parquet")
     on = recs[(recs.indicator == "on") & (recs.target_task == "bbc_topic")].sort_values("rank")
     assert len(on) == 6 and on["score"].is_monotonic_decreasing and "bbc_topic" not in set(on["source_task"])
-    summary = out["summary"].set_index(["indicator", "method"])
+    summary = pd.read_parquet(art / "tables" / "correlations.parquet").set_index(["indicator", "method"])
     assert summary.loc[("on", "spearman"), "n_targets_defined"] == 4
-    assert summary.loc[("on", "spearman"), "mean_over_targets"] == pytest.approx(
-        run.data.metrics["spearman.on"])
-    assert len(list((out["artifacts"] / "tables" / "plots").glob("scatter_*.png"))) == 7
+    assert summary.loc[("on", "spearman"), "mean_over_targets"] == pytest.approx(run.data.metrics["spearman.on"])
+    assert out["spearman"]["on"] == pytest.approx(run.data.metrics["spearman.on"])
+    assert len(list((art / "tables" / "plots").glob("scatter_*.png"))) == 7
     from ptx.transfer import _indicator_sources  # TPT's `tpt.source: indicator:on` reads this run
 
     picks = _indicator_sources(tracker, "tiny-llama", "study", "on")
     top = on.iloc[0]
     assert picks["bbc_topic"] == (top["source_run"], top["source_task"])
-    again = ind.run_indicators_stage(spec, tracker, tmp_path, transfer_table=table)["tiny-llama"]
-    assert again == {"run_id": out["run_id"], "reused": True}
+    again = ind.run_indicators_stage(spec, tracker, tmp_path, transfer_table=table)
+    assert again["backbones"]["tiny-llama"] == {"run_id": out["run_id"], "reused": True} and again["skipped"] == 1
 
 
 @pytest.mark.slow

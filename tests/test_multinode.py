@@ -1,11 +1,12 @@
 """A real two-node Ray cluster and a real MLflow server on this one machine: a sweep spreads its trials over
 both nodes, survives the loss of a worker node, and survives an MLflow server restart, with nothing lost.
 
-Every node is one `ray start --block` in its own session, so its process group is the whole node (raylet,
-agents, the trial workers it forks): SIGKILL to the group is a node loss, and teardown kills every group this
-module started (never `ray stop`, which would also stop other tests' Ray). The cluster uses its own temp dir,
-ports and authentication token. The MLflow server is `ptx mlflow-server` in its own process group, and the
-sweep driver is `python -m ptx sweep ... --address` in a third.
+Every node is one `ray start --block` in its own session, so the session is the whole node (raylet, agents,
+and the trial workers the raylet forks, each in its own process group but in that session): SIGKILL to every
+process of the session is a node loss, and teardown kills every session this module started (never `ray stop`,
+which would also stop other tests' Ray). The cluster uses its own temp dir, ports and authentication token. The
+MLflow server (`ptx mlflow-server`) and the sweep driver (`python -m ptx sweep ... --address`) run in sessions
+of their own too.
 
 Figures (trials started/finished, retries, MLflow runs per trial, artifacts missing) are printed as `FIGURES`
 lines: `pytest -m cluster -s tests/test_multinode.py` shows them (docs/fault_tolerance.md quotes them).
@@ -63,37 +64,44 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def group_alive(pgid: int) -> list[psutil.Process]:
+def session_alive(sid: int) -> list[psutil.Process]:
+    """The live processes of a session: a node started with start_new_session is one session, Ray workers
+    included (the raylet puts each worker in its own process group, but not in a new session)."""
     out = []
     for proc in psutil.process_iter(["pid"]):
         try:
-            if os.getpgid(proc.pid) == pgid and proc.status() != psutil.STATUS_ZOMBIE:
+            if os.getsid(proc.pid) == sid and proc.status() != psutil.STATUS_ZOMBIE:
                 out.append(proc)
         except (ProcessLookupError, psutil.Error):
             pass
     return out
 
 
-def kill_group(proc: subprocess.Popen, sig: int = signal.SIGKILL, timeout: float = 30) -> None:
-    """Signal a process group this module started; wait until no member is left (SIGKILL after `timeout`)."""
-    pgid = proc.pid
-    try:
-        os.killpg(pgid, sig)
-    except ProcessLookupError:
-        pass
+def signal_session(sid: int, sig: int) -> None:
+    for proc in session_alive(sid):
+        try:
+            os.kill(proc.pid, sig)
+        except ProcessLookupError:
+            pass
+
+
+def kill_session(proc: subprocess.Popen, sig: int = signal.SIGKILL, timeout: float = 30) -> None:
+    """Signal every process of a session this module started; wait until none is left (SIGKILL after `timeout`)."""
+    sid = proc.pid
+    signal_session(sid, sig)
     try:
         proc.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
-        os.killpg(pgid, signal.SIGKILL)
+        signal_session(sid, signal.SIGKILL)
         proc.wait(timeout=10)
     deadline = time.monotonic() + timeout
-    while group_alive(pgid) and time.monotonic() < deadline:
+    while session_alive(sid) and time.monotonic() < deadline:
         time.sleep(0.2)
-    if group_alive(pgid):
-        os.killpg(pgid, signal.SIGKILL)
+    if session_alive(sid):
+        signal_session(sid, signal.SIGKILL)
         time.sleep(1)
-    left = group_alive(pgid)
-    assert not left, f"processes left in group {pgid}: {[p.pid for p in left]}"
+    left = session_alive(sid)
+    assert not left, f"processes left in session {sid}: {[p.pid for p in left]}"
 
 
 def tail(path: Path, n: int = 3000) -> str:
@@ -116,7 +124,7 @@ class RayNode:
             if self.proc.poll() is not None:
                 raise AssertionError(f"ray start exited {self.proc.returncode}:\n{tail(self.log)}")
             if b"block forever" in self.log.read_bytes():
-                for p in group_alive(self.proc.pid):
+                for p in session_alive(self.proc.pid):
                     try:
                         ids = [a.split("=", 1)[1] for a in p.cmdline() if a.startswith("--node_id=")]
                     except psutil.Error:
@@ -127,13 +135,17 @@ class RayNode:
             time.sleep(0.5)
         raise AssertionError(f"node not started after {START_TIMEOUT} s:\n{tail(self.log)}")
 
+    def freeze(self) -> None:
+        """SIGSTOP the whole node: its trials stop where they are (the test then reads their checkpoints)."""
+        signal_session(self.proc.pid, signal.SIGSTOP)
+
     def kill(self) -> None:
-        if self.proc.returncode is None:
-            kill_group(self.proc)
+        kill_session(self.proc)  # even when `ray start` itself has exited: its raylet may not have
 
 
 class RayCluster:
-    """A head (1 CPU, resource head_node) and worker nodes (2 CPUs, worker_node) on 127.0.0.1, token-authenticated."""
+    """A head (1 CPU, resource head_node) and worker nodes (2 CPUs, worker_node) on 127.0.0.1, token-authenticated;
+    every node has one `trial_slot` (a spec that asks for it runs one trial per node at a time)."""
 
     def __init__(self, logs: Path):
         self.logs = logs
@@ -152,16 +164,17 @@ class RayCluster:
                 "--disable-usage-stats", "--dashboard-agent-listen-port", str(free_port())]
 
     def start_head(self) -> RayNode:
-        node = RayNode(["--head", "--port", str(self.port), "--num-cpus", "1", "--resources", '{"head_node": 1}',
-                        "--include-dashboard", "false", "--dashboard-port", str(free_port()),
-                        "--ray-client-server-port", str(free_port()), *self._common()], self.env,
-                       self.logs / "head.log")
+        node = RayNode(["--head", "--port", str(self.port), "--num-cpus", "1",
+                        "--resources", '{"head_node": 1, "trial_slot": 1}', "--include-dashboard", "false",
+                        "--dashboard-port", str(free_port()), "--ray-client-server-port", str(free_port()),
+                        *self._common()], self.env, self.logs / "head.log")
         self.nodes.append(node)
         return node
 
     def start_worker(self) -> RayNode:
-        node = RayNode(["--address", self.address, "--num-cpus", "2", "--resources", '{"worker_node": 1}',
-                        *self._common()], self.env, self.logs / f"worker{len(self.nodes)}.log")
+        node = RayNode(["--address", self.address, "--num-cpus", "2",
+                        "--resources", '{"worker_node": 1, "trial_slot": 1}', *self._common()], self.env,
+                       self.logs / f"worker{len(self.nodes)}.log")
         self.nodes.append(node)
         return node
 
@@ -208,7 +221,7 @@ def cluster(tmp_path_factory, ptx_cache_dir):
 
 # ---- the MLflow server ------------------------------------------------------------------------------
 class Server:
-    """`ptx mlflow-server` as a subprocess in its own process group; `restart` keeps the port and the store."""
+    """`ptx mlflow-server` as a subprocess in its own session; `start` again reuses the port and the store."""
 
     def __init__(self, workdir: Path):
         self.port, self.workdir = free_port(), workdir
@@ -239,9 +252,9 @@ class Server:
         raise AssertionError(f"server not healthy after {START_TIMEOUT} s:\n{tail(self.log)}")
 
     def stop(self) -> None:
-        """SIGTERM (SIGKILL after 20 s); no process of the group may remain."""
-        if self.proc is not None and self.proc.returncode is None:
-            kill_group(self.proc, signal.SIGTERM, timeout=20)
+        """SIGTERM (SIGKILL after 20 s); no process of its session may remain."""
+        if self.proc is not None:
+            kill_session(self.proc, signal.SIGTERM, timeout=20)
 
 
 @pytest.fixture(scope="module")
@@ -260,7 +273,7 @@ def server(tmp_path_factory):
 
 # ---- the sweep driver -------------------------------------------------------------------------------
 class Sweep:
-    """`python -m ptx sweep SPEC --address ... --tracking-uri ...` in its own process group."""
+    """`python -m ptx sweep SPEC --address ... --tracking-uri ...` in its own session."""
 
     def __init__(self, spec: Path, cluster: RayCluster, server: Server, workdir: Path):
         self.spec, self.workdir, self.uri = spec, workdir, server.uri
@@ -282,8 +295,7 @@ class Sweep:
         return time.perf_counter() - self.t0
 
     def stop(self) -> None:
-        if self.proc.returncode is None:
-            kill_group(self.proc)
+        kill_session(self.proc)
 
     def experiment_path(self) -> Path:
         found = [p for p in (self.workdir / "ray_results").glob(f"{self.experiment}-train-*") if p.is_dir()]
@@ -360,7 +372,7 @@ def figures(name: str, fig: dict) -> None:
     print(f"FIGURES {name}: {json.dumps(fig, sort_keys=True)}")
 
 
-def wait_for(predicate, timeout: float, what: str, sweep: Sweep):
+def wait_for(predicate, timeout: float, what: str, sweep: Sweep, every: float = 0.5):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         value = predicate()
@@ -368,13 +380,14 @@ def wait_for(predicate, timeout: float, what: str, sweep: Sweep):
             return value
         if sweep.proc.poll() is not None:
             raise AssertionError(f"the sweep ended (rc {sweep.proc.returncode}) before {what}:\n{tail(sweep.log)}")
-        time.sleep(0.5)
+        time.sleep(every)
     raise AssertionError(f"no {what} after {timeout} s:\n{tail(sweep.log)}")
 
 
 # ---- the tests --------------------------------------------------------------------------------------
 def test_sweep_runs_trials_on_both_nodes_and_logs_to_the_server(cluster, server, launch, tmp_path):
-    spec = write_spec(tmp_path / "multinode.yaml", seeds=[0, 1], max_concurrent=3)
+    # one trial per node at a time (trial_slot): the two trials Tune starts at once must land on different nodes
+    spec = write_spec(tmp_path / "multinode.yaml", seeds=[0, 1], resources={"cpu": 1, "custom": {"trial_slot": 1}})
     sweep = launch(spec)
     wall = sweep.wait()
     trials = tune_trials(sweep.experiment_path())
@@ -394,7 +407,7 @@ def test_sweep_runs_trials_on_both_nodes_and_logs_to_the_server(cluster, server,
 
 def test_mlflow_server_restart_mid_sweep_loses_nothing(cluster, server, launch, tmp_path):
     steps = list(range(0, 19, 3))
-    spec = write_spec(tmp_path / "outage.yaml", tasks=["tweet_sentiment"], seeds=[0, 1], max_failures=6,
+    spec = write_spec(tmp_path / "outage.yaml", tasks=["tweet_sentiment"], seeds=[0, 1], max_failures=3,
                       train={"steps": 18, "batch_size": 8, "lr": 0.05, "eval_every": 3, "eval_batch_size": 32})
     sweep = launch(spec)
     client = MlflowClient(server.uri)
@@ -431,7 +444,10 @@ def test_worker_node_lost_mid_sweep_trials_finish_elsewhere(cluster, server, lau
     victim = workers[0]
     sweep = launch(spec)
     client = MlflowClient(server.uri)
-    wait_for(sweep.checkpoints, SWEEP_TIMEOUT, "checkpoint", sweep)
+    wait_for(lambda: checkpointed_steps(sweep.checkpoints()), SWEEP_TIMEOUT, "complete checkpoint", sweep, every=0.1)
+    victim.freeze()  # at once: a tiny trial runs all its steps in seconds
+    at_kill = checkpointed_steps(sweep.checkpoints())
+    assert any(step < steps[-1] for step in at_kill.values()), f"no trial was mid-training: {at_kill}"
     exp = client.get_experiment_by_name("nodeloss")
     before = {r.data.tags["ptx.trial_id"]: r.data.tags.get("ptx.node")
               for r in client.search_runs([exp.experiment_id], "tags.`ptx.kind` = 'prompt'")}
@@ -446,10 +462,24 @@ def test_worker_node_lost_mid_sweep_trials_finish_elsewhere(cluster, server, lau
     failed = {t["trial"] for t in trials if t["failures"]}
     assert failed >= set(before), f"trials on the lost node that Tune did not retry: {set(before) - failed}"
     assert all(after[t] == fresh.node_id for t in failed), (after, fresh.node_id)
-    for t in failed:  # each retry went on from a checkpoint: a restart from scratch would report step 3 again
+    for t in at_kill:  # each went on from its checkpoint: a restart from scratch would report step 3 again
         reported = reported_steps(sweep.experiment_path(), t)
         assert reported == sorted(set(reported)) and reported[-1] == steps[-1], (t, reported)
-    figures("node_loss", {**fig, "trials_on_lost_node": len(before), "wall_seconds": round(wall, 1)})
+    figures("node_loss", {**fig, "trials_failed_by_the_loss": len(failed), "checkpoint_step_at_kill": at_kill,
+                          "wall_seconds": round(wall, 1)})
+
+
+def checkpointed_steps(checkpoints: list[Path]) -> dict[str, int]:
+    """trial id -> the step of its latest complete checkpoint."""
+    out: dict[str, int] = {}
+    for ckpt in checkpoints:
+        try:  # a checkpoint frozen half-copied has no (or a partial) state.json: Tune never registered it
+            step = json.loads((ckpt / "state.json").read_text())["step"]
+        except (OSError, ValueError, KeyError):
+            continue
+        trial = ckpt.parent.name.rsplit("-", 1)[1]
+        out[trial] = max(out.get(trial, 0), step)
+    return out
 
 
 def reported_steps(experiment: Path, trial_id: str) -> list[int]:

@@ -147,7 +147,7 @@ def _log_projector(tracker, rng, source_bank, target_bank, workdir):
         rows.append(_row(p, "random", None, None, target, "accuracy", own * 0.45, own, 20, None, None))
         rows.append(_row(p, "own", None, target, target, "accuracy", own, own, None, None, target_bank[target, 0]))
         vc, tc = _curve(rng, 0.5, own, 80), _curve(rng, 0.7, own, 30)
-        tpt_rows.append({"task": target, "objective": "task", "vanilla_run": target_bank[target, 0],
+        tpt_rows.append({"task": target, "objective": "task", "vanilla_run": target_bank[target, 0],  # stand-in ids
                          "tpt_run": target_bank[target, 1], **convergence_speedup(vc, tc)})
     tables = workdir / "projector_stage" / stage / "tables"
     tables.mkdir(parents=True)
@@ -171,7 +171,8 @@ def store(tmp_path_factory):
         bank = {}
         for task in TASKS:
             for seed in SEEDS:
-                curves[backbone, task, seed] = c = _curve(rng, rng.uniform(0.3, 0.5), rng.uniform(0.75, 0.9), int(rng.choice([60, 70, 80])))
+                reach = int(rng.choice([60, 70, 80]))
+                curves[backbone, task, seed] = c = _curve(rng, rng.uniform(0.3, 0.5), rng.uniform(0.75, 0.9), reach)
                 bank[task, seed] = _prompt_run(tracker, backbone, task, seed, c,
                                                test=round(max(v for _, v in c) - 0.02, 4) if seed == 0 else None)
         out["banks"][backbone] = bank
@@ -207,7 +208,7 @@ def _section(page: str, sid: str) -> str:
 
 
 def test_full_report_has_every_section_number_and_run(store):
-    index = store["full_report"]
+    index, tracker = store["full_report"], store["tracker"]
     page = index.read_text()
     for sid in ("findings", "training", "transfer", "tpt", "indicators", "projector", "sources"):
         _section(page, sid)
@@ -243,11 +244,19 @@ def test_full_report_has_every_section_number_and_run(store):
     for bank in store["banks"].values():
         for rid in bank.values():
             assert f"ptx prompts get {rid}" in sources
+    seeds = pd.read_parquet(Path(store["tpt"]["parquet"]).with_name("tpt_seeds.parquet"))
+    for rid in seeds.tpt_run:  # cited by id from a table: still described as the prompt run it is
+        assert f"ptx prompts get {rid}" in sources
     assert f"mlflow artifacts download -r {store['runs']['transfer/tiny-llama']}" in sources
     assert store["failed_prompt"] not in page  # a FAILED run is no result
     training = _section(page, "training")
-    assert training.count("<tr>") == 1 + 2 * len(TASKS) * len(SEEDS)  # header + (backbone, task, seed) rows
-    assert "not logged" in training
+    assert training.count("<tr>") == 1 + 2 * len(TASKS)  # header + one row per (backbone, task)
+    for bank in store["banks"].values():  # each seed's best dev, and the test score where one was logged
+        for (_task, seed), rid in bank.items():
+            m = tracker.get_run(rid).data.metrics
+            assert f"{m['best_dev_metric']:.3f}" in training and rid in training
+            assert (seed == 0) == ("test_accuracy" in m) and (seed != 0 or f"{m['test_accuracy']:.3f}" in training)
+    assert "seed 0<br>test" in training and "seed 1<br>test" not in training
     tpt = _section(page, "tpt")
     assert all(f"{r['speedup']:.2f}×" in tpt for r in store["tpt"]["table"] if not math.isnan(r["speedup"]))
     assert "tpt_not_reached" in tpt
@@ -328,3 +337,25 @@ def test_report_stage_logs_a_report_run_and_guards_its_directory(store, tmp_path
     assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
     with pytest.raises(PtxError, match="experiment 'paper-mni' does not exist.*did you mean 'paper-mini'"):
         build_report(early, "paper-mni", tmp_path / "x")
+
+
+def test_heatmap_groups_categories_annotates_cells_and_labels_its_colour_bar(store):
+    from ptx.report import _new_figure, plot_heatmap
+
+    d = store["tables"]["tiny-bert"].query("split == 'test'")
+    fig = _new_figure(9, 6)
+    plot_heatmap(fig, d, "relative_value", "tiny-bert · test split · relative transfer", "score ÷ own prompt", 1.0)
+    ax = fig.axes[0]
+    cols = [t.get_text() for t in ax.get_xticklabels()]
+    rows = [t.get_text() for t in ax.get_yticklabels()]
+    assert cols == ["mnli", "qnli", "snli", "mrpc", "qqp", "imdb", "laptop", "sst2", "random"]  # by category
+    assert rows == cols[:-1]
+    vertical = sorted(float(ln.get_xdata()[0]) for ln in ax.lines if ln.get_xdata()[0] == ln.get_xdata()[-1])
+    horizontal = sorted(float(ln.get_ydata()[0]) for ln in ax.lines if ln.get_ydata()[0] == ln.get_ydata()[-1])
+    assert vertical == [2.5, 4.5, 7.5] and horizontal == [2.5, 4.5]  # the category boundaries
+    texts = {(round(t.get_position()[1]), round(t.get_position()[0])): t.get_text() for t in ax.texts}
+    assert len(texts) == len(rows) * len(cols)
+    expect = d[(d.target_task == "sst2") & (d.source_task == "imdb")].relative_value.mean()
+    assert texts[rows.index("sst2"), cols.index("imdb")] == f"{expect:.2f}"  # mean over imdb's two prompts
+    assert "tiny-bert" in ax.get_title() and "test split" in ax.get_title()
+    assert any(a.get_xlabel() == "score ÷ own prompt" for a in fig.axes[1:])  # the labelled colour bar
