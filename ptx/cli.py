@@ -483,6 +483,83 @@ def report(experiment, out, workdir, tracking_uri):
     click.echo(f"report: {path}")
 
 
+# ---- projectors -------------------------------------------------------------------------------------
+@cli.group()
+def project():
+    """Cross-model prompt projectors: train, apply, evaluate."""
+
+
+objective_option = click.option("--objective", "objectives", multiple=True,
+                                type=click.Choice(["distance", "task", "mixed"]),
+                                help="Objective to train (repeatable; default: the spec's projector.objective).")
+
+
+@project.command("train")
+@click.argument("spec_path", metavar="SPEC", type=click.Path())
+@objective_option
+@address_option
+@set_option
+@workdir_option
+@uri_option
+def project_train(spec_path, objectives, address, overrides, workdir, tracking_uri):
+    """Train projectors from the prompt bank in MLflow (one Ray task per objective)."""
+    _project(spec_path, objectives, address, overrides, workdir, tracking_uri, evaluate=False, tpt=False)
+
+
+@project.command("eval")
+@click.argument("spec_path", metavar="SPEC", type=click.Path())
+@objective_option
+@click.option("--no-tpt", is_flag=True, help="Skip TPT_MODEL (prompt tuning started from the projected prompt).")
+@address_option
+@set_option
+@workdir_option
+@uri_option
+def project_eval(spec_path, objectives, no_tpt, address, overrides, workdir, tracking_uri):
+    """Zero-shot scores of projected prompts beside random and own prompts; the TPT_MODEL speed-up."""
+    _project(spec_path, objectives, address, overrides, workdir, tracking_uri, evaluate=True, tpt=not no_tpt)
+
+
+def _project(spec_path, objectives, address, overrides, workdir, tracking_uri, evaluate, tpt):
+    from ptx import sweep as sw
+    from ptx import track
+    from ptx.config import load_study
+    from ptx.projector import run_projector_stage
+    from ptx.study import workdir_for
+
+    spec = load_study(spec_path, overrides)
+    wd = workdir_for(spec, workdir)
+    uri = track.resolve_tracking_uri(tracking_uri or spec.tracking_uri, wd)
+    tracker = track.Tracker(uri, spec.name, workdir=wd)
+    sw.connect(address)
+    out = run_projector_stage(spec, tracker, wd, objectives=objectives or None, evaluate=evaluate, tpt=tpt)
+    if out["skipped"]:
+        click.echo(f"projector stage skipped: {out['reason']}")
+        return
+    for name, info in out["projectors"].items():
+        verb = "reused" if info["reused"] else "trained"
+        click.echo(f"{name}: {verb} run {info['run_id']}, loss {_fmt(info.get('initial_loss'))} -> "
+                   f"{_fmt(info.get('final_loss'))}: {info['artifact']}")
+    for key, value in sorted(out.get("summary", {}).items()):
+        click.echo(f"  {key}: {_fmt(value)}")
+    if "best_objective" in out:
+        click.echo(f"best objective: {out['best_objective']}; table: {out['table']}")
+    click.echo(f"MLflow: {uri} (stage run {out['stage_run']})")
+
+
+@project.command("apply")
+@click.argument("projector_dir", metavar="PROJECTOR", type=click.Path(exists=True, file_okay=False))
+@click.argument("prompt_dir", metavar="PROMPT", type=click.Path(exists=True, file_okay=False))
+@click.option("-o", "--out", required=True, help="Output prompt artifact directory (for the target backbone).")
+def project_apply(projector_dir, prompt_dir, out):
+    """Project a source-backbone prompt artifact into a prompt for the projector's target backbone."""
+    from ptx.projector import project_prompt_artifact
+    from ptx.prompt import load_prompt
+
+    meta = load_prompt(project_prompt_artifact(projector_dir, prompt_dir, out)).meta
+    click.echo(f"projected prompt for {meta['backbone']['name']} (width {meta['backbone']['d_model']}): "
+               f"{Path(out).resolve()}")
+
+
 @cli.command()
 @click.argument("experiment", type=click.Path())
 @click.option("--restart-errored", is_flag=True, help="Restart errored trials from scratch (default: resume them).")

@@ -61,6 +61,7 @@ class TransferStage:
     prompts_per_pass: int = 8  # prompts stacked in one forward pass
     batch_size: int = 32
     unit: str = "target"  # one Ray task per target task
+    sources: str = "all"  # all: every seed's prompt in the bank; best: the ptx.best prompt per task
     resources: Resources = field(default_factory=Resources)
 
 
@@ -76,6 +77,8 @@ class IndicatorStage:
     hook: str = "decoder"  # seq2seq only: encoder | decoder
     probe: str = "paper"  # paper (prompt + one start token) | examples
     probe_examples: int = 16
+    position: str = "score"  # score | last | mean: where activations are read
+    window_stride: int | None = None  # None: consecutive windows of `windows` layers; 1: sliding
     num_actors: int = 2
     windows: int = 3  # layers per window for the per-window ON
     bootstrap: int = 1000

@@ -22,12 +22,12 @@ from ptx.errors import PtxError
 _OUTER_CACHE = os.environ.get("PTX_CACHE_DIR")
 
 TINY = {  # alias: (auto class, d_model, vocab size, named special token ids)
-    "tiny-bert": ("AutoModelForMaskedLM", 32, 1833,
+    "tiny-bert": ("AutoModelForMaskedLM", 32, 1839,
                   dict(pad_token_id=0, unk_token_id=1, cls_token_id=2, sep_token_id=3, mask_token_id=4)),
-    "tiny-roberta": ("AutoModelForMaskedLM", 48, 1833,
-                     dict(bos_token_id=0, pad_token_id=1, eos_token_id=2, unk_token_id=3, mask_token_id=1832)),
-    "tiny-t5": ("AutoModelForSeq2SeqLM", 32, 1841, dict(pad_token_id=0, eos_token_id=1, unk_token_id=2)),
-    "tiny-llama": ("AutoModelForCausalLM", 64, 1832,
+    "tiny-roberta": ("AutoModelForMaskedLM", 48, 1839,
+                     dict(bos_token_id=0, pad_token_id=1, eos_token_id=2, unk_token_id=3, mask_token_id=1838)),
+    "tiny-t5": ("AutoModelForSeq2SeqLM", 32, 1847, dict(pad_token_id=0, eos_token_id=1, unk_token_id=2)),
+    "tiny-llama": ("AutoModelForCausalLM", 64, 1838,
                    dict(unk_token_id=0, bos_token_id=1, eos_token_id=2, pad_token_id=3)),
 }
 VERBALIZER_WORDS = ["negative", "positive", "neutral", "yes", "no", "maybe", "true", "false", "business",
