@@ -19,7 +19,8 @@ logits at the scoring position) and the same optimizer (AdamW on the prompt only
   there peft-lean runs as peft and says so in a note.
 
 Ablation variants (`--ablation NAME` picks a set; `--variants` lists any):
-  ptx-onepass     decoder-only: one forward over [prompt; text] per example, as before the prompt-once path
+  ptx-onepass     decoder-only: one forward over [prompt; text] per example (what `ptx` runs on CUDA)
+  ptx-promptonce  decoder-only: the prompt-once path, forced (what `ptx` runs on CPU)
   ptx-fullvocab   ptx-onepass's body, then the full-vocabulary head at the scoring position (ptx: label rows only)
   ptx-eager       ptx with eager attention instead of SDPA (`load_backbone` uses SDPA)
   ptx-compile     ptx with `torch.compile(Backbone.label_logits)` (compile time is in the warm-up, reported apart)
@@ -72,6 +73,7 @@ VARIANTS = {
     "peft-lean": {"impl": "peft", "lean": True},
     "peft-default": {"impl": "peft", "submodules": None},
     "ptx-onepass": {"impl": "ptx", "onepass": True},
+    "ptx-promptonce": {"impl": "ptx", "promptonce": True},
     "ptx-fullvocab": {"impl": "ptx", "head": "full"},
     "ptx-eager": {"impl": "ptx", "attn": "eager"},
     "peft-eager": {"impl": "peft", "attn": "eager"},
@@ -79,7 +81,7 @@ VARIANTS = {
     "ptx-weightgrads": {"impl": "ptx", "weight_grads": True},
 }
 # ratios are always first variant / the others
-ABLATIONS = {"head": ["ptx-onepass", "ptx-fullvocab"], "prompt-once": ["ptx", "ptx-onepass"],
+ABLATIONS = {"head": ["ptx-onepass", "ptx-fullvocab"], "prompt-once": ["ptx-promptonce", "ptx-onepass"],
              "attn": ["ptx", "ptx-eager"], "compile": ["ptx", "ptx-compile"], "grads": ["ptx", "ptx-weightgrads"]}
 
 
@@ -186,6 +188,8 @@ def step_flops(backbone, batch_size: int, n_prompt: int, seq_len: int, prompt_on
 
 def runs_prompt_once(backbone, opts: dict) -> bool:
     """Whether this variant takes Backbone.label_logits' decoder-only prompt-once path."""
+    if opts.get("promptonce"):
+        return True
     once = getattr(backbone, "_prompt_once", None)
     return (opts["impl"] == "ptx" and not opts.get("onepass") and opts.get("head") != "full" and once is not None
             and once())
@@ -236,8 +240,11 @@ def ptx_step(backbone, batches, n_tokens: int, opts: dict, ctx):
     def one_pass(weight, batch, ids):  # ablation: label_logits without the decoder-only prompt-once path
         return backbone._head(backbone.hidden_at_score(weight[None], batch), ids).float()
 
+    def prompt_once(weight, batch, ids):  # ablation: the prompt-once path on any device
+        return backbone._head(backbone._hidden_prompt_once(weight[None], batch), ids).float()
+
     logits_fn = (full_vocab if opts.get("head") == "full" else one_pass if opts.get("onepass")
-                 else backbone.label_logits)
+                 else prompt_once if opts.get("promptonce") else backbone.label_logits)
     if opts.get("compile"):
         logits_fn = torch.compile(logits_fn)
     grads = {"bytes": 0}

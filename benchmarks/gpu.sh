@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # GPU benchmarks of the prompt-tuning train step (ptx vs PEFT) on random-weight models of real shapes, plus the
-# GPU ablations (bf16 autocast vs fp32, SDPA vs eager, decoder-only prompt-once vs one pass). About 5-6 minutes
-# on one H100/H200. Writes every figure to $OUT/gpu_results.json (or benchmarks/gpu_results.json without $OUT).
+# GPU ablations (bf16 autocast vs fp32, SDPA vs eager, decoder-only prompt-once vs one pass), after the CUDA tests
+# (tests/test_gpu.py). About 5 minutes on one H100/H200. Writes every figure to $OUT/gpu_results.json (or
+# benchmarks/gpu_results.json without $OUT).
 #
 #   bash benchmarks/gpu.sh                        # the real run (needs CUDA)
 #   bash benchmarks/gpu.sh --device cpu --steps 2 # dry run: tiny backbones on CPU, catches breakage, no figures
@@ -62,6 +63,9 @@ bench() {  # name, then bench_train_step.py arguments
 }
 
 start=$(date +%s)
+if [ "$DEVICE" != cpu ]; then  # correctness first: CUDA scores equal the CPU's, bf16 within tolerance
+  "$PY" -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu.py || echo "!! GPU tests failed" >&2
+fi
 if [ "$DEVICE" = cpu ]; then  # the real run's random-weight configs, built on the meta device (no memory, no time)
   "$PY" - <<'EOF'
 import sys

@@ -94,17 +94,19 @@ def tasks_show(name):
 @click.option("--dev-limit", type=int, default=None, help="Use at most N dev examples.")
 @click.option("--out", default=None, help="Also copy the prompt artifact here.")
 @click.option("--force", is_flag=True, help="Train even if this config already has a finished run.")
+@click.option("--compile", "compile_", is_flag=True,
+              help="torch.compile the training step (pays on a GPU; minutes of compilation on CPU).")
 @click.option("--no-track", is_flag=True, help="Do not log to MLflow.")
 @workdir_option
 @uri_option
 def train(task, backbone, steps, prompt_length, lr, batch_size, eval_every, patience, seed, init, init_text,
-          init_from, insertion, train_limit, dev_limit, out, force, no_track, workdir, tracking_uri):
+          init_from, insertion, train_limit, dev_limit, out, force, compile_, no_track, workdir, tracking_uri):
     """Tune a soft prompt on one task and log it to MLflow."""
     from ptx.stages import PromptRequest, run_prompt
     from ptx.train import TrainSettings
 
     settings = TrainSettings(steps=steps, batch_size=batch_size, lr=lr, eval_every=eval_every, patience=patience,
-                             seed=seed)
+                             seed=seed, compile=compile_)
     req = PromptRequest(task=task, backbone=backbone, insertion=insertion, prompt_length=prompt_length,
                         init="artifact" if init_from else init, init_text=init_text, init_from=init_from,
                         train_limit=train_limit, dev_limit=dev_limit, settings=settings)

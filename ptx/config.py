@@ -108,7 +108,8 @@ class StudySpec:
     description: str = ""
     insertion: str = "prepend"
     prompt_length: int = 100
-    init: str = "random"
+    init: str = "random"  # random | vocab | text
+    init_text: str | None = None  # the text whose token embeddings start every prompt (init: text)
     train: TrainSettings = field(default_factory=TrainSettings)
     data: DataLimits = field(default_factory=DataLimits)
     search: Search = field(default_factory=Search)
@@ -132,6 +133,7 @@ class StudySpec:
         return config_hash(d)
 
 
+INIT_MODES = ("random", "vocab", "text")
 NESTED = {"train": TrainSettings, "data": DataLimits, "search": Search, "scheduler": Scheduler,
           "resources": Resources, "transfer": TransferStage, "tpt": TptStage, "indicators": IndicatorStage,
           "projector": ProjectorStage}
@@ -201,6 +203,10 @@ def _validate(spec: StudySpec, where: str, errors: list) -> None:
         errors.append(f"{where}: backbones, tasks and seeds must each list at least one entry")
     if spec.search.algorithm not in ("grid", "random", "optuna"):
         errors.append(f"{where}.search.algorithm: expected grid, random or optuna, found '{spec.search.algorithm}'")
+    if spec.init not in INIT_MODES:
+        errors.append(f"{where}.init: expected one of {list(INIT_MODES)}, found '{spec.init}'{suggest(spec.init, INIT_MODES)}")
+    elif spec.init == "text" and not (isinstance(spec.init_text, str) and spec.init_text.strip()):
+        errors.append(f"{where}.init_text: init 'text' needs a non-empty init_text, found {spec.init_text!r}")
     train_fields = {f.name for f in fields(TrainSettings)} | {"prompt_length", "init"}
     for key, dist in spec.search.space.items():
         if key not in train_fields:

@@ -247,7 +247,8 @@ def tpt_model(spec, tracker, workdir: Path, stage_run: str, objective: str, proj
         init_dir = projected_dirs[objective, task]
         n = int(load_prompt(init_dir).prompt.shape[0])
         base = PromptRequest(task=task, backbone=p.target_backbone, insertion=spec.insertion, prompt_length=n,
-                             init=spec.init, train_limit=spec.data.train_limit, dev_limit=spec.data.dev_limit,
+                             init=spec.init, init_text=spec.init_text, train_limit=spec.data.train_limit,
+                             dev_limit=spec.data.dev_limit,
                              settings=replace(spec.train, seed=spec.seeds[0]))
         vanilla = run_prompt(base, workdir, tracker, parent_run_id=stage_run, backbone=target_bb)
         tpt = run_prompt(replace(base, init="artifact", init_from=str(init_dir)), workdir, tracker,

@@ -34,7 +34,9 @@ class PromptRequest:
     settings: TrainSettings = field(default_factory=TrainSettings)
 
     def hash(self) -> str:
-        return config_hash(asdict(self))
+        fields = asdict(self)
+        fields["settings"].pop("compile")  # how the same step is executed, not what it computes
+        return config_hash(fields)
 
 
 @dataclass

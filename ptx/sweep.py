@@ -257,6 +257,7 @@ def sweep_requests(spec) -> list[PromptRequest]:
             for seed in spec.seeds:
                 out.append(PromptRequest(task=task, backbone=backbone, insertion=spec.insertion,
                                          prompt_length=spec.prompt_length, init=spec.init,
+                                         init_text=spec.init_text,
                                          train_limit=spec.data.train_limit, dev_limit=spec.data.dev_limit,
                                          settings=replace(spec.train, seed=seed)))
     return out

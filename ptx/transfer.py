@@ -511,6 +511,7 @@ def run_tpt_stage(spec, tracker, workdir: Path, address: str | None = None) -> d
             for seed in spec.tpt.seeds or spec.seeds:  # vanilla = the training stage's request: reused by its hash
                 vanilla = PromptRequest(task=target, backbone=name, insertion=spec.insertion,
                                         prompt_length=spec.prompt_length, init=spec.init,
+                                        init_text=spec.init_text,
                                         train_limit=spec.data.train_limit, dev_limit=spec.data.dev_limit,
                                         settings=dataclasses.replace(settings, seed=seed))
                 plan.append((name, target, pick, seed, vanilla,

@@ -162,6 +162,18 @@ def test_spec_errors_are_collected(tmp_path):
     assert "lernrate: unknown key" in msg and "scheduler.type" in msg
 
 
+def test_init_mode_and_init_text_are_checked_and_reach_every_request(tmp_path):
+    with pytest.raises(PtxError, match=r"init: expected one of .*found 'vocb'; did you mean 'vocab'"):
+        load_study(write_spec(tmp_path / "typo.yaml", init="vocb"))
+    with pytest.raises(PtxError, match=r"init_text: init 'text' needs a non-empty init_text, found None"):
+        load_study(write_spec(tmp_path / "notext.yaml", init="text"))
+    spec = load_study(write_spec(tmp_path / "text.yaml", init="text", init_text="Say the label."))
+    reqs = sweep.sweep_requests(spec)
+    assert len(reqs) == 2 and {(r.init, r.init_text) for r in reqs} == {("text", "Say the label.")}
+    other = load_study(write_spec(tmp_path / "text2.yaml", init="text", init_text="Another start."))
+    assert sweep.sweep_requests(other)[0].hash() != reqs[0].hash()  # the init text is part of the config
+
+
 def test_bad_cli_inputs_exit_2(tmp_path):
     env = {**os.environ}
     ptx = [sys.executable, "-m", "ptx"]

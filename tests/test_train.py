@@ -85,6 +85,24 @@ def test_golden_losses(tiny, spec, name):
     assert all(b < a for a, b in zip(losses, losses[1:], strict=False))  # one fixed batch: strictly decreasing
 
 
+def test_compiled_step_matches_eager_and_keeps_the_config_hash(tiny, spec):
+    """TrainSettings.compile runs the same step through torch.compile: same losses, same request hash."""
+    backbone = tiny("tiny-bert")
+    fixed = _fixed_split(backbone)
+    losses = {}
+    for compiled in (False, True):
+        rec = Recorder()
+        settings = TrainSettings(steps=3, batch_size=8, lr=0.03, eval_every=1, eval_batch_size=16, compile=compiled)
+        train_prompt(backbone, spec, init_prompt(backbone, 4, "random", seed=0), fixed, fixed, settings, report=rec)
+        losses[compiled] = [m["train_loss"] for m, step, _ in rec.calls if step > 0]
+    assert len(losses[True]) == 3 and losses[True] == pytest.approx(losses[False], abs=1e-5)
+    assert losses[True] == pytest.approx(GOLDEN["tiny-bert"][:3], abs=1e-5)
+    req = PromptRequest(task="tweet_sentiment", backbone="tiny-bert", settings=TrainSettings(compile=True))
+    assert req.hash() == PromptRequest(task="tweet_sentiment", backbone="tiny-bert").hash()
+    assert req.hash() != PromptRequest(task="tweet_sentiment", backbone="tiny-bert",
+                                       settings=TrainSettings(lr=0.5)).hash()
+
+
 @pytest.mark.parametrize("name", ["tiny-bert", "tiny-llama", "tiny-t5"])
 def test_only_the_prompt_trains(tiny, spec, name):
     backbone = tiny(name)
