@@ -260,7 +260,8 @@ class ActivationWorker:
             from ptx.data import encode_split
             from ptx.tasks import load_task
 
-            self.examples[task] = encode_split(load_task(task), self.backbone, "train",
+            self.examples[task] = encode_split(load_task(task, max_length=self.config.get("max_length")),
+                                               self.backbone, "train",
                                                limit=self.config.get("probe_examples", 16))
         return self.examples[task]
 
@@ -290,10 +291,12 @@ def compute_bank_activations(backbone_name: str, prompts: torch.Tensor, insertio
                              probe: str = "paper", tasks: list | None = None, probe_examples: int = 16,
                              position: str = "score", where: str = "decoder", num_actors: int = 2,
                              resources: dict | None = None, chunk_size: int = 8,
-                             fault_marker: str | None = None, describe: bool = False):
+                             fault_marker: str | None = None, describe: bool = False,
+                             max_length: int | None = None):
     """Masks of a bank, prompts [P, n, d] -> bool [P, n_layers, d_ff], on a Ray actor pool (one backbone per actor).
 
-    probe="examples" reads each prompt with `probe_examples` training examples of its own task (`tasks[i]`).
+    probe="examples" reads each prompt with `probe_examples` training examples of its own task (`tasks[i]`),
+    each cut to `max_length` tokens when given (a study's data.max_length).
     describe=True returns (masks, {kind, hooks}): the backbone kind and the hooked modules' names.
     """
     from ptx import sweep
@@ -313,7 +316,7 @@ def compute_bank_activations(backbone_name: str, prompts: torch.Tensor, insertio
             order += part
     config = {"backbone": backbone_name, "insertion": insertion, "probe": probe, "position": position,
               "where": where, "probe_examples": probe_examples, "prompts_per_pass": chunk_size,
-              "cache_dir": str(cache_dir()), "fault_marker": fault_marker}
+              "cache_dir": str(cache_dir()), "fault_marker": fault_marker, "max_length": max_length}
     parts = sweep.map_actors(ActivationWorker, "masks", items, num_actors=num_actors, resources=resources,
                              name="activations", init_args=(config,))
     packed = np.concatenate([np.frombuffer(p["packed"], np.uint8).reshape(p["rows"], -1) for p in parts])

@@ -87,11 +87,13 @@ def tasks_show(name):
 @click.option("--patience", type=int, default=None, help="Early stop after N evaluations without improvement.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--init", type=click.Choice(["random", "vocab", "text", "artifact"]), default="random", show_default=True)
-@click.option("--init-text", default=None, help="Text whose embeddings start the prompt (--init text).")
+@click.option("--init-text", default=None, help="Text whose embeddings start the prompt (--init text); {labels} becomes the task's label words.")
 @click.option("--init-from", default=None, help="Prompt artifact dir or MLflow run id to start from (transfer).")
 @click.option("--insertion", type=click.Choice(["prepend", "paper"]), default="prepend", show_default=True)
 @click.option("--train-limit", type=int, default=None, help="Use at most N training examples.")
 @click.option("--dev-limit", type=int, default=None, help="Use at most N dev examples.")
+@click.option("--max-length", type=click.IntRange(min=8), default=None,
+              help="Cut inputs to N tokens (template included) when the task allows more.")
 @click.option("--out", default=None, help="Also copy the prompt artifact here.")
 @click.option("--force", is_flag=True, help="Train even if this config already has a finished run.")
 @click.option("--compile", "compile_", is_flag=True,
@@ -100,7 +102,8 @@ def tasks_show(name):
 @workdir_option
 @uri_option
 def train(task, backbone, steps, prompt_length, lr, batch_size, eval_every, patience, seed, init, init_text,
-          init_from, insertion, train_limit, dev_limit, out, force, compile_, no_track, workdir, tracking_uri):
+          init_from, insertion, train_limit, dev_limit, max_length, out, force, compile_, no_track, workdir,
+          tracking_uri):
     """Tune a soft prompt on one task and log it to MLflow."""
     from ptx.stages import PromptRequest, run_prompt
     from ptx.train import TrainSettings
@@ -109,7 +112,7 @@ def train(task, backbone, steps, prompt_length, lr, batch_size, eval_every, pati
                              seed=seed, compile=compile_)
     req = PromptRequest(task=task, backbone=backbone, insertion=insertion, prompt_length=prompt_length,
                         init="artifact" if init_from else init, init_text=init_text, init_from=init_from,
-                        train_limit=train_limit, dev_limit=dev_limit, settings=settings)
+                        train_limit=train_limit, dev_limit=dev_limit, max_length=max_length, settings=settings)
     wd = _workdir(workdir)
     tracker = None if no_track else _tracker(tracking_uri, wd)
     run = run_prompt(req, wd, tracker=tracker, force=force, progress=True)
@@ -130,11 +133,13 @@ def train(task, backbone, steps, prompt_length, lr, batch_size, eval_every, pati
 @click.option("--split", type=click.Choice(["dev", "test"]), default="dev", show_default=True)
 @click.option("--backbone", default=None, help="Defaults to the prompt's own backbone.")
 @click.option("--limit", type=int, default=None, help="Evaluate at most N examples.")
+@click.option("--max-length", type=click.IntRange(min=8), default=None,
+              help="Cut inputs to N tokens (template included) when the task allows more.")
 @click.option("--batch-size", type=int, default=32, show_default=True)
 @workdir_option
 @uri_option
 @click.option("--no-track", is_flag=True)
-def eval_cmd(prompt_dir, task, split, backbone, limit, batch_size, workdir, tracking_uri, no_track):
+def eval_cmd(prompt_dir, task, split, backbone, limit, max_length, batch_size, workdir, tracking_uri, no_track):
     """Score a prompt on a task's dev or test split."""
     from ptx.backbones import load_backbone
     from ptx.data import encode_split
@@ -146,7 +151,7 @@ def eval_cmd(prompt_dir, task, split, backbone, limit, batch_size, workdir, trac
     name = backbone or art.meta["backbone"]["name"]
     bb = load_backbone(name, insertion=art.meta.get("insertion", "prepend"))
     load_prompt(prompt_dir, backbone=bb)  # strict: width and backbone must match
-    spec = load_task(task)
+    spec = load_task(task, max_length=max_length)
     data = encode_split(spec, bb, split, limit=limit)
     score = score_prompts(bb, art.prompt, spec, data, batch_size, progress=True)[0]
     click.echo(f"{task}/{split} {spec.metric}: {score:.4f} ({len(data)} examples)")

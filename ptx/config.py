@@ -29,6 +29,7 @@ class DataLimits:
     train_limit: int | None = None  # cap on training examples per task
     dev_limit: int | None = 200  # dev examples used for model selection
     test_limit: int | None = 500  # test examples for reported scores
+    max_length: int | None = None  # caps every task's max_length (tokens, template included); None: the task's own
 
 
 @dataclass(frozen=True)
@@ -109,7 +110,8 @@ class StudySpec:
     insertion: str = "prepend"
     prompt_length: int = 100
     init: str = "random"  # random | vocab | text
-    init_text: str | None = None  # the text whose token embeddings start every prompt (init: text)
+    init_text: str | None = None  # the text whose token embeddings start every prompt (init: text); {labels}
+    #                               becomes each task's label words, "negative, neutral or positive"
     train: TrainSettings = field(default_factory=TrainSettings)
     data: DataLimits = field(default_factory=DataLimits)
     search: Search = field(default_factory=Search)
@@ -224,6 +226,9 @@ def _validate(spec: StudySpec, where: str, errors: list) -> None:
                           f"cpu={res.cpu} gpu={res.gpu}")
     if spec.train.steps < 1 or spec.train.eval_every < 1 or spec.train.batch_size < 1 or spec.prompt_length < 1:
         errors.append(f"{where}.train: steps, eval_every, batch_size and prompt_length must be ≥ 1")
+    if spec.data.max_length is not None and (not isinstance(spec.data.max_length, int) or spec.data.max_length < 8):
+        errors.append(f"{where}.data.max_length: expected a whole number of tokens ≥ 8 or null, "
+                      f"found {spec.data.max_length!r}")
     if spec.projector.form not in ("flat", "per_token"):
         errors.append(f"{where}.projector.form: expected flat or per_token, found '{spec.projector.form}'")
     if spec.projector.objective not in ("distance", "task", "mixed"):

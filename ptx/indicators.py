@@ -353,6 +353,7 @@ def run_indicators_stage(spec, tracker, workdir, transfer_table: pd.DataFrame | 
     ind, out = spec.indicators, {"study": spec.name, "backbones": {}, "computed": 0, "skipped": 0}
     if tracker.experiment != spec.name:  # stages read and write the study's experiment, as the other stages do
         tracker = track.Tracker(tracker.uri, spec.name, workdir=Path(workdir))
+    cap = spec.data.max_length if ind.probe == "examples" else None  # the paper probe reads no task text
     for backbone in spec.backbones:
         runs = bank_runs(tracker, backbone, spec.tasks)
         if len(runs) < 2:
@@ -361,7 +362,8 @@ def run_indicators_stage(spec, tracker, workdir, transfer_table: pd.DataFrame | 
         table = _transfer_table(tracker, backbone, spec.name, transfer_table)
         digest = config_hash({"stage": "indicators", "backbone": backbone, "runs": sorted(r.info.run_id for r in runs),
                               "settings": dataclasses.asdict(ind),
-                              "transfer": int(pd.util.hash_pandas_object(table, index=False).sum())})
+                              "transfer": int(pd.util.hash_pandas_object(table, index=False).sum()),
+                              **({"max_length": cap} if cap is not None else {})})
         done = tracker.finished_run(track.KIND_INDICATORS, digest)
         if done is not None:
             out["backbones"][backbone] = {"run_id": done.info.run_id, "reused": True}
@@ -372,7 +374,7 @@ def run_indicators_stage(spec, tracker, workdir, transfer_table: pd.DataFrame | 
         matrices = embedding_similarities(prompts, drop_first=insertion == "paper")
         masks, info = compute_bank_activations(backbone, prompts, insertion, ind.probe, tasks, ind.probe_examples,
                                                getattr(ind, "position", "score"), ind.hook, ind.num_actors,
-                                               dataclasses.asdict(ind.resources), describe=True)
+                                               dataclasses.asdict(ind.resources), describe=True, max_length=cap)
         matrices.update(overlap_matrices(masks, ind.windows, getattr(ind, "window_stride", None)))
         run_id = tracker.start_run(f"indicators {backbone}", {"ptx.kind": track.KIND_INDICATORS, "ptx.backbone": backbone,
                                                               "ptx.study": spec.name, "ptx.config_hash": digest})

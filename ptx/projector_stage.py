@@ -106,7 +106,7 @@ def _train_job(job: dict) -> dict:
         backbone, task_data = None, None
         if objective != Objective.DISTANCE.value:
             backbone = load_backbone(target["name"], insertion=target["insertion"])
-            specs = {t: load_task(t) for t in sources}
+            specs = {t: load_task(t, max_length=job.get("max_length")) for t in sources}
             task_data = {t: (s, encode_split(s, backbone, "train", limit=job["train_limit"])) for t, s in specs.items()}
         config = ProjectorConfig(**job["config"])
         result = train_projector(config, ProjectorSettings(**job["settings"]), sources, targets, backbone, task_data,
@@ -155,6 +155,8 @@ def train_projectors(spec, tracker, workdir, stage_run: str, objectives, src_ban
                "target": target, "train_tasks": train_tasks, "train_limit": spec.data.train_limit,
                "source_runs": {t: src_bank[t][0] for t in train_tasks},
                "target_runs": {t: tgt_bank[t][0] for t in shared if objective != Objective.TASK.value}}
+        if spec.data.max_length is not None:  # only when set: earlier projectors keep their digest
+            job["max_length"] = spec.data.max_length
         job["digest"] = config_hash(job)
         job.update(sources={t: str(src_bank[t][1]) for t in train_tasks},
                    targets={t: str(tgt_bank[t][1]) for t in job["target_runs"]},
@@ -184,7 +186,7 @@ def evaluate_projectors(spec, stage_dir: Path, projectors: dict, src_bank: dict,
             projected[objective, task] = (out, load_prompt(out, backbone=target_bb).prompt)
     rows = []
     for task in p.eval_tasks or spec.tasks:
-        tspec = load_task(task)
+        tspec = load_task(task, max_length=spec.data.max_length)
         data = encode_split(tspec, target_bb, "test", limit=spec.data.test_limit)
         own = tgt_bank.get(task)
         own_value = (score_prompts(target_bb, load_prompt(own[1], backbone=target_bb).prompt, tspec, data)[0]
@@ -248,7 +250,7 @@ def tpt_model(spec, tracker, workdir: Path, stage_run: str, objective: str, proj
         n = int(load_prompt(init_dir).prompt.shape[0])
         base = PromptRequest(task=task, backbone=p.target_backbone, insertion=spec.insertion, prompt_length=n,
                              init=spec.init, init_text=spec.init_text, train_limit=spec.data.train_limit,
-                             dev_limit=spec.data.dev_limit,
+                             dev_limit=spec.data.dev_limit, max_length=spec.data.max_length,
                              settings=replace(spec.train, seed=spec.seeds[0]))
         vanilla = run_prompt(base, workdir, tracker, parent_run_id=stage_run, backbone=target_bb)
         tpt = run_prompt(replace(base, init="artifact", init_from=str(init_dir)), workdir, tracker,

@@ -31,11 +31,14 @@ class PromptRequest:
     init_from: str | None = None  # a prompt artifact dir or an MLflow run id (transfer initialisation)
     train_limit: int | None = None  # cap on training examples (small studies)
     dev_limit: int | None = None  # cap on dev examples used for model selection
+    max_length: int | None = None  # cap on the task's token budget (a study's data.max_length)
     settings: TrainSettings = field(default_factory=TrainSettings)
 
     def hash(self) -> str:
         fields = asdict(self)
         fields["settings"].pop("compile")  # how the same step is executed, not what it computes
+        if fields["max_length"] is None:  # absent: the hash of every request made before the field existed
+            fields.pop("max_length")
         return config_hash(fields)
 
 
@@ -81,11 +84,11 @@ def run_prompt(req: PromptRequest, workdir: str | Path, tracker=None, parent_run
                              int(done.data.tags.get("ptx.best_step", 0)), reused=True)
     from ptx.tasks import load_task
 
-    spec = load_task(req.task)
+    spec = load_task(req.task, max_length=req.max_length)
     backbone = backbone or load_backbone(req.backbone, insertion=req.insertion)
     init_dir, source_run = resolve_init_source(req, tracker, workdir)
     init = init_prompt(backbone, req.prompt_length, "artifact" if init_dir else req.init, seed=req.settings.seed,
-                       text=req.init_text, artifact=init_dir)
+                       text=spec.instruction(req.init_text) if req.init_text else None, artifact=init_dir)
     train = encode_split(spec, backbone, "train", limit=req.train_limit)
     dev = encode_split(spec, backbone, "dev", limit=req.dev_limit)
     tags = {"ptx.kind": track.KIND_PROMPT, "ptx.task": spec.name, "ptx.backbone": req.backbone,

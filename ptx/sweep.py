@@ -259,7 +259,7 @@ def sweep_requests(spec) -> list[PromptRequest]:
                                          prompt_length=spec.prompt_length, init=spec.init,
                                          init_text=spec.init_text,
                                          train_limit=spec.data.train_limit, dev_limit=spec.data.dev_limit,
-                                         settings=replace(spec.train, seed=seed)))
+                                         max_length=spec.data.max_length, settings=replace(spec.train, seed=seed)))
     return out
 
 
@@ -344,6 +344,7 @@ def _fit_and_finalise(tuner, tracker, parent: str, workdir: Path) -> dict:
     t0 = time.perf_counter()
     grid = tuner.fit()
     wall = time.perf_counter() - t0
+    track.wait_reachable(tracker.uri, tries=8, delay=2.0)  # a server blip at the end costs a wait, not the sweep
     summary = finalise(grid, tracker, workdir)
     summary.update(wall_seconds=wall, experiment_path=grid.experiment_path, parent_run_id=parent)
     tracker.log(parent, {"trials": summary["trials"], "errored": summary["errored"], "wall_seconds": wall})

@@ -46,10 +46,10 @@ class Source:
     dev: float | None = None  # its own dev metric: picks a target's own prompt when the task has several
 
 
-def _spec(task):
+def _spec(task, max_length: int | None = None):
     from ptx.tasks import load_task
 
-    return load_task(task) if isinstance(task, str) else task
+    return load_task(task, max_length=max_length) if isinstance(task, str) else task
 
 
 def _sources(prompts: dict, backbone) -> list[Source]:
@@ -209,7 +209,8 @@ def run_unit(unit: dict) -> pa.Table:
     """Ray task: score the whole bank on one target, then log the unit as its own MLflow run."""
     t0 = time.perf_counter()
     bb = _backbone(unit["backbone"], unit["insertion"])
-    table = transfer_matrix(bb, unit["prompts"], [unit["target"]], unit["splits"], unit["limits"],
+    target = _spec(unit["target"], unit.get("max_length"))
+    table = transfer_matrix(bb, unit["prompts"], [target], unit["splits"], unit["limits"],
                             unit["prompts_per_pass"], unit["batch_size"], unit["random_baseline"], unit["seed"])
     tracker = track.Tracker(unit["tracking_uri"], unit["experiment"], workdir=Path(unit["workdir"]))
     run_id = tracker.start_run(f"transfer {unit['target']} <- bank/{unit['backbone']}", unit["tags"], unit["parent"])
@@ -240,7 +241,7 @@ def run_transfer_stage(spec, tracker, workdir: Path, address: str | None = None)
     workdir = Path(workdir).resolve()
     tracker, cfg = _study_tracker(spec, tracker, workdir), spec.transfer
     limits = {"dev": spec.data.dev_limit, "test": spec.data.test_limit}
-    targets = [_spec(t) for t in spec.tasks]
+    targets = [_spec(t, spec.data.max_length) for t in spec.tasks]
     out = {"study": spec.name, "backbones": {}, "computed": 0, "skipped": 0}
     for name in spec.backbones:
         paths = gather_bank(tracker, name, set(spec.tasks), workdir / "bank", getattr(cfg, "sources", "all"),
@@ -254,6 +255,8 @@ def run_transfer_stage(spec, tracker, workdir: Path, address: str | None = None)
             check_targets(name, kind, targets)
         base = {"backbone": name, "sources": sorted(bank), "splits": list(cfg.splits), "limits": limits,
                 "random_baseline": cfg.random_baseline, "seed": spec.seeds[0], "insertion": spec.insertion}
+        if spec.data.max_length is not None:  # only when set: units computed before the field existed keep their hash
+            base["max_length"] = spec.data.max_length
         hashes = {t.name: config_hash({**base, "target": t.name}) for t in targets}
         digest = config_hash(sorted(hashes.values()))
         done = {t: tracker.finished_run(KIND_UNIT, h) for t, h in hashes.items()}
@@ -513,6 +516,7 @@ def run_tpt_stage(spec, tracker, workdir: Path, address: str | None = None) -> d
                                         prompt_length=spec.prompt_length, init=spec.init,
                                         init_text=spec.init_text,
                                         train_limit=spec.data.train_limit, dev_limit=spec.data.dev_limit,
+                                        max_length=spec.data.max_length,
                                         settings=dataclasses.replace(settings, seed=seed))
                 plan.append((name, target, pick, seed, vanilla,
                              dataclasses.replace(vanilla, init="artifact", init_from=pick[0])))

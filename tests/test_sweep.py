@@ -1,5 +1,6 @@
 """Sweeps on a real local Ray (2 CPUs) with a real sqlite MLflow store, on tiny backbones."""
 
+import dataclasses
 import os
 import signal
 import subprocess
@@ -11,7 +12,7 @@ import pytest
 import yaml
 
 from ptx import sweep, track
-from ptx.config import load_study
+from ptx.config import config_hash, load_study
 from ptx.errors import PtxError
 
 pytestmark = pytest.mark.ray
@@ -172,6 +173,32 @@ def test_init_mode_and_init_text_are_checked_and_reach_every_request(tmp_path):
     assert len(reqs) == 2 and {(r.init, r.init_text) for r in reqs} == {("text", "Say the label.")}
     other = load_study(write_spec(tmp_path / "text2.yaml", init="text", init_text="Another start."))
     assert sweep.sweep_requests(other)[0].hash() != reqs[0].hash()  # the init text is part of the config
+
+
+
+def test_study_token_cap_reaches_requests_and_cuts_the_encoded_inputs(tmp_path):
+    from ptx.backbones import load_backbone
+    from ptx.data import encode_split
+    from ptx.tasks import load_task
+
+    data = {"train_limit": 64, "dev_limit": 16, "test_limit": 16}
+    with pytest.raises(PtxError, match=r"data.max_length: expected a whole number of tokens ≥ 8 or null, found 4"):
+        load_study(write_spec(tmp_path / "tiny.yaml", data={**data, "max_length": 4}))
+    plain = sweep.sweep_requests(load_study(write_spec(tmp_path / "plain.yaml")))
+    capped = sweep.sweep_requests(load_study(write_spec(tmp_path / "cap.yaml", data={**data, "max_length": 24})))
+    assert {r.max_length for r in capped} == {24} and {r.max_length for r in plain} == {None}
+    assert capped[0].hash() != plain[0].hash()
+    # unset, the field leaves the hash of requests made before it existed unchanged
+    before = dataclasses.asdict(plain[0])
+    before["settings"].pop("compile"), before.pop("max_length")
+    assert plain[0].hash() == config_hash(before)
+    backbone = load_backbone("tiny-llama")
+    own = load_task("drug_sentiment")
+    assert load_task("drug_sentiment", max_length=10_000).max_length == own.max_length  # a cap never raises it
+    long = encode_split(own, backbone, "train", limit=32, use_cache=False)
+    short = encode_split(load_task("drug_sentiment", max_length=24), backbone, "train", limit=32, use_cache=False)
+    assert max(long["length"]) > 24 >= max(short["length"])
+    assert all(s <= lo for s, lo in zip(short["length"], long["length"], strict=True))
 
 
 def test_bad_cli_inputs_exit_2(tmp_path):

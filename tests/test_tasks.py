@@ -301,6 +301,16 @@ def test_render_splits_at_the_mask_and_names_missing_fields():
         spec.render({"premise": "It rains.", "label": 0})
 
 
+
+def test_init_text_names_each_tasks_label_words():
+    sentiment, topic = load_task("tweet_sentiment"), load_task("bbc_topic")
+    text = "Answer with one word: {labels}."
+    assert sentiment.instruction(text) == "Answer with one word: negative, neutral or positive."
+    assert topic.instruction(text) == f"Answer with one word: {', '.join(topic.verbalizer[:-1])} or {topic.verbalizer[-1]}."
+    assert sentiment.instruction("No placeholder {here}.") == "No placeholder {here}."  # other braces stay as written
+    with pytest.raises(PtxError, match=r"uses \{labels\}, but task 'squad' is generation and has no label words"):
+        load_task("squad").instruction(text)
+
 def test_missing_package_is_a_clear_error(tmp_path):
     raw = {**_good(tmp_path), "source": {"package": "no_such_package_xyz", "file": "data.csv"}}
     _write(tmp_path, raw)

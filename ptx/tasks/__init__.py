@@ -5,6 +5,7 @@ fields and one `{mask}`, and the verbalizer. `ptx/tasks/sources.py` turns a spec
 Every error in a file is collected and raised together as one `PtxError` naming the file and each field.
 """
 
+import dataclasses
 import functools
 import re
 import string
@@ -84,6 +85,17 @@ class TaskSpec:
                                f"available columns: {sorted(example)}")
             out.append(str(example[field]).strip())
         return "".join(before).strip(), "".join(after).strip()
+
+    def instruction(self, text: str) -> str:
+        """An init text with `{labels}` replaced by this task's label words ("negative, neutral or positive")."""
+        if "{labels}" not in text:
+            return text
+        if self.kind != "classification":
+            raise PtxError(f"init text {text!r} uses {{labels}}, but task '{self.name}' is {self.kind} and has no "
+                           "label words")
+        words = list(self.verbalizer)
+        phrase = words[0] if len(words) == 1 else f"{', '.join(words[:-1])} or {words[-1]}"
+        return text.replace("{labels}", phrase)
 
 
 @functools.lru_cache(maxsize=256)
@@ -324,14 +336,21 @@ def _task_files(tasks_dir) -> dict[str, Path]:
     return {p.stem: p for p in sorted([*folder.glob("*.yaml"), *folder.glob("*.yml")])}
 
 
-def load_task(name: str, tasks_dir=None) -> TaskSpec:
-    """Load a task by name from `tasks_dir` (default: ptx/tasks), or from a path to a .yaml file."""
+def load_task(name: str, tasks_dir=None, max_length: int | None = None) -> TaskSpec:
+    """Load a task by name from `tasks_dir` (default: ptx/tasks), or from a path to a .yaml file.
+
+    `max_length` caps the task's own token budget (a study's `data.max_length`); it never raises it.
+    """
     if str(name).endswith((".yaml", ".yml")) and Path(name).is_file():
-        return load_task_file(name)
-    files = _task_files(tasks_dir)
-    if name not in files:
-        raise PtxError(f"unknown task '{name}'{suggest(name, files)}")
-    return load_task_file(files[name])
+        spec = load_task_file(name)
+    else:
+        files = _task_files(tasks_dir)
+        if name not in files:
+            raise PtxError(f"unknown task '{name}'{suggest(name, files)}")
+        spec = load_task_file(files[name])
+    if max_length is not None and max_length < spec.max_length:
+        spec = dataclasses.replace(spec, max_length=max_length)
+    return spec
 
 
 def list_tasks(tasks_dir=None) -> list[TaskSpec]:
