@@ -13,12 +13,14 @@ import math
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pytest
+from mlflow import MlflowClient
 
 from ptx import track
 from ptx.config import ProjectorStage, StudySpec
@@ -294,10 +296,8 @@ def test_partial_report_says_what_did_not_run(store, tmp_path):
 
 
 @pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="headless Chromium missing: run `make browser`")
-def test_report_renders_in_headless_chromium(store, tmp_path):
-    from PIL import Image
-
-    index = store["full_report"]
+def _open_in_chromium(index: Path, tmp_path: Path) -> tuple[Path, int]:
+    """Screenshot the page (1200 x 3000) and count the <img> that loaded (the page's own check, in the DOM)."""
     flags = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
              "--disable-background-networking", "--disable-component-update", "--disable-sync",
              "--disable-dev-shm-usage", "--hide-scrollbars"]
@@ -311,12 +311,40 @@ def test_report_renders_in_headless_chromium(store, tmp_path):
     m = re.search(r'data-images="ok:(\d+)/(\d+)"', dom)
     assert m, "the page's image check did not run"
     assert (int(m.group(1)), int(m.group(2))) == (n_img, n_img)  # every <img> loaded (naturalWidth > 0)
+    return shot, n_img
+
+
+def test_report_renders_in_headless_chromium(store, tmp_path):
+    from PIL import Image
+
+    shot, _ = _open_in_chromium(store["full_report"], tmp_path)
     assert shot.stat().st_size > 50_000
     pixels = np.asarray(Image.open(shot).convert("L"), dtype=float)
     assert pixels.shape == (3000, 1200)
     rows = pixels.std(axis=1)
     assert pixels.std() > 20 and (rows > 5).mean() > 0.5  # not blank: content down most of the page
 
+
+
+def test_smoke_demo_runs_every_stage_and_its_report_renders(tmp_path):
+    """`ptx demo --smoke` through the CLI (real local Ray, sqlite MLflow, tiny models), then its report in Chromium."""
+    workdir = tmp_path / "demo"
+    proc = subprocess.run([sys.executable, "-m", "ptx", "demo", "--smoke", "--workdir", str(workdir)],
+                          capture_output=True, text=True, timeout=600)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-3000:]
+    for line in ("stage train: trials=4, errored=0", "stage transfer:", "stage tpt:", "stage indicators:",
+                 "stage projector: skipped=False", f"report: {workdir / 'report' / 'index.html'}",
+                 f"mlflow ui --backend-store-uri sqlite:///{workdir / 'mlflow.db'}", "Ray dashboard"):
+        assert line in out, (line, out[-3000:])
+    summary = json.loads((workdir / "report" / "summary.json").read_text())
+    assert summary["sections"] == {k: "ok" for k in ("training", "transfer", "tpt", "indicators", "projector")}
+    assert summary["facts"]["training"]["tasks"] == 4 and summary["facts"]["training"]["prompt_runs"] >= 4
+    client = MlflowClient(summary["tracking_uri"])
+    for rid in summary["runs"]:  # every number's run is a real, finished run in the store
+        assert client.get_run(rid).info.status == "FINISHED"
+    _, n_img = _open_in_chromium(workdir / "report" / "index.html", tmp_path)
+    assert n_img >= 5  # heatmaps, TPT curves, indicator scatter plots, projector figure
 
 def test_report_stage_logs_a_report_run_and_guards_its_directory(store, tmp_path):
     early, spec = store["early"], store["early_spec"]
