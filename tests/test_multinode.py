@@ -445,9 +445,11 @@ def test_worker_node_lost_mid_sweep_trials_finish_elsewhere(cluster, server, lau
     victim = workers[0]
     sweep = launch(spec)
     client = MlflowClient(server.uri)
-    wait_for(lambda: checkpointed_steps(sweep.checkpoints()), SWEEP_TIMEOUT, "complete checkpoint", sweep, every=0.1)
+    # kill once the driver has processed two results of a trial: the first one's checkpoint is then registered
+    # (a checkpoint only on disk can be lost with its node, and the trial then rightly restarts from scratch)
+    wait_for(lambda: registered_steps(sweep), SWEEP_TIMEOUT, "registered checkpoint", sweep, every=0.1)
     victim.freeze()  # at once: a tiny trial runs all its steps in seconds
-    at_kill = checkpointed_steps(sweep.checkpoints())
+    at_kill = registered_steps(sweep)
     assert any(step < steps[-1] for step in at_kill.values()), f"no trial was mid-training: {at_kill}"
     exp = client.get_experiment_by_name("nodeloss")
     before = {r.data.tags["ptx.trial_id"]: r.data.tags.get("ptx.node")
@@ -463,10 +465,10 @@ def test_worker_node_lost_mid_sweep_trials_finish_elsewhere(cluster, server, lau
     failed = {t["trial"] for t in trials if t["failures"]}
     assert failed >= set(before), f"trials on the lost node that Tune did not retry: {set(before) - failed}"
     assert all(after[t] == fresh.node_id for t in failed), (after, fresh.node_id)
-    for t in at_kill:  # each went on from its checkpoint: a restart from scratch would report step 3 again
+    for t in at_kill:  # each went on from a registered checkpoint: a restart from scratch would report step 3 again
         reported = reported_steps(sweep.experiment_path(), t)
-        # a result can reach Tune just before its checkpoint is registered, so the step after the last
-        # registered checkpoint may be reported twice; a restart from scratch would repeat the first step
+        # results after the last registered checkpoint may be reported twice (the node died before their
+        # checkpoints were registered); the first step never is
         assert reported.count(steps[1]) == 1 and reported == sorted(reported) and reported[-1] == steps[-1], (
             t, reported)
     figures("node_loss", {**fig, "trials_failed_by_the_loss": len(failed), "checkpoint_step_at_kill": at_kill,
@@ -483,6 +485,23 @@ def checkpointed_steps(checkpoints: list[Path]) -> dict[str, int]:
             continue
         trial = ckpt.parent.name.rsplit("-", 1)[1]
         out[trial] = max(out.get(trial, 0), step)
+    return out
+
+
+def registered_steps(sweep) -> dict[str, int]:
+    """trial id -> a step whose checkpoint Tune's driver has registered: the one before its latest result.
+
+    result.json is written by the driver as it processes results, in order; every result carries a checkpoint.
+    """
+    out = {}
+    for trial_dir in (sweep.workdir / "ray_results").glob(f"{sweep.experiment}-train-*/*"):
+        try:
+            lines = [ln for ln in (trial_dir / "result.json").read_text().splitlines() if ln.strip()]
+            steps = [json.loads(ln)["step"] for ln in lines]
+        except (OSError, ValueError, KeyError):  # not there yet, or a line half-written
+            continue
+        if len(steps) >= 2:
+            out[trial_dir.name.rsplit("-", 1)[1]] = steps[-2]
     return out
 
 
