@@ -237,8 +237,9 @@ def _curve(tracker, run, metric: str) -> list:
 def tpt_model(spec, tracker, workdir: Path, stage_run: str, objective: str, projected_dirs: dict, target_bb,
               tasks=None) -> list:
     """Prompt tuning on the target from the projected prompt vs from `spec.init`, same seed; the speed-up per task."""
+    from ptx import sweep
     from ptx.prompt import load_prompt
-    from ptx.stages import PromptRequest, run_prompt
+    from ptx.stages import run_prompt
     from ptx.tasks import load_task
     from ptx.transfer import convergence_speedup  # the TPT stage's figure, so both stages report the same one
 
@@ -248,10 +249,7 @@ def tpt_model(spec, tracker, workdir: Path, stage_run: str, objective: str, proj
             continue
         init_dir = projected_dirs[objective, task]
         n = int(load_prompt(init_dir).prompt.shape[0])
-        base = PromptRequest(task=task, backbone=p.target_backbone, insertion=spec.insertion, prompt_length=n,
-                             init=spec.init, init_text=spec.init_text, train_limit=spec.data.train_limit,
-                             dev_limit=spec.data.dev_limit, max_length=spec.data.max_length,
-                             settings=replace(spec.train, seed=spec.seeds[0]))
+        base = sweep.study_request(spec, task, p.target_backbone, spec.seeds[0], prompt_length=n)
         vanilla = run_prompt(base, workdir, tracker, parent_run_id=stage_run, backbone=target_bb)
         tpt = run_prompt(replace(base, init="artifact", init_from=str(init_dir)), workdir, tracker,
                          parent_run_id=stage_run, backbone=target_bb,

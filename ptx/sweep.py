@@ -247,20 +247,20 @@ def _trial_name(trial) -> str:
     return f"{req.get('task')}-{str(req.get('backbone')).replace('/', '_')}-s{seed}-{trial.trial_id}"
 
 
+def study_request(spec, task: str, backbone: str, seed: int, settings=None, **changes) -> PromptRequest:
+    """The vanilla prompt-tuning request a study makes for (task, backbone, seed); later stages (TPT, projector)
+    build theirs here too, so the same request hashes the same and its finished run is reused."""
+    req = PromptRequest(task=task, backbone=backbone, insertion=spec.insertion, prompt_length=spec.prompt_length,
+                        init=spec.init, init_text=spec.init_text, train_limit=spec.data.train_limit,
+                        dev_limit=spec.data.dev_limit, max_length=spec.data.max_length,
+                        settings=dataclasses.replace(settings or spec.train, seed=seed))
+    return dataclasses.replace(req, **changes)
+
+
 def sweep_requests(spec) -> list[PromptRequest]:
     """The grid of base requests of a study's training stage: backbones x tasks x seeds."""
-    from dataclasses import replace
-
-    out = []
-    for backbone in spec.backbones:
-        for task in spec.tasks:
-            for seed in spec.seeds:
-                out.append(PromptRequest(task=task, backbone=backbone, insertion=spec.insertion,
-                                         prompt_length=spec.prompt_length, init=spec.init,
-                                         init_text=spec.init_text,
-                                         train_limit=spec.data.train_limit, dev_limit=spec.data.dev_limit,
-                                         max_length=spec.data.max_length, settings=replace(spec.train, seed=seed)))
-    return out
+    return [study_request(spec, task, backbone, seed)
+            for backbone in spec.backbones for task in spec.tasks for seed in spec.seeds]
 
 
 def plan(spec) -> dict:

@@ -491,7 +491,6 @@ def run_tpt_stage(spec, tracker, workdir: Path, address: str | None = None) -> d
     """Train TPT beside vanilla PT (same seeds) per target as Tune trials; log speed-ups and curves per backbone."""
     from ptx import sweep
     from ptx.config import Scheduler, Search
-    from ptx.stages import PromptRequest
 
     workdir = Path(workdir).resolve()
     tracker = _study_tracker(spec, tracker, workdir)
@@ -512,12 +511,7 @@ def run_tpt_stage(spec, tracker, workdir: Path, address: str | None = None) -> d
                 raise PtxError(f"TPT source {pick[0]} ({pick[1]}) has {n_tok} prompt tokens; study '{spec.name}' "
                                f"trains prompts of prompt_length {spec.prompt_length}")
             for seed in spec.tpt.seeds or spec.seeds:  # vanilla = the training stage's request: reused by its hash
-                vanilla = PromptRequest(task=target, backbone=name, insertion=spec.insertion,
-                                        prompt_length=spec.prompt_length, init=spec.init,
-                                        init_text=spec.init_text,
-                                        train_limit=spec.data.train_limit, dev_limit=spec.data.dev_limit,
-                                        max_length=spec.data.max_length,
-                                        settings=dataclasses.replace(settings, seed=seed))
+                vanilla = sweep.study_request(spec, target, name, seed, settings)
                 plan.append((name, target, pick, seed, vanilla,
                              dataclasses.replace(vanilla, init="artifact", init_from=pick[0])))
     out = {"study": spec.name, "skipped": skipped, "backbones": {}}

@@ -1,8 +1,9 @@
-"""Shared fixtures: one model cache per test session, and tiny backbones loaded once and reused."""
+"""Shared fixtures: one model cache per test session, tiny backbones loaded once and reused, a fixed split."""
 
 import os
 from pathlib import Path
 
+import datasets
 import pytest
 
 from ptx.backbones import Backbone, load_backbone
@@ -35,3 +36,23 @@ def tiny(ptx_cache_dir):
         return loaded[name, insertion]
 
     return get
+
+
+FIXED = [("the movie was great", 2), ("a terrible film", 0), ("it was fine i guess", 1),
+         ("bad acting and a bad plot", 0), ("good fun for the whole family", 2), ("nothing special", 1),
+         ("the best film of the year", 2), ("boring", 0)]
+
+
+@pytest.fixture(scope="session")
+def fixed_split():
+    """fixed_split(backbone) -> FIXED (8 labelled sentences, 3 classes) encoded like encode_split does with the
+    template "{text} It was {mask}." for tweet_sentiment's labels; no task data involved."""
+
+    def build(backbone: Backbone) -> datasets.Dataset:
+        rows = []
+        for text, label in FIXED:
+            ids, score = backbone.encode(f"{text} it was", ".", 96)
+            rows.append({"input_ids": ids, "score_index": score, "length": len(ids), "label": label})
+        return datasets.Dataset.from_list(rows)
+
+    return build

@@ -5,7 +5,6 @@ CI has no GPU, so these never run there and are not counted as its coverage; run
 `pytest -m gpu tests/test_gpu.py` (benchmarks/gpu.sh runs them before the GPU benchmarks).
 """
 
-import datasets
 import pytest
 import torch
 
@@ -17,9 +16,6 @@ from ptx.train import TrainSettings, train_prompt
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
-TEXTS = [("the movie was great", 2), ("a terrible film", 0), ("it was fine i guess", 1),
-         ("bad acting and a bad plot", 0), ("good fun for the whole family", 2), ("nothing special", 1),
-         ("the best film of the year", 2), ("boring", 0)]
 CASES = [("tiny-bert", "prepend"), ("tiny-roberta", "paper"), ("tiny-t5", "prepend"), ("tiny-llama", "prepend")]
 
 
@@ -28,22 +24,14 @@ def spec():
     return load_task("tweet_sentiment")
 
 
-def _split(backbone):
-    rows = []
-    for text, label in TEXTS:
-        ids, score = backbone.encode(f"{text} it was", ".", 96)
-        rows.append({"input_ids": ids, "score_index": score, "length": len(ids), "label": label})
-    return datasets.Dataset.from_list(rows)
-
-
 def _pair(name, insertion):
     return load_backbone(name, insertion=insertion), load_backbone(name, insertion=insertion, device="cuda")
 
 
 @pytest.mark.parametrize("name,insertion", CASES)
-def test_label_logits_on_cuda_match_cpu(name, insertion, spec):
+def test_label_logits_on_cuda_match_cpu(name, insertion, spec, fixed_split):
     cpu, gpu = _pair(name, insertion)
-    batch = next(iterate_batches(_split(cpu), 8, cpu.pad_id, seed=None))
+    batch = next(iterate_batches(fixed_split(cpu), 8, cpu.pad_id, seed=None))
     labels = cpu.label_ids(spec.verbalizer)
     prompts = torch.randn(2, 5, cpu.d_model, generator=torch.Generator().manual_seed(0)) * 0.5
     want = cpu.label_logits(prompts, batch, labels)
@@ -59,10 +47,10 @@ def test_label_logits_on_cuda_match_cpu(name, insertion, spec):
     assert (bf16 - want).abs().max().item() < 0.15 * scale, (bf16 - want).abs().max().item()
 
 
-def test_prompt_once_equals_one_pass_under_bf16(spec):
+def test_prompt_once_equals_one_pass_under_bf16(spec, fixed_split):
     gpu = load_backbone("tiny-llama", device="cuda")
     assert not gpu._prompt_once()  # one pass on CUDA (faster there); the prompt-once path stays correct there too
-    batch = next(iterate_batches(_split(gpu), 8, gpu.pad_id, seed=None))
+    batch = next(iterate_batches(fixed_split(gpu), 8, gpu.pad_id, seed=None))
     labels = gpu.label_ids(spec.verbalizer)
     base = torch.randn(2, 5, gpu.d_model, device="cuda", generator=torch.Generator("cuda").manual_seed(1)) * 0.5
     grads, logits = [], []
@@ -80,21 +68,21 @@ def test_prompt_once_equals_one_pass_under_bf16(spec):
     assert gscale > 0 and (grads[0] - grads[1]).abs().max().item() < 0.05 * gscale
 
 
-def _run(backbone, spec, bf16: bool):
-    data = _split(backbone)
+def _run(backbone, spec, data, bf16: bool):
     init = torch.randn(4, backbone.d_model, generator=torch.Generator().manual_seed(0)) * 0.5
     settings = TrainSettings(steps=12, batch_size=8, lr=0.03, eval_every=1, eval_batch_size=8, bf16=bf16)
     return train_prompt(backbone, spec, init, data, data, settings)
 
 
-def test_training_on_cuda_matches_cpu_in_fp32_and_learns_in_bf16(spec):
+def test_training_on_cuda_matches_cpu_in_fp32_and_learns_in_bf16(spec, fixed_split):
     cpu, gpu = _pair("tiny-llama", "prepend")
-    on_cpu, fp32 = _run(cpu, spec, bf16=False), _run(gpu, spec, bf16=False)
+    on_cpu = _run(cpu, spec, fixed_split(cpu), bf16=False)
+    fp32 = _run(gpu, spec, fixed_split(gpu), bf16=False)
     cpu_losses = [c["train_loss"] for c in on_cpu.curve[1:]]
     gpu_losses = [c["train_loss"] for c in fp32.curve[1:]]
     assert len(cpu_losses) == 12
     torch.testing.assert_close(torch.tensor(gpu_losses), torch.tensor(cpu_losses), atol=1e-4, rtol=1e-4)
-    bf16 = _run(gpu, spec, bf16=True)
+    bf16 = _run(gpu, spec, fixed_split(gpu), bf16=True)
     losses = [c["train_loss"] for c in bf16.curve[1:]]
     assert all(torch.isfinite(torch.tensor(losses))) and losses[-1] < losses[0], losses
     assert bf16.prompt.device.type == "cpu" and bf16.prompt.dtype == torch.float32

@@ -4,7 +4,6 @@ import hashlib
 import json
 import math
 
-import datasets
 import pytest
 import torch
 from safetensors import safe_open
@@ -18,7 +17,7 @@ from ptx.stages import PromptRequest, run_prompt
 from ptx.tasks import load_task
 from ptx.train import TrainSettings, load_checkpoint, save_checkpoint, train_prompt
 
-# Per-step training loss of 5 fixed-seed steps on FIXED (below, one batch of 8, so every step sees the same
+# Per-step training loss of 5 fixed-seed steps on the `fixed_split` fixture (conftest: one batch of 8, so every step sees the same
 # examples), a 4-token random (seed 0) prompt, lr 0.03. Observed once with this code on CPU fp32 and pasted
 # here; they pin the loop (batching, loss, optimizer) independently of any task's data. Tolerance 1e-5, not
 # 1e-4: tiny-bert's loss moves only ~1e-4 in 5 steps (a random 32-wide model barely responds), so 1e-4 would
@@ -29,23 +28,11 @@ GOLDEN = {
     "tiny-llama": [1.101556658744812, 1.0962107181549072, 1.0845744609832764, 1.081222653388977,
                    1.0806255340576172],
 }
-FIXED = [("the movie was great", 2), ("a terrible film", 0), ("it was fine i guess", 1),
-         ("bad acting and a bad plot", 0), ("good fun for the whole family", 2), ("nothing special", 1),
-         ("the best film of the year", 2), ("boring", 0)]
 
 
 @pytest.fixture(scope="module")
 def spec():
     return load_task("tweet_sentiment")
-
-
-def _fixed_split(backbone):
-    """FIXED encoded like encode_split does with the template "{text} It was {mask}." (no task data involved)."""
-    rows = []
-    for text, label in FIXED:
-        ids, score = backbone.encode(f"{text} it was", ".", 96)
-        rows.append({"input_ids": ids, "score_index": score, "length": len(ids), "label": label})
-    return datasets.Dataset.from_list(rows)
 
 
 def _data(backbone, spec, train=64, dev=32):
@@ -74,9 +61,9 @@ def _state_hash(model) -> str:
 
 
 @pytest.mark.parametrize("name", sorted(GOLDEN))
-def test_golden_losses(tiny, spec, name):
+def test_golden_losses(tiny, spec, fixed_split, name):
     backbone = tiny(name)
-    fixed = _fixed_split(backbone)
+    fixed = fixed_split(backbone)
     rec = Recorder()
     settings = TrainSettings(steps=5, batch_size=8, lr=0.03, eval_every=1, eval_batch_size=16, seed=0)
     train_prompt(backbone, spec, init_prompt(backbone, 4, "random", seed=0), fixed, fixed, settings, report=rec)
@@ -85,10 +72,10 @@ def test_golden_losses(tiny, spec, name):
     assert all(b < a for a, b in zip(losses, losses[1:], strict=False))  # one fixed batch: strictly decreasing
 
 
-def test_compiled_step_matches_eager_and_keeps_the_config_hash(tiny, spec):
+def test_compiled_step_matches_eager_and_keeps_the_config_hash(tiny, spec, fixed_split):
     """TrainSettings.compile runs the same step through torch.compile: same losses, same request hash."""
     backbone = tiny("tiny-bert")
-    fixed = _fixed_split(backbone)
+    fixed = fixed_split(backbone)
     losses = {}
     for compiled in (False, True):
         rec = Recorder()
