@@ -5,8 +5,15 @@ import math
 import numpy as np
 import pytest
 
-from ptx.findings import (Verdict, difference_of_means, examples_for_standard_error, paired_correlation_difference,
-                          proportion_difference, speedup_interval, verdict_from_interval)
+from ptx.findings import (
+    Verdict,
+    difference_of_means,
+    examples_for_standard_error,
+    paired_correlation_difference,
+    proportion_difference,
+    speedup_interval,
+    verdict_from_interval,
+)
 
 
 @pytest.mark.parametrize("low, high, null, expected", [
