@@ -6,6 +6,7 @@ drawn here from the logged tables, not copied from the stages, so they share one
 MLflow run it came from: the run id is printed beside it and the footnotes say how to fetch that run.
 """
 
+import dataclasses
 import html
 import logging
 import math
@@ -20,6 +21,7 @@ import pandas as pd
 from ptx import __version__, track
 from ptx.errors import PtxError, suggest
 from ptx.io import atomic_dir, write_json
+from ptx.findings import Finding, Verdict, difference_of_means, paired_correlation_difference
 
 log = logging.getLogger(__name__)
 RANDOM = "random"  # ptx.transfer.RANDOM: the random-prompt baseline's source_prompt_run / source_task
@@ -317,7 +319,10 @@ def transfer_section(ctx) -> str:
         split = splits[0]  # test when there is one: dev chose the prompts
         summary = category_summary(df, split)
         facts[backbone] = {"split": split, "run_id": run.info.run_id,
-                           **{f"{k}_{m}": v[m] for k, v in summary.items() for m in ("mean", "n")}}
+                           **{f"{k}_{m}": v[m] for k, v in summary.items() for m in ("mean", "n")},
+                           "same_vs_cross": difference_of_means(summary["same"]["values"], summary["cross"]["values"]),
+                           "same_vs_random": difference_of_means(summary["same"]["values"],
+                                                                 summary["random"]["values"])}
         metrics = ", ".join(sorted(set(df.metric))) if "metric" in df else "score"
         n_src = df[df.source_prompt_run != RANDOM].source_prompt_run.nunique()
         parts.append(f"<h3>{esc(backbone)}</h3><p>Zero-shot transfer of every bank prompt (columns) to every task "
@@ -563,6 +568,10 @@ def indicators_section(ctx) -> str:
         parts.append(_table(["indicator", *(f"{m} (mean over targets) [CI]" for m in methods), "Spearman pooled [CI]",
                              "targets defined", "pairs"], rows, cite))
         pairs = _parquet(folder, "pairs.parquet")
+        if pairs is not None and "on" in fact and fact.get("embedding") in pairs.columns:
+            valid = pairs.dropna(subset=["y", "on", fact["embedding"]])
+            fact["on_vs_embedding"] = paired_correlation_difference(
+                valid["on"], valid[fact["embedding"]], valid["y"], valid["target_task"])
         names = [n for n in order if pairs is not None and n in pairs.columns]
         if names:
             valid = pairs.dropna(subset=["y"])
@@ -665,30 +674,41 @@ def _missing(stage: str) -> str:
     return f"<span class='muted'>not available: the {stage} stage has no finished run in this experiment.</span>"
 
 
+def _verdict(f: Finding | None) -> str:
+    """The verdict word of a finding, from its interval (ptx.findings)."""
+    v = f.verdict if f else Verdict.INCONCLUSIVE
+    return {Verdict.YES: "Yes", Verdict.NO: "No", Verdict.INCONCLUSIVE: "Inconclusive"}[v]
+
+
+def _finding(f: Finding) -> str:
+    p = f", p = {f.p_value:.3f}" if math.isfinite(f.p_value) else ""
+    return f"{_ci(f.estimate, f.ci_low, f.ci_high)} ({esc(f.test)}{p})"
+
+
 def findings(ctx) -> list[str]:
     """Plain-language answers to the study's questions, each sentence carrying its numbers and runs."""
     out = []
     transfer = ctx.facts.get("transfer") or {}
     for bb, f in transfer.items():
-        yes = f["same_mean"] > f["cross_mean"]
-        out.append(f"<b>Does same-category transfer beat cross-category? {'Yes' if yes else 'No'}</b> on "
+        d, r = f["same_vs_cross"], f["same_vs_random"]
+        out.append(f"<b>Does same-category transfer beat cross-category? {_verdict(d)}</b> on "
                    f"{esc(bb)} ({esc(f['split'])} split): a source prompt reaches {_num(f['same_mean'])} of the "
                    f"target's own-prompt score on other tasks of its category (n = {f['same_n']} pairs) vs "
-                   f"{_num(f['cross_mean'])} on tasks of other categories (n = {f['cross_n']}); a random prompt "
-                   f"reaches {_num(f['random_mean'])} (n = {f['random_n']}). Run {ctx.sources.cite(f['run_id'])}.")
+                   f"{_num(f['cross_mean'])} on tasks of other categories (n = {f['cross_n']}); difference "
+                   f"{_finding(d)}. Beside it, a random prompt reaches {_num(f['random_mean'])} (n = {f['random_n']}); "
+                   f"same-category minus random {_finding(r)}. Run {ctx.sources.cite(f['run_id'])}.")
     if not transfer:
         out.append("<b>Does same-category transfer beat cross-category?</b> " + _missing("transfer"))
     ind = ctx.facts.get("indicators") or {}
     for bb, f in ind.items():
         if "on" not in f or "embedding" not in f:
             continue
-        yes = f["on"] > f["embedding_rho"]
-        overlap = f["on_ci"][0] <= f["embedding_ci"][1] and f["embedding_ci"][0] <= f["on_ci"][1]
-        out.append(f"<b>Does ON predict transfer better than embedding similarity? {'Yes' if yes else 'No'}</b> on "
+        d = f.get("on_vs_embedding")
+        out.append(f"<b>Does ON predict transfer better than embedding similarity? {_verdict(d)}</b> on "
                    f"{esc(bb)}: mean Spearman over targets {_ci(f['on'], *f['on_ci'])} for ON vs "
                    f"{_ci(f['embedding_rho'], *f['embedding_ci'])} for the best embedding similarity "
-                   f"({esc(f['embedding'])})" + ("; the 95% intervals overlap, so this is not conclusive" if overlap
-                                                 else "") + f". Run {ctx.sources.cite(f['run_id'])}.")
+                   f"({esc(f['embedding'])}); difference " + (_finding(d) if d else "not computed (no pairs table)")
+                   + f". Run {ctx.sources.cite(f['run_id'])}.")
     if not any("on" in f and "embedding" in f for f in ind.values()):
         out.append("<b>Does ON predict transfer better than embedding similarity?</b> " + (
             _missing("indicators") if not ind else "<span class='muted'>not available: the indicators run has no "
@@ -812,6 +832,8 @@ def _plain(obj):
         return {k: _plain(v) for k, v in obj.items()}
     if isinstance(obj, list | tuple):
         return [_plain(v) for v in obj]
+    if isinstance(obj, Finding):
+        return _plain({**dataclasses.asdict(obj), "verdict": obj.verdict.value})
     if isinstance(obj, np.generic):
         obj = obj.item()
     return None if isinstance(obj, float) and not math.isfinite(obj) else obj

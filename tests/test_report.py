@@ -387,3 +387,31 @@ def test_heatmap_groups_categories_annotates_cells_and_labels_its_colour_bar(sto
     assert texts[rows.index("sst2"), cols.index("imdb")] == f"{expect:.2f}"  # mean over imdb's two prompts
     assert "tiny-bert" in ax.get_title() and "test split" in ax.get_title()
     assert any(a.get_xlabel() == "score ÷ own prompt" for a in fig.axes[1:])  # the labelled colour bar
+
+
+def test_findings_verdict_comes_from_the_interval_not_the_point_estimate(tmp_path):
+    """Same-category 0.785 (2 pairs) vs cross 0.765 (10 pairs), a random prompt 0.81: the old report said 'Yes'."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    tracker = track.Tracker(uri, "close-call", workdir=tmp_path)
+    cats = {"a": "sentiment", "b": "sentiment", "c": "topic", "d": "medical"}  # the demo's four tasks
+    rel = {("a", "b"): 0.67, ("b", "a"): 0.90}
+    cross = iter([0.76, 0.98, 0.64, 0.81, 0.57, 0.74, 0.63, 0.69, 0.83, 1.00])
+    rows = []
+    for target, tcat in cats.items():
+        for source, scat in cats.items():
+            r = 1.0 if source == target else rel.get((source, target)) or next(cross)
+            rows.append({"source_prompt_run": f"run-{source}", "source_task": source, "source_category": scat,
+                         "target_task": target, "target_category": tcat, "relative_value": r})
+        rows.append({"source_prompt_run": "random", "source_task": "random", "source_category": "random",
+                     "target_task": target, "target_category": tcat, "relative_value": 0.81})
+    table = pd.DataFrame(rows).assign(backbone="tiny-llama", split="test", metric="accuracy", n_examples=80)
+    table["value"] = table.relative_value * 0.8
+    bank = table[(table.source_prompt_run != "random") & (table.source_task != table.target_task)]
+    same = bank[bank.source_category == bank.target_category]
+    assert len(same) == 2 and len(bank) - len(same) == 10  # the demo's shape
+    run = _log_transfer(tracker, "tiny-llama", table, tmp_path)
+    page = build_report(tracker, "close-call", tmp_path / "report").read_text()
+    sentence = next(s for s in _section(page, "findings").split("<li>") if "on tiny-llama (test split)" in s)
+    assert "Does same-category transfer beat cross-category? Inconclusive" in sentence
+    assert "0.785 of the" in sentence and "0.765 on tasks of other categories" in sentence
+    assert "random prompt reaches 0.810" in sentence and run in sentence
