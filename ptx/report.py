@@ -20,8 +20,8 @@ import pandas as pd
 
 from ptx import __version__, track
 from ptx.errors import PtxError, suggest
-from ptx.io import atomic_dir, write_json
 from ptx.findings import Finding, Verdict, difference_of_means, paired_correlation_difference
+from ptx.io import atomic_dir, write_json
 
 log = logging.getLogger(__name__)
 RANDOM = "random"  # ptx.transfer.RANDOM: the random-prompt baseline's source_prompt_run / source_task

@@ -47,7 +47,7 @@ def test_paper_tasks_and_categories():
     for category, names in PAPER_TASKS.items():
         for name in names:
             assert by_name[name].category == category
-    assert {by_name[n].category for n in OFFLINE_TASKS} == {"sentiment", "medical", "topic"}
+    assert {by_name[n].category for n in OFFLINE_TASKS} == {"sentiment", "topic"}
     assert by_name["tweet_sentiment"].category == by_name["drug_sentiment"].category
 
 
@@ -326,3 +326,15 @@ def test_bad_split_and_limit_arguments(tmp_path):
     with pytest.raises(PtxError, match="limit"):
         load_split(spec, "train", limit=-1)
     assert len(load_split(spec, "train", limit=0)) == 0
+
+
+@pytest.mark.parametrize("study", ["demo.yaml"])
+def test_offline_studies_have_two_tasks_in_every_category(study):
+    """A same- vs cross-category comparison needs a same-category pair for every target."""
+    from collections import Counter
+
+    from ptx.config import load_study
+
+    spec = load_study(Path(__file__).parent.parent / "experiments" / study)
+    counts = Counter(load_task(t).category for t in spec.tasks)
+    assert min(counts.values()) >= 2, counts
