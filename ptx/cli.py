@@ -75,6 +75,29 @@ def tasks_show(name):
     click.echo(json.dumps(asdict(load_task(name)), indent=2, default=str))
 
 
+@tasks.command("check")
+@click.argument("names", nargs=-1, metavar="[TASK]...")
+@click.option("--spec", "spec_path", type=click.Path(), default=None, help="Check a study's tasks and backbones.")
+@click.option("--backbone", "backbones", multiple=True, help="Check label words against this tokenizer (repeatable).")
+@click.option("--rows", type=click.IntRange(min=1), default=8, show_default=True, help="Rows read per split.")
+@click.option("--offline-ok", is_flag=True, help="Exit 0 when tasks are only unreachable from here (not broken).")
+@click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table")
+def tasks_check(names, spec_path, backbones, rows, offline_ok, fmt):
+    """Load a few rows of every split each task uses; check columns, labels and label words."""
+    from ptx.tasks import list_tasks
+    from ptx.tasks.check import check_tasks, require_ready
+
+    max_length = None
+    if spec_path:
+        from ptx.config import load_study
+
+        study = load_study(spec_path)
+        names, backbones, max_length = (*names, *study.tasks), (*backbones, *study.backbones), study.data.max_length
+    checks = check_tasks(names or [t.name for t in list_tasks()], backbones, rows=rows, max_length=max_length)
+    _print_rows([{"task": c.task, "status": c.status, "source": c.source, "detail": c.detail} for c in checks], fmt)
+    require_ready(checks, offline_ok)
+
+
 # ---- train / eval -----------------------------------------------------------------------------------
 @cli.command()
 @click.option("--task", required=True, help="Task name (ptx tasks list).")
@@ -276,6 +299,8 @@ address_option = click.option("--address", default=None,
                               help="Ray cluster: auto, HOST:PORT or ray://HOST:10001 (default: start a local Ray).")
 set_option = click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
                           help="Override a spec field, e.g. --set train.steps=10 (repeatable).")
+offline_ok_option = click.option("--offline-ok", is_flag=True,
+                                 help="Go on when a task's data cannot be reached from this driver (workers can).")
 
 
 @cli.command()
@@ -284,10 +309,11 @@ set_option = click.option("--set", "overrides", multiple=True, metavar="KEY=VALU
 @click.option("--dry-run", is_flag=True, help="Print the plan (trials, resources, concurrency) and exit.")
 @click.option("--max-concurrent", type=int, default=None, help="Cap on trials running at once.")
 @click.option("--force", is_flag=True, help="Retrain configs that already have a finished run.")
+@offline_ok_option
 @set_option
 @workdir_option
 @uri_option
-def sweep(spec_path, address, dry_run, max_concurrent, force, overrides, workdir, tracking_uri):
+def sweep(spec_path, address, dry_run, max_concurrent, force, offline_ok, overrides, workdir, tracking_uri):
     """Run a study's training stage as a Ray Tune experiment."""
     from ptx.config import load_study
 
@@ -295,7 +321,7 @@ def sweep(spec_path, address, dry_run, max_concurrent, force, overrides, workdir
     if dry_run:
         _print_plan(spec, max_concurrent)
         return
-    _run(spec, ["train"], workdir, tracking_uri, address, force, max_concurrent)
+    _run(spec, ["train"], workdir, tracking_uri, address, force, max_concurrent, offline_ok)
 
 
 @cli.command()
@@ -305,10 +331,11 @@ def sweep(spec_path, address, dry_run, max_concurrent, force, overrides, workdir
 @click.option("--dry-run", is_flag=True, help="Print the plan and exit.")
 @click.option("--max-concurrent", type=int, default=None)
 @click.option("--force", is_flag=True, help="Retrain configs that already have a finished run.")
+@offline_ok_option
 @set_option
 @workdir_option
 @uri_option
-def run(spec_path, address, stages, dry_run, max_concurrent, force, overrides, workdir, tracking_uri):
+def run(spec_path, address, stages, dry_run, max_concurrent, force, offline_ok, overrides, workdir, tracking_uri):
     """Run every stage of a study in order, skipping work already logged."""
     from ptx.config import load_study
 
@@ -316,7 +343,7 @@ def run(spec_path, address, stages, dry_run, max_concurrent, force, overrides, w
     if dry_run:
         _print_plan(spec, max_concurrent)
         return
-    _run(spec, list(stages) or None, workdir, tracking_uri, address, force, max_concurrent)
+    _run(spec, list(stages) or None, workdir, tracking_uri, address, force, max_concurrent, offline_ok)
 
 
 @cli.command()
@@ -340,7 +367,7 @@ def _experiments_dir() -> Path:
     return here
 
 
-def _run(spec, stages, workdir, tracking_uri, address, force, max_concurrent):
+def _run(spec, stages, workdir, tracking_uri, address, force, max_concurrent, offline_ok=False):
     from ptx.study import run_study
 
     def ready(info):
@@ -351,7 +378,7 @@ def _run(spec, stages, workdir, tracking_uri, address, force, max_concurrent):
             click.echo(f"  Ray dashboard (while this runs): {info['dashboard']}")
 
     summary = run_study(spec, workdir or (str(_workdir(None) / spec.name) if not spec.workdir else None),
-                        tracking_uri, address, stages, force, max_concurrent, on_ready=ready)
+                        tracking_uri, address, stages, force, max_concurrent, on_ready=ready, offline_ok=offline_ok)
     for stage, result in summary["stages"].items():
         click.echo(f"stage {stage}: {_stage_line(result)}")
     report = summary["stages"].get("report", {}).get("path")

@@ -58,8 +58,12 @@ def _tune_experiment_exists(path: str) -> bool:
 
 def run_study(spec, workdir: str | Path | None = None, tracking_uri: str | None = None, address: str | None = None,
               stages: list[str] | None = None, force: bool = False, max_concurrent: int | None = None,
-              on_ready=None) -> dict:
-    """Run the spec's stages in order (or `stages`); returns a summary per stage."""
+              on_ready=None, offline_ok: bool = False) -> dict:
+    """Run the spec's stages in order (or `stages`); returns a summary per stage.
+
+    Before the train stage starts Ray, every task's data is checked on this driver (ptx.tasks.check): a broken
+    source stops the study here, in seconds; one not reachable from here does too, unless `offline_ok`.
+    """
     from ptx import sweep
 
     workdir = workdir_for(spec, workdir)
@@ -70,6 +74,10 @@ def run_study(spec, workdir: str | Path | None = None, tracking_uri: str | None 
     for stage in todo:
         if stage not in STAGE_FUNCTIONS:
             raise PtxError(f"unknown stage '{stage}'; expected one of {list(STAGE_FUNCTIONS)}")
+    if "train" in todo:
+        from ptx.tasks.check import check_study
+
+        check_study(spec, offline_ok=offline_ok)
     dashboard = sweep.connect(address)
     if on_ready:
         on_ready({"workdir": str(workdir), "tracking_uri": uri, "dashboard": dashboard})

@@ -29,6 +29,7 @@ class DataSource:
     path: str | None = None                 # hf: hub id, e.g. "nyu-mll/glue"
     name: str | None = None                 # hf: config name, e.g. "sst2"
     revision: str | None = None             # hf: pinned commit or branch
+    data_dir: str | None = None             # hf: folder of the repo holding this config's files (Parquet branches)
     files: tuple[tuple[str, str], ...] = ()  # files: (source split name, absolute path) pairs
     package: str | None = None              # package: top-level import name, located without importing it
     file: str | None = None                 # package: file or folder relative to the package directory
@@ -62,6 +63,7 @@ class TaskSpec:
     dev_size: int | float = 0.1   # rows carved from train for dev when splits.dev is null (count or fraction)
     test_size: int | float = 0.1  # likewise for test, carved after dev
     split_seed: int = 13          # seeds the carving and the order within every split
+    group_column: str | None = None  # carve dev/test by whole groups of this field (rows sharing a scenario)
 
     def fields(self) -> tuple[str, ...]:
         """Template fields (example columns), in order of first use, without `mask`."""
@@ -108,9 +110,9 @@ def _template_pieces(template: str) -> tuple:
 
 _KEYS = ("name", "version", "category", "kind", "source", "splits", "template", "label_column", "labels",
          "verbalizer", "target_column", "metric", "max_length", "preprocess", "dev_size", "test_size",
-         "split_seed")
+         "split_seed", "group_column")
 _REQUIRED = ("name", "version", "category", "kind", "source", "template", "metric", "max_length")
-_SOURCE_KEYS = {"hf": ("path", "name", "revision"), "files": ("files",), "package": ("package", "file")}
+_SOURCE_KEYS = {"hf": ("path", "name", "revision", "data_dir"), "files": ("files",), "package": ("package", "file")}
 _NAME = re.compile(r"^[a-z][a-z0-9_]*$")
 
 
@@ -152,9 +154,14 @@ def _parse_source(raw, folder: Path, errors: list[str]) -> DataSource | None:
         for key in ("path", "revision"):
             if not _is_str(raw.get(key)):
                 errors.append(f"field 'source.{key}': expected a non-empty string, found {raw.get(key)!r}")
-        if raw.get("name") is not None and not _is_str(raw["name"]):
-            errors.append(f"field 'source.name': expected a string or null, found {raw['name']!r}")
-        return DataSource("hf", path=raw.get("path"), name=raw.get("name"), revision=str(raw.get("revision")))
+        for key in ("name", "data_dir"):
+            if raw.get(key) is not None and not _is_str(raw[key]):
+                errors.append(f"field 'source.{key}': expected a string or null, found {raw[key]!r}")
+        data_dir = raw.get("data_dir")
+        if _is_str(data_dir) and (Path(data_dir).is_absolute() or ".." in Path(data_dir).parts):
+            errors.append(f"field 'source.data_dir': expected a folder inside the dataset repo, found {data_dir!r}")
+        return DataSource("hf", path=raw.get("path"), name=raw.get("name"), revision=str(raw.get("revision")),
+                          data_dir=data_dir)
     if kind == "files":
         files = raw["files"]
         if not isinstance(files, dict) or not files or not all(_is_str(k) and _is_str(v) for k, v in files.items()):
@@ -224,6 +231,13 @@ def _check_template(template, kind, errors: list[str]) -> None:
         errors.append(f"field 'template': at most one {{mask}}, found {masks}")
 
 
+def _safe_pieces(template) -> list:
+    try:
+        return list(string.Formatter().parse(template)) if isinstance(template, str) else []
+    except ValueError:
+        return []
+
+
 def _check_size(raw: dict, key: str, errors: list[str]) -> None:
     value = raw.get(key)
     if key in raw and not ((_is_int(value) and value >= 1) or (isinstance(value, float) and 0 < value < 1)):
@@ -263,10 +277,17 @@ def parse_task(raw, path: Path) -> TaskSpec:
         _check_size(raw, key, errors)
     if "split_seed" in raw and not _is_int(raw["split_seed"]):
         errors.append(f"field 'split_seed': expected an integer, found {raw['split_seed']!r}")
+    group = raw.get("group_column")
+    if group is not None and not _is_str(group):
+        errors.append(f"field 'group_column': expected a template field name or null, found {group!r}")
     source = _parse_source(raw["source"], path.parent, errors) if "source" in raw else None
     splits = _parse_splits(raw.get("splits"), source, errors)
     if "template" in raw:
         _check_template(raw["template"], kind, errors)
+        fields = [f for _, f, _, _ in _safe_pieces(raw["template"]) if f and f != "mask"]
+        if _is_str(group) and fields and group not in fields:
+            # dev/test are carved after cleaning, which keeps only the template fields
+            errors.append(f"field 'group_column': '{group}' is not a template field {fields}{suggest(group, fields)}")
 
     labels, verbalizer = raw.get("labels"), raw.get("verbalizer")
     booleans = [key for key, values in (("labels", labels), ("verbalizer", verbalizer))
@@ -308,7 +329,7 @@ def parse_task(raw, path: Path) -> TaskSpec:
         labels=tuple(labels) if labels is not None else None, verbalizer=tuple(verbalizer or ()),
         target_column=raw.get("target_column"), metric=metric, max_length=raw["max_length"],
         preprocess=preprocess, dev_size=raw.get("dev_size", 0.1), test_size=raw.get("test_size", 0.1),
-        split_seed=raw.get("split_seed", 13))
+        split_seed=raw.get("split_seed", 13), group_column=group)
 
 
 # ---- registry ---------------------------------------------------------------------------------------------

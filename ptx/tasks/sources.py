@@ -120,47 +120,104 @@ def _read_package(spec: TaskSpec) -> dict[str, pd.DataFrame]:
     return {"train": read_table(path)}
 
 
-def _read_hf(spec: TaskSpec, names: list[str]) -> dict[str, pd.DataFrame]:
+HF_MIRROR_ENV = "PTX_HF_MIRROR"  # a folder of <owner>/<name>/ copies of Hub dataset repos, loaded instead
+
+
+def hf_location(spec: TaskSpec, root: Path | None = None) -> tuple[str, str | None]:
+    """(path, revision) that `datasets` loads a Hub task from: a local copy of the repo, else the Hub id.
+
+    The local copy is `root/<owner>/<name>` (root: the argument, else PTX_HF_MIRROR); it has the repo's own
+    layout (README configs, data_dir folders, file names), so the same `datasets` code resolves it.
+    """
+    root = root if root is not None else (os.environ.get(HF_MIRROR_ENV) or None)
+    if root is not None:
+        local = Path(root).expanduser() / spec.source.path
+        if local.is_dir():
+            return str(local), None
+        log.info("task %s: no copy of %s under %s; using the Hub", spec.name, spec.source.path, root)
+    return spec.source.path, spec.source.revision
+
+
+def load_hf_split(spec: TaskSpec, split: str, root: Path | None = None, streaming: bool = False):
+    """One source split of a Hub task through `datasets.load_dataset` (config name, data_dir, revision)."""
     import datasets  # imported here: `import ptx.tasks` stays fast for the CLI
 
+    path, revision = hf_location(spec, root)
+    src = spec.source
+    return datasets.load_dataset(path, src.name, data_dir=src.data_dir, revision=revision, split=split,
+                                 streaming=streaming)
+
+
+def _read_hf(spec: TaskSpec, names: list[str]) -> dict[str, pd.DataFrame]:
     src, tables = spec.source, {}
     for name in names:
         try:
-            ds = datasets.load_dataset(src.path, src.name, revision=src.revision, split=name)
+            ds = load_hf_split(spec, name)
         except Exception as e:  # offline, gated, renamed: say which task and how to work around it
             raise PtxError(f"task '{spec.name}': cannot load Hugging Face dataset '{src.path}' config "
-                           f"{src.name!r} revision {src.revision!r} split '{name}': {e}; to work offline set "
-                           f"PTX_DATA_{spec.name.upper()} to a folder of train/dev/test files") from e
+                           f"{src.name!r} data_dir {src.data_dir!r} revision {src.revision!r} split '{name}': "
+                           f"{_first_line(e)}; to work offline set PTX_DATA_{spec.name.upper()} to a folder of "
+                           f"train/dev/test files") from e
         tables[name] = ds.to_pandas()
     return tables
 
 
+def _first_line(e: Exception) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
 def _local_files(spec: TaskSpec, data_files) -> dict[str, Path] | None:
-    """The override (data_files argument, else PTX_DATA_<TASK>) as {split: file}, or None."""
+    """The override (data_files argument, else PTX_DATA_<TASK>) as {split: file}, or None; checked to exist."""
     env = f"PTX_DATA_{spec.name.upper()}"
+    where = f"local data for task '{spec.name}' ({env} or data_files)"
     data_files = data_files if data_files is not None else os.environ.get(env) or None
     if data_files is None:
         return None
+    found: list[str] = []
     if isinstance(data_files, Mapping):
         files = {str(k): Path(v).expanduser() for k, v in data_files.items()}
-        for key in files:
+        found = sorted(files)
+        for key, path in files.items():
             if key not in SPLITS:
                 raise PtxError(f"data_files for task '{spec.name}': unknown split '{key}'{_split_hint(key)}; "
                                f"expected keys {list(SPLITS)}")
+            if not path.is_file():
+                raise PtxError(f"{where}: the {key} file {path} does not exist")
     else:
         folder = Path(data_files).expanduser()
+        if not folder.exists():
+            raise PtxError(f"{where}: folder {folder} does not exist")
         if not folder.is_dir():
-            raise PtxError(f"data for task '{spec.name}' ({env} or data_files): {folder} is not a folder")
-        files = {}
-        for p in sorted(folder.iterdir()):
+            raise PtxError(f"{where}: {folder} is not a folder")
+        entries = sorted(folder.iterdir())
+        if not entries:
+            raise PtxError(f"{where}: folder {folder} is empty; expected train.<{'|'.join(s[1:] for s in TABULAR)}>"
+                           f" (and optionally dev, test)")
+        files, found = {}, [p.name for p in entries]
+        for p in entries:
             if p.stem in SPLITS and p.suffix.lower() in TABULAR:
                 if p.stem in files:
                     raise PtxError(f"{folder}: two files for split '{p.stem}': {files[p.stem].name}, {p.name}")
                 files[p.stem] = p
     if "train" not in files:
-        raise PtxError(f"data for task '{spec.name}' ({env} or data_files): no train file among {sorted(files)}; "
-                       f"expected train.<{'|'.join(s[1:] for s in TABULAR)}>")
+        raise PtxError(f"{where}: no train file; expected train.<{'|'.join(s[1:] for s in TABULAR)}>, "
+                       f"found {found}")
     return files
+
+
+def source_columns(spec: TaskSpec) -> list[str]:
+    """Columns a task's source must have: the template fields and the label or target column."""
+    value = spec.label_column if spec.kind == "classification" else spec.target_column
+    return [*spec.fields(), value]
+
+
+def _check_local_columns(spec: TaskSpec, files: dict[str, Path], tables: dict[str, pd.DataFrame]) -> None:
+    for role, df in tables.items():
+        missing = [c for c in source_columns(spec) if c not in df.columns]
+        if missing:
+            raise PtxError(f"local data for task '{spec.name}': {files[role]} has no column(s) {missing}; "
+                           f"it has {sorted(map(str, df.columns))}")
 
 
 def _read_source(spec: TaskSpec, roles: dict[str, str], files: dict[str, Path] | None) -> dict[str, pd.DataFrame]:
@@ -168,7 +225,9 @@ def _read_source(spec: TaskSpec, roles: dict[str, str], files: dict[str, Path] |
     if files is None and spec.source.kind == "files":
         files = {k: Path(v) for k, v in spec.source.files}
     if files is not None:
-        return {role: read_table(files[name]) for role, name in roles.items()}
+        tables = {role: read_table(files[name]) for role, name in roles.items()}
+        _check_local_columns(spec, {role: files[name] for role, name in roles.items()}, tables)
+        return tables
     if spec.source.kind == "hf":
         tables = _read_hf(spec, list(roles.values()))
     else:
@@ -344,22 +403,40 @@ def _size(spec: TaskSpec, role: str, n: int) -> int:
     return int(size) if isinstance(size, int) else max(1, round(n * size))
 
 
+def _carve_order(spec: TaskSpec, train: pd.DataFrame) -> np.ndarray:
+    """Order in which train rows are carved: a seeded permutation; with group_column, whole groups in a
+    seeded order, so rows sharing a group (one scenario's four excuses) never straddle two splits."""
+    rng = np.random.RandomState(spec.split_seed)
+    if spec.group_column is None:
+        return rng.permutation(len(train))
+    codes, uniques = pd.factorize(train[spec.group_column])
+    rank = np.empty(len(uniques), dtype=np.int64)
+    rank[rng.permutation(len(uniques))] = np.arange(len(uniques))
+    return np.argsort(rank[codes], kind="stable")
+
+
 def _split(spec: TaskSpec, rows: dict[str, pd.DataFrame]) -> dict[str, pd.DataFrame]:
-    """Carve missing dev/test from train with one seeded permutation; shuffle every split, seeded."""
+    """Carve missing dev/test from train with one seeded order; shuffle every split, seeded."""
     train = rows["train"]
-    order = np.random.RandomState(spec.split_seed).permutation(len(train))
+    order = _carve_order(spec, train)
+    groups = train[spec.group_column].to_numpy()[order] if spec.group_column else None
     out, start = {}, 0
     for role in ("dev", "test"):
         if role in rows:
             out[role] = rows[role].iloc[np.random.RandomState(spec.split_seed).permutation(len(rows[role]))]
         else:
-            n = _size(spec, role, len(train))
-            out[role] = train.iloc[order[start:start + n]]
-            start += n
+            end = start + _size(spec, role, len(train))
+            while groups is not None and 0 < end < len(groups) and groups[end] == groups[end - 1]:
+                end += 1  # finish the group the cut fell into
+            out[role] = train.iloc[order[start:end]]
+            start = end
     if start >= len(train):
         raise PtxError(f"task '{spec.name}': carving dev_size={spec.dev_size}, test_size={spec.test_size} from "
                        f"{len(train)} train rows leaves no training rows")
     out["train"] = train.iloc[order[start:]]
+    if groups is not None:  # carved rows came out group by group: shuffle them within each split, seeded
+        for role in [r for r in out if r not in rows or r == "train"]:
+            out[role] = out[role].iloc[np.random.RandomState(spec.split_seed).permutation(len(out[role]))]
     return out
 
 
