@@ -61,11 +61,15 @@ def run_study(spec, workdir: str | Path | None = None, tracking_uri: str | None 
               on_ready=None, offline_ok: bool = False) -> dict:
     """Run the spec's stages in order (or `stages`); returns a summary per stage.
 
-    Before the train stage starts Ray, every task's data is checked on this driver (ptx.tasks.check): a broken
-    source stops the study here, in seconds; one not reachable from here does too, unless `offline_ok`.
+    Before the train stage starts anything, every task's data is checked on this driver (ptx.tasks.check): a
+    broken source stops the study here, in seconds; one not reachable from here does too, unless `offline_ok`.
     """
     from ptx import sweep
 
+    if "train" in (stages or spec.stages):  # before MLflow and Ray start: a broken source fails in seconds
+        from ptx.tasks.check import check_study
+
+        check_study(spec, offline_ok=offline_ok)
     workdir = workdir_for(spec, workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     uri = track.resolve_tracking_uri(tracking_uri or spec.tracking_uri, workdir)
@@ -74,10 +78,6 @@ def run_study(spec, workdir: str | Path | None = None, tracking_uri: str | None 
     for stage in todo:
         if stage not in STAGE_FUNCTIONS:
             raise PtxError(f"unknown stage '{stage}'; expected one of {list(STAGE_FUNCTIONS)}")
-    if "train" in todo:
-        from ptx.tasks.check import check_study
-
-        check_study(spec, offline_ok=offline_ok)
     dashboard = sweep.connect(address)
     if on_ready:
         on_ready({"workdir": str(workdir), "tracking_uri": uri, "dashboard": dashboard})

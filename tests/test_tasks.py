@@ -253,45 +253,6 @@ def test_environment_override_points_a_hub_task_at_local_files(tmp_path, monkeyp
         load_split(spec, "train")
 
 
-def test_hub_source_calls_load_dataset_with_the_pinned_revision(monkeypatch):
-    import datasets
-
-    calls = []
-
-    def fake_load_dataset(path, name=None, revision=None, split=None):
-        calls.append((path, name, revision, split))
-        n = 3000 if split == "train" else 50
-        return datasets.Dataset.from_dict({"sentence": [f"{split} {i}" for i in range(n)],
-                                           "label": [i % 2 for i in range(n)]})
-
-    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
-    monkeypatch.delenv("PTX_DATA_SST2", raising=False)
-    spec = load_task("sst2")
-    dev = load_split(spec, "dev", limit=10)
-    assert len(dev) == 10 and all(s.startswith("train ") for s in dev["sentence"])  # carved from train
-    assert calls == [("nyu-mll/glue", "sst2", spec.source.revision, "train"),
-                     ("nyu-mll/glue", "sst2", spec.source.revision, "validation")]
-    assert len(load_split(spec, "train")) == 2000 and len(load_split(spec, "test")) == 50
-
-
-def test_generation_task_rows_have_target_and_references(monkeypatch):
-    import datasets
-
-    def fake_load_dataset(path, name=None, revision=None, split=None):
-        n = 2100 if split == "train" else 3
-        return datasets.Dataset.from_dict({
-            "question": [f"q{i}?" for i in range(n)], "context": ["ctx"] * n,
-            "answers": [{"text": [f"a{i}", f"b{i}"], "answer_start": [0, 1]} for i in range(n)]})
-
-    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
-    spec = load_task("squad")
-    test = load_split(spec, "test")
-    assert set(test.column_names) == {"question", "context", "target", "references"}
-    row = sorted(test.to_list(), key=lambda r: r["question"])[0]
-    assert row["target"] == "a0" and row["references"] == ["a0", "b0"]
-    assert spec.render(row) == ("question: q0? context: ctx", "")
-
-
 def test_render_splits_at_the_mask_and_names_missing_fields():
     spec = load_task("mnli")
     assert spec.fields() == ("premise", "hypothesis")

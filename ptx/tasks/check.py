@@ -146,8 +146,9 @@ def _head_commit(spec: TaskSpec) -> str:
 
 
 def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return (text.splitlines()[0] if text else type(exc).__name__)[:300]
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()] or [type(exc).__name__]
+    text = f"{lines[0]} ... {lines[-1]}" if len(lines) > 1 and len(lines[0]) < 40 else lines[0]
+    return text[:300]
 
 
 # ---- label words ------------------------------------------------------------------------------------------
