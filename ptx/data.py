@@ -19,9 +19,12 @@ ENCODING_VERSION = 2  # bump when encode() changes what it writes
 
 def _fingerprint(spec, backbone: Backbone, split: str, limit: int | None) -> str:
     """Cache key: the whole task spec, tokenizer identity, insertion, split and size."""
+    from ptx.tasks.sources import data_origin
+
     tok = backbone.tokenizer
-    # the whole spec, not just name+version: an edited template or a temp task file must not hit a stale entry
-    task = json.dumps(dataclasses.asdict(spec), sort_keys=True, default=str)
+    # the whole spec, not just name+version: an edited template or a temp task file must not hit a stale entry;
+    # and where the rows come from: a PTX_DATA_<TASK> or PTX_HF_MIRROR copy must not hit the source's entry
+    task = json.dumps([dataclasses.asdict(spec), data_origin(spec)], sort_keys=True, default=str)
     key = json.dumps([ENCODING_VERSION, task, spec.max_length, backbone.name, backbone.revision,
                       backbone.kind.value, backbone.insertion.value, type(tok).__name__, len(tok),
                       tok.name_or_path, split, limit], sort_keys=True)

@@ -230,3 +230,20 @@ def test_local_copy_must_exist_be_filled_and_have_the_columns(tmp_path, monkeypa
     with pytest.raises(PtxError, match=r"the dev file .*nope.csv does not exist"):
         load_split(spec, "train", data_files={"train": tmp_path / "cols" / "train.csv", "dev": tmp_path / "nope.csv"})
     assert check_task(spec).status == "broken"  # the check reports the same, as a status
+
+
+def test_a_local_copy_never_reuses_the_sources_encoded_split(tiny, tmp_path, monkeypatch):
+    from ptx.data import encode_split
+
+    backbone = tiny("tiny-bert")
+    monkeypatch.setenv("PTX_CACHE_DIR", str(tmp_path / "cache"))
+    spec = load_task("tweet_sentiment")
+    assert len(encode_split(spec, backbone, "test", limit=5)) == 5  # the packaged data, now cached
+    folder = tmp_path / "copy"
+    folder.mkdir()
+    labels = ["negative", "neutral", "positive"]
+    pd.DataFrame({"text": [f"tweet {i} about cars" for i in range(20)], "sentiment": [labels[i % 3] for i in range(20)]}
+                 ).to_csv(folder / "train.csv", index=False)
+    pd.DataFrame({"text": ["one", "two", "three"], "sentiment": labels}).to_csv(folder / "test.csv", index=False)
+    monkeypatch.setenv("PTX_DATA_TWEET_SENTIMENT", str(folder))
+    assert sorted(encode_split(spec, backbone, "test", limit=5)["label"]) == [0, 1, 2]  # the copy's 3 rows

@@ -1,7 +1,10 @@
 """Rows for a task: read its source, run its preprocessor, clean, and split deterministically (`load_split`).
 
 Sources (the task file's `source:`):
-- Hugging Face `{path, name, revision}`: `datasets.load_dataset(path, name, revision=revision, split=...)`.
+- Hugging Face `{path, name, revision, data_dir}`: `datasets.load_dataset(path, name, data_dir=..., revision=...,
+  split=...)`. `data_dir` picks one folder of a repo that holds several configs without a `configs:` block (the
+  Hub's Parquet conversions of script datasets). With PTX_HF_MIRROR=/dir, a copy of the repo at
+  /dir/<owner>/<name> is loaded instead, by the same code (its own layout, README and folders).
 - Local files `{files: {train: train.csv, dev: dev.jsonl, ...}}`: CSV, TSV, JSON, JSONL or Parquet; relative
   paths resolve against the task file's folder.
 - Packaged data `{package, file}`: a file or folder inside an installed PyPI package, found WITHOUT importing
@@ -13,7 +16,8 @@ Air-gapped clusters: point any task at local files, whatever its source, with th
 `PTX_DATA_<TASK NAME IN UPPER CASE>=/some/dir` (e.g. `PTX_DATA_SST2`), or pass `data_files=` (a folder or a
 mapping {train, dev, test} -> file) to `load_split`. The folder holds `train.<ext>` and optionally `dev.<ext>`
 and `test.<ext>` with the columns the source itself has (the task's preprocessor still runs on them); a split
-without a file is carved from train.
+without a file is carved from train. A missing or empty folder, a missing file or a file without the task's
+columns is an error naming the task: never a silent fall-back to the task's own source.
 
 Hygiene, because one example shared by two splits makes transfer scores meaningless: rows with an empty field
 or target are dropped; exact duplicate inputs are dropped within a split; rows of train whose input also
@@ -21,6 +25,8 @@ appears in dev or test, and rows of dev whose input appears in test, are dropped
 
 Splits: a null `splits.dev`/`splits.test` is carved from train. One permutation of train from
 `RandomState(split_seed)`: dev takes the first `dev_size` rows, test the next `test_size`, train keeps the rest.
+With `group_column`, whole groups are permuted instead (a cut finishes the group it falls in), so rows sharing a
+value (ETHICS deontology: one scenario, four excuses) never end up in two splits.
 Every split comes back in a seeded shuffled order, so `limit=N` is a stable sample, a prefix of `limit=M > N`.
 Nothing is cached here: `ptx.data` caches the encoded splits.
 """
@@ -204,6 +210,18 @@ def _local_files(spec: TaskSpec, data_files) -> dict[str, Path] | None:
         raise PtxError(f"{where}: no train file; expected train.<{'|'.join(s[1:] for s in TABULAR)}>, "
                        f"found {found}")
     return files
+
+
+def data_origin(spec: TaskSpec) -> str:
+    """Where load_split reads this task's rows from (an override folder, a mirror copy or the source itself):
+    part of the encoded-split cache key, so switching to a local copy never reuses rows of another origin."""
+    override = os.environ.get(f"PTX_DATA_{spec.name.upper()}")
+    if override:
+        return f"local:{Path(override).expanduser().resolve()}"
+    if spec.source.kind == "hf":
+        path, revision = hf_location(spec)
+        return f"hf:{path}@{revision}"
+    return spec.source.kind
 
 
 def source_columns(spec: TaskSpec) -> list[str]:
