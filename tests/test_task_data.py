@@ -18,7 +18,7 @@ from click.testing import CliRunner
 
 from ptx import cli, sweep
 from ptx.errors import PtxError
-from ptx.tasks import load_split, load_task
+from ptx.tasks import list_tasks, load_split, load_task
 from ptx.tasks.check import (
     TaskCheck,
     check_task,
@@ -71,7 +71,8 @@ def _with(spec, **changes):
 
 # ---- every paper task on its real layout ------------------------------------------------------------------
 
-def test_fixtures_dir_is_the_checkouts_stand_ins():
+def test_every_hub_task_has_a_stand_in_and_the_check_finds_them():
+    assert set(EXPECTED) == {t.name for t in list_tasks() if t.source.kind == "hf"}
     assert fixtures_dir() == HUB.resolve()
 
 
