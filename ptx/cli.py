@@ -95,7 +95,7 @@ def tasks_check(names, spec_path, backbones, rows, offline_ok, fmt):
         names, backbones, max_length = (*names, *study.tasks), (*backbones, *study.backbones), study.data.max_length
     checks = check_tasks(names or [t.name for t in list_tasks()], backbones, rows=rows, max_length=max_length)
     _print_rows([{"task": c.task, "status": c.status, "source": c.source, "detail": c.detail} for c in checks], fmt)
-    require_ready(checks, offline_ok)
+    require_ready(checks, offline_ok, warn=False)  # the table above already says it
 
 
 # ---- train / eval -----------------------------------------------------------------------------------

@@ -254,8 +254,8 @@ def _uses_hub(spec: TaskSpec) -> bool:
     return spec.source.kind == "hf" and not local and hf_location(spec)[0] == spec.source.path
 
 
-def require_ready(checks: list[TaskCheck], offline_ok: bool) -> None:
-    """Raise one PtxError when a task is broken, or unreached without `offline_ok`."""
+def require_ready(checks: list[TaskCheck], offline_ok: bool, warn: bool = True) -> None:
+    """Raise one PtxError when a task is broken, or unreached without `offline_ok` (else warn, if `warn`)."""
     broken = [c for c in checks if c.status == "broken"]
     if broken:
         raise PtxError(f"{len(broken)} task(s) would fail: " + "; ".join(f"{c.task}: {c.detail}" for c in broken))
@@ -265,7 +265,7 @@ def require_ready(checks: list[TaskCheck], offline_ok: bool) -> None:
                        + ", ".join(f"{c.task} ({c.status})" for c in offline)
                        + "; connect to the Hub, point PTX_DATA_<TASK> or PTX_HF_MIRROR at local copies, or pass "
                          "--offline-ok if the workers can reach the data")
-    for c in offline:
+    for c in offline if warn else ():
         log.warning("task %s: %s (%s); going on (--offline-ok)", c.task, c.status, c.detail)
 
 
