@@ -203,7 +203,7 @@ def check_task(spec: TaskSpec, checkers: dict | None = None, rows: int = 8, hub:
                      f"package {spec.source.package}/{spec.source.file}" if status == "packaged" else "files")
             sample = _file_sample(spec, rows, files)
         else:
-            path, revision = hf_location(spec)
+            path = hf_location(spec)[0]
             if path != spec.source.path:
                 status, where = "local", f"{HF_MIRROR_ENV} copy {path}"
             elif hub if hub is not None else hub_reachable():
