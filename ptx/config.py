@@ -96,8 +96,14 @@ class ProjectorStage:
     steps: int = 200
     lr: float = 1e-3
     mix_weight: float = 0.5  # weight of the distance loss in `mixed`
-    train_tasks: tuple | None = None  # default: all tasks of the study
-    eval_tasks: tuple | None = None
+    # how projectors are kept off the tasks they are scored on (docs/projectors.md):
+    # leave_one_out: per evaluated task, a projector trained on the other training tasks;
+    # leave_one_out_category: the same, trained on the other tasks of the evaluated task's category only;
+    # split: one projector trained on train_tasks, scored on eval_tasks (both required)
+    protocol: str = "leave_one_out"
+    train_tasks: tuple | None = None  # the training pool; default: all tasks of the study
+    eval_tasks: tuple | None = None  # the evaluated tasks; default: all tasks of the study
+    allow_overlap: bool = False  # split only: let eval_tasks share tasks with train_tasks (rows then not held out)
 
 
 @dataclass(frozen=True)
@@ -233,6 +239,28 @@ def _validate(spec: StudySpec, where: str, errors: list) -> None:
         errors.append(f"{where}.projector.form: expected flat or per_token, found '{spec.projector.form}'")
     if spec.projector.objective not in ("distance", "task", "mixed"):
         errors.append(f"{where}.projector.objective: expected distance, task or mixed, found '{spec.projector.objective}'")
+    _validate_projector_tasks(spec.projector, f"{where}.projector", names, errors)
+
+
+PROJECTOR_PROTOCOLS = ("leave_one_out", "leave_one_out_category", "split")
+
+
+def _validate_projector_tasks(p, where: str, names, errors: list) -> None:
+    """The projector's protocol and task lists: known names; a split needs both lists, disjoint unless allowed."""
+    if p.protocol not in PROJECTOR_PROTOCOLS:
+        errors.append(f"{where}.protocol: expected one of {list(PROJECTOR_PROTOCOLS)}, found '{p.protocol}'"
+                      f"{suggest(p.protocol, PROJECTOR_PROTOCOLS)}")
+    for key in ("train_tasks", "eval_tasks"):
+        for task in getattr(p, key) or ():
+            if task not in names:
+                errors.append(f"{where}.{key}: unknown task '{task}'{suggest(task, names)}")
+    if p.protocol == "split":
+        if not p.train_tasks or not p.eval_tasks:
+            errors.append(f"{where}: protocol 'split' needs both train_tasks and eval_tasks, found "
+                          f"train_tasks={p.train_tasks!r} eval_tasks={p.eval_tasks!r}")
+        elif not p.allow_overlap and set(p.train_tasks) & set(p.eval_tasks):
+            errors.append(f"{where}: train_tasks and eval_tasks share {sorted(set(p.train_tasks) & set(p.eval_tasks))}; "
+                          f"a projector scored on its own training tasks leaks (set allow_overlap: true to allow it)")
 
 
 def set_path(raw: dict, dotted: str, value) -> None:

@@ -40,6 +40,15 @@ def _num(v, digits: int = 3, suffix: str = "") -> str:
     return f"{v:.{digits}f}{suffix}" if isinstance(v, float | np.floating) else f"{v}{suffix}"
 
 
+def _speed(lo, hi=None) -> str:
+    """A censored median speed-up: one figure when both bounds agree, else the interval it lies in."""
+    def one(v):
+        return "∞×" if v == math.inf else _num(v, 2, "×")
+    if hi is None or lo == hi or (isinstance(lo, float) and isinstance(hi, float) and math.isnan(lo) and math.isnan(hi)):
+        return one(lo)
+    return f"{one(lo)} to {one(hi)}"
+
+
 def _ci(mean, lo, hi) -> str:
     return f"{_num(mean)} [{_num(lo)}, {_num(hi)}]"
 
@@ -390,9 +399,9 @@ def _plot_curves(ctx, fig, backbone: str, seeds: pd.DataFrame, agg: pd.DataFrame
             if isinstance(getattr(r, "vanilla_best", None), float):
                 ax.axhline(r.vanilla_best, color="#2f5da8", ls="--", lw=0.8)
         a = agg[agg.target_task == target]
-        speed = float(a.speedup.iloc[0]) if len(a) else math.nan
+        speed = _speed(*a[["median_speedup", "median_speedup_upper"]].iloc[0]) if len(a) and "median_speedup" in a else "—"
         src = g.source_task.iloc[0] if "source_task" in g else "?"
-        ax.set_title(f"{target} ← {src}: {_num(speed, 2, '×')}", fontsize=9.5)
+        ax.set_title(f"{target} ← {src}: median {speed}", fontsize=9.5)
         ax.set_xlabel("step", fontsize=8.5)
         ax.set_ylabel(f"dev {g.metric.iloc[0]}", fontsize=8.5)
         ax.tick_params(labelsize=8)
@@ -406,6 +415,8 @@ def _plot_curves(ctx, fig, backbone: str, seeds: pd.DataFrame, agg: pd.DataFrame
 
 def tpt_section(ctx) -> str:
     """Per backbone: the TPT speed-up table and the dev curves of its vanilla and TPT runs."""
+    from ptx.transfer import censored_speedups
+
     tags = {"ptx.kind": KIND_TPT}
     latest = _latest_per_backbone(_runs(ctx, tags), ctx.experiment)
     if not latest:
@@ -418,26 +429,38 @@ def tpt_section(ctx) -> str:
         if agg is None or agg.empty:
             parts.append(f"<h3>{esc(backbone)}</h3><p class='notrun'>TPT run {cite} has no tpt/tpt.parquet.</p>")
             continue
-        mean = float(agg.speedup.mean()) if agg.speedup.notna().any() else math.nan
-        mean90 = float(agg.speedup_90.mean()) if "speedup_90" in agg and agg.speedup_90.notna().any() else math.nan
-        facts[backbone] = {"run_id": run.info.run_id, "mean_speedup": mean, "mean_speedup_90": mean90,
-                           "targets": len(agg), "defined": int(agg.speedup.notna().sum())}
+        if seeds is None or "flag" not in seeds:
+            parts.append(f"<h3>{esc(backbone)}</h3><p class='notrun'>TPT run {cite} has no per-seed table.</p>")
+            continue
+        records = seeds.to_dict("records")
+        overall, overall90 = censored_speedups(records), censored_speedups(records, "_90")
+        facts[backbone] = {"run_id": run.info.run_id, "targets": len(agg), **overall,
+                           **{f"{k}_90": v for k, v in overall90.items()}}
         parts.append(f"<h3>{esc(backbone)}</h3><p>Prompt tuning started from a transferred prompt (TPT) beside "
                      f"vanilla prompt tuning, same seeds; TPT run {cite}. Speed-up = steps vanilla needs to reach "
-                     "its best dev score ÷ steps TPT needs to reach it (mean over seeds).</p>")
+                     "its best dev score ÷ steps TPT needs to reach it. No run is dropped: a TPT run that never "
+                     "reaches vanilla's best is censored (its speed-up is below vanilla's steps ÷ TPT's budget) and "
+                     "enters the median at 0 for the lower figure and at that bound for the upper one; one that "
+                     "starts there counts as infinitely fast. The mean is over the runs that reached it after step "
+                     f"0 only. Overall: reached in {overall['n_reached']} of {overall['n_runs']} runs, median "
+                     f"{_speed(overall['median_speedup'], overall['median_speedup_upper'])}, mean over reaching runs "
+                     f"{_num(overall['mean_speedup_reached'], 2, '×')}.</p>")
         rows = []
         for r in agg.itertuples():
-            runs = seeds[seeds.target_task == r.target_task] if seeds is not None else pd.DataFrame()
+            runs = seeds[seeds.target_task == r.target_task]
             ids = " ".join(ctx.sources.cite(x) for c in ("vanilla_run", "tpt_run") if c in runs
                            for x in runs[c].dropna())
+            per = censored_speedups(runs.to_dict("records"))
+            per90 = censored_speedups(runs.to_dict("records"), "_90")
             rows.append([esc(r.target_task), esc(r.source_task), ctx.sources.cite(r.source_prompt_run),
-                         r.vanilla_best, r.tpt_best, _num(r.vanilla_steps, 0), _num(r.tpt_steps, 0), _num(r.speedup, 2, "×"),
-                         _num(getattr(r, "speedup_90", math.nan), 2, "×"),
-                         f"{getattr(r, 'n_valid', '')}/{getattr(r, 'n_seeds', '')}", esc(str(getattr(r, "flags", ""))),
-                         ids or cite])
-        parts.append(_table(["target", "source task", "source prompt", "vanilla best", "TPT best", "vanilla steps",
-                             "TPT steps", "speed-up", "speed-up @90%", "seeds ok", "flags", "runs (vanilla, TPT)"],
-                            rows))
+                         r.vanilla_best, r.tpt_best, f"{per['n_reached']}/{per['n_runs']}",
+                         _speed(per["median_speedup"], per["median_speedup_upper"]),
+                         _num(per["mean_speedup_reached"], 2, "×"),
+                         _speed(per90["median_speedup"], per90["median_speedup_upper"]),
+                         esc(str(getattr(r, "flags", ""))), ids or cite])
+        parts.append(_table(["target", "source task", "source prompt", "vanilla best", "TPT best", "reached",
+                             "median speed-up", "mean speed-up (reaching runs)", "median @90%", "flags",
+                             "runs (vanilla, TPT)"], rows))
         if seeds is not None and {"vanilla_run", "tpt_run", "metric", "target_task"} <= set(seeds.columns):
             n = seeds.target_task.nunique()
             fig = _new_figure(min(13.5, 4.4 * min(3, n)), 0.6 + 3.0 * math.ceil(n / 3))
@@ -624,12 +647,21 @@ def projector_section(ctx) -> str:
              f"<b>{esc(tags.get('ptx.target_backbone', '?'))}</b> and scored zero-shot there beside a random prompt "
              f"and the target backbone's own prompt; projector stage run {cite}.</p>"]
     if models:
-        parts.append(_table(["objective", "form", "initial loss", "final loss", "projector run"],
+        parts.append(_table(["objective", "form", "trained without", "training tasks", "initial loss", "final loss",
+                             "projector run"],
                             [[esc(r.data.tags["ptx.objective"]), esc(r.data.tags.get("ptx.form", "")),
+                              esc(r.data.tags.get("ptx.projector_unit", "")), esc(r.data.params.get("train_tasks", "")),
                               r.data.metrics.get("initial_loss", math.nan), r.data.metrics.get("final_loss", math.nan),
                               ctx.sources.cite(r)] for r in models]))
     facts = {"run_id": run.info.run_id}
     if zs is not None and not zs.empty:
+        zs = zs[zs.split == "test"] if (zs.split == "test").any() else zs  # dev picked the objective; test reports
+        if "held_out" not in zs:  # a table from before the held-out protocol: none of its rows is known held out
+            zs = zs.assign(held_out=False)
+        zs = zs.assign(held_out=zs.held_out.astype(bool), same_task=zs.same_task.astype(bool))
+        parts.append("<p>Each projected prompt is scored with a projector that never saw its task (leave-one-task-"
+                     "out, or an explicit train/eval split): the <i>held-out</i> columns and the headline use only "
+                     "such rows; the objective was picked on the dev split.</p>")
         objectives = sorted(o for o in zs.objective.dropna().unique())
         rows = []
         for target, g in zs.groupby("target_task", sort=True):
@@ -637,15 +669,15 @@ def projector_section(ctx) -> str:
             row = [esc(target), own.value.mean() if len(own) else g.own_value.iloc[0], rnd.value.mean()]
             for o in objectives:
                 p = g[(g.prompt == "projected") & (g.objective == o)]
-                same, cross = p[p.same_task.astype(bool)], p[~p.same_task.astype(bool)]
+                same, cross = p[p.same_task & p.held_out], p[~p.same_task]
                 row += [same.value.mean() if len(same) else math.nan,
                         same.relative_value.mean() if len(same) else math.nan, cross.value.mean()]
-            mine = g[(g.prompt == "own") | ((g.prompt == "projected") & g.same_task.astype(bool))]
+            mine = g[(g.prompt == "own") | ((g.prompt == "projected") & g.same_task & g.held_out)]
             ids = [x for c in ("source_prompt_run", "projector_run") if c in g for x in mine[c].dropna().unique()]
             rows.append([*row, "<br>".join(ctx.sources.cite(x) for x in ids)])
         head = ["target task", "own prompt", "random prompt"]
         for o in objectives:
-            head += [f"projected ({esc(o)}), same task", "÷ own", "projected, other tasks (mean)"]
+            head += [f"projected ({esc(o)}), same task, held out", "÷ own", "projected, other tasks (mean)"]
         src = zs[zs.prompt == "projected"].drop_duplicates("source_task").sort_values("source_task")
         parts.append(f"<h4>Zero-shot on the target backbone ({esc(str(zs.split.iloc[0]))} split)</h4>"
                      + _table([*head, "runs (own prompt, same-task source prompt, projector)"], rows)
@@ -653,15 +685,29 @@ def projector_section(ctx) -> str:
                          ["source task", "prompt run (source backbone)"],
                          [[esc(r.source_task), ctx.sources.cite(r.source_prompt_run)] for r in src.itertuples()
                           if isinstance(r.source_prompt_run, str)]) + "</details>")
-        same = zs[(zs.prompt == "projected") & zs.same_task.astype(bool)]
+        same = zs[(zs.prompt == "projected") & zs.same_task & zs.held_out]
+        objectives = [o for o in objectives if (same.objective == o).any()]
+        facts["best_objective"] = tags.get("ptx.best_objective")
         facts.update(own=float(zs[zs.prompt == "own"].value.mean()), random=float(zs[zs.prompt == "random"].value.mean()),
                      projected={o: float(same[same.objective == o].value.mean()) for o in objectives})
     if tpt is not None and not tpt.empty:
-        parts.append("<h4>Prompt tuning on the target from the projected prompt (TPT) vs from scratch</h4>" + _table(
-            ["task", "objective", "vanilla best", "TPT best", "speed-up", "speed-up @90%", "flag", "runs"],
-            [[esc(r.task), esc(r.objective), r.vanilla_best, r.tpt_best, _num(r.speedup, 2, "×"),
-              _num(r.speedup_90, 2, "×"), esc(r.flag), ctx.sources.cite(r.vanilla_run) + " "
-              + ctx.sources.cite(r.tpt_run)] for r in tpt.itertuples()]))
+        from ptx.transfer import censored_speedups
+
+        c = censored_speedups(tpt.to_dict("records"))
+        facts["tpt"] = c
+
+        def bound(r):
+            return f"&lt; {_num(r.speedup_bound, 2, '×')}" if "speedup_bound" in tpt and r.flag == "tpt_not_reached" else ""
+        parts.append("<h4>Prompt tuning on the target from the held-out projected prompt (TPT) vs from scratch</h4>"
+                     f"<p>Reached vanilla's best in {c['n_reached']} of {c['n_runs']} runs; median speed-up "
+                     f"{_speed(c['median_speedup'], c['median_speedup_upper'])} (non-reaching runs censored below "
+                     f"vanilla's steps ÷ TPT's budget); mean over the reaching runs "
+                     f"{_num(c['mean_speedup_reached'], 2, '×')}.</p>" + _table(
+                         ["task", "objective", "vanilla best", "TPT best", "speed-up", "speed-up @90%", "flag", "runs"],
+                         [[esc(r.task), esc(r.objective), r.vanilla_best, r.tpt_best,
+                           bound(r) or _num(r.speedup, 2, "×"), _num(r.speedup_90, 2, "×"), esc(r.flag),
+                           ctx.sources.cite(r.vanilla_run) + " " + ctx.sources.cite(r.tpt_run)]
+                          for r in tpt.itertuples()]))
     if len(parts) == 1:
         parts.append(f"<p class='notrun'>projector stage run {cite} logged no result tables.</p>")
     ctx.facts["projector"] = facts
@@ -715,18 +761,30 @@ def findings(ctx) -> list[str]:
                                                    "Spearman row for ON and an embedding similarity.</span>"))
     tpt = ctx.facts.get("tpt") or {}
     for bb, f in tpt.items():
-        m = f["mean_speedup"]
-        verdict = "faster" if m > 1 else "not faster" if math.isfinite(m) else "undefined"
-        out.append(f"<b>How fast is TPT?</b> On {esc(bb)}, transfer-initialised prompt tuning is {verdict}: mean "
-                   f"speed-up {_num(m, 2, '×')} (vanilla's steps to its best dev score ÷ TPT's steps to that score, "
-                   f"over the {f['defined']} of {f['targets']} targets where it is defined; to 90% of that score: "
-                   f"{_num(f['mean_speedup_90'], 2, '×')}). Run {ctx.sources.cite(f['run_id'])}.")
+        lo, hi = f["median_speedup"], f["median_speedup_upper"]
+        if math.isnan(lo):
+            verdict = "undefined"
+        elif lo > 1 or hi <= 1:
+            verdict = "faster" if lo > 1 else "not faster"
+        else:
+            verdict = "undecided (the censored runs straddle 1×)"
+        out.append(f"<b>How fast is TPT?</b> On {esc(bb)}, transfer-initialised prompt tuning is {verdict}: it "
+                   f"reached vanilla's best dev score in {f['n_reached']} of {f['n_runs']} runs; median speed-up "
+                   f"{_speed(lo, hi)} with the {f['n_censored']} non-reaching runs counted as censored "
+                   f"(vanilla's steps to its best dev score ÷ TPT's steps to that score); mean over the reaching "
+                   f"runs only {_num(f['mean_speedup_reached'], 2, '×')}"
+                   + (f"; {f['n_undefined']} run(s) with no defined speed-up (vanilla's best at its init)"
+                      if f["n_undefined"] else "")
+                   + f". To 90% of that score: median {_speed(f['median_speedup_90'], f['median_speedup_upper_90'])}."
+                   f" Run {ctx.sources.cite(f['run_id'])}.")
     if not tpt:
         out.append("<b>How fast is TPT?</b> " + _missing("TPT"))
     proj = ctx.facts.get("projector") or {}
     if proj.get("projected"):
-        best = max(proj["projected"], key=lambda o: proj["projected"][o])
-        out.append(f"<b>Do projected prompts transfer across models?</b> Projected prompts ({esc(best)} objective) "
+        best = proj.get("best_objective")  # picked on dev by the stage: the test figures never choose it
+        best = best if best in proj["projected"] else max(proj["projected"], key=lambda o: proj["projected"][o])
+        out.append(f"<b>Do projected prompts transfer across models?</b> Projected prompts ({esc(best)} objective), "
+                   f"each carried by a projector trained without its task, "
                    f"score {_num(proj['projected'][best])} on their own task on the target backbone, vs "
                    f"{_num(proj['random'])} for a random prompt and {_num(proj['own'])} for the target's own prompt. "
                    f"Run {ctx.sources.cite(proj['run_id'])}.")

@@ -393,18 +393,54 @@ def _ratio(v_steps: int, t_steps: int | None) -> tuple[float, str]:
 
 
 def convergence_speedup(vanilla_curve, tpt_curve, fraction: float = 0.9) -> dict:
-    """Steps for vanilla PT to reach its best dev score ÷ steps for TPT to reach it; also at `fraction` of it."""
+    """Steps for vanilla PT to reach its best dev score ÷ steps for TPT to reach it; also at `fraction` of it.
+
+    A TPT run that never reaches the goal gets `speedup_bound`: vanilla's steps ÷ the last step TPT ran, an upper
+    bound on its (censored) speed-up, since it would have needed more steps than it ran.
+    """
     v, t = _curve(vanilla_curve), _curve(tpt_curve)
     if not v or not t:
         raise PtxError(f"convergence_speedup: empty learning curve (vanilla {len(v)} points, TPT {len(t)})")
     best = max(x for _, x in v)
     out = {"vanilla_best": best, "tpt_best": max(x for _, x in t)}
+    budget = t[-1][0]
     for suffix, goal in (("", best), ("_90", fraction * best)):
         vs, ts = _first_reach(v, goal), _first_reach(t, goal)
         speed, flag = _ratio(vs, ts)
+        bound = (vs / budget if budget else math.inf) if flag == "tpt_not_reached" else math.nan
         out.update({f"vanilla_steps{suffix}": float(vs), f"tpt_steps{suffix}": math.nan if ts is None else float(ts),
-                    f"speedup{suffix}": speed, f"flag{suffix}": flag})
+                    f"speedup{suffix}": speed, f"flag{suffix}": flag, f"speedup_bound{suffix}": bound})
     return out
+
+
+def _lower_median(values: list) -> float:
+    """The lower median (the ceil(n/2)-th smallest): defined with infinite values and never averages two."""
+    s = sorted(values)
+    return s[(len(s) - 1) // 2] if s else math.nan
+
+
+def censored_speedups(rows, suffix: str = "") -> dict:
+    """Speed-ups of a set of TPT runs with none dropped: counts, the median with censoring, the mean of reachers.
+
+    Each row is a `convergence_speedup` result. A run that reached vanilla's best counts with its speed-up (one
+    that starts there, `tpt_at_init`, with +inf); a run that never reached it is censored: its speed-up lies in
+    (0, speedup_bound). The median is the lower median of all reached and censored runs, with every censored run
+    at 0 (`median_speedup`, a lower bound on the true median) and at its bound (`median_speedup_upper`, an upper
+    bound); equal bounds mean the censoring does not touch the median. Runs where no speed-up is defined
+    (vanilla's best is its init, a missing run) are only counted.
+    """
+    flags = [r.get(f"flag{suffix}") for r in rows]
+    ok = [float(r[f"speedup{suffix}"]) for r, f in zip(rows, flags, strict=True) if f == "ok"]
+    at_init = flags.count("tpt_at_init")
+    bounds = [float(r.get(f"speedup_bound{suffix}", math.inf)) for r, f in zip(rows, flags, strict=True)
+              if f == "tpt_not_reached"]
+    bounds = [math.inf if math.isnan(b) else b for b in bounds]  # a NaN bound (an old table): no information
+    reached = ok + [math.inf] * at_init
+    return {"n_runs": len(rows), "n_reached": len(reached), "n_at_init": at_init, "n_censored": len(bounds),
+            "n_undefined": len(rows) - len(reached) - len(bounds),
+            "median_speedup": _lower_median(reached + [0.0] * len(bounds)),
+            "median_speedup_upper": _lower_median(reached + bounds),
+            "mean_speedup_reached": sum(ok) / len(ok) if ok else math.nan}
 
 
 def _best_run(tracker, task: str, backbone: str) -> str:
@@ -487,6 +523,13 @@ def choose_sources(spec, tracker, backbone: str) -> dict:
     return out
 
 
+def tpt_request(vanilla, init_from: str):
+    """The TPT twin of a vanilla request: started from `init_from`, and never stopped early on patience, so it
+    can reach vanilla's best at any step of its budget (vanilla may have found it late)."""
+    return dataclasses.replace(vanilla, init="artifact", init_from=init_from,
+                               settings=dataclasses.replace(vanilla.settings, patience=None))
+
+
 def run_tpt_stage(spec, tracker, workdir: Path, address: str | None = None) -> dict:
     """Train TPT beside vanilla PT (same seeds) per target as Tune trials; log speed-ups and curves per backbone."""
     from ptx import sweep
@@ -512,8 +555,7 @@ def run_tpt_stage(spec, tracker, workdir: Path, address: str | None = None) -> d
                                f"trains prompts of prompt_length {spec.prompt_length}")
             for seed in spec.tpt.seeds or spec.seeds:  # vanilla = the training stage's request: reused by its hash
                 vanilla = sweep.study_request(spec, target, name, seed, settings)
-                plan.append((name, target, pick, seed, vanilla,
-                             dataclasses.replace(vanilla, init="artifact", init_from=pick[0])))
+                plan.append((name, target, pick, seed, vanilla, tpt_request(vanilla, pick[0])))
     out = {"study": spec.name, "skipped": skipped, "backbones": {}}
     if not plan:
         return out
@@ -551,13 +593,18 @@ def _log_tpt(tracker, spec, backbone: str, rows: list, curves: dict, local: Path
     local.mkdir(parents=True, exist_ok=True)
     seeds = pd.DataFrame(rows)
     keys = ["backbone", "target_task", "source_task", "source_prompt_run", "metric"]
-    num = [c for c in ("vanilla_best", "tpt_best", "vanilla_steps", "tpt_steps", "speedup", "vanilla_steps_90",
-                       "tpt_steps_90", "speedup_90") if c in seeds]
-    agg = seeds.groupby(keys, sort=False)[num].mean().reset_index()  # NaN-skipping: a flagged seed does not count
+    num = [c for c in ("vanilla_best", "tpt_best", "vanilla_steps", "tpt_steps", "vanilla_steps_90", "tpt_steps_90")
+           if c in seeds]
+    agg = seeds.groupby(keys, sort=False)[num].mean().reset_index()  # the speed-ups: censored_speedups below
     grouped = seeds.groupby(keys, sort=False)
     agg["n_seeds"] = grouped.size().to_numpy()
-    agg["n_valid"] = grouped["speedup"].count().to_numpy()
     agg["flags"] = grouped["flag"].agg(lambda f: ",".join(sorted(set(f)))).to_numpy()
+    for suffix in ("", "_90"):
+        per = [censored_speedups(g.to_dict("records"), suffix) for _, g in grouped]
+        for key in per[0]:
+            if key != "n_runs":
+                agg[f"{key}{suffix}"] = [p[key] for p in per]
+    overall = {f"{k}{suffix}": v for suffix in ("", "_90") for k, v in censored_speedups(rows, suffix).items()}
     seeds.to_parquet(local / "tpt_seeds.parquet", index=False)
     agg.to_parquet(local / "tpt.parquet", index=False)
     for target, cs in curves.items():
@@ -565,11 +612,12 @@ def _log_tpt(tracker, spec, backbone: str, rows: list, curves: dict, local: Path
     run_id = tracker.start_run(f"tpt {spec.name}/{backbone}", {
         "ptx.kind": KIND_TPT, "ptx.backbone": backbone, "ptx.study": spec.name,
         "ptx.config_hash": config_hash(sorted(f"{r.get('vanilla_run')}:{r.get('tpt_run')}" for r in rows))})
-    mean = float(agg["speedup"].mean()) if agg["speedup"].notna().any() else None
-    tracker.log(run_id, {"mean_speedup": mean, "targets": len(agg)}, params={"source": spec.tpt.source})
+    finite = {k: v for k, v in overall.items() if math.isfinite(v)}  # MLflow takes no inf; the tables keep it
+    tracker.log(run_id, {**finite, "targets": len(agg)}, params={"source": spec.tpt.source})
     tracker.log_artifacts(run_id, local, KIND_TPT)
     tracker.finish(run_id)
-    return {"run_id": run_id, "parquet": str(local / "tpt.parquet"), "table": agg.to_dict("records")}
+    return {"run_id": run_id, "parquet": str(local / "tpt.parquet"), "table": agg.to_dict("records"),
+            "overall": overall}
 
 
 def plot_convergence(curves: list, target: str, metric: str, path: Path) -> Path:
