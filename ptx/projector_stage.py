@@ -299,6 +299,13 @@ def summarise(rows: list, split: str = "test") -> dict:
     return out
 
 
+def best_objective(rows: list, objectives) -> str:
+    """The objective with the best held-out mean on the dev split: test rows never choose it (they are read once,
+    for the table and the headline)."""
+    dev = summarise(rows, "dev")
+    return max(objectives, key=lambda o: dev.get(f"{o}.mean", -math.inf))
+
+
 def _curve(tracker, run, metric: str) -> list:
     if run.curve:
         return [{"step": c["step"], "dev_metric": c["dev_metric"]} for c in run.curve]
@@ -380,10 +387,8 @@ def run_projector_stage(spec, tracker, workdir, objectives=None, evaluate: bool 
             target_bb = load_backbone(p.target_backbone, insertion=spec.insertion)
             rows, projected_dirs = evaluate_projectors(spec, stage_dir, projectors, src_bank, tgt_bank, target_bb)
             summary = summarise(rows, "test")
-            dev = summarise(rows, "dev")
-            # the objective is picked on dev; the test rows are read once, for the table and the headline
-            best = max(objectives, key=lambda o: dev.get(f"{o}.mean", -math.inf))
-            summary.update({f"dev.{k}": v for k, v in dev.items()})
+            best = best_objective(rows, objectives)
+            summary.update({f"dev.{k}": v for k, v in summarise(rows, "dev").items()})
             tables = stage_dir / "tables"
             tables.mkdir(parents=True, exist_ok=True)
             pd.DataFrame(rows).to_parquet(tables / "projector_zero_shot.parquet", index=False)

@@ -238,6 +238,75 @@ def _spec(**projector):
                                                  "hidden": 16, "steps": 6, "lr": 1e-2, **projector}))
 
 
+def test_leave_one_task_out_is_the_default_and_never_trains_on_the_evaluated_task():
+    from ptx.projector_stage import projector_units
+
+    tasks = ("tweet_sentiment", "drug_sentiment", "bbc_topic")
+    cats = {"tweet_sentiment": "sentiment", "drug_sentiment": "sentiment", "bbc_topic": "topic"}
+    units = projector_units(ProjectorStage(), tasks, cats)
+    assert [(u["key"], u["train"], u["eval"]) for u in units] == [
+        ("tweet_sentiment", ["drug_sentiment", "bbc_topic"], ["tweet_sentiment"]),
+        ("drug_sentiment", ["tweet_sentiment", "bbc_topic"], ["drug_sentiment"]),
+        ("bbc_topic", ["tweet_sentiment", "drug_sentiment"], ["bbc_topic"])]
+    same_cat = projector_units(ProjectorStage(protocol="leave_one_out_category", eval_tasks=("tweet_sentiment",)),
+                               tasks, cats)
+    assert [(u["key"], u["train"]) for u in same_cat] == [("tweet_sentiment", ["drug_sentiment"])]
+    with pytest.raises(PtxError, match="no training task is left for held-out task 'bbc_topic'"):
+        projector_units(ProjectorStage(protocol="leave_one_out_category"), tasks, cats)
+    split = projector_units(ProjectorStage(protocol="split", train_tasks=("bbc_topic",),
+                                           eval_tasks=("tweet_sentiment",)), tasks, cats)
+    assert [(u["key"], u["train"], u["eval"]) for u in split] == [("split", ["bbc_topic"], ["tweet_sentiment"])]
+
+
+def test_overlapping_train_and_eval_tasks_are_a_spec_error_unless_allowed(tmp_path):
+    import yaml
+
+    from ptx.config import load_study
+
+    base = {"name": "p", "backbones": ["tiny-bert"], "tasks": ["tweet_sentiment", "drug_sentiment"],
+            "projector": {"protocol": "split", "train_tasks": ["tweet_sentiment", "drug_sentiment"],
+                          "eval_tasks": ["tweet_sentiment"]}}
+    path = tmp_path / "p.yaml"
+    path.write_text(yaml.safe_dump(base))
+    with pytest.raises(PtxError, match=r"p\.yaml.*projector: train_tasks and eval_tasks share \['tweet_sentiment'\]"):
+        load_study(path)
+    assert load_study(path, ["projector.allow_overlap=true"]).projector.allow_overlap
+    with pytest.raises(PtxError, match="projector.protocol: expected one of .*found 'leave_one_in'"):
+        load_study(path, ["projector.protocol=leave_one_in"])
+    with pytest.raises(PtxError, match="protocol 'split' needs both train_tasks and eval_tasks"):
+        load_study(path, ["projector.eval_tasks=null"])
+    assert load_study(path, ["projector.protocol=leave_one_out"]).projector.protocol == "leave_one_out"
+
+
+def _zs_row(kind, objective, source, target, value, split, train_tasks):
+    from ptx.projector_stage import _row
+
+    return _row(ProjectorStage(), kind, objective, source, target, "accuracy", value, 0.8, 4, "p", "s", split,
+                train_tasks)
+
+
+def test_headline_uses_held_out_rows_only_and_the_objective_is_picked_on_dev():
+    from ptx.projector_stage import best_objective, summarise
+
+    rows = [  # task objective: held out (0.2 / 0.4) and a leaked same-task row (0.9, the source among its training)
+        _zs_row("projected", "task", "sst2", "sst2", 0.2, "test", ["imdb"]),
+        _zs_row("projected", "task", "imdb", "imdb", 0.4, "test", ["sst2"]),
+        _zs_row("projected", "task", "sst2", "sst2", 0.9, "test", ["sst2", "imdb"]),
+        _zs_row("projected", "task", "imdb", "sst2", 0.7, "test", ["imdb"]),  # other task: not the headline
+        _zs_row("projected", "distance", "sst2", "sst2", 0.5, "test", ["imdb"]),
+        _zs_row("random", None, None, "sst2", 0.3, "test", None),
+        _zs_row("own", None, "sst2", "sst2", 0.8, "test", None),
+        _zs_row("projected", "task", "sst2", "sst2", 0.6, "dev", ["imdb"]),
+        _zs_row("projected", "distance", "sst2", "sst2", 0.1, "dev", ["imdb"])]
+    assert [r["held_out"] for r in rows[:7]] == [True, True, False, False, True, True, False]
+    s = summarise(rows)
+    assert s["task.mean"] == pytest.approx(0.3) and s["task.n"] == 2  # (0.2 + 0.4) / 2: the leaked 0.9 is out
+    assert s["task.relative"] == pytest.approx(0.3 / 0.8)
+    assert (s["distance.mean"], s["random.mean"], s["own.mean"]) == pytest.approx((0.5, 0.3, 0.8))
+    assert summarise(rows, "dev")["task.mean"] == pytest.approx(0.6)
+    assert best_objective(rows, ("distance", "task")) == "task"  # dev 0.6 > 0.1, though test says distance
+
+
 def test_stage_skips_when_a_backbone_is_unset_or_missing(tmp_path, cache):
     from ptx.projector_stage import run_projector_stage
 
@@ -260,12 +329,23 @@ def ray_local(cache):
     ray.shutdown()
 
 
+def _expected_flag(vanilla: list, tpt: list) -> str:
+    """The speed-up flag from two raw curves [(step, value)], worked out here without the code under test."""
+    best = max(v for _, v in vanilla)
+    v_step = min(s for s, v in vanilla if v >= best)
+    t_steps = [s for s, v in tpt if v >= best]
+    if not t_steps:
+        return "tpt_not_reached"
+    return "vanilla_at_init" if v_step == 0 else "tpt_at_init" if min(t_steps) == 0 else "ok"
+
+
 @pytest.mark.ray
 def test_stage_trains_evaluates_and_runs_tpt_model(tmp_path, cache, ray_local):
     from ptx.projector_stage import run_projector_stage, train_projectors
     from ptx.stages import PromptRequest, run_prompt
 
     spec = _spec(eval_tasks=("tweet_sentiment",))
+    spec = replace(spec, train=replace(spec.train, patience=1))  # vanilla may stop early; TPT must not
     tracker = track.Tracker(f"sqlite:///{tmp_path}/mlflow.db", spec.name, workdir=tmp_path)
     for backbone in spec.backbones:  # the prompt bank: the train stage's runs on both backbones
         for task in TASKS:
@@ -276,40 +356,55 @@ def test_stage_trains_evaluates_and_runs_tpt_model(tmp_path, cache, ray_local):
                             tracker, tmp_path, objectives=("distance",))
 
     out = run_projector_stage(spec, tracker, tmp_path, objectives=("distance", "task"))
-    assert not out["skipped"] and set(out["projectors"]) == {"distance", "task"}
+    # leave-one-task-out: the one evaluated task gets projectors trained on the other task only
+    assert not out["skipped"] and set(out["projectors"]) == {"distance (without tweet_sentiment)",
+                                                             "task (without tweet_sentiment)"}
     runs = tracker.find_runs({"ptx.kind": "projector", "ptx.study": spec.name}, status="FINISHED")
     assert {r.data.tags["ptx.objective"] for r in runs} == {"distance", "task"}
     for r in runs:
         assert (r.data.tags["ptx.source_backbone"], r.data.tags["ptx.target_backbone"]) == ("tiny-bert", "tiny-llama")
+        assert json.loads(r.data.params["train_tasks"]) == ["drug_sentiment"]
+        assert r.data.tags["ptx.projector_unit"] == "tweet_sentiment"
         assert {a.path for a in tracker.client.list_artifacts(r.info.run_id, "projector")} == {
             "projector/projector.json", "projector/projector.safetensors"}
         assert r.data.metrics["final_loss"] < r.data.metrics["initial_loss"] or r.data.tags["ptx.objective"] == "task"
         assert len(tracker.client.get_metric_history(r.info.run_id, "loss")) == spec.projector.steps
 
     table = pd.read_parquet(out["table"])
-    assert set(table["prompt"]) == {"projected", "random", "own"}
+    assert set(table["prompt"]) == {"projected", "random", "own"} and set(table["split"]) == {"dev", "test"}
     projected = table[table["prompt"] == "projected"]
-    assert len(projected) == 2 * len(TASKS)  # every source prompt of the bank, per objective, on the eval task
-    own = table[table["prompt"] == "own"]["value"].iloc[0]
-    assert projected["relative_value"].tolist() == pytest.approx((projected["value"] / own).tolist())
-    assert out["best_objective"] in ("distance", "task") and f"{out['best_objective']}.mean" in out["summary"]
+    assert len(projected) == 2 * 2 * len(TASKS)  # splits x objectives x source prompts, on the one eval task
+    assert (projected["held_out"] == (projected["source_task"] == "tweet_sentiment")).all()
+    own = table[(table["prompt"] == "own") & (table["split"] == "test")]["value"].iloc[0]
+    test = projected[projected["split"] == "test"]
+    assert test["relative_value"].tolist() == pytest.approx((test["value"] / own).tolist())
+    held = projected[projected["held_out"]].set_index(["split", "objective"])["value"]
+    for o in ("distance", "task"):  # the headline: the held-out test row, nothing else
+        assert out["summary"][f"{o}.mean"] == pytest.approx(held["test", o]) and out["summary"][f"{o}.n"] == 1
+    assert out["best_objective"] == max(("distance", "task"), key=lambda o: held["dev", o])  # chosen on dev
 
     (tpt,) = out["tpt"]
     assert tpt["task"] == "tweet_sentiment" and tpt["vanilla_run"] != tpt["tpt_run"]
-    tpt_run = tracker.get_run(tpt["tpt_run"])
+    tpt_run, vanilla_run = tracker.get_run(tpt["tpt_run"]), tracker.get_run(tpt["vanilla_run"])
     assert tpt_run.data.tags["ptx.init"] == "artifact" and tpt_run.data.tags["ptx.tpt"] == "projector"
-    assert tpt["flag"] in ("ok", "tpt_not_reached", "vanilla_at_init", "tpt_at_init")
-    assert (tpt["flag"] == "ok") == (tpt["speedup"] > 0)  # NaN compares False: a figure exactly when flag is ok
+    assert (vanilla_run.data.params["settings.patience"], tpt_run.data.params["settings.patience"]) == ("1", "None")
+    hist = {k: sorted((m.step, m.value) for m in tracker.client.get_metric_history(r.info.run_id, "dev_accuracy"))
+            for k, r in (("vanilla", vanilla_run), ("tpt", tpt_run))}
+    assert hist["tpt"][-1][0] == spec.train.steps  # the whole budget: never stopped on patience
+    assert tpt["flag"] == _expected_flag(hist["vanilla"], hist["tpt"])
+    assert tpt["vanilla_best"] == pytest.approx(max(v for _, v in hist["vanilla"]))
     stage = tracker.get_run(out["stage_run"])
     assert stage.data.tags["ptx.tpt.tweet_sentiment.flag"] == tpt["flag"]
-    assert ("tpt.tweet_sentiment.speedup" in stage.data.metrics) == (tpt["flag"] == "ok")
+    assert stage.data.metrics["tpt.n_runs"] == 1
+    assert stage.data.metrics["tpt.n_reached"] == (tpt["flag"] in ("ok", "tpt_at_init"))
     assert stage.data.metrics["tpt.tweet_sentiment.vanilla_best"] == pytest.approx(tpt["vanilla_best"])
     assert stage.data.tags["ptx.best_objective"] == out["best_objective"]
 
     # the same objective again is reused from MLflow, not retrained
+    name = "distance (without tweet_sentiment)"
     again = train_projectors(spec, tracker, tmp_path, out["stage_run"], ("distance",),
                              *_banks(tracker, tmp_path, spec), *_infos(spec))
-    assert again["distance"]["reused"] and again["distance"]["run_id"] == out["projectors"]["distance"]["run_id"]
+    assert again[name]["reused"] and again[name]["run_id"] == out["projectors"][name]["run_id"]
 
 
 def _banks(tracker, workdir, spec):
