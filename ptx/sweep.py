@@ -202,7 +202,6 @@ def build_tuner(requests: list[PromptRequest], name: str, workdir: Path, trackin
                 force: bool = False, metric_name: str = "best_dev_metric"):
     """A Tune experiment over a list of base requests (x an optional search space)."""
     from ray import tune
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
     # checkpoints at every evaluation are the point (resume); Tune's warning about that is noise here
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
@@ -214,12 +213,7 @@ def build_tuner(requests: list[PromptRequest], name: str, workdir: Path, trackin
              "parent_run_id": parent_run_id, "tags": tags or {}, "force": force}
     space = {"request": tune.grid_search([dataclasses.asdict(r) for r in requests]), "const": const,
              **_tune_space(search or {})}
-    sched = FIFOScheduler()
-    if scheduler and scheduler.get("type") == "asha":
-        steps = max(r.settings.steps // r.settings.eval_every + 1 for r in requests)
-        sched = ASHAScheduler(time_attr="training_iteration", max_t=scheduler.get("max_t") or steps,
-                              grace_period=scheduler.get("grace_period", 2),
-                              reduction_factor=scheduler.get("reduction_factor", 2))
+    sched = make_scheduler(scheduler, requests)
     search_alg = None
     if algorithm == "optuna":
         from ray.tune.search import ConcurrencyLimiter
@@ -238,6 +232,84 @@ def build_tuner(requests: list[PromptRequest], name: str, workdir: Path, trackin
                                 failure_config=tune.FailureConfig(max_failures=max_failures),
                                 checkpoint_config=tune.CheckpointConfig(num_to_keep=2), verbose=1)
     return tune.Tuner(trainable, param_space=space, tune_config=tune_config, run_config=run_config)
+
+
+def make_scheduler(scheduler: dict | None, requests: list):
+    """FIFO, or ASHA keyed by (task, backbone): one ASHA per group, so a trial is only ever compared with trials
+    of its own task and backbone (a hard task's trials are not stopped because an easy task scores higher)."""
+    from ray.tune.schedulers import FIFOScheduler
+
+    if not scheduler or scheduler.get("type") != "asha":
+        return FIFOScheduler()
+    steps = max(r.settings.steps // r.settings.eval_every + 1 for r in requests)
+    return _grouped_scheduler_class()({"time_attr": "training_iteration", "max_t": scheduler.get("max_t") or steps,
+                                       "grace_period": scheduler.get("grace_period", 2),
+                                       "reduction_factor": scheduler.get("reduction_factor", 2)})
+
+
+def trial_group(trial) -> tuple:
+    """The (task, backbone) a trial belongs to: the unit within which trials may be ranked."""
+    req = trial.config.get("request", {})
+    return req.get("task"), req.get("backbone")
+
+
+def _grouped_scheduler_class():
+    """GroupedScheduler, built on first use (Ray is imported only when a sweep needs it); pickled by reference
+    through this module's __getattr__, so a restored sweep finds it."""
+    global _GroupedScheduler
+    if _GroupedScheduler is not None:
+        return _GroupedScheduler
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    class GroupedScheduler(FIFOScheduler):
+        """One ASHA scheduler per (task, backbone) inside one Tune experiment (one resource pool): each trial's
+        results reach only its group's ASHA, whose rungs hold that group's results only. Pending trials are
+        started first-in first-out across groups, as FIFO does."""
+
+        def __init__(self, asha: dict):
+            super().__init__()
+            self._asha, self._groups, self._metric, self._mode = dict(asha), {}, None, None
+
+        def set_search_properties(self, metric, mode, **spec) -> bool:
+            if (self._metric and metric) or (self._mode and mode):
+                return False
+            self._metric, self._mode = metric or self._metric, mode or self._mode
+            return True
+
+        def _for(self, trial):
+            key = trial_group(trial)
+            if key not in self._groups:
+                self._groups[key] = ASHAScheduler(metric=self._metric, mode=self._mode, **self._asha)
+            return self._groups[key]
+
+        def on_trial_add(self, tune_controller, trial):
+            self._for(trial).on_trial_add(tune_controller, trial)
+
+        def on_trial_result(self, tune_controller, trial, result):
+            return self._for(trial).on_trial_result(tune_controller, trial, result)
+
+        def on_trial_complete(self, tune_controller, trial, result):
+            self._for(trial).on_trial_complete(tune_controller, trial, result)
+
+        def on_trial_remove(self, tune_controller, trial):
+            self._for(trial).on_trial_remove(tune_controller, trial)
+
+        def debug_string(self) -> str:
+            return "ASHA per (task, backbone): " + "; ".join(
+                f"{t}/{b}: {s.debug_string().splitlines()[0]}" for (t, b), s in self._groups.items())
+
+    GroupedScheduler.__module__, GroupedScheduler.__qualname__ = __name__, "GroupedScheduler"
+    _GroupedScheduler = GroupedScheduler
+    return GroupedScheduler
+
+
+_GroupedScheduler = None
+
+
+def __getattr__(name: str):
+    if name == "GroupedScheduler":
+        return _grouped_scheduler_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _trial_name(trial) -> str:
@@ -404,15 +476,28 @@ def _backbone_meta_from(run, state) -> dict:
 
 
 def tag_best(tracker, pairs) -> None:
-    """Tag the best finished prompt run per (task, backbone) with ptx.best=true (others false)."""
+    """Tag the best finished vanilla prompt run per (task, backbone) with ptx.best=true (others false).
+
+    Vanilla only: a TPT or projected-init run (a `ptx.source_run`, init artifact/projected, a `ptx.tpt` tag) is a
+    result of a later stage and never takes the tag from the prompt that stage started from."""
     for task, backbone in pairs:
         runs = [r for r in tracker.find_runs({"ptx.kind": track.KIND_PROMPT, "ptx.task": task, "ptx.backbone": backbone})
                 if "best_dev_metric" in r.data.metrics and r.data.tags.get("ptx.origin") != "imported"]
+        for r in runs:
+            if not _vanilla_run(r):
+                tracker.client.set_tag(r.info.run_id, "ptx.best", "false")
+        runs = [r for r in runs if _vanilla_run(r)]
         if not runs:
             continue
         best = max(runs, key=lambda r: r.data.metrics["best_dev_metric"])
         for r in runs:
             tracker.client.set_tag(r.info.run_id, "ptx.best", "true" if r.info.run_id == best.info.run_id else "false")
+
+
+def _vanilla_run(run) -> bool:
+    tags = run.data.tags
+    return not tags.get("ptx.source_run") and tags.get("ptx.init") not in ("artifact", "projected") \
+        and not tags.get("ptx.tpt")
 
 
 def trial_table(path: str) -> list[dict]:

@@ -76,6 +76,46 @@ def test_asha_sweep_stops_poor_trials_early(ray_session, tmp_path):
     assert all(r.data.tags.get("mlflow.parentRunId") == summary["parent_run_id"] for r in runs)
 
 
+def _iterations_by_trial(scheduler, tmp_path, name: str) -> dict:
+    from ray import tune
+
+    def scripted_trial(config: dict) -> None:
+        """The dev score is scripted: the easy task scores ~0.8, the hard one ~0.2; the larger lr is better on
+        both. No model: the point is which trials the scheduler lets run. (Nested, so Ray ships it by value.)"""
+        req = config["request"]
+        base = {"easy": 0.8, "hard": 0.2}[req["task"]] + (0.05 if req["lr"] > 0.01 else 0.0)
+        for i in range(1, 7):
+            tune.report({"best_dev_metric": base + 0.01 * i})
+
+    grid = [{"task": task, "backbone": "tiny-llama", "lr": lr} for task, lr in
+            (("easy", 0.001), ("hard", 0.001), ("hard", 0.05))]
+    tuner = tune.Tuner(scripted_trial, param_space={"request": tune.grid_search(grid)},
+                       tune_config=tune.TuneConfig(metric="best_dev_metric", mode="max", scheduler=scheduler,
+                                                   max_concurrent_trials=1, reuse_actors=True),  # grid order
+                       run_config=tune.RunConfig(name=name, storage_path=str(tmp_path), verbose=0))
+    return {(r.config["request"]["task"], r.config["request"]["lr"]): r.metrics["training_iteration"]
+            for r in tuner.fit()}
+
+
+def test_asha_ranks_trials_within_their_task_so_a_hard_task_keeps_its_best_trial(ray_session, tmp_path):
+    from ray.tune.schedulers import ASHAScheduler
+
+    from ptx.stages import PromptRequest
+    from ptx.train import TrainSettings
+
+    reqs = [PromptRequest(task="easy", backbone="tiny-llama", settings=TrainSettings(steps=6, eval_every=1))]
+    asha = {"type": "asha", "grace_period": 1, "reduction_factor": 2, "max_t": 6}
+    grouped = _iterations_by_trial(sweep.make_scheduler(asha, reqs), tmp_path, "grouped")
+    # the hard task's first trial has no rival of its task at any rung: it runs to the end; its better trial
+    # (lr 0.05) beats it at every rung and also runs to the end
+    assert grouped == {("easy", 0.001): 6, ("hard", 0.001): 6, ("hard", 0.05): 6}
+    # ungrouped ASHA (the code before this change) on the same trials: the hard task's trials meet the easy
+    # task's score at the first rung and both stop there, its best trial included
+    plain = _iterations_by_trial(ASHAScheduler(time_attr="training_iteration", max_t=6, grace_period=1,
+                                               reduction_factor=2), tmp_path, "plain")
+    assert plain[("hard", 0.05)] == 1 and plain[("hard", 0.001)] == 1
+
+
 def test_failed_trial_retries_from_checkpoint(ray_session, tmp_path):
     spec = load_study(write_spec(tmp_path / "retry.yaml", tasks=["tweet_sentiment"]))
     uri = track.resolve_tracking_uri(None, tmp_path)

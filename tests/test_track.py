@@ -262,3 +262,21 @@ def test_unknown_run_and_tracker_errors_are_user_errors(wd, tmp_path):
         tracker.get_run("0123456789abcdef0123456789abcdef")
     with pytest.raises(PtxError, match="quotes"):
         tracker.prompt_runs(task="x' or '1'='1")
+
+
+def test_tag_best_ranks_vanilla_runs_only(tmp_path):
+    """A TPT run scoring higher than the vanilla prompt it started from never takes the ptx.best tag."""
+    from ptx.sweep import tag_best
+
+    tracker = track.Tracker(f"sqlite:///{tmp_path}/mlflow.db", "tags", workdir=tmp_path)
+    base = {"ptx.kind": track.KIND_PROMPT, "ptx.task": "sst2", "ptx.backbone": "tiny-bert"}
+    ids = {}
+    for name, score, extra in (("vanilla_a", 0.6, {"ptx.init": "random"}), ("vanilla_b", 0.7, {"ptx.init": "vocab"}),
+                               ("tpt", 0.9, {"ptx.init": "artifact", "ptx.source_run": "x"}),
+                               ("projected", 0.95, {"ptx.init": "artifact", "ptx.tpt": "projector"})):
+        ids[name] = tracker.start_run(name, {**base, **extra})
+        tracker.log(ids[name], {"best_dev_metric": score})
+        tracker.finish(ids[name])
+    tag_best(tracker, {("sst2", "tiny-bert")})
+    tags = {name: tracker.get_run(rid).data.tags.get("ptx.best") for name, rid in ids.items()}
+    assert tags == {"vanilla_a": "false", "vanilla_b": "true", "tpt": "false", "projected": "false"}
