@@ -264,11 +264,11 @@ def test_unknown_run_and_tracker_errors_are_user_errors(wd, tmp_path):
         tracker.prompt_runs(task="x' or '1'='1")
 
 
-def test_tag_best_ranks_vanilla_runs_only(tmp_path):
+def test_tag_best_ranks_vanilla_runs_only(wd):
     """A TPT run scoring higher than the vanilla prompt it started from never takes the ptx.best tag."""
     from ptx.sweep import tag_best
 
-    tracker = track.Tracker(f"sqlite:///{tmp_path}/mlflow.db", "tags", workdir=tmp_path)
+    tracker = track.Tracker(f"sqlite:///{wd}/mlflow.db", "tags", workdir=wd)
     base = {"ptx.kind": track.KIND_PROMPT, "ptx.task": "sst2", "ptx.backbone": "tiny-bert"}
     ids = {}
     for name, score, extra in (("vanilla_a", 0.6, {"ptx.init": "random"}), ("vanilla_b", 0.7, {"ptx.init": "vocab"}),
