@@ -383,10 +383,10 @@ def _first_reach(curve, goal: float) -> int | None:
 
 
 def _ratio(v_steps: int, t_steps: int | None) -> tuple[float, str]:
+    if v_steps == 0:  # first: whether or not TPT gets there, there is no convergence to speed up
+        return math.nan, "vanilla_at_init"  # vanilla's best is its init: no convergence to speed up
     if t_steps is None:
         return math.nan, "tpt_not_reached"
-    if v_steps == 0:
-        return math.nan, "vanilla_at_init"  # vanilla's best is its init: no convergence to speed up
     if t_steps == 0:
         return math.nan, "tpt_at_init"  # the transferred prompt starts there: an infinite speed-up
     return v_steps / t_steps, "ok"

@@ -334,9 +334,9 @@ def _expected_flag(vanilla: list, tpt: list) -> str:
     best = max(v for _, v in vanilla)
     v_step = min(s for s, v in vanilla if v >= best)
     t_steps = [s for s, v in tpt if v >= best]
-    if not t_steps:
-        return "tpt_not_reached"
-    return "vanilla_at_init" if v_step == 0 else "tpt_at_init" if min(t_steps) == 0 else "ok"
+    if v_step == 0:
+        return "vanilla_at_init"
+    return "tpt_not_reached" if not t_steps else "tpt_at_init" if min(t_steps) == 0 else "ok"
 
 
 @pytest.mark.ray

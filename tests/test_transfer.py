@@ -152,6 +152,8 @@ def test_a_run_that_never_reaches_is_censored_not_dropped():
     never = convergence_speedup(vanilla, [(0, 0.3), (20, 0.79), (40, 0.7)])
     assert never["speedup_bound"] == pytest.approx(30 / 40)  # it would have needed more than its 40 steps
     assert math.isnan(convergence_speedup(vanilla, [(0, 0.5), (10, 0.8)])["speedup_bound"])  # reached: no bound
+    at_init = convergence_speedup([(0, 0.6), (10, 0.5)], [(0, 0.4), (10, 0.5)])  # vanilla never improved
+    assert at_init["flag"] == "vanilla_at_init" and math.isnan(at_init["speedup_bound"])  # undefined, not censored
     rows = [{"flag": "ok", "speedup": 2.0}, {"flag": "ok", "speedup": 0.5},
             {"flag": "tpt_not_reached", "speedup": math.nan, "speedup_bound": 0.8},
             {"flag": "tpt_at_init", "speedup": math.nan}, {"flag": "vanilla_at_init", "speedup": math.nan}]
@@ -263,12 +265,14 @@ def test_tpt_stage_records_speedup(study):
         v_steps = min(s for s, v in vanilla if v >= best)
         t_steps = min((s for s, v in tpt if v >= best), default=None)
         assert r.vanilla_best == pytest.approx(tracker.get_run(r.vanilla_run).data.metrics["best_dev_metric"])
-        if t_steps is None:
+        if v_steps == 0:
+            assert r.flag == "vanilla_at_init"
+        elif t_steps is None:
             assert r.flag == "tpt_not_reached" and r.speedup_bound == pytest.approx(v_steps / tpt[-1][0])
-        elif v_steps and t_steps:
-            assert r.flag == "ok" and r.speedup == pytest.approx(v_steps / t_steps)
+        elif t_steps == 0:
+            assert r.flag == "tpt_at_init"
         else:
-            assert r.flag == ("vanilla_at_init" if v_steps == 0 else "tpt_at_init")
+            assert r.flag == "ok" and r.speedup == pytest.approx(v_steps / t_steps)
         assert tpt[-1][0] == spec.train.steps  # TPT ran its whole budget
     for target, row in rows.items():  # per target: every seed counted, reached or censored
         g = seeds[seeds.target_task == target]
