@@ -320,6 +320,8 @@ def sweep(spec_path, address, dry_run, max_concurrent, force, offline_ok, overri
     spec = load_study(spec_path, overrides)
     if dry_run:
         _print_plan(spec, max_concurrent)
+        if address:
+            _print_packing(spec, address)
         return
     _run(spec, ["train"], workdir, tracking_uri, address, force, max_concurrent, offline_ok)
 
@@ -342,6 +344,8 @@ def run(spec_path, address, stages, dry_run, max_concurrent, force, offline_ok, 
     spec = load_study(spec_path, overrides)
     if dry_run:
         _print_plan(spec, max_concurrent)
+        if address:
+            _print_packing(spec, address)
         return
     _run(spec, list(stages) or None, workdir, tracking_uri, address, force, max_concurrent, offline_ok)
 
@@ -411,6 +415,34 @@ def _print_plan(spec, max_concurrent):
         click.echo(f"  packing: {per_gpu} trial(s) per GPU; N GPUs run up to {per_gpu}*N trials at once")
     else:
         click.echo(f"  concurrency on this machine (CPU): up to {int((os.cpu_count() or 1) // res['cpu'])} trials")
+
+
+def _print_packing(spec, address):
+    """What the live cluster's nodes run at once for this spec's trials (and its stages' tasks)."""
+    from dataclasses import asdict
+
+    from ptx import sweep
+    from ptx.packing import packing
+
+    sweep.connect(address)
+    try:
+        nodes = sweep.live_nodes()
+    finally:
+        sweep.shutdown()
+    blocks = {"trial": asdict(spec.resources)}
+    blocks.update({f"{s} task": asdict(getattr(spec, s).resources) for s in ("transfer", "indicators")
+                   if s in spec.stages})
+    click.echo(f"  packing on the live cluster at {address} ({len(nodes)} node(s) alive; the autoscaler may add more):")
+    for label, res in blocks.items():
+        total = 0
+        for node in sorted(nodes, key=lambda n: (n["ip"] or "", n["id"])):
+            p = packing(res, node["resources"])
+            total += p["trials"]
+            offer = ", ".join(f"{k} {v:g}" for k, v in sorted(node["resources"].items()))
+            per_gpu = f" = {p['per_gpu']:g} per GPU" if p["per_gpu"] is not None else ""
+            click.echo(f"    {label} {res['cpu']:g} CPU / {res['gpu']:g} GPU on {node['ip']} {node['id']} ({offer}): "
+                       f"{p['trials']} at once{per_gpu} (bounded by {p['limit']})")
+        click.echo(f"    {label}s at once on the whole cluster: {total}")
 
 
 def _stage_command(group, name: str, stage: str, doc: str):

@@ -83,6 +83,16 @@ def check_resources(cpu: float, gpu: float, custom: dict | None = None, autoscal
     raise PtxError(f"resources per trial {need} exceed every node of the cluster (largest node offers {best})")
 
 
+def live_nodes() -> list[dict]:
+    """The alive nodes of the connected cluster: {"ip", "id", "resources"} with Ray's per-node bookkeeping keys dropped."""
+    import ray
+
+    skip = ("node:", "accelerator_type:", "memory", "object_store_memory")
+    return [{"ip": n.get("NodeManagerAddress"), "id": n.get("NodeID", "")[:8],
+             "resources": {k: v for k, v in n["Resources"].items() if not k.startswith(skip)}}
+            for n in ray.nodes() if n.get("Alive")]
+
+
 def shutdown() -> None:
     import ray
 
