@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # Build the ptx cluster image (cluster/Dockerfile) and push it.
 #
-#   IMAGE=ghcr.io/ptx-project/ptx TAG=0.1.0 cluster/build.sh
+#   IMAGE=ghcr.io/<your-org>/ptx TAG=0.1.0 cluster/build.sh
 #
 # Environment (all optional):
-#   IMAGE             repository to tag and push       (default ghcr.io/ptx-project/ptx: a placeholder, use yours)
+#   IMAGE             repository to tag and push, one you control           (required, no default)
 #   TAG               image tag; use an immutable one  (default 0.1.0, the version in pyproject.toml)
 #   PUSH              1: push after building, 0: build only              (default 1)
 #   PLATFORM          target platform                                    (default linux/amd64: the GPU VMs)
@@ -18,7 +18,7 @@
 # printed at the end).
 set -euo pipefail
 
-IMAGE="${IMAGE:-ghcr.io/ptx-project/ptx}"
+IMAGE="${IMAGE:-}"
 TAG="${TAG:-0.1.0}"
 PUSH="${PUSH:-1}"
 PLATFORM="${PLATFORM:-linux/amd64}"
@@ -27,6 +27,11 @@ WITH_DEMO_ASSETS="${WITH_DEMO_ASSETS:-0}"
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
 
+case "$IMAGE" in
+    "" | *CHANGE-ME* | *.invalid/*)
+        echo "build.sh: set IMAGE to a repository you control, e.g. IMAGE=ghcr.io/<your-org>/ptx (got '${IMAGE}')" >&2
+        exit 2 ;;
+esac
 if [ "$TAG" = "latest" ]; then
     echo "build.sh: refusing TAG=latest; nodes must all run the same, known image (use a version or a sha)" >&2
     exit 2

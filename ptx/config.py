@@ -126,6 +126,7 @@ class StudySpec:
     max_concurrent: int | None = None
     max_failures: int = 2  # retries of a failed trial, from its last checkpoint
     storage_path: str | None = None  # local dir, NFS path or s3://; default WORKDIR/ray_results
+    storage_shared: bool = False  # a local storage_path that every node mounts (NFS, RWX): allowed multi-node
     tracking_uri: str | None = None
     workdir: str | None = None
     stages: tuple = ("train",)
@@ -138,6 +139,7 @@ class StudySpec:
     def hash(self) -> str:
         d = dataclasses.asdict(self)
         d.pop("source_file")
+        d.pop("storage_shared")  # where checkpoints live, not what is computed: same hash, same experiment
         return config_hash(d)
 
 

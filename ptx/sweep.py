@@ -13,7 +13,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from ptx import track
+from ptx import guards, track
 from ptx.errors import PtxError
 from ptx.stages import PromptRequest, run_prompt
 from ptx.train import TrainSettings, load_checkpoint, save_checkpoint
@@ -368,6 +368,7 @@ def run_sweep(spec, workdir: Path, tracking_uri: str, storage_path: str | None =
     if "://" not in storage:
         storage = str(Path(storage).expanduser().resolve())
     check_resources(spec.resources.cpu, spec.resources.gpu, spec.resources.custom, autoscaling=_joined_cluster)
+    guards.check_storage(storage, len(live_nodes()), _joined_cluster, spec.storage_shared)
     tracker = track.Tracker(tracking_uri, spec.name, workdir=workdir)
     parent = tracker.start_run(f"sweep {name}", {"ptx.kind": "sweep", "ptx.study": spec.name,
                                                   "ptx.experiment_path": f"{storage}/{name}",

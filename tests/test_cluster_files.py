@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 CLUSTER = ROOT / "cluster"
 K8S = CLUSTER / "k8s"
 LAUNCHERS = [CLUSTER / "aws.yaml", CLUSTER / "gcp.yaml"]
-IMAGE = "ghcr.io/ptx-project/ptx:0.1.0"
+VERSION = re.search(r'^version = "([^"]+)"', (ROOT / "pyproject.toml").read_text(), re.M).group(1)
 # The study specs are written in parallel with cluster/: a RayJob may name one of these before it exists.
 EXPECTED_STUDIES = {"paper_roberta_base.yaml", "paper_roberta_large.yaml", "paper_t5_base.yaml", "demo.yaml"}
 SECRET_NAME = re.compile(r"PASSWORD|SECRET|TOKEN|ACCESS_KEY|API_KEY|PRIVATE_KEY", re.IGNORECASE)
@@ -102,8 +102,7 @@ def launcher_problems(config: dict) -> list[str]:
             problems.append(f"{name}: max_workers must exceed min_workers (autoscaling)")
         if not set(t["resources"]) - {"CPU", "GPU", "memory", "object_store_memory"}:
             problems.append(f"{name}: no custom resource to pin trials to this type")
-    if config.get("docker", {}).get("image") != IMAGE:
-        problems.append(f"docker.image is {config.get('docker', {}).get('image')!r}, expected {IMAGE!r}")
+    problems += image_problems({"docker.image": (config.get("docker") or {}).get("image")})
 
     head_cmds, worker_cmds = commands(config, "head"), commands(config, "worker")
     everything = head_cmds + "\n" + worker_cmds
@@ -187,6 +186,104 @@ def test_launcher_check_catches(launcher, mutate):
     assert launcher_problems(broken)
 
 
+# ------------------------------------------------------------------------------------------ images
+def image_problems(images: dict[str, str | None]) -> list[str]:
+    """Every image reference pinned: by digest, or by a version tag equal to pyproject's; never latest."""
+    problems = []
+    for where, image in images.items():
+        if not image:
+            problems.append(f"{where}: no image")
+            continue
+        name, _, digest = image.partition("@")
+        tag = name.rsplit(":", 1)[1] if ":" in name.rsplit("/", 1)[-1] else None
+        if digest:
+            if not re.fullmatch(r"sha256:[0-9a-f]{64}", digest):
+                problems.append(f"{where}: {image!r} has a malformed digest")
+        elif tag is None:
+            problems.append(f"{where}: {image!r} has no tag: pin a version or a digest")
+        elif tag.startswith("latest") or tag != VERSION:
+            problems.append(f"{where}: {image!r} is tagged {tag!r}, not the version {VERSION} or a digest")
+    return problems
+
+
+def all_images(launchers: dict[str, dict], k8s_docs: list[dict], kustomization: dict) -> dict[str, str | None]:
+    """Every image reference of cluster/: the launchers' docker images, every container of every manifest, and
+    the image the kustomization rewrites them to."""
+    images = {}
+    for name, config in launchers.items():
+        docker = config.get("docker") or {}
+        for key in ("image", "head_image", "worker_image"):
+            if key in docker:
+                images[f"{name} docker.{key}"] = docker[key]
+    for doc in k8s_docs:
+        label = f"{doc.get('kind')}/{(doc.get('metadata') or {}).get('name')}"
+        for path, value in walk(doc):
+            if path and path[-1] == "image" and isinstance(value, str):
+                images[f"{label}/{'/'.join(path)}"] = value
+    for entry in kustomization.get("images") or []:
+        ref = entry.get("newName", entry["name"])
+        images[f"kustomization images/{entry['name']}"] = (f"{ref}@{entry['digest']}" if entry.get("digest")
+                                                           else f"{ref}:{entry.get('newTag', '')}")
+    return images
+
+
+def one_image_problems(images: dict[str, str | None], kustomization: dict) -> list[str]:
+    problems = image_problems(images)
+    distinct = sorted({i for i in images.values() if i})
+    if len(distinct) != 1:
+        problems.append(f"every node and pod must run one image, found {distinct}")
+    names = [e["name"] for e in kustomization.get("images") or []]
+    repos = {i.partition("@")[0].rsplit(":", 1)[0] if ":" in i.rsplit("/", 1)[-1] else i.partition("@")[0]
+             for i in distinct}
+    if [n for n in names if n not in repos]:
+        problems.append(f"kustomization images {names} match no image of the manifests {sorted(repos)}")
+    return problems
+
+
+def _shipped_images() -> tuple[dict, dict]:
+    kustomization = load_yaml(K8S / "kustomization.yaml")
+    return all_images({p.name: load_yaml(p) for p in LAUNCHERS}, load_k8s_docs(), kustomization), kustomization
+
+
+def test_one_pinned_image_everywhere():
+    images, kustomization = _shipped_images()
+    assert len(images) >= 10
+    assert one_image_problems(images, kustomization) == []
+
+
+@pytest.mark.parametrize("mutate", [
+    lambda images, k: images.update({"aws.yaml docker.image": "ghcr.io/acme/ptx:0.1.0"}),
+    lambda images, k: images.update({key: v.replace(":0.1.0", ":latest") for key, v in images.items()}),
+    lambda images, k: images.update({key: v.rsplit(":", 1)[0] for key, v in images.items()}),
+    lambda images, k: images.update({key: v.replace(":0.1.0", "@sha256:abc") for key, v in images.items()}),
+    lambda images, k: k["images"][0].update(name="ghcr.io/acme/other"),
+], ids=["two-images", "latest", "untagged", "bad-digest", "kustomize-misses"])
+def test_image_check_catches(mutate):
+    images, kustomization = _shipped_images()
+    mutate(images, kustomization)
+    assert one_image_problems(images, kustomization)
+
+
+def test_a_digest_pin_passes():
+    digest = "ghcr.io/acme/ptx@sha256:" + "ab" * 32
+    assert image_problems({"x": digest}) == []
+
+
+def test_shipped_placeholders_cannot_be_owned():
+    """Every bucket and image named in cluster/ and experiments/ is one ptx refuses at run time (a placeholder
+    no one can register), so a forgotten edit never writes into somebody else's bucket."""
+    from ptx.guards import is_placeholder
+
+    files = [p for p in [*CLUSTER.rglob("*"), *(ROOT / "experiments").glob("*.yaml")] if p.is_file()]
+    text = "\n".join(p.read_text() for p in files)
+    # the README's walkthrough creates `my-ptx-bucket` itself (step 2) before any command uses it
+    buckets = set(re.findall(r"\b(?:s3|gs)://([A-Za-z0-9][A-Za-z0-9.-]+)", text)) - {"my-ptx-bucket"}
+    images = set(_shipped_images()[0].values())
+    assert buckets and images
+    assert sorted(b for b in buckets if not is_placeholder(b)) == []
+    assert sorted(i for i in images if not is_placeholder(i)) == []
+
+
 # ------------------------------------------------------------------------------------------ k8s checks
 def pod_specs(doc: dict) -> list[tuple[str, dict]]:
     """Every PodSpec in a manifest (anything holding a list of containers), with where it was found."""
@@ -228,8 +325,7 @@ def container_problems(where: str, pod: dict, container: dict) -> list[str]:
     for env in container.get("env") or []:
         if SECRET_NAME.search(env["name"]) and ("value" in env or "secretKeyRef" not in (env.get("valueFrom") or {})):
             problems.append(f"{name}: env {env['name']} must come from a Secret (valueFrom.secretKeyRef)")
-    if container.get("image") != IMAGE:
-        problems.append(f"{name}: image {container.get('image')!r}, expected {IMAGE!r}")
+    problems += image_problems({name: container.get("image")})
     return problems
 
 
@@ -452,9 +548,9 @@ def test_dockerfile_check_catches(old, new):
 
 def test_build_script_takes_image_and_tag():
     script = (CLUSTER / "build.sh").read_text()
-    repository, tag = IMAGE.rsplit(":", 1)
     assert script.startswith("#!/usr/bin/env bash") and "set -euo pipefail" in script
-    assert f'IMAGE="${{IMAGE:-{repository}}}"' in script and f'TAG="${{TAG:-{tag}}}"' in script
+    # no default repository (any default would be a name someone else may own); the tag defaults to the version
+    assert 'IMAGE="${IMAGE:-}"' in script and f'TAG="${{TAG:-{VERSION}}}"' in script
     assert "docker build" in script and "--file cluster/Dockerfile" in script and "docker push" in script
     assert (CLUSTER / "build.sh").stat().st_mode & 0o111, "build.sh is not executable"
 

@@ -51,6 +51,8 @@ def write_spec(path: Path, **changes) -> Path:
         "resources": {"cpu": 1},
         "max_concurrent": 2,
         "max_failures": 2,
+        # every node of this test runs on one machine, so the workdir's ray_results is one shared disk
+        "storage_shared": True,
     }
     for key, value in changes.items():
         spec[key] = value

@@ -13,6 +13,7 @@ import pytest
 import yaml
 
 from ptx.config import load_study
+from ptx.errors import PtxError
 from ptx.packing import packing, ray_request, trials_per_node
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -152,12 +153,13 @@ def test_readme_tables_match_the_computed_packing():
 
 
 @pytest.mark.ray
-def test_dry_run_prints_the_packing_of_the_live_cluster(tmp_path):
+def test_dry_run_prints_the_live_packing_and_a_local_storage_path_is_refused(tmp_path):
     """A real local Ray cluster of two nodes with logical GPUs, shaped like aws.yaml's and gcp.yaml's gpu_1x
     (4 and 8 CPUs): `ptx run --dry-run --address` reads the alive nodes and prints what each runs at once."""
     from click.testing import CliRunner
     from ray.cluster_utils import Cluster
 
+    from ptx import sweep
     from ptx.cli import cli
 
     cluster = Cluster(initialize_head=True, connect=False,
@@ -172,8 +174,22 @@ def test_dry_run_prints_the_packing_of_the_live_cluster(tmp_path):
             result = CliRunner().invoke(cli, args)
             assert result.exit_code == 0, result.output
             outputs.append(result.output)
+        # the guards, on the same live cluster: nothing starts, one line names the fix
+        refusals = []
+        for extra in ([], ["--set", "storage_path=s3://CHANGE-ME-ptx-bucket/ptx/ray-results"]):
+            args = ["run", str(ROOT / "experiments" / "paper_roberta_base.yaml"), "--stage", "train",
+                    "--address", cluster.address, "--workdir", str(tmp_path), *extra]
+            result = CliRunner().invoke(cli, args)
+            sweep.shutdown()  # `ptx run` stays connected after an error (the CLI process would exit)
+            assert isinstance(result.exception, PtxError), result.output
+            refusals.append(str(result.exception))
     finally:
+        sweep.shutdown()
         cluster.shutdown()
+    assert refusals[0].startswith(f"storage_path '{tmp_path / 'ray_results'}' is a local directory on 2 nodes")
+    assert "--set storage_path=s3://" in refusals[0] and "--set storage_shared=true" in refusals[0]
+    assert refusals[1].startswith("storage_path is the placeholder 's3://CHANGE-ME-ptx-bucket/ptx/ray-results'")
+    assert all("\n" not in r for r in refusals)
 
     def trial_lines(out: str) -> list[tuple[str, int, str]]:
         found = re.findall(r"^ {4}trial .*\((CPU [^)]*)\): (\d+) at once.*\(bounded by (\w+)\)$", out, re.M)
