@@ -513,6 +513,16 @@ def dockerfile_problems(dockerfile: str, torch_version: str) -> list[str]:
         problems.append("torch does not come from the PyTorch CUDA index")
     if "-c constraints.txt" not in runs:
         problems.append("dependencies are not installed with -c constraints.txt")
+    torch_runs = [args for op, args in steps if op == "RUN" and "torch==" in args]
+    if not torch_runs or "-c constraints.txt" not in torch_runs[0]:
+        problems.append("torch is not installed under -c constraints.txt")
+    if not re.search(r"@sha256:[0-9a-f]{64}$", base):
+        problems.append(f"the base image {base!r} is not pinned by digest")
+    # a build argument reaches every RUN below its declaration: the per-commit one must come after the heavy ones
+    sha_at = next((i for i, (op, args) in enumerate(steps) if op == "ARG" and re.match(r"PTX_GIT_SHA(=|$)", args)), None)
+    heavy = [i for i, (op, args) in enumerate(steps) if op == "RUN" and re.search(r"apt-get|pip install", args)]
+    if sha_at is None or not heavy or sha_at < max(heavy):
+        problems.append("ARG PTX_GIT_SHA must be declared after the last apt-get / pip install layer")
     if "python3.11" not in runs:
         problems.append("the image does not install Python 3.11")
     env_args = " ".join(args for op, args in steps if op in {"ENV", "ARG"})
@@ -537,8 +547,13 @@ def test_dockerfile_is_non_root_and_pinned():
         ("torch==2.13.0", "torch"),
         ("ENV HOME=/home/ptx", "ENV AWS_SECRET_ACCESS_KEY=abc HOME=/home/ptx"),
         ("ARG BASE_IMAGE=nvidia/cuda:", "ARG BASE_IMAGE=python:3.11-slim #"),
+        ("-base-ubuntu24.04@sha256:", "-base-ubuntu24.04 #"),
+        ('-c constraints.txt torch==2.13.0', 'torch==2.13.0'),
+        ("# 1) torch first", "ARG PTX_GIT_SHA=unknown\n# 1) torch first"),
+        ("ARG PTX_GIT_SHA=unknown", "ARG PTX_GIT_SHA_UNUSED=unknown"),
     ],
-    ids=["user-root", "no-user", "unpinned-torch", "baked-secret", "not-cuda"],
+    ids=["user-root", "no-user", "unpinned-torch", "baked-secret", "not-cuda", "base-by-tag",
+         "torch-unconstrained", "sha-before-heavy-layers", "no-sha-arg"],
 )
 def test_dockerfile_check_catches(old, new):
     text = (CLUSTER / "Dockerfile").read_text()
