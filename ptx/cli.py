@@ -3,6 +3,7 @@
 import json
 import logging
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -276,17 +277,32 @@ def prompts_import(file, backbone, task, name, insertion, d_model, workdir, trac
 @cli.command("mlflow-server")
 @click.option("--host", default="127.0.0.1", show_default=True, help="Bind address (keep loopback unless firewalled).")
 @click.option("--port", type=int, default=5000, show_default=True)
+@click.option("--backend-store-uri", envvar="PTX_MLFLOW_BACKEND_STORE_URI", default=None,
+              help="Run/metric store, e.g. postgresql://USER@HOST:5432/mlflow (password from PGPASSWORD) "
+                   "[default: sqlite in --workdir; env PTX_MLFLOW_BACKEND_STORE_URI].")
+@click.option("--artifacts-destination", envvar="PTX_MLFLOW_ARTIFACTS_DESTINATION", default=None,
+              help="Where the proxied artifacts go: s3://, gs:// or a directory [default: --workdir/artifacts; "
+                   "env PTX_MLFLOW_ARTIFACTS_DESTINATION].")
+@click.option("--workers", type=click.IntRange(min=1), default=None,
+              help="Server worker processes [default: 1 on sqlite (one writer), 4 on a database server].")
 @workdir_option
-def mlflow_server(host, port, workdir):
-    """Run an MLflow tracking server (sqlite backend, artifacts proxied) in the foreground."""
+def mlflow_server(host, port, backend_store_uri, artifacts_destination, workers, workdir):
+    """Run an MLflow tracking server (sqlite or PostgreSQL store, artifacts proxied) in the foreground."""
+    from ptx.guards import check_not_placeholder
+
     wd = _workdir(workdir)
     wd.mkdir(parents=True, exist_ok=True)
+    store = backend_store_uri or f"sqlite:///{wd / 'mlflow.db'}"
+    check_not_placeholder(store, "--backend-store-uri")
+    check_not_placeholder(artifacts_destination, "--artifacts-destination")
+    workers = workers or (1 if store.startswith("sqlite") else 4)
     cmd = [sys.executable, "-m", "mlflow", "server", "--host", host, "--port", str(port),
-           "--backend-store-uri", f"sqlite:///{wd / 'mlflow.db'}", "--artifacts-destination", str(wd / "artifacts"),
-           "--workers", "1"]
+           "--backend-store-uri", store, "--artifacts-destination", artifacts_destination or str(wd / "artifacts"),
+           "--workers", str(workers)]
     # ptx needs no MLflow jobs (GenAI judges, trace rollups): without them the server starts faster, runs fewer processes
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": os.environ.get("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")}
-    click.echo(f"MLflow server on http://{host}:{port} (store {wd}); set MLFLOW_TRACKING_URI=http://{host}:{port}")
+    shown = re.sub(r"//([^:/@]+):[^@]*@", r"//\1:***@", store)  # never echo a password in the URI
+    click.echo(f"MLflow server on http://{host}:{port} (store {shown}); set MLFLOW_TRACKING_URI=http://{host}:{port}")
     sys.stdout.flush()
     # become the server (exec, not a child): a SIGTERM to this pid reaches MLflow, which stops its uvicorn worker
     if os.name == "posix":  # (Windows' exec spawns a new process and returns: use a child there)

@@ -187,8 +187,17 @@ def test_launcher_check_catches(launcher, mutate):
 
 
 # ------------------------------------------------------------------------------------------ images
+THIRD_PARTY = {"postgres", "redis"}  # official images of the services beside ptx (postgres.yaml, redis.yaml)
+
+
+def _repository(image: str) -> str:
+    name = image.partition("@")[0]
+    return name.rsplit(":", 1)[0] if ":" in name.rsplit("/", 1)[-1] else name
+
+
 def image_problems(images: dict[str, str | None]) -> list[str]:
-    """Every image reference pinned: by digest, or by a version tag equal to pyproject's; never latest."""
+    """Every image reference pinned: by digest, or by a version tag (pyproject's version for the ptx image, a
+    release number for the third-party services); never latest."""
     problems = []
     for where, image in images.items():
         if not image:
@@ -196,12 +205,15 @@ def image_problems(images: dict[str, str | None]) -> list[str]:
             continue
         name, _, digest = image.partition("@")
         tag = name.rsplit(":", 1)[1] if ":" in name.rsplit("/", 1)[-1] else None
+        third_party = _repository(image) in THIRD_PARTY
         if digest:
             if not re.fullmatch(r"sha256:[0-9a-f]{64}", digest):
                 problems.append(f"{where}: {image!r} has a malformed digest")
         elif tag is None:
             problems.append(f"{where}: {image!r} has no tag: pin a version or a digest")
-        elif tag.startswith("latest") or tag != VERSION:
+        elif third_party and not re.match(r"\d+\.\d+", tag):
+            problems.append(f"{where}: {image!r} is tagged {tag!r}, not a release number or a digest")
+        elif not third_party and tag != VERSION:
             problems.append(f"{where}: {image!r} is tagged {tag!r}, not the version {VERSION} or a digest")
     return problems
 
@@ -229,12 +241,11 @@ def all_images(launchers: dict[str, dict], k8s_docs: list[dict], kustomization: 
 
 def one_image_problems(images: dict[str, str | None], kustomization: dict) -> list[str]:
     problems = image_problems(images)
-    distinct = sorted({i for i in images.values() if i})
+    distinct = sorted({i for i in images.values() if i and _repository(i) not in THIRD_PARTY})
     if len(distinct) != 1:
         problems.append(f"every node and pod must run one image, found {distinct}")
     names = [e["name"] for e in kustomization.get("images") or []]
-    repos = {i.partition("@")[0].rsplit(":", 1)[0] if ":" in i.rsplit("/", 1)[-1] else i.partition("@")[0]
-             for i in distinct}
+    repos = {_repository(i) for i in distinct}
     if [n for n in names if n not in repos]:
         problems.append(f"kustomization images {names} match no image of the manifests {sorted(repos)}")
     return problems
@@ -257,7 +268,9 @@ def test_one_pinned_image_everywhere():
     lambda images, k: images.update({key: v.rsplit(":", 1)[0] for key, v in images.items()}),
     lambda images, k: images.update({key: v.replace(":0.1.0", "@sha256:abc") for key, v in images.items()}),
     lambda images, k: k["images"][0].update(name="ghcr.io/acme/other"),
-], ids=["two-images", "latest", "untagged", "bad-digest", "kustomize-misses"])
+    lambda images, k: images.update({"db": "postgres:latest"}),
+    lambda images, k: images.update({"db": "postgres"}),
+], ids=["two-images", "latest", "untagged", "bad-digest", "kustomize-misses", "latest-postgres", "untagged-postgres"])
 def test_image_check_catches(mutate):
     images, kustomization = _shipped_images()
     mutate(images, kustomization)
@@ -278,7 +291,7 @@ def test_shipped_placeholders_cannot_be_owned():
     text = "\n".join(p.read_text() for p in files)
     # the README's walkthrough creates `my-ptx-bucket` itself (step 2) before any command uses it
     buckets = set(re.findall(r"\b(?:s3|gs)://([A-Za-z0-9][A-Za-z0-9.-]+)", text)) - {"my-ptx-bucket"}
-    images = set(_shipped_images()[0].values())
+    images = {i for i in _shipped_images()[0].values() if _repository(i) not in THIRD_PARTY}
     assert buckets and images
     assert sorted(b for b in buckets if not is_placeholder(b)) == []
     assert sorted(i for i in images if not is_placeholder(i)) == []

@@ -28,6 +28,7 @@ SCHEMAS = Path(__file__).parent / "schemas"
 KUBERNETES_VERSION = "1.30"  # the oldest minor the manifests claim to support (EKS/GKE standard support)
 METADATA_KEYS = {"name", "namespace", "labels", "annotations"}
 WORLD = {"0.0.0.0/0", "::/0"}
+METADATA = "169.254.169.254/32"
 
 
 def pinned(package: str) -> str:
@@ -135,13 +136,15 @@ def ray_version_problems(docs: list[dict]) -> list[str]:
 
 
 def network_policy_problems(docs: list[dict]) -> list[str]:
-    """Every ptx pod is selected by a policy; no rule admits everything (no `from`, an empty namespaceSelector,
-    or an ipBlock of the whole internet)."""
+    """Every ptx pod is under an ingress policy and an egress policy; no ingress rule admits everything (no
+    `from`, an empty namespaceSelector, an ipBlock of the whole internet); no egress rule reaches the cloud
+    metadata endpoint (it would hand a trial the node's credentials)."""
     problems, policies = [], [d for d in docs if d["kind"] == "NetworkPolicy"]
     for policy in policies:
         label, spec = f"NetworkPolicy/{policy['metadata']['name']}", policy["spec"]
-        if "Ingress" not in (spec.get("policyTypes") or []):
-            problems.append(f"{label}: policyTypes must include Ingress")
+        for direction in ("ingress", "egress"):
+            if spec.get(direction) and direction.capitalize() not in (spec.get("policyTypes") or []):
+                problems.append(f"{label}: has {direction} rules but policyTypes lacks {direction.capitalize()}")
         for i, rule in enumerate(spec.get("ingress") or []):
             sources = rule.get("from")
             if not sources:
@@ -151,11 +154,24 @@ def network_policy_problems(docs: list[dict]) -> list[str]:
                     problems.append(f"{label}: ingress[{i}] admits every pod of every namespace")
                 if (source.get("ipBlock") or {}).get("cidr") in WORLD:
                     problems.append(f"{label}: ingress[{i}] admits the whole internet")
-    selected = [p["spec"].get("podSelector", {}).get("matchLabels", {}) for p in policies]
+        for i, rule in enumerate(spec.get("egress") or []):
+            if not rule.get("to"):
+                problems.append(f"{label}: egress[{i}] has no `to`: it reaches the metadata endpoint")
+            for dest in rule.get("to") or []:
+                block = dest.get("ipBlock") or {}
+                if block and block.get("cidr") in WORLD and METADATA not in (block.get("except") or []):
+                    problems.append(f"{label}: egress[{i}] reaches the cloud metadata endpoint {METADATA}")
+
+    def selected(labels: dict, kind: str) -> bool:
+        return any(kind in (p["spec"].get("policyTypes") or []) and
+                   all(labels.get(k) == v for k, v in p["spec"].get("podSelector", {}).get("matchLabels", {}).items())
+                   and p["spec"].get("podSelector", {}).get("matchLabels") for p in policies)
+
     for doc in docs:
-        for path_labels in _pod_labels(doc):
-            if not any(sel and all(path_labels.get(k) == v for k, v in sel.items()) for sel in selected):
-                problems.append(f"{doc['kind']}/{doc['metadata']['name']}: pods {path_labels} under no NetworkPolicy")
+        for labels in _pod_labels(doc):
+            for kind in ("Ingress", "Egress"):
+                if not selected(labels, kind):
+                    problems.append(f"{doc['kind']}/{doc['metadata']['name']}: pods {labels} under no {kind} policy")
     return problems
 
 
@@ -163,8 +179,14 @@ def _pod_labels(doc: dict) -> list[dict]:
     """The labels of the long-running pods a manifest creates (Ray pods carry KubeRay's ray.io/is-ray-node)."""
     if doc["kind"] == "Deployment" or doc["kind"] == "StatefulSet":
         return [doc["spec"]["template"]["metadata"]["labels"]]
-    if doc["kind"] in {"RayCluster", "RayJob"}:
-        return [{"ray.io/is-ray-node": "yes"}]
+    if doc["kind"] == "RayCluster":  # KubeRay adds ray.io/is-ray-node to the templates' own labels
+        spec = doc["spec"]
+    elif doc["kind"] == "RayJob":
+        spec = doc["spec"]["rayClusterSpec"]
+    else:
+        return []
+    groups = [spec["headGroupSpec"], *spec.get("workerGroupSpecs", [])]
+    return [{**g["template"]["metadata"].get("labels", {}), "ray.io/is-ray-node": "yes"} for g in groups]
     return []
 
 
@@ -246,6 +268,11 @@ SEMANTIC_MUTATIONS = {
     "internet-cidr": lambda docs: _first(docs, "NetworkPolicy")["spec"]["ingress"][0].update(
         {"from": [{"ipBlock": {"cidr": "0.0.0.0/0"}}]}),
     "egress-only": lambda docs: _first(docs, "NetworkPolicy")["spec"].update(policyTypes=["Egress"]),
+    "metadata-reachable": lambda docs: next(d for d in docs if d["metadata"]["name"] == "egress-no-metadata")
+    ["spec"]["egress"][0]["to"][0]["ipBlock"].pop("except"),
+    "egress-anywhere": lambda docs: next(d for d in docs if d["metadata"]["name"] == "egress-no-metadata")
+    ["spec"]["egress"].append({}),
+    "no-egress-policy": lambda docs: docs.remove(next(d for d in docs if d["metadata"]["name"] == "egress-no-metadata")),
     "unselected-pods": lambda docs: docs.remove(
         next(d for d in docs if d["kind"] == "NetworkPolicy" and d["metadata"]["name"] == "mlflow")),
 }
