@@ -122,6 +122,11 @@ def launcher_problems(config: dict) -> list[str]:
                 problems.append(f"{role} nodes never set {needle}")
     if not re.search(r"ptx mlflow-server --host \"?\$PTX_HEAD_IP\b", head_cmds):
         problems.append("the head must start `ptx mlflow-server` on its private address ($PTX_HEAD_IP)")
+    # the tracking store outlives `ray down`: a database URI from the cloud's secret store, artifacts in a bucket
+    if not re.search(r'PTX_MLFLOW_BACKEND_STORE_URI="\$\(python -c "[^\n]*secret', head_cmds, re.I):
+        problems.append("the MLflow server's database URI must come from the cloud's secret manager")
+    if not re.search(r"ptx mlflow-server [^;]*--artifacts-destination (s3|gs)://", head_cmds):
+        problems.append("the MLflow server's artifacts must go to a bucket (--artifacts-destination s3:// or gs://)")
     token_dir = re.search(r"RAY_AUTH_TOKEN_PATH=\$HOME/([^/\s\"]+)/", everything)
     if token_dir and f"~/{token_dir.group(1)}" not in (config.get("file_mounts") or {}):
         problems.append(f"the token directory ~/{token_dir.group(1)} is not in file_mounts")
@@ -176,9 +181,16 @@ def test_launcher_configs_are_safe_and_autoscale(launcher):
         lambda c: c["head_start_ray_commands"].__setitem__(
             1, c["head_start_ray_commands"][1].replace('--host "$PTX_HEAD_IP"', "--host 127.0.0.1")
         ),
+        lambda c: c["head_start_ray_commands"].__setitem__(
+            1, re.sub(r"--artifacts-destination \S+", "", c["head_start_ray_commands"][1])
+        ),
+        lambda c: c["head_start_ray_commands"].__setitem__(
+            1, re.sub(r'PTX_MLFLOW_BACKEND_STORE_URI="[^\n]*?" \|\|', 'PTX_MLFLOW_BACKEND_STORE_URI="sqlite:///x.db" ||',
+                      c["head_start_ray_commands"][1])
+        ),
     ],
     ids=["gpu-head", "one-gpu-type", "no-autoscaling", "public-dashboard", "auth-off", "literal-token",
-         "no-token-mount", "other-image", "mlflow-on-loopback"],
+         "no-token-mount", "other-image", "mlflow-on-loopback", "artifacts-on-head-disk", "sqlite-store"],
 )
 def test_launcher_check_catches(launcher, mutate):
     broken = copy.deepcopy(launcher)

@@ -44,3 +44,14 @@ def test_storage_shared_is_a_spec_flag_that_keeps_the_hash(tmp_path):
     plain, shared = load_study(spec), load_study(spec, ["storage_shared=true"])
     assert shared.storage_shared is True and plain.storage_shared is False
     assert plain.hash() == shared.hash()  # an existing Tune experiment of the spec still resumes
+
+
+def test_mlflow_server_refuses_a_placeholder_store(tmp_path):
+    from click.testing import CliRunner
+
+    from ptx.cli import cli
+
+    for args in (["--artifacts-destination", "s3://CHANGE-ME-ptx-bucket/ptx/mlflow-artifacts"],
+                 ["--backend-store-uri", "postgresql+psycopg2://mlflow@db.invalid:5432/mlflow"]):
+        result = CliRunner().invoke(cli, ["mlflow-server", "--workdir", str(tmp_path), *args])
+        assert isinstance(result.exception, PtxError) and "placeholder" in str(result.exception), result.output
