@@ -105,11 +105,26 @@ def core_problems(doc: dict) -> list[str]:
     return []
 
 
+def pod_monitor_problems(doc: dict) -> list[str]:
+    """The Prometheus operator's PodMonitor (its CRD is not vendored): the fields ptx relies on, nothing else."""
+    label, spec = f"PodMonitor/{(doc.get('metadata') or {}).get('name')}", doc.get("spec") or {}
+    problems = [f"{label}: unknown spec field {k}" for k in sorted(set(spec) - {"namespaceSelector", "selector",
+                                                                                 "podMetricsEndpoints"})]
+    for i, endpoint in enumerate(spec.get("podMetricsEndpoints") or [{}]):
+        problems += [f"{label}: podMetricsEndpoints[{i}].{k} is unknown" for k in sorted(
+            set(endpoint) - {"port", "path", "interval", "scheme"})]
+        if "port" not in endpoint:
+            problems.append(f"{label}: podMetricsEndpoints[{i}] names no port")
+    return problems
+
+
 def manifest_problems(docs: list[dict]) -> list[str]:
     problems = []
     for doc in docs:
         if doc.get("apiVersion", "").startswith("ray.io/"):
             problems += crd_problems(doc)
+        elif doc.get("apiVersion") == "monitoring.coreos.com/v1" and doc.get("kind") == "PodMonitor":
+            problems += pod_monitor_problems(doc)
         else:
             problems += core_problems(doc)
     return problems
@@ -190,6 +205,41 @@ def _pod_labels(doc: dict) -> list[dict]:
     return []
 
 
+def ops_problems(docs: list[dict]) -> list[str]:
+    """The long-lived RayCluster survives its head (GCS FT on a password-protected Redis, a PDB, do-not-disrupt
+    annotations), every workload has its own ServiceAccount, and the dashboard is wired to Prometheus/Grafana."""
+    problems = []
+    cluster = next(d for d in docs if d["kind"] == "RayCluster")
+    ft = cluster["spec"].get("gcsFaultToleranceOptions") or {}
+    redis = next((d for d in docs if d["kind"] == "Service" and ft.get("redisAddress", "").split(":")[0]
+                  == d["metadata"]["name"]), None)
+    if redis is None:
+        problems.append("RayCluster: gcsFaultToleranceOptions.redisAddress names no Service of the manifests")
+    if "secretKeyRef" not in ((ft.get("redisPassword") or {}).get("valueFrom") or {}):
+        problems.append("RayCluster: the GCS Redis password must come from a Secret")
+    head = cluster["spec"]["headGroupSpec"]["template"]["metadata"]
+    if (head.get("annotations") or {}).get("karpenter.sh/do-not-disrupt") != "true" or \
+            (head.get("annotations") or {}).get("cluster-autoscaler.kubernetes.io/safe-to-evict") != "false":
+        problems.append("RayCluster: the head template lacks the do-not-disrupt / safe-to-evict annotations")
+    pdbs = [d for d in docs if d["kind"] == "PodDisruptionBudget"]
+    head_labels = {"ray.io/cluster": cluster["metadata"]["name"], "ray.io/node-type": "head"}
+    if not any(p["spec"]["selector"].get("matchLabels", {}).items() <= head_labels.items()
+               and p["spec"].get("maxUnavailable") == 0 for p in pdbs):
+        problems.append("no PodDisruptionBudget keeps the RayCluster's head (maxUnavailable 0)")
+    accounts = {d["metadata"]["name"] for d in docs if d["kind"] == "ServiceAccount"}
+    for doc in docs:
+        if doc["kind"] in {"Deployment", "StatefulSet"}:
+            name = doc["spec"]["template"]["spec"].get("serviceAccountName")
+            if name not in accounts:
+                problems.append(f"{doc['kind']}/{doc['metadata']['name']}: serviceAccountName {name!r} is not one "
+                                f"of the manifests' ServiceAccounts")
+    env = {e["name"] for e in cluster["spec"]["headGroupSpec"]["template"]["spec"]["containers"][0].get("env", [])}
+    problems += [f"RayCluster head: {v} not set" for v in ("RAY_PROMETHEUS_HOST", "RAY_GRAFANA_HOST") if v not in env]
+    if not any(d["kind"] == "PodMonitor" for d in docs):
+        problems.append("no PodMonitor scrapes the Ray pods")
+    return problems
+
+
 def security_group_problems(config: dict) -> list[str]:
     """A launcher's own security-group rules: nothing but SSH may be open to the world."""
     rules = ((config.get("provider") or {}).get("security_group") or {}).get("IpPermissions") or []
@@ -218,6 +268,7 @@ def test_manifests_match_their_schemas():
 
 def test_versions_and_policies_hold():
     docs = load_docs()
+    assert ops_problems(docs) == []
     assert ray_version_problems(docs) == []
     assert network_policy_problems(docs) == []
     for path in (CLUSTER / "aws.yaml", CLUSTER / "gcp.yaml"):
@@ -278,11 +329,26 @@ SEMANTIC_MUTATIONS = {
 }
 
 
+SEMANTIC_MUTATIONS.update({
+    "no-gcs-ft": lambda docs: _first(docs, "RayCluster")["spec"].pop("gcsFaultToleranceOptions"),
+    "redis-password-inline": lambda docs: _first(docs, "RayCluster")["spec"]["gcsFaultToleranceOptions"].update(
+        redisPassword={"value": "hunter2"}),
+    "no-pdb": lambda docs: docs.remove(_first(docs, "PodDisruptionBudget")),
+    "head-evictable": lambda docs: _first(docs, "RayCluster")["spec"]["headGroupSpec"]["template"]["metadata"]
+    .pop("annotations"),
+    "default-service-account": lambda docs: _first(docs, "StatefulSet")["spec"]["template"]["spec"].pop(
+        "serviceAccountName"),
+    "no-prometheus-host": lambda docs: _first(docs, "RayCluster")["spec"]["headGroupSpec"]["template"]["spec"]
+    ["containers"][0]["env"].pop(0),
+    "no-podmonitor": lambda docs: docs.remove(_first(docs, "PodMonitor")),
+})
+
+
 @pytest.mark.parametrize("name", sorted(SEMANTIC_MUTATIONS))
 def test_version_and_policy_checks_catch(name):
     docs = copy.deepcopy(load_docs())
     SEMANTIC_MUTATIONS[name](docs)
-    assert ray_version_problems(docs) + network_policy_problems(docs)
+    assert ray_version_problems(docs) + network_policy_problems(docs) + ops_problems(docs)
 
 
 @pytest.mark.parametrize("port", [6379, 10001, 8265, 5000])
