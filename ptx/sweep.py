@@ -579,6 +579,9 @@ def map_actors(actor_factory, method: str, items: list, num_actors: int = 2, res
             if attempts[i] > max_resubmits:
                 raise PtxError(f"item {i} failed on {attempts[i]} actors; giving up") from None
             log.warning("actor died while processing item %d; resubmitting to a new actor", i)
+            # a node that just died still looks alive to Ray for a few seconds (missed health checks): back off
+            # so the new actor is not placed on it again and the item's budget is not spent there
+            time.sleep(min(2.0 ** attempts[i], 8.0))
             pending.insert(0, i)
             actors.append(cls.options(name=f"{name}-{spawned}-{os.getpid()}-{token}", **opts).remote(*init_args))
             spawned += 1
