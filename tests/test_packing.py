@@ -178,7 +178,8 @@ def test_dry_run_prints_the_live_packing_and_a_local_storage_path_is_refused(tmp
         refusals = []
         for extra in ([], ["--set", "storage_path=s3://CHANGE-ME-ptx-bucket/ptx/ray-results"]):
             args = ["run", str(ROOT / "experiments" / "paper_roberta_base.yaml"), "--stage", "train",
-                    "--address", cluster.address, "--workdir", str(tmp_path), *extra]
+                    "--address", cluster.address, "--workdir", str(tmp_path),
+                    "--offline-ok", *extra]  # the paper tasks' Hub data is out of reach here
             result = CliRunner().invoke(cli, args)
             sweep.shutdown()  # `ptx run` stays connected after an error (the CLI process would exit)
             assert isinstance(result.exception, PtxError), result.output
