@@ -110,7 +110,8 @@ def test_embedding_similarities_match_their_definitions():
         assert got["e_concat_euclid"][i, j] == pytest.approx(1 / (1 + (a - b).norm().item()), abs=1e-5)
         pairs = [(a[s], b[t]) for s in range(3) for t in range(3)]
         assert got["e_avg_cos"][i, j] == pytest.approx(np.mean([cos(u, v, dim=0).item() for u, v in pairs]), abs=1e-5)
-        assert got["e_avg_euclid"][i, j] == pytest.approx(np.mean([1 / (1 + (u - v).norm().item()) for u, v in pairs]),
+        # the paper's code: 1 / (1 + the mean token-pair distance), not the mean of per-pair 1 / (1 + distance)
+        assert got["e_avg_euclid"][i, j] == pytest.approx(1 / (1 + np.mean([(u - v).norm().item() for u, v in pairs])),
                                                           abs=1e-5)
         assert got["mean_cos"][i, j] == pytest.approx(cos(a.mean(0), b.mean(0), dim=0).item(), abs=1e-5)
     small_blocks = ind.embedding_similarities(x, block=10)  # the chunked token-pair distances agree

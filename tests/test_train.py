@@ -65,7 +65,8 @@ def test_golden_losses(tiny, spec, fixed_split, name):
     backbone = tiny(name)
     fixed = fixed_split(backbone)
     rec = Recorder()
-    settings = TrainSettings(steps=5, batch_size=8, lr=0.03, eval_every=1, eval_batch_size=16, seed=0)
+    # dropout off: these values pin the deterministic loop; tests/test_fidelity.py pins the dropout setting
+    settings = TrainSettings(steps=5, batch_size=8, lr=0.03, eval_every=1, eval_batch_size=16, seed=0, dropout=False)
     train_prompt(backbone, spec, init_prompt(backbone, 4, "random", seed=0), fixed, fixed, settings, report=rec)
     losses = [m["train_loss"] for m, step, _ in rec.calls if step > 0]
     assert losses == pytest.approx(GOLDEN[name], abs=1e-5)
@@ -79,7 +80,8 @@ def test_compiled_step_matches_eager_and_keeps_the_config_hash(tiny, spec, fixed
     losses = {}
     for compiled in (False, True):
         rec = Recorder()
-        settings = TrainSettings(steps=3, batch_size=8, lr=0.03, eval_every=1, eval_batch_size=16, compile=compiled)
+        settings = TrainSettings(steps=3, batch_size=8, lr=0.03, eval_every=1, eval_batch_size=16, compile=compiled,
+                                 dropout=False)
         train_prompt(backbone, spec, init_prompt(backbone, 4, "random", seed=0), fixed, fixed, settings, report=rec)
         losses[compiled] = [m["train_loss"] for m, step, _ in rec.calls if step > 0]
     assert len(losses[True]) == 3 and losses[True] == pytest.approx(losses[False], abs=1e-5)
