@@ -135,7 +135,7 @@ def run_prompt(req: PromptRequest, workdir: str | Path, tracker=None, parent_run
         track_call(tracker and tracker.finish, run_id, "FAILED")
         raise
     meta = {"config_hash": digest, "mlflow_run_id": run_id, "backbone": backbone_meta(backbone),
-            "task": {"name": spec.name, "version": spec.version}, "verbalizer": list(spec.verbalizer),
+            "task": {"name": spec.name, "version": spec.version}, "verbalizer": list(spec.label_words(backbone.kind)),
             "insertion": backbone.insertion.value,
             "init": init_record("artifact" if init_dir else req.init, req.settings.seed, spec.name, init_text,
                                 source_run or (str(init_dir) if init_dir else None)),
@@ -198,7 +198,7 @@ def import_prompt(file: str | Path, backbone_name: str, task: str | None, insert
     meta = {"config_hash": digest, "mlflow_run_id": run_id, "name": label,
             "backbone": {"name": backbone_name, "revision": None, "kind": kind, "d_model": width},
             "task": {"name": spec.name, "version": spec.version} if spec else None,
-            "verbalizer": list(spec.verbalizer) if spec and spec.verbalizer else None,
+            "verbalizer": list(spec.label_words(kind)) if spec and spec.verbalizer else None,
             "insertion": insertion, "init": {"mode": "imported", "source": str(Path(file).resolve())}, "seed": None,
             "best_step": None, "dev_metric": None}
     artifact = save_prompt(workdir / "prompts" / (run_id or digest), tensor, meta)

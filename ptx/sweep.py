@@ -448,9 +448,10 @@ def finalise(grid, tracker, workdir: Path) -> dict:
                 spec = load_task(req["task"])
                 art = Path(workdir) / "prompts" / run_id
                 if not (art / "prompt.json").exists():
+                    bmeta = _backbone_meta_from(run, state)
                     meta = {"config_hash": run.data.tags.get("ptx.config_hash"), "mlflow_run_id": run_id,
-                            "backbone": _backbone_meta_from(run, state), "task": {"name": spec.name, "version": spec.version},
-                            "verbalizer": list(spec.verbalizer), "insertion": req.get("insertion", "prepend"),
+                            "backbone": bmeta, "task": {"name": spec.name, "version": spec.version},
+                            "verbalizer": list(spec.label_words(bmeta.get("kind"))), "insertion": req.get("insertion", "prepend"),
                             "init": init_record("artifact" if req.get("init_from") else req.get("init"), req["settings"]["seed"], spec.name,
                                                 spec.instruction(req["init_text"]) if req.get("init_text") else None,
                                                 run.data.tags.get("ptx.source_run")),

@@ -78,7 +78,7 @@ def train_prompt(backbone, spec, init: torch.Tensor, train_data, dev_data, setti
     warm = max(1, settings.warmup_steps)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm) if settings.warmup_steps else 1.0)
     generation = spec.kind == "generation"
-    label_ids = None if generation else backbone.label_ids(spec.verbalizer).to(device)
+    label_ids = None if generation else backbone.label_ids(spec.label_words(backbone.kind)).to(device)
     if label_ids is not None and settings.label_loss == "full_vocab":
         gold_ids, label_ids = label_ids, torch.arange(backbone.model.get_output_embeddings().weight.shape[0],
                                                       device=device)
