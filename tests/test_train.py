@@ -213,7 +213,7 @@ def test_run_prompt_nan_fails_the_run_and_names_the_kept_prompt(tiny, spec, tmp_
     assert "\n" not in msg and "non-finite loss" in msg and "best checkpoint (step 0" in msg
     kept = msg.rsplit(" is kept at ", 1)[1]
     art = load_prompt(kept, backbone=backbone)
-    assert torch.equal(art.prompt, init_prompt(backbone, 4, "random", seed=0))  # the step-0 prompt
+    assert torch.equal(art.prompt, init_prompt(backbone, 4, "random", seed=0, task="tweet_sentiment"))  # the step-0 prompt
     assert art.meta["stopped"] == "nonfinite_loss" and art.meta["best_step"] == 0
     runs = tracker.find_runs({"ptx.kind": "prompt"}, status=None)
     assert [r.info.status for r in runs] == ["FAILED"] and runs[0].data.tags["ptx.stopped"] == "nonfinite_loss"
