@@ -357,7 +357,7 @@ def recommend(task: str, backbone_name: str, tracker, workdir, top_k: int = 5, p
                        f"{tracker.uri}; train or import a bank first")
     ids, tasks, prompts, insertion = load_bank(tracker, runs, workdir)
     backbone = load_backbone(backbone_name, insertion=insertion)
-    init = init_prompt(backbone, prompts.shape[1], "random", seed=seed)
+    init = init_prompt(backbone, prompts.shape[1], "random", seed=seed, task=spec.name)
     settings = TrainSettings(steps=probe_steps, eval_every=probe_steps, lr=probe_lr, seed=seed, batch_size=16)
     probe = train_prompt(backbone, spec, init, encode_split(spec, backbone, "train", limit=train_limit),
                          encode_split(spec, backbone, "dev", limit=dev_limit), settings)

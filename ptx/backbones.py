@@ -122,6 +122,7 @@ class Backbone:
         ids, attn = batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device)
         n_prompts, n_tok, _ = prompts.shape
         bsz, seq = ids.shape
+        self._check_positions(n_tok, seq)
         tok = self.model.get_input_embeddings()(ids)
         prompts = prompts.to(tok.dtype)
         if self.insertion is Insertion.PAPER:
@@ -131,6 +132,18 @@ class Backbone:
         x = x.reshape(n_prompts * bsz, n_tok + seq, -1)
         mask = torch.cat([attn.new_ones(bsz, n_tok), attn], dim=1).repeat(n_prompts, 1)
         return x, mask
+
+    def _check_positions(self, n_tok: int, seq: int) -> None:
+        """A masked LM's learned position table must cover prompt + text (prepend) or the text (paper layout)."""
+        emb = getattr(getattr(self.model.base_model, "embeddings", None), "position_embeddings", None)
+        if self.kind is not BackboneKind.MASKED_LM or not isinstance(emb, nn.Embedding):
+            return
+        offset = emb.padding_idx + 1 if emb.padding_idx is not None else 0  # RoBERTa counts from padding_idx + 1
+        room, need = emb.num_embeddings - offset, seq + (n_tok if self.insertion is Insertion.PREPEND else 0)
+        if need > room:
+            raise PtxError(f"backbone '{self.name}' has {room} positions; a {n_tok}-token prompt "
+                           f"({self.insertion.value}) with {seq} text tokens needs {need}: shorten the prompt or "
+                           f"the task's max_length (data.max_length) to at most {max(0, room - (need - seq))}")
 
     def _positions(self, n_tok: int, seq: int, rows: int) -> torch.Tensor | None:
         """Position ids for the paper layout: prompt slots at the padding index (a zero embedding)."""

@@ -12,7 +12,7 @@ from pathlib import Path
 import yaml
 
 from ptx.errors import PtxError, suggest
-from ptx.train import TrainSettings
+from ptx.train import LABEL_LOSSES, TrainSettings
 
 STAGES = ("train", "transfer", "tpt", "indicators", "projector", "report")
 SEARCH_KINDS = ("grid", "choice", "uniform", "loguniform", "randint")
@@ -234,6 +234,8 @@ def _validate(spec: StudySpec, where: str, errors: list) -> None:
                           f"cpu={res.cpu} gpu={res.gpu}")
     if spec.train.steps < 1 or spec.train.eval_every < 1 or spec.train.batch_size < 1 or spec.prompt_length < 1:
         errors.append(f"{where}.train: steps, eval_every, batch_size and prompt_length must be ≥ 1")
+    if spec.train.label_loss not in LABEL_LOSSES:
+        errors.append(f"{where}.train.label_loss: expected one of {list(LABEL_LOSSES)}, found {spec.train.label_loss!r}")
     if spec.data.max_length is not None and (not isinstance(spec.data.max_length, int) or spec.data.max_length < 8):
         errors.append(f"{where}.data.max_length: expected a whole number of tokens ≥ 8 or null, "
                       f"found {spec.data.max_length!r}")

@@ -14,7 +14,7 @@ from ptx.backbones import Backbone
 from ptx.io import cache_dir
 
 log = logging.getLogger(__name__)
-ENCODING_VERSION = 2  # bump when encode() changes what it writes
+ENCODING_VERSION = 3  # bump when encode() changes what it writes
 
 
 def _fingerprint(spec, backbone: Backbone, split: str, limit: int | None) -> str:
@@ -43,20 +43,22 @@ def encode_split(spec, backbone: Backbone, split: str, limit: int | None = None,
     raw = load_split(spec, split, limit=limit)
     generation = spec.kind == "generation"
     if not generation:
-        backbone.label_ids(spec.verbalizer)  # fail early, before tokenizing, on a multi-token label word
+        backbone.label_ids(spec.label_words(backbone.kind))  # fail early, before tokenizing, on a multi-token label word
 
     def encode(example):
         before, after = spec.render(example)
         ids, score = backbone.encode(before, after, spec.max_length)
         row = {"input_ids": ids, "score_index": score, "length": len(ids)}
         if generation:
-            target = backbone.tokenizer(example["target"], truncation=True, max_length=64)["input_ids"]
+            # the training target, cut to the task's generation budget; scoring reads the full references
+            target = backbone.tokenizer(example["target"], truncation=True, max_length=spec.max_new_tokens)["input_ids"]
             row["target_ids"] = list(target)
+            row["references"] = [str(r) for r in (example.get("references") or [example["target"]])]
         else:
             row["label"] = int(example["label"])
         return row
 
-    keep = ["label"] if not generation else []
+    keep = ["label"] if not generation else ["references"]
     encoded = raw.map(encode, remove_columns=[c for c in raw.column_names if c not in keep])
     if use_cache:
         tmp = path.with_name(path.name + f".tmp-{random.getrandbits(32):08x}")
@@ -87,6 +89,8 @@ def collate(rows: list[dict], pad_id: int) -> dict:
         for i, r in enumerate(rows):
             tgt[i, : len(r["target_ids"])] = torch.tensor(r["target_ids"])
         batch["target_ids"] = tgt
+    if "references" in rows[0]:  # every acceptable answer, untruncated: what generation metrics score against
+        batch["references"] = [list(r["references"]) for r in rows]
     return batch
 
 

@@ -42,7 +42,7 @@ def score_prompts(backbone, prompts: torch.Tensor, spec, encoded, batch_size: in
     metric = METRICS[spec.metric]
     if spec.kind == "generation":
         return [_score_generation(backbone, p, spec, encoded, batch_size, metric) for p in prompts]
-    label_ids = backbone.label_ids(spec.verbalizer)
+    label_ids = backbone.label_ids(spec.label_words(backbone.kind))
     preds, golds = predict_labels(backbone, prompts, encoded, label_ids, batch_size, progress)
     gold = golds.tolist()
     return [float(metric(p.tolist(), gold)) for p in preds]
@@ -51,6 +51,9 @@ def score_prompts(backbone, prompts: torch.Tensor, spec, encoded, batch_size: in
 def _score_generation(backbone, prompt, spec, encoded, batch_size, metric) -> float:
     preds, refs = [], []
     for batch in iterate_batches(encoded, batch_size, backbone.pad_id, seed=None):
-        preds += backbone.generate(prompt, batch)
-        refs += backbone.tokenizer.batch_decode(batch["target_ids"], skip_special_tokens=True)
+        preds += backbone.generate(prompt, batch, max_new_tokens=spec.max_new_tokens)
+        if "references" not in batch:  # a split encoded without them cannot be scored honestly
+            raise PtxError(f"task '{spec.name}': the encoded split has no references column (encoded by an older "
+                           "ptx); clear the encoded cache (ptx cache dir, encoded/) and encode it again")
+        refs += batch["references"]
     return float(metric(preds, refs))

@@ -17,6 +17,10 @@ from ptx.errors import PtxError
 
 log = logging.getLogger(__name__)
 EMBEDDING_INDICATORS = ("e_concat_cos", "e_concat_euclid", "e_avg_cos", "e_avg_euclid", "mean_cos")
+# Displacement variants: the same measures of (prompt - its own init), and ON of the neurons whose state the
+# training changed (mask(prompt) XOR mask(init)). Two prompts that start from one init share it in the raw
+# measures whatever their tasks; the displacement measures only see what training added.
+DISP = "_disp"
 METHODS = ("spearman", "pearson", "kendall")
 MIN_SOURCES = 3  # fewer source prompts than this: a target's correlation is undefined
 
@@ -44,9 +48,10 @@ def _inv_dist(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 def embedding_similarities(prompts, drop_first: bool = False, block: int = 2_000_000) -> dict[str, torch.Tensor]:
     """Pairwise similarities of prompts [P, n, d] -> {name: [P, P]} (see EMBEDDING_INDICATORS).
 
-    e_concat_*: of the flattened prompts; e_avg_*: the mean over all token pairs (i of one prompt, j of the
-    other); mean_cos: cosine of the mean-pooled prompts; *_euclid: 1 / (1 + distance). `drop_first` leaves out
-    row 0 (the paper's RoBERTa layout overwrote it with <mask>).
+    e_concat_*: of the flattened prompts; e_avg_cos: the mean cosine over all token pairs (i of one prompt, j of
+    the other); e_avg_euclid: 1 / (1 + the mean Euclidean distance over all token pairs), as the paper's code
+    computes it; mean_cos: cosine of the mean-pooled prompts; e_concat_euclid: 1 / (1 + distance of the
+    flattened prompts). `drop_first` leaves out row 0 (the paper's RoBERTa layout overwrote it with <mask>).
     """
     x = stack_prompts(prompts)
     x = x[:, 1:] if drop_first else x
@@ -57,10 +62,29 @@ def embedding_similarities(prompts, drop_first: bool = False, block: int = 2_000
     pooled = torch.nn.functional.normalize(x.mean(1), dim=1)
     tokens = x.reshape(p * n, -1)
     rows = max(1, block // (n * n * p))  # prompts per block of the [rows*n, P*n] token distance matrix
-    e_avg_euclid = torch.cat([_inv_dist(tokens[s * n:(s + rows) * n], tokens).view(-1, n, p, n).mean((1, 3))
-                              for s in range(0, p, rows)])
+    mean_dist = torch.cat([torch.cdist(tokens[s * n:(s + rows) * n].double(), tokens.double()).view(-1, n, p, n)
+                           .mean((1, 3)) for s in range(0, p, rows)])
+    e_avg_euclid = (1.0 / (1.0 + mean_dist)).float()
     return {"e_concat_cos": unit @ unit.T, "e_concat_euclid": _inv_dist(flat, flat),
             "e_avg_cos": tok_unit @ tok_unit.T, "e_avg_euclid": e_avg_euclid, "mean_cos": pooled @ pooled.T}
+
+
+def displacement_similarities(prompts, inits, drop_first: bool = False) -> dict[str, torch.Tensor]:
+    """The embedding measures of each prompt's displacement from its own init, prompts and inits [P, n, d] ->
+    {name + "_disp": [P, P]}."""
+    x, x0 = stack_prompts(prompts), stack_prompts(inits)
+    if x.shape != x0.shape:
+        raise PtxError(f"inits: shape {list(x0.shape)} does not match the prompts' {list(x.shape)}")
+    return {f"{k}{DISP}": v for k, v in embedding_similarities(x - x0, drop_first).items()}
+
+
+def displacement_overlap(masks: torch.Tensor, init_masks: torch.Tensor) -> dict[str, torch.Tensor]:
+    """ON of the neurons training changed: masks and init_masks bool [P, L, F] -> {"on_disp", "on_jaccard_disp"}."""
+    from ptx.activations import overlap_matrices
+
+    changed = masks ^ init_masks
+    full = overlap_matrices(changed, k=changed.shape[1])
+    return {f"{k}{DISP}": full[k] for k in MAIN_ON}
 
 
 # ---- correlation with transfer ------------------------------------------------------------------------
@@ -202,6 +226,31 @@ def correlate_indicators(pairs: pd.DataFrame, indicators, methods=METHODS, boots
     return pd.DataFrame(summary), pd.DataFrame(per_target)
 
 
+def within_seed(transfer: pd.DataFrame, indicators: dict, run_ids: list, run_tasks: list, run_seeds: list,
+                names, methods=METHODS) -> pd.DataFrame:
+    """Correlations computed inside one seed: for each seed, sources and the target's own prompts are that seed's
+    prompts only; per (target, seed) correlation, averaged. Rows: indicator, method, within_seed, n_within_seed."""
+    values: dict = {(n, m): [] for n in names for m in methods}
+    for seed in sorted({s for s in run_seeds if s is not None}, key=str):
+        mine = [r for r, s in zip(run_ids, run_seeds, strict=True) if s == seed]
+        own: dict = {}
+        for r, task, s in zip(run_ids, run_tasks, run_seeds, strict=True):
+            if s == seed:
+                own.setdefault(task, []).append(r)
+        table = transfer[transfer["source_prompt_run"].isin(mine)]
+        if len(own) < 2 or table.empty:
+            continue
+        pairs = transfer_pairs(table, indicators, run_ids, run_tasks, own).dropna(subset=["y"])
+        for _, g in pairs.groupby("target_task"):
+            for n in names:
+                for m in methods:
+                    r, _ = correlation(g[n], g["y"], m)
+                    if np.isfinite(r):
+                        values[n, m].append(r)
+    return pd.DataFrame([{"indicator": n, "method": m, "within_seed": float(np.mean(v)) if v else np.nan,
+                          "n_within_seed": len(v)} for (n, m), v in values.items()])
+
+
 def scatter_plots(pairs: pd.DataFrame, indicators, summary: pd.DataFrame, out_dir) -> list:
     """One PNG per indicator: indicator vs transfer score, one colour per target task."""
     from pathlib import Path
@@ -272,6 +321,32 @@ def load_bank(tracker, runs: list, workdir) -> tuple[list, list, torch.Tensor, s
     return ids, tasks, stack_prompts(prompts), insertions.pop() if insertions else "prepend"
 
 
+def bank_inits(workdir, ids: list, backbone_name: str, insertion: str) -> torch.Tensor | None:
+    """The init of every bank prompt [P, n, d], rebuilt from its prompt.json (load_bank fetched them), or None
+    when one cannot be rebuilt (an imported prompt): the displacement indicators then stay out."""
+    import json
+    from pathlib import Path
+
+    from ptx.backbones import load_backbone
+    from ptx.prompt import reconstruct_init
+
+    metas = []
+    for rid in ids:
+        local = Path(workdir) / "prompts" / rid
+        local = local if (local / "prompt.json").is_file() else Path(workdir) / "downloads" / rid
+        metas.append(json.loads((local / "prompt.json").read_text()))
+    if any((m.get("init") or {}).get("mode") not in ("random", "vocab", "text") for m in metas):
+        log.info("displacement indicators left out: some prompts have no rebuildable init (imported or transferred)")
+        return None
+    backbone = load_backbone(backbone_name, insertion=insertion)
+    inits = [reconstruct_init(m, backbone) for m in metas]
+    if any(i is None for i in inits):
+        log.info("displacement indicators left out: %d prompt(s) record no init seed or text",
+                 sum(i is None for i in inits))
+        return None
+    return stack_prompts(inits)
+
+
 def _vanilla(run) -> bool:
     """Trained from scratch or imported (as the transfer stage's bank): TPT and projected prompts are no sources."""
     tags = run.data.tags
@@ -307,17 +382,23 @@ def _transfer_table(tracker, backbone: str, study: str, table) -> pd.DataFrame:
 
 
 def analyse(transfer: pd.DataFrame, matrices: dict, ids: list, tasks: list, own: dict | None, out_dir,
-            bootstrap: int, seed: int = 0, window_methods=("spearman",)) -> dict:
-    """Correlate every indicator matrix with transfer; write the tables (parquet) and plots under `out_dir`."""
+            bootstrap: int, seed: int = 0, window_methods=("spearman",), seeds: list | None = None) -> dict:
+    """Correlate every indicator matrix with transfer; write the tables (parquet) and plots under `out_dir`.
+
+    `seeds` (one per prompt) adds the columns within_seed and n_within_seed to the correlations table.
+    """
     from pathlib import Path
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    main = [n for n in matrices if n in EMBEDDING_INDICATORS or n in MAIN_ON]
+    main = [n for n in matrices if n.removesuffix(DISP) in EMBEDDING_INDICATORS or n.removesuffix(DISP) in MAIN_ON]
     windows = [n for n in matrices if n not in main]
     pairs = transfer_pairs(transfer, matrices, ids, tasks, own)
     summary, per_target = correlate_indicators(pairs, main, bootstrap=bootstrap, seed=seed)
     win, win_targets = correlate_indicators(pairs, windows, window_methods, bootstrap, seed) if windows else (None, None)
+    if seeds is not None:
+        ws = within_seed(transfer, {n: matrices[n] for n in main}, ids, tasks, seeds, main)
+        summary = summary.merge(ws, on=["indicator", "method"], how="left")
     long = pd.concat([pd.DataFrame({"indicator": n, "source_run": np.repeat(ids, len(ids)),
                                     "target_run": np.tile(ids, len(ids)), "value": torch.as_tensor(m).flatten().numpy()})
                       for n, m in matrices.items() if not n.split(".")[-1].startswith("layer_")], ignore_index=True)
@@ -372,10 +453,19 @@ def run_indicators_stage(spec, tracker, workdir, transfer_table: pd.DataFrame | 
         t0 = time.perf_counter()
         ids, tasks, prompts, insertion = load_bank(tracker, runs, workdir)
         matrices = embedding_similarities(prompts, drop_first=insertion == "paper")
-        masks, info = compute_bank_activations(backbone, prompts, insertion, ind.probe, tasks, ind.probe_examples,
+        inits = bank_inits(workdir, ids, backbone, insertion)
+        if inits is not None:
+            matrices.update(displacement_similarities(prompts, inits, drop_first=insertion == "paper"))
+        both = torch.cat([prompts, inits]) if inits is not None else prompts  # inits' masks: ON's displacement
+        masks, info = compute_bank_activations(backbone, both, insertion, ind.probe,
+                                               tasks * (2 if inits is not None else 1), ind.probe_examples,
                                                getattr(ind, "position", "score"), ind.hook, ind.num_actors,
                                                dataclasses.asdict(ind.resources), describe=True, max_length=cap)
+        if inits is not None:
+            masks, init_masks = masks[:len(ids)], masks[len(ids):]
         matrices.update(overlap_matrices(masks, ind.windows, getattr(ind, "window_stride", None)))
+        if inits is not None:
+            matrices.update(displacement_overlap(masks, init_masks))
         run_id = tracker.start_run(f"indicators {backbone}", {"ptx.kind": track.KIND_INDICATORS, "ptx.backbone": backbone,
                                                               "ptx.study": spec.name, "ptx.config_hash": digest})
         try:
@@ -386,7 +476,8 @@ def run_indicators_stage(spec, tracker, workdir, transfer_table: pd.DataFrame | 
                 "where": ind.hook,
                 "position": getattr(ind, "position", "score"), "prompt_runs": ids, "prompt_tasks": tasks,
                 "probe_examples": ind.probe_examples if ind.probe == "examples" else None})
-            tables = analyse(table, matrices, ids, tasks, _own_runs(runs), art / "tables", ind.bootstrap)
+            tables = analyse(table, matrices, ids, tasks, _own_runs(runs), art / "tables", ind.bootstrap,
+                             seeds=[r.data.tags.get("ptx.seed") for r in runs])
             (art / "indicators").mkdir()  # where TPT's `indicator:<name>` source reads its ranking
             tables["recommendations"].to_parquet(art / "indicators" / "recommendations.parquet", index=False)
             tracker.log(run_id, {**_metrics(tables), "n_prompts": len(ids), "seconds": time.perf_counter() - t0},

@@ -1,9 +1,12 @@
-"""Task metrics as a plain dict of functions `fn(preds, refs) -> float` in [0, 1]; no metric packages.
+"""Task metrics as a plain dict of functions `fn(preds, refs) -> float` in [0, 1].
 
 Classification metrics take integer class indices. Generation metrics take strings; a reference may also be a
-list of acceptable answers (SQuAD, NQ-Open), and the best-matching one counts.
+list of acceptable answers (SQuAD, NQ-Open), and the best-matching one counts. F1 and exact match follow the
+official SQuAD script (normalisation: lowercase, no punctuation, no articles, single spaces); ROUGE-L is the
+`rouge-score` package's (Google's reimplementation of ROUGE-1.5.5), stemming on, as summarisation papers report it.
 """
 
+import functools
 import re
 import string
 from collections import Counter
@@ -82,32 +85,18 @@ def f1(preds: list, refs: list) -> float:
     return sum(scores) / len(scores)
 
 
-def _lcs(a: list[str], b: list[str]) -> int:
-    """Length of the longest common subsequence, one DP row at a time (O(len(b)) memory)."""
-    prev = [0] * (len(b) + 1)
-    for x in a:
-        cur = [0]
-        for j, y in enumerate(b):
-            cur.append(prev[j] + 1 if x == y else max(prev[j + 1], cur[j]))
-        prev = cur
-    return prev[-1]
+@functools.cache
+def _rouge_scorer():
+    from rouge_score import rouge_scorer
 
-
-def _rouge_l(pred: str, ref: str) -> float:
-    p, r = str(pred).lower().split(), str(ref).lower().split()
-    if not p or not r:
-        return float(p == r)
-    lcs = _lcs(p, r)
-    if lcs == 0:
-        return 0.0
-    precision, recall = lcs / len(p), lcs / len(r)
-    return 2 * precision * recall / (precision + recall)
+    return rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
 
 
 def rouge_l(preds: list, refs: list) -> float:
-    """Mean ROUGE-L F1 (LCS over lowercased whitespace tokens), each prediction against its best reference."""
+    """Mean ROUGE-L F-measure (rouge-score, Porter stemming), each prediction against its best reference."""
     _check(preds, refs, "rouge_l")
-    scores = [max(_rouge_l(p, o) for o in _options(r)) for p, r in zip(preds, refs, strict=True)]
+    scorer = _rouge_scorer()
+    scores = [max(scorer.score(o, str(p))["rougeL"].fmeasure for o in _options(r)) for p, r in zip(preds, refs, strict=True)]
     return sum(scores) / len(scores)
 
 

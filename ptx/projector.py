@@ -292,7 +292,7 @@ def train_projector(config: ProjectorConfig, settings: ProjectorSettings, source
     if use_task:
         for i, task in enumerate(task_names):
             spec, data = task_data[task]
-            labels[task] = backbone.label_ids(spec.verbalizer).to(device)
+            labels[task] = backbone.label_ids(spec.label_words(backbone.kind)).to(device)
             streams[task] = iterate_batches(data, settings.batch_size, backbone.pad_id, seed=settings.seed + i, epochs=None)
     rng = random.Random(settings.seed)
 

@@ -1,5 +1,6 @@
 """The soft prompt, its init modes, and the prompt artifact (save, strict load, PEFT export, import)."""
 
+import hashlib
 import json
 import logging
 from dataclasses import dataclass
@@ -39,14 +40,23 @@ class SoftPrompt(nn.Module):
         return self.weight
 
 
+def init_seed(seed: int, task: str | None = None) -> int:
+    """The generator seed of a random or vocab init: `seed` alone, or (seed, task) mixed so that no two tasks of one
+    seed start from the same prompt (shared starts make prompt similarity partly measure the shared start)."""
+    if task is None:
+        return int(seed)
+    digest = hashlib.sha256(f"ptx-init:{int(seed)}:{task}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") >> 1  # 63 bits: torch.Generator takes a signed 64-bit seed
+
+
 def init_prompt(backbone, n_tokens: int = DEFAULT_TOKENS, mode: str = "random", seed: int = 0,
-                text: str | None = None, artifact: str | Path | None = None) -> torch.Tensor:
-    """An initial prompt [n_tokens, d_model] for `backbone`."""
+                text: str | None = None, artifact: str | Path | None = None, task: str | None = None) -> torch.Tensor:
+    """An initial prompt [n_tokens, d_model] for `backbone`; random and vocab draws are seeded by (seed, task)."""
     try:
         mode = InitMode(mode)
     except ValueError:
         raise PtxError(f"unknown init mode '{mode}'; expected one of {[m.value for m in InitMode]}") from None
-    gen = torch.Generator().manual_seed(seed)
+    gen = torch.Generator().manual_seed(init_seed(seed, task))
     emb = backbone.input_embeddings().detach().float().cpu()
     if mode is InitMode.RANDOM:
         return torch.randn(n_tokens, emb.shape[1], generator=gen) * emb.std()
@@ -66,6 +76,30 @@ def init_prompt(backbone, n_tokens: int = DEFAULT_TOKENS, mode: str = "random", 
     if loaded.prompt.shape[0] != n_tokens:
         raise PtxError(f"init prompt {artifact} has {loaded.prompt.shape[0]} tokens; this run wants {n_tokens}")
     return loaded.prompt.clone()
+
+
+def init_record(mode: str | None, seed, task: str | None, text: str | None = None, source: str | None = None) -> dict:
+    """prompt.json's `init`: the mode, its source, and what rebuilds the start (`reconstruct_init`): the generator
+    seed of a random/vocab draw, the text of a text init."""
+    out = {"mode": mode, "source": source}
+    if mode in (InitMode.RANDOM.value, InitMode.VOCAB.value) and seed is not None:
+        out["seed"] = init_seed(int(seed), task)
+    if mode == InitMode.TEXT.value and text:
+        out["text"] = text
+    return out
+
+
+def reconstruct_init(meta: dict, backbone) -> torch.Tensor | None:
+    """The prompt a run started from [n_tokens, d_model], rebuilt from its prompt.json; None when it cannot be
+    (an imported prompt, a transfer init, a text init written before the text was recorded)."""
+    init, n_tokens = meta.get("init") or {}, meta.get("n_tokens")
+    mode = init.get("mode")
+    if n_tokens is None or mode not in (InitMode.RANDOM.value, InitMode.VOCAB.value, InitMode.TEXT.value):
+        return None
+    if mode == InitMode.TEXT.value:
+        return init_prompt(backbone, n_tokens, mode, text=init["text"]) if init.get("text") else None
+    seed = init.get("seed", meta.get("seed"))  # no init.seed: written before per-task seeding, the run's seed
+    return init_prompt(backbone, n_tokens, mode, seed=int(seed)) if seed is not None else None
 
 
 @dataclass(frozen=True)

@@ -574,10 +574,13 @@ def indicators_section(ctx) -> str:
         facts[backbone] = fact
         parts.append(f"<h3>{esc(backbone)}</h3><p>Correlation of each indicator with zero-shot transfer, per target "
                      "task over its source prompts and then averaged (95% bootstrap CI), and pooled over all pairs; "
-                     f"from indicators run {cite}.</p>")
+                     "<i>_disp</i>: the same measure of each prompt's displacement from its own init (ON: of the "
+                     "neurons training switched), which a shared start cannot inflate; <i>within one seed</i>: "
+                     f"sources and targets' own prompts of one seed only (docs/fidelity.md); from indicators run {cite}.</p>")
         methods = [m for m in ("spearman", "pearson", "kendall") if m in set(summary.method)]
-        order = [n for n in (*ON, *EMBEDDING) if n in set(summary.indicator)]
+        order = [v for n in (*ON, *EMBEDDING) for v in (n, f"{n}_disp") if v in set(summary.indicator)]
         order += sorted(set(summary.indicator) - set(order))
+        seeded = "within_seed" in summary.columns
         rows = []
         for name in order:
             by = summary[summary.indicator == name].set_index("method")
@@ -585,17 +588,18 @@ def indicators_section(ctx) -> str:
             row += [_ci(*(by.loc[m, c] for c in ("mean_over_targets", "ci_low", "ci_high"))) if m in by.index
                     else "—" for m in methods]
             s = by.loc["spearman"] if "spearman" in by.index else by.iloc[0]
-            row += [_ci(s.get("pooled"), s.get("pooled_ci_low"), s.get("pooled_ci_high")),
-                    f"{s.get('n_targets_defined', '')}/{s.get('n_targets', '')}", s.get("n_pairs", "")]
+            row += [_ci(s.get("pooled"), s.get("pooled_ci_low"), s.get("pooled_ci_high"))]
+            row += [_num(s.get("within_seed"), 2)] if seeded else []
+            row += [f"{s.get('n_targets_defined', '')}/{s.get('n_targets', '')}", s.get("n_pairs", "")]
             rows.append(row)
         parts.append(_table(["indicator", *(f"{m} (mean over targets) [CI]" for m in methods), "Spearman pooled [CI]",
-                             "targets defined", "pairs"], rows, cite))
+                             *(["Spearman within one seed"] if seeded else []), "targets defined", "pairs"], rows, cite))
         pairs = _parquet(folder, "pairs.parquet")
         if pairs is not None and "on" in fact and fact.get("embedding") in pairs.columns:
             valid = pairs.dropna(subset=["y", "on", fact["embedding"]])
             fact["on_vs_embedding"] = paired_correlation_difference(
                 valid["on"], valid[fact["embedding"]], valid["y"], valid["target_task"])
-        names = [n for n in order if pairs is not None and n in pairs.columns]
+        names = [n for n in order if pairs is not None and n in pairs.columns and not n.endswith("_disp")]
         if names:
             valid = pairs.dropna(subset=["y"])
             ncol = min(4, len(names))

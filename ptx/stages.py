@@ -12,7 +12,7 @@ from ptx.backbones import load_backbone
 from ptx.config import config_hash
 from ptx.data import encode_split
 from ptx.errors import PtxError
-from ptx.prompt import backbone_meta, import_torch_prompt, init_prompt, load_prompt, save_prompt
+from ptx.prompt import backbone_meta, import_torch_prompt, init_prompt, init_record, load_prompt, save_prompt
 from ptx.train import TrainSettings, train_prompt
 
 log = logging.getLogger(__name__)
@@ -37,6 +37,10 @@ class PromptRequest:
     def hash(self) -> str:
         fields = asdict(self)
         fields["settings"].pop("compile")  # how the same step is executed, not what it computes
+        # fields added later, at the value that reproduces what runs did before them: the hash those runs had
+        for key, legacy in (("dropout", False), ("label_loss", "label_words")):
+            if fields["settings"].get(key) == legacy:
+                fields["settings"].pop(key)
         if fields["max_length"] is None:  # absent: the hash of every request made before the field existed
             fields.pop("max_length")
         return config_hash(fields)
@@ -87,8 +91,9 @@ def run_prompt(req: PromptRequest, workdir: str | Path, tracker=None, parent_run
     spec = load_task(req.task, max_length=req.max_length)
     backbone = backbone or load_backbone(req.backbone, insertion=req.insertion)
     init_dir, source_run = resolve_init_source(req, tracker, workdir)
+    init_text = spec.instruction(req.init_text) if req.init_text else None
     init = init_prompt(backbone, req.prompt_length, "artifact" if init_dir else req.init, seed=req.settings.seed,
-                       text=spec.instruction(req.init_text) if req.init_text else None, artifact=init_dir)
+                       text=init_text, artifact=init_dir, task=spec.name)
     train = encode_split(spec, backbone, "train", limit=req.train_limit)
     dev = encode_split(spec, backbone, "dev", limit=req.dev_limit)
     tags = {"ptx.kind": track.KIND_PROMPT, "ptx.task": spec.name, "ptx.backbone": req.backbone,
@@ -130,9 +135,10 @@ def run_prompt(req: PromptRequest, workdir: str | Path, tracker=None, parent_run
         track_call(tracker and tracker.finish, run_id, "FAILED")
         raise
     meta = {"config_hash": digest, "mlflow_run_id": run_id, "backbone": backbone_meta(backbone),
-            "task": {"name": spec.name, "version": spec.version}, "verbalizer": list(spec.verbalizer),
+            "task": {"name": spec.name, "version": spec.version}, "verbalizer": list(spec.label_words(backbone.kind)),
             "insertion": backbone.insertion.value,
-            "init": {"mode": "artifact" if init_dir else req.init, "source": source_run or (str(init_dir) if init_dir else None)},
+            "init": init_record("artifact" if init_dir else req.init, req.settings.seed, spec.name, init_text,
+                                source_run or (str(init_dir) if init_dir else None)),
             "seed": req.settings.seed, "best_step": result.best_step,
             "dev_metric": {"name": spec.metric, "value": result.best_metric}, "stopped": result.stopped}
     artifact = save_prompt(workdir / "prompts" / (run_id or digest), result.prompt, meta)
@@ -192,7 +198,7 @@ def import_prompt(file: str | Path, backbone_name: str, task: str | None, insert
     meta = {"config_hash": digest, "mlflow_run_id": run_id, "name": label,
             "backbone": {"name": backbone_name, "revision": None, "kind": kind, "d_model": width},
             "task": {"name": spec.name, "version": spec.version} if spec else None,
-            "verbalizer": list(spec.verbalizer) if spec and spec.verbalizer else None,
+            "verbalizer": list(spec.label_words(kind)) if spec and spec.verbalizer else None,
             "insertion": insertion, "init": {"mode": "imported", "source": str(Path(file).resolve())}, "seed": None,
             "best_step": None, "dev_metric": None}
     artifact = save_prompt(workdir / "prompts" / (run_id or digest), tensor, meta)

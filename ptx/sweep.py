@@ -437,7 +437,7 @@ def _fit_and_finalise(tuner, tracker, parent: str, workdir: Path) -> dict:
 
 def finalise(grid, tracker, workdir: Path) -> dict:
     """Close every trial's MLflow run from its last checkpoint; tag the best prompt per (task, backbone)."""
-    from ptx.prompt import save_prompt
+    from ptx.prompt import init_record, save_prompt
     from ptx.tasks import load_task
 
     rows, errored = [], 0
@@ -459,10 +459,13 @@ def finalise(grid, tracker, workdir: Path) -> dict:
                 spec = load_task(req["task"])
                 art = Path(workdir) / "prompts" / run_id
                 if not (art / "prompt.json").exists():
+                    bmeta = _backbone_meta_from(run, state)
                     meta = {"config_hash": run.data.tags.get("ptx.config_hash"), "mlflow_run_id": run_id,
-                            "backbone": _backbone_meta_from(run, state), "task": {"name": spec.name, "version": spec.version},
-                            "verbalizer": list(spec.verbalizer), "insertion": req.get("insertion", "prepend"),
-                            "init": {"mode": req.get("init"), "source": run.data.tags.get("ptx.source_run")},
+                            "backbone": bmeta, "task": {"name": spec.name, "version": spec.version},
+                            "verbalizer": list(spec.label_words(bmeta.get("kind"))), "insertion": req.get("insertion", "prepend"),
+                            "init": init_record("artifact" if req.get("init_from") else req.get("init"), req["settings"]["seed"], spec.name,
+                                                spec.instruction(req["init_text"]) if req.get("init_text") else None,
+                                                run.data.tags.get("ptx.source_run")),
                             "seed": req["settings"]["seed"], "best_step": state["best_step"],
                             "dev_metric": {"name": spec.metric, "value": state["best_metric"]}}
                     save_prompt(art, state["best_prompt"], meta)

@@ -17,6 +17,7 @@ from ptx.evaluate import _autocast, score_prompts
 from ptx.prompt import SoftPrompt
 
 log = logging.getLogger(__name__)
+LABEL_LOSSES = ("label_words", "full_vocab")
 
 
 @dataclass(frozen=True)
@@ -36,6 +37,14 @@ class TrainSettings:
     # bound by kernel launches (1.6x on an H200, roberta-large, batch 16; benchmarks/RESULTS.md), and costs
     # minutes of compilation on CPU for a 16% gain there
     compile: bool = False
+    # The backbone's own dropout during prompt updates (train mode), never while scoring (eval mode). The paper's
+    # code (thunlp/Prompt-Transferability, tools/train_tool.py) called model.train() before its training epochs
+    # and model.eval() only inside validation, so the frozen PLM's dropout was active while the prompt learned.
+    dropout: bool = True
+    # Classification loss: "label_words" is a softmax over the task's label words at the scoring position;
+    # "full_vocab" is the LM's cross-entropy over its whole vocabulary at that position, gold = the label word's
+    # token (what the paper's T5 code optimised: labels=<label word> in T5's own LM loss)
+    label_loss: str = "label_words"
 
 
 @dataclass
@@ -61,16 +70,24 @@ def train_prompt(backbone, spec, init: torch.Tensor, train_data, dev_data, setti
         raise PtxError(f"task '{spec.name}': the training split is empty")
     if not torch.isfinite(init).all():  # its step-0 score would make it the "best" prompt
         raise PtxError(f"the initial prompt holds NaN or inf values (shape {list(init.shape)})")
+    if settings.label_loss not in LABEL_LOSSES:
+        raise PtxError(f"train.label_loss: expected one of {list(LABEL_LOSSES)}, found {settings.label_loss!r}")
     torch.manual_seed(settings.seed)
     prompt = SoftPrompt(init).to(device)
     opt = torch.optim.AdamW([prompt.weight], lr=settings.lr, weight_decay=settings.weight_decay)
     warm = max(1, settings.warmup_steps)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm) if settings.warmup_steps else 1.0)
     generation = spec.kind == "generation"
-    label_ids = None if generation else backbone.label_ids(spec.verbalizer).to(device)
+    label_ids = None if generation else backbone.label_ids(spec.label_words(backbone.kind)).to(device)
+    if label_ids is not None and settings.label_loss == "full_vocab":
+        gold_ids, label_ids = label_ids, torch.arange(backbone.model.get_output_embeddings().weight.shape[0],
+                                                      device=device)
+    else:
+        gold_ids = None
     label_logits = torch.compile(backbone.label_logits, dynamic=True) if settings.compile else backbone.label_logits
 
     def evaluate() -> float:
+        backbone.model.eval()  # scoring never sees dropout
         return score_prompts(backbone, prompt.weight.detach(), spec, dev_data, settings.eval_batch_size)[0]
 
     start, curve, best, best_step, stale = 0, [], -math.inf, 0, 0
@@ -94,12 +111,16 @@ def train_prompt(backbone, spec, init: torch.Tensor, train_data, dev_data, setti
     bar = tqdm(total=settings.steps, initial=start, disable=not progress, desc=f"tuning {spec.name}")
     for step in range(start + 1, settings.steps + 1):
         batch = next(batches)
+        backbone.model.train(settings.dropout)  # evaluate() switches back to eval mode
+        if settings.dropout:
+            torch.manual_seed(_step_seed(settings.seed, step))
         with _autocast(backbone) if settings.bf16 else torch.autocast(device.type, enabled=False):
             if generation:
                 loss = backbone.seq2seq_loss(prompt.weight, batch)
             else:
                 logits = label_logits(prompt.weight, batch, label_ids)
-                loss = F.cross_entropy(logits.float(), batch["labels"].to(device))
+                gold = batch["labels"].to(device)
+                loss = F.cross_entropy(logits.float(), gold if gold_ids is None else gold_ids[gold])
         if not torch.isfinite(loss):
             stopped, step = "nonfinite_loss", step - 1
             log.error("non-finite loss %s at step %d; keeping the best checkpoint (step %d)", loss.item(), step + 1,
@@ -139,8 +160,14 @@ def train_prompt(backbone, spec, init: torch.Tensor, train_data, dev_data, setti
                 stopped = "early_stop"
                 break
     bar.close()
+    backbone.model.eval()  # backbones are shared (actor pools, the CLI): leave them as loaded
     return TrainResult(prompt=best_prompt.cpu(), best_step=best_step, best_metric=best, metric=spec.metric,
                        curve=curve, steps_done=step, stopped=stopped, seconds=time.perf_counter() - t0)
+
+
+def _step_seed(seed: int, step: int) -> int:
+    """The dropout RNG seed of one step: a resumed run draws the masks an uninterrupted run would have drawn."""
+    return (seed * 1_000_003 + step) % (2 ** 63)
 
 
 def settings_dict(settings: TrainSettings) -> dict:

@@ -1,6 +1,7 @@
 """Indicators: embedding similarity, FFN hooks and masks, ON, the actor pool, correlation, the stage, reference check."""
 
 import itertools
+import json
 import math
 from pathlib import Path
 
@@ -110,7 +111,8 @@ def test_embedding_similarities_match_their_definitions():
         assert got["e_concat_euclid"][i, j] == pytest.approx(1 / (1 + (a - b).norm().item()), abs=1e-5)
         pairs = [(a[s], b[t]) for s in range(3) for t in range(3)]
         assert got["e_avg_cos"][i, j] == pytest.approx(np.mean([cos(u, v, dim=0).item() for u, v in pairs]), abs=1e-5)
-        assert got["e_avg_euclid"][i, j] == pytest.approx(np.mean([1 / (1 + (u - v).norm().item()) for u, v in pairs]),
+        # the paper's code: 1 / (1 + the mean token-pair distance), not the mean of per-pair 1 / (1 + distance)
+        assert got["e_avg_euclid"][i, j] == pytest.approx(1 / (1 + np.mean([(u - v).norm().item() for u, v in pairs])),
                                                           abs=1e-5)
         assert got["mean_cos"][i, j] == pytest.approx(cos(a.mean(0), b.mean(0), dim=0).item(), abs=1e-5)
     small_blocks = ind.embedding_similarities(x, block=10)  # the chunked token-pair distances agree
@@ -292,6 +294,40 @@ def _import_bank(tmp_path, tracker, tasks, per_task=2, d=64, backbone="tiny-llam
     return runs
 
 
+def _as_trained(workdir, tracker, bank) -> None:
+    """Make an imported bank look trained: prompt.json records a random init of (seed k, task), the run its seed
+    tag, as run_prompt writes them (training itself would add minutes here and nothing to what is checked)."""
+    from ptx.prompt import init_record
+
+    seen: dict = {}
+    for rid, task in bank:
+        k = seen[task] = seen.get(task, -1) + 1
+        meta_file = workdir / "prompts" / rid / "prompt.json"
+        meta = json.loads(meta_file.read_text())
+        meta["init"], meta["seed"] = init_record("random", k, task), k
+        meta_file.write_text(json.dumps(meta, sort_keys=True))
+        tracker.client.set_tag(rid, "ptx.seed", str(k))
+
+
+def test_bank_inits_rebuilds_each_start_or_none(tiny, tmp_path):
+    from ptx.prompt import backbone_meta, init_prompt, init_record, save_prompt
+
+    bb = tiny("tiny-llama")
+    ids = []
+    for k, (task, mode) in enumerate([("sst2", "random"), ("mnli", "vocab"), ("qqp", "text")]):
+        meta = {"backbone": backbone_meta(bb), "seed": 1, "task": {"name": task, "version": 1},
+                "init": init_record(mode, 1, task, text="the movie was great" if mode == "text" else None)}
+        save_prompt(tmp_path / "prompts" / f"r{k}", torch.zeros(5, bb.d_model), meta)
+        ids.append(f"r{k}")
+    inits = ind.bank_inits(tmp_path, ids, "tiny-llama", "prepend")
+    torch.testing.assert_close(inits, torch.stack([init_prompt(bb, 5, "random", seed=1, task="sst2"),
+                                                   init_prompt(bb, 5, "vocab", seed=1, task="mnli"),
+                                                   init_prompt(bb, 5, "text", text="the movie was great")]))
+    meta = {"backbone": backbone_meta(bb), "init": {"mode": "imported", "source": "x.pt"}}
+    save_prompt(tmp_path / "prompts" / "imp", torch.zeros(5, bb.d_model), meta)
+    assert ind.bank_inits(tmp_path, [*ids, "imp"], "tiny-llama", "prepend") is None  # no _disp rows then
+
+
 @pytest.mark.ray
 def test_indicators_stage_logs_everything(tiny, ray_local, tmp_path):
     import yaml
@@ -302,6 +338,7 @@ def test_indicators_stage_logs_everything(tiny, ray_local, tmp_path):
     tasks = ["tweet_sentiment", "drug_sentiment", "drug_condition", "bbc_topic"]
     tracker = _tracker(tmp_path)
     bank = _import_bank(tmp_path, tracker, tasks)
+    _as_trained(tmp_path, tracker, bank)
     rng = np.random.default_rng(0)
     table = pd.DataFrame([{"backbone": "tiny-llama", "source_prompt_run": r, "source_task": s, "target_task": t,
                            "split": "dev", "metric": "accuracy", "value": v, "relative_value": v / 0.8}
@@ -333,7 +370,11 @@ def test_indicators_stage_logs_everything(tiny, ray_local, tmp_path):
     assert summary.loc[("on", "spearman"), "n_targets_defined"] == 4
     assert summary.loc[("on", "spearman"), "mean_over_targets"] == pytest.approx(run.data.metrics["spearman.on"])
     assert out["spearman"]["on"] == pytest.approx(run.data.metrics["spearman.on"])
-    assert len(list((art / "tables" / "plots").glob("scatter_*.png"))) == 7
+    assert len(list((art / "tables" / "plots").glob("scatter_*.png"))) == 14  # 7 raw, 7 displacement
+    # displacement from the rebuilt inits beside the raw indicators; within-seed: 4 targets x 2 seeds defined
+    assert {"spearman.on_disp", "spearman.e_avg_cos_disp", "kendall.on_jaccard_disp"} <= set(run.data.metrics)
+    assert summary.loc[("on_disp", "spearman"), "n_targets_defined"] == 4
+    assert (summary.xs("spearman", level="method")["n_within_seed"] == 8).all()
     from ptx.transfer import _indicator_sources  # TPT's `tpt.source: indicator:on` reads this run
 
     picks = _indicator_sources(tracker, "tiny-llama", "study", "on")
@@ -382,6 +423,17 @@ def test_reference_prompts_import_and_correlate(ptx_cache_dir, tmp_path):
     spear = df[df.method == "spearman"].set_index(["backbone", "indicator"])
     assert spear.loc[("roberta-base", "e_concat_cos"), "n_targets_defined"] == 13
     assert spear.loc[("t5-base", "mean_cos"), "n_targets_defined"] == 17  # the t5 'random' source is left out
-    assert spear["mean_over_targets"].between(-1, 1).all() and (spear["ci_low"] <= spear["ci_high"]).all()
+    # recomputed independently: cosine of the flattened prompts (RoBERTa: row 0 left out), Spearman against the
+    # zero-shot score per target over its source prompts (relative or not: one ranking), averaged over targets
+    zs = pd.read_csv(REFERENCE / "zero_shot_transfer.csv").query("backbone == 'roberta-base'")
+    flat = {f.stem: torch.load(f, weights_only=True)[1:].flatten().double()
+            for f in (REFERENCE / "prompts" / "roberta-base").glob("*.pt") if f.stem != "random"}
+    rhos = []
+    for target in sorted(flat):
+        rows = zs[(zs.target_task == target) & (zs.source_prompt != target) & zs.source_prompt.isin(list(flat))]
+        x = [torch.nn.functional.cosine_similarity(flat[src], flat[target], dim=0).item() for src in rows.source_prompt]
+        rhos.append(stats.spearmanr(x, rows.value).statistic)
+    assert spear.loc[("roberta-base", "e_concat_cos"), "mean_over_targets"] == pytest.approx(np.mean(rhos), abs=1e-6)
+    assert (spear["ci_low"] <= spear["ci_high"]).all()
     runs = tracker.find_runs({"ptx.kind": "indicators", "ptx.study": "reference-check"})
     assert sorted(r.data.tags["ptx.backbone"] for r in runs) == ["roberta-base", "roberta-large", "t5-base"]

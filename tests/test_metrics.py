@@ -46,7 +46,7 @@ def test_squad_f1_by_hand():
 
 
 def test_rouge_l_by_hand():
-    # LCS "the cat was under the bed" = 6 tokens; P 6/7, R 6/6 -> F 12/13
+    # rouge-score's tokens (lowercase alphanumerics, Porter stems of words over 3 letters); LCS "the cat was under the bed" = 6 tokens; P 6/7, R 6/6 -> F 12/13
     pred, ref = "The cat was found under the bed", "the cat was under the bed"
     assert METRICS["rouge_l"]([pred], [ref]) == pytest.approx(12 / 13)
     # LCS of "a b c d" and "a c b d" is 3: P = R = 3/4
@@ -62,13 +62,20 @@ def test_empty_and_misaligned_inputs_raise(name):
                       [0] if METRIC_KIND[name] == "classification" else ["a"])
 
 
+# by hand: accuracy 2/5; macro-F1 (class 0: 2/3, class 1: 1/2, class 2: 0) / 3; F1 ("a" is an article):
+# [b c] vs [c] 2/3, "" vs "" 1, [x] vs [y] 0, q 1; EM 0 1 0 1; ROUGE-L (rouge-score: an empty text scores 0):
+# "a b c" vs "a c" P 2/3 R 1 -> 0.8, "" 0, 0, 1
+EXPECTED = {"accuracy": 2 / 5, "macro_f1": (2 / 3 + 1 / 2 + 0) / 3, "f1": (2 / 3 + 1 + 0 + 1) / 4,
+            "exact_match": 2 / 4, "rouge_l": (0.8 + 0 + 0 + 1) / 4}
+
+
 @pytest.mark.parametrize("name", sorted(METRICS))
-def test_scores_lie_in_unit_interval(name):
+def test_scores_by_hand(name):
     if METRIC_KIND[name] == "classification":
         preds, refs = [0, 2, 1, 1, 0], [0, 1, 1, 2, 2]
     else:
         preds, refs = ["a b c", "", "the x", "q"], ["a c", "", "y", ["q", "r"]]
-    assert 0.0 <= METRICS[name](preds, refs) <= 1.0
+    assert METRICS[name](preds, refs) == pytest.approx(EXPECTED[name])
 
 
 def test_unknown_metric_suggests():

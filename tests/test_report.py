@@ -91,13 +91,13 @@ def _log_indicators(tracker, rng, backbone, table, bank, workdir):
              "e_concat_euclid": 0.4, "e_avg_euclid": 0.4}
     for layer, noise in enumerate((0.4, 0.2, 0.08, 0.05), 1):
         noisy[f"on.layer_{layer}"], noisy[f"on_jaccard.layer_{layer}"] = noise, noise * 1.3
-    noisy.update({"on.layers_1-2": 0.25, "on.layers_3-4": 0.05})
+    noisy.update({"on.layers_1-2": 0.25, "on.layers_3-4": 0.05, "on_disp": 0.1, "e_concat_cos_disp": 0.3})
     matrices = {k: base + rng.normal(0, s, base.shape) for k, s in noisy.items()}
     own = {t: [bank[t, 0]] for t in TASKS}
     run_id = tracker.start_run(f"indicators {backbone}", {"ptx.kind": track.KIND_INDICATORS, "ptx.backbone": backbone,
                                                           "ptx.study": tracker.experiment, "ptx.config_hash": "i"})
     art = workdir / "indicators" / run_id
-    tables = analyse(table, matrices, ids, tasks, own, art / "tables", bootstrap=200)
+    tables = analyse(table, matrices, ids, tasks, own, art / "tables", bootstrap=200, seeds=[s for _, s in bank])
     tracker.log_artifacts(run_id, art)
     tracker.finish(run_id)
     return run_id, tables
@@ -248,6 +248,9 @@ def test_full_report_has_every_section_number_and_run(store):
     assert (f"median speed-up {lo:.2f}× to {hi:.2f}×" if f"{lo:.2f}" != f"{hi:.2f}"
             else f"median speed-up {lo:.2f}×") in findings
     assert f"mean over the reaching runs only {sum(reached) / 6:.2f}×" in findings
+    section = _section(page, "indicators")  # displacement variants beside the raw ones, and the within-seed column
+    assert "<th>Spearman within one seed</th>" in section and "<td>e_concat_cos_disp</td>" in section
+    assert f"<td>{corr.loc[('on_disp', 'spearman'), 'within_seed']:.2f}</td>" in section
     # every stage run and every bank prompt is named, with a footnote that says how to fetch it
     for rid in store["runs"].values():
         assert rid in page

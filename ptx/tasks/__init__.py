@@ -64,6 +64,10 @@ class TaskSpec:
     test_size: int | float = 0.1  # likewise for test, carved after dev
     split_seed: int = 13          # seeds the carving and the order within every split
     group_column: str | None = None  # carve dev/test by whole groups of this field (rows sharing a scenario)
+    # label words for one backbone kind where the paper's code used other words than `verbalizer` for it, e.g.
+    # (("seq2seq", ("entailment", "neutral", "contradiction")),): its T5 code's MNLI words
+    verbalizer_by_kind: tuple = ()
+    max_new_tokens: int = 32      # generation budget (new tokens) when scoring, also the training targets' length
 
     def fields(self) -> tuple[str, ...]:
         """Template fields (example columns), in order of first use, without `mask`."""
@@ -88,6 +92,11 @@ class TaskSpec:
             out.append(str(example[field]).strip())
         return "".join(before).strip(), "".join(after).strip()
 
+    def label_words(self, kind=None) -> tuple[str, ...]:
+        """The verbalizer for a backbone kind ("masked_lm", "seq2seq", "causal_lm" or a BackboneKind)."""
+        kind = getattr(kind, "value", kind)
+        return dict(self.verbalizer_by_kind).get(kind, self.verbalizer)
+
     def instruction(self, text: str) -> str:
         """An init text with `{labels}` replaced by this task's label words ("negative, neutral or positive")."""
         if "{labels}" not in text:
@@ -110,7 +119,8 @@ def _template_pieces(template: str) -> tuple:
 
 _KEYS = ("name", "version", "category", "kind", "source", "splits", "template", "label_column", "labels",
          "verbalizer", "target_column", "metric", "max_length", "preprocess", "dev_size", "test_size",
-         "split_seed", "group_column")
+         "split_seed", "group_column", "verbalizer_by_kind", "max_new_tokens")
+BACKBONE_KINDS = ("masked_lm", "seq2seq", "causal_lm")
 _REQUIRED = ("name", "version", "category", "kind", "source", "template", "metric", "max_length")
 _SOURCE_KEYS = {"hf": ("path", "name", "revision", "data_dir"), "files": ("files",), "package": ("package", "file")}
 _NAME = re.compile(r"^[a-z][a-z0-9_]*$")
@@ -244,6 +254,25 @@ def _check_size(raw: dict, key: str, errors: list[str]) -> None:
         errors.append(f"field '{key}': expected a row count >= 1 or a fraction in (0, 1), found {value!r}")
 
 
+def _check_by_kind(raw, verbalizer, errors: list[str]) -> None:
+    """`verbalizer_by_kind`: {backbone kind: [one distinct word per label]}, as long as `verbalizer`."""
+    if raw is None:
+        return
+    if not isinstance(raw, dict):
+        errors.append(f"field 'verbalizer_by_kind': expected a mapping of backbone kind to words, found {raw!r}")
+        return
+    for kind, words in raw.items():
+        if kind not in BACKBONE_KINDS:
+            errors.append(f"field 'verbalizer_by_kind.{kind}': unknown backbone kind{suggest(str(kind), BACKBONE_KINDS)}; "
+                          f"expected one of {list(BACKBONE_KINDS)}")
+        elif not (isinstance(words, list) and words and all(_is_str(w) for w in words)) or len(set(words)) != len(words):
+            errors.append(f"field 'verbalizer_by_kind.{kind}': expected a list of distinct words (quote yes/no), "
+                          f"found {words!r}")
+        elif isinstance(verbalizer, list) and len(words) != len(verbalizer):
+            errors.append(f"field 'verbalizer_by_kind.{kind}': expected {len(verbalizer)} words (one per label, as "
+                          f"'verbalizer'), found {len(words)}")
+
+
 def parse_task(raw, path: Path) -> TaskSpec:
     """Validate one parsed task mapping (from `path`) into a TaskSpec; all problems raised together."""
     path = Path(path)
@@ -313,14 +342,17 @@ def parse_task(raw, path: Path) -> TaskSpec:
                               f"found {len(verbalizer)}")
         if raw.get("target_column") is not None:
             errors.append("field 'target_column': only for generation tasks")
+        _check_by_kind(raw.get("verbalizer_by_kind"), verbalizer, errors)
     elif kind == "generation":
         if not _is_str(raw.get("target_column")):
             errors.append(f"field 'target_column': a generation task needs the reference text column, "
                           f"found {raw.get('target_column')!r}")
-        for key in ("label_column", "labels", "verbalizer"):
+        for key in ("label_column", "labels", "verbalizer", "verbalizer_by_kind"):
             if raw.get(key) is not None:
                 errors.append(f"field '{key}': only for classification tasks")
 
+    if "max_new_tokens" in raw and not (_is_int(raw["max_new_tokens"]) and raw["max_new_tokens"] >= 1):
+        errors.append(f"field 'max_new_tokens': expected an integer >= 1, found {raw['max_new_tokens']!r}")
     if errors:
         raise PtxError(f"{path}: {len(errors)} problem(s): " + "; ".join(errors))
     return TaskSpec(
@@ -329,7 +361,9 @@ def parse_task(raw, path: Path) -> TaskSpec:
         labels=tuple(labels) if labels is not None else None, verbalizer=tuple(verbalizer or ()),
         target_column=raw.get("target_column"), metric=metric, max_length=raw["max_length"],
         preprocess=preprocess, dev_size=raw.get("dev_size", 0.1), test_size=raw.get("test_size", 0.1),
-        split_seed=raw.get("split_seed", 13), group_column=group)
+        split_seed=raw.get("split_seed", 13), group_column=group,
+        verbalizer_by_kind=tuple((k, tuple(v)) for k, v in sorted((raw.get("verbalizer_by_kind") or {}).items())),
+        max_new_tokens=raw.get("max_new_tokens", 32))
 
 
 # ---- registry ---------------------------------------------------------------------------------------------
