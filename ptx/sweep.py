@@ -32,6 +32,7 @@ def connect(address: str | None = None, num_cpus: int | None = None, num_gpus: i
     global _joined_cluster
     if ray.is_initialized():
         return None
+    address = address or os.environ.get("RAY_ADDRESS") or None
     _joined_cluster = bool(address)
     env = {"env_vars": {k: os.environ[k] for k in ("PTX_CACHE_DIR", "MLFLOW_TRACKING_URI", FAIL_ONCE_ENV,
                                                     "HF_HUB_OFFLINE") if k in os.environ}}
@@ -41,8 +42,10 @@ def connect(address: str | None = None, num_cpus: int | None = None, num_gpus: i
         if address:
             ctx = ray.init(address=address, runtime_env=env, logging_level=logging.WARNING)
         else:
-            ctx = ray.init(num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=True, dashboard_host="127.0.0.1",
-                           runtime_env=env, logging_level=logging.WARNING)
+            # "local": a Ray of our own. Without an address, ray.init joins the cluster that `ray start` last
+            # recorded on this machine (/tmp/ray/ray_current_cluster): someone else's, or a dead one
+            ctx = ray.init(address="local", num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=True,
+                           dashboard_host="127.0.0.1", runtime_env=env, logging_level=logging.WARNING)
     except (ConnectionError, RuntimeError, ValueError) as exc:
         raise PtxError(f"cannot reach a Ray cluster at --address {address!r}: {str(exc).splitlines()[0]}") from None
     url = getattr(ctx, "dashboard_url", None)
@@ -359,6 +362,12 @@ def finalise(grid, tracker, workdir: Path) -> dict:
 
     rows, errored = [], 0
     for result in grid:
+        if not result.config:  # failed before its first result (Tune knows no config then): nothing to close
+            errored += 1
+            rows.append({"task": None, "backbone": None, "seed": None, "run_id": None, "best": None,
+                         "error": str(result.error).splitlines()[0] if result.error else "no result",
+                         "iterations": 0})
+            continue
         req = result.config["request"]
         run_id = (result.metrics or {}).get("mlflow_run_id")
         if result.checkpoint is not None:
@@ -393,7 +402,7 @@ def finalise(grid, tracker, workdir: Path) -> dict:
                      "run_id": run_id, "best": (state or {}).get("best_metric", (result.metrics or {}).get("best_dev_metric")),
                      "error": str(result.error).splitlines()[0] if result.error else None,
                      "iterations": (result.metrics or {}).get("training_iteration")})
-    tag_best(tracker, {(r["task"], r["backbone"]) for r in rows})
+    tag_best(tracker, {(r["task"], r["backbone"]) for r in rows if r["task"] is not None})
     return {"trials": len(rows), "errored": errored, "rows": rows}
 
 

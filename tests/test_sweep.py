@@ -182,7 +182,7 @@ def test_study_token_cap_reaches_requests_and_cuts_the_encoded_inputs(tmp_path):
     from ptx.tasks import load_task
 
     data = {"train_limit": 64, "dev_limit": 16, "test_limit": 16}
-    with pytest.raises(PtxError, match=r"data.max_length: expected a whole number of tokens ≥ 8 or null, found 4"):
+    with pytest.raises(PtxError, match=r"data.max_length: expected a whole number ≥ 8 or null, found 4"):
         load_study(write_spec(tmp_path / "tiny.yaml", data={**data, "max_length": 4}))
     plain = sweep.sweep_requests(load_study(write_spec(tmp_path / "plain.yaml")))
     capped = sweep.sweep_requests(load_study(write_spec(tmp_path / "cap.yaml", data={**data, "max_length": 24})))
