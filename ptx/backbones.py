@@ -355,8 +355,12 @@ def _check_hub_reachable(hub_id: str, timeout: float = 3.0) -> None:
 def _load_failure(name: str, src, exc: Exception) -> str:
     """One line: the backbone, what was tried, the cause's first line, the fix."""
     cause = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+    import os
+
+    hub = "the Hugging Face cache (HF_HUB_OFFLINE is set)" if os.environ.get("HF_HUB_OFFLINE") else \
+        "the Hugging Face cache and hub"
     tried = (f"the ptx alias '{src.alias}' ({src.path})" if src.alias else f"the local directory {src.path}"
-             if src.offline else "the ptx aliases, a local directory, the Hugging Face cache and hub")
+             if src.offline else f"the ptx aliases, a local directory, {hub}")
     return f"cannot load backbone '{name}': tried {tried}: {cause}; {_hub_fix()}"
 
 

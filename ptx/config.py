@@ -187,7 +187,7 @@ def _build(cls, raw, where: str, errors: list):
         return cls() if all(f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING
                             for f in fields(cls)) else None
     known = {f.name: f for f in fields(cls)}
-    kwargs = {}
+    kwargs, invalid = {}, set()
     for key, value in raw.items():
         if key not in known or key == "source_file":
             errors.append(f"{where}.{key}: unknown key{suggest(key, known)}")
@@ -198,10 +198,11 @@ def _build(cls, raw, where: str, errors: list):
         else:
             value = _coerce(value, known[key], f"{where}.{key}", errors)
             if value is _INVALID:  # reported; the default stands in so the cross-field checks still run
+                invalid.add(key)
                 continue
         kwargs[key] = value
     for f in fields(cls):
-        if f.name not in kwargs and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+        if f.name not in kwargs and f.name not in invalid and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
             errors.append(f"{where}.{f.name}: required key is missing")
     try:
         return cls(**kwargs)

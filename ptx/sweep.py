@@ -237,9 +237,12 @@ def build_tuner(requests: list[PromptRequest], name: str, workdir: Path, trackin
         metric=metric_name if ranked else None, mode=("min" if metric_name.endswith("loss") else "max") if ranked else None,
         scheduler=sched, search_alg=search_alg, num_samples=num_samples,
         max_concurrent_trials=max_concurrent, reuse_actors=True, trial_name_creator=_trial_name, trial_dirname_creator=_trial_name)
+    # every checkpoint stays until `finalise`: Tune saves its experiment state only every 10 s or so, and one it
+    # deleted in between (num_to_keep) leaves a killed driver's saved state naming a checkpoint that is gone, a
+    # trial `ptx resume` can then not restore
     run_config = tune.RunConfig(name=name, storage_path=storage_path,
                                 failure_config=tune.FailureConfig(max_failures=max_failures),
-                                checkpoint_config=tune.CheckpointConfig(num_to_keep=2), verbose=1)
+                                checkpoint_config=tune.CheckpointConfig(num_to_keep=None), verbose=1)
     return tune.Tuner(trainable, param_space=space, tune_config=tune_config, run_config=run_config)
 
 
@@ -398,12 +401,26 @@ def finalise(grid, tracker, workdir: Path) -> dict:
                                   "ptx.best_step": state["best_step"]})
                 tracker.log_artifacts(run_id, art, track.PROMPT_ARTIFACT)
                 tracker.finish(run_id, "FAILED" if result.error else "FINISHED")
+        _prune_checkpoints(result)
         rows.append({"task": req["task"], "backbone": req["backbone"], "seed": req["settings"]["seed"],
                      "run_id": run_id, "best": (state or {}).get("best_metric", (result.metrics or {}).get("best_dev_metric")),
                      "error": str(result.error).splitlines()[0] if result.error else None,
                      "iterations": (result.metrics or {}).get("training_iteration")})
     tag_best(tracker, {(r["task"], r["backbone"]) for r in rows if r["task"] is not None})
     return {"trials": len(rows), "errored": errored, "rows": rows}
+
+
+def _prune_checkpoints(result) -> None:
+    """Delete a finalised trial's superseded checkpoints; its latest stays (Tune's final state names it)."""
+    import pyarrow.fs as pafs
+
+    if result.checkpoint is None:
+        return
+    fs, keep = result.checkpoint.filesystem, result.checkpoint.path.rstrip("/")
+    for info in fs.get_file_info(pafs.FileSelector(keep.rsplit("/", 1)[0])):
+        name = info.path.rstrip("/").rsplit("/", 1)[-1]
+        if info.type == pafs.FileType.Directory and name.startswith("checkpoint_") and info.path.rstrip("/") != keep:
+            fs.delete_dir(info.path)
 
 
 def _backbone_meta_from(run, state) -> dict:
