@@ -16,7 +16,6 @@ import signal
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import pytest
@@ -329,38 +328,45 @@ def test_filesystem_errors_are_one_line_before_training(tmp_path):
     assert not (tmp_path / "w").exists()
 
 
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
-def test_a_signal_mid_training_leaves_a_killed_run_no_prompt_and_a_clean_rerun(tmp_path, sig):
-    """A real `ptx train` subprocess gets the real signal once its step-0 evaluation is logged."""
+def _train_until_a_step_then_signal(args: list, env: dict, sig) -> subprocess.CompletedProcess:
+    """Start `ptx train`, wait until its progress bar shows a finished step, send `sig`; the finished process."""
+    import threading
+
+    proc = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    err: list[str] = []
+    stepped = threading.Event()
+
+    def read():
+        for chunk in iter(lambda: proc.stderr.read(64), ""):
+            err.append(chunk)
+            if re.search(r"tuning tweet_sentiment: .*\b[1-9]\d*/1000000", "".join(err)[-400:]):
+                stepped.set()
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    assert stepped.wait(300), "training never made a step: " + "".join(err)[-2000:]
+    proc.send_signal(sig)
+    out = proc.stdout.read()
+    proc.wait(timeout=120)
+    reader.join(timeout=30)
+    return subprocess.CompletedProcess(args, proc.returncode, out, "".join(err))
+
+
+def test_a_signal_mid_training_leaves_a_killed_run_no_prompt_and_a_clean_rerun(tmp_path):
+    """Real `ptx train` subprocesses get a real SIGINT, then a real SIGTERM, once a training step is done."""
     env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "PTX_WORKDIR")}
     args = [sys.executable, "-m", "ptx", "train", "--task", "tweet_sentiment", "--backbone", "tiny-bert",
-            "--workdir", str(tmp_path), "--prompt-length", "2", "--train-limit", "16", "--dev-limit", "8",
-            "--eval-every", "1"]
-    proc = subprocess.Popen([*args, "--steps", "1000000"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
-    uri = track.resolve_tracking_uri(None, tmp_path)
-    deadline = time.time() + 180
-    run = None
-    while time.time() < deadline and proc.poll() is None:
-        if (tmp_path / "mlflow.db").exists():
-            runs = track.Tracker(uri, workdir=tmp_path).find_runs({"ptx.kind": "prompt"}, status=None)
-            if runs and track.Tracker(uri, workdir=tmp_path).client.get_metric_history(runs[0].info.run_id,
-                                                                                         "train_loss"):
-                run = runs[0]
-                break
-        time.sleep(0.5)
-    assert run is not None, "training never logged a step"
-    proc.send_signal(sig)
-    _, err = proc.communicate(timeout=120)
-    assert proc.returncode == (130 if sig == signal.SIGINT else 128 + signal.SIGTERM), err[-2000:]
-    assert "Traceback" not in err
-    tracker = track.Tracker(uri, workdir=tmp_path)
-    assert tracker.get_run(run.info.run_id).info.status == "KILLED"
-    leftovers = list((tmp_path / "prompts").iterdir()) if (tmp_path / "prompts").exists() else []
-    assert leftovers == [], leftovers  # no prompt directory, not even a temp one
+            "--workdir", str(tmp_path), "--prompt-length", "2", "--train-limit", "16", "--dev-limit", "8"]
+    for sig, code in ((signal.SIGINT, 130), (signal.SIGTERM, 128 + signal.SIGTERM)):
+        done = _train_until_a_step_then_signal([*args, "--steps", "1000000"], env, sig)
+        assert done.returncode == code and "Traceback" not in done.stderr, done.stderr[-2000:]
+    tracker = track.Tracker(track.resolve_tracking_uri(None, tmp_path), workdir=tmp_path)
+    runs = tracker.find_runs({"ptx.kind": "prompt"}, status=None)
+    assert [r.info.status for r in runs] == ["KILLED", "KILLED"]
+    assert not (tmp_path / "prompts").exists() or list((tmp_path / "prompts").iterdir()) == []  # not even temp dirs
     rerun = subprocess.run([*args, "--steps", "2"], env=env, capture_output=True, text=True, timeout=300)
     assert rerun.returncode == 0, rerun.stderr[-2000:]
     runs = tracker.find_runs({"ptx.kind": "prompt"}, status=None)
-    assert sorted(r.info.status for r in runs) == ["FINISHED", "KILLED"]
+    assert sorted(r.info.status for r in runs) == ["FINISHED", "KILLED", "KILLED"]
     assert [p.name for p in (tmp_path / "prompts").iterdir()] == [r.info.run_id for r in runs
                                                                     if r.info.status == "FINISHED"]
