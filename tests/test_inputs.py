@@ -352,6 +352,7 @@ def _train_until_a_step_then_signal(args: list, env: dict, sig) -> subprocess.Co
     return subprocess.CompletedProcess(args, proc.returncode, out, "".join(err))
 
 
+@pytest.mark.slow  # three `ptx train` subprocesses: about 40 s on an idle 2-core machine, minutes under load
 def test_a_signal_mid_training_leaves_a_killed_run_no_prompt_and_a_clean_rerun(tmp_path):
     """Real `ptx train` subprocesses get a real SIGINT, then a real SIGTERM, once a training step is done."""
     env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "PTX_WORKDIR")}
