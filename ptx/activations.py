@@ -43,6 +43,11 @@ class Position(str, Enum):
     MEAN = "mean"  # the mean over every non-padding position of the hooked sequence (prompt included)
 
 
+class Hook(str, Enum):  # which stack's FFNs are hooked; only seq2seq backbones have two
+    ENCODER = "encoder"
+    DECODER = "decoder"
+
+
 def _enum(cls, value, what: str):
     try:
         return cls(value)

@@ -314,6 +314,69 @@ def _special_layout(tokenizer) -> tuple[tuple, tuple]:
     return (), ()
 
 
+def _hub_fix() -> str:
+    from ptx.assets import ALIASES
+
+    return (f"use a ptx alias ({', '.join(ALIASES)}), a local directory written by save_pretrained, or run with "
+            "network access to the Hugging Face hub")
+
+
+def _from_pretrained(src, dtype):
+    """(config, model, tokenizer) of a resolved source; a hub id not in the local cache fails fast when the hub
+    cannot be reached, instead of after huggingface_hub's retries."""
+    import logging as _logging
+    import os
+
+    import transformers
+
+    if not _logging.getLogger().isEnabledFor(_logging.INFO):  # hub retry warnings: one line is enough (-v shows them)
+        _logging.getLogger("huggingface_hub").setLevel(_logging.ERROR)
+    rev = None if src.offline else src.revision
+    local_only = src.offline or bool(os.environ.get("HF_HUB_OFFLINE"))
+    if not local_only:
+        try:
+            transformers.AutoConfig.from_pretrained(src.path, revision=rev, local_files_only=True)
+            local_only = True  # in the local cache: no request needed
+        except OSError:
+            _check_hub_reachable(src.path)
+    config = transformers.AutoConfig.from_pretrained(src.path, revision=rev, local_files_only=local_only)
+    auto = {BackboneKind.MASKED_LM: transformers.AutoModelForMaskedLM,
+            BackboneKind.SEQ2SEQ: transformers.AutoModelForSeq2SeqLM,
+            BackboneKind.CAUSAL_LM: transformers.AutoModelForCausalLM}[detect_kind(config)]
+    model = auto.from_pretrained(src.path, revision=rev, dtype=dtype, attn_implementation="sdpa",
+                                 local_files_only=local_only)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(src.path, revision=rev, local_files_only=local_only)
+    return config, model, tokenizer
+
+
+def _check_hub_reachable(hub_id: str, timeout: float = 3.0) -> None:
+    """A TCP connect to the hub endpoint; raises the one-line error when it fails."""
+    import os
+    import socket
+    from urllib.parse import urlparse
+
+    url = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    host, port = url.hostname or "huggingface.co", url.port or (443 if url.scheme == "https" else 80)
+    try:
+        socket.create_connection((host, port), timeout=timeout).close()
+    except OSError as exc:
+        raise PtxError(f"cannot load backbone '{hub_id}': tried the ptx aliases, a local directory and the Hugging "
+                       f"Face cache (not there), then the hub at {host} (unreachable: {exc.strerror or exc}); "
+                       f"{_hub_fix()}") from None
+
+
+def _load_failure(name: str, src, exc: Exception) -> str:
+    """One line: the backbone, what was tried, the cause's first line, the fix."""
+    cause = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+    import os
+
+    hub = "the Hugging Face cache (HF_HUB_OFFLINE is set)" if os.environ.get("HF_HUB_OFFLINE") else \
+        "the Hugging Face cache and hub"
+    tried = (f"the ptx alias '{src.alias}' ({src.path})" if src.alias else f"the local directory {src.path}"
+             if src.offline else f"the ptx aliases, a local directory, {hub}")
+    return f"cannot load backbone '{name}': tried {tried}: {cause}; {_hub_fix()}"
+
+
 def load_backbone(name: str, insertion: str = "prepend", device: str | None = None,
                   dtype: torch.dtype = torch.float32) -> Backbone:
     """Load a frozen backbone by alias, local path or Hugging Face id."""
@@ -331,16 +394,13 @@ def load_backbone(name: str, insertion: str = "prepend", device: str | None = No
                        f"{[i.value for i in Insertion]}") from None
     src = resolve_model(name)
     try:
-        config = transformers.AutoConfig.from_pretrained(src.path, revision=src.revision if not src.offline else None)
-    except OSError as exc:
-        raise PtxError(f"cannot load backbone '{name}': {str(exc).splitlines()[0]}") from None
+        config, model, tokenizer = _from_pretrained(src, dtype)
+    except PtxError:
+        raise
+    except Exception as exc:  # transformers / huggingface_hub raise many types; the user needs one line
+        log.info("loading backbone %r from %s failed", name, src.path, exc_info=True)  # the full cause under -v
+        raise PtxError(_load_failure(name, src, exc)) from None
     kind = detect_kind(config)
-    auto = {BackboneKind.MASKED_LM: transformers.AutoModelForMaskedLM,
-            BackboneKind.SEQ2SEQ: transformers.AutoModelForSeq2SeqLM,
-            BackboneKind.CAUSAL_LM: transformers.AutoModelForCausalLM}[kind]
-    rev = None if src.offline else src.revision
-    model = auto.from_pretrained(src.path, revision=rev, dtype=dtype, attn_implementation="sdpa")
-    tokenizer = transformers.AutoTokenizer.from_pretrained(src.path, revision=rev)
     if insertion is Insertion.PAPER and (kind is not BackboneKind.MASKED_LM or tokenizer.mask_token_id is None):
         raise PtxError(f"insertion 'paper' is the masked-LM <mask>-slot layout; backbone '{name}' is {kind.value}")
     if insertion is Insertion.PAPER and _zero_position(model) is None:  # e.g. BERT: every position id is learned

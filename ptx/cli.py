@@ -20,6 +20,102 @@ def _workdir(value: str | None) -> Path:
     return Path(value or os.environ.get("PTX_WORKDIR") or DEFAULT_WORKDIR).expanduser().resolve()
 
 
+def _writable_workdir(value: str | None) -> Path:
+    """The workdir, created now: a path that cannot be a directory fails here, before any work starts."""
+    from ptx.io import ensure_dir
+
+    return ensure_dir(_workdir(value), "--workdir")
+
+
+def _check_out_dir(out: str | None, flag: str = "--out") -> None:
+    """An output directory must not be an existing file (checked before the work that would fill it)."""
+    if out is not None and Path(out).expanduser().exists() and not Path(out).expanduser().is_dir():
+        raise PtxError(f"{flag} {Path(out).expanduser().resolve()}: expected a directory, found an existing file")
+
+
+def _dataclass(ref: str):
+    """'module:Class' -> the class, imported on first use (the CLI starts without importing torch)."""
+    import importlib
+
+    module, name = ref.split(":")
+    return getattr(importlib.import_module(module), name)
+
+
+class FieldType(click.ParamType):
+    """A click type checked by the config dataclass field it fills (ptx.fields): one declaration, one message."""
+
+    name = "value"
+
+    def __init__(self, ref: str, field: str):
+        self.ref, self.field = ref, field
+
+    def _annotation(self):
+        from ptx.fields import field_annotation
+
+        return field_annotation(_dataclass(self.ref), self.field)
+
+    def get_metavar(self, param, ctx):
+        from enum import Enum
+
+        from ptx.fields import split_annotation
+
+        base, rules, _ = split_annotation(self._annotation())
+        enum = next((r for r in rules if isinstance(r, type) and issubclass(r, Enum)), None)
+        if enum is not None:
+            return "[" + "|".join(m.value for m in enum) + "]"
+        return {int: "INTEGER", float: "FLOAT"}.get(base, "TEXT")
+
+    def convert(self, value, param, ctx):
+        from ptx.fields import check_value, expected, split_annotation
+
+        annotation = self._annotation()
+        flag = param.opts[0] if param is not None else self.field
+        if isinstance(value, str):
+            base = split_annotation(annotation)[0]
+            try:
+                value = base(value.strip()) if base in (int, float) else value
+            except ValueError:
+                self.fail(f"expected {expected(annotation, None)}, found {value!r}", param, ctx)
+        try:
+            return check_value(value, annotation, flag, null=None)
+        except PtxError as exc:
+            self.fail(str(exc).removeprefix(f"{flag}: "), param, ctx)
+
+
+class _FieldDefault:
+    """The declared default of a dataclass field, looked up when click needs it."""
+
+    def __init__(self, ref: str, field: str):
+        self.ref, self.field = ref, field
+
+    def __call__(self):
+        from ptx.fields import field_default
+
+        return field_default(_dataclass(self.ref), self.field)
+
+
+class FieldOption(click.Option):
+    """An option whose help shows the dataclass default itself, not '(dynamic)'."""
+
+    def get_default(self, ctx, call=True):
+        value = super().get_default(ctx, call=call)
+        return value() if isinstance(value, _FieldDefault) else value
+
+
+def _copy_out(artifact: Path, out: str) -> None:
+    try:
+        shutil.copytree(artifact, out, dirs_exist_ok=True)
+    except OSError as exc:
+        raise PtxError(f"--out {Path(out).expanduser().resolve()}: cannot copy the prompt there "
+                       f"({exc.strerror or type(exc).__name__}); it is kept at {artifact}") from None
+
+
+def field_option(flag: str, ref: str, field: str, **kwargs):
+    """A click option typed, ranged and defaulted by the dataclass field `field` of `ref` ('module:Class')."""
+    return click.option(flag, cls=FieldOption, type=FieldType(ref, field), default=_FieldDefault(ref, field),
+                        show_default=True, **kwargs)
+
+
 def _tracker(tracking_uri: str | None, workdir: Path, experiment: str | None = None):
     from ptx import track
 
@@ -100,23 +196,26 @@ def tasks_check(names, spec_path, backbones, rows, offline_ok, fmt):
 
 
 # ---- train / eval -----------------------------------------------------------------------------------
+SETTINGS, REQUEST = "ptx.train:TrainSettings", "ptx.stages:PromptRequest"  # where `ptx train`'s options are declared
+
+
 @cli.command()
 @click.option("--task", required=True, help="Task name (ptx tasks list).")
 @click.option("--backbone", required=True, help="Alias, local path or Hugging Face id.")
-@click.option("--steps", type=int, default=1000, show_default=True)
-@click.option("--prompt-length", type=int, default=100, show_default=True)
-@click.option("--lr", type=float, default=1e-3, show_default=True)
-@click.option("--batch-size", type=int, default=16, show_default=True)
-@click.option("--eval-every", type=int, default=100, show_default=True)
-@click.option("--patience", type=int, default=None, help="Early stop after N evaluations without improvement.")
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--init", type=click.Choice(["random", "vocab", "text", "artifact"]), default="random", show_default=True)
+@field_option("--steps", SETTINGS, "steps")
+@field_option("--prompt-length", REQUEST, "prompt_length")
+@field_option("--lr", SETTINGS, "lr")
+@field_option("--batch-size", SETTINGS, "batch_size")
+@field_option("--eval-every", SETTINGS, "eval_every")
+@field_option("--patience", SETTINGS, "patience", help="Early stop after N evaluations without improvement.")
+@field_option("--seed", SETTINGS, "seed")
+@field_option("--init", REQUEST, "init")
 @click.option("--init-text", default=None, help="Text whose embeddings start the prompt (--init text); {labels} becomes the task's label words.")
 @click.option("--init-from", default=None, help="Prompt artifact dir or MLflow run id to start from (transfer).")
-@click.option("--insertion", type=click.Choice(["prepend", "paper"]), default="prepend", show_default=True)
-@click.option("--train-limit", type=int, default=None, help="Use at most N training examples.")
-@click.option("--dev-limit", type=int, default=None, help="Use at most N dev examples.")
-@click.option("--max-length", type=click.IntRange(min=8), default=None,
+@field_option("--insertion", REQUEST, "insertion")
+@field_option("--train-limit", REQUEST, "train_limit", help="Use at most N training examples.")
+@field_option("--dev-limit", REQUEST, "dev_limit", help="Use at most N dev examples.")
+@field_option("--max-length", REQUEST, "max_length",
               help="Cut inputs to N tokens (template included) when the task allows more.")
 @click.option("--out", default=None, help="Also copy the prompt artifact here.")
 @click.option("--force", is_flag=True, help="Train even if this config already has a finished run.")
@@ -137,11 +236,12 @@ def train(task, backbone, steps, prompt_length, lr, batch_size, eval_every, pati
     req = PromptRequest(task=task, backbone=backbone, insertion=insertion, prompt_length=prompt_length,
                         init="artifact" if init_from else init, init_text=init_text, init_from=init_from,
                         train_limit=train_limit, dev_limit=dev_limit, max_length=max_length, settings=settings)
-    wd = _workdir(workdir)
+    _check_out_dir(out)
+    wd = _writable_workdir(workdir)
     tracker = None if no_track else _tracker(tracking_uri, wd)
     run = run_prompt(req, wd, tracker=tracker, force=force, progress=True)
     if out:
-        shutil.copytree(run.artifact, out, dirs_exist_ok=True)
+        _copy_out(run.artifact, out)
     verb = "reused finished run" if run.reused else "trained"
     click.echo(f"{verb} {run.run_id or '(untracked)'}: best dev {run.best_metric:.4f} at step {run.best_step}")
     if not run.reused and run.seconds:
@@ -156,10 +256,10 @@ def train(task, backbone, steps, prompt_length, lr, batch_size, eval_every, pati
 @click.option("--task", required=True)
 @click.option("--split", type=click.Choice(["dev", "test"]), default="dev", show_default=True)
 @click.option("--backbone", default=None, help="Defaults to the prompt's own backbone.")
-@click.option("--limit", type=int, default=None, help="Evaluate at most N examples.")
+@click.option("--limit", type=click.IntRange(min=1), default=None, help="Evaluate at most N examples.")
 @click.option("--max-length", type=click.IntRange(min=8), default=None,
               help="Cut inputs to N tokens (template included) when the task allows more.")
-@click.option("--batch-size", type=int, default=32, show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
 @workdir_option
 @uri_option
 @click.option("--no-track", is_flag=True)
@@ -215,6 +315,7 @@ def prompts_list(task, backbone, fmt, workdir, tracking_uri):
 @uri_option
 def prompts_get(run_id, out, workdir, tracking_uri):
     """Download a prompt run's artifact through MLflow."""
+    _check_out_dir(out)
     path = _tracker(tracking_uri, _workdir(workdir)).download_prompt(run_id, out)
     click.echo(f"prompt of run {run_id}: {path}")
 
@@ -227,6 +328,7 @@ def prompts_get(run_id, out, workdir, tracking_uri):
 @uri_option
 def prompts_best(task, backbone, out, workdir, tracking_uri):
     """The prompt run with the best dev metric for a task and backbone."""
+    _check_out_dir(out)
     tracker = _tracker(tracking_uri, _workdir(workdir))
     run = tracker.best_prompt_run(task, backbone)
     click.echo(f"{run.info.run_id}\tdev {run.data.metrics['best_dev_metric']:.4f}")
@@ -246,6 +348,7 @@ def prompts_export_peft(run_id, out, base_model, workdir, tracking_uri):
 
     from ptx.prompt import export_peft, load_prompt
 
+    _check_out_dir(out)
     tracker = _tracker(tracking_uri, _workdir(workdir))
     with tempfile.TemporaryDirectory() as tmp:
         local = tracker.download_prompt(run_id, Path(tmp) / "p")
@@ -260,7 +363,7 @@ def prompts_export_peft(run_id, out, base_model, workdir, tracking_uri):
 @click.option("--name", default=None, help="A name for a task-less prompt, e.g. 'random' (the paper's baseline).")
 @click.option("--insertion", type=click.Choice(["prepend", "paper"]), default="prepend", show_default=True,
               help="paper: the released RoBERTa prompts' <mask>-slot layout.")
-@click.option("--d-model", type=int, default=None, help="Backbone width when it is not known offline.")
+@click.option("--d-model", type=click.IntRange(min=1), default=None, help="Backbone width when it is not known offline.")
 @workdir_option
 @uri_option
 def prompts_import(file, backbone, task, name, insertion, d_model, workdir, tracking_uri):
@@ -276,7 +379,7 @@ def prompts_import(file, backbone, task, name, insertion, d_model, workdir, trac
 # ---- MLflow server ----------------------------------------------------------------------------------
 @cli.command("mlflow-server")
 @click.option("--host", default="127.0.0.1", show_default=True, help="Bind address (keep loopback unless firewalled).")
-@click.option("--port", type=int, default=5000, show_default=True)
+@click.option("--port", type=click.IntRange(1, 65535), default=5000, show_default=True)
 @click.option("--backend-store-uri", envvar="PTX_MLFLOW_BACKEND_STORE_URI", default=None,
               help="Run/metric store, e.g. postgresql://USER@HOST:5432/mlflow (password from PGPASSWORD) "
                    "[default: sqlite in --workdir; env PTX_MLFLOW_BACKEND_STORE_URI].")
@@ -323,7 +426,7 @@ offline_ok_option = click.option("--offline-ok", is_flag=True,
 @click.argument("spec_path", metavar="SPEC", type=click.Path())
 @address_option
 @click.option("--dry-run", is_flag=True, help="Print the plan (trials, resources, concurrency) and exit.")
-@click.option("--max-concurrent", type=int, default=None, help="Cap on trials running at once.")
+@click.option("--max-concurrent", type=click.IntRange(min=1), default=None, help="Cap on trials running at once.")
 @click.option("--force", is_flag=True, help="Retrain configs that already have a finished run.")
 @offline_ok_option
 @set_option
@@ -347,7 +450,7 @@ def sweep(spec_path, address, dry_run, max_concurrent, force, offline_ok, overri
 @address_option
 @click.option("--stage", "stages", multiple=True, help="Run only these stages (repeatable; default: the spec's).")
 @click.option("--dry-run", is_flag=True, help="Print the plan and exit.")
-@click.option("--max-concurrent", type=int, default=None)
+@click.option("--max-concurrent", type=click.IntRange(min=1), default=None)
 @click.option("--force", is_flag=True, help="Retrain configs that already have a finished run.")
 @offline_ok_option
 @set_option
@@ -520,7 +623,7 @@ def indicators(spec_path, transfer_table, address, overrides, workdir, tracking_
 
 @cli.command("reference-check")
 @click.argument("reference_dir", type=click.Path(exists=True, file_okay=False))
-@click.option("--bootstrap", type=int, default=1000, show_default=True)
+@click.option("--bootstrap", type=click.IntRange(min=1), default=1000, show_default=True)
 @workdir_option
 @uri_option
 def reference_check_cmd(reference_dir, bootstrap, workdir, tracking_uri):
@@ -535,8 +638,8 @@ def reference_check_cmd(reference_dir, bootstrap, workdir, tracking_uri):
 @cli.command()
 @click.option("--task", required=True, help="A task with no prompt yet.")
 @click.option("--backbone", required=True)
-@click.option("--top", "top_k", type=int, default=5, show_default=True)
-@click.option("--probe-steps", type=int, default=50, show_default=True, help="Steps of the brief probe tuning.")
+@click.option("--top", "top_k", type=click.IntRange(min=1), default=5, show_default=True)
+@click.option("--probe-steps", type=click.IntRange(min=1), default=50, show_default=True, help="Steps of the brief probe tuning.")
 @click.option("--experiment", default=None, help="MLflow experiment holding the bank (default: all).")
 @workdir_option
 @uri_option
@@ -558,6 +661,7 @@ def report(experiment, out, workdir, tracking_uri):
     """Write the static HTML report of a study (EXPERIMENT = the study name) and log it to MLflow."""
     from ptx.report import build_report
 
+    _check_out_dir(out)
     wd = _workdir(workdir)
     if not (wd / "mlflow.db").exists() and (wd / experiment / "mlflow.db").exists():
         wd = wd / experiment  # the default layout: ptx-work/<study>/mlflow.db
@@ -637,6 +741,7 @@ def project_apply(projector_dir, prompt_dir, out):
     from ptx.projector import project_prompt_artifact
     from ptx.prompt import load_prompt
 
+    _check_out_dir(out)
     meta = load_prompt(project_prompt_artifact(projector_dir, prompt_dir, out)).meta
     click.echo(f"projected prompt for {meta['backbone']['name']} (width {meta['backbone']['d_model']}): "
                f"{Path(out).resolve()}")
@@ -688,8 +793,16 @@ def _print_rows(rows: list[dict], fmt: str) -> None:
         click.echo("  ".join(str(r[c]).ljust(width[c]) for c in cols))
 
 
+def _terminate(signum, _frame):
+    """SIGTERM unwinds like Ctrl-C: the open MLflow run is closed as KILLED and temp dirs are removed."""
+    raise SystemExit(128 + signum)
+
+
 def main():
     """Entry point: one-line errors and exit code 2 for user errors."""
+    import signal
+
+    signal.signal(signal.SIGTERM, _terminate)
     try:
         cli.main(standalone_mode=False)
     except PtxError as exc:
@@ -698,6 +811,10 @@ def main():
     except click.exceptions.Abort:
         click.echo("aborted", err=True)
         sys.exit(130)
+    except click.UsageError as exc:  # one line like every other bad input; the help is one -h away
+        where = f" (see '{exc.ctx.command_path} -h')" if exc.ctx is not None else ""
+        click.echo(f"error: {exc.format_message()}{where}", err=True)
+        sys.exit(exc.exit_code)
     except click.ClickException as exc:
         exc.show()
         sys.exit(exc.exit_code)

@@ -7,15 +7,54 @@ import dataclasses
 import hashlib
 import json
 from dataclasses import dataclass, field, fields
+from enum import Enum
 from pathlib import Path
+from typing import Annotated
 
 import yaml
 
+from ptx.activations import Hook, Position, Probe
+from ptx.backbones import Insertion
 from ptx.errors import PtxError, suggest
+from ptx.fields import Range, SafeName, check_value
+from ptx.projector import Form, Objective
 from ptx.train import LABEL_LOSSES, TrainSettings
 
 STAGES = ("train", "transfer", "tpt", "indicators", "projector", "report")
 SEARCH_KINDS = ("grid", "choice", "uniform", "loguniform", "randint")
+Count = Annotated[int, Range(ge=1)]  # a size or a number of things: at least one
+Name = Annotated[str, SafeName()]  # becomes a directory or experiment name
+
+
+class SearchAlgorithm(str, Enum):
+    GRID = "grid"
+    RANDOM = "random"
+    OPTUNA = "optuna"
+
+
+class SchedulerType(str, Enum):
+    FIFO = "fifo"
+    ASHA = "asha"
+
+
+class SpecInit(str, Enum):  # a study's init modes (a transfer init is the TPT stage's business)
+    RANDOM = "random"
+    VOCAB = "vocab"
+    TEXT = "text"
+
+
+class BankSources(str, Enum):  # which prompts of the bank the transfer stage reads
+    ALL = "all"  # every seed's prompt
+    BEST = "best"  # the ptx.best prompt per task
+
+
+class TransferUnit(str, Enum):
+    TARGET = "target"  # one Ray task per target task
+
+
+class TptSource(str, Enum):  # besides these: indicator:<name> or a task name, checked at load
+    BEST_SAME_CATEGORY = "best_same_category"
+    BEST_ANY = "best_any"
 
 
 def config_hash(obj) -> str:
@@ -26,63 +65,63 @@ def config_hash(obj) -> str:
 
 @dataclass(frozen=True)
 class DataLimits:
-    train_limit: int | None = None  # cap on training examples per task
-    dev_limit: int | None = 200  # dev examples used for model selection
-    test_limit: int | None = 500  # test examples for reported scores
-    max_length: int | None = None  # caps every task's max_length (tokens, template included); None: the task's own
+    train_limit: Count | None = None  # cap on training examples per task
+    dev_limit: Count | None = 200  # dev examples used for model selection
+    test_limit: Count | None = 500  # test examples for reported scores
+    max_length: Annotated[int, Range(ge=8)] | None = None  # caps every task's max_length (tokens, template included); None: the task's own
 
 
 @dataclass(frozen=True)
 class Search:
-    algorithm: str = "grid"  # grid | random | optuna
-    num_samples: int = 1  # samples per grid point (random/optuna: total samples)
+    algorithm: Annotated[str, SearchAlgorithm] = "grid"
+    num_samples: Count = 1  # samples per grid point (random/optuna: total samples)
     space: dict = field(default_factory=dict)  # field -> {grid|choice: [...]} or {uniform|loguniform|randint: [lo, hi]}
 
 
 @dataclass(frozen=True)
 class Scheduler:
-    type: str = "fifo"  # fifo | asha
-    grace_period: int = 2  # evaluations before ASHA may stop a trial
-    reduction_factor: int = 2
-    max_t: int | None = None  # evaluations; default: steps // eval_every + 1
+    type: Annotated[str, SchedulerType] = "fifo"
+    grace_period: Count = 2  # evaluations before ASHA may stop a trial
+    reduction_factor: Annotated[int, Range(ge=2)] = 2
+    max_t: Count | None = None  # evaluations; default: steps // eval_every + 1
     metric: str = "best_dev_metric"  # what ASHA compares at each rung (train_loss: minimised)
 
 
 @dataclass(frozen=True)
 class Resources:
-    cpu: float = 1.0
-    gpu: float = 0.0  # fractions pack trials: 0.25 runs four small-model trials per GPU
+    cpu: Annotated[float, Range(gt=0)] = 1.0
+    gpu: Annotated[float, Range(ge=0)] = 0.0  # fractions pack trials: 0.25 runs four small-model trials per GPU
     custom: dict = field(default_factory=dict)  # e.g. {"gpu_1x": 1} to pin trials to a node type
 
 
 @dataclass(frozen=True)
 class TransferStage:
-    splits: tuple = ("dev", "test")
+    splits: tuple[str, ...] = ("dev", "test")
     random_baseline: bool = True
-    prompts_per_pass: int = 8  # prompts stacked in one forward pass
-    batch_size: int = 32
-    unit: str = "target"  # one Ray task per target task
-    sources: str = "all"  # all: every seed's prompt in the bank; best: the ptx.best prompt per task
+    prompts_per_pass: Count = 8  # prompts stacked in one forward pass
+    batch_size: Count = 32
+    unit: Annotated[str, TransferUnit] = "target"
+    sources: Annotated[str, BankSources] = "all"
     resources: Resources = field(default_factory=Resources)
 
 
 @dataclass(frozen=True)
 class TptStage:
     source: str = "best_same_category"  # best_same_category | best_any | indicator:<name> | <task name>
-    steps: int | None = None  # defaults to train.steps
-    seeds: tuple | None = None  # defaults to the study's seeds
+    steps: Count | None = None  # defaults to train.steps
+    seeds: tuple[Annotated[int, Range(ge=0, lt=2**32)], ...] | None = None  # defaults to the study's seeds
 
 
 @dataclass(frozen=True)
 class IndicatorStage:
-    hook: str = "decoder"  # seq2seq only: encoder | decoder
-    probe: str = "paper"  # paper (prompt + one start token) | examples
-    probe_examples: int = 16
-    position: str = "score"  # score | last | mean: where activations are read
-    window_stride: int | None = None  # None: consecutive windows of `windows` layers; 1: sliding
-    num_actors: int = 2
-    windows: int = 3  # layers per window for the per-window ON
-    bootstrap: int = 1000
+    hook: Annotated[str, Hook] = "decoder"  # seq2seq only: encoder | decoder
+    probe: Annotated[str, Probe] = "paper"  # paper (prompt + one start token) | examples
+    probe_examples: Count = 16
+    position: Annotated[str, Position] = "score"  # score | last | mean: where activations are read
+    window_stride: Count | None = None  # None: consecutive windows of `windows` layers; 1: sliding
+    num_actors: Count = 2
+    windows: Count = 3  # layers per window for the per-window ON
+    bootstrap: Count = 1000
     resources: Resources = field(default_factory=Resources)
 
 
@@ -90,32 +129,32 @@ class IndicatorStage:
 class ProjectorStage:
     source_backbone: str | None = None
     target_backbone: str | None = None
-    form: str = "flat"  # flat (the paper's) | per_token
-    objective: str = "task"  # distance | task | mixed
-    hidden: int = 768
-    steps: int = 200
-    lr: float = 1e-3
-    mix_weight: float = 0.5  # weight of the distance loss in `mixed`
+    form: Annotated[str, Form] = "flat"  # flat (the paper's) | per_token
+    objective: Annotated[str, Objective] = "task"  # distance | task | mixed
+    hidden: Count = 768
+    steps: Count = 200
+    lr: Annotated[float, Range(gt=0)] = 1e-3
+    mix_weight: Annotated[float, Range(ge=0, le=1)] = 0.5  # weight of the distance loss in `mixed`
     # how projectors are kept off the tasks they are scored on (docs/projectors.md):
     # leave_one_out: per evaluated task, a projector trained on the other training tasks;
     # leave_one_out_category: the same, trained on the other tasks of the evaluated task's category only;
     # split: one projector trained on train_tasks, scored on eval_tasks (both required)
     protocol: str = "leave_one_out"
-    train_tasks: tuple | None = None  # the training pool; default: all tasks of the study
-    eval_tasks: tuple | None = None  # the evaluated tasks; default: all tasks of the study
+    train_tasks: tuple[str, ...] | None = None  # the training pool; default: all tasks of the study
+    eval_tasks: tuple[str, ...] | None = None  # the evaluated tasks; default: all tasks of the study
     allow_overlap: bool = False  # split only: let eval_tasks share tasks with train_tasks (rows then not held out)
 
 
 @dataclass(frozen=True)
 class StudySpec:
-    name: str
-    backbones: tuple
-    tasks: tuple
-    seeds: tuple = (0,)
+    name: Name  # the workdir and the MLflow experiment are named after it
+    backbones: tuple[str, ...]
+    tasks: tuple[str, ...]
+    seeds: tuple[Annotated[int, Range(ge=0, lt=2**32)], ...] = (0,)
     description: str = ""
-    insertion: str = "prepend"
-    prompt_length: int = 100
-    init: str = "random"  # random | vocab | text
+    insertion: Annotated[str, Insertion] = "prepend"
+    prompt_length: Count = 100
+    init: Annotated[str, SpecInit] = "random"
     init_text: str | None = None  # the text whose token embeddings start every prompt (init: text); {labels}
     #                               becomes each task's label words, "negative, neutral or positive"
     train: TrainSettings = field(default_factory=TrainSettings)
@@ -123,13 +162,13 @@ class StudySpec:
     search: Search = field(default_factory=Search)
     scheduler: Scheduler = field(default_factory=Scheduler)
     resources: Resources = field(default_factory=Resources)
-    max_concurrent: int | None = None
-    max_failures: int = 2  # retries of a failed trial, from its last checkpoint
+    max_concurrent: Count | None = None
+    max_failures: Annotated[int, Range(ge=0)] = 2  # retries of a failed trial, from its last checkpoint
     storage_path: str | None = None  # local dir, NFS path or s3://; default WORKDIR/ray_results
     storage_shared: bool = False  # a local storage_path that every node mounts (NFS, RWX): allowed multi-node
     tracking_uri: str | None = None
     workdir: str | None = None
-    stages: tuple = ("train",)
+    stages: tuple[str, ...] = ("train",)
     transfer: TransferStage = field(default_factory=TransferStage)
     tpt: TptStage = field(default_factory=TptStage)
     indicators: IndicatorStage = field(default_factory=IndicatorStage)
@@ -143,7 +182,7 @@ class StudySpec:
         return config_hash(d)
 
 
-INIT_MODES = ("random", "vocab", "text")
+INIT_MODES = tuple(m.value for m in SpecInit)
 NESTED = {"train": TrainSettings, "data": DataLimits, "search": Search, "scheduler": Scheduler,
           "resources": Resources, "transfer": TransferStage, "tpt": TptStage, "indicators": IndicatorStage,
           "projector": ProjectorStage}
@@ -156,7 +195,7 @@ def _build(cls, raw, where: str, errors: list):
         return cls() if all(f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING
                             for f in fields(cls)) else None
     known = {f.name: f for f in fields(cls)}
-    kwargs = {}
+    kwargs, invalid = {}, set()
     for key, value in raw.items():
         if key not in known or key == "source_file":
             errors.append(f"{where}.{key}: unknown key{suggest(key, known)}")
@@ -166,9 +205,12 @@ def _build(cls, raw, where: str, errors: list):
             value = _build(sub, value, f"{where}.{key}", errors)
         else:
             value = _coerce(value, known[key], f"{where}.{key}", errors)
+            if value is _INVALID:  # reported; the default stands in so the cross-field checks still run
+                invalid.add(key)
+                continue
         kwargs[key] = value
     for f in fields(cls):
-        if f.name not in kwargs and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+        if f.name not in kwargs and f.name not in invalid and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
             errors.append(f"{where}.{f.name}: required key is missing")
     try:
         return cls(**kwargs)
@@ -176,22 +218,16 @@ def _build(cls, raw, where: str, errors: list):
         return None
 
 
+_INVALID = object()
+
+
 def _coerce(value, f, where: str, errors: list):
-    """Check a scalar field's type from its annotation; lists become tuples."""
-    t = str(f.type)
-    if isinstance(value, list):
-        value = tuple(value)
-    checks = [("tuple", tuple), ("dict", dict), ("float", (int, float)), ("int", int), ("bool", bool), ("str", str)]
-    if value is None:
-        if "None" not in t:
-            errors.append(f"{where}: expected a value, found null")
-        return value
-    for name, typ in checks:
-        if t.startswith(name) or t.startswith(f"{name} |"):
-            if not isinstance(value, typ) or (name in ("int", "float") and isinstance(value, bool)):
-                errors.append(f"{where}: expected {name}, found {type(value).__name__} {value!r}")
-            return float(value) if name == "float" and isinstance(value, int) else value
-    return value
+    """A field's value checked against its declared type and range (ptx.fields); lists become tuples."""
+    try:
+        return check_value(value, f.type, where)
+    except PtxError as exc:
+        errors.append(str(exc))
+        return _INVALID
 
 
 def _validate(spec: StudySpec, where: str, errors: list) -> None:
@@ -211,11 +247,7 @@ def _validate(spec: StudySpec, where: str, errors: list) -> None:
             errors.append(f"{where}.stages: unknown stage '{stage}'{suggest(stage, STAGES)}; expected {list(STAGES)}")
     if not spec.tasks or not spec.backbones or not spec.seeds:
         errors.append(f"{where}: backbones, tasks and seeds must each list at least one entry")
-    if spec.search.algorithm not in ("grid", "random", "optuna"):
-        errors.append(f"{where}.search.algorithm: expected grid, random or optuna, found '{spec.search.algorithm}'")
-    if spec.init not in INIT_MODES:
-        errors.append(f"{where}.init: expected one of {list(INIT_MODES)}, found '{spec.init}'{suggest(spec.init, INIT_MODES)}")
-    elif spec.init == "text" and not (isinstance(spec.init_text, str) and spec.init_text.strip()):
+    if spec.init == "text" and not (isinstance(spec.init_text, str) and spec.init_text.strip()):
         errors.append(f"{where}.init_text: init 'text' needs a non-empty init_text, found {spec.init_text!r}")
     train_fields = {f.name for f in fields(TrainSettings)} | {"prompt_length", "init"}
     for key, dist in spec.search.space.items():
@@ -225,24 +257,19 @@ def _validate(spec: StudySpec, where: str, errors: list) -> None:
             errors.append(f"{where}.search.space.{key}: expected one of {{{', '.join(SEARCH_KINDS)}: ...}}, found {dist!r}")
         elif spec.search.algorithm == "grid" and next(iter(dist)) not in ("grid", "choice"):
             errors.append(f"{where}.search.space.{key}: grid search takes grid/choice lists, found {next(iter(dist))}")
-    if spec.scheduler.type not in ("fifo", "asha"):
-        errors.append(f"{where}.scheduler.type: expected fifo or asha, found '{spec.scheduler.type}'")
+        else:
+            _check_distribution(dist, f"{where}.search.space.{key}", errors)
+    _check_spec_names(spec, names, where, errors)
     for res_where, res in ((f"{where}.resources", spec.resources), (f"{where}.transfer.resources", spec.transfer.resources),
                            (f"{where}.indicators.resources", spec.indicators.resources)):
-        if res.cpu <= 0 or res.gpu < 0 or (res.gpu > 1 and res.gpu != int(res.gpu)):
-            errors.append(f"{res_where}: cpu must be > 0 and gpu a fraction ≤ 1 or a whole number; found "
-                          f"cpu={res.cpu} gpu={res.gpu}")
-    if spec.train.steps < 1 or spec.train.eval_every < 1 or spec.train.batch_size < 1 or spec.prompt_length < 1:
-        errors.append(f"{where}.train: steps, eval_every, batch_size and prompt_length must be ≥ 1")
+        if res.gpu > 1 and res.gpu != int(res.gpu):
+            errors.append(f"{res_where}.gpu: expected a fraction ≤ 1 or a whole number, found {res.gpu}")
+        for name, amount in res.custom.items():
+            if not isinstance(name, str) or isinstance(amount, bool) or not isinstance(amount, int | float) \
+                    or not amount >= 0 or amount == float("inf"):
+                errors.append(f"{res_where}.custom: expected resource name -> amount ≥ 0, found {name!r}: {amount!r}")
     if spec.train.label_loss not in LABEL_LOSSES:
         errors.append(f"{where}.train.label_loss: expected one of {list(LABEL_LOSSES)}, found {spec.train.label_loss!r}")
-    if spec.data.max_length is not None and (not isinstance(spec.data.max_length, int) or spec.data.max_length < 8):
-        errors.append(f"{where}.data.max_length: expected a whole number of tokens ≥ 8 or null, "
-                      f"found {spec.data.max_length!r}")
-    if spec.projector.form not in ("flat", "per_token"):
-        errors.append(f"{where}.projector.form: expected flat or per_token, found '{spec.projector.form}'")
-    if spec.projector.objective not in ("distance", "task", "mixed"):
-        errors.append(f"{where}.projector.objective: expected distance, task or mixed, found '{spec.projector.objective}'")
     _validate_projector_tasks(spec.projector, f"{where}.projector", names, errors)
 
 
@@ -267,6 +294,39 @@ def _validate_projector_tasks(p, where: str, names, errors: list) -> None:
                           f"a projector scored on its own training tasks leaks (set allow_overlap: true to allow it)")
 
 
+def _check_distribution(dist: dict, where: str, errors: list) -> None:
+    """A search distribution's argument: a non-empty list (grid, choice) or [low, high] numbers, low < high."""
+    (kind, arg), = dist.items()
+    if kind in ("grid", "choice"):
+        if not isinstance(arg, list | tuple) or not arg:
+            errors.append(f"{where}.{kind}: expected a non-empty list of values, found {arg!r}")
+        return
+    numbers = isinstance(arg, list | tuple) and len(arg) == 2 and all(
+        isinstance(v, int | float) and not isinstance(v, bool) and abs(v) != float("inf") and v == v for v in arg)
+    if not numbers or not arg[0] < arg[1] or (kind == "loguniform" and arg[0] <= 0) or (
+            kind == "randint" and not all(isinstance(v, int) for v in arg)):
+        what = "whole numbers" if kind == "randint" else "positive numbers" if kind == "loguniform" else "numbers"
+        errors.append(f"{where}.{kind}: expected [low, high], {what} with low < high, found {arg!r}")
+
+
+def _check_spec_names(spec: StudySpec, tasks: dict, where: str, errors: list) -> None:
+    """Names a later stage would look up: TPT's source, the projector's tasks and backbones, transfer splits."""
+    from ptx.assets import ALIASES
+
+    source = spec.tpt.source
+    modes = [m.value for m in TptSource]
+    if not (source in modes or source in tasks or (source.startswith("indicator:") and source.split(":", 1)[1])):
+        errors.append(f"{where}.tpt.source: expected one of {modes}, indicator:<name> or a task name, found "
+                      f"{source!r}{suggest(source, [*modes, *tasks])}")
+    for key in ("source_backbone", "target_backbone"):
+        name = getattr(spec.projector, key)
+        if name is not None and name.startswith(("tiny-", "smollm", "minilm")) and name not in ALIASES:
+            errors.append(f"{where}.projector.{key}: unknown backbone '{name}'{suggest(name, ALIASES)}")
+    for split in spec.transfer.splits:
+        if split not in ("train", "dev", "test"):
+            errors.append(f"{where}.transfer.splits: expected dev, test or train, found {split!r}")
+
+
 def set_path(raw: dict, dotted: str, value) -> None:
     """Apply one `a.b=value` override (value parsed as YAML)."""
     keys = dotted.split(".")
@@ -275,7 +335,10 @@ def set_path(raw: dict, dotted: str, value) -> None:
         node = node.setdefault(k, {})
         if not isinstance(node, dict):
             raise PtxError(f"override '{dotted}': '{k}' is not a mapping")
-    node[keys[-1]] = yaml.safe_load(value) if isinstance(value, str) else value
+    try:
+        node[keys[-1]] = yaml.safe_load(value) if isinstance(value, str) else value
+    except yaml.YAMLError as exc:
+        raise PtxError(f"override '{dotted}={value}': invalid YAML value ({str(exc).splitlines()[0]})") from None
 
 
 def load_study(path: str | Path, overrides: list[str] | tuple = ()) -> StudySpec:
@@ -284,9 +347,13 @@ def load_study(path: str | Path, overrides: list[str] | tuple = ()) -> StudySpec
     if not path.is_file():
         raise PtxError(f"study spec {path}: no such file")
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as exc:
         raise PtxError(f"study spec {path}: invalid YAML ({str(exc).splitlines()[0]})") from None
+    except (UnicodeDecodeError, ValueError) as exc:  # not text, or characters YAML does not allow
+        raise PtxError(f"study spec {path}: not a UTF-8 YAML text ({type(exc).__name__})") from None
+    except RecursionError:
+        raise PtxError(f"study spec {path}: nested too deeply") from None
     if not isinstance(raw, dict):
         raise PtxError(f"study spec {path}: expected a mapping at the top level")
     for item in overrides:

@@ -16,6 +16,20 @@ def cache_dir() -> Path:
     return path
 
 
+def ensure_dir(path: Path, what: str) -> Path:
+    """Create `path` (and parents) or raise one PtxError line naming `what`, the path and the reason."""
+    from ptx.errors import PtxError
+
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise PtxError(f"{what} {path}: expected a directory, found an existing file") from None
+    except OSError as exc:
+        raise PtxError(f"{what} {path}: cannot create the directory ({exc.strerror or type(exc).__name__})") from None
+    return path
+
+
 @contextlib.contextmanager
 def atomic_dir(final: Path, overwrite: bool = True):
     """Yield a temp directory beside `final`; on success it replaces `final` in one rename."""

@@ -7,7 +7,6 @@ Objectives: `distance` (MSE to the target PLM's own prompt for the same task), `
 cross-entropy through the frozen target backbone; only the projector trains) and `mixed` (weighted sum).
 """
 
-import json
 import logging
 import math
 import random
@@ -158,6 +157,15 @@ def save_projector(out_dir: str | Path, projector: Projector, source: dict, targ
     return out_dir
 
 
+def _state_shapes(config: ProjectorConfig) -> dict[str, list[int]]:
+    """The state_dict shapes `Projector(config)` has, computed without allocating it."""
+    flat = config.form == Form.FLAT.value
+    d_in = config.d_source * (config.n_tokens if flat else 1)
+    d_out = config.d_target * (config.n_tokens if flat else 1)
+    return {"net.0.weight": [config.hidden, d_in], "net.0.bias": [config.hidden], "net.3.weight": [d_out, config.hidden],
+            "net.3.bias": [d_out], "norm.weight": [config.d_target], "norm.bias": [config.d_target]}
+
+
 def load_projector(path: str | Path) -> ProjectorArtifact:
     """Strictly load a projector artifact: format version, config and every tensor shape are checked."""
     path = Path(path)
@@ -165,14 +173,20 @@ def load_projector(path: str | Path) -> ProjectorArtifact:
     for f in (meta_file, weights):
         if not f.is_file():
             raise PtxError(f"{path} is not a projector artifact: {f.name} is missing")
-    try:
-        meta = json.loads(meta_file.read_text())
-    except json.JSONDecodeError as exc:
-        raise PtxError(f"{meta_file}: corrupt JSON ({exc})") from None
+    from ptx.prompt import read_meta
+
+    meta = read_meta(meta_file, "projector metadata")
     if meta.get("format_version") != FORMAT_VERSION:
         raise PtxError(f"{meta_file}: format_version {meta.get('format_version')!r} is not supported "
                        f"(this ptx reads {FORMAT_VERSION})")
     raw = meta.get("config") or {}
+    if not isinstance(raw, dict):
+        raise PtxError(f"{meta_file}: 'config' must be an object, found {type(raw).__name__}")
+    for side in ("source", "target"):
+        info = meta.get(side)
+        if not isinstance(info, dict) or not isinstance(info.get("name"), str) or \
+                isinstance(info.get("d_model"), bool) or not isinstance(info.get("d_model"), int):
+            raise PtxError(f"{meta_file}: '{side}' must be an object {{name, d_model, ...}}, found {info!r:.80}")
     unknown = set(raw) - {f.name for f in fields(ProjectorConfig)}
     if unknown:
         raise PtxError(f"{meta_file}: unknown config keys {sorted(unknown)}")
@@ -180,17 +194,25 @@ def load_projector(path: str | Path) -> ProjectorArtifact:
         config = ProjectorConfig(**raw)
     except TypeError as exc:
         raise PtxError(f"{meta_file}: incomplete config ({exc})") from None
+    for side in ("source", "target"):
+        if meta[side]["d_model"] != getattr(config, f"d_{side}"):
+            raise PtxError(f"{meta_file}: {side} width {meta[side]['d_model']} does not match config "
+                           f"d_{side} {getattr(config, f'd_{side}')}")
     try:
         tensors = load_file(str(weights))
     except (SafetensorError, OSError, ValueError) as exc:
         raise PtxError(f"{weights}: corrupt or truncated safetensors file ({exc})") from None
-    projector = Projector(config)
-    expected = {k: list(v.shape) for k, v in projector.state_dict().items()}
+    # compare shapes before building the module: a config from a damaged file may ask for terabytes
+    expected = _state_shapes(config)
     found = {k: list(v.shape) for k, v in tensors.items()}
     if expected != found:
         diff = sorted(k for k in set(expected) | set(found) if expected.get(k) != found.get(k))
         raise PtxError(f"{weights}: tensors do not match projector.json's config: "
                        + "; ".join(f"{k} expected {expected.get(k)} found {found.get(k)}" for k in diff))
+    bad = sorted(k for k, v in tensors.items() if not v.dtype.is_floating_point or not torch.isfinite(v).all())
+    if bad:
+        raise PtxError(f"{weights}: tensors {bad} are not finite floating-point values")
+    projector = Projector(config)
     projector.load_state_dict(tensors)
     projector.eval()
     return ProjectorArtifact(projector, meta, path)

@@ -130,6 +130,17 @@ def save_prompt(out_dir: str | Path, prompt: torch.Tensor, meta: dict) -> Path:
     return out_dir
 
 
+def read_meta(meta_file: Path, what: str) -> dict:
+    """An artifact's JSON object; corrupt, non-UTF-8 or non-object content is a one-line PtxError."""
+    try:
+        meta = json.loads(meta_file.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:  # JSONDecodeError is a ValueError
+        raise PtxError(f"{meta_file}: corrupt JSON ({type(exc).__name__}: {str(exc).splitlines()[0][:120]})") from None
+    if not isinstance(meta, dict):
+        raise PtxError(f"{meta_file}: expected a JSON object of {what}, found {type(meta).__name__}")
+    return meta
+
+
 def load_prompt(path: str | Path, backbone=None) -> PromptArtifact:
     """Strictly load a prompt artifact; a mismatch with `backbone` names both sides."""
     path = Path(path)
@@ -137,12 +148,7 @@ def load_prompt(path: str | Path, backbone=None) -> PromptArtifact:
     for f in (meta_file, weights):
         if not f.is_file():
             raise PtxError(f"{path} is not a prompt artifact: {f.name} is missing")
-    try:
-        meta = json.loads(meta_file.read_text())
-    except json.JSONDecodeError as exc:
-        raise PtxError(f"{meta_file}: corrupt JSON ({exc})") from None
-    if not isinstance(meta, dict):
-        raise PtxError(f"{meta_file}: expected a JSON object of prompt metadata, found {type(meta).__name__}")
+    meta = read_meta(meta_file, "prompt metadata")
     if meta.get("format_version") != FORMAT_VERSION:
         raise PtxError(f"{meta_file}: format_version {meta.get('format_version')!r} is not supported "
                        f"(this ptx reads {FORMAT_VERSION})")
@@ -154,6 +160,10 @@ def load_prompt(path: str | Path, backbone=None) -> PromptArtifact:
         raise PtxError(f"{weights}: expected one tensor 'prompt', found {sorted(tensors)}")
     prompt = tensors["prompt"]
     bmeta = meta.get("backbone") or {}
+    if not isinstance(bmeta, dict):
+        raise PtxError(f"{meta_file}: 'backbone' must be an object {{name, d_model, ...}}, found {type(bmeta).__name__}")
+    if not prompt.dtype.is_floating_point:
+        raise PtxError(f"{weights}: expected a floating-point prompt, found dtype {str(prompt.dtype).removeprefix('torch.')}")
     if prompt.dim() != 2 or prompt.shape[1] != bmeta.get("d_model"):
         raise PtxError(f"{weights}: prompt shape {list(prompt.shape)} does not match prompt.json "
                        f"d_model {bmeta.get('d_model')}")

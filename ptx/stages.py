@@ -6,13 +6,23 @@ The CLI and the Ray trials both call these; `train.py` stays free of MLflow and 
 import logging
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import Annotated
 
 from ptx import track
-from ptx.backbones import load_backbone
+from ptx.backbones import Insertion, load_backbone
 from ptx.config import config_hash
 from ptx.data import encode_split
 from ptx.errors import PtxError
-from ptx.prompt import backbone_meta, import_torch_prompt, init_prompt, init_record, load_prompt, save_prompt
+from ptx.fields import Range
+from ptx.prompt import (
+    InitMode,
+    backbone_meta,
+    import_torch_prompt,
+    init_prompt,
+    init_record,
+    load_prompt,
+    save_prompt,
+)
 from ptx.train import TrainSettings, train_prompt
 
 log = logging.getLogger(__name__)
@@ -24,14 +34,14 @@ class PromptRequest:
 
     task: str
     backbone: str
-    insertion: str = "prepend"
-    prompt_length: int = 100
-    init: str = "random"  # random | vocab | text | artifact
+    insertion: Annotated[str, Insertion] = "prepend"
+    prompt_length: Annotated[int, Range(ge=1)] = 100
+    init: Annotated[str, InitMode] = "random"
     init_text: str | None = None
     init_from: str | None = None  # a prompt artifact dir or an MLflow run id (transfer initialisation)
-    train_limit: int | None = None  # cap on training examples (small studies)
-    dev_limit: int | None = None  # cap on dev examples used for model selection
-    max_length: int | None = None  # cap on the task's token budget (a study's data.max_length)
+    train_limit: Annotated[int, Range(ge=1)] | None = None  # cap on training examples (small studies)
+    dev_limit: Annotated[int, Range(ge=1)] | None = None  # cap on dev examples used for model selection
+    max_length: Annotated[int, Range(ge=8)] | None = None  # cap on the task's token budget (a study's data.max_length)
     settings: TrainSettings = field(default_factory=TrainSettings)
 
     def hash(self) -> str:
@@ -131,6 +141,9 @@ def run_prompt(req: PromptRequest, workdir: str | Path, tracker=None, parent_run
     try:
         result = train_prompt(backbone, spec, init, train, dev, req.settings, report=log_and_report,
                               resume=resume, progress=progress)
+    except (KeyboardInterrupt, SystemExit):  # Ctrl-C, or SIGTERM (the CLI turns it into SystemExit)
+        track_call(tracker and tracker.finish, run_id, "KILLED")
+        raise
     except BaseException:
         track_call(tracker and tracker.finish, run_id, "FAILED")
         raise

@@ -32,6 +32,7 @@ def connect(address: str | None = None, num_cpus: int | None = None, num_gpus: i
     global _joined_cluster
     if ray.is_initialized():
         return None
+    address = address or os.environ.get("RAY_ADDRESS") or None
     _joined_cluster = bool(address)
     env = {"env_vars": {k: os.environ[k] for k in ("PTX_CACHE_DIR", "MLFLOW_TRACKING_URI", FAIL_ONCE_ENV,
                                                     "HF_HUB_OFFLINE") if k in os.environ}}
@@ -41,8 +42,10 @@ def connect(address: str | None = None, num_cpus: int | None = None, num_gpus: i
         if address:
             ctx = ray.init(address=address, runtime_env=env, logging_level=logging.WARNING)
         else:
-            ctx = ray.init(num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=True, dashboard_host="127.0.0.1",
-                           runtime_env=env, logging_level=logging.WARNING)
+            # "local": a Ray of our own. Without an address, ray.init joins the cluster that `ray start` last
+            # recorded on this machine (/tmp/ray/ray_current_cluster): someone else's, or a dead one
+            ctx = ray.init(address="local", num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=True,
+                           dashboard_host="127.0.0.1", runtime_env=env, logging_level=logging.WARNING)
     except (ConnectionError, RuntimeError, ValueError) as exc:
         raise PtxError(f"cannot reach a Ray cluster at --address {address!r}: {str(exc).splitlines()[0]}") from None
     url = getattr(ctx, "dashboard_url", None)
@@ -238,9 +241,12 @@ def build_tuner(requests: list[PromptRequest], name: str, workdir: Path, trackin
         metric=metric_name if ranked else None, mode=("min" if metric_name.endswith("loss") else "max") if ranked else None,
         scheduler=sched, search_alg=search_alg, num_samples=num_samples,
         max_concurrent_trials=max_concurrent, reuse_actors=True, trial_name_creator=_trial_name, trial_dirname_creator=_trial_name)
+    # every checkpoint stays until `finalise`: Tune saves its experiment state only every 10 s or so, and one it
+    # deleted in between (num_to_keep) leaves a killed driver's saved state naming a checkpoint that is gone, a
+    # trial `ptx resume` can then not restore
     run_config = tune.RunConfig(name=name, storage_path=storage_path,
                                 failure_config=tune.FailureConfig(max_failures=max_failures),
-                                checkpoint_config=tune.CheckpointConfig(num_to_keep=2), verbose=1)
+                                checkpoint_config=tune.CheckpointConfig(num_to_keep=None), verbose=1)
     return tune.Tuner(trainable, param_space=space, tune_config=tune_config, run_config=run_config)
 
 
@@ -442,6 +448,12 @@ def finalise(grid, tracker, workdir: Path) -> dict:
 
     rows, errored = [], 0
     for result in grid:
+        if not result.config:  # failed before its first result (Tune knows no config then): nothing to close
+            errored += 1
+            rows.append({"task": None, "backbone": None, "seed": None, "run_id": None, "best": None,
+                         "error": str(result.error).splitlines()[0] if result.error else "no result",
+                         "iterations": 0})
+            continue
         req = result.config["request"]
         run_id = (result.metrics or {}).get("mlflow_run_id")
         if result.checkpoint is not None:
@@ -475,12 +487,26 @@ def finalise(grid, tracker, workdir: Path) -> dict:
                                   "ptx.best_step": state["best_step"]})
                 tracker.log_artifacts(run_id, art, track.PROMPT_ARTIFACT)
                 tracker.finish(run_id, "FAILED" if result.error else "FINISHED")
+        _prune_checkpoints(result)
         rows.append({"task": req["task"], "backbone": req["backbone"], "seed": req["settings"]["seed"],
                      "run_id": run_id, "best": (state or {}).get("best_metric", (result.metrics or {}).get("best_dev_metric")),
                      "error": str(result.error).splitlines()[0] if result.error else None,
                      "iterations": (result.metrics or {}).get("training_iteration")})
-    tag_best(tracker, {(r["task"], r["backbone"]) for r in rows})
+    tag_best(tracker, {(r["task"], r["backbone"]) for r in rows if r["task"] is not None})
     return {"trials": len(rows), "errored": errored, "rows": rows}
+
+
+def _prune_checkpoints(result) -> None:
+    """Delete a finalised trial's superseded checkpoints; its latest stays (Tune's final state names it)."""
+    import pyarrow.fs as pafs
+
+    if result.checkpoint is None:
+        return
+    fs, keep = result.checkpoint.filesystem, result.checkpoint.path.rstrip("/")
+    for info in fs.get_file_info(pafs.FileSelector(keep.rsplit("/", 1)[0])):
+        name = info.path.rstrip("/").rsplit("/", 1)[-1]
+        if info.type == pafs.FileType.Directory and name.startswith("checkpoint_") and info.path.rstrip("/") != keep:
+            fs.delete_dir(info.path)
 
 
 def _backbone_meta_from(run, state) -> dict:

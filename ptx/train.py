@@ -6,6 +6,7 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from typing import Annotated
 
 import torch
 import torch.nn.functional as F
@@ -14,6 +15,7 @@ from tqdm.auto import tqdm
 from ptx.data import iterate_batches
 from ptx.errors import PtxError
 from ptx.evaluate import _autocast, score_prompts
+from ptx.fields import Range
 from ptx.prompt import SoftPrompt
 
 log = logging.getLogger(__name__)
@@ -22,16 +24,19 @@ LABEL_LOSSES = ("label_words", "full_vocab")
 
 @dataclass(frozen=True)
 class TrainSettings:
-    steps: int = 1000  # optimizer steps
-    batch_size: int = 16  # the paper's batch size
-    lr: float = 1e-3  # the paper's RoBERTa-base rate (1e-4 RoBERTa-large, 5e-3 T5-base)
-    weight_decay: float = 0.0
-    warmup_steps: int = 0  # linear warm-up, then constant (the paper used a constant rate)
-    max_grad_norm: float | None = None  # clip the prompt's gradient norm when set
-    eval_every: int = 100  # steps between dev evaluations (also the report/checkpoint cadence)
-    eval_batch_size: int = 64
-    patience: int | None = None  # stop after this many evaluations without a dev improvement
-    seed: int = 0
+    # types and ranges are checked where values enter (spec loader, CLI options): ptx.fields.check_value
+    steps: Annotated[int, Range(ge=1)] = 1000  # optimizer steps
+    batch_size: Annotated[int, Range(ge=1)] = 16  # the paper's batch size
+    # the paper's RoBERTa-base rate (1e-4 RoBERTa-large, 5e-3 T5-base); the bound is far above any useful rate, far
+    # below where AdamW's fp32 step size overflows (3e37)
+    lr: Annotated[float, Range(gt=0, le=1e6)] = 1e-3
+    weight_decay: Annotated[float, Range(ge=0)] = 0.0
+    warmup_steps: Annotated[int, Range(ge=0)] = 0  # linear warm-up, then constant (the paper used a constant rate)
+    max_grad_norm: Annotated[float, Range(gt=0)] | None = None  # clip the prompt's gradient norm when set
+    eval_every: Annotated[int, Range(ge=1)] = 100  # steps between dev evaluations (also the report/checkpoint cadence)
+    eval_batch_size: Annotated[int, Range(ge=1)] = 64
+    patience: Annotated[int, Range(ge=1)] | None = None  # stop after this many evaluations without a dev improvement
+    seed: Annotated[int, Range(ge=0, lt=2**32)] = 0  # numpy's seed range
     bf16: bool = True  # autocast to bf16 on CUDA; ignored on CPU
     # torch.compile the training forward (dynamic shapes). Off by default: it pays on a GPU, where a small step is
     # bound by kernel launches (1.6x on an H200, roberta-large, batch 16; benchmarks/RESULTS.md), and costs

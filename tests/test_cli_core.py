@@ -180,9 +180,13 @@ def test_eval_width_mismatch_and_corrupt_artifact(monkeypatch, tmp_path):
     assert_one_line_error(code, err, str(weights), "corrupt or truncated safetensors")
 
 
-def test_nan_loss_exits_2_and_names_the_kept_prompt(monkeypatch, tmp_path):
-    # click keeps the last value of a repeated option: these override TRAIN's --lr and --eval-every
-    code, out, err = invoke_main(monkeypatch, *TRAIN, "--lr", "inf", "--eval-every", "1", "--workdir", tmp_path)
+def test_nan_loss_exits_2_and_names_the_kept_prompt(monkeypatch, tmp_path, tiny):
+    # an infinite --lr is refused up front now; a finite init prompt too loud for fp32 still makes the loss NaN
+    from ptx.prompt import backbone_meta, save_prompt
+
+    loud = save_prompt(tmp_path / "loud", torch.full((4, 32), 1e30), {"backbone": backbone_meta(tiny("tiny-bert"))})
+    # click keeps the last value of a repeated option: this overrides TRAIN's --eval-every
+    code, out, err = invoke_main(monkeypatch, *TRAIN, "--init-from", loud, "--eval-every", "1", "--workdir", tmp_path)
     line = assert_one_line_error(code, err, "non-finite loss", "best checkpoint (step 0")
     kept = Path(line.rsplit(" is kept at ", 1)[1])
     assert kept.parent == tmp_path.resolve() / "prompts"
