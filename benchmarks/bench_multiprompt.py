@@ -33,7 +33,18 @@ from bench_train_step import (
     runs_prompt_once,
     step_flops,
 )
-from common import PeakMemory, command_line, emit, machine, median, mib, run_worker, table, timed_loop, write_json
+from common import (
+    PeakMemory,
+    command_line,
+    emit,
+    machine,
+    median,
+    mib,
+    run_worker,
+    table,
+    timed_loop,
+    write_json,
+)
 
 
 def grouped_step(backbone, k: int, batch_size: int, seq_len: int, n_tokens: int, n_batches: int, device: str, ctx):

@@ -242,6 +242,7 @@ def _validate(spec: StudySpec, where: str, errors: list) -> None:
     if spec.projector.objective not in ("distance", "task", "mixed"):
         errors.append(f"{where}.projector.objective: expected distance, task or mixed, found '{spec.projector.objective}'")
     _validate_projector_tasks(spec.projector, f"{where}.projector", names, errors)
+    _validate_groups(spec, where, errors)
 
 
 PROJECTOR_PROTOCOLS = ("leave_one_out", "leave_one_out_category", "split")
@@ -263,6 +264,28 @@ def _validate_projector_tasks(p, where: str, names, errors: list) -> None:
         elif not p.allow_overlap and set(p.train_tasks) & set(p.eval_tasks):
             errors.append(f"{where}: train_tasks and eval_tasks share {sorted(set(p.train_tasks) & set(p.eval_tasks))}; "
                           f"a projector scored on its own training tasks leaks (set allow_overlap: true to allow it)")
+
+
+def _validate_groups(spec: StudySpec, where: str, errors: list) -> None:
+    """train.group_size: a whole number ≥ 1; groups need classification tasks and a per-trial scheduler (FIFO)."""
+    size = spec.train.group_size
+    if size is None:
+        return
+    if not isinstance(size, int) or size < 1:
+        errors.append(f"{where}.train.group_size: expected a whole number ≥ 1 or null, found {size!r}")
+        return
+    if size == 1:
+        return
+    if spec.scheduler.type == "asha":
+        errors.append(f"{where}.train.group_size: {size} puts several prompts in one trial, and ASHA stops whole "
+                      "trials on one metric; use scheduler.type fifo or train.group_size 1")
+    from ptx.tasks import list_tasks
+
+    kinds = {t.name: t.kind for t in list_tasks()}
+    generation = [t for t in spec.tasks if kinds.get(t) == "generation"]
+    if generation:
+        errors.append(f"{where}.train.group_size: grouped training scores label words; generation tasks "
+                      f"{generation} train alone (set train.group_size 1)")
 
 
 def set_path(raw: dict, dotted: str, value) -> None:

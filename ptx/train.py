@@ -36,6 +36,9 @@ class TrainSettings:
     # bound by kernel launches (1.6x on an H200, roberta-large, batch 16; benchmarks/RESULTS.md), and costs
     # minutes of compilation on CPU for a 16% gain there
     compile: bool = False
+    # prompts trained together in one stacked pass by a sweep (ptx.train_group); None: the sweep's rule (1 on CPU).
+    # How runs are executed, not what they compute: left out of a run's config hash
+    group_size: int | None = None
 
 
 @dataclass

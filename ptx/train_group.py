@@ -11,6 +11,7 @@ import copy
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -105,6 +106,11 @@ def _start(backbone, m: GroupMember) -> _Run:
         sched.load_state_dict(r["scheduler"])
         run.step, run.curve, run.best, run.best_step = r["step"], list(r["curve"]), r["best_metric"], r["best_step"]
         run.best_prompt, run.stale = r["best_prompt"].to(backbone.device), r.get("stale", 0)
+        # a checkpoint taken at the member's last evaluation: it had stopped there (train_prompt's trial ended)
+        if run.step >= s.steps:
+            run.stopped = "max_steps"
+        elif s.patience is not None and run.stale >= s.patience:
+            run.stopped = "early_stop"
     # a resumed member skips the batches it already saw, as train_prompt does
     run.batches = iterate_batches(m.train_data, s.batch_size, backbone.pad_id, seed=s.seed, epochs=None, skip=run.step)
     return run
@@ -169,8 +175,13 @@ def _fail(run: _Run, why: str) -> None:
               why, run.step + 1, run.best_step)
 
 
-def train_group(backbone, members: list[GroupMember], progress: bool = False) -> list[TrainResult]:
-    """Tune K soft prompts in one loop on a frozen backbone; one TrainResult per member, in order."""
+def train_group(backbone, members: list[GroupMember], progress: bool = False,
+                on_evaluated: Callable[[], None] | None = None) -> list[TrainResult]:
+    """Tune K soft prompts in one loop on a frozen backbone; one TrainResult per member, in order.
+
+    `on_evaluated()` runs after each step that evaluated a member (once its report has run): the sweep writes the
+    group's checkpoint there.
+    """
     _check(backbone, members)
     runs = [_start(backbone, m) for m in members]
     fresh = [r for r in runs if not r.member.resume]
@@ -226,6 +237,8 @@ def train_group(backbone, members: list[GroupMember], progress: bool = False) ->
         if due:
             for run, dev in zip(due, _evaluate(backbone, due), strict=True):
                 _record(run, dev)
+            if on_evaluated:
+                on_evaluated()
     bar.close()
     seconds = time.perf_counter() - t0
     return [TrainResult(prompt=r.best_prompt.cpu(), best_step=r.best_step, best_metric=r.best, metric=r.member.spec.metric,
