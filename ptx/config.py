@@ -267,7 +267,7 @@ def _validate_projector_tasks(p, where: str, names, errors: list) -> None:
 
 
 def _validate_groups(spec: StudySpec, where: str, errors: list) -> None:
-    """train.group_size: a whole number ≥ 1; groups need classification tasks and a per-trial scheduler (FIFO)."""
+    """train.group_size: a whole number ≥ 1; groups need a scheduler that decides per trial (FIFO, not ASHA)."""
     size = spec.train.group_size
     if size is None:
         return
@@ -279,13 +279,6 @@ def _validate_groups(spec: StudySpec, where: str, errors: list) -> None:
     if spec.scheduler.type == "asha":
         errors.append(f"{where}.train.group_size: {size} puts several prompts in one trial, and ASHA stops whole "
                       "trials on one metric; use scheduler.type fifo or train.group_size 1")
-    from ptx.tasks import list_tasks
-
-    kinds = {t.name: t.kind for t in list_tasks()}
-    generation = [t for t in spec.tasks if kinds.get(t) == "generation"]
-    if generation:
-        errors.append(f"{where}.train.group_size: grouped training scores label words; generation tasks "
-                      f"{generation} train alone (set train.group_size 1)")
 
 
 def set_path(raw: dict, dotted: str, value) -> None:

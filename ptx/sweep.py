@@ -569,18 +569,19 @@ def group_size(spec) -> int:
     if spec.train.group_size is not None:
         return spec.train.group_size
     if spec.resources.gpu > 0 and spec.scheduler.type == "fifo" and spec.search.algorithm == "grid":
-        from ptx.tasks import load_task
-
-        if all(load_task(t).kind != "generation" for t in spec.tasks):
-            return GPU_GROUP_SIZE
+        return GPU_GROUP_SIZE
     return 1
 
 
 def group_requests(requests: list[PromptRequest], size: int) -> list[list[PromptRequest]]:
-    """Requests in groups of at most `size` that can share one pass (same backbone, insertion, prompt length, bf16)."""
+    """Requests in groups of at most `size` that can share one pass (same backbone, insertion, prompt length, bf16);
+    a generation task (scored by decoding, not label words) is a group of one, trained by train_prompt."""
+    from ptx.tasks import load_task
+
     by: dict = {}
-    for r in requests:
-        by.setdefault((r.backbone, r.insertion, r.prompt_length, r.settings.bf16), []).append(r)
+    for i, r in enumerate(requests):
+        alone = load_task(r.task).kind == "generation"
+        by.setdefault(("alone", i) if alone else (r.backbone, r.insertion, r.prompt_length, r.settings.bf16), []).append(r)
     return [reqs[i:i + size] for reqs in by.values() for i in range(0, len(reqs), size)]
 
 
@@ -604,6 +605,7 @@ def group_trainable(config: dict) -> None:
 
     from ptx.backbones import load_backbone
     from ptx.stages import PromptRun, start_prompt_run
+    from ptx.train import train_prompt
     from ptx.train_group import GroupMember, train_group
 
     const = config["const"]
@@ -659,15 +661,28 @@ def group_trainable(config: dict) -> None:
         live = {i: s for i, s in latest.items()}
         metrics = {"step": max(s["step"] for s in live.values()), "members": len(reqs), "reused": len(reused),
                    "best_dev_metric": sum(s["best_metric"] for s in live.values()) / len(live),
-                   "mlflow_run_ids": [s.get("mlflow_run_id") for s in live.values()]}
+                   "mlflow_run_ids": ",".join(str(s.get("mlflow_run_id")) for s in live.values())}
         with tempfile.TemporaryDirectory() as d:
             save_group_checkpoint(live, d)
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(d))
         _maybe_fail(metrics["step"])
 
+    def train_members() -> list:
+        if len(members) == 1 and members[0].spec.kind == "generation":  # a group of one, trained by train_prompt
+            m, run = members[0], started[0]
+
+            def solo_report(metrics: dict, step: int, state: dict | None = None):
+                run.log_and_report(metrics, step, state)
+                if state is not None:
+                    checkpoint()
+
+            return [train_prompt(backbone, m.spec, m.init, m.train_data, m.dev_data, m.settings, report=solo_report,
+                                 resume=m.resume)]
+        return train_group(backbone, members, on_evaluated=checkpoint)
+
     if members:
         try:
-            results = train_group(backbone, members, on_evaluated=checkpoint)
+            results = train_members()
         except BaseException:
             for run in started:
                 run.fail()

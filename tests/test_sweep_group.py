@@ -33,11 +33,9 @@ def test_the_plan_is_printed_in_groups(tmp_path):
     assert sweep.group_size(gpu) == sweep.GPU_GROUP_SIZE
 
 
-def test_groups_refuse_asha_and_generation_tasks(tmp_path):
+def test_groups_refuse_asha(tmp_path):
     with pytest.raises(PtxError, match=r"train.group_size: 3 puts several prompts in one trial, and ASHA"):
         load_study(write_spec(tmp_path / "asha.yaml", scheduler={"type": "asha"}))
-    with pytest.raises(PtxError, match=r"generation tasks \['squad'\] train alone"):
-        load_study(write_spec(tmp_path / "gen.yaml", tasks=["squad"], backbones=["tiny-t5"]))
 
 
 def test_group_requests_keep_members_that_share_a_pass_together(tmp_path):
@@ -45,6 +43,11 @@ def test_group_requests_keep_members_that_share_a_pass_together(tmp_path):
     groups = sweep.group_requests(sweep.sweep_requests(spec), 3)
     assert [len(g) for g in groups] == [3, 1, 3, 1]
     assert all(len({r.backbone for r in g}) == 1 for g in groups)
+    # a generation task is scored by decoding, not label words: each of its runs is a group of one
+    t5 = load_study(write_spec(tmp_path / "t5.yaml", backbones=["tiny-t5"], tasks=["tweet_sentiment", "squad"]))
+    groups = sweep.group_requests(sweep.sweep_requests(t5), 3)
+    assert [[(r.task, r.settings.seed) for r in g] for g in groups] == [
+        [("tweet_sentiment", 0), ("tweet_sentiment", 1)], [("squad", 0)], [("squad", 1)]]
 
 
 @pytest.mark.ray
