@@ -140,6 +140,8 @@ class StudySpec:
         d = dataclasses.asdict(self)
         d.pop("source_file")
         d.pop("storage_shared")  # where checkpoints live, not what is computed: same hash, same experiment
+        if d["train"].get("group_size") is None:  # unset: the hash every spec had before the field existed
+            d["train"].pop("group_size", None)
         return config_hash(d)
 
 
