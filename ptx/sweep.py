@@ -454,7 +454,6 @@ def _fit_and_finalise(tuner, tracker, parent: str, workdir: Path) -> dict:
 
 def finalise(grid, tracker, workdir: Path) -> dict:
     """Close every trial's MLflow run from its last checkpoint; tag the best prompt per (task, backbone)."""
-
     rows, errored = [], 0
     for result in grid:
         if result.error is not None:
