@@ -93,6 +93,14 @@ bench "ablation-prompt-once" --backbone "$LLAMA" --batch-size "$lbs" --prompt-le
 bench "ablation-head" --backbone "$LLAMA" --batch-size "$lbs" --prompt-length "$ln" --seq-len "$lt" \
   --dtype "$DTYPE" --ablation head
 
+# many prompts, one backbone (issue 20): K prompts grouped vs one at a time (ptx, PEFT); targets on a GPU:
+# roberta-base K=16 >= 3x PEFT's aggregate examples/s and >= 40% MFU
+if [ "$DEVICE" = cpu ]; then MP=(tiny-roberta 2); else MP=(random:roberta-base 16); fi
+echo "== multiprompt: ${MP[0]} K=${MP[1]}"
+"$PY" benchmarks/bench_multiprompt.py --backbone "${MP[0]}" --prompts "${MP[1]}" --device "$DEVICE" \
+  --steps "$STEPS" --warmup "$WARMUP" --peak-tflops "$PEAK_TFLOPS" --json "$PARTS/multiprompt.json" \
+  || echo "!! multiprompt failed" >&2
+
 mkdir -p "$DEST"
 "$PY" - "$PARTS" "$DEST/gpu_results.json" "$start" <<'EOF'
 import json, sys, time

@@ -156,8 +156,11 @@ class Backbone:
     def hidden_at_score(self, prompts: torch.Tensor, batch: dict) -> torch.Tensor:
         """Final hidden state at each example's scoring position [P*B, d] (after any decoder step)."""
         x, mask = self._inputs(prompts, batch)
-        n_tok, rows = prompts.shape[1], x.shape[0]
-        score = batch["score_index"].to(self.device).repeat(prompts.shape[0])
+        return self._hidden(x, mask, prompts.shape[1], batch["score_index"].to(self.device).repeat(prompts.shape[0]))
+
+    def _hidden(self, x: torch.Tensor, mask: torch.Tensor, n_tok: int, score: torch.Tensor) -> torch.Tensor:
+        """One backbone pass over prompt-prefixed rows x [R, n+T, d]: the hidden state at each row's score index [R, d]."""
+        rows = x.shape[0]
         body = self.model.base_model if self.kind is not BackboneKind.SEQ2SEQ else None
         if self.kind is BackboneKind.SEQ2SEQ:
             enc = self.model.get_encoder()(inputs_embeds=x, attention_mask=mask).last_hidden_state
@@ -191,24 +194,35 @@ class Backbone:
         over [prompt; text], with the prompt's share of the compute divided by the batch size (benchmarks/RESULTS.md).
         Label scoring only: FFN hooks (activations.py) see one-pass calls through hidden_at_score.
         """
+        return self._hidden_prompt_once_stacked([(prompts, batch)])
+
+    def _hidden_prompt_once_stacked(self, segments: list) -> torch.Tensor:
+        """The prompt-once pass over several (prompts [P, n, d], batch) segments of equal width: rows [sum P*B, d]."""
         import inspect
 
         from transformers import DynamicCache
 
-        ids, attn = batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device)
-        n_prompts, n_tok, _ = prompts.shape
-        (bsz, seq), body = ids.shape, self.model.base_model
+        body = self.model.base_model
         key = "cache" if "cache" in inspect.signature(body.forward).parameters else "past_key_values"
-        tok = self.model.get_input_embeddings()(ids)
+        n_tok, seq = segments[0][0].shape[1], segments[0][1]["input_ids"].shape[1]
+        toks, masks, scores, rows, first = [], [], [], [], 0
+        for prompts, batch in segments:
+            ids, attn = batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device)
+            n_prompts, bsz = prompts.shape[0], ids.shape[0]
+            toks.append(self.model.get_input_embeddings()(ids).repeat(n_prompts, 1, 1))
+            masks.append(torch.cat([attn.new_ones(bsz, n_tok), attn], dim=1).repeat(n_prompts, 1))
+            scores.append(batch["score_index"].to(self.device).repeat(n_prompts))
+            # each prompt's cache row repeated once per example: rows prompt-major, as _inputs lays them out
+            rows.append(torch.arange(first, first + n_prompts, device=self.device).repeat_interleave(bsz))
+            first += n_prompts
+        tok = torch.cat(toks)
         cache = DynamicCache(config=self.model.config)
-        body(inputs_embeds=prompts.to(tok.dtype), use_cache=True, **{key: cache})
-        cache.batch_repeat_interleave(bsz)  # rows prompt-major, as _inputs lays them out
-        mask = torch.cat([attn.new_ones(bsz, n_tok), attn], dim=1).repeat(n_prompts, 1)
-        hidden = body(inputs_embeds=tok.repeat(n_prompts, 1, 1), attention_mask=mask, use_cache=True,
+        body(inputs_embeds=torch.cat([p for p, _ in segments]).to(tok.dtype), use_cache=True, **{key: cache})
+        cache.reorder_cache(torch.cat(rows))
+        hidden = body(inputs_embeds=tok, attention_mask=torch.cat(masks), use_cache=True,
                       **{key: cache}).last_hidden_state
         assert cache.get_seq_length() == n_tok + seq, "the backbone did not attend to the prompt's key/value cache"
-        score = batch["score_index"].to(self.device).repeat(n_prompts)
-        return hidden[torch.arange(hidden.shape[0], device=self.device), score]
+        return hidden[torch.arange(hidden.shape[0], device=self.device), torch.cat(scores)]
 
     def _head(self, hidden: torch.Tensor, label_ids: torch.Tensor) -> torch.Tensor:
         """The PLM's own output head restricted to label rows: [N, d] -> [N, n_labels]."""
@@ -240,6 +254,32 @@ class Backbone:
         logits = self._head(hidden, label_ids)
         logits = logits.float().view(prompts.shape[0], batch["input_ids"].shape[0], -1)
         return logits[0] if squeeze else logits
+
+    def stacked_label_logits(self, segments: list, label_ids: list) -> list[torch.Tensor]:
+        """Several (prompts [P, n, d], batch) segments, each with its own batch and label words, in one backbone pass.
+
+        Returns per segment what label_logits returns for it, [P, B, n_labels]. The batches are right-padded to the
+        widest one; the padding is masked out, so a row's logits do not depend on what it is stacked with.
+        """
+        segments = [(p[None] if p.dim() == 2 else p, b) for p, b in segments]
+        n_tok = {p.shape[1] for p, _ in segments}
+        if len(n_tok) != 1:
+            raise PtxError(f"stacked prompts must have one length; found lengths {sorted(n_tok)}")
+        width = max(b["input_ids"].shape[1] for _, b in segments)
+        segments = [(p, _pad_batch(b, width, self.pad_id)) for p, b in segments]
+        if self._prompt_once():
+            hidden = self._hidden_prompt_once_stacked(segments)
+        else:
+            parts = [self._inputs(p, b) for p, b in segments]
+            score = torch.cat([b["score_index"].to(self.device).repeat(p.shape[0]) for p, b in segments])
+            hidden = self._hidden(torch.cat([x for x, _ in parts]), torch.cat([m for _, m in parts]), n_tok.pop(), score)
+        out, start = [], 0
+        for (prompts, batch), ids in zip(segments, label_ids, strict=True):
+            n_rows = prompts.shape[0] * batch["input_ids"].shape[0]
+            logits = self._head(hidden[start:start + n_rows], ids).float()
+            out.append(logits.view(prompts.shape[0], batch["input_ids"].shape[0], -1))
+            start += n_rows
+        return out
 
     def seq2seq_loss(self, prompt: torch.Tensor, batch: dict) -> torch.Tensor:
         """Teacher-forced token cross-entropy of the target text (generation tasks, seq2seq only)."""
@@ -284,6 +324,15 @@ class Backbone:
         if hasattr(base, "h"):
             return [blk.mlp.c_fc for blk in base.h]
         raise PtxError(f"no known FFN hook point on backbone '{self.name}' ({model.config.model_type})")
+
+
+def _pad_batch(batch: dict, width: int, pad_id: int) -> dict:
+    """A collated batch right-padded to `width` tokens (input_ids with pad_id, attention_mask with 0)."""
+    extra = width - batch["input_ids"].shape[1]
+    if extra == 0:
+        return batch
+    return {**batch, "input_ids": F.pad(batch["input_ids"], (0, extra), value=pad_id),
+            "attention_mask": F.pad(batch["attention_mask"], (0, extra), value=0)}
 
 
 def detect_kind(config) -> BackboneKind:

@@ -179,6 +179,8 @@ class StudySpec:
         d = dataclasses.asdict(self)
         d.pop("source_file")
         d.pop("storage_shared")  # where checkpoints live, not what is computed: same hash, same experiment
+        if d["train"].get("group_size") is None:  # unset: the hash every spec had before the field existed
+            d["train"].pop("group_size", None)
         return config_hash(d)
 
 
@@ -271,6 +273,7 @@ def _validate(spec: StudySpec, where: str, errors: list) -> None:
     if spec.train.label_loss not in LABEL_LOSSES:
         errors.append(f"{where}.train.label_loss: expected one of {list(LABEL_LOSSES)}, found {spec.train.label_loss!r}")
     _validate_projector_tasks(spec.projector, f"{where}.projector", names, errors)
+    _validate_groups(spec, where, errors)
 
 
 PROJECTOR_PROTOCOLS = ("leave_one_out", "leave_one_out_category", "split")
@@ -325,6 +328,21 @@ def _check_spec_names(spec: StudySpec, tasks: dict, where: str, errors: list) ->
     for split in spec.transfer.splits:
         if split not in ("train", "dev", "test"):
             errors.append(f"{where}.transfer.splits: expected dev, test or train, found {split!r}")
+
+
+def _validate_groups(spec: StudySpec, where: str, errors: list) -> None:
+    """train.group_size: a whole number ≥ 1; groups need a scheduler that decides per trial (FIFO, not ASHA)."""
+    size = spec.train.group_size
+    if size is None:
+        return
+    if not isinstance(size, int) or size < 1:
+        errors.append(f"{where}.train.group_size: expected a whole number ≥ 1 or null, found {size!r}")
+        return
+    if size == 1:
+        return
+    if spec.scheduler.type == "asha":
+        errors.append(f"{where}.train.group_size: {size} puts several prompts in one trial, and ASHA stops whole "
+                      "trials on one metric; use scheduler.type fifo or train.group_size 1")
 
 
 def set_path(raw: dict, dotted: str, value) -> None:

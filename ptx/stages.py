@@ -51,6 +51,7 @@ class PromptRequest:
         for key, legacy in (("dropout", False), ("label_loss", "label_words")):
             if fields["settings"].get(key) == legacy:
                 fields["settings"].pop(key)
+        fields["settings"].pop("group_size")  # how runs are executed: a grouped member computes what it does alone
         if fields["max_length"] is None:  # absent: the hash of every request made before the field existed
             fields.pop("max_length")
         return config_hash(fields)
@@ -87,6 +88,41 @@ def run_prompt(req: PromptRequest, workdir: str | Path, tracker=None, parent_run
                force: bool = False, report=None, resume: dict | None = None, run_id: str | None = None,
                backbone=None, progress: bool = False, extra_tags: dict | None = None) -> PromptRun:
     """Train one prompt, save it under the workdir and log it to MLflow (when a tracker is given)."""
+    run = start_prompt_run(req, workdir, tracker, parent_run_id, force, report, run_id, backbone, extra_tags)
+    if isinstance(run, PromptRun):  # reused
+        return run
+    try:
+        result = train_prompt(run.backbone, run.spec, run.init, run.train, run.dev, req.settings,
+                              report=run.log_and_report, resume=resume, progress=progress)
+    except (KeyboardInterrupt, SystemExit):  # Ctrl-C, or SIGTERM (the CLI turns it into SystemExit)
+        run.fail("KILLED")
+        raise
+    except BaseException:
+        run.fail()
+        raise
+    return run.finish(result)
+
+
+@dataclass
+class StartedRun:
+    """A prompt run between its start (data, init, MLflow run) and its end: what a trainer needs, and how to log."""
+
+    req: PromptRequest
+    spec: object
+    backbone: object
+    init: object  # [n_tokens, d_model]
+    train: object
+    dev: object
+    run_id: str | None
+    log_and_report: object  # report(metrics, step, state): logs to MLflow, then calls the caller's report
+    finish: object  # finish(TrainResult) -> PromptRun: artifact, final logs, run status
+    fail: object  # fail(): mark the run FAILED (the trainer raised)
+
+
+def start_prompt_run(req: PromptRequest, workdir: str | Path, tracker=None, parent_run_id: str | None = None,
+                     force: bool = False, report=None, run_id: str | None = None, backbone=None,
+                     extra_tags: dict | None = None) -> "StartedRun | PromptRun":
+    """Everything of run_prompt before training; a finished run of the same config comes back as a reused PromptRun."""
     workdir = Path(workdir).resolve()
     digest = req.hash()
     if tracker is not None and not force and run_id is None:
@@ -138,15 +174,18 @@ def run_prompt(req: PromptRequest, workdir: str | Path, tracker=None, parent_run
                 state["mlflow_run_id"] = run_id  # lives in the checkpoint: a resumed trial keeps its run
             report(metrics, step, state)
 
-    try:
-        result = train_prompt(backbone, spec, init, train, dev, req.settings, report=log_and_report,
-                              resume=resume, progress=progress)
-    except (KeyboardInterrupt, SystemExit):  # Ctrl-C, or SIGTERM (the CLI turns it into SystemExit)
-        track_call(tracker and tracker.finish, run_id, "KILLED")
-        raise
-    except BaseException:
-        track_call(tracker and tracker.finish, run_id, "FAILED")
-        raise
+    def fail(status: str = "FAILED") -> None:  # KILLED for Ctrl-C or SIGTERM
+        track_call(tracker and tracker.finish, run_id, status)
+
+    def finish(result) -> PromptRun:
+        return _finish_prompt_run(req, spec, backbone, workdir, digest, run_id, init_dir, init_text, source_run, result,
+                                  tracker, track_call, lost)
+
+    return StartedRun(req, spec, backbone, init, train, dev, run_id, log_and_report, finish, fail)
+
+
+def _finish_prompt_run(req, spec, backbone, workdir, digest, run_id, init_dir, init_text, source_run, result, tracker,
+                       track_call, lost) -> PromptRun:
     meta = {"config_hash": digest, "mlflow_run_id": run_id, "backbone": backbone_meta(backbone),
             "task": {"name": spec.name, "version": spec.version}, "verbalizer": list(spec.label_words(backbone.kind)),
             "insertion": backbone.insertion.value,

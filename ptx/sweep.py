@@ -212,8 +212,9 @@ def build_tuner(requests: list[PromptRequest], name: str, workdir: Path, trackin
                 parent_run_id: str, storage_path: str, search: dict | None = None, algorithm: str = "grid",
                 num_samples: int = 1, scheduler: dict | None = None, resources: dict | None = None,
                 max_concurrent: int | None = None, max_failures: int = 2, tags: dict | None = None,
-                force: bool = False, metric_name: str = "best_dev_metric"):
-    """A Tune experiment over a list of base requests (x an optional search space)."""
+                force: bool = False, metric_name: str = "best_dev_metric", group_size: int = 1):
+    """A Tune experiment over a list of base requests (x an optional search space); group_size > 1: one trial
+    trains that many requests together (group_trainable)."""
     from ray import tune
 
     # checkpoints at every evaluation are the point (resume); Tune's warning about that is noise here
@@ -221,11 +222,15 @@ def build_tuner(requests: list[PromptRequest], name: str, workdir: Path, trackin
     os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")  # a reused run reports no train_loss
     res = dict(resources or {"cpu": 1})
     custom = res.pop("custom", None) or {}
-    trainable = tune.with_resources(prompt_trainable, {"cpu": res.get("cpu", 1), "gpu": res.get("gpu", 0), **custom})
+    fn = group_trainable if group_size > 1 else prompt_trainable
+    trainable = tune.with_resources(fn, {"cpu": res.get("cpu", 1), "gpu": res.get("gpu", 0), **custom})
     const = {"tracking_uri": tracking_uri, "experiment": experiment, "workdir": str(workdir), "study": name,
              "parent_run_id": parent_run_id, "tags": tags or {}, "force": force}
-    space = {"request": tune.grid_search([dataclasses.asdict(r) for r in requests]), "const": const,
-             **_tune_space(search or {})}
+    if group_size > 1:
+        grid = {"group": tune.grid_search([[dataclasses.asdict(r) for r in g] for g in group_requests(requests, group_size)])}
+    else:
+        grid = {"request": tune.grid_search([dataclasses.asdict(r) for r in requests])}
+    space = {**grid, "const": const, **_tune_space(search or {})}
     sched = make_scheduler(scheduler, requests)
     search_alg = None
     if algorithm == "optuna":
@@ -330,8 +335,10 @@ def __getattr__(name: str):
 
 def _trial_name(trial) -> str:
     """Readable names for the dashboard: task-backbone-seed-trialid."""
-    req = trial.config.get("request", {})
+    req = trial.config.get("request") or (trial.config.get("group") or [{}])[0]
     seed = trial.config.get("seed", req.get("settings", {}).get("seed"))
+    if "group" in trial.config:
+        return f"group{len(trial.config['group'])}-{str(req.get('backbone')).replace('/', '_')}-{trial.trial_id}"
     return f"{req.get('task')}-{str(req.get('backbone')).replace('/', '_')}-s{seed}-{trial.trial_id}"
 
 
@@ -360,7 +367,15 @@ def plan(spec) -> dict:
                        for d in spec.search.space.values()) if spec.search.space else 1
     n = len(reqs) * grid_points * spec.search.num_samples
     per_trial = {"cpu": spec.resources.cpu, "gpu": spec.resources.gpu, **spec.resources.custom}
-    return {"study": spec.name, "trials": n, "base_runs": len(reqs), "search_points": grid_points,
+    size = group_size(spec)
+    if size > 1:  # a trial is a group: members per group, and how many groups share one GPU
+        groups = len(group_requests(reqs, size))
+        n = groups * grid_points * spec.search.num_samples
+        grouping = {"group_size": size, "groups": groups, "members_per_group": [len(g) for g in group_requests(reqs, size)],
+                    "groups_per_gpu": round(1 / spec.resources.gpu, 2) if spec.resources.gpu else None}
+    else:
+        grouping = {"group_size": 1}
+    return {**grouping, "study": spec.name, "trials": n, "base_runs": len(reqs), "search_points": grid_points,
             "samples": spec.search.num_samples, "scheduler": spec.scheduler.type, "resources_per_trial": per_trial,
             "max_concurrent": spec.max_concurrent, "steps_per_trial": spec.train.steps, "stages": list(spec.stages)}
 
@@ -385,9 +400,10 @@ def run_sweep(spec, workdir: Path, tracking_uri: str, storage_path: str | None =
                         num_samples=spec.search.num_samples, scheduler=dataclasses.asdict(spec.scheduler),
                         resources=dataclasses.asdict(spec.resources),
                         max_concurrent=max_concurrent or spec.max_concurrent, max_failures=spec.max_failures,
-                        tags=tags, force=force)
+                        tags=tags, force=force, group_size=group_size(spec))
     _write_state(storage, name, {"tracking_uri": tracking_uri, "experiment": spec.name, "workdir": str(workdir),
-                                 "parent_run_id": parent, "study_file": spec.source_file, "name": name})
+                                 "parent_run_id": parent, "study_file": spec.source_file, "name": name,
+                                 "grouped": group_size(spec) > 1})
     return _fit_and_finalise(tuner, tracker, parent, Path(workdir))
 
 
@@ -423,7 +439,8 @@ def resume_sweep(path: str, restart_errored: bool = False) -> dict:
     if not tune.Tuner.can_restore(path):
         raise PtxError(f"{path} is not a Tune experiment directory (no experiment state found)")
     state = _read_state(path)
-    tuner = tune.Tuner.restore(path, trainable=prompt_trainable, resume_unfinished=True,
+    trainable = group_trainable if state.get("grouped") else prompt_trainable
+    tuner = tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True,
                                resume_errored=not restart_errored, restart_errored=restart_errored)
     tracker = track.Tracker(state["tracking_uri"], state["experiment"], workdir=Path(state["workdir"]))
     return _fit_and_finalise(tuner, tracker, state["parent_run_id"], Path(state["workdir"]))
@@ -443,9 +460,6 @@ def _fit_and_finalise(tuner, tracker, parent: str, workdir: Path) -> dict:
 
 def finalise(grid, tracker, workdir: Path) -> dict:
     """Close every trial's MLflow run from its last checkpoint; tag the best prompt per (task, backbone)."""
-    from ptx.prompt import init_record, save_prompt
-    from ptx.tasks import load_task
-
     rows, errored = [], 0
     for result in grid:
         if not result.config:  # failed before its first result (Tune knows no config then): nothing to close
@@ -453,6 +467,12 @@ def finalise(grid, tracker, workdir: Path) -> dict:
             rows.append({"task": None, "backbone": None, "seed": None, "run_id": None, "best": None,
                          "error": str(result.error).splitlines()[0] if result.error else "no result",
                          "iterations": 0})
+            continue
+        if result.error is not None:
+            errored += 1
+        if "group" in result.config:
+            rows += _finalise_group(result, tracker, workdir)
+            _prune_checkpoints(result)
             continue
         req = result.config["request"]
         run_id = (result.metrics or {}).get("mlflow_run_id")
@@ -462,38 +482,44 @@ def finalise(grid, tracker, workdir: Path) -> dict:
             run_id = state.get("mlflow_run_id") or run_id
         else:
             state = None
-        if result.error is not None:
-            errored += 1
-        if run_id:
-            run = tracker.get_run(run_id)
-            if run.info.status != "FINISHED" and state is not None:
-                # stopped early by the scheduler, or errored after its retries: keep the last good checkpoint
-                spec = load_task(req["task"])
-                art = Path(workdir) / "prompts" / run_id
-                if not (art / "prompt.json").exists():
-                    bmeta = _backbone_meta_from(run, state)
-                    meta = {"config_hash": run.data.tags.get("ptx.config_hash"), "mlflow_run_id": run_id,
-                            "backbone": bmeta, "task": {"name": spec.name, "version": spec.version},
-                            "verbalizer": list(spec.label_words(bmeta.get("kind"))), "insertion": req.get("insertion", "prepend"),
-                            "init": init_record("artifact" if req.get("init_from") else req.get("init"), req["settings"]["seed"], spec.name,
-                                                spec.instruction(req["init_text"]) if req.get("init_text") else None,
-                                                run.data.tags.get("ptx.source_run")),
-                            "seed": req["settings"]["seed"], "best_step": state["best_step"],
-                            "dev_metric": {"name": spec.metric, "value": state["best_metric"]}}
-                    save_prompt(art, state["best_prompt"], meta)
-                tracker.log_curve(run_id, [{"step": p["step"], f"dev_{spec.metric}": p["dev_metric"]} for p in state["curve"]])
-                tracker.log(run_id, {"best_dev_metric": state["best_metric"]}, step=state["best_step"],
-                            tags={"ptx.stopped": "error" if result.error else "scheduler",
-                                  "ptx.best_step": state["best_step"]})
-                tracker.log_artifacts(run_id, art, track.PROMPT_ARTIFACT)
-                tracker.finish(run_id, "FAILED" if result.error else "FINISHED")
+        rows.append(_finalise_run(req, run_id, state, result, tracker, workdir))
         _prune_checkpoints(result)
-        rows.append({"task": req["task"], "backbone": req["backbone"], "seed": req["settings"]["seed"],
-                     "run_id": run_id, "best": (state or {}).get("best_metric", (result.metrics or {}).get("best_dev_metric")),
-                     "error": str(result.error).splitlines()[0] if result.error else None,
-                     "iterations": (result.metrics or {}).get("training_iteration")})
     tag_best(tracker, {(r["task"], r["backbone"]) for r in rows if r["task"] is not None})
     return {"trials": len(rows), "errored": errored, "rows": rows}
+
+
+def _finalise_run(req: dict, run_id: str | None, state: dict | None, result, tracker, workdir: Path) -> dict:
+    """Close one prompt run from its last checkpoint (unless it finished itself); its row of the summary."""
+    from ptx.prompt import init_record, save_prompt
+    from ptx.tasks import load_task
+
+    if run_id:
+        run = tracker.get_run(run_id)
+        if run.info.status != "FINISHED" and state is not None:
+            # stopped early by the scheduler, or errored after its retries: keep the last good checkpoint
+            spec = load_task(req["task"])
+            art = Path(workdir) / "prompts" / run_id
+            if not (art / "prompt.json").exists():
+                bmeta = _backbone_meta_from(run, state)
+                meta = {"config_hash": run.data.tags.get("ptx.config_hash"), "mlflow_run_id": run_id,
+                        "backbone": bmeta, "task": {"name": spec.name, "version": spec.version},
+                        "verbalizer": list(spec.label_words(bmeta.get("kind"))), "insertion": req.get("insertion", "prepend"),
+                        "init": init_record("artifact" if req.get("init_from") else req.get("init"), req["settings"]["seed"],
+                                            spec.name, spec.instruction(req["init_text"]) if req.get("init_text") else None,
+                                            run.data.tags.get("ptx.source_run")),
+                        "seed": req["settings"]["seed"], "best_step": state["best_step"],
+                        "dev_metric": {"name": spec.metric, "value": state["best_metric"]}}
+                save_prompt(art, state["best_prompt"], meta)
+            tracker.log_curve(run_id, [{"step": p["step"], f"dev_{spec.metric}": p["dev_metric"]} for p in state["curve"]])
+            tracker.log(run_id, {"best_dev_metric": state["best_metric"]}, step=state["best_step"],
+                        tags={"ptx.stopped": "error" if result.error else "scheduler",
+                              "ptx.best_step": state["best_step"]})
+            tracker.log_artifacts(run_id, art, track.PROMPT_ARTIFACT)
+            tracker.finish(run_id, "FAILED" if result.error else "FINISHED")
+    return {"task": req["task"], "backbone": req["backbone"], "seed": req["settings"]["seed"],
+            "run_id": run_id, "best": (state or {}).get("best_metric", (result.metrics or {}).get("best_dev_metric")),
+            "error": str(result.error).splitlines()[0] if result.error else None,
+            "iterations": (result.metrics or {}).get("training_iteration")}
 
 
 def _prune_checkpoints(result) -> None:
@@ -557,6 +583,169 @@ def trial_table(path: str) -> list[dict]:
                      "backbone": req.get("backbone"), "seed": req.get("settings", {}).get("seed"),
                      "best": last.get("best_dev_metric"), "iter": last.get("training_iteration"),
                      "run_id": last.get("mlflow_run_id")})
+    return rows
+
+
+# ---- groups: many prompts per trial, one backbone pass (ptx.train_group) ------------------------------
+# The default group size on a GPU when train.group_size is not set: grouped steps fill the device where one
+# prompt's batch-16 step is launch-bound. Provisional until benchmarks/gpu.sh measures bench_multiprompt.py on a GPU
+# (benchmarks/RESULTS.md); on CPU, where time follows FLOPs and grouping measured no faster, the default is 1.
+GPU_GROUP_SIZE = 16
+
+
+def group_size(spec) -> int:
+    """Prompts per trial: train.group_size, else GPU_GROUP_SIZE for FIFO sweeps on GPUs, else 1."""
+    if spec.train.group_size is not None:
+        return spec.train.group_size
+    if spec.resources.gpu > 0 and spec.scheduler.type == "fifo" and spec.search.algorithm == "grid":
+        return GPU_GROUP_SIZE
+    return 1
+
+
+def group_requests(requests: list[PromptRequest], size: int) -> list[list[PromptRequest]]:
+    """Requests in groups of at most `size` that can share one pass (same backbone, insertion, prompt length, bf16,
+    dropout); a generation task (scored by decoding) or a full-vocabulary loss is a group of one, trained by
+    train_prompt."""
+    from ptx.tasks import load_task
+
+    by: dict = {}
+    for i, r in enumerate(requests):
+        alone = load_task(r.task).kind == "generation" or r.settings.label_loss != "label_words"
+        key = (r.backbone, r.insertion, r.prompt_length, r.settings.bf16, r.settings.dropout)
+        by.setdefault(("alone", i) if alone else key, []).append(r)
+    return [reqs[i:i + size] for reqs in by.values() for i in range(0, len(reqs), size)]
+
+
+def save_group_checkpoint(states: dict, directory) -> None:
+    """A group's checkpoint: member i's training state in m<i>/ (train.save_checkpoint's format)."""
+    for i, state in states.items():
+        sub = Path(directory) / f"m{i}"
+        sub.mkdir(parents=True, exist_ok=True)
+        save_checkpoint(state, sub)
+
+
+def load_group_checkpoint(directory) -> dict:
+    """{member index: state} from a group checkpoint."""
+    return {int(d.name[1:]): load_checkpoint(d) for d in Path(directory).iterdir() if d.is_dir() and d.name[:1] == "m"}
+
+
+def group_trainable(config: dict) -> None:
+    """One Tune trial = a group of prompt runs trained together; each member is still its own MLflow run."""
+    import ray
+    from ray import tune
+
+    from ptx.backbones import load_backbone
+    from ptx.stages import PromptRun, start_prompt_run
+    from ptx.train import train_prompt
+    from ptx.train_group import GroupMember, train_group
+
+    const = config["const"]
+    reqs = [_request_from({**config, "request": r}) for r in config["group"]]
+    track.wait_reachable(const["tracking_uri"], tries=8, delay=2.0)
+    tracker = track.Tracker(const["tracking_uri"], const["experiment"], workdir=Path(const["workdir"]))
+    trial_id, parent = tune.get_context().get_trial_id(), const["parent_run_id"]
+    states: dict = {}
+    ckpt = tune.get_checkpoint()
+    if ckpt is not None:
+        with ckpt.as_directory() as d:
+            states = load_group_checkpoint(d)
+    node = ray.get_runtime_context().get_node_id()
+    backbone = load_backbone(reqs[0].backbone, insertion=reqs[0].insertion)  # one copy for the whole group
+    latest: dict = dict(states)  # member index -> its last checkpoint state
+    members, started, reused = [], [], []
+
+    def member_report(i: int):
+        def report(metrics: dict, step: int, state: dict | None):
+            if state is not None and "prompt" in state:
+                latest[i] = state
+        return report
+
+    for i, req in enumerate(reqs):
+        member_trial = f"{trial_id}/m{i}"  # what ptx.trial_id is for a run of its own trial
+        resume = states.get(i)
+        run_id = (resume or {}).get("mlflow_run_id") or _find_trial_run(tracker, member_trial, parent)
+        if run_id and tracker.get_run(run_id).info.status == "FINISHED":  # finished before the group was stopped
+            reused.append(run_id)
+            continue
+        if run_id and resume is None:
+            tracker.client.set_terminated(run_id, "RUNNING")
+        if run_id:  # a retried group: the store keeps each point exactly once, as in prompt_trainable
+            from ptx.tasks import load_task
+
+            metric = load_task(req.task).metric
+            tracker.skip_points |= tracker.stored_points(run_id, (f"dev_{metric}", "train_loss", "best_dev_metric"))
+            tracker.client.set_tag(run_id, "ptx.node", node)
+            if resume is not None:
+                tracker.log_curve(run_id, _curve_metrics(resume["curve"], metric))
+        tags = {"ptx.trial_id": member_trial, "ptx.group_trial": trial_id, "ptx.sweep_run": parent,
+                "ptx.study": const["study"], "ptx.node": node, **const.get("tags", {})}
+        run = start_prompt_run(req, const["workdir"], tracker, parent, const.get("force", False),
+                               report=member_report(i), run_id=run_id, backbone=backbone, extra_tags=tags)
+        if isinstance(run, PromptRun):  # this config already has a finished run (an earlier study)
+            reused.append(run.run_id)
+            continue
+        started.append(run)
+        members.append(GroupMember(run.spec, run.init, run.train, run.dev, req.settings, report=run.log_and_report,
+                                   resume=resume, name=f"{req.task}/s{req.settings.seed}"))
+
+    def checkpoint():
+        live = {i: s for i, s in latest.items()}
+        metrics = {"step": max(s["step"] for s in live.values()), "members": len(reqs), "reused": len(reused),
+                   "best_dev_metric": sum(s["best_metric"] for s in live.values()) / len(live),
+                   "mlflow_run_ids": ",".join(str(s.get("mlflow_run_id")) for s in live.values())}
+        with tempfile.TemporaryDirectory() as d:
+            save_group_checkpoint(live, d)
+            tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(d))
+        _maybe_fail(metrics["step"])
+
+    def train_members() -> list:
+        if len(members) == 1 and members[0].spec.kind == "generation":  # a group of one, trained by train_prompt
+            m, run = members[0], started[0]
+
+            def solo_report(metrics: dict, step: int, state: dict | None = None):
+                run.log_and_report(metrics, step, state)
+                if state is not None:
+                    checkpoint()
+
+            return [train_prompt(backbone, m.spec, m.init, m.train_data, m.dev_data, m.settings, report=solo_report,
+                                 resume=m.resume)]
+        return train_group(backbone, members, on_evaluated=checkpoint)
+
+    if members:
+        try:
+            results = train_members()
+        except BaseException:
+            for run in started:
+                run.fail()
+            raise
+        failed = []
+        for run, result in zip(started, results, strict=True):
+            try:
+                run.finish(result)
+            except PtxError as exc:  # a diverged member fails alone; the others are logged
+                failed.append(str(exc))
+        if failed:
+            raise PtxError(f"{len(failed)} of {len(reqs)} group members failed: " + "; ".join(failed))
+    else:
+        tune.report({"best_dev_metric": float("nan"), "reused": len(reused), "step": 0})
+
+
+def _finalise_group(result, tracker, workdir: Path) -> list[dict]:
+    """The rows of a group trial: each member closed from its own state in the group's last checkpoint."""
+    states = {}
+    if result.checkpoint is not None:
+        with result.checkpoint.as_directory() as d:
+            states = load_group_checkpoint(d)
+    trial_id = (result.metrics or {}).get("trial_id")
+    parent = result.config["const"]["parent_run_id"]
+    rows = []
+    for i, req in enumerate(result.config["group"]):
+        state = states.get(i)
+        run_id = (state or {}).get("mlflow_run_id") or (trial_id and _find_trial_run(tracker, f"{trial_id}/m{i}", parent))
+        if run_id is None and not state:  # reused from an earlier study: nothing of this trial to close
+            done = tracker.finished_run(track.KIND_PROMPT, _request_from({**result.config, "request": req}).hash())
+            run_id = done.info.run_id if done is not None else None
+        rows.append(_finalise_run(req, run_id, state, result, tracker, workdir))
     return rows
 
 

@@ -50,6 +50,9 @@ class TrainSettings:
     # "full_vocab" is the LM's cross-entropy over its whole vocabulary at that position, gold = the label word's
     # token (what the paper's T5 code optimised: labels=<label word> in T5's own LM loss)
     label_loss: str = "label_words"
+    # prompts trained together in one stacked pass by a sweep (ptx.train_group); None: the sweep's rule (1 on CPU).
+    # How runs are executed, not what they compute: left out of a run's config hash
+    group_size: int | None = None
 
 
 @dataclass

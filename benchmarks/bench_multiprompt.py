@@ -1,0 +1,235 @@
+"""Many prompts, one backbone: K prompts trained in one stacked pass vs the same K one at a time (ptx, PEFT).
+
+Variants, all on the same frozen backbone, per-prompt batch --batch-size (the paper's 16), prompt --prompt-length
+(the paper's 100), synthetic text of --seq-len tokens (bench_train_step.make_batches), AdamW per prompt:
+- grouped:   a faithful copy of ptx.train_group.train_group's step: one batch per member, one
+             `Backbone.stacked_label_logits` pass, the members' mean losses summed, one backward, K AdamW steps.
+- ptx:       train_prompt's step for one prompt (bench_train_step.ptx_step); K prompts one after another run K of
+             these, so their aggregate examples/s is one run's examples/s.
+- peft:      the PEFT user's step for one prompt (bench_train_step.peft_step), likewise.
+
+Time: rounds of one grouped step, one ptx step and one PEFT step back to back (the order rotated each round), so
+load from other processes hits every variant alike; a round's ratio is K x t(ptx) / t(grouped); the reported
+ratio is the median over rounds. On CPU the time is process CPU time with one torch thread (see common.timed_loop).
+Memory: each variant alone in a fresh process (CPU: peak RSS growth; CUDA: max_memory_allocated growth), the
+grouped step against one ptx run's step. MFU (CUDA): model FLOPs (bench_train_step.step_flops) per second / peak.
+
+The last line: `multi-prompt K=<K>: <ratio>x examples/s vs one at a time, peak memory <ratio>x`.
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+from bench_train_step import (
+    VARIANTS,
+    autocast_ctx,
+    init_prompt,
+    label_word_ids,
+    load,
+    make_batches,
+    peft_step,
+    ptx_step,
+    runs_prompt_once,
+    step_flops,
+)
+from common import (
+    PeakMemory,
+    command_line,
+    emit,
+    machine,
+    median,
+    mib,
+    run_worker,
+    table,
+    timed_loop,
+    write_json,
+)
+
+
+def grouped_step(backbone, k: int, batch_size: int, seq_len: int, n_tokens: int, n_batches: int, device: str, ctx):
+    """train_group's inner step over K members; returns step(i) -> summed loss."""
+    import torch
+    import torch.nn.functional as F
+
+    from ptx.prompt import SoftPrompt
+
+    prompts, opts, scheds, data = [], [], [], []
+    for m in range(k):
+        g = torch.Generator().manual_seed(m)
+        init = init_prompt(backbone, n_tokens) + 0.01 * torch.randn(n_tokens, backbone.d_model, generator=g)
+        prompt = SoftPrompt(init).to(backbone.device)
+        opt = torch.optim.AdamW([prompt.weight], lr=1e-3)
+        prompts.append(prompt)
+        opts.append(opt)
+        scheds.append(torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0))
+        data.append(make_batches(backbone, n_batches, batch_size, seq_len, device, seed=m))  # own data per member
+    label_ids = label_word_ids(backbone)
+
+    def step(i):
+        batches = [d[i % len(d)] for d in data]
+        with ctx():
+            logits = backbone.stacked_label_logits([(p.weight, b) for p, b in zip(prompts, batches, strict=True)],
+                                                   [label_ids] * k)
+            losses = [F.cross_entropy(out[0].float(), b["labels"]) for out, b in zip(logits, batches, strict=True)]
+        finite = [loss for loss in losses if torch.isfinite(loss)]
+        total = torch.stack(finite).sum()
+        total.backward()
+        for opt, sched in zip(opts, scheds, strict=True):
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+        return [loss.item() for loss in losses]
+
+    return step
+
+
+def _build(args, variant: str, backbone, ctx, n_batches: int):
+    if variant == "grouped":
+        return grouped_step(backbone, args.prompts, args.batch_size, args.seq_len, args.prompt_length, n_batches,
+                            args.device, ctx)
+    batches = make_batches(backbone, n_batches, args.batch_size, args.seq_len, args.device)
+    fn = ptx_step if variant == "ptx" else peft_step
+    return fn(backbone, batches, args.prompt_length, VARIANTS[variant], ctx)[0]
+
+
+def worker_memory(args) -> dict:
+    """One variant alone in this process: its peak extra memory over a few steps."""
+    import torch
+
+    torch.manual_seed(0)
+    backbone = load(args.backbone, args.device, torch.float32)
+    with torch.no_grad():  # page memory-mapped weights in before the meter starts
+        for t in (*backbone.model.parameters(), *backbone.model.buffers()):
+            t.sum()
+    meter = PeakMemory(args.device)
+    meter.start()
+    step = _build(args, args.variant, backbone, autocast_ctx(args.device, args.dtype), 2)
+    for i in range(2):
+        step(i)
+    peak = meter.peak()
+    return {"variant": args.variant, "peak_bytes": peak, "peak_mib": mib(peak), "memory_measure": meter.what()}
+
+
+def worker_time(args) -> dict:
+    """grouped, ptx and peft in this one process (each its own model copy), timed in interleaved rounds."""
+    import torch
+
+    torch.manual_seed(0)
+    ctx = autocast_ctx(args.device, args.dtype)
+    variants = ["grouped", "ptx", "peft"]
+    steps, records = {}, {}
+    for v in variants:
+        backbone = load(args.backbone, args.device, torch.float32)
+        n_ex = args.batch_size * (args.prompts if v == "grouped" else 1)
+        once = runs_prompt_once(backbone, {"impl": "peft" if v == "peft" else "ptx"})
+        flops = step_flops(backbone, args.batch_size, args.prompt_length, args.seq_len, prompt_once=once)
+        records[v] = {"variant": v, "examples_per_step": n_ex, "prompt_once": once,
+                      "model_tflops_per_step": flops * (args.prompts if v == "grouped" else 1) / 1e12}
+        meter = PeakMemory(args.device)
+        meter.start()
+        steps[v] = _build(args, v, backbone, ctx, min(args.warmup + args.steps, 8))
+        timed_loop(steps[v], args.warmup, args.device)
+        if args.device.startswith("cuda"):
+            records[v].update(peak_bytes=meter.peak(), peak_mib=mib(meter.peak()), memory_measure=meter.what())
+    wall, cpu = {v: [] for v in variants}, {v: [] for v in variants}
+    for r in range(args.steps):
+        k = r % len(variants)
+        for v in variants[k:] + variants[:k]:
+            w, c = timed_loop(lambda _i, v=v, r=r: steps[v](args.warmup + r), 1, args.device)
+            wall[v] += w
+            cpu[v] += c
+    on_gpu = args.device.startswith("cuda")
+    times = wall if on_gpu else cpu
+    for v, rec in records.items():
+        sec = median(times[v])
+        rec.update(step_s=sec, examples_per_s=rec["examples_per_step"] / sec, wall_step_s=median(wall[v]),
+                   times=[round(t, 4) for t in times[v]], time_measure="wall" if on_gpu else "cpu",
+                   threads=torch.get_num_threads(), achieved_tflops=rec["model_tflops_per_step"] / sec)
+        if on_gpu:
+            rec["mfu"] = rec["achieved_tflops"] / args.peak_tflops
+    # paired per-round ratios: the aggregate examples/s of the group over one run's (= K runs one after another)
+    for base in ("ptx", "peft"):
+        ratios = [args.prompts * b / g for g, b in zip(times["grouped"], times[base], strict=True)]
+        records["grouped"][f"speed_vs_{base}"] = median(ratios)
+        wall_ratios = [args.prompts * b / g for g, b in zip(wall["grouped"], wall[base], strict=True)]
+        records["grouped"][f"wall_speed_vs_{base}"] = median(wall_ratios)
+    return {"results": [records[v] for v in variants]}
+
+
+def parse(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--backbone", default="tiny-roberta", help="ptx alias/path, or random:NAME (real shape, random weights)")
+    p.add_argument("--prompts", type=int, default=8, help="K: prompts trained together")
+    p.add_argument("--steps", type=int, default=3, help="timed rounds (each: one grouped step, one ptx, one PEFT)")
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--batch-size", type=int, default=16, help="per prompt (the paper's 16)")
+    p.add_argument("--prompt-length", type=int, default=100)
+    p.add_argument("--seq-len", type=int, default=48, help="text tokens per example (synthetic, no padding)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default=None, choices=["fp32", "bf16"],
+                   help="default: bf16 autocast on CUDA (ptx's training path), fp32 on CPU")
+    p.add_argument("--threads", type=int, default=1, help="torch intra-op threads on CPU (0: torch's default)")
+    p.add_argument("--peak-tflops", type=float, default=989.0, help="for MFU: H100/H200 SXM bf16 dense peak")
+    p.add_argument("--json", help="write the results here")
+    p.add_argument("--worker", choices=["time", "memory"], help=argparse.SUPPRESS)
+    p.add_argument("--variant", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    args.dtype = args.dtype or ("bf16" if args.device.startswith("cuda") else "fp32")
+    if args.prompts < 1:
+        p.error(f"--prompts: expected K >= 1, found {args.prompts}")
+    return args
+
+
+def worker_argv(args, mode: str, variant: str | None = None) -> list[str]:
+    keep = ["backbone", "prompts", "steps", "warmup", "batch_size", "prompt_length", "seq_len", "device", "dtype",
+            "threads", "peak_tflops"]
+    argv = [str(Path(__file__).resolve()), "--worker", mode]
+    for k in keep:
+        argv += [f"--{k.replace('_', '-')}", str(getattr(args, k))]
+    return argv + (["--variant", variant] if variant else [])
+
+
+def main(argv=None) -> dict:
+    args = parse(argv)
+    if args.worker:
+        sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+        if args.threads and not args.device.startswith("cuda"):
+            import torch
+
+            torch.set_num_threads(args.threads)
+        emit({"time": worker_time, "memory": worker_memory}[args.worker](args))
+        return {}
+    info = {"machine": machine(), "command": command_line(), "args": vars(args)}
+    timing = run_worker(worker_argv(args, "time"), timeout=3600)
+    if "error" in timing:
+        raise SystemExit(f"bench_multiprompt: the timing worker failed: {timing['error']}")
+    results = info["results"] = timing["results"]
+    by = {r["variant"]: r for r in results}
+    if not args.device.startswith("cuda"):
+        for rec in results:
+            mem = run_worker(worker_argv(args, "memory", rec["variant"]), timeout=1800)
+            rec.update(mem if "error" not in mem else {"memory_error": mem["error"]})
+    g, one = by["grouped"], by["ptx"]
+    mem_ratio = g["peak_bytes"] / one["peak_bytes"] if g.get("peak_bytes") and one.get("peak_bytes") else float("nan")
+    g["memory_vs_one_run"] = mem_ratio
+    info["load_average_1m_after"] = machine()["load_average_1m"]
+    cols = ["variant", "examples_per_step", "examples_per_s", "step_s", "wall_step_s", "peak_mib", "achieved_tflops"]
+    if "mfu" in g:
+        cols.append("mfu")
+    print(f"{args.backbone} on {args.device} ({args.dtype}), K={args.prompts} prompts x batch {args.batch_size}, "
+          f"prompt {args.prompt_length}, text {args.seq_len}, {args.steps} rounds; time = {g['time_measure']}; "
+          f"memory = {g.get('memory_measure', '?')}")
+    print(table(results, cols))
+    print(f"grouped vs ptx one at a time: {g['speed_vs_ptx']:.2f}x ({g['time_measure']} time; wall "
+          f"{g['wall_speed_vs_ptx']:.2f}x); vs PEFT one at a time: {g['speed_vs_peft']:.2f}x (wall "
+          f"{g['wall_speed_vs_peft']:.2f}x)")
+    if args.json:
+        write_json(args.json, info)
+    print(f"multi-prompt K={args.prompts}: {g['speed_vs_ptx']:.2f}x examples/s vs one at a time, "
+          f"peak memory {mem_ratio:.2f}x")
+    return info
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,87 @@
+"""Grouped sweeps (train.group_size): a trial trains several prompts; each is still its own MLflow prompt run."""
+
+import os
+
+import pytest
+import yaml
+
+from ptx import sweep, track
+from ptx.config import load_study
+from ptx.errors import PtxError
+
+
+def write_spec(path, **changes):
+    spec = {"name": path.stem, "backbones": ["tiny-llama"], "tasks": ["tweet_sentiment", "drug_sentiment"],
+            "seeds": [0, 1], "prompt_length": 4, "init": "vocab",
+            "train": {"steps": 12, "batch_size": 8, "lr": 0.05, "eval_every": 3, "eval_batch_size": 32,
+                      "group_size": 3},
+            "data": {"train_limit": 48, "dev_limit": 16, "test_limit": 16}, "resources": {"cpu": 1},
+            "max_concurrent": 2, "max_failures": 2, **changes}
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def test_the_plan_is_printed_in_groups(tmp_path):
+    spec = load_study(write_spec(tmp_path / "plan.yaml", seeds=[0, 1, 2], resources={"cpu": 2, "gpu": 0.5}))
+    plan = sweep.plan(spec)
+    assert (plan["group_size"], plan["groups"], plan["trials"]) == (3, 2, 2)
+    assert plan["members_per_group"] == [3, 3] and plan["groups_per_gpu"] == 2.0
+    # the default rule: 1 on CPU, GPU_GROUP_SIZE for a FIFO grid sweep on GPUs
+    train = {"steps": 12, "batch_size": 8, "lr": 0.05, "eval_every": 3}
+    assert sweep.group_size(load_study(write_spec(tmp_path / "cpu.yaml", train=train))) == 1
+    gpu = load_study(write_spec(tmp_path / "gpu.yaml", train=train, resources={"cpu": 2, "gpu": 1}))
+    assert sweep.group_size(gpu) == sweep.GPU_GROUP_SIZE
+
+
+def test_groups_refuse_asha(tmp_path):
+    with pytest.raises(PtxError, match=r"train.group_size: 3 puts several prompts in one trial, and ASHA"):
+        load_study(write_spec(tmp_path / "asha.yaml", scheduler={"type": "asha"}))
+
+
+def test_group_requests_keep_members_that_share_a_pass_together(tmp_path):
+    spec = load_study(write_spec(tmp_path / "g.yaml", backbones=["tiny-llama", "tiny-bert"]))
+    groups = sweep.group_requests(sweep.sweep_requests(spec), 3)
+    assert [len(g) for g in groups] == [3, 1, 3, 1]
+    assert all(len({r.backbone for r in g}) == 1 for g in groups)
+    # a generation task is scored by decoding, not label words: each of its runs is a group of one
+    t5 = load_study(write_spec(tmp_path / "t5.yaml", backbones=["tiny-t5"], tasks=["tweet_sentiment", "squad"]))
+    groups = sweep.group_requests(sweep.sweep_requests(t5), 3)
+    assert [[(r.task, r.settings.seed) for r in g] for g in groups] == [
+        [("tweet_sentiment", 0), ("tweet_sentiment", 1)], [("squad", 0)], [("squad", 1)]]
+
+
+@pytest.mark.ray
+def test_a_grouped_sweep_logs_every_member_and_a_retried_group_resumes_them_all(tmp_path):
+    markers = tmp_path / "armed"
+    markers.mkdir()
+    os.environ[sweep.FAIL_ONCE_ENV] = f"6:{markers}"  # the group trial raises once after its step-6 report
+    train = {"steps": 9, "batch_size": 8, "lr": 0.05, "eval_every": 3, "eval_batch_size": 32}
+    try:
+        sweep.connect(num_cpus=2)
+        spec = load_study(write_spec(tmp_path / "grouped.yaml", seeds=[0], train={**train, "group_size": 2}))
+        uri = track.resolve_tracking_uri(None, tmp_path)
+        summary = sweep.run_sweep(spec, tmp_path, uri, name="grouped")
+        fired = list(markers.iterdir())
+        assert len(fired) == 1, "the injected failure did not fire"
+        for f in fired:
+            f.unlink()
+        assert summary["errored"] == 0 and summary["trials"] == 2
+        tracker = track.Tracker(uri, spec.name)
+        runs = tracker.find_runs({"ptx.kind": "prompt"}, status=None)
+        assert len(runs) == 2 and all(r.info.status == "FINISHED" for r in runs)
+        # the same config hashes as one run per trial: a later ungrouped study finds and skips them
+        assert {r.data.tags["ptx.config_hash"] for r in runs} == {q.hash() for q in sweep.sweep_requests(spec)}
+        assert len({r.data.tags["ptx.trial_id"] for r in runs}) == 2
+        assert len({r.data.tags["ptx.group_trial"] for r in runs}) == 1
+        for r in runs:  # resumed from the group's step-6 checkpoint: every point logged once
+            steps = [m.step for m in tracker.client.get_metric_history(r.info.run_id, "dev_accuracy")]
+            assert sorted(steps) == [0, 3, 6, 9], (r.data.tags["ptx.task"], steps)
+            names = {a.path for a in tracker.client.list_artifacts(r.info.run_id, "prompt")}
+            assert names == {"prompt/prompt.json", "prompt/prompt.safetensors"}
+        ungrouped = load_study(write_spec(tmp_path / "grouped.yaml", seeds=[0], train={**train, "group_size": 1}))
+        again = sweep.run_sweep(ungrouped, tmp_path, uri, name="again")
+        assert again["errored"] == 0
+        assert len(tracker.find_runs({"ptx.kind": "prompt"}, status=None)) == 2, "a grouped run was trained again"
+    finally:
+        sweep.shutdown()
+        os.environ.pop(sweep.FAIL_ONCE_ENV, None)
