@@ -347,19 +347,13 @@ def bank_inits(workdir, ids: list, backbone_name: str, insertion: str) -> torch.
     return stack_prompts(inits)
 
 
-def _vanilla(run) -> bool:
-    """Trained from scratch or imported (as the transfer stage's bank): TPT and projected prompts are no sources."""
-    tags = run.data.tags
-    return not tags.get("ptx.source_run") and tags.get("ptx.init") not in ("artifact", "projected")
-
-
 def bank_runs(tracker, backbone: str, tasks=None, experiment_ids=None) -> list:
     """The bank: finished trained or imported prompt runs on `backbone` in the tracker's experiment, oldest first."""
     from ptx import track
 
     runs = tracker.find_runs({"ptx.kind": track.KIND_PROMPT, "ptx.backbone": backbone},
                              order_by=["attributes.start_time ASC"], experiment_ids=experiment_ids)
-    return [r for r in runs if _vanilla(r) and (tasks is None or r.data.tags.get("ptx.task") in tasks)]
+    return [r for r in runs if track.is_vanilla(r) and (tasks is None or r.data.tags.get("ptx.task") in tasks)]
 
 
 def _own_runs(runs) -> dict:

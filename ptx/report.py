@@ -177,12 +177,6 @@ def _parquet(folder: Path | None, name: str) -> pd.DataFrame | None:
 
 
 # ---- training -----------------------------------------------------------------------------------------
-def _vanilla(run) -> bool:
-    """A prompt trained from scratch or imported (TPT and projected prompts are not the training stage's)."""
-    t = run.data.tags
-    return not t.get("ptx.source_run") and t.get("ptx.init") not in ("artifact", "projected") and not t.get("ptx.tpt")
-
-
 def _metric_name(run) -> str:
     return next((k[4:] for k in run.data.metrics if k.startswith("dev_")), "metric")
 
@@ -193,7 +187,7 @@ def _dev(run) -> float:
 
 def training_section(ctx) -> str:
     """Per (backbone, task): each seed's best dev score (and test score) from the finished vanilla prompt runs."""
-    runs = [r for r in _runs(ctx, {"ptx.kind": track.KIND_PROMPT}) if _vanilla(r)]
+    runs = [r for r in _runs(ctx, {"ptx.kind": track.KIND_PROMPT}) if track.is_vanilla(r)]
     if not runs:
         return _not_run(ctx, "training", "train", {"ptx.kind": track.KIND_PROMPT})
     best: dict = {}  # (backbone, category, task) -> {seed: [best run, trials]}: a sweep may run several per seed

@@ -550,20 +550,14 @@ def tag_best(tracker, pairs) -> None:
         runs = [r for r in tracker.find_runs({"ptx.kind": track.KIND_PROMPT, "ptx.task": task, "ptx.backbone": backbone})
                 if "best_dev_metric" in r.data.metrics and r.data.tags.get("ptx.origin") != "imported"]
         for r in runs:
-            if not _vanilla_run(r):
+            if not track.is_vanilla(r):
                 tracker.client.set_tag(r.info.run_id, "ptx.best", "false")
-        runs = [r for r in runs if _vanilla_run(r)]
+        runs = [r for r in runs if track.is_vanilla(r)]
         if not runs:
             continue
         best = max(runs, key=lambda r: r.data.metrics["best_dev_metric"])
         for r in runs:
             tracker.client.set_tag(r.info.run_id, "ptx.best", "true" if r.info.run_id == best.info.run_id else "false")
-
-
-def _vanilla_run(run) -> bool:
-    tags = run.data.tags
-    return not tags.get("ptx.source_run") and tags.get("ptx.init") not in ("artifact", "projected") \
-        and not tags.get("ptx.tpt")
 
 
 def trial_table(path: str) -> list[dict]:

@@ -176,8 +176,8 @@ class Tracker:
                               order_by=["attributes.start_time DESC"], experiment_ids=ids)
 
     def best_prompt_run(self, task: str, backbone: str):
-        """The finished prompt run with the best dev metric for (task, backbone), or a PtxError."""
-        runs = [r for r in self.prompt_runs(task, backbone) if "best_dev_metric" in r.data.metrics]
+        """The finished vanilla prompt run with the best dev metric for (task, backbone), or a PtxError."""
+        runs = [r for r in self.prompt_runs(task, backbone) if "best_dev_metric" in r.data.metrics and is_vanilla(r)]
         if not runs:
             raise PtxError(f"no finished prompt run for task '{task}' on backbone '{backbone}' in {self.uri}")
         return max(runs, key=lambda r: r.data.metrics["best_dev_metric"])
@@ -238,3 +238,11 @@ def flatten(d: dict, prefix: str = "") -> dict:
         else:
             out[key] = v
     return out
+
+
+def is_vanilla(run) -> bool:
+    """A prompt trained from scratch or imported: not a TPT or projected-init prompt (a later stage's result,
+    never a bank source or the best prompt of its task)."""
+    tags = run.data.tags
+    return not tags.get("ptx.source_run") and tags.get("ptx.init") not in ("artifact", "projected") \
+        and not tags.get("ptx.tpt")

@@ -142,18 +142,12 @@ def transfer_matrix(backbone, prompts: dict, targets: list, splits=("dev", "test
 
 
 # ---- the bank in MLflow -------------------------------------------------------------------------------
-def _vanilla(run) -> bool:
-    """A prompt trained from scratch or imported: not a TPT or projected prompt (those are not bank sources)."""
-    tags = run.data.tags
-    return not tags.get("ptx.source_run") and tags.get("ptx.init") not in ("artifact", "projected")
-
-
 def gather_bank(tracker, backbone: str, tasks, bank_dir: Path, mode: str = "all",
                 experiment_ids: list | None = None) -> dict[str, Path]:
     """Download the bank of `backbone` (run id -> local prompt dir; present ones are kept): all runs, or the best per task."""
     runs = tracker.find_runs({"ptx.kind": track.KIND_PROMPT, "ptx.backbone": backbone},
                              order_by=["attributes.start_time ASC"], experiment_ids=experiment_ids)
-    runs = [r for r in runs if _vanilla(r) and (tasks is None or r.data.tags.get("ptx.task") in tasks)]
+    runs = [r for r in runs if track.is_vanilla(r) and (tasks is None or r.data.tags.get("ptx.task") in tasks)]
     if mode == "best":
         by_task: dict = {}
         for r in runs:
@@ -445,7 +439,7 @@ def censored_speedups(rows, suffix: str = "") -> dict:
 
 def _best_run(tracker, task: str, backbone: str) -> str:
     runs = [r for r in tracker.find_runs({"ptx.kind": track.KIND_PROMPT, "ptx.task": task, "ptx.backbone": backbone})
-            if _vanilla(r) and "best_dev_metric" in r.data.metrics]
+            if track.is_vanilla(r) and "best_dev_metric" in r.data.metrics]
     if not runs:
         raise PtxError(f"no finished prompt run of task '{task}' on backbone '{backbone}' in {tracker.uri}")
     return max(runs, key=lambda r: r.data.metrics["best_dev_metric"]).info.run_id

@@ -280,3 +280,5 @@ def test_tag_best_ranks_vanilla_runs_only(wd):
     tag_best(tracker, {("sst2", "tiny-bert")})
     tags = {name: tracker.get_run(rid).data.tags.get("ptx.best") for name, rid in ids.items()}
     assert tags == {"vanilla_a": "false", "vanilla_b": "true", "tpt": "false", "projected": "false"}
+    # `ptx prompts best` reads the same rule: the TPT and projected runs score higher, the vanilla one is best
+    assert tracker.best_prompt_run("sst2", "tiny-bert").info.run_id == ids["vanilla_b"]
