@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ptx import __version__
+from ptx import __version__, progress
 from ptx.backbones import Backbone, BackboneKind, Insertion
 from ptx.errors import PtxError
 from ptx.io import atomic_dir, write_json
@@ -322,8 +322,10 @@ def compute_bank_activations(backbone_name: str, prompts: torch.Tensor, insertio
     config = {"backbone": backbone_name, "insertion": insertion, "probe": probe, "position": position,
               "where": where, "probe_examples": probe_examples, "prompts_per_pass": chunk_size,
               "cache_dir": str(cache_dir()), "fault_marker": fault_marker, "max_length": max_length}
+    bar = progress.current()  # the indicators stage's: units are these activation batches
+    bar.update(total=bar.total + len(items))
     parts = sweep.map_actors(ActivationWorker, "masks", items, num_actors=num_actors, resources=resources,
-                             name="activations", init_args=(config,))
+                             name="activations", init_args=(config,), on_done=lambda i, part: bar.advance(1))
     packed = np.concatenate([np.frombuffer(p["packed"], np.uint8).reshape(p["rows"], -1) for p in parts])
     masks = unpack_masks(packed, parts[0]["n_layers"], parts[0]["d_ff"])
     out = torch.empty_like(masks)

@@ -413,6 +413,35 @@ def mlflow_server(host, port, backend_store_uri, artifacts_destination, workers,
     sys.exit(subprocess.call(cmd, env=env))
 
 
+@cli.command()
+@click.argument("workdir", required=False)
+@click.option("--port", type=int, default=5000, show_default=True)
+def ui(workdir, port):
+    """Open the MLflow UI on a study's store (WORKDIR/mlflow.db), bound to 127.0.0.1; also shows a running Ray dashboard."""
+    from ptx.sweep import running_dashboard
+
+    wd = _workdir(workdir)
+    if not (wd / "mlflow.db").is_file():
+        studies = sorted(p.parent for p in wd.glob("*/mlflow.db"))
+        if len(studies) != 1:
+            found = ", ".join(p.name for p in studies) or "none"
+            raise PtxError(f"ptx ui {wd}: expected a study workdir holding mlflow.db (or a folder with exactly one); "
+                           f"found studies: {found}")
+        wd = studies[0]
+    uri = f"sqlite:///{wd / 'mlflow.db'}"
+    click.echo(f"MLflow UI: http://127.0.0.1:{port}  (store {uri}; Ctrl-C stops it)")
+    dashboard, login = running_dashboard()
+    if dashboard:
+        click.echo(f"Ray dashboard: {dashboard}" + (f"  (log in: {login})" if login else ""))
+    sys.stdout.flush()
+    cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", "127.0.0.1",
+           "--port", str(port), "--workers", "1"]
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": os.environ.get("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")}
+    if os.name == "posix":  # become the UI server: a SIGTERM to this pid stops it
+        os.execve(sys.executable, cmd, env)
+    sys.exit(subprocess.call(cmd, env=env))
+
+
 # ---- studies and sweeps -----------------------------------------------------------------------------
 address_option = click.option("--address", default=None,
                               help="Ray cluster: auto, HOST:PORT or ray://HOST:10001 (default: start a local Ray).")
@@ -491,22 +520,49 @@ def _experiments_dir() -> Path:
 
 
 def _run(spec, stages, workdir, tracking_uri, address, force, max_concurrent, offline_ok=False):
+    from ptx.progress import Display
     from ptx.study import run_study
 
     def ready(info):
         click.echo(f"study {spec.name}: results under {info['workdir']}")
         click.echo(f"  MLflow: {info['tracking_uri']}")
-        click.echo(f"  MLflow UI: mlflow ui --backend-store-uri {info['tracking_uri']} --host 127.0.0.1")
+        click.echo(f"  MLflow UI: {_ui_command(info)}")
         if info.get("dashboard"):
             click.echo(f"  Ray dashboard (while this runs): {info['dashboard']}")
+            login = _dashboard_login()
+            if login:
+                click.echo(f"    log in: {login}")
+        click.echo(f"  progress log: {Path(info['workdir']) / 'study.log'}")
 
+    verbose = click.get_current_context().find_root().params.get("verbose", 0)
+    interval = float(os.environ.get("PTX_PROGRESS_INTERVAL", "30"))
+    display = Display(sys.stderr, interval=interval, verbose=verbose)
     summary = run_study(spec, workdir or (str(_workdir(None) / spec.name) if not spec.workdir else None),
-                        tracking_uri, address, stages, force, max_concurrent, on_ready=ready, offline_ok=offline_ok)
+                        tracking_uri, address, stages, force, max_concurrent, on_ready=ready, offline_ok=offline_ok,
+                        display=display)
     for stage, result in summary["stages"].items():
         click.echo(f"stage {stage}: {_stage_line(result)}")
     report = summary["stages"].get("report", {}).get("path")
     if report:
         click.echo(f"report: {report}")
+    click.echo(f"MLflow UI: {_ui_command(summary)}")
+    if summary.get("dashboard"):
+        click.echo(f"Ray dashboard: {summary['dashboard']}"
+                   + (" (its local Ray stops with this command)" if not address else ""))
+
+
+def _ui_command(info: dict) -> str:
+    """The command that opens the MLflow UI on a study's store."""
+    uri = info["tracking_uri"]
+    if uri == f"sqlite:///{Path(info['workdir']) / 'mlflow.db'}":
+        return f"ptx ui {info['workdir']}   (or: mlflow ui --backend-store-uri {uri} --host 127.0.0.1)"
+    return f"mlflow ui --backend-store-uri {uri} --host 127.0.0.1" if uri.startswith("sqlite:") else uri
+
+
+def _dashboard_login() -> str | None:
+    from ptx.sweep import dashboard_login
+
+    return dashboard_login()
 
 
 def _stage_line(result: dict) -> str:

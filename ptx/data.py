@@ -134,3 +134,35 @@ def iterate_batches(encoded: datasets.Dataset, batch_size: int, pad_id: int, see
 def cache_path() -> Path:
     """Where tokenized splits are cached (shared by every trial on a node)."""
     return cache_dir() / "encoded"
+
+
+def describe_split(spec, split: str, encoded: datasets.Dataset) -> dict:
+    """Lineage of an encoded split: {name: TASK/SPLIT, digest, rows, source, source_type, task, split}.
+
+    The digest covers the encoded columns (token ids, scoring positions, labels), so it changes with the data, the
+    template, the tokenizer, the length cap and the row limit, and not with where the split was cached.
+    """
+    import hashlib
+
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    table = getattr(encoded.data, "table", encoded.data)
+    h = hashlib.sha256()
+    for name in sorted(table.column_names):
+        col = table.column(name)
+        h.update(name.encode())
+        if pa.types.is_list(col.type) or pa.types.is_large_list(col.type):
+            h.update(pc.list_value_length(col).to_numpy().astype("int64").tobytes())
+            col = pc.list_flatten(col)
+        h.update(col.to_numpy().astype("int64").tobytes())
+    src = spec.source
+    if src.kind == "hf":
+        source = f"hf://{src.path}" + (f"/{src.name}" if src.name else "") + (f"@{src.revision}" if src.revision else "")
+    elif src.kind == "package":
+        source = f"package://{src.package}/{src.file or ''}"
+    else:
+        files = dict(src.files)
+        source = files.get(getattr(spec.splits, split, None) or "") or ", ".join(sorted(files.values()))
+    return {"name": f"{spec.name}/{split}", "digest": h.hexdigest()[:16], "rows": len(encoded), "source": source,
+            "source_type": src.kind, "task": spec.name, "split": split}

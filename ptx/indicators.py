@@ -460,8 +460,8 @@ def run_indicators_stage(spec, tracker, workdir, transfer_table: pd.DataFrame | 
         matrices.update(overlap_matrices(masks, ind.windows, getattr(ind, "window_stride", None)))
         if inits is not None:
             matrices.update(displacement_overlap(masks, init_masks))
-        run_id = tracker.start_run(f"indicators {backbone}", {"ptx.kind": track.KIND_INDICATORS, "ptx.backbone": backbone,
-                                                              "ptx.study": spec.name, "ptx.config_hash": digest})
+        run_id = tracker.start_run(track.run_name("indicators", spec.name, backbone), {
+            "ptx.kind": track.KIND_INDICATORS, "ptx.backbone": backbone, "ptx.study": spec.name, "ptx.config_hash": digest})
         try:
             art = Path(workdir).resolve() / "indicators" / run_id
             save_masks(art / "activations", masks, {

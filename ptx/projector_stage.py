@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from ptx import track
+from ptx import progress, track
 from ptx.config import config_hash
 from ptx.errors import PtxError
 from ptx.projector import (
@@ -116,8 +116,11 @@ def _train_job(job: dict) -> dict:
 
     workdir = Path(job["workdir"])
     tracker = track.Tracker(job["tracking_uri"], job["experiment"], workdir=workdir)
+    from ptx import sweep
+
     done = tracker.finished_run(track.KIND_PROJECTOR, job["digest"])
     if done is not None:
+        sweep.report_units(job["settings"]["steps"])  # progress: this projector's steps are done
         run_id = done.info.run_id
         local = workdir / "projectors" / run_id
         if not (local / "projector.json").is_file():
@@ -128,7 +131,8 @@ def _train_job(job: dict) -> dict:
     tags = {"ptx.kind": track.KIND_PROJECTOR, "ptx.source_backbone": source["name"], "ptx.target_backbone": target["name"],
             "ptx.objective": objective, "ptx.study": job["study"], "ptx.config_hash": job["digest"],
             "ptx.form": job["config"]["form"], "ptx.projector_unit": job["unit"]}
-    run_id = tracker.start_run(f"projector {objective} {source['name']}->{target['name']} ({job['unit']})", tags,
+    run_id = tracker.start_run(track.run_name("projector", objective, f"{source['name']} → {target['name']}",
+                                              job["unit"]), tags,
                                job["parent"])
     try:
         tracker.log(run_id, params={**{k: job[k] for k in ("config", "settings", "source_runs", "target_runs")},
@@ -141,8 +145,15 @@ def _train_job(job: dict) -> dict:
             specs = {t: load_task(t, max_length=job.get("max_length")) for t in sources}
             task_data = {t: (s, encode_split(s, backbone, "train", limit=job["train_limit"])) for t, s in specs.items()}
         config = ProjectorConfig(**job["config"])
+        reported = [0]
+
+        def report(metrics: dict, step: int) -> None:
+            tracker.log(run_id, metrics, step)
+            sweep.report_units(step - reported[0])  # steps done, shown on the driver's progress line
+            reported[0] = step
+
         result = train_projector(config, ProjectorSettings(**job["settings"]), sources, targets, backbone, task_data,
-                                 report=lambda metrics, step: tracker.log(run_id, metrics, step))
+                                 report=report)
         metrics = {"initial_loss": curve_mean(result.curve, "loss", last=False),
                    "final_loss": curve_mean(result.curve, "loss", last=True), "seconds": result.seconds,
                    "parameters": sum(p.numel() for p in result.projector.parameters())}
@@ -203,8 +214,10 @@ def train_projectors(spec, tracker, workdir, stage_run: str, objectives, src_ban
     unique = list({j["digest"]: j for j in jobs}.values())  # two units with one training set: trained once
     sweep.connect()
     res = {"cpu": spec.resources.cpu, "gpu": spec.resources.gpu, "custom": dict(spec.resources.custom)}
+    bar = progress.current()  # the projector stage's: units are training steps (projectors, then TPT_MODEL)
+    bar.update(total=bar.total + sum(j["settings"]["steps"] for j in unique))
     done = sweep.map_tasks(_train_job, unique, resources=res,
-                           names=[f"projector-{j['objective']}-{j['unit']}" for j in unique])
+                           names=[f"projector-{j['objective']}-{j['unit']}" for j in unique], on_units=bar.advance)
     by_digest = {j["digest"]: o for j, o in zip(unique, done, strict=True)}
     units_by_key = {u["key"]: u for u in units}
     return {name: {**by_digest[j["digest"]], "unit": j["unit"], "train_tasks": list(j["train_tasks"]),
@@ -324,16 +337,23 @@ def tpt_model(spec, tracker, workdir: Path, stage_run: str, objective: str, proj
     from ptx.transfer import convergence_speedup  # the TPT stage's figure and request rules
 
     p, rows = spec.projector, []
-    for task in tasks or p.eval_tasks or spec.tasks:
-        if (objective, task) not in projected_dirs:
-            continue
+    todo = [t for t in tasks or p.eval_tasks or spec.tasks if (objective, t) in projected_dirs]
+    bar = progress.current()  # two prompt-tuning runs per task, counted in steps
+    bar.update(total=bar.total + 2 * spec.train.steps * len(todo))
+    for task in todo:
         init_dir = projected_dirs[objective, task]
         n = int(load_prompt(init_dir).prompt.shape[0])
         base = sweep.study_request(spec, task, p.target_backbone, spec.seeds[0], prompt_length=n)
-        vanilla = run_prompt(base, workdir, tracker, parent_run_id=stage_run, backbone=target_bb)
+        start = bar.done
+        vanilla = run_prompt(base, workdir, tracker, parent_run_id=stage_run, backbone=target_bb,
+                             report=lambda m, step, state=None, s0=start: bar.update(done=s0 + step))
+        bar.update(done=start + spec.train.steps)
+        start = bar.done
         tpt = run_prompt(tpt_request(base, str(init_dir)), workdir, tracker,
                          parent_run_id=stage_run, backbone=target_bb,
-                         extra_tags={"ptx.tpt": "projector", "ptx.projector_objective": objective})
+                         extra_tags={"ptx.tpt": "projector", "ptx.projector_objective": objective},
+                         report=lambda m, step, state=None, s0=start: bar.update(done=s0 + step))
+        bar.update(done=start + spec.train.steps)
         metric = load_task(task).metric
         v_curve, t_curve = _curve(tracker, vanilla, metric), _curve(tracker, tpt, metric)
         rows.append({"task": task, "objective": objective, "vanilla_run": vanilla.run_id, "tpt_run": tpt.run_id,
@@ -360,7 +380,7 @@ def run_projector_stage(spec, tracker, workdir, objectives=None, evaluate: bool 
             raise PtxError(f"projector objective '{o}': expected one of {[x.value for x in Objective]}")
     tags = {"ptx.kind": STAGE_KIND, "ptx.stage": "projector", "ptx.study": spec.name,
             "ptx.source_backbone": p.source_backbone, "ptx.target_backbone": p.target_backbone}
-    stage_run = tracker.start_run(f"projector {spec.name}", tags)
+    stage_run = tracker.start_run(track.run_name("projector", spec.name), tags)
     reason = unavailable_reason(p)
     if reason:
         log.warning("projector stage skipped: %s", reason)

@@ -919,7 +919,8 @@ def run_report_stage(spec, tracker, workdir) -> dict:
     if tracker.experiment != spec.name:  # stages read and write the study's own experiment
         tracker = track.Tracker(tracker.uri, spec.name, workdir=workdir)
     path = build_report(tracker, spec.name, workdir / "report")
-    run_id = tracker.start_run(f"report {spec.name}", {"ptx.kind": track.KIND_REPORT, "ptx.study": spec.name})
+    run_id = tracker.start_run(track.run_name("report", spec.name),
+                               {"ptx.kind": track.KIND_REPORT, "ptx.study": spec.name})
     try:
         import json
 

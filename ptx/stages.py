@@ -4,6 +4,7 @@ The CLI and the Ray trials both call these; `train.py` stays free of MLflow and 
 """
 
 import logging
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Annotated
@@ -11,7 +12,7 @@ from typing import Annotated
 from ptx import track
 from ptx.backbones import Insertion, load_backbone
 from ptx.config import config_hash
-from ptx.data import encode_split
+from ptx.data import describe_split, encode_split
 from ptx.errors import PtxError
 from ptx.fields import Range
 from ptx.prompt import (
@@ -92,8 +93,10 @@ def run_prompt(req: PromptRequest, workdir: str | Path, tracker=None, parent_run
     if isinstance(run, PromptRun):  # reused
         return run
     try:
-        result = train_prompt(run.backbone, run.spec, run.init, run.train, run.dev, req.settings,
-                              report=run.log_and_report, resume=resume, progress=progress)
+        with tracker.system_metrics(run.run_id, enabled=run.backbone.device.type == "cuda") if tracker is not None \
+                else nullcontext():  # CPU/GPU utilisation and memory of a GPU run, as MLflow system metrics
+            result = train_prompt(run.backbone, run.spec, run.init, run.train, run.dev, req.settings,
+                                  report=run.log_and_report, resume=resume, progress=progress)
     except (KeyboardInterrupt, SystemExit):  # Ctrl-C, or SIGTERM (the CLI turns it into SystemExit)
         run.fail("KILLED")
         raise
@@ -148,8 +151,11 @@ def start_prompt_run(req: PromptRequest, workdir: str | Path, tracker=None, pare
             "ptx.backbone_kind": backbone.kind.value, "ptx.insertion": backbone.insertion.value, **(extra_tags or {})}
     if tracker is not None and run_id is None:
         try:
-            run_id = tracker.start_run(f"{spec.name}/{req.backbone}/s{req.settings.seed}", tags, parent_run_id)
+            run_id = tracker.start_run(track.run_name(spec.name, req.backbone, f"s{req.settings.seed}"), tags,
+                                       parent_run_id)
             tracker.log(run_id, params=asdict(req))
+            tracker.log_datasets(run_id, [{**describe_split(spec, "train", train), "context": "train"},
+                                          {**describe_split(spec, "dev", dev), "context": "dev"}])
         except PtxError:
             raise
         except Exception as exc:

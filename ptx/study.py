@@ -5,11 +5,14 @@ import logging
 import time
 from pathlib import Path
 
-from ptx import track
+from ptx import progress, track
 from ptx.errors import PtxError
 
 log = logging.getLogger(__name__)
 
+# what each stage's progress line counts (a stage without units of its own counts itself: 0/1, then 1/1)
+STAGE_UNITS = {"train": "trials", "transfer": "pairs", "tpt": "trials", "indicators": "batches",
+               "projector": "steps"}
 # stage name -> (module, function); every function is fn(spec, tracker, workdir) -> dict
 STAGE_FUNCTIONS = {
     "train": ("ptx.study", "run_train_stage"),
@@ -58,11 +61,12 @@ def _tune_experiment_exists(path: str) -> bool:
 
 def run_study(spec, workdir: str | Path | None = None, tracking_uri: str | None = None, address: str | None = None,
               stages: list[str] | None = None, force: bool = False, max_concurrent: int | None = None,
-              on_ready=None, offline_ok: bool = False) -> dict:
+              on_ready=None, offline_ok: bool = False, display: progress.Display | None = None) -> dict:
     """Run the spec's stages in order (or `stages`); returns a summary per stage.
 
     Before the train stage starts anything, every task's data is checked on this driver (ptx.tasks.check): a
     broken source stops the study here, in seconds; one not reachable from here does too, unless `offline_ok`.
+    `display` (made by the CLI) shows one progress line per stage; its log file defaults to WORKDIR/study.log.
     """
     from ptx import sweep
 
@@ -82,13 +86,19 @@ def run_study(spec, workdir: str | Path | None = None, tracking_uri: str | None 
     if on_ready:
         on_ready({"workdir": str(workdir), "tracking_uri": uri, "dashboard": dashboard})
     summary = {"workdir": str(workdir), "tracking_uri": uri, "dashboard": dashboard, "stages": {}}
-    for stage in todo:
-        module, fn = STAGE_FUNCTIONS[stage]
-        t0 = time.perf_counter()
-        log.info("stage %s", stage)
-        func = getattr(importlib.import_module(module), fn)
-        kwargs = {"force": force, "max_concurrent": max_concurrent} if stage == "train" else {}
-        result = func(spec, tracker, workdir, **kwargs) or {}
-        result["seconds"] = time.perf_counter() - t0
-        summary["stages"][stage] = result
+    if display is not None and display.log_file is None:
+        display.log_file = workdir / "study.log"
+    with progress.watching(display):
+        for stage in todo:
+            module, fn = STAGE_FUNCTIONS[stage]
+            t0 = time.perf_counter()
+            log.info("stage %s", stage)
+            func = getattr(importlib.import_module(module), fn)
+            kwargs = {"force": force, "max_concurrent": max_concurrent} if stage == "train" else {}
+            with progress.stage(stage, 0 if stage in STAGE_UNITS else 1, STAGE_UNITS.get(stage, "stage")) as bar:
+                result = func(spec, tracker, workdir, **kwargs) or {}
+                if stage not in STAGE_UNITS:
+                    bar.advance(1)
+            result["seconds"] = time.perf_counter() - t0
+            summary["stages"][stage] = result
     return summary

@@ -13,7 +13,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from ptx import guards, track
+from ptx import guards, progress, track
 from ptx.errors import PtxError
 from ptx.stages import PromptRequest, run_prompt
 from ptx.train import TrainSettings, load_checkpoint, save_checkpoint
@@ -64,6 +64,63 @@ def _check_reachable(address: str, timeout: float = 5.0) -> None:
         socket.create_connection((host, int(port)), timeout=timeout).close()
     except OSError as exc:
         raise PtxError(f"cannot reach a Ray cluster at --address {address!r}: {exc}") from None
+
+
+def dashboard_login() -> str | None:
+    """How a person gets into this cluster's dashboard (token authentication), or None when it is off."""
+    try:
+        from ray._private.authentication.authentication_utils import is_token_auth_enabled
+
+        if not is_token_auth_enabled():
+            return None
+    except ImportError:  # a Ray without token authentication
+        return None
+    if os.environ.get("RAY_AUTH_TOKEN"):
+        where = "the token in $RAY_AUTH_TOKEN"
+    elif os.environ.get("RAY_AUTH_TOKEN_PATH"):
+        where = f"the token in {os.environ['RAY_AUTH_TOKEN_PATH']}"
+    else:
+        where = "the token from `ray get-auth-token` (file ~/.ray/auth_token)"
+    return f"paste {where} into its login box"
+
+
+def dashboard_token() -> str | None:
+    """The token this process authenticates to Ray with (for a browser session), or None when there is none."""
+    try:
+        from ray._raylet import AuthenticationTokenLoader
+
+        loader = AuthenticationTokenLoader.instance()
+        return loader.get_raw_token(ignore_auth_mode=True) if loader.has_token(ignore_auth_mode=True) else None
+    except ImportError:
+        return None
+
+
+def running_dashboard() -> tuple[str | None, str | None]:
+    """(dashboard URL, how to log in) of a Ray cluster running on this machine, without starting one."""
+    import ray
+    from ray._private.services import find_gcs_addresses
+
+    if ray.is_initialized():
+        return _dashboard_url(ray.get_runtime_context()), dashboard_login()
+    if not find_gcs_addresses():
+        return None, None
+    try:
+        ctx = ray.init(address="auto", logging_level=logging.ERROR, log_to_driver=False)
+    except (ConnectionError, RuntimeError, ValueError):
+        return None, None
+    try:
+        return _dashboard_url(ctx), dashboard_login()
+    finally:
+        ray.shutdown()
+
+
+def _dashboard_url(ctx) -> str | None:
+    url = getattr(ctx, "dashboard_url", None)
+    if url is None:  # a runtime context: ask the worker
+        import ray
+
+        url = ray._private.worker.get_dashboard_url()
+    return f"http://{url}" if url and not url.startswith("http") else url
 
 
 def check_resources(cpu: float, gpu: float, custom: dict | None = None, autoscaling: bool = False) -> None:
@@ -251,7 +308,8 @@ def build_tuner(requests: list[PromptRequest], name: str, workdir: Path, trackin
     # trial `ptx resume` can then not restore
     run_config = tune.RunConfig(name=name, storage_path=storage_path,
                                 failure_config=tune.FailureConfig(max_failures=max_failures),
-                                checkpoint_config=tune.CheckpointConfig(num_to_keep=None), verbose=1)
+                                checkpoint_config=tune.CheckpointConfig(num_to_keep=None), callbacks=[TrialProgress()],
+                                **_tune_output(progress.verbosity()))
     return tune.Tuner(trainable, param_space=space, tune_config=tune_config, run_config=run_config)
 
 
@@ -333,6 +391,79 @@ def __getattr__(name: str):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
+_bar = None  # the progress bar of the sweep being fitted (driver side; TrialProgress feeds it)
+_bar_base = (0, 0)  # its (done, total) before this sweep
+
+
+class TrialProgress:
+    """Tune callback: trials done / total, the best dev figure so far and steps inside running trials (for the ETA).
+
+    Duck-typed rather than a subclass of Tune's Callback: Tune pickles it with the experiment, and the class must
+    stay importable without importing Ray. It holds no state; it feeds whatever bar `_fit_and_finalise` opened.
+    """
+
+    def __init__(self, metric: str = "best_dev_metric"):
+        self.metric = metric
+        self._last = 0.0
+
+    def on_step_end(self, iteration=None, trials=(), **info) -> None:
+        now = time.monotonic()
+        if _bar is None or now - self._last < 0.5:
+            return
+        self._last = now
+        self.show(trials)
+
+    def on_trial_complete(self, iteration=None, trials=(), trial=None, **info) -> None:
+        if _bar is not None:
+            self.show(trials)
+
+    on_trial_error = on_trial_complete
+
+    def show(self, trials) -> None:
+        states = [t.status for t in trials]
+        finished = {"TERMINATED", "ERROR"}
+        base_done, base_total = _bar_base
+        done, total = sum(s in finished for s in states), max(_bar.total - base_total, len(trials))
+        bests = [(t.last_result or {}).get(self.metric) for t in trials]
+        steps_done = steps_all = 0
+        for t, state in zip(trials, states, strict=True):
+            config = t.config or {}
+            req = config.get("request") or (config.get("group") or [{}])[0]  # a grouped trial: its first request
+            n = config.get("steps") or req.get("settings", {}).get("steps") or 1
+            steps_all += n
+            steps_done += n if state in finished else min(n, (t.last_result or {}).get("step") or 0)
+        steps_all += (total - len(trials)) * (steps_all / max(1, len(trials)))  # trials not created yet
+        running, errored = states.count("RUNNING"), states.count("ERROR")
+        note = f"{running} running" + (f", {errored} errored" if errored else "")
+        _bar.update(done=base_done + done, total=base_total + total, best=max((b for b in bests if isinstance(b, int | float)), default=None),
+                    fraction=steps_done / steps_all if steps_all else None, note=note)
+
+    def get_state(self):
+        return None
+
+    def set_state(self, state) -> None:
+        pass
+
+    def __getattr__(self, name):  # every other Tune hook: nothing to do
+        if name.startswith("on_") or name == "setup":
+            return lambda *args, **kwargs: None
+        raise AttributeError(name)
+
+
+def _tune_output(verbose: int) -> dict:
+    """Tune's own output: silent by default (ptx's progress line says it all; warnings and errors still log);
+    with -v Tune's trial table every 30 s, in columns that fit 100 characters."""
+    if not verbose:
+        return {"verbose": 0}
+    from ray.tune import CLIReporter
+
+    os.environ["RAY_AIR_NEW_OUTPUT"] = "0"  # the new output engine ignores a reporter and prints every column
+    reporter = CLIReporter(parameter_columns={"request/task": "task", "request/settings/seed": "seed"},
+                           metric_columns={"step": "step", "best_dev_metric": "best"}, max_column_length=16,
+                           max_report_frequency=30, max_progress_rows=20, print_intermediate_tables=True)
+    return {"verbose": 1 if verbose == 1 else 2, "progress_reporter": reporter}
+
+
 def _trial_name(trial) -> str:
     """Readable names for the dashboard: task-backbone-seed-trialid."""
     req = trial.config.get("request") or (trial.config.get("group") or [{}])[0]
@@ -391,9 +522,10 @@ def run_sweep(spec, workdir: Path, tracking_uri: str, storage_path: str | None =
     check_resources(spec.resources.cpu, spec.resources.gpu, spec.resources.custom, autoscaling=_joined_cluster)
     guards.check_storage(storage, len(live_nodes()), _joined_cluster, spec.storage_shared)
     tracker = track.Tracker(tracking_uri, spec.name, workdir=workdir)
-    parent = tracker.start_run(f"sweep {name}", {"ptx.kind": "sweep", "ptx.study": spec.name,
-                                                  "ptx.experiment_path": f"{storage}/{name}",
-                                                  "ptx.config_hash": spec.hash()})
+    stage = (tags or {}).get("ptx.stage")
+    parent = tracker.start_run(track.run_name(stage, spec.name, "sweep"), {
+        "ptx.kind": "sweep", "ptx.study": spec.name, "ptx.experiment_path": f"{storage}/{name}",
+        "ptx.config_hash": spec.hash()})
     tracker.log(parent, params={"plan": plan(spec)})
     tuner = build_tuner(requests or sweep_requests(spec), name, Path(workdir), tracking_uri, spec.name, parent,
                         storage, search=spec.search.space, algorithm=spec.search.algorithm,
@@ -404,7 +536,10 @@ def run_sweep(spec, workdir: Path, tracking_uri: str, storage_path: str | None =
     _write_state(storage, name, {"tracking_uri": tracking_uri, "experiment": spec.name, "workdir": str(workdir),
                                  "parent_run_id": parent, "study_file": spec.source_file, "name": name,
                                  "grouped": group_size(spec) > 1})
-    return _fit_and_finalise(tuner, tracker, parent, Path(workdir))
+    reqs, size = requests or sweep_requests(spec), group_size(spec)
+    n_trials = (len(group_requests(reqs, size)) if size > 1 else len(reqs)) * plan(spec)["search_points"] \
+        * spec.search.num_samples
+    return _fit_and_finalise(tuner, tracker, parent, Path(workdir), n_trials)
 
 
 def _write_state(storage: str, name: str, state: dict) -> None:
@@ -446,9 +581,16 @@ def resume_sweep(path: str, restart_errored: bool = False) -> dict:
     return _fit_and_finalise(tuner, tracker, state["parent_run_id"], Path(state["workdir"]))
 
 
-def _fit_and_finalise(tuner, tracker, parent: str, workdir: Path) -> dict:
+def _fit_and_finalise(tuner, tracker, parent: str, workdir: Path, trials: int = 0) -> dict:
+    global _bar, _bar_base
     t0 = time.perf_counter()
-    grid = tuner.fit()
+    _bar = progress.current()  # the running stage's bar (train, tpt), fed by TrialProgress
+    _bar_base = (_bar.done, _bar.total)
+    _bar.update(total=_bar.total + trials)
+    try:
+        grid = tuner.fit()
+    finally:
+        _bar = None
     wall = time.perf_counter() - t0
     track.wait_reachable(tracker.uri, tries=8, delay=2.0)  # a server blip at the end costs a wait, not the sweep
     summary = finalise(grid, tracker, workdir)
@@ -744,23 +886,99 @@ def _finalise_group(result, tracker, workdir: Path) -> list[dict]:
 
 
 # ---- generic distribution for the other stages ------------------------------------------------------
-def map_tasks(fn, items: list, resources: dict | None = None, names: list[str] | None = None) -> list:
-    """Run fn(item) as one Ray task per item (readable names), results in order; a failed item raises."""
+def map_tasks(fn, items: list, resources: dict | None = None, names: list[str] | None = None, on_done=None,
+              on_units=None) -> list:
+    """Run fn(item) as one Ray task per item (readable names), results in order; a failed item raises.
+
+    on_done(i, result) runs on the driver as each item finishes; on_units(n) receives the units a task reports
+    while it runs (`report_units` inside fn), relayed to the driver about once a second.
+    """
     import ray
 
     res = dict(resources or {"cpu": 1})
     custom = res.pop("custom", None) or {}
-    remote = ray.remote(fn)  # options() once per call: Ray's options() result has no options() of its own
+    relay = _Relay.options(num_cpus=0).remote() if on_units else None
+    target = _with_relay if relay is not None else fn
+    remote = ray.remote(target)  # options() once per call: Ray's options() result has no options() of its own
     opts = {"num_cpus": res.get("cpu", 1), "num_gpus": res.get("gpu", 0), "resources": custom or None,
             "max_retries": 2, "retry_exceptions": False}
-    refs = [remote.options(name=(names[i] if names else f"{fn.__name__}-{i}"), **opts).remote(item)
-            for i, item in enumerate(items)]
-    return ray.get(refs)
+    refs = [remote.options(name=(names[i] if names else f"{fn.__name__}-{i}"), **opts).remote(
+        *((fn, item, relay) if relay is not None else (item,))) for i, item in enumerate(items)]
+    index = {ref: i for i, ref in enumerate(refs)}
+    results: list = [None] * len(items)
+    pending = list(refs)
+    try:
+        while pending:
+            done, pending = ray.wait(pending, num_returns=1, timeout=1.0)
+            if relay is not None:
+                units = ray.get(relay.take.remote())
+                if units:
+                    on_units(units)
+            for ref in done:
+                results[index[ref]] = ray.get(ref)
+                if on_done is not None:
+                    on_done(index[ref], results[index[ref]])
+        if relay is not None:  # what the last tasks reported after the last poll
+            units = ray.get(relay.take.remote())
+            if units:
+                on_units(units)
+    finally:
+        if relay is not None:
+            ray.kill(relay)
+    return results
+
+
+class _RelayState:
+    """A counter that Ray tasks add their finished units to and the driver drains (see map_tasks)."""
+
+    def __init__(self):
+        self.units = 0
+
+    def add(self, n: int) -> None:
+        self.units += n
+
+    def take(self) -> int:
+        n, self.units = self.units, 0
+        return n
+
+
+class _LazyRelay:
+    """ray.remote(_RelayState), made on first use: nothing registers with Ray at import time."""
+
+    _cls = None
+
+    def options(self, **opts):
+        import ray
+
+        if _LazyRelay._cls is None:
+            _LazyRelay._cls = ray.remote(_RelayState)
+        return _LazyRelay._cls.options(**opts)
+
+
+_Relay = _LazyRelay()
+_relay = None  # inside a task started by map_tasks(on_units=...): the driver's relay actor
+
+
+def _with_relay(fn, item, relay):
+    global _relay
+    _relay = relay
+    try:
+        return fn(item)
+    finally:
+        _relay = None
+
+
+def report_units(n: int) -> None:
+    """Inside a map_tasks task: `n` more units done (shown on the driver's progress bar); elsewhere nothing."""
+    if _relay is not None and n:
+        _relay.add.remote(int(n))
 
 
 def map_actors(actor_factory, method: str, items: list, num_actors: int = 2, resources: dict | None = None,
-               name: str = "worker", max_resubmits: int = 3, init_args: tuple = ()) -> list:
-    """Map items over a pool of actors (each built once, `cls(*init_args)`); a dead actor's work is redone."""
+               name: str = "worker", max_resubmits: int = 3, init_args: tuple = (), on_done=None) -> list:
+    """Map items over a pool of actors (each built once, `cls(*init_args)`); a dead actor's work is redone.
+
+    on_done(i, result) runs on the driver as each item finishes (progress)."""
     import ray
     from ray.exceptions import RayActorError
 
@@ -786,6 +1004,8 @@ def map_actors(actor_factory, method: str, items: list, num_actors: int = 2, res
         try:
             results[i] = ray.get(done[0])
             actors.append(actor)
+            if on_done is not None:
+                on_done(i, results[i])
         except RayActorError:
             attempts[i] += 1
             if attempts[i] > max_resubmits:

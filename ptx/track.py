@@ -11,6 +11,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
@@ -22,6 +23,8 @@ KIND_PROMPT, KIND_TRANSFER, KIND_INDICATORS, KIND_PROJECTOR, KIND_REPORT = (
     "prompt", "transfer", "indicators", "projector", "report")
 PROMPT_ARTIFACT = "prompt"  # the artifact sub-directory that holds a prompt run's prompt artifact
 DEFAULT_EXPERIMENT = "ptx"
+# MLflow 3's UI opens an experiment by its kind: model training goes to the runs table (not the GenAI overview)
+EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
 # MLflow's own HTTP retries back off for minutes; keep a dead server's cost bounded (seconds), then fail clearly
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "3")
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
@@ -82,12 +85,15 @@ class Tracker:
 
         exp = self.client.get_experiment_by_name(name)
         if exp is not None:
+            if EXPERIMENT_KIND_TAG not in exp.tags:  # made before ptx tagged its experiments
+                self.client.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
             return exp.experiment_id
         location = None
         if self.uri.startswith("sqlite:") and self.workdir is not None:
             location = (Path(self.workdir).resolve() / "artifacts").as_uri()
         try:
-            return self.client.create_experiment(name, artifact_location=location)
+            return self.client.create_experiment(name, artifact_location=location,
+                                                 tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
         except MlflowException:  # another process created it a moment ago
             return self.client.get_experiment_by_name(name).experiment_id
 
@@ -129,6 +135,57 @@ class Tracker:
     def stored_points(self, run_id: str, keys) -> set:
         """The (run id, key, step) points of these metric keys that the store holds for a run."""
         return {(run_id, k, m.step) for k in keys for m in self.client.get_metric_history(run_id, k)}
+
+    def log_datasets(self, run_id: str, splits: list[dict]) -> None:
+        """Record the data a run used (`ptx.data.describe_split` records, plus a `context` such as train or dev) as
+        MLflow dataset inputs: the UI's Dataset column, and `runs_on_dataset` finds them later."""
+        import json
+
+        from mlflow.entities import Dataset, DatasetInput, InputTag
+
+        inputs = [DatasetInput(Dataset(d["name"], d["digest"], d["source_type"], json.dumps({"uri": d["source"]}),
+                                       profile=json.dumps({"num_rows": d["rows"], "task": d["task"],
+                                                           "split": d["split"]})),
+                               [InputTag("mlflow.data.context", d.get("context", d["split"]))]) for d in splits]
+        self.client.log_inputs(run_id, datasets=inputs)
+
+    def runs_on_dataset(self, name: str, digest: str | None = None, context: str | None = None,
+                        experiment_ids: list | None = None) -> list:
+        """Every run (any status) that logged dataset `name` (e.g. "sst2/train"), optionally of one digest/context."""
+        for v in (name, digest, context):
+            if v is not None and ("'" in v or "\\" in v):
+                raise PtxError(f"dataset filter {v!r}: quotes and backslashes are not allowed in a search value")
+        clauses = [f"dataset.name = '{name}'"] + ([f"dataset.digest = '{digest}'"] if digest else []) + (
+            [f"dataset.context = '{context}'"] if context else [])
+        return list(self.client.search_runs(experiment_ids or self.all_experiment_ids(), " and ".join(clauses),
+                                            max_results=5000))
+
+    def link_runs(self, run_id: str, links: dict) -> None:
+        """Link a run to others ({label: run id}): a `ptx.link.LABEL` tag each, and a description in the UI whose
+        entries open the linked runs."""
+        links = {k: v for k, v in links.items() if v}
+        lines = ["Runs this one draws on:", ""]
+        for label, rid in links.items():
+            exp = self.client.get_run(rid).info.experiment_id
+            lines.append(f"- [{label}](#/experiments/{exp}/runs/{rid}) `{rid}`")
+        self.log(run_id, tags={**{f"ptx.link.{k}": v for k, v in links.items()},
+                               "mlflow.note.content": "\n".join(lines)})
+
+    @contextmanager
+    def system_metrics(self, run_id: str | None, enabled: bool, interval: float = 10.0):
+        """While the block runs, sample CPU/GPU utilisation and memory into the run as `system/*` metrics (MLflow's
+        monitor; GPU figures need the nvidia-ml-py package). Off unless `enabled` (ptx enables it on GPU runs)."""
+        if not enabled or run_id is None:
+            yield
+            return
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        monitor = SystemMetricsMonitor(run_id, sampling_interval=interval, resume_logging=True, tracking_uri=self.uri)
+        monitor.start()
+        try:
+            yield
+        finally:
+            monitor.finish()
 
     def log_artifacts(self, run_id: str, local_dir: str | Path, artifact_path: str | None = None) -> None:
         self.client.log_artifacts(run_id, str(local_dir), artifact_path)
@@ -213,6 +270,11 @@ class Tracker:
         if not files:
             raise PtxError(f"run '{run_id}' has no artifact '{path}'")
         return files
+
+
+def run_name(*parts) -> str:
+    """A run name readable at a glance: the parts that say what it is, joined by a middle dot."""
+    return " · ".join(str(p) for p in parts if p not in (None, ""))
 
 
 def artifact_target(out: Path, root: str, path: str, run_id: str = "?") -> Path:

@@ -21,7 +21,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from ptx import track
+from ptx import progress, track
 from ptx.config import config_hash
 from ptx.errors import PtxError, suggest
 from ptx.prompt import PromptArtifact, check_compatible, init_prompt, load_prompt
@@ -207,7 +207,7 @@ def run_unit(unit: dict) -> pa.Table:
     table = transfer_matrix(bb, unit["prompts"], [target], unit["splits"], unit["limits"],
                             unit["prompts_per_pass"], unit["batch_size"], unit["random_baseline"], unit["seed"])
     tracker = track.Tracker(unit["tracking_uri"], unit["experiment"], workdir=Path(unit["workdir"]))
-    run_id = tracker.start_run(f"transfer {unit['target']} <- bank/{unit['backbone']}", unit["tags"], unit["parent"])
+    run_id = tracker.start_run(track.run_name("transfer", unit["target"], unit["backbone"]), unit["tags"], unit["parent"])
     with tempfile.TemporaryDirectory() as d:
         pq.write_table(table, Path(d) / "unit.parquet")
         tracker.log_artifacts(run_id, d, KIND_UNIT)
@@ -237,6 +237,7 @@ def run_transfer_stage(spec, tracker, workdir: Path, address: str | None = None)
     limits = {"dev": spec.data.dev_limit, "test": spec.data.test_limit}
     targets = [_spec(t, spec.data.max_length) for t in spec.tasks]
     out = {"study": spec.name, "backbones": {}, "computed": 0, "skipped": 0}
+    bar = progress.current()  # units: (source prompt, target) pairs; the total grows per backbone
     for name in spec.backbones:
         paths = gather_bank(tracker, name, set(spec.tasks), workdir / "bank", getattr(cfg, "sources", "all"),
                             [tracker.experiment_id])
@@ -256,12 +257,14 @@ def run_transfer_stage(spec, tracker, workdir: Path, address: str | None = None)
         done = {t: tracker.finished_run(KIND_UNIT, h) for t, h in hashes.items()}
         todo = [t for t in spec.tasks if done[t] is None]
         previous = tracker.finished_run(track.KIND_TRANSFER, digest)
+        pairs = len(bank) + bool(cfg.random_baseline)  # rows of the matrix per target and split
+        bar.update(total=bar.total + pairs * len(targets), done=bar.done + pairs * (len(targets) - len(todo)))
         if not todo and previous is not None:
             out["backbones"][name] = {"run_id": previous.info.run_id, "units": len(targets), "computed": 0,
                                       "sources": len(bank), "reused": True}
             out["skipped"] += len(targets)
             continue
-        parent = tracker.start_run(f"transfer {spec.name}/{name}", {
+        parent = tracker.start_run(track.run_name("transfer", spec.name, name), {
             "ptx.kind": track.KIND_TRANSFER, "ptx.backbone": name, "ptx.study": spec.name, "ptx.config_hash": digest})
         try:
             units = [{**base, "target": t, "prompts": {rid: (a.prompt, a.meta) for rid, a in bank.items()},
@@ -272,7 +275,8 @@ def run_transfer_stage(spec, tracker, workdir: Path, address: str | None = None)
             if units:
                 sweep.connect(address)
                 fresh = sweep.map_tasks(run_unit, units, dataclasses.asdict(cfg.resources),
-                                        names=[f"transfer-{name}-{t}".replace("/", "_") for t in todo])
+                                        names=[f"transfer-{name}-{t}".replace("/", "_") for t in todo],
+                                        on_done=lambda i, table, n=pairs: bar.advance(n))
             else:
                 fresh = []
             tables = dict(zip(todo, fresh, strict=True))
@@ -603,7 +607,7 @@ def _log_tpt(tracker, spec, backbone: str, rows: list, curves: dict, local: Path
     agg.to_parquet(local / "tpt.parquet", index=False)
     for target, cs in curves.items():
         plot_convergence(cs, target, _spec(target).metric, local / f"curves_{target}.png")
-    run_id = tracker.start_run(f"tpt {spec.name}/{backbone}", {
+    run_id = tracker.start_run(track.run_name("tpt", spec.name, backbone), {
         "ptx.kind": KIND_TPT, "ptx.backbone": backbone, "ptx.study": spec.name,
         "ptx.config_hash": config_hash(sorted(f"{r.get('vanilla_run')}:{r.get('tpt_run')}" for r in rows))})
     finite = {k: v for k, v in overall.items() if math.isfinite(v)}  # MLflow takes no inf; the tables keep it
