@@ -416,7 +416,8 @@ def mlflow_server(host, port, backend_store_uri, artifacts_destination, workers,
 @cli.command()
 @click.argument("workdir", required=False)
 @click.option("--port", type=int, default=5000, show_default=True)
-def ui(workdir, port):
+@click.option("--address", default=None, help="Ray cluster whose dashboard to show (default: one running here).")
+def ui(workdir, port, address):
     """Open the MLflow UI on a study's store (WORKDIR/mlflow.db), bound to 127.0.0.1; also shows a running Ray dashboard."""
     from ptx.sweep import running_dashboard
 
@@ -430,7 +431,7 @@ def ui(workdir, port):
         wd = studies[0]
     uri = f"sqlite:///{wd / 'mlflow.db'}"
     click.echo(f"MLflow UI: http://127.0.0.1:{port}  (store {uri}; Ctrl-C stops it)")
-    dashboard, login = running_dashboard()
+    dashboard, login = running_dashboard(address)
     if dashboard:
         click.echo(f"Ray dashboard: {dashboard}" + (f"  (log in: {login})" if login else ""))
     sys.stdout.flush()

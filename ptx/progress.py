@@ -102,6 +102,7 @@ class Display:
         self.lock = threading.RLock()
         self.bars: list[Bar] = []
         self._last_plain: dict[int, float] = {}
+        self._decile: dict[int, int] = {}
         self._stop = threading.Event()
         self._thread = None
 
@@ -130,7 +131,8 @@ class Display:
             t.set_postfix_str(self._tqdm_tail(bar), refresh=False)
             t.refresh()
         now = time.monotonic()
-        if now - self._last_plain.get(id(bar), 0) >= self.interval:
+        decile = 10 * bar.done // bar.total if bar.total else 0
+        if now - self._last_plain.get(id(bar), 0) >= self.interval or decile > self._decile.get(id(bar), 0):
             self._emit(bar, plain=not self.interactive)
 
     def _tqdm_tail(self, bar: Bar) -> str:
@@ -151,10 +153,12 @@ class Display:
             self._emit(bar, plain=not self.interactive)
             self.bars.remove(bar)
             self._last_plain.pop(id(bar), None)
+            self._decile.pop(id(bar), None)
 
     def _emit(self, bar: Bar, plain: bool) -> None:
         """Write the bar's plain line to the stream (when not live) and to the log file."""
         self._last_plain[id(bar)] = time.monotonic()
+        self._decile[id(bar)] = 10 * bar.done // bar.total if bar.total else 0  # a line per 10% done, at most
         text = bar.line(self.width)
         if plain and self.stream is not None:
             self.stream.write(text + "\n")

@@ -38,6 +38,8 @@ def connect(address: str | None = None, num_cpus: int | None = None, num_gpus: i
                                                     "HF_HUB_OFFLINE") if k in os.environ}}
     if address and address != "auto":
         _check_reachable(address)
+    # Ray's note that token authentication is on is replaced by ptx's own line on how to log in (dashboard_login)
+    logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
     try:
         if address:
             ctx = ray.init(address=address, runtime_env=env, logging_level=logging.WARNING)
@@ -95,17 +97,19 @@ def dashboard_token() -> str | None:
         return None
 
 
-def running_dashboard() -> tuple[str | None, str | None]:
-    """(dashboard URL, how to log in) of a Ray cluster running on this machine, without starting one."""
+def running_dashboard(address: str | None = None) -> tuple[str | None, str | None]:
+    """(dashboard URL, how to log in) of the Ray cluster at `address`, else of one running on this machine; never
+    starts one. (None, None) when there is none."""
     import ray
     from ray._private.services import find_gcs_addresses
 
     if ray.is_initialized():
         return _dashboard_url(ray.get_runtime_context()), dashboard_login()
-    if not find_gcs_addresses():
+    if address is None and not find_gcs_addresses():
         return None, None
+    logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
     try:
-        ctx = ray.init(address="auto", logging_level=logging.ERROR, log_to_driver=False)
+        ctx = ray.init(address=address or "auto", logging_level=logging.ERROR, log_to_driver=False)
     except (ConnectionError, RuntimeError, ValueError):
         return None, None
     try:
@@ -225,6 +229,9 @@ def prompt_trainable(config: dict) -> None:
     from ptx.tasks import load_task
 
     const = config["const"]
+    if const.get("quiet"):  # a line per checkpoint from every trial is noise beside the driver's progress line
+        logging.getLogger("ray.train").setLevel(logging.WARNING)
+        logging.getLogger("ray.tune").setLevel(logging.WARNING)
     req = _request_from(config)
     # a trial (re)started while the MLflow server is down waits for it (80 s at most) instead of failing in 12 s:
     # an outage then costs a trial one retry, not all of them (docs/fault_tolerance.md)
@@ -282,7 +289,7 @@ def build_tuner(requests: list[PromptRequest], name: str, workdir: Path, trackin
     fn = group_trainable if group_size > 1 else prompt_trainable
     trainable = tune.with_resources(fn, {"cpu": res.get("cpu", 1), "gpu": res.get("gpu", 0), **custom})
     const = {"tracking_uri": tracking_uri, "experiment": experiment, "workdir": str(workdir), "study": name,
-             "parent_run_id": parent_run_id, "tags": tags or {}, "force": force}
+             "parent_run_id": parent_run_id, "tags": tags or {}, "force": force, "quiet": not progress.verbosity()}
     if group_size > 1:
         grid = {"group": tune.grid_search([[dataclasses.asdict(r) for r in g] for g in group_requests(requests, group_size)])}
     else:
@@ -453,11 +460,12 @@ class TrialProgress:
 def _tune_output(verbose: int) -> dict:
     """Tune's own output: silent by default (ptx's progress line says it all; warnings and errors still log);
     with -v Tune's trial table every 30 s, in columns that fit 100 characters."""
-    if not verbose:
-        return {"verbose": 0}
     from ray.tune import CLIReporter
 
-    os.environ["RAY_AIR_NEW_OUTPUT"] = "0"  # the new output engine ignores a reporter and prints every column
+    # Tune's newer output engine prints an experiment box even when silent and ignores a given reporter
+    os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
+    if not verbose:
+        return {"verbose": 0}
     reporter = CLIReporter(parameter_columns={"request/task": "task", "request/settings/seed": "seed"},
                            metric_columns={"step": "step", "best_dev_metric": "best"}, max_column_length=16,
                            max_report_frequency=30, max_progress_rows=20, print_intermediate_tables=True)
@@ -525,7 +533,7 @@ def run_sweep(spec, workdir: Path, tracking_uri: str, storage_path: str | None =
     stage = (tags or {}).get("ptx.stage")
     parent = tracker.start_run(track.run_name(stage, spec.name, "sweep"), {
         "ptx.kind": "sweep", "ptx.study": spec.name, "ptx.experiment_path": f"{storage}/{name}",
-        "ptx.config_hash": spec.hash()})
+        "ptx.config_hash": spec.hash(), "ptx.stage": stage})
     tracker.log(parent, params={"plan": plan(spec)})
     tuner = build_tuner(requests or sweep_requests(spec), name, Path(workdir), tracking_uri, spec.name, parent,
                         storage, search=spec.search.space, algorithm=spec.search.algorithm,
@@ -776,6 +784,9 @@ def group_trainable(config: dict) -> None:
     from ptx.train_group import GroupMember, train_group
 
     const = config["const"]
+    if const.get("quiet"):  # as in prompt_trainable: no line per checkpoint
+        logging.getLogger("ray.train").setLevel(logging.WARNING)
+        logging.getLogger("ray.tune").setLevel(logging.WARNING)
     reqs = [_request_from({**config, "request": r}) for r in config["group"]]
     track.wait_reachable(const["tracking_uri"], tries=8, delay=2.0)
     tracker = track.Tracker(const["tracking_uri"], const["experiment"], workdir=Path(const["workdir"]))
