@@ -272,6 +272,16 @@ def prompt_trainable(config: dict) -> None:
         tune.report({"best_dev_metric": run.best_metric, "mlflow_run_id": run.run_id, "reused": True, "step": 0})
 
 
+def _named_trainable(fn):
+    """A trainable function (prompt_trainable, group_trainable) as Tune's trainable class, its actors showing their
+    trial's name (task-backbone-seed-id) in the dashboard's Actors view (the Repr column) instead of the function's
+    name; Tune's trainable name is unchanged, so sweeps started before still restore."""
+    from ray.tune.trainable.function_trainable import wrap_function
+
+    base = wrap_function(fn)
+    return type("PromptTrial", (base,), {"__repr__": lambda self: self.trial_name, "__module__": __name__})
+
+
 def build_tuner(requests: list[PromptRequest], name: str, workdir: Path, tracking_uri: str, experiment: str,
                 parent_run_id: str, storage_path: str, search: dict | None = None, algorithm: str = "grid",
                 num_samples: int = 1, scheduler: dict | None = None, resources: dict | None = None,
@@ -287,7 +297,7 @@ def build_tuner(requests: list[PromptRequest], name: str, workdir: Path, trackin
     res = dict(resources or {"cpu": 1})
     custom = res.pop("custom", None) or {}
     fn = group_trainable if group_size > 1 else prompt_trainable
-    trainable = tune.with_resources(fn, {"cpu": res.get("cpu", 1), "gpu": res.get("gpu", 0), **custom})
+    trainable = tune.with_resources(_named_trainable(fn), {"cpu": res.get("cpu", 1), "gpu": res.get("gpu", 0), **custom})
     const = {"tracking_uri": tracking_uri, "experiment": experiment, "workdir": str(workdir), "study": name,
              "parent_run_id": parent_run_id, "tags": tags or {}, "force": force, "quiet": not progress.verbosity()}
     if group_size > 1:
@@ -582,7 +592,7 @@ def resume_sweep(path: str, restart_errored: bool = False) -> dict:
     if not tune.Tuner.can_restore(path):
         raise PtxError(f"{path} is not a Tune experiment directory (no experiment state found)")
     state = _read_state(path)
-    trainable = group_trainable if state.get("grouped") else prompt_trainable
+    trainable = _named_trainable(group_trainable if state.get("grouped") else prompt_trainable)
     tuner = tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True,
                                resume_errored=not restart_errored, restart_errored=restart_errored)
     tracker = track.Tracker(state["tracking_uri"], state["experiment"], workdir=Path(state["workdir"]))

@@ -156,10 +156,16 @@ class Tracker:
         for v in (name, digest, context):
             if v is not None and ("'" in v or "\\" in v):
                 raise PtxError(f"dataset filter {v!r}: quotes and backslashes are not allowed in a search value")
-        clauses = [f"dataset.name = '{name}'"] + ([f"dataset.digest = '{digest}'"] if digest else []) + (
-            [f"dataset.context = '{context}'"] if context else [])
-        return list(self.client.search_runs(experiment_ids or self.all_experiment_ids(), " and ".join(clauses),
-                                            max_results=5000))
+        clauses = [f"dataset.name = '{name}'"] + ([f"dataset.digest = '{digest}'"] if digest else [])
+        runs = self.client.search_runs(experiment_ids or self.all_experiment_ids(), " and ".join(clauses),
+                                       max_results=5000)
+
+        def used(run) -> bool:  # MLflow matches each clause against any of a run's inputs: check the same input
+            return any(d.dataset.name == name and digest in (None, d.dataset.digest)
+                       and (context is None or any(t.key == "mlflow.data.context" and t.value == context for t in d.tags))
+                       for d in run.inputs.dataset_inputs)
+
+        return [r for r in runs if used(r)]
 
     def link_runs(self, run_id: str, links: dict) -> None:
         """Link a run to others ({label: run id}): a `ptx.link.LABEL` tag each, and a description in the UI whose
@@ -169,7 +175,7 @@ class Tracker:
         for label, rid in links.items():
             exp = self.client.get_run(rid).info.experiment_id
             lines.append(f"- [{label}](#/experiments/{exp}/runs/{rid}) `{rid}`")
-        self.log(run_id, tags={**{f"ptx.link.{k}": v for k, v in links.items()},
+        self.log(run_id, tags={**{f"ptx.link.{_tag_key(k)}": v for k, v in links.items()},
                                "mlflow.note.content": "\n".join(lines)})
 
     @contextmanager
@@ -271,6 +277,13 @@ class Tracker:
         if not files:
             raise PtxError(f"run '{run_id}' has no artifact '{path}'")
         return files
+
+
+def _tag_key(label: str) -> str:
+    """A label as an MLflow tag key (letters, digits, _ - . : / and spaces only): "a · b" -> "a/b"."""
+    import re
+
+    return re.sub(r"[^\w\-.:/ ]", "", label.replace(" · ", "/"))
 
 
 def run_name(*parts) -> str:

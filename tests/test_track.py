@@ -7,6 +7,7 @@ Real sqlite stores in tmp_path, real training of tiny backbones; the only wrappi
 import shutil
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 from urllib.parse import unquote, urlparse
 
 import mlflow
@@ -282,3 +283,53 @@ def test_tag_best_ranks_vanilla_runs_only(wd):
     assert tags == {"vanilla_a": "false", "vanilla_b": "true", "tpt": "false", "projected": "false"}
     # `ptx prompts best` reads the same rule: the TPT and projected runs score higher, the vanilla one is best
     assert tracker.best_prompt_run("sst2", "tiny-bert").info.run_id == ids["vanilla_b"]
+
+
+
+
+def test_experiment_kind_datasets_links_and_system_metrics(wd):
+    """What the MLflow UI shows: the runs table (experiment kind), each run's data (dataset inputs), a run's links,
+    system metrics (forced on here; ptx switches them on for runs on a GPU)."""
+    from ptx.data import describe_split
+
+    tracker = track.Tracker(f"sqlite:///{wd / 'mlflow.db'}", "kinds", workdir=wd)
+    exp = tracker.client.get_experiment(tracker.experiment_id)
+    assert exp.tags[track.EXPERIMENT_KIND_TAG] == "custom_model_development"
+    tracker.client.delete_experiment_tag(tracker.experiment_id, track.EXPERIMENT_KIND_TAG)  # an older experiment
+    track.Tracker(tracker.uri, "kinds", workdir=wd)
+    assert tracker.client.get_experiment(tracker.experiment_id).tags[track.EXPERIMENT_KIND_TAG] == "custom_model_development"
+    run = run_prompt(small_request(), wd, tracker=tracker)
+    got = tracker.get_run(run.run_id)
+    assert got.info.run_name == "tweet_sentiment · tiny-llama · s0"
+    ds = {d.dataset.name: d.dataset for d in got.inputs.dataset_inputs}
+    assert set(ds) == {"tweet_sentiment/train", "tweet_sentiment/dev"}
+    assert ds["tweet_sentiment/train"].source_type == "package" and "num_rows\": 32" in ds["tweet_sentiment/train"].profile
+    assert [r.info.run_id for r in tracker.runs_on_dataset("tweet_sentiment/train", context="train")] == [run.run_id]
+    assert tracker.runs_on_dataset("tweet_sentiment/train", context="dev") == []  # trained on it, not selected on it
+    assert tracker.runs_on_dataset("tweet_sentiment/dev", ds["tweet_sentiment/dev"].digest, "dev")[0].info.run_id == run.run_id
+    with pytest.raises(PtxError, match="quotes"):
+        tracker.runs_on_dataset("x' or '1'='1")
+    # the digest follows the data: two different encoded splits differ, the same one is stable
+    import datasets
+
+    spec = SimpleNamespace(name="t", source=SimpleNamespace(kind="files", files=(("train", "/d/train.csv"),)),
+                           splits=SimpleNamespace(train="train"))
+    a = datasets.Dataset.from_dict({"input_ids": [[1, 2], [3]], "label": [0, 1]})
+    b = datasets.Dataset.from_dict({"input_ids": [[1], [2, 3]], "label": [0, 1]})  # same tokens, split differently
+    assert describe_split(spec, "train", a)["digest"] == describe_split(spec, "train", a)["digest"]
+    assert describe_split(spec, "train", a)["digest"] != describe_split(spec, "train", b)["digest"]
+    assert describe_split(spec, "train", a)["source"] == "/d/train.csv"
+    # links and system metrics
+    other = tracker.start_run(track.run_name("report", "kinds"), {"ptx.kind": "report"})
+    tracker.link_runs(other, {got.info.run_name: run.run_id})
+    tags = tracker.get_run(other).data.tags
+    assert tags["ptx.link.tweet_sentiment/tiny-llama/s0"] == run.run_id
+    assert f"(#/experiments/{tracker.experiment_id}/runs/{run.run_id})" in tags["mlflow.note.content"]
+    with tracker.system_metrics(other, enabled=True, interval=0.2):
+        import time
+
+        time.sleep(1.5)
+    assert "system/cpu_utilization_percentage" in tracker.get_run(other).data.metrics
+    with tracker.system_metrics(run.run_id, enabled=False):
+        pass
+    assert not any(k.startswith("system/") for k in tracker.get_run(run.run_id).data.metrics)
