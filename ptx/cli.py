@@ -431,6 +431,10 @@ def ui(workdir, port, address):
         wd = studies[0]
     uri = f"sqlite:///{wd / 'mlflow.db'}"
     click.echo(f"MLflow UI: http://127.0.0.1:{port}  (store {uri}; Ctrl-C stops it)")
+    from ptx import track
+
+    for name in track.experiment_names(uri):
+        click.echo(f"  {name}: {track.Tracker(uri, name).experiment_url(f'http://127.0.0.1:{port}')}")
     dashboard, login = running_dashboard(address)
     if dashboard:
         click.echo(f"Ray dashboard: {dashboard}" + (f"  (log in: {login})" if login else ""))
@@ -528,6 +532,8 @@ def _run(spec, stages, workdir, tracking_uri, address, force, max_concurrent, of
         click.echo(f"study {spec.name}: results under {info['workdir']}")
         click.echo(f"  MLflow: {info['tracking_uri']}")
         click.echo(f"  MLflow UI: {_ui_command(info)}")
+        if not _ui_command(info).startswith("mlflow"):
+            click.echo(f"    or: mlflow ui --backend-store-uri {info['tracking_uri']}")
         if info.get("dashboard"):
             click.echo(f"  Ray dashboard (while this runs): {info['dashboard']}")
             login = _dashboard_login()
@@ -556,8 +562,8 @@ def _ui_command(info: dict) -> str:
     """The command that opens the MLflow UI on a study's store."""
     uri = info["tracking_uri"]
     if uri == f"sqlite:///{Path(info['workdir']) / 'mlflow.db'}":
-        return f"ptx ui {info['workdir']}   (or: mlflow ui --backend-store-uri {uri} --host 127.0.0.1)"
-    return f"mlflow ui --backend-store-uri {uri} --host 127.0.0.1" if uri.startswith("sqlite:") else uri
+        return f"ptx ui {info['workdir']}"
+    return f"mlflow ui --backend-store-uri {uri}" if uri.startswith("sqlite:") else uri
 
 
 def _dashboard_login() -> str | None:

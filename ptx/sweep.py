@@ -607,11 +607,14 @@ def _fit_and_finalise(tuner, tracker, parent: str, workdir: Path, trials: int = 
     _bar.update(total=_bar.total + trials)
     try:
         grid = tuner.fit()
+        _bar.update(done=_bar_base[0] + len(grid), note=f"{sum(r.error is not None for r in grid)} errored"
+                    if any(r.error is not None for r in grid) else "")
     finally:
         _bar = None
     wall = time.perf_counter() - t0
     track.wait_reachable(tracker.uri, tries=8, delay=2.0)  # a server blip at the end costs a wait, not the sweep
     summary = finalise(grid, tracker, workdir)
+    _log_sweep_datasets(tracker, parent, summary["rows"])
     summary.update(wall_seconds=wall, experiment_path=grid.experiment_path, parent_run_id=parent)
     tracker.log(parent, {"trials": summary["trials"], "errored": summary["errored"], "wall_seconds": wall})
     tracker.finish(parent, "FINISHED" if not summary["errored"] else "FAILED")
@@ -693,6 +696,14 @@ def _prune_checkpoints(result) -> None:
         name = info.path.rstrip("/").rsplit("/", 1)[-1]
         if info.type == pafs.FileType.Directory and name.startswith("checkpoint_") and info.path.rstrip("/") != keep:
             fs.delete_dir(info.path)
+
+
+def _log_sweep_datasets(tracker, parent: str, rows: list) -> None:
+    """The sweep's run lists the splits its trials used: the runs table shows data beside the collapsed trials."""
+    try:
+        tracker.copy_datasets([r["run_id"] for r in rows if r["run_id"]], parent)
+    except Exception as exc:  # lineage on the parent is a convenience; the trials' own inputs are logged
+        log.warning("could not log the sweep's datasets on run %s: %s", parent, exc)
 
 
 def _backbone_meta_from(run, state) -> dict:

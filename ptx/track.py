@@ -150,6 +150,22 @@ class Tracker:
                                [InputTag("mlflow.data.context", d.get("context", d["split"]))]) for d in splits]
         self.client.log_inputs(run_id, datasets=inputs)
 
+    def copy_datasets(self, run_ids, to_run_id: str) -> None:
+        """Log on `to_run_id` (e.g. a sweep's parent run) every dataset input the runs `run_ids` logged, once."""
+        from mlflow.entities import DatasetInput
+
+        seen = {}
+        for rid in run_ids:
+            for d in self.client.get_run(rid).inputs.dataset_inputs:
+                key = (d.dataset.name, d.dataset.digest, tuple((t.key, t.value) for t in d.tags))
+                seen.setdefault(key, DatasetInput(d.dataset, d.tags))
+        if seen:
+            self.client.log_inputs(to_run_id, datasets=list(seen.values()))
+
+    def experiment_url(self, base: str) -> str:
+        """The experiment's runs table in the MLflow UI at `base` (model-training view, not the GenAI overview)."""
+        return f"{base.rstrip('/')}/#/experiments/{self.experiment_id}?workflowType=machine_learning"
+
     def runs_on_dataset(self, name: str, digest: str | None = None, context: str | None = None,
                         experiment_ids: list | None = None) -> list:
         """Every run (any status) that logged dataset `name` (e.g. "sst2/train"), optionally of one digest/context."""
@@ -277,6 +293,15 @@ class Tracker:
         if not files:
             raise PtxError(f"run '{run_id}' has no artifact '{path}'")
         return files
+
+
+def experiment_names(uri: str) -> list[str]:
+    """The names of the experiments ptx made in a store (tagged as model training), oldest first."""
+    from mlflow.tracking import MlflowClient
+
+    exps = MlflowClient(tracking_uri=uri).search_experiments(filter_string=f"tags.`{EXPERIMENT_KIND_TAG}` = "
+                                                                          f"'{EXPERIMENT_KIND}'")
+    return [e.name for e in sorted(exps, key=lambda e: e.creation_time or 0)]
 
 
 def _tag_key(label: str) -> str:

@@ -71,8 +71,8 @@ def test_smoke_study_prints_one_progress_line_per_stage(smoke):
         assert re.search(rf"\[{stage}\] (\d+)/\1 {unit} 100%", logged), stage
     assert "  Ray dashboard (while this runs): http://127.0.0.1:" in out
     assert "log in: paste the token from `ray get-auth-token` (file ~/.ray/auth_token) into its login box" in out
-    assert out.rstrip().splitlines()[-2:] == [
-        f"MLflow UI: ptx ui {smoke.workdir}   (or: mlflow ui --backend-store-uri {smoke.uri} --host 127.0.0.1)",
+    assert out.rstrip().splitlines()[-3:] == [  # it ends with the report, the MLflow UI and the dashboard
+        f"report: {smoke.workdir / 'report' / 'index.html'}", f"MLflow UI: ptx ui {smoke.workdir}",
         f"Ray dashboard: {_dashboard(smoke)} (its local Ray stops with this command)"]
 
 
@@ -167,17 +167,22 @@ def test_ptx_ui_opens_the_runs_table_with_datasets(smoke, tmp_path):
             time.sleep(1)
         printed = log.read_text()
         assert f"MLflow UI: http://127.0.0.1:{port}  (store {smoke.uri}; Ctrl-C stops it)" in printed
-        assert f"Ray dashboard: {_dashboard(smoke)}  (log in: paste the token" in printed  # a cluster is up
         eid = track.Tracker(smoke.uri, "smoke").experiment_id
-        dom = _dump_dom(f"http://127.0.0.1:{port}/#/experiments/{eid}", tmp_path / "u")
+        page = f"http://127.0.0.1:{port}/#/experiments/{eid}?workflowType=machine_learning"
+        assert f"  smoke: {page}" in printed  # the study's runs table, in the model-training view
+        assert f"Ray dashboard: {_dashboard(smoke)}  (log in: paste the token" in printed  # a cluster is up
+        dom = _dump_dom(page, tmp_path / "u")
     finally:
         proc.terminate()
         proc.wait(timeout=30)
-    for run in ("train · smoke · sweep", "transfer · smoke · tiny-llama", "indicators · smoke · tiny-llama",
-                "report · smoke"):  # sweep and stage runs in the runs table
-        assert run in dom, (run, _text(dom)[:3000])
-    assert "tweet_sentiment/train" in dom, _text(dom)[:3000]  # the Dataset column
-    assert "No data available" not in _text(dom)  # not the GenAI overview's empty charts
+    text = _text(dom)
+    assert text.startswith(" Runs - Experiment"), text[:3000]  # the runs table, not the GenAI overview
+    for run in ("train · smoke · sweep", "tpt · smoke · sweep", "transfer · smoke · tiny-llama",
+                "indicators · smoke · tiny-llama", "projector · smoke", "report · smoke"):  # sweep and stage runs
+        assert run in text, (run, text[:3000])
+    # the Dataset column: the sweeps list their trials' splits
+    assert re.search(r"(tweet_sentiment|drug_sentiment|bbc_topic|drug_condition)/(train|dev)", text), text[:3000]
+    assert "No data available" not in text  # the GenAI overview's empty charts
 
 
 def _dump_dom(url: str, profile: Path) -> str:
