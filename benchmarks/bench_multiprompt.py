@@ -40,6 +40,7 @@ from common import (
     machine,
     median,
     mib,
+    rotated_rounds,
     run_worker,
     table,
     timed_loop,
@@ -132,13 +133,7 @@ def worker_time(args) -> dict:
         timed_loop(steps[v], args.warmup, args.device)
         if args.device.startswith("cuda"):
             records[v].update(peak_bytes=meter.peak(), peak_mib=mib(meter.peak()), memory_measure=meter.what())
-    wall, cpu = {v: [] for v in variants}, {v: [] for v in variants}
-    for r in range(args.steps):
-        k = r % len(variants)
-        for v in variants[k:] + variants[:k]:
-            w, c = timed_loop(lambda _i, v=v, r=r: steps[v](args.warmup + r), 1, args.device)
-            wall[v] += w
-            cpu[v] += c
+    wall, cpu = rotated_rounds(steps, variants, args.steps, args.warmup, args.device)
     on_gpu = args.device.startswith("cuda")
     times = wall if on_gpu else cpu
     for v, rec in records.items():

@@ -48,6 +48,7 @@ from common import (
     machine,
     median,
     mib,
+    rotated_rounds,
     run_worker,
     table,
     timed_loop,
@@ -394,13 +395,7 @@ def worker_time(args) -> dict:
         steps[v], rec["_grads"] = step, grads
         if grads.get("note"):
             rec["note"] = grads["note"]
-    wall, cpu = {v: [] for v in variants}, {v: [] for v in variants}
-    for r in range(args.steps):
-        k = r % len(variants)
-        for v in variants[k:] + variants[:k]:
-            w, c = timed_loop(lambda _i, v=v, r=r: steps[v](args.warmup + r), 1, args.device)
-            wall[v] += w
-            cpu[v] += c
+    wall, cpu = rotated_rounds(steps, variants, args.steps, args.warmup, args.device)
     # The headline time: wall time on a GPU; on CPU, process CPU time (see common.timed_loop), wall beside it.
     on_gpu = args.device.startswith("cuda")
     times = wall if on_gpu else cpu

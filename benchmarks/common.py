@@ -184,3 +184,16 @@ def write_json(path: str | Path, obj) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(obj, indent=1, sort_keys=True, default=str))
+
+
+def rotated_rounds(steps: dict, variants: list, rounds: int, warmup: int, device: str) -> tuple[dict, dict]:
+    """One step of every variant per round, the order rotated each round so that load from other processes hits
+    every variant alike: ({variant: wall seconds per round}, {variant: CPU seconds per round})."""
+    wall, cpu = {v: [] for v in variants}, {v: [] for v in variants}
+    for r in range(rounds):
+        k = r % len(variants)
+        for v in variants[k:] + variants[:k]:
+            w, c = timed_loop(lambda _i, v=v, r=r: steps[v](warmup + r), 1, device)
+            wall[v] += w
+            cpu[v] += c
+    return wall, cpu

@@ -10,10 +10,11 @@ from pathlib import Path
 import click
 import pytest
 import torch
+from cli_runner import invoke_cli
 from click.testing import CliRunner
 
 from ptx import track
-from ptx.cli import cli, main
+from ptx.cli import cli
 from ptx.data import encode_split
 from ptx.evaluate import score_prompts
 from ptx.prompt import load_prompt
@@ -35,21 +36,6 @@ def invoke(*args):
     result = CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
     assert result.exit_code == 0, result.output
     return result.stdout
-
-
-def invoke_main(monkeypatch, *args) -> tuple[int, str, str]:
-    """Run the console-script entry point `ptx.cli.main` in-process: (exit code, stdout, stderr)."""
-    monkeypatch.setattr(sys, "argv", ["ptx", *[str(a) for a in args]])
-    with CliRunner().isolation() as (out, err, _):
-        try:
-            main()
-            code = 0
-        except SystemExit as exc:
-            code = exc.code
-        finally:
-            sys.stdout.flush()
-            sys.stderr.flush()
-        return code, out.getvalue().decode(), err.getvalue().decode()
 
 
 def assert_one_line_error(code, stderr, *needles):
@@ -138,15 +124,15 @@ def test_eval_untracked_prints_the_score(tmp_path):
 # ---- errors: exit code 2, one line ----------------------------------------------------------------------
 
 def test_unknown_task(monkeypatch, tmp_path):
-    code, _, err = invoke_main(monkeypatch, "train", "--task", "tweet_sentimnt", "--backbone", "tiny-bert",
+    code, _, err = invoke_cli("train", "--task", "tweet_sentimnt", "--backbone", "tiny-bert",
                                "--no-track", "--workdir", tmp_path)
     assert_one_line_error(code, err, "unknown task 'tweet_sentimnt'", "did you mean 'tweet_sentiment'?")
-    code, _, err = invoke_main(monkeypatch, "tasks", "show", "tweet_sentimnt")
+    code, _, err = invoke_cli("tasks", "show", "tweet_sentimnt")
     assert_one_line_error(code, err, "did you mean 'tweet_sentiment'?")
 
 
 def test_unknown_backbone_alias(monkeypatch, tmp_path):
-    code, _, err = invoke_main(monkeypatch, *TRAIN[:4], "tiny-bret", "--no-track", "--workdir", tmp_path)
+    code, _, err = invoke_cli(*TRAIN[:4], "tiny-bret", "--no-track", "--workdir", tmp_path)
     assert_one_line_error(code, err, "model 'tiny-bret'", "did you mean 'tiny-bert'?")
 
 
@@ -160,7 +146,7 @@ def test_multi_token_verbalizer_word(monkeypatch, tmp_path):
                     "source: {files: {train: train.csv}}\ntemplate: '{text} It was {mask}.'\nlabel_column: label\n"
                     "labels: [neg, pos]\nverbalizer: [bad, very-good]\nmetric: accuracy\nmax_length: 32\n")
     assert load_task(str(task)).verbalizer == ("bad", "very-good")
-    code, _, err = invoke_main(monkeypatch, "train", "--task", task, "--backbone", "tiny-bert", "--steps", "2",
+    code, _, err = invoke_cli("train", "--task", task, "--backbone", "tiny-bert", "--steps", "2",
                                "--no-track", "--workdir", tmp_path / "w")
     assert_one_line_error(code, err, "verbalizer word 'very-good'", "backbone 'tiny-bert'", "['very', '-', 'good']")
     assert not (tmp_path / "w" / "prompts").exists()  # nothing trained, nothing saved
@@ -169,13 +155,13 @@ def test_multi_token_verbalizer_word(monkeypatch, tmp_path):
 def test_eval_width_mismatch_and_corrupt_artifact(monkeypatch, tmp_path):
     out = invoke(*TRAIN, "--no-track", "--workdir", tmp_path)
     prompt_dir = Path(re.search(r"^prompt: (.+)$", out, re.M).group(1))
-    code, _, err = invoke_main(monkeypatch, "eval", "--prompt", prompt_dir, "--task", "tweet_sentiment",
+    code, _, err = invoke_cli("eval", "--prompt", prompt_dir, "--task", "tweet_sentiment",
                                "--backbone", "tiny-llama", "--no-track", "--workdir", tmp_path)
     assert_one_line_error(code, err, "prompt width 32", "'tiny-bert'", "'tiny-llama' width 64")
 
     weights = prompt_dir / "prompt.safetensors"
     weights.write_bytes(weights.read_bytes()[:-16])
-    code, _, err = invoke_main(monkeypatch, "eval", "--prompt", prompt_dir, "--task", "tweet_sentiment",
+    code, _, err = invoke_cli("eval", "--prompt", prompt_dir, "--task", "tweet_sentiment",
                                "--no-track", "--workdir", tmp_path)
     assert_one_line_error(code, err, str(weights), "corrupt or truncated safetensors")
 
@@ -186,7 +172,7 @@ def test_nan_loss_exits_2_and_names_the_kept_prompt(monkeypatch, tmp_path, tiny)
 
     loud = save_prompt(tmp_path / "loud", torch.full((4, 32), 1e30), {"backbone": backbone_meta(tiny("tiny-bert"))})
     # click keeps the last value of a repeated option: this overrides TRAIN's --eval-every
-    code, out, err = invoke_main(monkeypatch, *TRAIN, "--init-from", loud, "--eval-every", "1", "--workdir", tmp_path)
+    code, out, err = invoke_cli(*TRAIN, "--init-from", loud, "--eval-every", "1", "--workdir", tmp_path)
     line = assert_one_line_error(code, err, "non-finite loss", "best checkpoint (step 0")
     kept = Path(line.rsplit(" is kept at ", 1)[1])
     assert kept.parent == tmp_path.resolve() / "prompts"

@@ -21,13 +21,12 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from click.testing import CliRunner
+from cli_runner import invoke_cli as invoke_main
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import save_file
 
 from ptx import track
-from ptx.cli import main
 from ptx.config import StudySpec, load_study
 from ptx.errors import PtxError
 from ptx.projector import Projector, ProjectorConfig, load_projector, save_projector
@@ -152,24 +151,6 @@ def test_spec_values_are_checked_when_the_spec_loads(tmp_path, path, value, need
 
 
 # ---- (b) every numeric option of `ptx train` ---------------------------------------------------------------
-def invoke_main(*args) -> tuple[int, str, str]:
-    """The console-script entry point in-process: (exit code, stdout, stderr)."""
-    argv = sys.argv
-    sys.argv = ["ptx", *[str(a) for a in args]]
-    try:
-        with CliRunner().isolation() as (out, err, _):
-            try:
-                main()
-                code = 0
-            except SystemExit as exc:
-                code = exc.code
-            sys.stdout.flush()
-            sys.stderr.flush()
-            return code, out.getvalue().decode(), err.getvalue().decode()
-    finally:
-        sys.argv = argv
-
-
 GARBAGE = st.one_of(st.integers(-5, 0).map(str), st.floats(allow_nan=True, allow_infinity=True).map(repr),
                     st.text(max_size=4), st.sampled_from(["1e3", "0x10", "2.5", "", " ", "-0"]))
 
