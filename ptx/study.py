@@ -43,20 +43,11 @@ def run_train_stage(spec, tracker, workdir: Path, force: bool = False, max_concu
         storage = str(Path(storage).expanduser().resolve())
     name = train_experiment_name(spec)
     path = f"{storage}/{name}"
-    if not force and _tune_experiment_exists(path):
+    if not force and sweep.experiment_exists(path):
         log.info("resuming the interrupted training sweep at %s", path)
         return sweep.resume_sweep(path)
     return sweep.run_sweep(spec, workdir, tracker.uri, storage_path=storage, max_concurrent=max_concurrent,
                            force=force, name=name, tags={"ptx.stage": "train"})
-
-
-def _tune_experiment_exists(path: str) -> bool:
-    from ray import tune
-
-    try:
-        return tune.Tuner.can_restore(path)
-    except Exception:  # a storage URI that does not exist yet
-        return False
 
 
 def run_study(spec, workdir: str | Path | None = None, tracking_uri: str | None = None, address: str | None = None,

@@ -731,6 +731,16 @@ def tag_best(tracker, pairs) -> None:
             tracker.client.set_tag(r.info.run_id, "ptx.best", "true" if r.info.run_id == best.info.run_id else "false")
 
 
+def experiment_exists(path: str) -> bool:
+    """Whether a Tune experiment that `ptx resume` could restore lives at `path` (a local dir or storage URI)."""
+    from ray import tune
+
+    try:
+        return tune.Tuner.can_restore(path)
+    except Exception:  # a storage URI that does not exist yet
+        return False
+
+
 def trial_table(path: str) -> list[dict]:
     """The trial table of a sweep (state, task, backbone, seed, best metric, MLflow run id)."""
     from ray import tune
