@@ -54,6 +54,7 @@ class TransferUnit(str, Enum):
 
 class TptSource(str, Enum):  # besides these: indicator:<name> or a task name, checked at load
     BEST_SAME_CATEGORY = "best_same_category"
+    BEST_CROSS_CATEGORY = "best_cross_category"  # the best source of another category: the control for same-category
     BEST_ANY = "best_any"
 
 
@@ -107,9 +108,15 @@ class TransferStage:
 
 @dataclass(frozen=True)
 class TptStage:
-    source: str = "best_same_category"  # best_same_category | best_any | indicator:<name> | <task name>
+    source: str = "best_same_category"  # best_same_category | best_cross_category | best_any | indicator:<name> | <task name>
+    sources: tuple[str, ...] | None = None  # several of those: one TPT run per (target, source, seed); replaces `source`
     steps: Count | None = None  # defaults to train.steps
     seeds: tuple[Annotated[int, Range(ge=0, lt=2**32)], ...] | None = None  # defaults to the study's seeds
+
+    @property
+    def source_modes(self) -> tuple[str, ...]:
+        """The source modes TPT runs, in order: `sources` when given, else the one `source`."""
+        return (self.source,) if self.sources is None else self.sources
 
 
 @dataclass(frozen=True)
@@ -316,11 +323,16 @@ def _check_spec_names(spec: StudySpec, tasks: dict, where: str, errors: list) ->
     """Names a later stage would look up: TPT's source, the projector's tasks and backbones, transfer splits."""
     from ptx.assets import ALIASES
 
-    source = spec.tpt.source
     modes = [m.value for m in TptSource]
-    if not (source in modes or source in tasks or (source.startswith("indicator:") and source.split(":", 1)[1])):
-        errors.append(f"{where}.tpt.source: expected one of {modes}, indicator:<name> or a task name, found "
-                      f"{source!r}{suggest(source, [*modes, *tasks])}")
+    key = "sources" if spec.tpt.sources is not None else "source"
+    if spec.tpt.sources is not None and not spec.tpt.sources:
+        errors.append(f"{where}.tpt.sources: expected a non-empty list of source modes, found []")
+    if len(set(spec.tpt.source_modes)) != len(spec.tpt.source_modes):
+        errors.append(f"{where}.tpt.sources: each source mode once, found {list(spec.tpt.source_modes)}")
+    for source in spec.tpt.source_modes:
+        if not (source in modes or source in tasks or (source.startswith("indicator:") and source.split(":", 1)[1])):
+            errors.append(f"{where}.tpt.{key}: expected one of {modes}, indicator:<name> or a task name, found "
+                          f"{source!r}{suggest(source, [*modes, *tasks])}")
     for key in ("source_backbone", "target_backbone"):
         name = getattr(spec.projector, key)
         if name is not None and name.startswith(("tiny-", "smollm", "minilm")) and name not in ALIASES:

@@ -20,7 +20,13 @@ import pandas as pd
 
 from ptx import __version__, track
 from ptx.errors import PtxError, suggest
-from ptx.findings import Finding, Verdict, difference_of_means, paired_correlation_difference
+from ptx.findings import (
+    Finding,
+    Verdict,
+    difference_of_means,
+    paired_correlation_difference,
+    proportion_difference,
+)
 from ptx.io import atomic_dir, write_json
 
 log = logging.getLogger(__name__)
@@ -288,6 +294,23 @@ def category_summary(df: pd.DataFrame, split: str) -> dict:
     return out
 
 
+def own_vs_random(df: pd.DataFrame, split: str) -> list[dict]:
+    """Every task's own prompts (one per seed) against the random prompt on that task: Newcombe's interval of
+    the score difference on the split's n examples. For F1 metrics the binomial interval is an approximation."""
+    d = df[df["split"] == split]
+    rand = d[d.source_prompt_run == RANDOM].set_index("target_task")
+    out = []
+    for r in d[(d.source_task == d.target_task) & (d.source_prompt_run != RANDOM)].itertuples():
+        if r.target_task not in rand.index:
+            continue
+        base = rand.loc[r.target_task]
+        n = int(getattr(r, "n_examples", 0) or 0)
+        out.append({"target_task": r.target_task, "source_prompt_run": r.source_prompt_run, "own": float(r.value),
+                    "random": float(base.value), "n": n,
+                    "finding": proportion_difference(float(r.value), n, float(base.value), n)})
+    return sorted(out, key=lambda o: (o["target_task"], o["source_prompt_run"]))
+
+
 def _plot_groups(fig, summary: dict, title: str) -> None:
     ax = fig.subplots()
     colours = {"same": "#2f7d4f", "cross": "#c0692b", "random": "#7a7f8a"}
@@ -325,7 +348,8 @@ def transfer_section(ctx) -> str:
                            **{f"{k}_{m}": v[m] for k, v in summary.items() for m in ("mean", "n")},
                            "same_vs_cross": difference_of_means(summary["same"]["values"], summary["cross"]["values"]),
                            "same_vs_random": difference_of_means(summary["same"]["values"],
-                                                                 summary["random"]["values"])}
+                                                                 summary["random"]["values"]),
+                           "own_vs_random": own_vs_random(df, split)}
         metrics = ", ".join(sorted(set(df.metric))) if "metric" in df else "score"
         n_src = df[df.source_prompt_run != RANDOM].source_prompt_run.nunique()
         parts.append(f"<h3>{esc(backbone)}</h3><p>Zero-shot transfer of every bank prompt (columns) to every task "
@@ -741,6 +765,20 @@ def findings(ctx) -> list[str]:
                    f"{_num(f['cross_mean'])} on tasks of other categories (n = {f['cross_n']}); difference "
                    f"{_finding(d)}. Beside it, a random prompt reaches {_num(f['random_mean'])} (n = {f['random_n']}); "
                    f"same-category minus random {_finding(r)}. Run {ctx.sources.cite(f['run_id'])}.")
+    for bb, f in transfer.items():
+        own = f.get("own_vs_random") or []
+        if not own:
+            continue
+        beat = [o for o in own if o["finding"].verdict == Verdict.YES]
+        rest = "; ".join(f"{esc(o['target_task'])} {_num(o['own'])} vs {_num(o['random'])}, difference "
+                         f"{_ci(o['finding'].estimate, o['finding'].ci_low, o['finding'].ci_high)} "
+                         f"({ctx.sources.cite(o['source_prompt_run'])})" for o in own if o not in beat)
+        word = "Yes" if len(beat) == len(own) else "No" if not beat else "Partly"
+        out.append(f"<b>Does every prompt beat a random prompt on its own task? {word}</b> on {esc(bb)} "
+                   f"({esc(f['split'])} split): {len(beat)} of {len(own)} own-task prompts score above the random "
+                   f"prompt with a 95% interval of the difference above 0 (Newcombe, n = "
+                   f"{min(o['n'] for o in own)} to {max(o['n'] for o in own)} examples a target)"
+                   + (f"; not: {rest}" if rest else "") + ".")
     if not transfer:
         out.append("<b>Does same-category transfer beat cross-category?</b> " + _missing("transfer"))
     ind = ctx.facts.get("indicators") or {}

@@ -127,7 +127,7 @@ def test_spec_loader_random_bytes_give_a_ptx_error(tmp_path_factory, raw):
     ("indicators.probe", "exampels", "indicators.probe: expected one of ['paper', 'examples'], found 'exampels'; did you mean 'examples'?"),
     ("indicators.position", "frist", "indicators.position: expected one of ['score', 'last', 'mean']"),
     ("indicators.hook", "decodr", "indicators.hook: expected one of ['encoder', 'decoder'], found 'decodr'"),
-    ("tpt.source", "best_sme_category", "tpt.source: expected one of ['best_same_category', 'best_any'], indicator:<name> or a task name, found 'best_sme_category'; did you mean 'best_same_category'?"),
+    ("tpt.source", "best_sme_category", "tpt.source: expected one of ['best_same_category', 'best_cross_category', 'best_any'], indicator:<name> or a task name, found 'best_sme_category'; did you mean 'best_same_category'?"),
     ("transfer.sources", "bset", "transfer.sources: expected one of ['all', 'best'], found 'bset'; did you mean 'best'?"),
     ("projector.form", "per-token", "projector.form: expected one of ['flat', 'per_token'], found 'per-token'"),
     ("projector.objective", "tsk", "projector.objective: expected one of ['distance', 'task', 'mixed'], found 'tsk'"),

@@ -414,3 +414,24 @@ def test_findings_verdict_comes_from_the_interval_not_the_point_estimate(tmp_pat
     assert "Does same-category transfer beat cross-category? Inconclusive" in sentence
     assert "0.785 of the" in sentence and "0.765 on tasks of other categories" in sentence
     assert "random prompt reaches 0.810" in sentence and run in sentence
+
+
+def test_own_prompt_vs_random_uses_the_interval_per_target():
+    """The demo's bbc_topic (0.850 vs a random prompt's 0.625 on 80 examples) clears the random prompt; its
+    drug_sentiment (0.625 vs 0.575) does not: a higher point estimate is not a verdict."""
+    from ptx.report import own_vs_random
+
+    rows = []
+    for target, own, rand in (("bbc_topic", 0.850, 0.625), ("drug_sentiment", 0.625, 0.575)):
+        rows += [{"source_prompt_run": f"run-{target}", "source_task": target, "target_task": target,
+                  "value": own, "split": "test", "n_examples": 80},
+                 {"source_prompt_run": "random", "source_task": "random", "target_task": target,
+                  "value": rand, "split": "test", "n_examples": 80},
+                 {"source_prompt_run": f"run-{target}", "source_task": target, "target_task": target,
+                  "value": 0.1, "split": "dev", "n_examples": 48}]  # another split: never mixed in
+    got = {o["target_task"]: o for o in own_vs_random(pd.DataFrame(rows), "test")}
+    assert sorted(got) == ["bbc_topic", "drug_sentiment"]
+    bbc, drug = got["bbc_topic"]["finding"], got["drug_sentiment"]["finding"]
+    assert bbc.estimate == pytest.approx(0.225) and bbc.verdict.value == "yes" and bbc.ci_low > 0
+    assert drug.estimate == pytest.approx(0.05) and drug.verdict.value == "inconclusive"
+    assert drug.ci_low < 0 < drug.ci_high and got["drug_sentiment"]["n"] == 80
