@@ -188,6 +188,8 @@ class StudySpec:
         d.pop("storage_shared")  # where checkpoints live, not what is computed: same hash, same experiment
         if d["train"].get("group_size") is None:  # unset: the hash every spec had before the field existed
             d["train"].pop("group_size", None)
+        if d["tpt"].get("sources") is None:  # likewise for tpt.sources
+            d["tpt"].pop("sources", None)
         return config_hash(d)
 
 

@@ -282,3 +282,13 @@ def test_tpt_stage_records_speedup(study):
     assert len(tpt_runs) == 1
     logged = {Path(a.path).name for a in tracker.client.list_artifacts(tpt_runs[0].info.run_id, "tpt")}
     assert {"tpt.parquet", "tpt_seeds.parquet", "curves_tweet_sentiment.png"} <= logged
+
+
+def test_tpt_sources_left_unset_keep_every_existing_study_hash():
+    """A study's hash names its MLflow experiment and lets a later study reuse its runs: adding `tpt.sources`
+    must not move the hash of any spec that does not set it (this value is the hash before the field existed)."""
+    spec = StudySpec(name="h", backbones=("tiny-bert",), tasks=("sst2",))
+    assert spec.hash() == "3cb026e55c75a024"
+    both = dataclasses.replace(spec, tpt=TptStage(sources=("best_same_category", "best_cross_category")))
+    assert both.hash() != spec.hash() and both.tpt.source_modes == ("best_same_category", "best_cross_category")
+    assert spec.tpt.source_modes == ("best_same_category",)
