@@ -381,7 +381,9 @@ def load_study(path: str | Path, overrides: list[str] | tuple = ()) -> StudySpec
     try:
         raw = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as exc:
-        raise PtxError(f"study spec {path}: invalid YAML ({str(exc).splitlines()[0]})") from None
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        raise PtxError(f"study spec {path}: invalid YAML{where} ({str(exc).splitlines()[0]})") from None
     except (UnicodeDecodeError, ValueError) as exc:  # not text, or characters YAML does not allow
         raise PtxError(f"study spec {path}: not a UTF-8 YAML text ({type(exc).__name__})") from None
     except RecursionError:

@@ -355,3 +355,12 @@ def test_a_signal_mid_training_leaves_a_killed_run_no_prompt_and_a_clean_rerun(t
     assert sorted(r.info.status for r in runs) == ["FINISHED", "KILLED", "KILLED"]
     assert [p.name for p in (tmp_path / "prompts").iterdir()] == [r.info.run_id for r in runs
                                                                     if r.info.status == "FINISHED"]
+
+
+def test_invalid_yaml_names_the_line_and_column(tmp_path):
+    spec_file = tmp_path / "s.yaml"
+    spec_file.write_text("name: x\ndescription: a colon: inside\n")
+    code, out, stderr = invoke_main("run", spec_file, "--dry-run")
+    assert code == 2 and out == ""
+    assert stderr.strip() == (f"error: study spec {spec_file}: invalid YAML at line 2, column 21 "
+                              "(mapping values are not allowed here)")
