@@ -26,6 +26,7 @@ from ptx.findings import (
     difference_of_means,
     paired_correlation_difference,
     proportion_difference,
+    speedup_interval,
 )
 from ptx.io import atomic_dir, write_json
 
@@ -431,6 +432,29 @@ def _plot_curves(ctx, fig, backbone: str, seeds: pd.DataFrame, agg: pd.DataFrame
     return drawn
 
 
+def _by_source_mode(records: list) -> dict:
+    """TPT rows per source mode (tpt.sources), in the order the study listed them; one group for older tables."""
+    out: dict = {}
+    for r in records:
+        out.setdefault(r.get("source_mode") or "source", []).append(r)
+    return out
+
+
+def _speedups(records: list) -> list:
+    """One speed-up per TPT run for the interval: reached runs at their speed-up, a run that starts at vanilla's
+    best far above any (1e9), a run that never reached it at its censoring bound (<= 1); undefined runs out."""
+    out = []
+    for r in records:
+        flag = r.get("flag")
+        if flag == "ok":
+            out.append(float(r["speedup"]))
+        elif flag == "tpt_at_init":
+            out.append(1e9)
+        elif flag == "tpt_not_reached" and math.isfinite(float(r.get("speedup_bound", math.nan))):
+            out.append(float(r["speedup_bound"]))
+    return out
+
+
 def tpt_section(ctx) -> str:
     """Per backbone: the TPT speed-up table and the dev curves of its vanilla and TPT runs."""
     from ptx.transfer import censored_speedups
@@ -453,7 +477,9 @@ def tpt_section(ctx) -> str:
         records = seeds.to_dict("records")
         overall, overall90 = censored_speedups(records), censored_speedups(records, "_90")
         facts[backbone] = {"run_id": run.info.run_id, "targets": len(agg), **overall,
-                           **{f"{k}_90": v for k, v in overall90.items()}}
+                           **{f"{k}_90": v for k, v in overall90.items()},
+                           "by_source": {mode: {**censored_speedups(g), "finding": speedup_interval(_speedups(g))}
+                                         for mode, g in _by_source_mode(records).items()}}
         parts.append(f"<h3>{esc(backbone)}</h3><p>Prompt tuning started from a transferred prompt (TPT) beside "
                      f"vanilla prompt tuning, same seeds; TPT run {cite}. Speed-up = steps vanilla needs to reach "
                      "its best dev score ÷ steps TPT needs to reach it. No run is dropped: a TPT run that never "
@@ -465,7 +491,7 @@ def tpt_section(ctx) -> str:
                      f"{_num(overall['mean_speedup_reached'], 2, '×')}.</p>")
         rows = []
         for r in agg.itertuples():
-            runs = seeds[seeds.target_task == r.target_task]
+            runs = seeds[(seeds.target_task == r.target_task) & (seeds.source_prompt_run == r.source_prompt_run)]
             ids = " ".join(ctx.sources.cite(x) for c in ("vanilla_run", "tpt_run") if c in runs
                            for x in runs[c].dropna())
             per = censored_speedups(runs.to_dict("records"))
@@ -797,14 +823,15 @@ def findings(ctx) -> list[str]:
                                                    "Spearman row for ON and an embedding similarity.</span>"))
     tpt = ctx.facts.get("tpt") or {}
     for bb, f in tpt.items():
+        for mode, g in (f.get("by_source") or {}).items():
+            d = g["finding"]
+            out.append(f"<b>Does TPT from the {esc(mode.replace('_', ' '))} source converge faster? {_verdict(d)}"
+                       f"</b> on {esc(bb)}: it reached vanilla's best dev score in {g['n_reached']} of "
+                       f"{g['n_runs']} runs (reach rate {_num(g['n_reached'] / max(g['n_runs'], 1))}); "
+                       f"median speed-up {_ci(d.estimate, d.ci_low, d.ci_high)} against 1× ({esc(d.test)}, "
+                       f"n = {d.n}). Run {ctx.sources.cite(f['run_id'])}.")
         lo, hi = f["median_speedup"], f["median_speedup_upper"]
-        if math.isnan(lo):
-            verdict = "undefined"
-        elif lo > 1 or hi <= 1:
-            verdict = "faster" if lo > 1 else "not faster"
-        else:
-            verdict = "undecided (the censored runs straddle 1×)"
-        out.append(f"<b>How fast is TPT?</b> On {esc(bb)}, transfer-initialised prompt tuning is {verdict}: it "
+        out.append(f"<b>How fast is TPT, all sources together?</b> On {esc(bb)}, transfer-initialised prompt tuning "
                    f"reached vanilla's best dev score in {f['n_reached']} of {f['n_runs']} runs; median speed-up "
                    f"{_speed(lo, hi)} with the {f['n_censored']} non-reaching runs counted as censored "
                    f"(vanilla's steps to its best dev score ÷ TPT's steps to that score); mean over the reaching "

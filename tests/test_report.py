@@ -9,6 +9,7 @@ paper-style study (same-category transfer high, ON tracking transfer closely, TP
 """
 
 import json
+import math
 import re
 import shutil
 import subprocess
@@ -435,3 +436,27 @@ def test_own_prompt_vs_random_uses_the_interval_per_target():
     assert bbc.estimate == pytest.approx(0.225) and bbc.verdict.value == "yes" and bbc.ci_low > 0
     assert drug.estimate == pytest.approx(0.05) and drug.verdict.value == "inconclusive"
     assert drug.ci_low < 0 < drug.ci_high and got["drug_sentiment"]["n"] == 80
+
+
+def test_tpt_verdict_reads_censored_runs_at_their_bound_per_source_mode():
+    """Each source mode gets its own interval; a run that never reached vanilla's best enters at its bound (<= 1),
+    one that starts there far above every other, one without a defined speed-up not at all."""
+    from ptx.findings import speedup_interval
+    from ptx.report import _by_source_mode, _speedups
+
+    rows = [{"source_mode": "best_same_category", "flag": "ok", "speedup": 2.0},
+            {"source_mode": "best_same_category", "flag": "ok", "speedup": 3.0},
+            {"source_mode": "best_same_category", "flag": "tpt_at_init", "speedup": math.inf},
+            {"source_mode": "best_cross_category", "flag": "tpt_not_reached", "speedup": math.nan,
+             "speedup_bound": 0.5},
+            {"source_mode": "best_cross_category", "flag": "tpt_not_reached", "speedup": math.nan,
+             "speedup_bound": 0.6},
+            {"source_mode": "best_cross_category", "flag": "vanilla_at_init", "speedup": math.nan}]
+    groups = _by_source_mode(rows)
+    assert list(groups) == ["best_same_category", "best_cross_category"]
+    assert _speedups(groups["best_same_category"]) == [2.0, 3.0, 1e9]
+    assert _speedups(groups["best_cross_category"]) == [0.5, 0.6]
+    same, cross = (speedup_interval(_speedups(g)) for g in groups.values())
+    assert same.estimate == 3.0 and same.verdict.value == "yes" and same.ci_low == 2.0
+    assert cross.estimate == pytest.approx(0.55) and cross.verdict.value == "no" and cross.ci_high == 0.6
+    assert list(_by_source_mode([{"flag": "ok", "speedup": 1.5}])) == ["source"]  # a table from before the modes
