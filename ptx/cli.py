@@ -182,7 +182,7 @@ def tasks_show(name):
 def tasks_check(names, spec_path, backbones, rows, offline_ok, fmt):
     """Load a few rows of every split each task uses; check columns, labels and label words."""
     from ptx.tasks import list_tasks
-    from ptx.tasks.check import check_tasks, require_ready
+    from ptx.tasks.check import check_tasks, require_ready, unpinned_lines
 
     max_length = None
     if spec_path:
@@ -191,7 +191,11 @@ def tasks_check(names, spec_path, backbones, rows, offline_ok, fmt):
         study = load_study(spec_path)
         names, backbones, max_length = (*names, *study.tasks), (*backbones, *study.backbones), study.data.max_length
     checks = check_tasks(names or [t.name for t in list_tasks()], backbones, rows=rows, max_length=max_length)
-    _print_rows([{"task": c.task, "status": c.status, "source": c.source, "detail": c.detail} for c in checks], fmt)
+    _print_rows([{"task": c.task, "status": c.status, "pin": c.pin or "-", "source": c.source, "detail": c.detail}
+                 for c in checks], fmt)
+    if fmt == "table":
+        for line in unpinned_lines(checks):  # a note, not an error: an unpinned task still runs
+            click.echo(line)
     require_ready(checks, offline_ok, warn=False)  # the table above already says it
 
 

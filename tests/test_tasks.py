@@ -10,7 +10,7 @@ import yaml
 
 from ptx.errors import PtxError
 from ptx.metrics import METRIC_KIND, METRICS
-from ptx.tasks import TASKS_DIR, list_tasks, load_split, load_task, load_task_file
+from ptx.tasks import TASKS_DIR, is_pinned, list_tasks, load_split, load_task, load_task_file
 
 PAPER_TASKS = {
     "sentiment": {"imdb", "sst2", "laptop", "restaurant", "movie_rationales", "tweet_eval_sentiment"},
@@ -146,6 +146,13 @@ def _write(tmp_path: Path, raw: dict, stem: str = "toy") -> Path:
     ({"kind": "classify"}, r"field 'kind': expected one of"),
     ({"version": "1"}, r"field 'version': expected an integer"),
     ({"source": {"path": "nyu-mll/glue"}}, r"field 'source.revision': expected a non-empty string"),
+    # a tag, another branch or a short SHA names no fixed commit (or none the Hub resolves): rejected
+    ({"source": {"path": "nyu-mll/glue", "revision": "v1.0"}},
+     r"field 'source.revision': expected a full commit SHA \(40 lowercase hex digits\) or one of the branches "
+     r"\['main', 'refs/convert/parquet'\], found 'v1.0'"),
+    ({"source": {"path": "rajpurkar/squad", "revision": "7b6d24c"}}, r"field 'source.revision': .*found '7b6d24c'"),
+    ({"group_column": "topic"}, r"field 'group_column': 'topic' is not a template field \['sentence'\] or a column "
+                                r"the preprocessor adds \[\]"),
     ({"splits": {"train": "train", "dev": "validation"}}, r"field 'splits.dev': 'validation' is not a key"),
     ({"dev_size": 1.5}, r"field 'dev_size': expected a row count"),
 ])
@@ -160,6 +167,18 @@ def test_malformed_task_file_names_file_and_field(tmp_path, change, expected):
     with pytest.raises(PtxError, match=expected) as err:
         load_task("toy", tasks_dir=tmp_path)
     assert str(path) in str(err.value)
+
+
+def test_hub_revisions_pinned_or_a_known_branch(tmp_path):
+    for revision in ("bcdcba79d07bc864c1c254ccfcedcce55bcc9a8c", "main", "refs/convert/parquet"):
+        raw = {**_good(tmp_path), "source": {"path": "nyu-mll/glue", "name": "sst2", "revision": revision}}
+        _write(tmp_path, raw)
+        assert load_task("toy", tasks_dir=tmp_path).source.revision == revision
+    assert is_pinned("bcdcba79d07bc864c1c254ccfcedcce55bcc9a8c")
+    assert not is_pinned("main") and not is_pinned("BCDCBA79D07BC864C1C254CCFCEDCCE55BCC9A8C") and not is_pinned(None)
+    # every paper task names a commit, except the two whose commit no public material states (see their files)
+    unpinned = {t.name: t.source.revision for t in list_tasks() if t.source.kind == "hf" and not is_pinned(t.source.revision)}
+    assert unpinned == {"movie_rationales": "refs/convert/parquet", "multi_news": "main"}
 
 
 def test_all_problems_are_reported_together(tmp_path):

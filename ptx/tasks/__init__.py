@@ -124,6 +124,15 @@ BACKBONE_KINDS = ("masked_lm", "seq2seq", "causal_lm")
 _REQUIRED = ("name", "version", "category", "kind", "source", "template", "metric", "max_length")
 _SOURCE_KEYS = {"hf": ("path", "name", "revision", "data_dir"), "files": ("files",), "package": ("package", "file")}
 _NAME = re.compile(r"^[a-z][a-z0-9_]*$")
+COMMIT = re.compile(r"^[0-9a-f]{40}$")
+# branches a Hub source may name instead of a commit: the default branch, and the Hub's Parquet conversion of a
+# script dataset (the only place such data loads from). Both move; `ptx tasks check` reports them as unpinned.
+UNPINNED_REVISIONS = ("main", "refs/convert/parquet")
+
+
+def is_pinned(revision: str | None) -> bool:
+    """Whether a Hub revision is a full commit SHA (40 lowercase hex digits), not a branch."""
+    return bool(revision) and COMMIT.match(revision) is not None
 
 
 def _is_int(v) -> bool:
@@ -164,6 +173,10 @@ def _parse_source(raw, folder: Path, errors: list[str]) -> DataSource | None:
         for key in ("path", "revision"):
             if not _is_str(raw.get(key)):
                 errors.append(f"field 'source.{key}': expected a non-empty string, found {raw.get(key)!r}")
+        revision = raw.get("revision")
+        if _is_str(revision) and not (is_pinned(revision) or revision in UNPINNED_REVISIONS):
+            errors.append(f"field 'source.revision': expected a full commit SHA (40 lowercase hex digits) or one of "
+                          f"the branches {list(UNPINNED_REVISIONS)}, found {revision!r}")
         for key in ("name", "data_dir"):
             if raw.get(key) is not None and not _is_str(raw[key]):
                 errors.append(f"field 'source.{key}': expected a string or null, found {raw[key]!r}")
@@ -314,9 +327,11 @@ def parse_task(raw, path: Path) -> TaskSpec:
     if "template" in raw:
         _check_template(raw["template"], kind, errors)
         fields = [f for _, f, _, _ in _safe_pieces(raw["template"]) if f and f != "mask"]
-        if _is_str(group) and fields and group not in fields:
-            # dev/test are carved after cleaning, which keeps only the template fields
-            errors.append(f"field 'group_column': '{group}' is not a template field {fields}{suggest(group, fields)}")
+        added = list(PREPROCESSOR_COLUMNS.get(preprocess, ())) if isinstance(preprocess, str) else []
+        if _is_str(group) and fields and group not in fields + added:
+            # dev/test are carved after cleaning, which keeps the template fields and a preprocessor's group column
+            errors.append(f"field 'group_column': '{group}' is not a template field {fields} or a column the "
+                          f"preprocessor adds {added}{suggest(group, fields + added)}")
 
     labels, verbalizer = raw.get("labels"), raw.get("verbalizer")
     booleans = [key for key, values in (("labels", labels), ("verbalizer", verbalizer))
@@ -413,7 +428,7 @@ def list_tasks(tasks_dir=None) -> list[TaskSpec]:
     return [load_task_file(p) for _, p in sorted(_task_files(tasks_dir).items())]
 
 
-from ptx.tasks.sources import PREPROCESSORS, load_split  # noqa: E402  (public API; sources needs TaskSpec above)
+from ptx.tasks.sources import PREPROCESSOR_COLUMNS, PREPROCESSORS, load_split  # noqa: E402  (public API; sources needs TaskSpec above)
 
 __all__ = ["DataSource", "Splits", "TaskSpec", "PREPROCESSORS", "load_split", "load_task", "load_task_file",
            "list_tasks", "parse_task"]

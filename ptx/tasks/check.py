@@ -10,11 +10,16 @@ Each task gets one status:
 - `unreachable`: the Hub is not reachable and there is no stand-in.
 - `broken`: anything else (a wrong column, config, data_dir or split name, a label outside the verbalizer, a
   label word that is not one token): the run would fail.
+
+Separately, each Hub task is `pinned` (its revision is a commit SHA) or `unpinned` (a branch: `main`, or the
+Hub's Parquet conversion branch, which a bot rewrites): an unpinned task still runs, but its rows can change
+under the same task file, so the check prints one line per unpinned task and `ptx run` logs a warning.
 The Hub is probed once with a short TCP connect, so an offline machine learns it in seconds, not minutes.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import socket
@@ -25,7 +30,7 @@ from urllib.parse import urlparse
 import pandas as pd
 
 from ptx.errors import PtxError
-from ptx.tasks import TaskSpec, load_task
+from ptx.tasks import TaskSpec, is_pinned, load_task
 from ptx.tasks.sources import (
     HF_MIRROR_ENV,
     PREPROCESSORS,
@@ -51,6 +56,22 @@ class TaskCheck:
     status: str
     source: str
     detail: str
+    pin: str = ""  # "pinned" | "unpinned" for a Hub source, "" for packaged or local-file sources
+    revision: str = ""  # the Hub revision the task file names
+
+
+def pin_state(spec: TaskSpec) -> str:
+    """'pinned' when a Hub task names a commit SHA, 'unpinned' when it names a branch, '' for other sources."""
+    if spec.source.kind != "hf":
+        return ""
+    return "pinned" if is_pinned(spec.source.revision) else "unpinned"
+
+
+def unpinned_lines(checks: list[TaskCheck]) -> list[str]:
+    """One line per unpinned Hub task: what it names and what to do."""
+    return [f"unpinned: {c.task} names the branch '{c.revision}', not a commit: its rows can change; pin a commit "
+            f"SHA in its task file (`ptx tasks check` on a machine with the Hub prints the branch's current commit)"
+            for c in checks if c.pin == "unpinned"]
 
 
 def hub_endpoint() -> str:
@@ -96,7 +117,7 @@ def _hf_sample(spec: TaskSpec, rows: int, root: Path | None) -> dict[str, tuple[
 
 def _file_sample(spec: TaskSpec, rows: int, files) -> dict[str, tuple[str, pd.DataFrame, object]]:
     roles = {role: role for role in SPLITS if role in files} if files is not None else _roles(spec)
-    tables = _read_source(spec, roles, files)
+    tables = _read_source(spec, roles, files, nrows=rows)  # only the head of each file is read
     return {role: (roles[role], df.head(rows), None) for role, df in tables.items()}
 
 
@@ -189,6 +210,12 @@ def _check_label_words(spec: TaskSpec, checkers: dict) -> str:
 def check_task(spec: TaskSpec, checkers: dict | None = None, rows: int = 8, hub: bool | None = None,
                fixtures: Path | None = None) -> TaskCheck:
     """Resolve one task's source, read `rows` rows of each split it uses, check them; never raises."""
+    return dataclasses.replace(_check_task(spec, checkers, rows, hub, fixtures), pin=pin_state(spec),
+                               revision=spec.source.revision or "")
+
+
+def _check_task(spec: TaskSpec, checkers: dict | None, rows: int, hub: bool | None,
+                fixtures: Path | None) -> TaskCheck:
     checkers = checkers or {}
     files = None
     try:
@@ -273,4 +300,6 @@ def check_study(spec, offline_ok: bool = False) -> list[TaskCheck]:
     """The driver-side check `ptx run`/`ptx sweep` run before any trial: every task x every backbone."""
     checks = check_tasks(spec.tasks, spec.backbones, max_length=spec.data.max_length)
     require_ready(checks, offline_ok)
+    for line in unpinned_lines(checks):
+        log.warning("%s", line)
     return checks

@@ -26,7 +26,8 @@ appears in dev or test, and rows of dev whose input appears in test, are dropped
 Splits: a null `splits.dev`/`splits.test` is carved from train. One permutation of train from
 `RandomState(split_seed)`: dev takes the first `dev_size` rows, test the next `test_size`, train keeps the rest.
 With `group_column`, whole groups are permuted instead (a cut finishes the group it falls in), so rows sharing a
-value (ETHICS deontology: one scenario, four excuses) never end up in two splits.
+value (ETHICS deontology: one scenario, four excuses) never end up in two splits. The group column is a template
+field, or a column the task's preprocessor adds (PREPROCESSOR_COLUMNS: ETHICS justice's `scenario_group`).
 Every split comes back in a seeded shuffled order, so `limit=N` is a stable sample, a prefix of `limit=M > N`.
 Nothing is cached here: `ptx.data` caches the encoded splits.
 """
@@ -67,24 +68,39 @@ def _split_hint(name: str) -> str:
     return "; use 'dev'" if name in ("validation", "valid", "val") else suggest(name, SPLITS)
 
 
-def read_table(path: Path, data: bytes | None = None) -> pd.DataFrame:
-    """Read one CSV/TSV/JSON/JSONL/Parquet file (or its bytes, e.g. a zip member) into a DataFrame."""
+def read_table(path: Path, data=None, nrows: int | None = None) -> pd.DataFrame:
+    """Read one CSV/TSV/JSON/JSONL/Parquet file (or its bytes or binary stream, e.g. a zip member) into a
+    DataFrame; with `nrows`, only its first rows (what `ptx tasks check` samples), without reading the rest
+    (a JSON array file is the exception: it is parsed whole)."""
     path = Path(path)
     suffix = path.suffix.lower()
-    src = io.BytesIO(data) if data is not None else path
+    src = io.BytesIO(data) if isinstance(data, bytes) else data if data is not None else path
     try:
         if suffix in (".csv", ".tsv"):
             # only empty cells are missing: a review that reads "None" or "NA" is text
             return pd.read_csv(src, sep="\t" if suffix == ".tsv" else ",", keep_default_na=False,
-                               na_values=[""], encoding_errors="replace")
-        if suffix in (".json", ".jsonl"):
+                               na_values=[""], encoding_errors="replace", nrows=nrows)
+        if suffix == ".jsonl":
             # dtype=False keeps JSON's own types: "007" stays text, labels stay ints, no dates
-            return pd.read_json(src, lines=suffix == ".jsonl", dtype=False)
+            return pd.read_json(src, lines=True, dtype=False, nrows=nrows)
+        if suffix == ".json":
+            df = pd.read_json(src, dtype=False)
+            return df if nrows is None else df.head(nrows)
         if suffix == ".parquet":
-            return pd.read_parquet(src)
+            return pd.read_parquet(src) if nrows is None else _parquet_head(src, nrows)
     except (OSError, ValueError, UnicodeDecodeError) as e:
         raise PtxError(f"{path}: cannot read as {suffix[1:]}: {e}") from e
     raise PtxError(f"{path}: unsupported file type '{suffix}'; expected one of {list(TABULAR)}")
+
+
+def _parquet_head(src, nrows: int) -> pd.DataFrame:
+    """The first `nrows` rows of a Parquet file: only the row groups they fall in are read."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pf = pq.ParquetFile(src)
+    batch = next(pf.iter_batches(batch_size=max(1, nrows)), None)
+    return (pf.schema_arrow.empty_table() if batch is None else pa.Table.from_batches([batch])).to_pandas()
 
 
 def package_dir(package: str) -> Path:
@@ -103,27 +119,32 @@ def package_dir(package: str) -> Path:
                    f"files with PTX_DATA_<TASK>=/dir")
 
 
-def _read_folder(folder: Path) -> pd.DataFrame:
-    """`<label>/*.txt` under `folder` -> rows {label, text, file}, in sorted (stable) order."""
+def _read_folder(folder: Path, nrows: int | None = None) -> pd.DataFrame:
+    """`<label>/*.txt` under `folder` -> rows {label, text, file}, in sorted (stable) order (the first `nrows`)."""
+    paths = sorted(folder.glob("*/*.txt"))[:nrows]
     rows = [{"label": p.parent.name, "text": p.read_text(encoding="utf-8", errors="replace"),
-             "file": f"{p.parent.name}/{p.name}"} for p in sorted(folder.glob("*/*.txt"))]
+             "file": f"{p.parent.name}/{p.name}"} for p in paths]
     if not rows:
         raise PtxError(f"{folder}: expected <label>/*.txt files, found none")
     return pd.DataFrame(rows)
 
 
-def _read_package(spec: TaskSpec) -> dict[str, pd.DataFrame]:
+def _read_package(spec: TaskSpec, nrows: int | None = None) -> dict[str, pd.DataFrame]:
     path = package_dir(spec.source.package) / spec.source.file
     if path.is_dir():
-        return {"train": _read_folder(path)}
+        return {"train": _read_folder(path, nrows)}
     if not path.is_file():
         raise PtxError(f"task '{spec.name}': package '{spec.source.package}' has no file '{spec.source.file}' "
                        f"({path})")
     if path.suffix.lower() == ".zip":
-        with zipfile.ZipFile(path) as z:
-            return {Path(m).stem: read_table(Path(m), z.read(m)) for m in sorted(z.namelist())
-                    if Path(m).suffix.lower() in TABULAR}
-    return {"train": read_table(path)}
+        with zipfile.ZipFile(path) as z:  # members are streamed: with nrows only their heads are inflated
+            tables = {}
+            for m in sorted(z.namelist()):
+                if Path(m).suffix.lower() in TABULAR:
+                    with z.open(m) as member:
+                        tables[Path(m).stem] = read_table(Path(m), member if nrows else member.read(), nrows)
+            return tables
+    return {"train": read_table(path, nrows=nrows)}
 
 
 HF_MIRROR_ENV = "PTX_HF_MIRROR"  # a folder of <owner>/<name>/ copies of Hub dataset repos, loaded instead
@@ -238,18 +259,20 @@ def _check_local_columns(spec: TaskSpec, files: dict[str, Path], tables: dict[st
                            f"it has {sorted(map(str, df.columns))}")
 
 
-def _read_source(spec: TaskSpec, roles: dict[str, str], files: dict[str, Path] | None) -> dict[str, pd.DataFrame]:
-    """Tables for the source split names in `roles` ({train|dev|test: source split name})."""
+def _read_source(spec: TaskSpec, roles: dict[str, str], files: dict[str, Path] | None,
+                 nrows: int | None = None) -> dict[str, pd.DataFrame]:
+    """Tables for the source split names in `roles` ({train|dev|test: source split name}); with `nrows`, only
+    the first rows of each local or packaged file are read (the pre-flight check's sample)."""
     if files is None and spec.source.kind == "files":
         files = {k: Path(v) for k, v in spec.source.files}
     if files is not None:
-        tables = {role: read_table(files[name]) for role, name in roles.items()}
+        tables = {role: read_table(files[name], nrows=nrows) for role, name in roles.items()}
         _check_local_columns(spec, {role: files[name] for role, name in roles.items()}, tables)
         return tables
     if spec.source.kind == "hf":
         tables = _read_hf(spec, list(roles.values()))
     else:
-        tables = _read_package(spec)
+        tables = _read_package(spec, nrows)
     for name in roles.values():
         if name not in tables:
             raise PtxError(f"task '{spec.name}': source has no split '{name}'{suggest(name, tables)}; "
@@ -321,6 +344,35 @@ def _bbc_news(df: pd.DataFrame, spec: TaskSpec) -> pd.DataFrame:
     return df.assign(text=_column(df, "text", spec).map(shorten))
 
 
+def _because_halves(text) -> tuple[str, str | None]:
+    """(claim, reason) of an ETHICS justice scenario split at its first ' because ', normalised for comparison."""
+    t = " ".join(str(text).split()).lower().rstrip(" .,!;")
+    head, sep, tail = t.partition(" because ")
+    return (head, tail) if sep else (t, None)
+
+
+def justice_groups(scenarios) -> list[int]:
+    """Group ids for ETHICS justice rows in source order. The dataset was written in groups of variations on one
+    situation, kept together in its files (ETHICS scores justice by groups of four consecutive rows):
+    impartiality items share the text before "because" and vary the reason ("I usually check in with Joe at
+    security each day but today didn't because <reason>"); desert items share the reason and vary the claim
+    ("I deserve <claim> because I keep her house clean daily"). A row opens a new group unless it shares its
+    claim or its reason with the row before it."""
+    ids: list[int] = []
+    prev: tuple[str, str | None] | None = None
+    for text in scenarios:
+        head, tail = _because_halves(text)
+        same = prev is not None and (head == prev[0] or (tail is not None and tail == prev[1]))
+        ids.append(ids[-1] if same else (ids[-1] + 1 if ids else 0))
+        prev = (head, tail)
+    return ids
+
+
+def _ethics_justice(df: pd.DataFrame, spec: TaskSpec) -> pd.DataFrame:
+    """Add `scenario_group` (see justice_groups), the group column that keeps a situation's rows in one split."""
+    return df.assign(scenario_group=[f"g{i}" for i in justice_groups(_column(df, "scenario", spec))])
+
+
 def _answer_list(df: pd.DataFrame, spec: TaskSpec) -> pd.DataFrame:
     """QA answers ({'text': [...]} as in SQuAD, or a list as in NQ-Open) -> target (first), references (all)."""
     def options(v) -> list[str]:
@@ -339,8 +391,11 @@ PREPROCESSORS: dict[str, Callable[[pd.DataFrame, TaskSpec], pd.DataFrame]] = {
     "drop_unknown_labels": _drop_unknown_labels,
     "drugscom": _drugscom,
     "drugscom_condition": _drugscom_condition,
+    "ethics_justice": _ethics_justice,
     "tweets": _tweets,
 }
+# columns a preprocessor adds that a task may name as its group_column (they are kept through cleaning)
+PREPROCESSOR_COLUMNS: dict[str, tuple[str, ...]] = {"ethics_justice": ("scenario_group",)}
 
 
 # ---- cleaning and splitting -------------------------------------------------------------------------------
@@ -369,11 +424,12 @@ def _clean(spec: TaskSpec, df: pd.DataFrame, where: str) -> pd.DataFrame:
     """Source table -> fields (str) + label (int) | target (str) + references; empty rows and dups dropped."""
     fields = list(spec.fields())
     value_col = spec.label_column if spec.kind == "classification" else spec.target_column
-    missing = [c for c in [*fields, value_col] if c not in df.columns]
+    group = [spec.group_column] if spec.group_column and spec.group_column not in fields else []
+    missing = [c for c in [*fields, value_col, *group] if c not in df.columns]
     if missing:
         raise PtxError(f"task '{spec.name}': split '{where}' has no column(s) {missing}; available columns: "
                        f"{sorted(map(str, df.columns))}")
-    out = pd.DataFrame({f: _text(df[f]) for f in fields})
+    out = pd.DataFrame({f: _text(df[f]) for f in [*fields, *group]})
     if spec.kind == "classification":
         out["label"] = list(df[value_col])
     else:
