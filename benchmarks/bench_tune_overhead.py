@@ -105,7 +105,7 @@ def part_ptx(args, root: Path) -> dict:
     from dataclasses import replace
 
     from ptx import sweep, track
-    from ptx.stages import PromptRequest, run_prompt
+    from ptx.prompt_runs import PromptRequest, run_prompt
     from ptx.train import TrainSettings
 
     settings = TrainSettings(steps=args.ptx_steps, eval_every=max(1, args.ptx_steps // 2), batch_size=8, lr=0.05)

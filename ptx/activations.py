@@ -338,39 +338,3 @@ def unpack_masks(packed, n_layers: int, d_ff: int) -> torch.Tensor:
     packed = np.asarray(packed)
     bits = np.unpackbits(packed, axis=1, count=n_layers * d_ff)
     return torch.from_numpy(bits.astype(bool)).view(packed.shape[0], n_layers, d_ff)
-
-
-# ---- recommending sources for a new task (beyond the paper, SPoT-style) ---------------------------------
-def recommend(task: str, backbone_name: str, tracker, workdir, top_k: int = 5, probe_steps: int = 50,
-              probe_lr: float = 3e-2, train_limit: int = 256, dev_limit: int = 64, where: str = "decoder",
-              seed: int = 0) -> list[dict]:
-    """Rank the bank's prompts on `backbone_name` as sources for `task`: rows {source_run, source_task, on, rank}.
-
-    A probe prompt is tuned on the task for `probe_steps` steps (train_prompt, not logged), then every bank
-    prompt is ranked by ON (cosine of active-neuron masks, paper probe, all layers) against it.
-    """
-    from ptx.backbones import load_backbone
-    from ptx.data import encode_split
-    from ptx.indicators import load_bank
-    from ptx.prompt import init_prompt
-    from ptx.tasks import load_task
-    from ptx.train import TrainSettings, train_prompt
-
-    spec = load_task(task)
-    runs = [r for r in tracker.prompt_runs(backbone=backbone_name)
-            if r.data.tags.get("ptx.task") != spec.name and r.data.tags.get("ptx.init") != "artifact"]
-    if not runs:
-        raise PtxError(f"no finished prompt run on backbone '{backbone_name}' for a task other than '{task}' in "
-                       f"{tracker.uri}; train or import a bank first")
-    ids, tasks, prompts, insertion = load_bank(tracker, runs, workdir)
-    backbone = load_backbone(backbone_name, insertion=insertion)
-    init = init_prompt(backbone, prompts.shape[1], "random", seed=seed, task=spec.name)
-    settings = TrainSettings(steps=probe_steps, eval_every=probe_steps, lr=probe_lr, seed=seed, batch_size=16)
-    probe = train_prompt(backbone, spec, init, encode_split(spec, backbone, "train", limit=train_limit),
-                         encode_split(spec, backbone, "dev", limit=dev_limit), settings)
-    masks = capture_activations(backbone, torch.cat([probe.prompt[None], prompts]), where=where)
-    inter, counts = overlap_counts(masks)
-    on = overlap_from_counts(inter.sum(0), counts.sum(0))[0, 1:]
-    order = torch.argsort(on, descending=True, stable=True)[:top_k].tolist()
-    return [{"source_run": ids[i], "source_task": tasks[i], "on": float(on[i]), "rank": r + 1,
-             "probe_dev_metric": probe.best_metric} for r, i in enumerate(order)]

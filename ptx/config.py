@@ -4,8 +4,6 @@ Every error in a spec is collected and raised together, each naming the file and
 """
 
 import dataclasses
-import hashlib
-import json
 from dataclasses import dataclass, field, fields
 from enum import Enum
 from pathlib import Path
@@ -17,6 +15,7 @@ from ptx.activations import Hook, Position, Probe
 from ptx.backbones import Insertion
 from ptx.errors import PtxError, suggest
 from ptx.fields import Range, SafeName, check_value
+from ptx.io import config_hash
 from ptx.projector import Form, Objective
 from ptx.train import LABEL_LOSSES, TrainSettings
 
@@ -56,12 +55,6 @@ class TptSource(str, Enum):  # besides these: indicator:<name> or a task name, c
     BEST_SAME_CATEGORY = "best_same_category"
     BEST_CROSS_CATEGORY = "best_cross_category"  # the best source of another category: the control for same-category
     BEST_ANY = "best_any"
-
-
-def config_hash(obj) -> str:
-    """A short stable hash of a JSON-able config (sorted keys)."""
-    blob = json.dumps(obj, sort_keys=True, default=str).encode()
-    return hashlib.sha256(blob).hexdigest()[:16]
 
 
 @dataclass(frozen=True)

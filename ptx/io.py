@@ -1,12 +1,19 @@
-"""Atomic writes of artifact directories and JSON, and the user cache directory."""
+"""Atomic writes of artifact directories and JSON, the user cache directory, and the config hash."""
 
 import contextlib
+import hashlib
 import json
 import os
 import shutil
 import subprocess
 import tempfile
 from pathlib import Path
+
+
+def config_hash(obj) -> str:
+    """A short stable hash of a JSON-able config (sorted keys)."""
+    blob = json.dumps(obj, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
 
 
 def cache_dir() -> Path:

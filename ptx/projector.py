@@ -220,7 +220,7 @@ def load_projector(path: str | Path) -> ProjectorArtifact:
 
 def project_prompt_artifact(projector_dir: str | Path, prompt_dir: str | Path, out_dir: str | Path) -> Path:
     """Project a source-backbone prompt artifact into a target-backbone prompt artifact (init mode `projected`)."""
-    from ptx.config import config_hash
+    from ptx.io import config_hash
     from ptx.prompt import load_prompt, save_prompt
 
     proj = load_projector(projector_dir)
@@ -358,10 +358,3 @@ def curve_mean(curve: list, key: str, last: bool, k: int = 5) -> float:
     values = [p[key] for p in curve if key in p]
     part = values[-k:] if last else values[:k]
     return sum(part) / len(part) if part else math.nan
-
-
-def run_projector_stage(spec, tracker, workdir, **kwargs) -> dict:
-    """The study's projector stage (ptx/projector_stage.py): train per objective on Ray, evaluate, TPT_MODEL."""
-    from ptx.projector_stage import run_projector_stage as run
-
-    return run(spec, tracker, workdir, **kwargs)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from ptx import guards, progress, track
 from ptx.errors import PtxError
-from ptx.stages import PromptRequest, run_prompt
+from ptx.prompt_runs import PromptRequest, run_prompt
 from ptx.train import TrainSettings, load_checkpoint, save_checkpoint
 
 log = logging.getLogger(__name__)
@@ -810,7 +810,7 @@ def group_trainable(config: dict) -> None:
     from ray import tune
 
     from ptx.backbones import load_backbone
-    from ptx.stages import PromptRun, start_prompt_run
+    from ptx.prompt_runs import PromptRun, start_prompt_run
     from ptx.train import train_prompt
     from ptx.train_group import GroupMember, train_group
 

@@ -1,10 +1,8 @@
-"""Cross-task transfer: the zero-shot matrix (many prompts per forward pass), its resumable distributed stage,
-and transfer-initialised prompt tuning (TPT) with its convergence speed-up.
+"""Cross-task transfer, the library part: the zero-shot matrix (many prompts per forward pass), the bank it reads,
+and the convergence speed-up of transfer-initialised prompt tuning (TPT).
 
-A matrix unit is one (backbone, target task): one Ray task loads the backbone, tokenizes each target split
-once and scores every bank prompt on it, `prompts_per_pass` prompts stacked in each forward pass. Each unit
-is its own MLflow run (`ptx.kind=transfer_unit`) keyed by a config hash, so an interrupted matrix resumes
-with only its missing units.
+The stages that run these live in ptx/stages/: transfer.py (the matrix as resumable Ray units, one MLflow run
+each) and tpt.py (source choice, TPT beside vanilla PT).
 """
 
 import dataclasses
@@ -12,7 +10,6 @@ import logging
 import math
 import shutil
 import tempfile
-import time
 from collections import Counter
 from pathlib import Path
 
@@ -21,9 +18,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from ptx import progress, track
-from ptx.config import config_hash
-from ptx.errors import PtxError, suggest
+from ptx import track
+from ptx.errors import PtxError
 from ptx.prompt import PromptArtifact, check_compatible, init_prompt, load_prompt
 
 log = logging.getLogger(__name__)
@@ -185,131 +181,10 @@ def transfer_matrix_from_store(tracking_uri: str, backbone, tasks=None, splits=(
     return transfer_matrix(backbone, bank, targets, splits, limits, **kwargs).to_pandas()
 
 
-# ---- the transfer stage ---------------------------------------------------------------------------------
-_LOADED: dict = {}  # one backbone per worker process: consecutive units of a backbone skip the reload
-
-
-def _backbone(name: str, insertion: str):
-    from ptx.backbones import load_backbone
-
-    key = (name, insertion)
-    if key not in _LOADED:
-        _LOADED.clear()
-        _LOADED[key] = load_backbone(name, insertion=insertion, device="cuda" if torch.cuda.is_available() else None)
-    return _LOADED[key]
-
-
-def run_unit(unit: dict) -> pa.Table:
-    """Ray task: score the whole bank on one target, then log the unit as its own MLflow run."""
-    t0 = time.perf_counter()
-    bb = _backbone(unit["backbone"], unit["insertion"])
-    target = _spec(unit["target"], unit.get("max_length"))
-    table = transfer_matrix(bb, unit["prompts"], [target], unit["splits"], unit["limits"],
-                            unit["prompts_per_pass"], unit["batch_size"], unit["random_baseline"], unit["seed"])
-    tracker = track.Tracker(unit["tracking_uri"], unit["experiment"], workdir=Path(unit["workdir"]))
-    run_id = tracker.start_run(track.run_name("transfer", unit["target"], unit["backbone"]), unit["tags"], unit["parent"])
-    with tempfile.TemporaryDirectory() as d:
-        pq.write_table(table, Path(d) / "unit.parquet")
-        tracker.log_artifacts(run_id, d, KIND_UNIT)
-    tracker.log(run_id, {"rows": table.num_rows, "seconds": time.perf_counter() - t0},
-                params={"sources": len(unit["prompts"]), "splits": list(unit["splits"]), "limits": unit["limits"]})
-    tracker.finish(run_id)
-    return table
-
-
 def _read_table(tracker, run_id: str, artifact: str, file: str) -> pa.Table:
     with tempfile.TemporaryDirectory() as d:
         local = tracker.download(run_id, artifact, Path(d) / "a")
         return pq.read_table(local / file)
-
-
-def _study_tracker(spec, tracker, workdir: Path):
-    """Stages read and write the study's experiment (where its sweeps log), whatever `tracker` points at."""
-    return tracker if tracker.experiment == spec.name else track.Tracker(tracker.uri, spec.name, workdir=workdir)
-
-
-def run_transfer_stage(spec, tracker, workdir: Path, address: str | None = None) -> dict:
-    """Compute or resume the study's transfer matrix per backbone: one Ray task per missing (backbone, target) unit."""
-    from ptx import sweep
-
-    workdir = Path(workdir).resolve()
-    tracker, cfg = _study_tracker(spec, tracker, workdir), spec.transfer
-    limits = {"dev": spec.data.dev_limit, "test": spec.data.test_limit}
-    targets = [_spec(t, spec.data.max_length) for t in spec.tasks]
-    out = {"study": spec.name, "backbones": {}, "computed": 0, "skipped": 0}
-    bar = progress.current()  # units: (source prompt, target) pairs; the total grows per backbone
-    for name in spec.backbones:
-        paths = gather_bank(tracker, name, set(spec.tasks), workdir / "bank", getattr(cfg, "sources", "all"),
-                            [tracker.experiment_id])
-        bank = {rid: load_prompt(p) for rid, p in paths.items()}
-        if not bank:
-            raise PtxError(f"the prompt bank for backbone '{name}' of study '{spec.name}' is empty in {tracker.uri}: "
-                           "run the train stage first")
-        kind = next(iter(bank.values())).meta["backbone"].get("kind")
-        if kind:  # fail here, before any worker starts, on a target this backbone cannot score
-            check_targets(name, kind, targets)
-        base = {"backbone": name, "sources": sorted(bank), "splits": list(cfg.splits), "limits": limits,
-                "random_baseline": cfg.random_baseline, "seed": spec.seeds[0], "insertion": spec.insertion}
-        if spec.data.max_length is not None:  # only when set: units computed before the field existed keep their hash
-            base["max_length"] = spec.data.max_length
-        hashes = {t.name: config_hash({**base, "target": t.name}) for t in targets}
-        digest = config_hash(sorted(hashes.values()))
-        done = {t: tracker.finished_run(KIND_UNIT, h) for t, h in hashes.items()}
-        todo = [t for t in spec.tasks if done[t] is None]
-        previous = tracker.finished_run(track.KIND_TRANSFER, digest)
-        pairs = len(bank) + bool(cfg.random_baseline)  # rows of the matrix per target and split
-        bar.update(total=bar.total + pairs * len(targets), done=bar.done + pairs * (len(targets) - len(todo)))
-        if not todo and previous is not None:
-            out["backbones"][name] = {"run_id": previous.info.run_id, "units": len(targets), "computed": 0,
-                                      "sources": len(bank), "reused": True}
-            out["skipped"] += len(targets)
-            continue
-        parent = tracker.start_run(track.run_name("transfer", spec.name, name), {
-            "ptx.kind": track.KIND_TRANSFER, "ptx.backbone": name, "ptx.study": spec.name, "ptx.config_hash": digest})
-        try:
-            units = [{**base, "target": t, "prompts": {rid: (a.prompt, a.meta) for rid, a in bank.items()},
-                      "prompts_per_pass": cfg.prompts_per_pass, "batch_size": cfg.batch_size,
-                      "tracking_uri": tracker.uri, "experiment": spec.name, "workdir": str(workdir), "parent": parent,
-                      "tags": {"ptx.kind": KIND_UNIT, "ptx.backbone": name, "ptx.task": t, "ptx.study": spec.name,
-                               "ptx.config_hash": hashes[t]}} for t in todo]
-            if units:
-                sweep.connect(address)
-                fresh = sweep.map_tasks(run_unit, units, dataclasses.asdict(cfg.resources),
-                                        names=[f"transfer-{name}-{t}".replace("/", "_") for t in todo],
-                                        on_done=lambda i, table, n=pairs: bar.advance(n))
-            else:
-                fresh = []
-            tables = dict(zip(todo, fresh, strict=True))
-            tables.update({t: _read_table(tracker, r.info.run_id, KIND_UNIT, "unit.parquet")
-                           for t, r in done.items() if r is not None})
-            table = pa.concat_tables([tables[t] for t in spec.tasks])
-            summary = _log_matrix(tracker, parent, table, workdir / "transfer" / name.replace("/", "_"))
-        except BaseException:
-            tracker.finish(parent, "FAILED")
-            raise
-        out["backbones"][name] = {"run_id": parent, "units": len(targets), "computed": len(todo),
-                                  "sources": len(bank), "reused": False, **summary}
-        out["computed"] += len(todo)
-        out["skipped"] += len(targets) - len(todo)
-    return out
-
-
-def _log_matrix(tracker, run_id: str, table: pa.Table, local: Path) -> dict:
-    """Write the long table and one heatmap per split, log them to the transfer run and finish it."""
-    local.mkdir(parents=True, exist_ok=True)
-    pq.write_table(table, local / "transfer.parquet")
-    df = table.to_pandas()
-    for split in df["split"].unique():
-        plot_transfer_heatmap(df, split, local / f"heatmap_{split}.png")
-    bank = df[df.source_prompt_run != RANDOM]
-    off = bank[bank.source_task != bank.target_task]
-    metrics = {"rows": len(df), "sources": df.source_prompt_run.nunique(), "targets": df.target_task.nunique()}
-    for split in df["split"].unique():
-        metrics[f"{split}_mean_relative_offdiag"] = float(off[off.split == split].relative_value.mean())
-    tracker.log(run_id, metrics)
-    tracker.log_artifacts(run_id, local, track.KIND_TRANSFER)
-    tracker.finish(run_id)
-    return {"parquet": str(local / "transfer.parquet"), "rows": len(df)}
 
 
 def load_transfer_table(tracker, backbone: str, study: str | None = None):
@@ -439,183 +314,6 @@ def censored_speedups(rows, suffix: str = "") -> dict:
             "median_speedup": _lower_median(reached + [0.0] * len(bounds)),
             "median_speedup_upper": _lower_median(reached + bounds),
             "mean_speedup_reached": sum(ok) / len(ok) if ok else math.nan}
-
-
-def _best_run(tracker, task: str, backbone: str) -> str:
-    runs = [r for r in tracker.find_runs({"ptx.kind": track.KIND_PROMPT, "ptx.task": task, "ptx.backbone": backbone})
-            if track.is_vanilla(r) and "best_dev_metric" in r.data.metrics]
-    if not runs:
-        raise PtxError(f"no finished prompt run of task '{task}' on backbone '{backbone}' in {tracker.uri}")
-    return max(runs, key=lambda r: r.data.metrics["best_dev_metric"]).info.run_id
-
-
-def _indicator_sources(tracker, backbone: str, study: str, indicator: str) -> dict:
-    """target -> (run, task) from the indicators run's recommendations.parquet (indicator, target_task, source_task,
-    optional source_prompt_run, rank or score)."""
-    runs = tracker.find_runs({"ptx.kind": track.KIND_INDICATORS, "ptx.backbone": backbone, "ptx.study": study},
-                             order_by=["attributes.start_time DESC"], experiment_ids=tracker.all_experiment_ids())
-    if not runs:
-        raise PtxError(f"tpt.source 'indicator:{indicator}': no finished indicators run for backbone '{backbone}' of "
-                       f"study '{study}' in {tracker.uri}; the indicators stage must run first")
-    try:
-        recs = _read_table(tracker, runs[0].info.run_id, track.KIND_INDICATORS, "recommendations.parquet").to_pandas()
-    except (PtxError, OSError) as exc:
-        raise PtxError(f"indicators run {runs[0].info.run_id} has no readable indicators/recommendations.parquet "
-                       f"({exc})") from None
-    d = recs[recs["indicator"] == indicator]
-    if d.empty:
-        raise PtxError(f"tpt.source: unknown indicator '{indicator}'{suggest(indicator, recs['indicator'].unique())}; "
-                       f"the indicators run has {sorted(recs['indicator'].unique())}")
-    d = d[d.source_task != d.target_task]
-    d = d.sort_values("rank") if "rank" in d else d.sort_values("score", ascending=False) if "score" in d else d
-    out = {}
-    for target, g in d.groupby("target_task", sort=False):
-        row = g.iloc[0]
-        run = row.get("source_prompt_run")
-        out[target] = (run if isinstance(run, str) and run else _best_run(tracker, row.source_task, backbone),
-                       row.source_task)
-    return out
-
-
-def choose_sources(spec, tracker, backbone: str) -> dict:
-    """target task -> (source prompt run, source task), or a reason string when the target has no source."""
-    mode = spec.tpt.source
-    if mode.startswith("indicator:"):
-        picks = _indicator_sources(tracker, backbone, spec.name, mode.split(":", 1)[1])
-        return {t: picks.get(t, f"the indicator recommends no source for '{t}'") for t in spec.tasks}
-    named = None
-    if mode not in ("best_same_category", "best_any"):
-        from ptx.tasks import list_tasks
-
-        names = [t.name for t in list_tasks()]
-        if mode not in names:
-            raise PtxError(f"tpt.source: expected best_same_category, best_any, indicator:<name> or a task name, "
-                           f"found '{mode}'{suggest(mode, [*names, 'best_same_category', 'best_any'])}")
-        named = mode
-    try:
-        table = load_transfer_table(tracker, backbone, spec.name)
-    except PtxError:
-        if named is None:
-            raise
-        table = None  # a named source needs no matrix: its best dev prompt is taken
-    if table is not None and not (table["split"] == "dev").any():
-        raise PtxError(f"tpt.source '{mode}' picks sources on the dev split; the transfer matrix of backbone "
-                       f"'{backbone}' has splits {sorted(table['split'].unique())}")
-    out = {}
-    for target in spec.tasks:
-        if named == target:
-            out[target] = f"the source task is the target itself ('{target}')"
-            continue
-        if table is None:
-            out[target] = (_best_run(tracker, named, backbone), named)
-            continue
-        d = table[(table.target_task == target) & (table.split == "dev") & (table.source_prompt_run != RANDOM)
-                  & (table.source_task != target)]
-        d = d[d.source_category == d.target_category] if mode == "best_same_category" else d
-        d = d[d.source_task == named] if named else d
-        if d.empty:
-            out[target] = f"no {'same-category ' if mode == 'best_same_category' else ''}source prompt for '{target}'"
-        else:
-            row = d.sort_values(["value", "source_prompt_run"], ascending=[False, True]).iloc[0]
-            out[target] = (row.source_prompt_run, row.source_task)
-    return out
-
-
-def tpt_request(vanilla, init_from: str):
-    """The TPT twin of a vanilla request: started from `init_from`, and never stopped early on patience, so it
-    can reach vanilla's best at any step of its budget (vanilla may have found it late)."""
-    return dataclasses.replace(vanilla, init="artifact", init_from=init_from,
-                               settings=dataclasses.replace(vanilla.settings, patience=None))
-
-
-def run_tpt_stage(spec, tracker, workdir: Path, address: str | None = None) -> dict:
-    """Train TPT beside vanilla PT (same seeds) per target as Tune trials; log speed-ups and curves per backbone."""
-    from ptx import sweep
-    from ptx.config import Scheduler, Search
-
-    workdir = Path(workdir).resolve()
-    tracker = _study_tracker(spec, tracker, workdir)
-    settings = spec.train if spec.tpt.steps is None else dataclasses.replace(spec.train, steps=spec.tpt.steps)
-    plan, skipped = [], []
-    for name in spec.backbones:
-        for target, pick in choose_sources(spec, tracker, name).items():
-            if isinstance(pick, str):
-                log.warning("TPT: skipping %s on %s: %s", target, name, pick)
-                skipped.append({"backbone": name, "target_task": target, "reason": pick})
-                continue
-            dest = workdir / "downloads" / pick[0]  # fetched once here, not by concurrent trials racing for it
-            if not (dest / "prompt.json").exists():
-                shutil.rmtree(dest, ignore_errors=True)
-                tracker.download_prompt(pick[0], dest)
-            n_tok = load_prompt(dest).prompt.shape[0]
-            if n_tok != spec.prompt_length:
-                raise PtxError(f"TPT source {pick[0]} ({pick[1]}) has {n_tok} prompt tokens; study '{spec.name}' "
-                               f"trains prompts of prompt_length {spec.prompt_length}")
-            for seed in spec.tpt.seeds or spec.seeds:  # vanilla = the training stage's request: reused by its hash
-                vanilla = sweep.study_request(spec, target, name, seed, settings)
-                plan.append((name, target, pick, seed, vanilla, tpt_request(vanilla, pick[0])))
-    out = {"study": spec.name, "skipped": skipped, "backbones": {}}
-    if not plan:
-        return out
-    sweep.connect(address)
-    # no search space and no early stopping: every trial runs its full curve, so the curves compare
-    plain = dataclasses.replace(spec, search=Search(), scheduler=Scheduler())
-    res = sweep.run_sweep(plain, workdir, tracker.uri, requests=[r for p in plan for r in p[4:]],
-                          name=f"{spec.name}-tpt", tags={"ptx.stage": "tpt"})
-    out["sweep"] = {k: res[k] for k in ("trials", "errored", "parent_run_id")}
-    for name in spec.backbones:
-        rows, curves = [], {}
-        for bb, target, (src_run, src_task), seed, vreq, treq in plan:
-            if bb != name:
-                continue
-            metric = _spec(target).metric
-            row = {"backbone": name, "target_task": target, "source_task": src_task, "source_prompt_run": src_run,
-                   "seed": seed, "metric": metric}
-            v, t = tracker.finished_run(track.KIND_PROMPT, vreq.hash()), tracker.finished_run(track.KIND_PROMPT, treq.hash())
-            if v is None or t is None:
-                rows.append({**row, "flag": "run_missing", "flag_90": "run_missing", "speedup": math.nan})
-                continue
-            vc, tc = (_curve(tracker.client.get_metric_history(r.info.run_id, f"dev_{metric}")) for r in (v, t))
-            rows.append({**row, **convergence_speedup(vc, tc), "vanilla_run": v.info.run_id, "tpt_run": t.info.run_id})
-            curves.setdefault(target, []).append((seed, vc, tc))
-        if rows:
-            out["backbones"][name] = _log_tpt(tracker, spec, name, rows, curves,
-                                              workdir / "tpt" / name.replace("/", "_"))
-    return out
-
-
-def _log_tpt(tracker, spec, backbone: str, rows: list, curves: dict, local: Path) -> dict:
-    """Per-seed and seed-averaged speed-up tables plus a curve plot per target, logged as a ptx.kind=tpt run."""
-    import pandas as pd
-
-    local.mkdir(parents=True, exist_ok=True)
-    seeds = pd.DataFrame(rows)
-    keys = ["backbone", "target_task", "source_task", "source_prompt_run", "metric"]
-    num = [c for c in ("vanilla_best", "tpt_best", "vanilla_steps", "tpt_steps", "vanilla_steps_90", "tpt_steps_90")
-           if c in seeds]
-    agg = seeds.groupby(keys, sort=False)[num].mean().reset_index()  # the speed-ups: censored_speedups below
-    grouped = seeds.groupby(keys, sort=False)
-    agg["n_seeds"] = grouped.size().to_numpy()
-    agg["flags"] = grouped["flag"].agg(lambda f: ",".join(sorted(set(f)))).to_numpy()
-    for suffix in ("", "_90"):
-        per = [censored_speedups(g.to_dict("records"), suffix) for _, g in grouped]
-        for key in per[0]:
-            if key != "n_runs":
-                agg[f"{key}{suffix}"] = [p[key] for p in per]
-    overall = {f"{k}{suffix}": v for suffix in ("", "_90") for k, v in censored_speedups(rows, suffix).items()}
-    seeds.to_parquet(local / "tpt_seeds.parquet", index=False)
-    agg.to_parquet(local / "tpt.parquet", index=False)
-    for target, cs in curves.items():
-        plot_convergence(cs, target, _spec(target).metric, local / f"curves_{target}.png")
-    run_id = tracker.start_run(track.run_name("tpt", spec.name, backbone), {
-        "ptx.kind": KIND_TPT, "ptx.backbone": backbone, "ptx.study": spec.name,
-        "ptx.config_hash": config_hash(sorted(f"{r.get('vanilla_run')}:{r.get('tpt_run')}" for r in rows))})
-    finite = {k: v for k, v in overall.items() if math.isfinite(v)}  # MLflow takes no inf; the tables keep it
-    tracker.log(run_id, {**finite, "targets": len(agg)}, params={"source": spec.tpt.source})
-    tracker.log_artifacts(run_id, local, KIND_TPT)
-    tracker.finish(run_id)
-    return {"run_id": run_id, "parquet": str(local / "tpt.parquet"), "table": agg.to_dict("records"),
-            "overall": overall}
 
 
 def plot_convergence(curves: list, target: str, metric: str, path: Path) -> Path:

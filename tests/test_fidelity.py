@@ -42,7 +42,7 @@ def test_inits_differ_between_tasks_and_are_reproducible(tiny, mode):
 
 def test_run_prompt_records_a_rebuildable_per_task_init(tiny, tmp_path):
     from ptx.prompt import load_prompt
-    from ptx.stages import PromptRequest, run_prompt
+    from ptx.prompt_runs import PromptRequest, run_prompt
 
     bb = tiny("tiny-llama")
     settings = TrainSettings(steps=1, batch_size=4, eval_every=1, eval_batch_size=8)
@@ -284,7 +284,7 @@ def test_paper_studies_set_the_papers_loss_and_dropout():
 
 
 def test_new_settings_keep_the_hash_of_runs_made_before_them():
-    from ptx.stages import PromptRequest
+    from ptx.prompt_runs import PromptRequest
 
     legacy = PromptRequest(task="tweet_sentiment", backbone="tiny-bert", settings=TrainSettings(dropout=False))
     assert legacy.hash() == "7cdeba1f648f0a08"  # the hash of the default request before dropout/label_loss

@@ -16,6 +16,7 @@ from ptx import indicators as ind
 from ptx import track
 from ptx.data import encode_split
 from ptx.errors import PtxError
+from ptx.stages import indicators as stage
 from ptx.tasks import load_task
 
 REFERENCE = Path("/work/shared/reference/prompt-transferability")
@@ -282,7 +283,7 @@ def test_transfer_pairs_uses_the_target_task_prompts_and_split():
 
 # ---- the stage, end to end ---------------------------------------------------------------------------
 def _import_bank(tmp_path, tracker, tasks, per_task=2, d=64, backbone="tiny-llama"):
-    from ptx.stages import import_prompt
+    from ptx.prompt_runs import import_prompt
 
     gen = torch.Generator().manual_seed(11)
     runs = []
@@ -348,8 +349,8 @@ def test_indicators_stage_logs_everything(tiny, ray_local, tmp_path):
                                          "indicators": {"num_actors": 2, "bootstrap": 100, "windows": 1}}))
     spec = load_study(spec_file)
     with pytest.raises(PtxError, match="run the transfer stage first"):  # ptx.transfer finds no transfer run
-        ind.run_indicators_stage(spec, tracker, tmp_path)
-    result = ind.run_indicators_stage(spec, tracker, tmp_path, transfer_table=table)
+        stage.run_indicators_stage(spec, tracker, tmp_path)
+    result = stage.run_indicators_stage(spec, tracker, tmp_path, transfer_table=table)
     assert result["computed"] == 1 and result["skipped"] == 0
     out = result["backbones"]["tiny-llama"]
     run = tracker.get_run(out["run_id"])
@@ -375,12 +376,12 @@ def test_indicators_stage_logs_everything(tiny, ray_local, tmp_path):
     assert {"spearman.on_disp", "spearman.e_avg_cos_disp", "kendall.on_jaccard_disp"} <= set(run.data.metrics)
     assert summary.loc[("on_disp", "spearman"), "n_targets_defined"] == 4
     assert (summary.xs("spearman", level="method")["n_within_seed"] == 8).all()
-    from ptx.transfer import _indicator_sources  # TPT's `tpt.source: indicator:on` reads this run
+    from ptx.stages.tpt import _indicator_sources  # TPT's `tpt.source: indicator:on` reads this run
 
     picks = _indicator_sources(tracker, "tiny-llama", "study", "on")
     top = on.iloc[0]
     assert picks["bbc_topic"] == (top["source_run"], top["source_task"])
-    again = ind.run_indicators_stage(spec, tracker, tmp_path, transfer_table=table)
+    again = stage.run_indicators_stage(spec, tracker, tmp_path, transfer_table=table)
     assert again["backbones"]["tiny-llama"] == {"run_id": out["run_id"], "reused": True} and again["skipped"] == 1
 
 
@@ -388,12 +389,12 @@ def test_indicators_stage_logs_everything(tiny, ray_local, tmp_path):
 def test_recommend_ranks_other_tasks_prompts(ptx_cache_dir, tmp_path):
     tracker = _tracker(tmp_path)
     _import_bank(tmp_path, tracker, ["tweet_sentiment", "drug_sentiment", "bbc_topic"], per_task=1)
-    rows = act.recommend("bbc_topic", "tiny-llama", tracker, tmp_path, top_k=3, probe_steps=2)
+    rows = stage.recommend("bbc_topic", "tiny-llama", tracker, tmp_path, top_k=3, probe_steps=2)
     assert [r["rank"] for r in rows] == [1, 2]  # the bank's own bbc_topic prompt is never a source
     assert {r["source_task"] for r in rows} == {"tweet_sentiment", "drug_sentiment"}
     assert rows[0]["on"] >= rows[1]["on"] and all(0 <= r["on"] <= 1 for r in rows)
     with pytest.raises(PtxError, match="train or import a bank first"):
-        act.recommend("bbc_topic", "tiny-bert", tracker, tmp_path)
+        stage.recommend("bbc_topic", "tiny-bert", tracker, tmp_path)
 
 
 # ---- the authors' released prompts -------------------------------------------------------------------
@@ -401,7 +402,7 @@ def test_recommend_ranks_other_tasks_prompts(ptx_cache_dir, tmp_path):
 @pytest.mark.skipif(not REFERENCE.is_dir(), reason="reference artifacts not present")
 def test_reference_prompts_import_and_correlate(ptx_cache_dir, tmp_path):
     from ptx.prompt import import_torch_prompt
-    from ptx.stages import import_prompt
+    from ptx.prompt_runs import import_prompt
 
     tracker = _tracker(tmp_path, "reference")
     files = sorted((REFERENCE / "prompts").glob("*/*.pt"))
@@ -418,7 +419,7 @@ def test_reference_prompts_import_and_correlate(ptx_cache_dir, tmp_path):
     with pytest.raises(PtxError, match=r"\[100, 1024\] does not fit backbone 'roberta-base'"):
         import_prompt(REFERENCE / "prompts/roberta-large/sst2.pt", "roberta-base", "sst2", "paper", tmp_path, tracker)
     assert len(tracker.prompt_runs()) == 43
-    df = ind.reference_check(REFERENCE, tracker, tmp_path, bootstrap=100)
+    df = stage.reference_check(REFERENCE, tracker, tmp_path, bootstrap=100)
     assert len(tracker.prompt_runs()) == 43  # idempotent: nothing imported twice
     spear = df[df.method == "spearman"].set_index(["backbone", "indicator"])
     assert spear.loc[("roberta-base", "e_concat_cos"), "n_targets_defined"] == 13

@@ -22,7 +22,7 @@ from ptx.assets import resolve_model  # noqa: E402
 from ptx.cli import main  # noqa: E402
 from ptx.data import collate, encode_split  # noqa: E402
 from ptx.prompt import load_prompt  # noqa: E402
-from ptx.stages import PromptRequest, run_prompt  # noqa: E402
+from ptx.prompt_runs import PromptRequest, run_prompt  # noqa: E402
 from ptx.tasks import load_task  # noqa: E402
 from ptx.train import TrainSettings  # noqa: E402
 

@@ -239,7 +239,7 @@ def _spec(**projector):
 
 
 def test_leave_one_task_out_is_the_default_and_never_trains_on_the_evaluated_task():
-    from ptx.projector_stage import projector_units
+    from ptx.stages.projector import projector_units
 
     tasks = ("tweet_sentiment", "drug_sentiment", "bbc_topic")
     cats = {"tweet_sentiment": "sentiment", "drug_sentiment": "sentiment", "bbc_topic": "topic"}
@@ -279,14 +279,14 @@ def test_overlapping_train_and_eval_tasks_are_a_spec_error_unless_allowed(tmp_pa
 
 
 def _zs_row(kind, objective, source, target, value, split, train_tasks):
-    from ptx.projector_stage import _row
+    from ptx.stages.projector import _row
 
     return _row(ProjectorStage(), kind, objective, source, target, "accuracy", value, 0.8, 4, "p", "s", split,
                 train_tasks)
 
 
 def test_headline_uses_held_out_rows_only_and_the_objective_is_picked_on_dev():
-    from ptx.projector_stage import best_objective, summarise
+    from ptx.stages.projector import best_objective, summarise
 
     rows = [  # task objective: held out (0.2 / 0.4) and a leaked same-task row (0.9, the source among its training)
         _zs_row("projected", "task", "sst2", "sst2", 0.2, "test", ["imdb"]),
@@ -308,7 +308,7 @@ def test_headline_uses_held_out_rows_only_and_the_objective_is_picked_on_dev():
 
 
 def test_stage_skips_when_a_backbone_is_unset_or_missing(tmp_path, cache):
-    from ptx.projector_stage import run_projector_stage
+    from ptx.stages.projector import run_projector_stage
 
     tracker = track.Tracker(f"sqlite:///{tmp_path}/mlflow.db", "skip", workdir=tmp_path)
     out = run_projector_stage(_spec(source_backbone=None), tracker, tmp_path)
@@ -341,8 +341,8 @@ def _expected_flag(vanilla: list, tpt: list) -> str:
 
 @pytest.mark.ray
 def test_stage_trains_evaluates_and_runs_tpt_model(tmp_path, cache, ray_local):
-    from ptx.projector_stage import run_projector_stage, train_projectors
-    from ptx.stages import PromptRequest, run_prompt
+    from ptx.prompt_runs import PromptRequest, run_prompt
+    from ptx.stages.projector import run_projector_stage, train_projectors
 
     spec = _spec(eval_tasks=("tweet_sentiment",))
     spec = replace(spec, train=replace(spec.train, patience=1))  # vanilla may stop early; TPT must not
@@ -408,13 +408,13 @@ def test_stage_trains_evaluates_and_runs_tpt_model(tmp_path, cache, ray_local):
 
 
 def _banks(tracker, workdir, spec):
-    from ptx.projector_stage import bank
+    from ptx.stages.projector import bank
 
     return bank(tracker, workdir, "tiny-bert", TASKS), bank(tracker, workdir, "tiny-llama", TASKS)
 
 
 def _infos(spec):
-    from ptx.projector_stage import backbone_info
+    from ptx.stages.projector import backbone_info
 
     return backbone_info("tiny-bert"), backbone_info("tiny-llama")
 

@@ -22,7 +22,7 @@ from ptx import track
 from ptx.cli import main
 from ptx.errors import PtxError
 from ptx.prompt import load_prompt
-from ptx.stages import PromptRequest, run_prompt
+from ptx.prompt_runs import PromptRequest, run_prompt
 from ptx.train import TrainSettings
 
 

@@ -2,8 +2,8 @@
 
 The store is a SYNTHETIC fixture: running the real train/transfer/TPT/indicators stages takes minutes (Ray Tune,
 actor pools), so the runs are logged here through `ptx.track.Tracker` with the tags the stages use, and their
-artifacts are written by the stage modules' own writers (`transfer._log_matrix`, `transfer._log_tpt`,
-`indicators.analyse`, `projector_stage._row`, `projector_stage.run_projector_stage` for the skipped case), so
+artifacts are written by the stage modules' own writers (`stages.transfer._log_matrix`, `stages.tpt._log_tpt`,
+`indicators.analyse`, `stages.projector._row`, `stages.projector.run_projector_stage` for the skipped case), so
 the layout is the stages' own; only the numbers (scores, curves, indicator matrices) are made up, shaped like a
 paper-style study (same-category transfer high, ON tracking transfer closely, TPT converging faster).
 """
@@ -23,7 +23,8 @@ import pytest
 from ptx import track
 from ptx.config import ProjectorStage, StudySpec
 from ptx.errors import PtxError
-from ptx.report import build_report, run_report_stage
+from ptx.report import build_report
+from ptx.stages.report import run_report_stage
 
 TASKS = {"sst2": "sentiment", "imdb": "sentiment", "laptop": "sentiment", "mnli": "nli", "snli": "nli",
          "qnli": "nli", "mrpc": "paraphrase", "qqp": "paraphrase"}
@@ -68,7 +69,8 @@ def _transfer_table(rng, backbone, bank) -> pd.DataFrame:
 
 
 def _log_transfer(tracker, backbone, table, workdir):
-    from ptx.transfer import SCHEMA, _log_matrix
+    from ptx.stages.transfer import _log_matrix
+    from ptx.transfer import SCHEMA
 
     run_id = tracker.start_run(f"transfer {tracker.experiment}/{backbone}", {
         "ptx.kind": track.KIND_TRANSFER, "ptx.backbone": backbone, "ptx.study": tracker.experiment,
@@ -103,7 +105,7 @@ def _log_indicators(tracker, rng, backbone, table, bank, workdir):
 
 
 def _log_tpt(tracker, rng, backbone, bank, vanilla_curves, workdir):
-    from ptx.transfer import _log_tpt as log_tpt
+    from ptx.stages.tpt import _log_tpt as log_tpt
     from ptx.transfer import convergence_speedup
 
     picks = {"sst2": "imdb", "mnli": "snli", "mrpc": "qqp", "qnli": "mnli"}
@@ -125,7 +127,7 @@ def _log_tpt(tracker, rng, backbone, bank, vanilla_curves, workdir):
 
 
 def _log_projector(tracker, rng, source_bank, target_bank, workdir):
-    from ptx.projector_stage import _row
+    from ptx.stages.projector import _row
     from ptx.transfer import convergence_speedup
 
     p = ProjectorStage(source_backbone="tiny-llama", target_backbone="tiny-bert", objective="task")
@@ -190,7 +192,7 @@ def store(tmp_path_factory):
     out["runs"]["projector"], out["runs"]["projector_model"], out["projector_rows"] = _log_projector(
         tracker, rng, llama, out["banks"]["tiny-bert"], workdir)
     # 'early': trained only; a transfer stage died mid-run (RUNNING); the projector stage skipped (real stage code)
-    from ptx.projector_stage import run_projector_stage
+    from ptx.stages.projector import run_projector_stage
 
     early = track.Tracker(uri, "early", workdir=workdir)
     out["early_prompt"] = _prompt_run(early, "tiny-llama", "sst2", 0, curves["tiny-llama", "sst2", 0])

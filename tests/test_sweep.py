@@ -100,7 +100,7 @@ def _iterations_by_trial(scheduler, tmp_path, name: str) -> dict:
 def test_asha_ranks_trials_within_their_task_so_a_hard_task_keeps_its_best_trial(ray_session, tmp_path):
     from ray.tune.schedulers import ASHAScheduler
 
-    from ptx.stages import PromptRequest
+    from ptx.prompt_runs import PromptRequest
     from ptx.train import TrainSettings
 
     reqs = [PromptRequest(task="easy", backbone="tiny-llama", settings=TrainSettings(steps=6, eval_every=1))]

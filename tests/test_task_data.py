@@ -234,7 +234,7 @@ def test_run_refuses_before_ray_starts(tmp_path, monkeypatch):
     monkeypatch.delenv("PTX_DATA_TWEET_SENTIMENT")
     refused = CliRunner().invoke(cli.cli, paper, standalone_mode=False)
     assert isinstance(refused.exception, PtxError) and "--offline-ok" in str(refused.exception) and started == []
-    monkeypatch.setattr("ptx.study.run_train_stage", lambda *a, **k: {"trials": 0})
+    monkeypatch.setattr("ptx.stages.prompts.run_train_stage", lambda *a, **k: {"trials": 0})
     went_on = CliRunner().invoke(cli.cli, [*paper, "--offline-ok"], standalone_mode=False)
     assert went_on.exception is None, went_on.output
     assert started == [None]

@@ -17,7 +17,7 @@ from mlflow.tracking import MlflowClient
 from ptx import track
 from ptx.cli import main
 from ptx.errors import PtxError
-from ptx.stages import PromptRequest, run_prompt
+from ptx.prompt_runs import PromptRequest, run_prompt
 from ptx.train import TrainSettings
 
 SMALL = ["--task", "tweet_sentiment", "--backbone", "tiny-llama", "--steps", "4", "--eval-every", "2",

@@ -13,7 +13,7 @@ from ptx.data import bucketed_order, encode_split
 from ptx.errors import PtxError
 from ptx.evaluate import predict_labels, score_prompts
 from ptx.prompt import init_prompt, load_prompt
-from ptx.stages import PromptRequest, run_prompt
+from ptx.prompt_runs import PromptRequest, run_prompt
 from ptx.tasks import load_task
 from ptx.train import TrainSettings, load_checkpoint, save_checkpoint, train_prompt
 

@@ -15,6 +15,8 @@ from ptx.data import collate, encode_split
 from ptx.errors import PtxError
 from ptx.evaluate import score_prompts
 from ptx.prompt import backbone_meta
+from ptx.stages.tpt import run_tpt_stage
+from ptx.stages.transfer import run_transfer_stage
 from ptx.tasks import load_task
 from ptx.train import TrainSettings
 from ptx.transfer import (
@@ -22,8 +24,6 @@ from ptx.transfer import (
     RANDOM,
     convergence_speedup,
     load_transfer_table,
-    run_tpt_stage,
-    run_transfer_stage,
     transfer_matrix,
     transfer_matrix_from_store,
 )
@@ -168,8 +168,8 @@ def test_a_run_that_never_reaches_is_censored_not_dropped():
 
 
 def test_a_tpt_run_is_never_stopped_on_patience():
-    from ptx.stages import PromptRequest
-    from ptx.transfer import tpt_request
+    from ptx.prompt_runs import PromptRequest
+    from ptx.stages.tpt import tpt_request
 
     vanilla = PromptRequest(task="sst2", backbone="tiny-bert", settings=TrainSettings(steps=50, patience=2, seed=3))
     tpt = tpt_request(vanilla, "run123")
@@ -180,7 +180,8 @@ def test_a_tpt_run_is_never_stopped_on_patience():
 # ---- the stages: real local Ray, real sqlite MLflow ---------------------------------------------------------
 @pytest.fixture(scope="module")
 def study(tmp_path_factory, cache):
-    from ptx import stages, sweep
+    from ptx import prompt_runs as stages
+    from ptx import sweep
 
     workdir = tmp_path_factory.mktemp("study")
     spec = StudySpec(name="tiny-study", backbones=("tiny-bert",), tasks=tuple(TARGETS), seeds=(0,), prompt_length=4,

@@ -17,8 +17,8 @@ from pathlib import Path
 import torch
 
 from ptx import progress, track
-from ptx.config import config_hash
 from ptx.errors import PtxError
+from ptx.io import config_hash
 from ptx.projector import (
     ARTIFACT,
     Objective,
@@ -29,7 +29,8 @@ from ptx.projector import (
     save_projector,
     train_projector,
 )
-from ptx.transfer import censored_speedups, tpt_request
+from ptx.stages.tpt import tpt_request
+from ptx.transfer import censored_speedups
 
 log = logging.getLogger(__name__)
 STAGE_KIND = "stage"  # the stage's parent run: ptx.kind=stage, ptx.stage=projector
@@ -332,7 +333,7 @@ def tpt_model(spec, tracker, workdir: Path, stage_run: str, objective: str, proj
     per task (`projected_dirs` holds only projections by a projector that never saw the task)."""
     from ptx import sweep
     from ptx.prompt import load_prompt
-    from ptx.stages import run_prompt
+    from ptx.prompt_runs import run_prompt
     from ptx.tasks import load_task
     from ptx.transfer import convergence_speedup  # the TPT stage's figure and request rules
 
@@ -432,3 +433,8 @@ def run_projector_stage(spec, tracker, workdir, objectives=None, evaluate: bool 
     except BaseException:
         tracker.finish(stage_run, "FAILED")
         raise
+
+
+def run(spec, tracker, workdir, **opts) -> dict:
+    """The stage's entry (ptx.stages.STAGES): run_projector_stage."""
+    return run_projector_stage(spec, tracker, workdir, **opts)

@@ -1,53 +1,36 @@
-"""A study runs in stages; each reads what earlier stages logged to MLflow and skips work already done."""
+"""A study runs in stages; each reads what earlier stages logged to MLflow and skips work already done.
 
-import importlib
+Each stage is one module of this package with one entry, `run(spec, tracker, workdir, **opts) -> dict`;
+STAGES maps a stage name (config.STAGES) to it and run_study runs them in order.
+"""
+
 import logging
 import time
 from pathlib import Path
 
 from ptx import progress, track
 from ptx.errors import PtxError
+from ptx.stages import indicators, projector, prompts, report, tpt, transfer
 
 log = logging.getLogger(__name__)
 
 # what each stage's progress line counts (a stage without units of its own counts itself: 0/1, then 1/1)
 STAGE_UNITS = {"train": "trials", "transfer": "pairs", "tpt": "trials", "indicators": "batches",
                "projector": "steps"}
-# stage name -> (module, function); every function is fn(spec, tracker, workdir) -> dict
-STAGE_FUNCTIONS = {
-    "train": ("ptx.study", "run_train_stage"),
-    "transfer": ("ptx.transfer", "run_transfer_stage"),
-    "tpt": ("ptx.transfer", "run_tpt_stage"),
-    "indicators": ("ptx.indicators", "run_indicators_stage"),
-    "projector": ("ptx.projector", "run_projector_stage"),
-    "report": ("ptx.report", "run_report_stage"),
+# stage name -> its entry; every entry is run(spec, tracker, workdir, **opts) -> dict
+STAGES = {
+    "train": prompts.run,
+    "transfer": transfer.run,
+    "tpt": tpt.run,
+    "indicators": indicators.run,
+    "projector": projector.run,
+    "report": report.run,
 }
 
 
 def workdir_for(spec, workdir: str | Path | None) -> Path:
     """--workdir, else the spec's workdir, else ./ptx-work/<study> (absolute: Ray trials change directory)."""
     return Path(workdir or spec.workdir or Path("ptx-work") / spec.name).expanduser().resolve()
-
-
-def train_experiment_name(spec) -> str:
-    """One Tune experiment per study config: a changed spec gets a fresh experiment, the same one resumes."""
-    return f"{spec.name}-train-{spec.hash()[:8]}"
-
-
-def run_train_stage(spec, tracker, workdir: Path, force: bool = False, max_concurrent: int | None = None) -> dict:
-    """The training stage as a Ray Tune sweep; an interrupted sweep of the same spec is resumed."""
-    from ptx import sweep
-
-    storage = spec.storage_path or str(workdir / "ray_results")
-    if "://" not in storage:
-        storage = str(Path(storage).expanduser().resolve())
-    name = train_experiment_name(spec)
-    path = f"{storage}/{name}"
-    if not force and sweep.experiment_exists(path):
-        log.info("resuming the interrupted training sweep at %s", path)
-        return sweep.resume_sweep(path)
-    return sweep.run_sweep(spec, workdir, tracker.uri, storage_path=storage, max_concurrent=max_concurrent,
-                           force=force, name=name, tags={"ptx.stage": "train"})
 
 
 def run_study(spec, workdir: str | Path | None = None, tracking_uri: str | None = None, address: str | None = None,
@@ -71,8 +54,8 @@ def run_study(spec, workdir: str | Path | None = None, tracking_uri: str | None 
     tracker = track.Tracker(uri, spec.name, workdir=workdir)
     todo = list(stages or spec.stages)
     for stage in todo:
-        if stage not in STAGE_FUNCTIONS:
-            raise PtxError(f"unknown stage '{stage}'; expected one of {list(STAGE_FUNCTIONS)}")
+        if stage not in STAGES:
+            raise PtxError(f"unknown stage '{stage}'; expected one of {list(STAGES)}")
     dashboard = sweep.connect(address)
     if on_ready:
         on_ready({"workdir": str(workdir), "tracking_uri": uri, "dashboard": dashboard})
@@ -81,10 +64,9 @@ def run_study(spec, workdir: str | Path | None = None, tracking_uri: str | None 
         display.log_file = workdir / "study.log"
     with progress.watching(display):
         for stage in todo:
-            module, fn = STAGE_FUNCTIONS[stage]
             t0 = time.perf_counter()
             log.info("stage %s", stage)
-            func = getattr(importlib.import_module(module), fn)
+            func = STAGES[stage]
             kwargs = {"force": force, "max_concurrent": max_concurrent} if stage == "train" else {}
             with progress.stage(stage, 0 if stage in STAGE_UNITS else 1, STAGE_UNITS.get(stage, "stage")) as bar:
                 result = func(spec, tracker, workdir, **kwargs) or {}

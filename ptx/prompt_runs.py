@@ -1,4 +1,4 @@
-"""Stage functions that join the library to the store: train-and-log one prompt run, import a prompt.
+"""Prompt runs that join the library to the store: train-and-log one prompt run, import a prompt.
 
 The CLI and the Ray trials both call these; `train.py` stays free of MLflow and Ray.
 """
@@ -11,10 +11,10 @@ from typing import Annotated
 
 from ptx import track
 from ptx.backbones import Insertion, load_backbone
-from ptx.config import config_hash
 from ptx.data import describe_split, encode_split
 from ptx.errors import PtxError
 from ptx.fields import Range
+from ptx.io import config_hash
 from ptx.prompt import (
     InitMode,
     backbone_meta,

@@ -1,0 +1,246 @@
+"""The indicators stage: per backbone of a study, indicators of the prompt bank vs transfer, logged to MLflow;
+the reference check, and `recommend` (sources for a new task by ON).
+"""
+
+import logging
+
+import pandas as pd
+import torch
+
+from ptx.errors import PtxError
+from ptx.indicators import (
+    _metrics,
+    analyse,
+    bank_inits,
+    displacement_overlap,
+    displacement_similarities,
+    embedding_similarities,
+    stack_prompts,
+)
+
+log = logging.getLogger(__name__)
+
+
+def load_bank(tracker, runs: list, workdir) -> tuple[list, list, torch.Tensor, str]:
+    """Prompt runs -> (run ids, tasks, prompts [P, n, d], insertion); artifacts come through MLflow."""
+    from pathlib import Path
+
+    from ptx.prompt import load_prompt
+
+    ids, tasks, prompts, insertions = [], [], [], set()
+    for run in runs:
+        rid = run.info.run_id
+        local = Path(workdir) / "prompts" / rid
+        if not (local / "prompt.json").is_file():
+            local = Path(workdir) / "downloads" / rid
+            if not (local / "prompt.json").is_file():
+                tracker.download_prompt(rid, local)
+        art = load_prompt(local)
+        ids.append(rid)
+        tasks.append(art.meta["task"]["name"])
+        prompts.append(art.prompt)
+        insertions.add(art.meta.get("insertion", "prepend"))
+    if len(insertions) > 1:
+        raise PtxError(f"prompt bank: insertion modes differ {sorted(insertions)}; one backbone layout per bank")
+    return ids, tasks, stack_prompts(prompts), insertions.pop() if insertions else "prepend"
+
+
+def bank_runs(tracker, backbone: str, tasks=None, experiment_ids=None) -> list:
+    """The bank: finished trained or imported prompt runs on `backbone` in the tracker's experiment, oldest first."""
+    from ptx import track
+
+    runs = tracker.find_runs({"ptx.kind": track.KIND_PROMPT, "ptx.backbone": backbone},
+                             order_by=["attributes.start_time ASC"], experiment_ids=experiment_ids)
+    return [r for r in runs if track.is_vanilla(r) and (tasks is None or r.data.tags.get("ptx.task") in tasks)]
+
+
+def _own_runs(runs) -> dict:
+    """Per task, the prompt(s) that stand for it as a target: the run tagged ptx.best=true, else all its runs."""
+    own: dict = {}
+    for r in runs:
+        own.setdefault(r.data.tags.get("ptx.task"), []).append(r)
+    return {t: [r.info.run_id for r in rs if r.data.tags.get("ptx.best") == "true"] or [r.info.run_id for r in rs]
+            for t, rs in own.items()}
+
+
+def _transfer_table(tracker, backbone: str, study: str, table) -> pd.DataFrame:
+    if table is None:
+        from ptx.transfer import load_transfer_table  # its PtxError says to run the transfer stage first
+
+        table = load_transfer_table(tracker, backbone, study)
+    if table is None or len(table) == 0:
+        raise PtxError(f"no transfer table for backbone '{backbone}' in {tracker.uri}; run the transfer stage first")
+    return table[table["backbone"] == backbone] if "backbone" in table.columns else table
+
+
+def run_indicators_stage(spec, tracker, workdir, transfer_table: pd.DataFrame | None = None) -> dict:
+    """Per backbone of a study: embedding indicators + ON (actor pool) vs transfer, logged as ptx.kind=indicators.
+
+    Returns {study, backbones: {name: {run_id, reused, artifacts, n_prompts, spearman: {indicator: mean}}},
+    computed, skipped}. A backbone whose bank, settings and transfer table already have a finished run is skipped.
+    """
+    import dataclasses
+    import time
+    from pathlib import Path
+
+    from ptx import track
+    from ptx.activations import ACTIVE_RULE, compute_bank_activations, overlap_matrices, save_masks
+    from ptx.io import config_hash
+
+    ind, out = spec.indicators, {"study": spec.name, "backbones": {}, "computed": 0, "skipped": 0}
+    if tracker.experiment != spec.name:  # stages read and write the study's experiment, as the other stages do
+        tracker = track.Tracker(tracker.uri, spec.name, workdir=Path(workdir))
+    cap = spec.data.max_length if ind.probe == "examples" else None  # the paper probe reads no task text
+    for backbone in spec.backbones:
+        runs = bank_runs(tracker, backbone, spec.tasks)
+        if len(runs) < 2:
+            raise PtxError(f"backbone '{backbone}': the bank has {len(runs)} finished prompt run(s) for the study's "
+                           "tasks; expected at least 2 (run the train stage first)")
+        table = _transfer_table(tracker, backbone, spec.name, transfer_table)
+        digest = config_hash({"stage": "indicators", "backbone": backbone, "runs": sorted(r.info.run_id for r in runs),
+                              "settings": dataclasses.asdict(ind),
+                              "transfer": int(pd.util.hash_pandas_object(table, index=False).sum()),
+                              **({"max_length": cap} if cap is not None else {})})
+        done = tracker.finished_run(track.KIND_INDICATORS, digest)
+        if done is not None:
+            out["backbones"][backbone] = {"run_id": done.info.run_id, "reused": True}
+            out["skipped"] += 1
+            continue
+        t0 = time.perf_counter()
+        ids, tasks, prompts, insertion = load_bank(tracker, runs, workdir)
+        matrices = embedding_similarities(prompts, drop_first=insertion == "paper")
+        inits = bank_inits(workdir, ids, backbone, insertion)
+        if inits is not None:
+            matrices.update(displacement_similarities(prompts, inits, drop_first=insertion == "paper"))
+        both = torch.cat([prompts, inits]) if inits is not None else prompts  # inits' masks: ON's displacement
+        masks, info = compute_bank_activations(backbone, both, insertion, ind.probe,
+                                               tasks * (2 if inits is not None else 1), ind.probe_examples,
+                                               getattr(ind, "position", "score"), ind.hook, ind.num_actors,
+                                               dataclasses.asdict(ind.resources), describe=True, max_length=cap)
+        if inits is not None:
+            masks, init_masks = masks[:len(ids)], masks[len(ids):]
+        matrices.update(overlap_matrices(masks, ind.windows, getattr(ind, "window_stride", None)))
+        if inits is not None:
+            matrices.update(displacement_overlap(masks, init_masks))
+        run_id = tracker.start_run(track.run_name("indicators", spec.name, backbone), {
+            "ptx.kind": track.KIND_INDICATORS, "ptx.backbone": backbone, "ptx.study": spec.name, "ptx.config_hash": digest})
+        try:
+            art = Path(workdir).resolve() / "indicators" / run_id
+            save_masks(art / "activations", masks, {
+                "backbone": backbone, "backbone_kind": info["kind"], "hook_modules": info["hooks"],
+                "active": ACTIVE_RULE.get(info["kind"], "value > 0"), "insertion": insertion, "probe": ind.probe,
+                "where": ind.hook,
+                "position": getattr(ind, "position", "score"), "prompt_runs": ids, "prompt_tasks": tasks,
+                "probe_examples": ind.probe_examples if ind.probe == "examples" else None})
+            tables = analyse(table, matrices, ids, tasks, _own_runs(runs), art / "tables", ind.bootstrap,
+                             seeds=[r.data.tags.get("ptx.seed") for r in runs])
+            (art / "indicators").mkdir()  # where TPT's `indicator:<name>` source reads its ranking
+            tables["recommendations"].to_parquet(art / "indicators" / "recommendations.parquet", index=False)
+            tracker.log(run_id, {**_metrics(tables), "n_prompts": len(ids), "seconds": time.perf_counter() - t0},
+                        params={"indicators": dataclasses.asdict(ind), "n_prompts": len(ids)})
+            tracker.log_artifacts(run_id, art)
+            tracker.finish(run_id)
+        except BaseException:
+            tracker.finish(run_id, "FAILED")
+            raise
+        spearman = tables["correlations"].query("method == 'spearman'")
+        out["backbones"][backbone] = {"run_id": run_id, "reused": False, "artifacts": str(art), "n_prompts": len(ids),
+                                      "spearman": dict(zip(spearman.indicator, spearman.mean_over_targets, strict=True))}
+        out["computed"] += 1
+    return out
+
+
+# ---- reference check: the authors' released prompts and zero-shot results ------------------------------
+def reference_check(reference_dir, tracker, workdir, bootstrap: int = 1000, seed: int = 0) -> pd.DataFrame:
+    """Import the released prompts (prompts/BACKBONE/TASK.pt) through `import_prompt`, correlate the embedding
+    indicators with zero_shot_transfer.csv; one summary row per (backbone, indicator, method).
+
+    RoBERTa prompts are imported with insertion 'paper' and row 0 is left out of the similarities (the authors'
+    code overwrote it with <mask>). Files whose name is not a registered task (random.pt) are not imported.
+    """
+    from pathlib import Path
+
+    from ptx import track
+    from ptx.prompt import load_prompt
+    from ptx.prompt_runs import import_prompt
+    from ptx.tasks import list_tasks
+
+    root, workdir = Path(reference_dir), Path(workdir).resolve()
+    csv = root / "zero_shot_transfer.csv"
+    if not csv.is_file() or not (root / "prompts").is_dir():
+        raise PtxError(f"reference dir {root}: expected prompts/BACKBONE/TASK.pt and zero_shot_transfer.csv")
+    zero_shot = pd.read_csv(csv)
+    known, out = {t.name for t in list_tasks()}, []
+    for bdir in sorted(p for p in (root / "prompts").iterdir() if p.is_dir()):
+        backbone, insertion = bdir.name, "paper" if "roberta" in bdir.name else "prepend"
+        ids, tasks, prompts = [], [], []
+        for f in sorted(bdir.glob("*.pt")):
+            if f.stem not in known:
+                log.info("%s: '%s' is not a registered task; not imported", f, f.stem)
+                continue
+            run = import_prompt(f, backbone, f.stem, insertion, workdir, tracker)
+            local = run.artifact
+            if not (local / "prompt.json").is_file():  # imported earlier into another workdir
+                local = tracker.download_prompt(run.run_id, workdir / "downloads" / run.run_id)
+            ids.append(run.run_id or local.name)
+            tasks.append(f.stem)
+            prompts.append(load_prompt(local).prompt)
+        matrices = embedding_similarities(stack_prompts(prompts), drop_first=insertion == "paper")
+        zs = zero_shot[zero_shot["backbone"] == backbone]
+        own = zs[zs["source_prompt"] == zs["target_task"]].set_index("target_task")["value"]
+        zs = zs.assign(source_task=zs["source_prompt"], source_prompt_run=zs["source_prompt"].map(dict(zip(tasks, ids, strict=True))),
+                       relative_value=zs["value"] / zs["target_task"].map(own))
+        tables = analyse(zs, matrices, ids, tasks, None, workdir / "reference_check" / backbone, bootstrap, seed)
+        if tracker is not None:
+            rid = tracker.start_run(f"reference check {backbone}", {
+                "ptx.kind": track.KIND_INDICATORS, "ptx.backbone": backbone, "ptx.study": "reference-check",
+                "ptx.origin": "reference"})
+            tracker.log(rid, {**_metrics(tables), "n_prompts": len(ids)}, params={"reference_dir": str(root)})
+            tracker.log_artifacts(rid, workdir / "reference_check" / backbone)
+            tracker.finish(rid)
+        out.append(tables["correlations"].assign(backbone=backbone, n_prompts=len(ids)))
+    if not out:
+        raise PtxError(f"reference dir {root}: no backbone folders under prompts/")
+    df = pd.concat(out, ignore_index=True)
+    return df[["backbone", *[c for c in df.columns if c != "backbone"]]]
+
+
+# ---- recommending sources for a new task (beyond the paper, SPoT-style) ---------------------------------
+def recommend(task: str, backbone_name: str, tracker, workdir, top_k: int = 5, probe_steps: int = 50,
+              probe_lr: float = 3e-2, train_limit: int = 256, dev_limit: int = 64, where: str = "decoder",
+              seed: int = 0) -> list[dict]:
+    """Rank the bank's prompts on `backbone_name` as sources for `task`: rows {source_run, source_task, on, rank}.
+
+    A probe prompt is tuned on the task for `probe_steps` steps (train_prompt, not logged), then every bank
+    prompt is ranked by ON (cosine of active-neuron masks, paper probe, all layers) against it.
+    """
+    from ptx.activations import capture_activations, overlap_counts, overlap_from_counts
+    from ptx.backbones import load_backbone
+    from ptx.data import encode_split
+    from ptx.prompt import init_prompt
+    from ptx.tasks import load_task
+    from ptx.train import TrainSettings, train_prompt
+
+    spec = load_task(task)
+    runs = [r for r in tracker.prompt_runs(backbone=backbone_name)
+            if r.data.tags.get("ptx.task") != spec.name and r.data.tags.get("ptx.init") != "artifact"]
+    if not runs:
+        raise PtxError(f"no finished prompt run on backbone '{backbone_name}' for a task other than '{task}' in "
+                       f"{tracker.uri}; train or import a bank first")
+    ids, tasks, prompts, insertion = load_bank(tracker, runs, workdir)
+    backbone = load_backbone(backbone_name, insertion=insertion)
+    init = init_prompt(backbone, prompts.shape[1], "random", seed=seed, task=spec.name)
+    settings = TrainSettings(steps=probe_steps, eval_every=probe_steps, lr=probe_lr, seed=seed, batch_size=16)
+    probe = train_prompt(backbone, spec, init, encode_split(spec, backbone, "train", limit=train_limit),
+                         encode_split(spec, backbone, "dev", limit=dev_limit), settings)
+    masks = capture_activations(backbone, torch.cat([probe.prompt[None], prompts]), where=where)
+    inter, counts = overlap_counts(masks)
+    on = overlap_from_counts(inter.sum(0), counts.sum(0))[0, 1:]
+    order = torch.argsort(on, descending=True, stable=True)[:top_k].tolist()
+    return [{"source_run": ids[i], "source_task": tasks[i], "on": float(on[i]), "rank": r + 1,
+             "probe_dev_metric": probe.best_metric} for r, i in enumerate(order)]
+
+
+def run(spec, tracker, workdir, **opts) -> dict:
+    """The stage's entry (ptx.stages.STAGES): run_indicators_stage."""
+    return run_indicators_stage(spec, tracker, workdir, **opts)

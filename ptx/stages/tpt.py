@@ -1,0 +1,209 @@
+"""The TPT stage: transfer-initialised prompt tuning beside vanilla PT (same seeds), with its convergence speed-up.
+"""
+
+import dataclasses
+import logging
+import math
+import shutil
+from pathlib import Path
+
+from ptx import track
+from ptx.errors import PtxError, suggest
+from ptx.io import config_hash
+from ptx.prompt import load_prompt
+from ptx.stages.transfer import _study_tracker
+from ptx.transfer import (
+    KIND_TPT,
+    RANDOM,
+    _curve,
+    _read_table,
+    _spec,
+    censored_speedups,
+    convergence_speedup,
+    load_transfer_table,
+    plot_convergence,
+)
+
+log = logging.getLogger(__name__)
+
+
+def _best_run(tracker, task: str, backbone: str) -> str:
+    runs = [r for r in tracker.find_runs({"ptx.kind": track.KIND_PROMPT, "ptx.task": task, "ptx.backbone": backbone})
+            if track.is_vanilla(r) and "best_dev_metric" in r.data.metrics]
+    if not runs:
+        raise PtxError(f"no finished prompt run of task '{task}' on backbone '{backbone}' in {tracker.uri}")
+    return max(runs, key=lambda r: r.data.metrics["best_dev_metric"]).info.run_id
+
+
+def _indicator_sources(tracker, backbone: str, study: str, indicator: str) -> dict:
+    """target -> (run, task) from the indicators run's recommendations.parquet (indicator, target_task, source_task,
+    optional source_prompt_run, rank or score)."""
+    runs = tracker.find_runs({"ptx.kind": track.KIND_INDICATORS, "ptx.backbone": backbone, "ptx.study": study},
+                             order_by=["attributes.start_time DESC"], experiment_ids=tracker.all_experiment_ids())
+    if not runs:
+        raise PtxError(f"tpt.source 'indicator:{indicator}': no finished indicators run for backbone '{backbone}' of "
+                       f"study '{study}' in {tracker.uri}; the indicators stage must run first")
+    try:
+        recs = _read_table(tracker, runs[0].info.run_id, track.KIND_INDICATORS, "recommendations.parquet").to_pandas()
+    except (PtxError, OSError) as exc:
+        raise PtxError(f"indicators run {runs[0].info.run_id} has no readable indicators/recommendations.parquet "
+                       f"({exc})") from None
+    d = recs[recs["indicator"] == indicator]
+    if d.empty:
+        raise PtxError(f"tpt.source: unknown indicator '{indicator}'{suggest(indicator, recs['indicator'].unique())}; "
+                       f"the indicators run has {sorted(recs['indicator'].unique())}")
+    d = d[d.source_task != d.target_task]
+    d = d.sort_values("rank") if "rank" in d else d.sort_values("score", ascending=False) if "score" in d else d
+    out = {}
+    for target, g in d.groupby("target_task", sort=False):
+        row = g.iloc[0]
+        run = row.get("source_prompt_run")
+        out[target] = (run if isinstance(run, str) and run else _best_run(tracker, row.source_task, backbone),
+                       row.source_task)
+    return out
+
+
+def choose_sources(spec, tracker, backbone: str) -> dict:
+    """target task -> (source prompt run, source task), or a reason string when the target has no source."""
+    mode = spec.tpt.source
+    if mode.startswith("indicator:"):
+        picks = _indicator_sources(tracker, backbone, spec.name, mode.split(":", 1)[1])
+        return {t: picks.get(t, f"the indicator recommends no source for '{t}'") for t in spec.tasks}
+    named = None
+    if mode not in ("best_same_category", "best_any"):
+        from ptx.tasks import list_tasks
+
+        names = [t.name for t in list_tasks()]
+        if mode not in names:
+            raise PtxError(f"tpt.source: expected best_same_category, best_any, indicator:<name> or a task name, "
+                           f"found '{mode}'{suggest(mode, [*names, 'best_same_category', 'best_any'])}")
+        named = mode
+    try:
+        table = load_transfer_table(tracker, backbone, spec.name)
+    except PtxError:
+        if named is None:
+            raise
+        table = None  # a named source needs no matrix: its best dev prompt is taken
+    if table is not None and not (table["split"] == "dev").any():
+        raise PtxError(f"tpt.source '{mode}' picks sources on the dev split; the transfer matrix of backbone "
+                       f"'{backbone}' has splits {sorted(table['split'].unique())}")
+    out = {}
+    for target in spec.tasks:
+        if named == target:
+            out[target] = f"the source task is the target itself ('{target}')"
+            continue
+        if table is None:
+            out[target] = (_best_run(tracker, named, backbone), named)
+            continue
+        d = table[(table.target_task == target) & (table.split == "dev") & (table.source_prompt_run != RANDOM)
+                  & (table.source_task != target)]
+        d = d[d.source_category == d.target_category] if mode == "best_same_category" else d
+        d = d[d.source_task == named] if named else d
+        if d.empty:
+            out[target] = f"no {'same-category ' if mode == 'best_same_category' else ''}source prompt for '{target}'"
+        else:
+            row = d.sort_values(["value", "source_prompt_run"], ascending=[False, True]).iloc[0]
+            out[target] = (row.source_prompt_run, row.source_task)
+    return out
+
+
+def tpt_request(vanilla, init_from: str):
+    """The TPT twin of a vanilla request: started from `init_from`, and never stopped early on patience, so it
+    can reach vanilla's best at any step of its budget (vanilla may have found it late)."""
+    return dataclasses.replace(vanilla, init="artifact", init_from=init_from,
+                               settings=dataclasses.replace(vanilla.settings, patience=None))
+
+
+def run_tpt_stage(spec, tracker, workdir: Path, address: str | None = None) -> dict:
+    """Train TPT beside vanilla PT (same seeds) per target as Tune trials; log speed-ups and curves per backbone."""
+    from ptx import sweep
+    from ptx.config import Scheduler, Search
+
+    workdir = Path(workdir).resolve()
+    tracker = _study_tracker(spec, tracker, workdir)
+    settings = spec.train if spec.tpt.steps is None else dataclasses.replace(spec.train, steps=spec.tpt.steps)
+    plan, skipped = [], []
+    for name in spec.backbones:
+        for target, pick in choose_sources(spec, tracker, name).items():
+            if isinstance(pick, str):
+                log.warning("TPT: skipping %s on %s: %s", target, name, pick)
+                skipped.append({"backbone": name, "target_task": target, "reason": pick})
+                continue
+            dest = workdir / "downloads" / pick[0]  # fetched once here, not by concurrent trials racing for it
+            if not (dest / "prompt.json").exists():
+                shutil.rmtree(dest, ignore_errors=True)
+                tracker.download_prompt(pick[0], dest)
+            n_tok = load_prompt(dest).prompt.shape[0]
+            if n_tok != spec.prompt_length:
+                raise PtxError(f"TPT source {pick[0]} ({pick[1]}) has {n_tok} prompt tokens; study '{spec.name}' "
+                               f"trains prompts of prompt_length {spec.prompt_length}")
+            for seed in spec.tpt.seeds or spec.seeds:  # vanilla = the training stage's request: reused by its hash
+                vanilla = sweep.study_request(spec, target, name, seed, settings)
+                plan.append((name, target, pick, seed, vanilla, tpt_request(vanilla, pick[0])))
+    out = {"study": spec.name, "skipped": skipped, "backbones": {}}
+    if not plan:
+        return out
+    sweep.connect(address)
+    # no search space and no early stopping: every trial runs its full curve, so the curves compare
+    plain = dataclasses.replace(spec, search=Search(), scheduler=Scheduler())
+    res = sweep.run_sweep(plain, workdir, tracker.uri, requests=[r for p in plan for r in p[4:]],
+                          name=f"{spec.name}-tpt", tags={"ptx.stage": "tpt"})
+    out["sweep"] = {k: res[k] for k in ("trials", "errored", "parent_run_id")}
+    for name in spec.backbones:
+        rows, curves = [], {}
+        for bb, target, (src_run, src_task), seed, vreq, treq in plan:
+            if bb != name:
+                continue
+            metric = _spec(target).metric
+            row = {"backbone": name, "target_task": target, "source_task": src_task, "source_prompt_run": src_run,
+                   "seed": seed, "metric": metric}
+            v, t = tracker.finished_run(track.KIND_PROMPT, vreq.hash()), tracker.finished_run(track.KIND_PROMPT, treq.hash())
+            if v is None or t is None:
+                rows.append({**row, "flag": "run_missing", "flag_90": "run_missing", "speedup": math.nan})
+                continue
+            vc, tc = (_curve(tracker.client.get_metric_history(r.info.run_id, f"dev_{metric}")) for r in (v, t))
+            rows.append({**row, **convergence_speedup(vc, tc), "vanilla_run": v.info.run_id, "tpt_run": t.info.run_id})
+            curves.setdefault(target, []).append((seed, vc, tc))
+        if rows:
+            out["backbones"][name] = _log_tpt(tracker, spec, name, rows, curves,
+                                              workdir / "tpt" / name.replace("/", "_"))
+    return out
+
+
+def _log_tpt(tracker, spec, backbone: str, rows: list, curves: dict, local: Path) -> dict:
+    """Per-seed and seed-averaged speed-up tables plus a curve plot per target, logged as a ptx.kind=tpt run."""
+    import pandas as pd
+
+    local.mkdir(parents=True, exist_ok=True)
+    seeds = pd.DataFrame(rows)
+    keys = ["backbone", "target_task", "source_task", "source_prompt_run", "metric"]
+    num = [c for c in ("vanilla_best", "tpt_best", "vanilla_steps", "tpt_steps", "vanilla_steps_90", "tpt_steps_90")
+           if c in seeds]
+    agg = seeds.groupby(keys, sort=False)[num].mean().reset_index()  # the speed-ups: censored_speedups below
+    grouped = seeds.groupby(keys, sort=False)
+    agg["n_seeds"] = grouped.size().to_numpy()
+    agg["flags"] = grouped["flag"].agg(lambda f: ",".join(sorted(set(f)))).to_numpy()
+    for suffix in ("", "_90"):
+        per = [censored_speedups(g.to_dict("records"), suffix) for _, g in grouped]
+        for key in per[0]:
+            if key != "n_runs":
+                agg[f"{key}{suffix}"] = [p[key] for p in per]
+    overall = {f"{k}{suffix}": v for suffix in ("", "_90") for k, v in censored_speedups(rows, suffix).items()}
+    seeds.to_parquet(local / "tpt_seeds.parquet", index=False)
+    agg.to_parquet(local / "tpt.parquet", index=False)
+    for target, cs in curves.items():
+        plot_convergence(cs, target, _spec(target).metric, local / f"curves_{target}.png")
+    run_id = tracker.start_run(track.run_name("tpt", spec.name, backbone), {
+        "ptx.kind": KIND_TPT, "ptx.backbone": backbone, "ptx.study": spec.name,
+        "ptx.config_hash": config_hash(sorted(f"{r.get('vanilla_run')}:{r.get('tpt_run')}" for r in rows))})
+    finite = {k: v for k, v in overall.items() if math.isfinite(v)}  # MLflow takes no inf; the tables keep it
+    tracker.log(run_id, {**finite, "targets": len(agg)}, params={"source": spec.tpt.source})
+    tracker.log_artifacts(run_id, local, KIND_TPT)
+    tracker.finish(run_id)
+    return {"run_id": run_id, "parquet": str(local / "tpt.parquet"), "table": agg.to_dict("records"),
+            "overall": overall}
+
+
+def run(spec, tracker, workdir, **opts) -> dict:
+    """The stage's entry (ptx.stages.STAGES): run_tpt_stage."""
+    return run_tpt_stage(spec, tracker, workdir, **opts)

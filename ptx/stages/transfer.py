@@ -1,0 +1,155 @@
+"""The transfer stage: the study's zero-shot transfer matrix per backbone, resumable.
+
+A matrix unit is one (backbone, target task): one Ray task loads the backbone, tokenizes each target split
+once and scores every bank prompt on it (ptx.transfer.transfer_matrix). Each unit is its own MLflow run
+(`ptx.kind=transfer_unit`) keyed by a config hash, so an interrupted matrix resumes with only its missing units.
+"""
+
+import dataclasses
+import tempfile
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from ptx import progress, track
+from ptx.errors import PtxError
+from ptx.io import config_hash
+from ptx.prompt import load_prompt
+from ptx.transfer import (
+    KIND_UNIT,
+    RANDOM,
+    _read_table,
+    _spec,
+    check_targets,
+    gather_bank,
+    plot_transfer_heatmap,
+    transfer_matrix,
+)
+
+# ---- the transfer stage ---------------------------------------------------------------------------------
+_LOADED: dict = {}  # one backbone per worker process: consecutive units of a backbone skip the reload
+
+
+def _backbone(name: str, insertion: str):
+    from ptx.backbones import load_backbone
+
+    key = (name, insertion)
+    if key not in _LOADED:
+        _LOADED.clear()
+        _LOADED[key] = load_backbone(name, insertion=insertion, device="cuda" if torch.cuda.is_available() else None)
+    return _LOADED[key]
+
+
+def run_unit(unit: dict) -> pa.Table:
+    """Ray task: score the whole bank on one target, then log the unit as its own MLflow run."""
+    t0 = time.perf_counter()
+    bb = _backbone(unit["backbone"], unit["insertion"])
+    target = _spec(unit["target"], unit.get("max_length"))
+    table = transfer_matrix(bb, unit["prompts"], [target], unit["splits"], unit["limits"],
+                            unit["prompts_per_pass"], unit["batch_size"], unit["random_baseline"], unit["seed"])
+    tracker = track.Tracker(unit["tracking_uri"], unit["experiment"], workdir=Path(unit["workdir"]))
+    run_id = tracker.start_run(track.run_name("transfer", unit["target"], unit["backbone"]), unit["tags"], unit["parent"])
+    with tempfile.TemporaryDirectory() as d:
+        pq.write_table(table, Path(d) / "unit.parquet")
+        tracker.log_artifacts(run_id, d, KIND_UNIT)
+    tracker.log(run_id, {"rows": table.num_rows, "seconds": time.perf_counter() - t0},
+                params={"sources": len(unit["prompts"]), "splits": list(unit["splits"]), "limits": unit["limits"]})
+    tracker.finish(run_id)
+    return table
+
+
+def _study_tracker(spec, tracker, workdir: Path):
+    """Stages read and write the study's experiment (where its sweeps log), whatever `tracker` points at."""
+    return tracker if tracker.experiment == spec.name else track.Tracker(tracker.uri, spec.name, workdir=workdir)
+
+
+def run_transfer_stage(spec, tracker, workdir: Path, address: str | None = None) -> dict:
+    """Compute or resume the study's transfer matrix per backbone: one Ray task per missing (backbone, target) unit."""
+    from ptx import sweep
+
+    workdir = Path(workdir).resolve()
+    tracker, cfg = _study_tracker(spec, tracker, workdir), spec.transfer
+    limits = {"dev": spec.data.dev_limit, "test": spec.data.test_limit}
+    targets = [_spec(t, spec.data.max_length) for t in spec.tasks]
+    out = {"study": spec.name, "backbones": {}, "computed": 0, "skipped": 0}
+    bar = progress.current()  # units: (source prompt, target) pairs; the total grows per backbone
+    for name in spec.backbones:
+        paths = gather_bank(tracker, name, set(spec.tasks), workdir / "bank", getattr(cfg, "sources", "all"),
+                            [tracker.experiment_id])
+        bank = {rid: load_prompt(p) for rid, p in paths.items()}
+        if not bank:
+            raise PtxError(f"the prompt bank for backbone '{name}' of study '{spec.name}' is empty in {tracker.uri}: "
+                           "run the train stage first")
+        kind = next(iter(bank.values())).meta["backbone"].get("kind")
+        if kind:  # fail here, before any worker starts, on a target this backbone cannot score
+            check_targets(name, kind, targets)
+        base = {"backbone": name, "sources": sorted(bank), "splits": list(cfg.splits), "limits": limits,
+                "random_baseline": cfg.random_baseline, "seed": spec.seeds[0], "insertion": spec.insertion}
+        if spec.data.max_length is not None:  # only when set: units computed before the field existed keep their hash
+            base["max_length"] = spec.data.max_length
+        hashes = {t.name: config_hash({**base, "target": t.name}) for t in targets}
+        digest = config_hash(sorted(hashes.values()))
+        done = {t: tracker.finished_run(KIND_UNIT, h) for t, h in hashes.items()}
+        todo = [t for t in spec.tasks if done[t] is None]
+        previous = tracker.finished_run(track.KIND_TRANSFER, digest)
+        pairs = len(bank) + bool(cfg.random_baseline)  # rows of the matrix per target and split
+        bar.update(total=bar.total + pairs * len(targets), done=bar.done + pairs * (len(targets) - len(todo)))
+        if not todo and previous is not None:
+            out["backbones"][name] = {"run_id": previous.info.run_id, "units": len(targets), "computed": 0,
+                                      "sources": len(bank), "reused": True}
+            out["skipped"] += len(targets)
+            continue
+        parent = tracker.start_run(track.run_name("transfer", spec.name, name), {
+            "ptx.kind": track.KIND_TRANSFER, "ptx.backbone": name, "ptx.study": spec.name, "ptx.config_hash": digest})
+        try:
+            units = [{**base, "target": t, "prompts": {rid: (a.prompt, a.meta) for rid, a in bank.items()},
+                      "prompts_per_pass": cfg.prompts_per_pass, "batch_size": cfg.batch_size,
+                      "tracking_uri": tracker.uri, "experiment": spec.name, "workdir": str(workdir), "parent": parent,
+                      "tags": {"ptx.kind": KIND_UNIT, "ptx.backbone": name, "ptx.task": t, "ptx.study": spec.name,
+                               "ptx.config_hash": hashes[t]}} for t in todo]
+            if units:
+                sweep.connect(address)
+                fresh = sweep.map_tasks(run_unit, units, dataclasses.asdict(cfg.resources),
+                                        names=[f"transfer-{name}-{t}".replace("/", "_") for t in todo],
+                                        on_done=lambda i, table, n=pairs: bar.advance(n))
+            else:
+                fresh = []
+            tables = dict(zip(todo, fresh, strict=True))
+            tables.update({t: _read_table(tracker, r.info.run_id, KIND_UNIT, "unit.parquet")
+                           for t, r in done.items() if r is not None})
+            table = pa.concat_tables([tables[t] for t in spec.tasks])
+            summary = _log_matrix(tracker, parent, table, workdir / "transfer" / name.replace("/", "_"))
+        except BaseException:
+            tracker.finish(parent, "FAILED")
+            raise
+        out["backbones"][name] = {"run_id": parent, "units": len(targets), "computed": len(todo),
+                                  "sources": len(bank), "reused": False, **summary}
+        out["computed"] += len(todo)
+        out["skipped"] += len(targets) - len(todo)
+    return out
+
+
+def _log_matrix(tracker, run_id: str, table: pa.Table, local: Path) -> dict:
+    """Write the long table and one heatmap per split, log them to the transfer run and finish it."""
+    local.mkdir(parents=True, exist_ok=True)
+    pq.write_table(table, local / "transfer.parquet")
+    df = table.to_pandas()
+    for split in df["split"].unique():
+        plot_transfer_heatmap(df, split, local / f"heatmap_{split}.png")
+    bank = df[df.source_prompt_run != RANDOM]
+    off = bank[bank.source_task != bank.target_task]
+    metrics = {"rows": len(df), "sources": df.source_prompt_run.nunique(), "targets": df.target_task.nunique()}
+    for split in df["split"].unique():
+        metrics[f"{split}_mean_relative_offdiag"] = float(off[off.split == split].relative_value.mean())
+    tracker.log(run_id, metrics)
+    tracker.log_artifacts(run_id, local, track.KIND_TRANSFER)
+    tracker.finish(run_id)
+    return {"parquet": str(local / "transfer.parquet"), "rows": len(df)}
+
+
+def run(spec, tracker, workdir, **opts) -> dict:
+    """The stage's entry (ptx.stages.STAGES): run_transfer_stage."""
+    return run_transfer_stage(spec, tracker, workdir, **opts)
