@@ -285,6 +285,35 @@ def test_tpt_stage_records_speedup(study):
     assert {"tpt.parquet", "tpt_seeds.parquet", "curves_tweet_sentiment.png"} <= logged
 
 
+@pytest.mark.ray
+def test_tpt_runs_each_source_mode_and_reuses_shared_runs(study):
+    """tpt.sources [best_same_category, best_cross_category]: one TPT run per (target, source); the vanilla runs
+    and the same-category TPT runs of the single-mode test above are reused by their hash, not retrained."""
+    from dataclasses import replace
+
+    spec, tracker, workdir = study["spec"], study["tracker"], study["workdir"]
+    run_tpt_stage(spec, tracker, workdir)  # the single-mode stage (a no-op when the test above ran first)
+    before = {r.info.run_id for r in tracker.prompt_runs(backbone="tiny-bert")}
+    both = replace(spec, tpt=TptStage(sources=("best_same_category", "best_cross_category")))
+    out = run_tpt_stage(both, tracker, workdir)
+    assert [(s["target_task"], s["source_mode"]) for s in out["skipped"]] == [("bbc_topic", "best_same_category")]
+    table = load_transfer_table(tracker, "tiny-bert", spec.name)
+    dev = table[(table.split == "dev") & (table.source_prompt_run != "random")]
+    rows = {(r["source_mode"], r["target_task"]): r for r in out["backbones"]["tiny-bert"]["table"]}
+    assert set(rows) == {("best_same_category", "tweet_sentiment"), ("best_same_category", "drug_sentiment"),
+                         ("best_cross_category", "tweet_sentiment"), ("best_cross_category", "drug_sentiment"),
+                         ("best_cross_category", "bbc_topic")}
+    for target in ("tweet_sentiment", "drug_sentiment"):
+        assert rows["best_cross_category", target]["source_task"] == "bbc_topic"
+    to_bbc = dev[(dev.target_task == "bbc_topic") & (dev.source_category != "topic")]
+    best = to_bbc.sort_values(["value", "source_prompt_run"], ascending=[False, True]).iloc[0]
+    assert rows["best_cross_category", "bbc_topic"]["source_prompt_run"] == best.source_prompt_run
+    new = [r for r in tracker.prompt_runs(backbone="tiny-bert") if r.info.run_id not in before]
+    assert len(new) == 3 and {r.data.tags["ptx.source_run"] for r in new} == {
+        rows["best_cross_category", t]["source_prompt_run"] for t in ("tweet_sentiment", "drug_sentiment", "bbc_topic")}
+    assert tracker.get_run(out["backbones"]["tiny-bert"]["run_id"]).data.params["source"] == (
+        "best_same_category,best_cross_category")
+
 def test_tpt_sources_left_unset_keep_every_existing_study_hash():
     """A study's hash names its MLflow experiment and lets a later study reuse its runs: adding `tpt.sources`
     must not move the hash of any spec that does not set it (this value is the hash before the field existed)."""

@@ -63,20 +63,24 @@ def _indicator_sources(tracker, backbone: str, study: str, indicator: str) -> di
     return out
 
 
-def choose_sources(spec, tracker, backbone: str) -> dict:
-    """target task -> (source prompt run, source task), or a reason string when the target has no source."""
-    mode = spec.tpt.source
+SOURCE_MODES = ("best_same_category", "best_cross_category", "best_any")
+
+
+def choose_sources(spec, tracker, backbone: str, mode: str | None = None) -> dict:
+    """target task -> (source prompt run, source task), or a reason string when the target has no source.
+    `mode`: one of the study's TPT source modes (default: its first)."""
+    mode = mode or spec.tpt.source_modes[0]
     if mode.startswith("indicator:"):
         picks = _indicator_sources(tracker, backbone, spec.name, mode.split(":", 1)[1])
         return {t: picks.get(t, f"the indicator recommends no source for '{t}'") for t in spec.tasks}
     named = None
-    if mode not in ("best_same_category", "best_any"):
+    if mode not in SOURCE_MODES:
         from ptx.tasks import list_tasks
 
         names = [t.name for t in list_tasks()]
         if mode not in names:
-            raise PtxError(f"tpt.source: expected best_same_category, best_any, indicator:<name> or a task name, "
-                           f"found '{mode}'{suggest(mode, [*names, 'best_same_category', 'best_any'])}")
+            raise PtxError(f"tpt.source: expected {', '.join(SOURCE_MODES)}, indicator:<name> or a task name, "
+                           f"found '{mode}'{suggest(mode, [*names, *SOURCE_MODES])}")
         named = mode
     try:
         table = load_transfer_table(tracker, backbone, spec.name)
@@ -98,9 +102,11 @@ def choose_sources(spec, tracker, backbone: str) -> dict:
         d = table[(table.target_task == target) & (table.split == "dev") & (table.source_prompt_run != RANDOM)
                   & (table.source_task != target)]
         d = d[d.source_category == d.target_category] if mode == "best_same_category" else d
+        d = d[d.source_category != d.target_category] if mode == "best_cross_category" else d
         d = d[d.source_task == named] if named else d
         if d.empty:
-            out[target] = f"no {'same-category ' if mode == 'best_same_category' else ''}source prompt for '{target}'"
+            kind = {"best_same_category": "same-category ", "best_cross_category": "cross-category "}.get(mode, "")
+            out[target] = f"no {kind}source prompt for '{target}'"
         else:
             row = d.sort_values(["value", "source_prompt_run"], ascending=[False, True]).iloc[0]
             out[target] = (row.source_prompt_run, row.source_task)
@@ -124,10 +130,11 @@ def run_tpt_stage(spec, tracker, workdir: Path, address: str | None = None) -> d
     settings = spec.train if spec.tpt.steps is None else dataclasses.replace(spec.train, steps=spec.tpt.steps)
     plan, skipped = [], []
     for name in spec.backbones:
-        for target, pick in choose_sources(spec, tracker, name).items():
+        for mode, target, pick in ((m, t, p) for m in spec.tpt.source_modes
+                                   for t, p in choose_sources(spec, tracker, name, m).items()):
             if isinstance(pick, str):
-                log.warning("TPT: skipping %s on %s: %s", target, name, pick)
-                skipped.append({"backbone": name, "target_task": target, "reason": pick})
+                log.warning("TPT: skipping %s on %s (%s): %s", target, name, mode, pick)
+                skipped.append({"backbone": name, "target_task": target, "source_mode": mode, "reason": pick})
                 continue
             dest = workdir / "downloads" / pick[0]  # fetched once here, not by concurrent trials racing for it
             if not (dest / "prompt.json").exists():
@@ -139,31 +146,33 @@ def run_tpt_stage(spec, tracker, workdir: Path, address: str | None = None) -> d
                                f"trains prompts of prompt_length {spec.prompt_length}")
             for seed in spec.tpt.seeds or spec.seeds:  # vanilla = the training stage's request: reused by its hash
                 vanilla = sweep.study_request(spec, target, name, seed, settings)
-                plan.append((name, target, pick, seed, vanilla, tpt_request(vanilla, pick[0])))
+                plan.append((name, mode, target, pick, seed, vanilla, tpt_request(vanilla, pick[0])))
     out = {"study": spec.name, "skipped": skipped, "backbones": {}}
     if not plan:
         return out
     sweep.connect(address)
     # no search space and no early stopping: every trial runs its full curve, so the curves compare
     plain = dataclasses.replace(spec, search=Search(), scheduler=Scheduler())
-    res = sweep.run_sweep(plain, workdir, tracker.uri, requests=[r for p in plan for r in p[4:]],
+    # a vanilla run serves every source mode, and two modes may pick the same source: each request once
+    requests = list({r.hash(): r for p in plan for r in p[5:]}.values())
+    res = sweep.run_sweep(plain, workdir, tracker.uri, requests=requests,
                           name=f"{spec.name}-tpt", tags={"ptx.stage": "tpt"})
     out["sweep"] = {k: res[k] for k in ("trials", "errored", "parent_run_id")}
     for name in spec.backbones:
         rows, curves = [], {}
-        for bb, target, (src_run, src_task), seed, vreq, treq in plan:
+        for bb, mode, target, (src_run, src_task), seed, vreq, treq in plan:
             if bb != name:
                 continue
             metric = _spec(target).metric
-            row = {"backbone": name, "target_task": target, "source_task": src_task, "source_prompt_run": src_run,
-                   "seed": seed, "metric": metric}
+            row = {"backbone": name, "source_mode": mode, "target_task": target, "source_task": src_task,
+                   "source_prompt_run": src_run, "seed": seed, "metric": metric}
             v, t = tracker.finished_run(track.KIND_PROMPT, vreq.hash()), tracker.finished_run(track.KIND_PROMPT, treq.hash())
             if v is None or t is None:
                 rows.append({**row, "flag": "run_missing", "flag_90": "run_missing", "speedup": math.nan})
                 continue
             vc, tc = (_curve(tracker.client.get_metric_history(r.info.run_id, f"dev_{metric}")) for r in (v, t))
             rows.append({**row, **convergence_speedup(vc, tc), "vanilla_run": v.info.run_id, "tpt_run": t.info.run_id})
-            curves.setdefault(target, []).append((seed, vc, tc))
+            curves.setdefault((target, mode), []).append((seed, vc, tc))
         if rows:
             out["backbones"][name] = _log_tpt(tracker, spec, name, rows, curves,
                                               workdir / "tpt" / name.replace("/", "_"))
@@ -176,7 +185,8 @@ def _log_tpt(tracker, spec, backbone: str, rows: list, curves: dict, local: Path
 
     local.mkdir(parents=True, exist_ok=True)
     seeds = pd.DataFrame(rows)
-    keys = ["backbone", "target_task", "source_task", "source_prompt_run", "metric"]
+    keys = ["backbone", *(["source_mode"] if "source_mode" in seeds else []), "target_task", "source_task",
+            "source_prompt_run", "metric"]
     num = [c for c in ("vanilla_best", "tpt_best", "vanilla_steps", "tpt_steps", "vanilla_steps_90", "tpt_steps_90")
            if c in seeds]
     agg = seeds.groupby(keys, sort=False)[num].mean().reset_index()  # the speed-ups: censored_speedups below
@@ -191,13 +201,15 @@ def _log_tpt(tracker, spec, backbone: str, rows: list, curves: dict, local: Path
     overall = {f"{k}{suffix}": v for suffix in ("", "_90") for k, v in censored_speedups(rows, suffix).items()}
     seeds.to_parquet(local / "tpt_seeds.parquet", index=False)
     agg.to_parquet(local / "tpt.parquet", index=False)
-    for target, cs in curves.items():
-        plot_convergence(cs, target, _spec(target).metric, local / f"curves_{target}.png")
+    several = len({mode for _, mode in curves}) > 1
+    for (target, mode), cs in curves.items():  # one plot per target (and source mode when there are several)
+        name = f"{target}_{mode}" if several else target
+        plot_convergence(cs, name, _spec(target).metric, local / f"curves_{name}.png")
     run_id = tracker.start_run(track.run_name("tpt", spec.name, backbone), {
         "ptx.kind": KIND_TPT, "ptx.backbone": backbone, "ptx.study": spec.name,
         "ptx.config_hash": config_hash(sorted(f"{r.get('vanilla_run')}:{r.get('tpt_run')}" for r in rows))})
     finite = {k: v for k, v in overall.items() if math.isfinite(v)}  # MLflow takes no inf; the tables keep it
-    tracker.log(run_id, {**finite, "targets": len(agg)}, params={"source": spec.tpt.source})
+    tracker.log(run_id, {**finite, "targets": len(agg)}, params={"source": ",".join(spec.tpt.source_modes)})
     tracker.log_artifacts(run_id, local, KIND_TPT)
     tracker.finish(run_id)
     return {"run_id": run_id, "parquet": str(local / "tpt.parquet"), "table": agg.to_dict("records"),
