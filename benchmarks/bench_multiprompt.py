@@ -2,8 +2,9 @@
 
 Variants, all on the same frozen backbone, per-prompt batch --batch-size (the paper's 16), prompt --prompt-length
 (the paper's 100), synthetic text of --seq-len tokens (bench_train_step.make_batches), AdamW per prompt:
-- grouped:   a faithful copy of ptx.train_group.train_group's step: one batch per member, one
-             `Backbone.stacked_label_logits` pass, the members' mean losses summed, one backward, K AdamW steps.
+- grouped:   train_group's step: one batch per member through `ptx.train_group.group_backward` (the members in
+             backbone passes of --members-per-pass, default train_group's rule: all on a GPU, one at a time on CPU;
+             each pass's mean losses summed, one backward per pass), then K AdamW steps.
 - ptx:       train_prompt's step for one prompt (bench_train_step.ptx_step); K prompts one after another run K of
              these, so their aggregate examples/s is one run's examples/s.
 - peft:      the PEFT user's step for one prompt (bench_train_step.peft_step), likewise.
@@ -48,12 +49,13 @@ from common import (
 )
 
 
-def grouped_step(backbone, k: int, batch_size: int, seq_len: int, n_tokens: int, n_batches: int, device: str, ctx):
-    """train_group's inner step over K members; returns step(i) -> summed loss."""
+def grouped_step(backbone, k: int, batch_size: int, seq_len: int, n_tokens: int, n_batches: int, device: str, ctx,
+                 per_pass: int | None = None):
+    """train_group's inner step over K members; returns step(i) -> the members' losses."""
     import torch
-    import torch.nn.functional as F
 
     from ptx.prompt import SoftPrompt
+    from ptx.train_group import group_backward, members_per_pass
 
     prompts, opts, scheds, data = [], [], [], []
     for m in range(k):
@@ -66,16 +68,12 @@ def grouped_step(backbone, k: int, batch_size: int, seq_len: int, n_tokens: int,
         scheds.append(torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0))
         data.append(make_batches(backbone, n_batches, batch_size, seq_len, device, seed=m))  # own data per member
     label_ids = label_word_ids(backbone)
+    per_pass = per_pass or members_per_pass(backbone, k)
 
     def step(i):
         batches = [d[i % len(d)] for d in data]
-        with ctx():
-            logits = backbone.stacked_label_logits([(p.weight, b) for p, b in zip(prompts, batches, strict=True)],
-                                                   [label_ids] * k)
-            losses = [F.cross_entropy(out[0].float(), b["labels"]) for out, b in zip(logits, batches, strict=True)]
-        finite = [loss for loss in losses if torch.isfinite(loss)]
-        total = torch.stack(finite).sum()
-        total.backward()
+        losses = group_backward(backbone, [(p.weight, b, label_ids) for p, b in zip(prompts, batches, strict=True)],
+                                per_pass, ctx())
         for opt, sched in zip(opts, scheds, strict=True):
             opt.step()
             sched.step()
@@ -88,7 +86,7 @@ def grouped_step(backbone, k: int, batch_size: int, seq_len: int, n_tokens: int,
 def _build(args, variant: str, backbone, ctx, n_batches: int):
     if variant == "grouped":
         return grouped_step(backbone, args.prompts, args.batch_size, args.seq_len, args.prompt_length, n_batches,
-                            args.device, ctx)
+                            args.device, ctx, args.members_per_pass)
     batches = make_batches(backbone, n_batches, args.batch_size, args.seq_len, args.device)
     fn = ptx_step if variant == "ptx" else peft_step
     return fn(backbone, batches, args.prompt_length, VARIANTS[variant], ctx)[0]
@@ -127,6 +125,10 @@ def worker_time(args) -> dict:
         flops = step_flops(backbone, args.batch_size, args.prompt_length, args.seq_len, prompt_once=once)
         records[v] = {"variant": v, "examples_per_step": n_ex, "prompt_once": once,
                       "model_tflops_per_step": flops * (args.prompts if v == "grouped" else 1) / 1e12}
+        if v == "grouped":
+            from ptx.train_group import members_per_pass
+
+            records[v]["members_per_pass"] = args.members_per_pass or members_per_pass(backbone, args.prompts)
         meter = PeakMemory(args.device)
         meter.start()
         steps[v] = _build(args, v, backbone, ctx, min(args.warmup + args.steps, 8))
@@ -164,6 +166,8 @@ def parse(argv=None):
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default=None, choices=["fp32", "bf16"],
                    help="default: bf16 autocast on CUDA (ptx's training path), fp32 on CPU")
+    p.add_argument("--members-per-pass", type=int, default=0,
+                   help="grouped: members per backbone pass (0: train_group's rule, all on a GPU, 1 on CPU)")
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads on CPU (0: torch's default)")
     p.add_argument("--peak-tflops", type=float, default=989.0, help="for MFU: H100/H200 SXM bf16 dense peak")
     p.add_argument("--json", help="write the results here")
@@ -173,12 +177,14 @@ def parse(argv=None):
     args.dtype = args.dtype or ("bf16" if args.device.startswith("cuda") else "fp32")
     if args.prompts < 1:
         p.error(f"--prompts: expected K >= 1, found {args.prompts}")
+    if args.members_per_pass < 0:
+        p.error(f"--members-per-pass: expected a whole number >= 0, found {args.members_per_pass}")
     return args
 
 
 def worker_argv(args, mode: str, variant: str | None = None) -> list[str]:
     keep = ["backbone", "prompts", "steps", "warmup", "batch_size", "prompt_length", "seq_len", "device", "dtype",
-            "threads", "peak_tflops"]
+            "threads", "peak_tflops", "members_per_pass"]
     argv = [str(Path(__file__).resolve()), "--worker", mode]
     for k in keep:
         argv += [f"--{k.replace('_', '-')}", str(getattr(args, k))]
@@ -213,7 +219,8 @@ def main(argv=None) -> dict:
     if "mfu" in g:
         cols.append("mfu")
     print(f"{args.backbone} on {args.device} ({args.dtype}), K={args.prompts} prompts x batch {args.batch_size}, "
-          f"prompt {args.prompt_length}, text {args.seq_len}, {args.steps} rounds; time = {g['time_measure']}; "
+          f"prompt {args.prompt_length}, text {args.seq_len}, {g['members_per_pass']} member(s) per backbone pass, "
+          f"{args.steps} rounds; time = {g['time_measure']}; "
           f"memory = {g.get('memory_measure', '?')}")
     print(table(results, cols))
     print(f"grouped vs ptx one at a time: {g['speed_vs_ptx']:.2f}x ({g['time_measure']} time; wall "

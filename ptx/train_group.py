@@ -5,8 +5,14 @@ best-dev checkpoint, early stop and report callable); only the frozen backbone's
 A step takes the next batch of every live member, runs them as one stacked batch and sums the members' mean
 losses: a member's prompt touches only its own rows, so its gradient is exactly the one its own run would get.
 A member that finishes or stops early leaves the stack; one whose loss or prompt turns non-finite is failed alone.
+
+How many members share one backbone pass (`members_per_pass`): all of them on a GPU, where a batch-16 step is
+launch-bound; one at a time on CPU, where time follows FLOPs, so a wider pass buys no speed but keeps every member's
+activations for one backward (measured: minilm-l6, K=8 in one pass ran 0.89x one-at-a-time at 6.6x the peak memory;
+benchmarks/RESULTS.md). Passes only split the step: each member's gradient is the same either way.
 """
 
+import contextlib
 import copy
 import logging
 import math
@@ -122,13 +128,59 @@ def _start(backbone, m: GroupMember) -> _Run:
     return run
 
 
+def members_per_pass(backbone, n: int) -> int:
+    """Members per backbone pass for a group of n on this backbone's device: n on a GPU, 1 on CPU (module doc)."""
+    return 1 if backbone.device.type == "cpu" else max(1, n)
+
+
+def _passes(segments: list, per_pass: int):
+    """Split (prompts [P, n, d], batch) segments into passes of at most per_pass prompts: yields (pass, [(segment
+    index, P in this pass)])."""
+    chunk, owners, room = [], [], per_pass
+    for i, (prompts, batch) in enumerate(segments):
+        lo = 0
+        while lo < prompts.shape[0]:
+            take = min(room, prompts.shape[0] - lo)
+            chunk.append((prompts[lo:lo + take], batch))
+            owners.append(i)
+            lo, room = lo + take, room - take
+            if room == 0:
+                yield chunk, owners
+                chunk, owners, room = [], [], per_pass
+    if chunk:
+        yield chunk, owners
+
+
+def group_backward(backbone, parts: list, per_pass: int, autocast=None) -> list[torch.Tensor]:
+    """Each (prompt [n, d], batch, label ids) part's mean loss, with the gradients of the finite ones accumulated.
+
+    The parts run through the backbone per_pass at a time; each pass sums its finite losses and runs its own backward,
+    so a prompt gets d(its loss)/d(prompt) whatever it shares a pass with. Returns the losses, detached.
+    """
+    autocast = autocast or contextlib.nullcontext()
+    losses = []
+    for lo in range(0, len(parts), per_pass):
+        chunk = parts[lo:lo + per_pass]
+        with autocast:
+            logits = backbone.stacked_label_logits([(w, b) for w, b, _ in chunk], [ids for _, _, ids in chunk])
+            out = [F.cross_entropy(x[0].float(), b["labels"].to(backbone.device))
+                   for x, (_, b, _) in zip(logits, chunk, strict=True)]
+        finite = [loss for loss in out if torch.isfinite(loss)]
+        if finite:
+            torch.stack(finite).sum().backward()
+        losses += [loss.detach() for loss in out]
+    return losses
+
+
 @torch.no_grad()
-def score_stacked(backbone, items: list) -> list[float]:
+def score_stacked(backbone, items: list, per_pass: int | None = None) -> list[float]:
     """Dev metric of each (prompt [n, d], spec, encoded split, batch size) item, all scored in stacked passes.
 
     Items on the same split share its text rows (one segment of several prompts); the splits advance in lockstep,
-    one batch of each per pass, so K members cost one pass per dev batch of the longest split.
+    one batch of each per pass, so K members cost one pass per dev batch of the longest split (or more passes of at
+    most `per_pass` prompts each; default: members_per_pass).
     """
+    per_pass = per_pass or members_per_pass(backbone, len(items))
     segs: dict = {}  # split identity -> [indices of items]
     for i, (_, spec, data, _) in enumerate(items):
         segs.setdefault((id(data), spec.name), []).append(i)
@@ -148,10 +200,16 @@ def score_stacked(backbone, items: list) -> list[float]:
                 batches[k] = batch
         if not batches:
             break
-        segments = [(torch.stack([items[i][0] for i in segs[k]]).to(backbone.device), batches[k]) for k in batches]
-        with _autocast(backbone):
-            logits = backbone.stacked_label_logits(segments, [labels[k] for k in batches])
-        for k, out in zip(batches, logits, strict=True):
+        order = list(batches)
+        segments = [(torch.stack([items[i][0] for i in segs[k]]).to(backbone.device), batches[k]) for k in order]
+        pieces: dict = {k: [] for k in order}
+        for chunk, owners in _passes(segments, per_pass):
+            with _autocast(backbone):
+                part = backbone.stacked_label_logits(chunk, [labels[order[i]] for i in owners])
+            for i, out in zip(owners, part, strict=True):
+                pieces[order[i]].append(out)
+        logits = [torch.cat(pieces[k]) for k in order]
+        for k, out in zip(order, logits, strict=True):
             preds[k].append(out.argmax(-1).cpu())
             golds[k].append(batches[k]["labels"])
     scores = [0.0] * len(items)
@@ -163,10 +221,10 @@ def score_stacked(backbone, items: list) -> list[float]:
     return scores
 
 
-def _evaluate(backbone, runs: list[_Run]) -> list[float]:
+def _evaluate(backbone, runs: list[_Run], per_pass: int | None = None) -> list[float]:
     backbone.model.eval()  # scoring never sees dropout
     return score_stacked(backbone, [(r.prompt.weight.detach(), r.member.spec, r.member.dev_data,
-                                     r.settings.eval_batch_size) for r in runs])
+                                     r.settings.eval_batch_size) for r in runs], per_pass)
 
 
 def _state(run: _Run) -> dict:
@@ -183,17 +241,20 @@ def _fail(run: _Run, why: str) -> None:
 
 
 def train_group(backbone, members: list[GroupMember], progress: bool = False,
-                on_evaluated: Callable[[], None] | None = None) -> list[TrainResult]:
+                on_evaluated: Callable[[], None] | None = None, per_pass: int | None = None) -> list[TrainResult]:
     """Tune K soft prompts in one loop on a frozen backbone; one TrainResult per member, in order.
 
     `on_evaluated()` runs after each step that evaluated a member (once its report has run): the sweep writes the
-    group's checkpoint there.
+    group's checkpoint there. `per_pass`: members per backbone pass (default: members_per_pass).
     """
     _check(backbone, members)
+    if per_pass is not None and (not isinstance(per_pass, int) or per_pass < 1):
+        raise PtxError(f"train_group: per_pass: expected a whole number >= 1 or None, found {per_pass!r}")
+    per_pass = per_pass or members_per_pass(backbone, len(members))
     runs = [_start(backbone, m) for m in members]
     fresh = [r for r in runs if not r.member.resume]
     if fresh:  # the step-0 evaluations of every new member, in one stacked pass
-        for run, dev in zip(fresh, _evaluate(backbone, fresh), strict=True):
+        for run, dev in zip(fresh, _evaluate(backbone, fresh, per_pass), strict=True):
             run.best = dev
             run.curve.append({"step": 0, "dev_metric": dev, "train_loss": None})
             if run.member.report:
@@ -215,11 +276,9 @@ def train_group(backbone, members: list[GroupMember], progress: bool = False,
         backbone.model.train(members[0].settings.dropout)
         if members[0].settings.dropout:
             torch.manual_seed(_step_seed(live[0].settings.seed, live[0].step))
-        with autocast:
-            logits = backbone.stacked_label_logits([(r.prompt.weight, b) for r, b in zip(live, batches, strict=True)],
-                                                   [r.label_ids for r in live])
-            losses = [F.cross_entropy(out[0].float(), b["labels"].to(backbone.device))
-                      for out, b in zip(logits, batches, strict=True)]
+        # a member's prompt reaches only its own rows, so d(sum)/d(prompt_k) = d(loss_k)/d(prompt_k)
+        losses = group_backward(backbone, [(r.prompt.weight, b, r.label_ids) for r, b in zip(live, batches, strict=True)],
+                                per_pass, autocast)
         ok = []
         for run, loss in zip(live, losses, strict=True):
             if torch.isfinite(loss):
@@ -228,8 +287,6 @@ def train_group(backbone, members: list[GroupMember], progress: bool = False,
                 _fail(run, f"non-finite loss {loss.item()}")
         if not ok:
             continue
-        # a member's prompt reaches only its own rows, so d(sum)/d(prompt_k) = d(loss_k)/d(prompt_k)
-        torch.stack([loss for _, loss in ok]).sum().backward()
         due = []
         for run, loss in ok:
             if run.settings.max_grad_norm:
@@ -247,7 +304,7 @@ def train_group(backbone, members: list[GroupMember], progress: bool = False,
                 run.stopped = "max_steps"
         bar.update(len(ok))
         if due:
-            for run, dev in zip(due, _evaluate(backbone, due), strict=True):
+            for run, dev in zip(due, _evaluate(backbone, due, per_pass), strict=True):
                 _record(run, dev)
             if on_evaluated:
                 on_evaluated()

@@ -91,11 +91,12 @@ def _same(group, alone, last=None):
                                    alone.last["optimizer"]["state"][0]["exp_avg_sq"], atol=1e-9, rtol=1e-4)
 
 
-@pytest.mark.parametrize(("name", "insertion"), [("tiny-llama", "prepend"), ("tiny-roberta", "paper")])
-def test_group_of_three_equals_the_three_alone(tiny, name, insertion):
+# per_pass: None is the CPU rule (one member per backbone pass); 2 stacks two members in a pass and the third alone
+@pytest.mark.parametrize(("name", "insertion", "per_pass"), [("tiny-llama", "prepend", None), ("tiny-roberta", "paper", 2)])
+def test_group_of_three_equals_the_three_alone(tiny, name, insertion, per_pass):
     backbone = tiny(name, insertion)
     members = _recorded(_members(backbone))
-    grouped = train_group(backbone, members)
+    grouped = train_group(backbone, members, per_pass=per_pass)
     for m, g in zip(members, grouped, strict=True):
         _same(g, _alone(backbone, m), m.report)
     # the runs differ from each other (own seeds, rates, tasks) and really trained
@@ -106,9 +107,9 @@ def test_group_of_three_equals_the_three_alone(tiny, name, insertion):
 
 def test_a_diverging_member_fails_alone(tiny):
     backbone = tiny("tiny-llama")
-    # member 1's first update makes its prompt NaN
+    # member 1's first update makes its prompt NaN; per_pass=2: it shares its backbone pass with member 0
     members = _recorded(_members(backbone, lrs=(0.05, float("inf"), 0.08)))
-    grouped = train_group(backbone, members)
+    grouped = train_group(backbone, members, per_pass=2)
     assert grouped[1].stopped == "nonfinite_loss" and grouped[1].steps_done == 0 and grouped[1].best_step == 0
     torch.testing.assert_close(grouped[1].prompt, members[1].init)  # its best (the init) is kept, finite
     _same(grouped[1], _alone(backbone, members[1]))
@@ -141,8 +142,11 @@ def test_stacked_dev_scores_equal_score_prompts(tiny):
     backbone = tiny("tiny-bert")
     members = _members(backbone)
     items = [(m.init, m.spec, m.dev_data, 4) for m in members]
-    got = score_stacked(backbone, items)
-    assert got == [score_prompts(backbone, m.init, m.spec, m.dev_data, 4)[0] for m in members]
+    want = [score_prompts(backbone, m.init, m.spec, m.dev_data, 4)[0] for m in members]
+    assert len(set(want)) > 1  # the three prompts score differently, so a mixed-up row would show
+    # one pass for all, the CPU rule (one prompt per pass: the shared tweets split is split), and 2 + 1
+    for per_pass in (3, None, 2):
+        assert score_stacked(backbone, items, per_pass) == want, per_pass
 
 
 def test_a_group_refuses_mixed_prompt_lengths_and_generation_tasks(tiny):
