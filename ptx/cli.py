@@ -595,9 +595,9 @@ def _print_plan(spec, max_concurrent):
     click.echo(f"study {p['study']}: {p['trials']} trials = {p['base_runs']} runs (backbones x tasks x seeds) "
                f"x {p['search_points']} search points x {p['samples']} samples")
     click.echo(f"  stages: {', '.join(p['stages'])}; scheduler: {p['scheduler']}; {p['steps_per_trial']} steps per trial")
-    if p.get("group_size", 1) > 1:  # a trial is a group of prompts trained in one stacked pass
+    if p.get("group_size", 1) > 1:  # a trial is a group of prompts trained together on one backbone copy
         per_gpu = f", {p['groups_per_gpu']:g} group(s) per GPU" if p.get("groups_per_gpu") else ""
-        click.echo(f"  groups: {p['groups']} trial(s) of up to {p['group_size']} prompts, one backbone pass each "
+        click.echo(f"  groups: {p['groups']} trial(s) of up to {p['group_size']} prompts, one backbone copy each "
                    f"(members per group {p['members_per_group']}{per_gpu})")
     click.echo(f"  resources per trial: {res}; max concurrent: {cap or 'as resources allow'}")
     if res.get("gpu"):

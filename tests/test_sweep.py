@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -148,9 +149,12 @@ def test_rerun_reuses_finished_runs(ray_session, tmp_path):
     assert time.perf_counter() - t0 < 120
 
 
-def test_killed_driver_is_finished_by_resume(tmp_path):
-    spec_path = write_spec(tmp_path / "killed.yaml", seeds=[0, 1],
-                           train={"steps": 150, "batch_size": 8, "lr": 0.05, "eval_every": 3, "eval_batch_size": 32})
+# grouped: the four runs as two trials of two prompts each (train.group_size 2; ptx.train_group)
+@pytest.mark.parametrize("group", [1, pytest.param(2, marks=pytest.mark.slow)], ids=["alone", "grouped"])
+def test_killed_driver_is_finished_by_resume(tmp_path, group):
+    train = {"steps": 150, "batch_size": 8, "lr": 0.05, "eval_every": 3, "eval_batch_size": 32}
+    spec_path = write_spec(tmp_path / "killed.yaml", seeds=[0, 1], train={**train, "group_size": group} if group > 1 else train)
+    n_trials = 4 // group
     env = {**os.environ, "PTX_WORKDIR": str(tmp_path)}
     env.pop(sweep.FAIL_ONCE_ENV, None)
     ptx = [sys.executable, "-m", "ptx", ]
@@ -181,11 +185,16 @@ def test_killed_driver_is_finished_by_resume(tmp_path):
     for r in runs:
         names = {a.path for a in client.list_artifacts(r.info.run_id, "prompt")}
         assert names == {"prompt/prompt.json", "prompt/prompt.safetensors"}
+    if group > 1:  # every member resumed in its own run: two per group trial, each point of its curve logged once
+        assert sorted(Counter(r.data.tags["ptx.group_trial"] for r in runs).values()) == [2, 2]
+        for r in runs:
+            steps = [m.step for m in client.get_metric_history(r.info.run_id, "dev_accuracy")]
+            assert sorted(steps) == list(range(0, 151, 3)), (r.data.tags["ptx.trial_id"], steps)
     status = subprocess.run([*ptx, "status", str(experiment)], env=env, capture_output=True, text=True, timeout=120)
-    assert status.returncode == 0 and status.stdout.count("TERMINATED") == 4
+    assert status.returncode == 0 and status.stdout.count("TERMINATED") == n_trials
     # finalised trials keep only their last checkpoint
-    trials = [p for p in experiment.iterdir() if p.is_dir()]  # all four now (one may not have started at the kill)
-    assert sorted(len(list(trial.glob("checkpoint_*"))) for trial in trials) == [1, 1, 1, 1]
+    trials = [p for p in experiment.iterdir() if p.is_dir()]  # all of them now (one may not have started at the kill)
+    assert sorted(len(list(trial.glob("checkpoint_*"))) for trial in trials) == [1] * n_trials
 
 
 def registered_results(trial_dir: Path) -> int:

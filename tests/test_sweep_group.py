@@ -4,6 +4,7 @@ import os
 
 import pytest
 import yaml
+from cli_runner import invoke_cli
 
 from ptx import sweep, track
 from ptx.config import load_study
@@ -31,6 +32,17 @@ def test_the_plan_is_printed_in_groups(tmp_path):
     assert sweep.group_size(load_study(write_spec(tmp_path / "cpu.yaml", train=train))) == 1
     gpu = load_study(write_spec(tmp_path / "gpu.yaml", train=train, resources={"cpu": 2, "gpu": 1}))
     assert sweep.group_size(gpu) == sweep.GPU_GROUP_SIZE
+
+
+def test_dry_run_prints_the_plan_in_groups(tmp_path):
+    path = write_spec(tmp_path / "plan.yaml", seeds=[0, 1, 2], resources={"cpu": 2, "gpu": 0.5})
+    code, out, err = invoke_cli("run", path, "--dry-run")
+    assert code == 0, err
+    assert "study plan: 2 trials = 6 runs" in out
+    assert "groups: 2 trial(s) of up to 3 prompts, one backbone copy each (members per group [3, 3], 2 group(s) " \
+           "per GPU)" in out
+    code, out, _ = invoke_cli("run", path, "--dry-run", "--set", "train.group_size=1")
+    assert code == 0 and "study plan: 6 trials = 6 runs" in out and "groups:" not in out
 
 
 def test_groups_refuse_asha(tmp_path):
