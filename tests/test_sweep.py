@@ -161,7 +161,7 @@ def test_killed_driver_is_finished_by_resume(tmp_path, group):
     driver = subprocess.Popen([*ptx, "sweep", str(spec_path), "--workdir", str(tmp_path)], env=env,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     results = tmp_path / "ray_results"
-    deadline = time.time() + 240
+    deadline = time.time() + 420  # a loaded 2-core box may take minutes to start Ray and the first trials
     # kill once Tune's driver has processed four results of a trial (so registered three checkpoints): Tune saves
     # its experiment state only every 10 s or so, and that state may name any checkpoint registered since
     while time.time() < deadline and max(map(registered_results, results.glob("*/*/")), default=0) < 4:

@@ -10,7 +10,7 @@ from ptx.errors import PtxError
 from ptx.prompt import init_prompt
 from ptx.tasks import load_task
 from ptx.train import TrainSettings, train_prompt
-from ptx.train_group import GroupMember, score_stacked, train_group
+from ptx.train_group import GroupMember, _passes, score_stacked, train_group
 
 N_TOK = 4
 # tiny-llama takes the CPU prompt-once path, tiny-roberta the paper layout, tiny-t5 the encoder-decoder one
@@ -143,10 +143,23 @@ def test_stacked_dev_scores_equal_score_prompts(tiny):
     members = _members(backbone)
     items = [(m.init, m.spec, m.dev_data, 4) for m in members]
     want = [score_prompts(backbone, m.init, m.spec, m.dev_data, 4)[0] for m in members]
-    assert len(set(want)) > 1  # the three prompts score differently, so a mixed-up row would show
     # one pass for all, the CPU rule (one prompt per pass: the shared tweets split is split), and 2 + 1
     for per_pass in (3, None, 2):
         assert score_stacked(backbone, items, per_pass) == want, per_pass
+
+
+def test_passes_split_segments_into_at_most_per_pass_prompts():
+    """The members of a step (or the prompts of a dev split) in passes of at most per_pass prompts, in order."""
+    two, one = torch.arange(2.0)[:, None, None].expand(2, 3, 1), torch.full((1, 3, 1), 2.0)
+    segments = [(two, "batch a"), (one, "batch b")]
+
+    def layout(per_pass):
+        return [[(p[:, 0, 0].tolist(), b, i) for (p, b), i in zip(chunk, owners, strict=True)]
+                for chunk, owners in _passes(segments, per_pass)]
+
+    assert layout(3) == [[([0.0, 1.0], "batch a", 0), ([2.0], "batch b", 1)]]
+    assert layout(2) == [[([0.0, 1.0], "batch a", 0)], [([2.0], "batch b", 1)]]
+    assert layout(1) == [[([0.0], "batch a", 0)], [([1.0], "batch a", 0)], [([2.0], "batch b", 1)]]
 
 
 def test_a_group_refuses_mixed_prompt_lengths_and_generation_tasks(tiny):
