@@ -61,6 +61,6 @@ def wait_healthy(url: str, proc: subprocess.Popen, log: Path, timeout: float) ->
 
 
 def examples(n: int) -> int:
-    """A property test's example count: `n` under hypothesis' own default of 100 examples, scaled by the loaded
-    profile (conftest.py: `ci` halves it, `thorough` multiplies it by four)."""
+    """A property test's example count: `n` under the `ci` profile's 100 examples per test, scaled by the loaded
+    profile (conftest.py: `thorough` multiplies it by ten)."""
     return max(10, round(n * settings.default.max_examples / 100))
