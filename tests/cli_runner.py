@@ -17,10 +17,18 @@ def invoke_cli(*args) -> tuple[int, str, str]:
                 main()
                 code = 0
             except SystemExit as exc:
-                code = exc.code
+                code = exc.code or 0  # sys.exit() and sys.exit(None) are exit 0
             finally:
                 sys.stdout.flush()
                 sys.stderr.flush()
             return code, out.getvalue().decode(), err.getvalue().decode()
     finally:
         sys.argv = argv
+
+
+def user_error(result: tuple[int, str, str]) -> str:
+    """The stderr of an `invoke_cli` result that must be a user error: exit 2 and one `error: ...` line."""
+    code, _, err = result
+    assert code == 2, result
+    assert err.startswith("error: ") and err.count("\n") == 1, err
+    return err

@@ -1,12 +1,24 @@
-"""Shared fixtures: one model cache per test session, tiny backbones loaded once and reused, a fixed split."""
+"""Shared fixtures: one model cache per test session, tiny backbones loaded once and reused, a fixed split, and
+real MLflow sqlite stores copied from one migrated empty db. (Plain helpers: support.py; the CLI: cli_runner.py.)"""
 
 import os
+import shutil
 from pathlib import Path
 
 import datasets
 import pytest
+from hypothesis import HealthCheck, settings
 
 from ptx.backbones import Backbone, load_backbone
+
+# Hypothesis profiles: `ci`, the default (every run draws new examples: no example database, no derandomising; the
+# counts each test names), and `thorough`, ten times as many, for a change to the spec loader or the artifact
+# readers: HYPOTHESIS_PROFILE=thorough pytest tests/test_inputs.py. Tests scale their counts with support.examples().
+# (Halving `ci` was measured: it saved about 2 s of CPU in all, so `ci` keeps the full counts.)
+settings.register_profile("ci", max_examples=100, deadline=None, database=None,
+                          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+settings.register_profile("thorough", settings.get_profile("ci"), max_examples=1000)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -56,3 +68,40 @@ def fixed_split():
         return datasets.Dataset.from_list(rows)
 
     return build
+
+
+# ---- MLflow: a real sqlite store per test, copied from one migrated empty db ----------------------------------
+@pytest.fixture
+def no_env_uri(monkeypatch):
+    """No MLFLOW_TRACKING_URI from the caller's environment: each test names its store (or the workdir's)."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+
+
+@pytest.fixture(scope="session")
+def empty_db(tmp_path_factory) -> Path:
+    """A real, migrated, empty MLflow sqlite db, made once per session: a fresh db spends ~10 s in MLflow's
+    migrations, a copy of this one none."""
+    from mlflow.tracking import MlflowClient
+
+    path = tmp_path_factory.mktemp("mlflow-template") / "mlflow.db"
+    MlflowClient(f"sqlite:///{path}").search_experiments()
+    return path
+
+
+@pytest.fixture(scope="session")
+def new_workdir(empty_db):
+    """new_workdir(path) -> path (made if missing) whose default store, sqlite:///<path>/mlflow.db, is a copy of the
+    empty migrated db: what ptx would create there, without the migrations."""
+
+    def make(path: Path) -> Path:
+        path.mkdir(parents=True, exist_ok=True)
+        shutil.copy(empty_db, path / "mlflow.db")
+        return path
+
+    return make
+
+
+@pytest.fixture
+def wd(tmp_path, new_workdir) -> Path:
+    """A workdir of this test's own, with an empty MLflow store."""
+    return new_workdir(tmp_path / "wd")

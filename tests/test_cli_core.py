@@ -87,7 +87,8 @@ def test_train_untracked(tmp_path):
     assert not (tmp_path / "mlflow.db").exists()
 
 
-def test_train_tracked_then_reused_then_eval(tmp_path, tiny):
+def test_train_tracked_then_reused_then_eval(tmp_path, tiny, new_workdir):
+    new_workdir(tmp_path)  # its store: a copy of the migrated empty db
     out = invoke(*TRAIN, "--workdir", tmp_path)
     run_id = re.match(r"trained (\w+): best dev (\d\.\d{4})", out).group(1)
     assert f"MLflow: sqlite:///{tmp_path.resolve()}/mlflow.db" in out
@@ -166,8 +167,9 @@ def test_eval_width_mismatch_and_corrupt_artifact(monkeypatch, tmp_path):
     assert_one_line_error(code, err, str(weights), "corrupt or truncated safetensors")
 
 
-def test_nan_loss_exits_2_and_names_the_kept_prompt(monkeypatch, tmp_path, tiny):
+def test_nan_loss_exits_2_and_names_the_kept_prompt(monkeypatch, tmp_path, tiny, new_workdir):
     # an infinite --lr is refused up front now; a finite init prompt too loud for fp32 still makes the loss NaN
+    new_workdir(tmp_path)  # its store: a copy of the migrated empty db
     from ptx.prompt import backbone_meta, save_prompt
 
     loud = save_prompt(tmp_path / "loud", torch.full((4, 32), 1e30), {"backbone": backbone_meta(tiny("tiny-bert"))})

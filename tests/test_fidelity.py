@@ -274,15 +274,6 @@ def test_full_vocab_loss_is_the_lm_cross_entropy(tiny, sentiment, fixed_split):
         _first_losses(bb, sentiment, data, label_loss="vocab")
 
 
-def test_paper_studies_set_the_papers_loss_and_dropout():
-    from ptx.config import load_study
-
-    t5 = load_study("experiments/paper_t5_base.yaml")
-    roberta = load_study("experiments/paper_roberta_base.yaml")
-    assert (t5.train.label_loss, t5.train.dropout) == ("full_vocab", True)
-    assert (roberta.train.label_loss, roberta.train.dropout) == ("label_words", True)
-
-
 def test_new_settings_keep_the_hash_of_runs_made_before_them():
     from ptx.prompt_runs import PromptRequest
 

@@ -3,7 +3,6 @@ every trial sees the same disk. (The same refusals on a live two-node Ray: tests
 
 import pytest
 
-from ptx.config import load_study
 from ptx.errors import PtxError
 from ptx.guards import check_not_placeholder, check_storage, is_placeholder, is_shared_uri
 
@@ -36,14 +35,6 @@ def test_local_storage_is_refused_where_trials_may_run_on_other_nodes():
     with pytest.raises(PtxError, match="placeholder"):
         check_storage("s3://CHANGE-ME-ptx-bucket/r", nodes=4, joined=True, shared_fs=False)
     assert is_shared_uri("gs://b/x") and not is_shared_uri("file:///tmp/x") and not is_shared_uri("/tmp/x")
-
-
-def test_storage_shared_is_a_spec_flag_that_keeps_the_hash(tmp_path):
-    spec = tmp_path / "s.yaml"
-    spec.write_text("name: s\nbackbones: [tiny-bert]\ntasks: [sst2]\n")
-    plain, shared = load_study(spec), load_study(spec, ["storage_shared=true"])
-    assert shared.storage_shared is True and plain.storage_shared is False
-    assert plain.hash() == shared.hash()  # an existing Tune experiment of the spec still resumes
 
 
 def test_mlflow_server_refuses_a_placeholder_store(tmp_path):

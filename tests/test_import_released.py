@@ -8,62 +8,21 @@ with no --task and `--name random`.
 import json
 import pickle
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from cli_runner import invoke_cli, user_error
 from mlflow.tracking import MlflowClient
 
-from ptx.cli import main
 from ptx.prompt import load_prompt
 
+pytestmark = pytest.mark.usefixtures("no_env_uri")  # each test names its store (conftest.py)
 RELEASED = Path("/work/shared/reference/prompt-transferability/prompts")
 if not RELEASED.is_dir():  # the fixture lives in the shared reference folder, outside the repository
     pytest.skip(f"released prompts not found at {RELEASED}", allow_module_level=True)
 WIDTH = {"roberta-base": 768, "roberta-large": 1024, "t5-base": 768}
 COUNT = {"roberta-base": 14, "roberta-large": 13, "t5-base": 17}
-
-
-@pytest.fixture(autouse=True)
-def _no_env_uri(monkeypatch):
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-
-
-@pytest.fixture(scope="session")
-def empty_db(tmp_path_factory) -> Path:
-    """A real, migrated, empty MLflow sqlite db, made once per session."""
-    path = tmp_path_factory.getbasetemp() / "mlflow-template" / "mlflow.db"
-    if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        MlflowClient(f"sqlite:///{path}").search_experiments()
-    return path
-
-
-@pytest.fixture
-def wd(tmp_path, empty_db) -> Path:
-    wd = tmp_path / "wd"
-    wd.mkdir()
-    shutil.copy(empty_db, wd / "mlflow.db")
-    return wd
-
-
-def ptx(monkeypatch, capsys, *args) -> tuple[int, str, str]:
-    monkeypatch.setattr(sys, "argv", ["ptx", *map(str, args)])
-    code = 0
-    try:
-        main()
-    except SystemExit as exc:
-        code = exc.code or 0
-    out = capsys.readouterr()
-    return code, out.out, out.err
-
-
-def user_error(result) -> str:
-    code, _, err = result
-    assert code == 2, result
-    assert err.startswith("error: ") and err.count("\n") == 1, err
-    return err
 
 
 def import_args(file: Path) -> list:
@@ -75,11 +34,11 @@ def import_args(file: Path) -> list:
     return args
 
 
-def test_all_released_prompts_import(wd, tmp_path, monkeypatch, capsys):
+def test_all_released_prompts_import(wd, tmp_path):
     files = sorted(RELEASED.glob("*/*.pt"))
     assert len(files) == 44
     for file in files:
-        code, out, err = ptx(monkeypatch, capsys, *import_args(file), "--workdir", wd)
+        code, out, err = invoke_cli(*import_args(file), "--workdir", wd)
         assert code == 0, (file, err)
     client = MlflowClient(f"sqlite:///{wd / 'mlflow.db'}")
     exp = [e.experiment_id for e in client.search_experiments()]
@@ -100,11 +59,11 @@ def test_all_released_prompts_import(wd, tmp_path, monkeypatch, capsys):
     # one round trip through MLflow, byte-exact to the released tensor
     file = RELEASED / "t5-base" / "squad.pt"
     got = tmp_path / "squad"
-    assert ptx(monkeypatch, capsys, "prompts", "get", by_file[("t5-base", "squad")].info.run_id, "-o", got,
+    assert invoke_cli("prompts", "get", by_file[("t5-base", "squad")].info.run_id, "-o", got,
                "--workdir", wd)[0] == 0
     assert torch.equal(load_prompt(got).prompt, torch.load(file, weights_only=True))
     # the bank lists them; the random baseline shows its name in place of a task
-    code, out, _ = ptx(monkeypatch, capsys, "prompts", "list", "--backbone", "roberta-base", "--format", "json",
+    code, out, _ = invoke_cli("prompts", "list", "--backbone", "roberta-base", "--format", "json",
                        "--workdir", wd)
     rows = json.loads(out)
     assert len(rows) == 14 and {r["origin"] for r in rows} == {"imported"}
@@ -113,23 +72,23 @@ def test_all_released_prompts_import(wd, tmp_path, monkeypatch, capsys):
     copy = tmp_path / "copy" / "roberta-large" / "mnli.pt"
     copy.parent.mkdir(parents=True)
     shutil.copy(RELEASED / "roberta-large" / "mnli.pt", copy)
-    code, out, _ = ptx(monkeypatch, capsys, *import_args(copy), "--workdir", wd)
+    code, out, _ = invoke_cli(*import_args(copy), "--workdir", wd)
     assert code == 0 and "already imported" in out
     assert by_file[("roberta-large", "mnli")].info.run_id in out
 
 
-def test_wrong_width_and_layout_are_refused(wd, monkeypatch, capsys):
+def test_wrong_width_and_layout_are_refused(wd):
     large = RELEASED / "roberta-large" / "sst2.pt"
-    err = user_error(ptx(monkeypatch, capsys, "prompts", "import", large, "--backbone", "roberta-base", "--task",
+    err = user_error(invoke_cli("prompts", "import", large, "--backbone", "roberta-base", "--task",
                          "sst2", "--insertion", "paper", "--workdir", wd))
     assert "[100, 1024]" in err and "768" in err and "roberta-base" in err
-    err = user_error(ptx(monkeypatch, capsys, "prompts", "import", RELEASED / "t5-base" / "sst2.pt", "--backbone",
+    err = user_error(invoke_cli("prompts", "import", RELEASED / "t5-base" / "sst2.pt", "--backbone",
                          "t5-base", "--task", "sst2", "--insertion", "paper", "--workdir", wd))
     assert "paper" in err and "seq2seq" in err
-    err = user_error(ptx(monkeypatch, capsys, "prompts", "import", large, "--backbone", "acme/unknown-model",
+    err = user_error(invoke_cli("prompts", "import", large, "--backbone", "acme/unknown-model",
                          "--task", "sst2", "--workdir", wd))
     assert "--d-model" in err
-    err = user_error(ptx(monkeypatch, capsys, "prompts", "import", large, "--backbone", "roberta-large",
+    err = user_error(invoke_cli("prompts", "import", large, "--backbone", "roberta-large",
                          "--task", "no_such_task", "--workdir", wd))
     assert "no_such_task" in err
     assert not (wd / "prompts").exists()
@@ -145,10 +104,10 @@ class _WritesMarker:
         return (Path.touch, (self.marker,))
 
 
-def test_unsafe_and_non_tensor_files_are_refused(wd, tmp_path, monkeypatch, capsys):
+def test_unsafe_and_non_tensor_files_are_refused(wd, tmp_path):
     not_tensor = tmp_path / "dict.pt"
     torch.save({"a": 1}, not_tensor)
-    err = user_error(ptx(monkeypatch, capsys, "prompts", "import", not_tensor, "--backbone", "roberta-base",
+    err = user_error(invoke_cli("prompts", "import", not_tensor, "--backbone", "roberta-base",
                          "--task", "sst2", "--workdir", wd))
     assert "dict" in err and "tensor" in err
 
@@ -162,21 +121,21 @@ def test_unsafe_and_non_tensor_files_are_refused(wd, tmp_path, monkeypatch, caps
     marker = tmp_path / "evil-ran"
     evil = tmp_path / "evil.pt"
     torch.save(_WritesMarker(marker), evil)
-    err = user_error(ptx(monkeypatch, capsys, "prompts", "import", evil, "--backbone", "roberta-base", "--task",
+    err = user_error(invoke_cli("prompts", "import", evil, "--backbone", "roberta-base", "--task",
                          "sst2", "--workdir", wd))
     assert "weights_only" in err and str(evil) in err
     assert not marker.exists()
 
     raw_pickle = tmp_path / "raw.pkl"  # a plain pickle, not a torch zip file
     raw_pickle.write_bytes(pickle.dumps(_WritesMarker(marker)))
-    user_error(ptx(monkeypatch, capsys, "prompts", "import", raw_pickle, "--backbone", "roberta-base", "--task",
+    user_error(invoke_cli("prompts", "import", raw_pickle, "--backbone", "roberta-base", "--task",
                    "sst2", "--workdir", wd))
     assert not marker.exists()
     garbage = tmp_path / "garbage.pt"
     garbage.write_bytes(b"\x00not a torch file")
-    user_error(ptx(monkeypatch, capsys, "prompts", "import", garbage, "--backbone", "roberta-base", "--task", "sst2",
+    user_error(invoke_cli("prompts", "import", garbage, "--backbone", "roberta-base", "--task", "sst2",
                    "--workdir", wd))
-    user_error(ptx(monkeypatch, capsys, "prompts", "import", tmp_path / "missing.pt", "--backbone", "roberta-base",
+    user_error(invoke_cli("prompts", "import", tmp_path / "missing.pt", "--backbone", "roberta-base",
                    "--task", "sst2", "--workdir", wd))
     client = MlflowClient(f"sqlite:///{wd / 'mlflow.db'}")
     assert client.search_runs([e.experiment_id for e in client.search_experiments()]) == []

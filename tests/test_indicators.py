@@ -330,7 +330,8 @@ def test_bank_inits_rebuilds_each_start_or_none(tiny, tmp_path):
 
 
 @pytest.mark.ray
-def test_indicators_stage_logs_everything(tiny, ray_local, tmp_path):
+def test_indicators_stage_logs_everything(tiny, ray_local, tmp_path, new_workdir):
+    new_workdir(tmp_path)  # its store: a copy of the migrated empty db
     import yaml
 
     from ptx.activations import load_masks
@@ -386,7 +387,8 @@ def test_indicators_stage_logs_everything(tiny, ray_local, tmp_path):
 
 
 @pytest.mark.slow
-def test_recommend_ranks_other_tasks_prompts(ptx_cache_dir, tmp_path):
+def test_recommend_ranks_other_tasks_prompts(ptx_cache_dir, tmp_path, new_workdir):
+    new_workdir(tmp_path)  # its store: a copy of the migrated empty db
     tracker = _tracker(tmp_path)
     _import_bank(tmp_path, tracker, ["tweet_sentiment", "drug_sentiment", "bbc_topic"], per_task=1)
     rows = stage.recommend("bbc_topic", "tiny-llama", tracker, tmp_path, top_k=3, probe_steps=2)
@@ -400,7 +402,8 @@ def test_recommend_ranks_other_tasks_prompts(ptx_cache_dir, tmp_path):
 # ---- the authors' released prompts -------------------------------------------------------------------
 @pytest.mark.slow
 @pytest.mark.skipif(not REFERENCE.is_dir(), reason="reference artifacts not present")
-def test_reference_prompts_import_and_correlate(ptx_cache_dir, tmp_path):
+def test_reference_prompts_import_and_correlate(ptx_cache_dir, tmp_path, new_workdir):
+    new_workdir(tmp_path)  # its store: a copy of the migrated empty db
     from ptx.prompt import import_torch_prompt
     from ptx.prompt_runs import import_prompt
 

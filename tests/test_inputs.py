@@ -25,6 +25,7 @@ from cli_runner import invoke_cli as invoke_main
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import save_file
+from support import examples
 
 from ptx import track
 from ptx.config import StudySpec, load_study
@@ -92,7 +93,7 @@ def _load_or_error(path: Path):
 
 
 # ---- (a) the spec loader ----------------------------------------------------------------------------------
-@settings(FAST, max_examples=100)
+@settings(FAST, max_examples=examples(100))
 @given(changes=st.lists(st.tuples(st.sampled_from(FIELD_PATHS), VALUES), min_size=1, max_size=4))
 def test_spec_loader_mutated_specs_give_a_spec_or_a_ptx_error(tmp_path_factory, changes):
     doc = copy.deepcopy(BASE_SPEC)
@@ -103,7 +104,7 @@ def test_spec_loader_mutated_specs_give_a_spec_or_a_ptx_error(tmp_path_factory, 
     _load_or_error(spec_file)
 
 
-@settings(FAST, max_examples=60)
+@settings(FAST, max_examples=examples(60))
 @given(doc=st.one_of(VALUES, st.dictionaries(st.one_of(st.sampled_from(FIELD_PATHS), st.text(max_size=6)), VALUES,
                                               max_size=6)))
 def test_spec_loader_random_documents_give_a_spec_or_a_ptx_error(tmp_path_factory, doc):
@@ -112,7 +113,7 @@ def test_spec_loader_random_documents_give_a_spec_or_a_ptx_error(tmp_path_factor
     _load_or_error(spec_file)
 
 
-@settings(FAST, max_examples=60)
+@settings(FAST, max_examples=examples(60))
 @given(raw=st.one_of(st.binary(max_size=200), st.text(max_size=200).map(str.encode)))
 def test_spec_loader_random_bytes_give_a_ptx_error(tmp_path_factory, raw):
     spec_file = tmp_path_factory.mktemp("spec") / "s.yaml"
@@ -172,8 +173,9 @@ TRAIN_OPTIONS = {  # valid values kept small: every accepted example really trai
 
 
 @pytest.fixture(scope="module")
-def train_workdir(tmp_path_factory):
-    return tmp_path_factory.mktemp("train-prop")
+def train_workdir(tmp_path_factory, new_workdir):
+    """One workdir for every example, its store a copy of the migrated empty db (a fresh one migrates ~10 s)."""
+    return new_workdir(tmp_path_factory.mktemp("train-prop") / "wd")
 
 
 @settings(FAST, max_examples=10, derandomize=True)  # fixed examples: the suite stays deterministic
@@ -252,7 +254,7 @@ def _load(kind: str, path: Path):
     return load_prompt(path) if kind == "prompt" else load_projector(path)
 
 
-@settings(FAST, max_examples=120)
+@settings(FAST, max_examples=examples(120))
 @given(data=st.data(), target=st.sampled_from(FILES),
        how=st.sampled_from(["bytes", "json", "safetensors", "truncate", "mutate"]))
 def test_damaged_artifacts_give_a_ptx_error(artifacts, tmp_path_factory, data, target, how):
@@ -337,8 +339,9 @@ def _train_until_a_step_then_signal(args: list, env: dict, sig) -> subprocess.Co
 
 
 @pytest.mark.slow  # three `ptx train` subprocesses: about 40 s on an idle 2-core machine, minutes under load
-def test_a_signal_mid_training_leaves_a_killed_run_no_prompt_and_a_clean_rerun(tmp_path):
+def test_a_signal_mid_training_leaves_a_killed_run_no_prompt_and_a_clean_rerun(tmp_path, new_workdir):
     """Real `ptx train` subprocesses get a real SIGINT, then a real SIGTERM, once a training step is done."""
+    new_workdir(tmp_path)  # its store: a copy of the migrated empty db
     env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "PTX_WORKDIR")}
     args = [sys.executable, "-m", "ptx", "train", "--task", "tweet_sentiment", "--backbone", "tiny-bert",
             "--workdir", str(tmp_path), "--prompt-length", "2", "--train-limit", "16", "--dev-limit", "8"]

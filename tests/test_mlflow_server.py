@@ -7,39 +7,27 @@ timeout; the tests check no process of that group is left behind.
 
 import os
 import re
-import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import psutil
 import pytest
+from cli_runner import invoke_cli
 from mlflow.tracking import MlflowClient
+from support import free_port, wait_healthy
 
 from ptx import track
-from ptx.cli import main
 from ptx.errors import PtxError
 from ptx.prompt import load_prompt
 from ptx.prompt_runs import PromptRequest, run_prompt
 from ptx.train import TrainSettings
 
+pytestmark = pytest.mark.usefixtures("no_env_uri")  # each test names its store (conftest.py)
 BIN = Path(sys.executable).parent
 START_TIMEOUT = 180  # s: a first start migrates a fresh sqlite db (slow on a loaded 2-core box)
-
-
-@pytest.fixture(autouse=True)
-def _no_env_uri(monkeypatch):
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def group_alive(pgid: int) -> list[psutil.Process]:
@@ -67,18 +55,7 @@ class Server:
                                          start_new_session=True)
 
     def wait_healthy(self) -> None:
-        deadline = time.monotonic() + START_TIMEOUT
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise AssertionError(f"server exited {self.proc.returncode}:\n{self.log.read_text()[-3000:]}")
-            try:
-                with urllib.request.urlopen(self.uri + "/health", timeout=2) as resp:
-                    if resp.status == 200:
-                        return
-            except OSError:
-                time.sleep(0.5)
-        self.stop()
-        raise AssertionError(f"server not healthy after {START_TIMEOUT} s:\n{self.log.read_text()[-3000:]}")
+        wait_healthy(self.uri, self.proc, self.log, START_TIMEOUT)  # the fixture stops the server on failure
 
     def stop(self, timeout: float = 20) -> None:
         """SIGTERM, SIGKILL after `timeout`; then no process of the group may remain."""
@@ -99,21 +76,9 @@ class Server:
             raise AssertionError(f"orphan server processes after stop: {[p.cmdline() for p in left]}")
 
 
-@pytest.fixture(scope="session")
-def empty_db(tmp_path_factory) -> Path:
-    """A real, migrated, empty MLflow sqlite db, made once per session (a fresh one migrates for ~10 s)."""
-    path = tmp_path_factory.getbasetemp() / "mlflow-template" / "mlflow.db"
-    if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        MlflowClient(f"sqlite:///{path}").search_experiments()
-    return path
-
-
 @pytest.fixture(scope="module")
-def server(tmp_path_factory, empty_db, tiny):
-    workdir = tmp_path_factory.mktemp("server") / "srv"
-    workdir.mkdir()
-    shutil.copy(empty_db, workdir / "mlflow.db")
+def server(tmp_path_factory, new_workdir, tiny):
+    workdir = new_workdir(tmp_path_factory.mktemp("server") / "srv")
     srv = Server(workdir)
     try:
         # while the server starts, build the tiny backbone and encode the data the tests train on
@@ -131,26 +96,15 @@ def server(tmp_path_factory, empty_db, tiny):
     srv.stop()
 
 
-def ptx(monkeypatch, capsys, *args) -> tuple[int, str, str]:
-    monkeypatch.setattr(sys, "argv", ["ptx", *map(str, args)])
-    code = 0
-    try:
-        main()
-    except SystemExit as exc:
-        code = exc.code or 0
-    out = capsys.readouterr()
-    return code, out.out, out.err
-
-
 def test_server_binds_loopback_only(server):
     listening = [c for c in psutil.net_connections(kind="inet")
                  if c.status == psutil.CONN_LISTEN and c.laddr.port == server.port]
     assert listening and {c.laddr.ip for c in listening} == {"127.0.0.1"}
 
 
-def test_train_and_fetch_over_http(server, tmp_path, monkeypatch, capsys):
+def test_train_and_fetch_over_http(server, tmp_path):
     client_wd = tmp_path / "client"
-    code, out, err = ptx(monkeypatch, capsys, "train", "--task", "tweet_sentiment", "--backbone", "tiny-llama",
+    code, out, err = invoke_cli("train", "--task", "tweet_sentiment", "--backbone", "tiny-llama",
                          "--steps", "4", "--eval-every", "2", "--train-limit", "32", "--dev-limit", "16",
                          "--batch-size", "8", "--prompt-length", "4", "--lr", "0.05", "--workdir", client_wd,
                          "--tracking-uri", server.uri)
@@ -165,7 +119,7 @@ def test_train_and_fetch_over_http(server, tmp_path, monkeypatch, capsys):
     assert sorted(m.step for m in MlflowClient(server.uri).get_metric_history(run_id, "dev_accuracy")) == [0, 2, 4]
 
     got = tmp_path / "got"
-    code, _, err = ptx(monkeypatch, capsys, "prompts", "get", run_id, "-o", got, "--tracking-uri", server.uri,
+    code, _, err = invoke_cli("prompts", "get", run_id, "-o", got, "--tracking-uri", server.uri,
                        "--workdir", client_wd)
     assert code == 0, err
     plain = tmp_path / "plain"

@@ -17,53 +17,29 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 import psutil
 import pytest
-import yaml
+import support
 from mlflow.tracking import MlflowClient
+from support import free_port, tail, wait_healthy
 
 pytestmark = [pytest.mark.cluster, pytest.mark.ray]
 BIN = Path(sys.executable).parent
 START_TIMEOUT = 180  # s: a node or the MLflow server starting on a loaded 2-core box
 SWEEP_TIMEOUT = 480  # s: one small sweep, faults included
-TRAIN_LIMIT, DEV_LIMIT = 64, 16
+TRAIN_LIMIT, DEV_LIMIT = (support.SMALL_STUDY["data"][k] for k in ("train_limit", "dev_limit"))  # pre-encoded
 
 
 def write_spec(path: Path, **changes) -> Path:
-    """A small study spec on tiny-llama (the helper of tests/test_sweep.py)."""
-    spec = {
-        "name": path.stem,
-        "backbones": ["tiny-llama"],
-        "tasks": ["tweet_sentiment", "drug_sentiment"],
-        "seeds": [0],
-        "prompt_length": 4,
-        "init": "vocab",
-        "train": {"steps": 12, "batch_size": 8, "lr": 0.05, "eval_every": 3, "eval_batch_size": 32},
-        "data": {"train_limit": TRAIN_LIMIT, "dev_limit": DEV_LIMIT, "test_limit": 16},
-        "resources": {"cpu": 1},
-        "max_concurrent": 2,
-        "max_failures": 2,
-        # every node of this test runs on one machine, so the workdir's ray_results is one shared disk
-        "storage_shared": True,
-    }
-    for key, value in changes.items():
-        spec[key] = value
-    path.write_text(yaml.safe_dump(spec))
-    return path
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """The small study of tests/support.py; every node of this test runs on one machine, so the workdir's
+    ray_results is one shared disk."""
+    return support.write_spec(path, **{"storage_shared": True, **changes})
 
 
 def session_alive(sid: int) -> list[psutil.Process]:
@@ -104,10 +80,6 @@ def kill_session(proc: subprocess.Popen, sig: int = signal.SIGKILL, timeout: flo
         time.sleep(1)
     left = session_alive(sid)
     assert not left, f"processes left in session {sid}: {[p.pid for p in left]}"
-
-
-def tail(path: Path, n: int = 3000) -> str:
-    return path.read_text(errors="replace")[-n:] if path.exists() else "(no log)"
 
 
 # ---- the Ray cluster --------------------------------------------------------------------------------
@@ -241,17 +213,7 @@ class Server:
                                          start_new_session=True)
 
     def wait_healthy(self) -> None:
-        deadline = time.monotonic() + START_TIMEOUT
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise AssertionError(f"server exited {self.proc.returncode}:\n{tail(self.log)}")
-            try:
-                with urllib.request.urlopen(self.uri + "/health", timeout=2) as resp:
-                    if resp.status == 200:
-                        return
-            except OSError:
-                time.sleep(0.5)
-        raise AssertionError(f"server not healthy after {START_TIMEOUT} s:\n{tail(self.log)}")
+        wait_healthy(self.uri, self.proc, self.log, START_TIMEOUT)
 
     def stop(self) -> None:
         """SIGTERM (SIGKILL after 20 s); no process of its session may remain."""
@@ -260,11 +222,8 @@ class Server:
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    workdir = tmp_path_factory.mktemp("mlflow") / "srv"
-    workdir.mkdir()
-    # a migrated empty store: a fresh sqlite db spends ~10 s in MLflow's migrations at the first start
-    MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}").search_experiments()
+def server(tmp_path_factory, new_workdir):
+    workdir = new_workdir(tmp_path_factory.mktemp("mlflow") / "srv")  # a migrated empty store, copied
     srv = Server(workdir)
     try:
         srv.wait_healthy()

@@ -6,63 +6,32 @@ RoBERTa layout (slot 0 = <mask>, zero position embeddings for the prompt) has no
 """
 
 import json
-import shutil
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 import transformers
-from mlflow.tracking import MlflowClient
+from cli_runner import invoke_cli
 
 peft = pytest.importorskip("peft")
 
 from ptx import track  # noqa: E402
 from ptx.assets import resolve_model  # noqa: E402
-from ptx.cli import main  # noqa: E402
 from ptx.data import collate, encode_split  # noqa: E402
 from ptx.prompt import load_prompt  # noqa: E402
 from ptx.prompt_runs import PromptRequest, run_prompt  # noqa: E402
 from ptx.tasks import load_task  # noqa: E402
 from ptx.train import TrainSettings  # noqa: E402
 
+pytestmark = pytest.mark.usefixtures("no_env_uri")  # each test names its store (conftest.py)
 AUTO = {"causal_lm": transformers.AutoModelForCausalLM, "masked_lm": transformers.AutoModelForMaskedLM,
         "seq2seq": transformers.AutoModelForSeq2SeqLM}
 TASK_TYPE = {"causal_lm": "CAUSAL_LM", "masked_lm": "FEATURE_EXTRACTION", "seq2seq": "SEQ_2_SEQ_LM"}
 
 
-@pytest.fixture(autouse=True)
-def _no_env_uri(monkeypatch):
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-
-
-@pytest.fixture(scope="session")
-def empty_db(tmp_path_factory) -> Path:
-    """A real, migrated, empty MLflow sqlite db, made once per session."""
-    path = tmp_path_factory.getbasetemp() / "mlflow-template" / "mlflow.db"
-    if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        MlflowClient(f"sqlite:///{path}").search_experiments()
-    return path
-
-
 @pytest.fixture(scope="module")
-def store(tmp_path_factory, empty_db):
-    wd = tmp_path_factory.mktemp("peft") / "wd"
-    wd.mkdir()
-    shutil.copy(empty_db, wd / "mlflow.db")
+def store(tmp_path_factory, new_workdir):
+    wd = new_workdir(tmp_path_factory.mktemp("peft") / "wd")
     return wd, track.Tracker(track.resolve_tracking_uri(None, wd), workdir=wd)
-
-
-def ptx(monkeypatch, capsys, *args) -> tuple[int, str, str]:
-    monkeypatch.setattr(sys, "argv", ["ptx", *map(str, args)])
-    code = 0
-    try:
-        main()
-    except SystemExit as exc:
-        code = exc.code or 0
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 def train(store, tiny, backbone: str, insertion: str = "prepend"):
@@ -75,10 +44,10 @@ def train(store, tiny, backbone: str, insertion: str = "prepend"):
 
 
 @pytest.mark.parametrize("backbone", ["tiny-llama", "tiny-bert", "tiny-roberta", "tiny-t5"])
-def test_peft_gives_ptx_label_logits(store, tiny, backbone, tmp_path, monkeypatch, capsys):
+def test_peft_gives_ptx_label_logits(store, tiny, backbone, tmp_path):
     run = train(store, tiny, backbone)
     export = tmp_path / "adapter"
-    code, out, err = ptx(monkeypatch, capsys, "prompts", "export-peft", run.run_id, "-o", export,
+    code, out, err = invoke_cli("prompts", "export-peft", run.run_id, "-o", export,
                          "--workdir", store[0])
     assert code == 0, err
     bb = tiny(backbone)
@@ -118,10 +87,10 @@ def test_peft_gives_ptx_label_logits(store, tiny, backbone, tmp_path, monkeypatc
     assert ours.std() > 0  # a real comparison, not of constants
 
 
-def test_paper_layout_export_is_refused(store, tiny, tmp_path, monkeypatch, capsys):
+def test_paper_layout_export_is_refused(store, tiny, tmp_path):
     run = train(store, tiny, "tiny-roberta", insertion="paper")
     assert load_prompt(run.artifact).meta["insertion"] == "paper"
-    code, _, err = ptx(monkeypatch, capsys, "prompts", "export-peft", run.run_id, "-o", tmp_path / "x",
+    code, _, err = invoke_cli("prompts", "export-peft", run.run_id, "-o", tmp_path / "x",
                        "--workdir", store[0])
     assert code == 2 and err.count("\n") == 1
     assert "<mask>" in err and "PEFT" in err and "prepend" in err

@@ -11,18 +11,17 @@ import glob
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import threading
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
-import yaml
+import support
 from mlflow.tracking import MlflowClient
+from support import free_port, wait_healthy
 
 from ptx import sweep
 from ptx.config import load_study
@@ -31,12 +30,6 @@ from ptx.config import load_study
 pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.cluster]
 START_TIMEOUT = 180  # s: the first server start creates MLflow's schema in PostgreSQL (slow on a loaded box)
 TRIALS = 8
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def postgres_bin() -> Path | None:
@@ -92,16 +85,7 @@ class MlflowServer:
                 [sys.executable, "-m", "ptx", "mlflow-server", "--port", str(self.port), "--workdir",
                  str(self.workdir), "--backend-store-uri", self.store, "--workers", "2"],
                 stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-        deadline = time.monotonic() + START_TIMEOUT
-        while time.monotonic() < deadline:
-            assert self.proc.poll() is None, (self.workdir / "server.log").read_text()[-3000:]
-            try:
-                with urllib.request.urlopen(self.uri + "/health", timeout=2) as resp:
-                    if resp.status == 200:
-                        return
-            except OSError:
-                time.sleep(0.5)
-        raise AssertionError("the MLflow server did not become healthy")
+        wait_healthy(self.uri, self.proc, self.workdir / "server.log", START_TIMEOUT)
 
     def kill(self) -> None:
         """SIGKILL to the server's whole process group: a crash, no clean shutdown."""
@@ -125,13 +109,10 @@ def store(tmp_path_factory):
 
 
 def write_spec(path: Path, steps: int) -> Path:
-    spec = {"name": path.stem, "backbones": ["tiny-llama"], "tasks": ["tweet_sentiment", "drug_sentiment"],
-            "seeds": [0, 1, 2, 3], "prompt_length": 4, "init": "vocab",
-            "train": {"steps": steps, "batch_size": 8, "lr": 0.05, "eval_every": 3, "eval_batch_size": 16},
-            "data": {"train_limit": 32, "dev_limit": 8, "test_limit": 8},
-            "resources": {"cpu": 1}, "max_concurrent": TRIALS, "max_failures": 4}
-    path.write_text(yaml.safe_dump(spec))
-    return path
+    """The small study of tests/support.py as 2 tasks x 4 seeds: TRIALS trials, all at once."""
+    return support.write_spec(path, seeds=[0, 1, 2, 3], max_concurrent=TRIALS, max_failures=4,
+                              train={"steps": steps, "batch_size": 8, "lr": 0.05, "eval_every": 3, "eval_batch_size": 16},
+                              data={"train_limit": 32, "dev_limit": 8, "test_limit": 8})
 
 
 def check_exactly_once(uri: str, experiment: str, summary: dict, steps: list[int]) -> dict:

@@ -307,7 +307,8 @@ def test_headline_uses_held_out_rows_only_and_the_objective_is_picked_on_dev():
     assert best_objective(rows, ("distance", "task")) == "task"  # dev 0.6 > 0.1, though test says distance
 
 
-def test_stage_skips_when_a_backbone_is_unset_or_missing(tmp_path, cache):
+def test_stage_skips_when_a_backbone_is_unset_or_missing(tmp_path, cache, new_workdir):
+    new_workdir(tmp_path)  # its store: a copy of the migrated empty db
     from ptx.stages.projector import run_projector_stage
 
     tracker = track.Tracker(f"sqlite:///{tmp_path}/mlflow.db", "skip", workdir=tmp_path)
@@ -340,7 +341,8 @@ def _expected_flag(vanilla: list, tpt: list) -> str:
 
 
 @pytest.mark.ray
-def test_stage_trains_evaluates_and_runs_tpt_model(tmp_path, cache, ray_local):
+def test_stage_trains_evaluates_and_runs_tpt_model(tmp_path, cache, ray_local, new_workdir):
+    new_workdir(tmp_path)  # its store: a copy of the migrated empty db
     from ptx.prompt_runs import PromptRequest, run_prompt
     from ptx.stages.projector import run_projector_stage, train_projectors
 

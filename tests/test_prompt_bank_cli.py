@@ -5,67 +5,29 @@ migrated once per session, because a fresh db spends ~10 s in MLflow's migration
 """
 
 import json
-import shutil
-import socket
-import sys
 import time
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
 import pytest
 import torch
+from cli_runner import invoke_cli, user_error
 from mlflow.exceptions import MlflowException
-from mlflow.tracking import MlflowClient
 from safetensors.torch import load_file
+from support import free_port
 
 from ptx import track
-from ptx.cli import main
 from ptx.errors import PtxError
 from ptx.prompt import load_prompt
 from ptx.prompt_runs import PromptRequest, run_prompt
 from ptx.train import TrainSettings
 
-
-@pytest.fixture(autouse=True)
-def _no_env_uri(monkeypatch):
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-
-
-@pytest.fixture(scope="session")
-def empty_db(tmp_path_factory) -> Path:
-    """A real, migrated, empty MLflow sqlite db, made once per session."""
-    path = tmp_path_factory.getbasetemp() / "mlflow-template" / "mlflow.db"
-    if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        MlflowClient(f"sqlite:///{path}").search_experiments()
-    return path
-
-
-def ptx(monkeypatch, capsys, *args) -> tuple[int, str, str]:
-    """Run the real `ptx` entry point in-process; (exit code, stdout, stderr)."""
-    monkeypatch.setattr(sys, "argv", ["ptx", *map(str, args)])
-    code = 0
-    try:
-        main()
-    except SystemExit as exc:
-        code = exc.code or 0
-    out = capsys.readouterr()
-    return code, out.out, out.err
-
-
-def user_error(result) -> str:
-    code, _, err = result
-    assert code == 2, result
-    assert err.startswith("error: ") and err.count("\n") == 1, err  # one line
-    return err
-
+pytestmark = pytest.mark.usefixtures("no_env_uri")  # each test names its store (conftest.py)
 
 @pytest.fixture(scope="module")
-def bank(tmp_path_factory, empty_db, tiny):
+def bank(tmp_path_factory, new_workdir, tiny):
     """A workdir with three prompt runs (two seeds on tiny-llama, one on tiny-bert) and one non-prompt run."""
-    wd = tmp_path_factory.mktemp("bank") / "wd"
-    wd.mkdir()
-    shutil.copy(empty_db, wd / "mlflow.db")
+    wd = new_workdir(tmp_path_factory.mktemp("bank") / "wd")
     tracker = track.Tracker(track.resolve_tracking_uri(None, wd), workdir=wd)
     runs = {}
     for key, backbone, seed in [("llama0", "tiny-llama", 0), ("llama1", "tiny-llama", 1), ("bert0", "tiny-bert", 0)]:
@@ -77,36 +39,30 @@ def bank(tmp_path_factory, empty_db, tiny):
     return {"wd": wd, "tracker": tracker, "runs": runs, "other": other}
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def test_list_table_json_and_filters(bank, monkeypatch, capsys):
+def test_list_table_json_and_filters(bank):
     wd, runs = bank["wd"], bank["runs"]
-    code, out, err = ptx(monkeypatch, capsys, "prompts", "list", "--workdir", wd)
+    code, out, err = invoke_cli("prompts", "list", "--workdir", wd)
     assert code == 0, err
     lines = out.strip().splitlines()
     assert lines[0].split() == ["run_id", "task", "backbone", "insertion", "seed", "origin", "best", "dev"]
     assert len(lines) == 4 and all(r.run_id in out for r in runs.values()) and bank["other"] not in out
 
-    code, out, _ = ptx(monkeypatch, capsys, "prompts", "list", "--backbone", "tiny-bert", "--format", "json",
+    code, out, _ = invoke_cli("prompts", "list", "--backbone", "tiny-bert", "--format", "json",
                        "--workdir", wd)
     rows = json.loads(out)
     assert [r["run_id"] for r in rows] == [runs["bert0"].run_id]
     assert rows[0]["dev"] == f"{runs['bert0'].best_metric:.4f}" and rows[0]["origin"] == "trained"
-    code, out, _ = ptx(monkeypatch, capsys, "prompts", "list", "--task", "tweet_sentiment", "--backbone",
+    code, out, _ = invoke_cli("prompts", "list", "--task", "tweet_sentiment", "--backbone",
                        "tiny-llama", "--format", "json", "--workdir", wd)
     assert {r["run_id"] for r in json.loads(out)} == {runs["llama0"].run_id, runs["llama1"].run_id}
-    code, out, _ = ptx(monkeypatch, capsys, "prompts", "list", "--task", "drug_condition", "--workdir", wd)
+    code, out, _ = invoke_cli("prompts", "list", "--task", "drug_condition", "--workdir", wd)
     assert code == 0 and out.strip() == "(none)"
 
 
-def test_get_downloads_the_stored_artifact(bank, tmp_path, monkeypatch, capsys):
+def test_get_downloads_the_stored_artifact(bank, tmp_path):
     run = bank["runs"]["llama1"]
     out_dir = tmp_path / "fetched"
-    code, out, err = ptx(monkeypatch, capsys, "prompts", "get", run.run_id, "-o", out_dir, "--workdir", bank["wd"])
+    code, out, err = invoke_cli("prompts", "get", run.run_id, "-o", out_dir, "--workdir", bank["wd"])
     assert code == 0, err
     assert sorted(p.name for p in out_dir.iterdir()) == ["prompt.json", "prompt.safetensors"]
     stored = Path(unquote(urlparse(bank["tracker"].get_run(run.run_id).info.artifact_uri).path)) / "prompt"
@@ -116,13 +72,13 @@ def test_get_downloads_the_stored_artifact(bank, tmp_path, monkeypatch, capsys):
     # an existing empty directory is a fine target too
     empty = tmp_path / "empty"
     empty.mkdir()
-    assert ptx(monkeypatch, capsys, "prompts", "get", run.run_id, "-o", empty, "--workdir", bank["wd"])[0] == 0
+    assert invoke_cli("prompts", "get", run.run_id, "-o", empty, "--workdir", bank["wd"])[0] == 0
     assert (empty / "prompt.safetensors").is_file()
 
 
-def test_best_picks_the_highest_dev_metric(bank, tmp_path, monkeypatch, capsys):
+def test_best_picks_the_highest_dev_metric(bank, tmp_path):
     runs = bank["runs"]
-    code, out, err = ptx(monkeypatch, capsys, "prompts", "best", "--task", "tweet_sentiment", "--backbone",
+    code, out, err = invoke_cli("prompts", "best", "--task", "tweet_sentiment", "--backbone",
                          "tiny-llama", "-o", tmp_path / "best", "--workdir", bank["wd"])
     assert code == 0, err
     best = max(runs["llama0"].best_metric, runs["llama1"].best_metric)
@@ -130,14 +86,14 @@ def test_best_picks_the_highest_dev_metric(bank, tmp_path, monkeypatch, capsys):
     chosen = out.split()[0]
     assert chosen in winners and f"dev {best:.4f}" in out
     assert load_prompt(tmp_path / "best").meta["mlflow_run_id"] == chosen
-    err = user_error(ptx(monkeypatch, capsys, "prompts", "best", "--task", "bbc_topic", "--backbone", "tiny-llama",
+    err = user_error(invoke_cli("prompts", "best", "--task", "bbc_topic", "--backbone", "tiny-llama",
                          "--workdir", bank["wd"]))
     assert "no finished prompt run" in err and "bbc_topic" in err
 
 
-def test_export_peft_writes_an_adapter(bank, tmp_path, monkeypatch, capsys):
+def test_export_peft_writes_an_adapter(bank, tmp_path):
     run = bank["runs"]["llama0"]
-    code, out, err = ptx(monkeypatch, capsys, "prompts", "export-peft", run.run_id, "-o", tmp_path / "peft",
+    code, out, err = invoke_cli("prompts", "export-peft", run.run_id, "-o", tmp_path / "peft",
                          "--workdir", bank["wd"])
     assert code == 0, err
     config = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
@@ -145,56 +101,56 @@ def test_export_peft_writes_an_adapter(bank, tmp_path, monkeypatch, capsys):
     weights = load_file(str(tmp_path / "peft" / "adapter_model.safetensors"))
     assert torch.equal(weights["prompt_embeddings"], load_prompt(run.artifact).prompt)
     # a non-empty target is never replaced
-    err = user_error(ptx(monkeypatch, capsys, "prompts", "export-peft", run.run_id, "-o", tmp_path / "peft",
+    err = user_error(invoke_cli("prompts", "export-peft", run.run_id, "-o", tmp_path / "peft",
                          "--workdir", bank["wd"]))
     assert "not an empty directory" in err
     assert (tmp_path / "peft" / "adapter_config.json").is_file()
 
 
-def test_import_a_raw_torch_prompt(bank, tmp_path, monkeypatch, capsys):
+def test_import_a_raw_torch_prompt(bank, tmp_path):
     wd = bank["wd"]
     file = tmp_path / "mine.pt"
     tensor = torch.randn(3, 32)
     torch.save(tensor, file)
-    code, out, err = ptx(monkeypatch, capsys, "prompts", "import", file, "--backbone", "tiny-bert", "--task",
+    code, out, err = invoke_cli("prompts", "import", file, "--backbone", "tiny-bert", "--task",
                          "tweet_sentiment", "--workdir", wd)
     assert code == 0, err
-    code, out2, _ = ptx(monkeypatch, capsys, "prompts", "import", file, "--backbone", "tiny-bert", "--task",
+    code, out2, _ = invoke_cli("prompts", "import", file, "--backbone", "tiny-bert", "--task",
                         "tweet_sentiment", "--workdir", wd)
     assert "already imported" in out2
-    code, out, _ = ptx(monkeypatch, capsys, "prompts", "list", "--backbone", "tiny-bert", "--format", "json",
+    code, out, _ = invoke_cli("prompts", "list", "--backbone", "tiny-bert", "--format", "json",
                        "--workdir", wd)
     imported = [r for r in json.loads(out) if r["origin"] == "imported"]
     assert len(imported) == 1
     fetched = tmp_path / "got"
-    assert ptx(monkeypatch, capsys, "prompts", "get", imported[0]["run_id"], "-o", fetched, "--workdir", wd)[0] == 0
+    assert invoke_cli("prompts", "get", imported[0]["run_id"], "-o", fetched, "--workdir", wd)[0] == 0
     assert torch.equal(load_prompt(fetched).prompt, tensor)
-    err = user_error(ptx(monkeypatch, capsys, "prompts", "import", file, "--backbone", "tiny-llama", "--task",
+    err = user_error(invoke_cli("prompts", "import", file, "--backbone", "tiny-llama", "--task",
                          "tweet_sentiment", "--workdir", wd))
     assert "[3, 32]" in err and "64" in err  # names both widths
-    err = user_error(ptx(monkeypatch, capsys, "prompts", "import", file, "--backbone", "tiny-bert", "--workdir", wd))
+    err = user_error(invoke_cli("prompts", "import", file, "--backbone", "tiny-bert", "--workdir", wd))
     assert "--name" in err
 
 
-def test_bad_run_ids_and_targets(bank, tmp_path, monkeypatch, capsys):
+def test_bad_run_ids_and_targets(bank, tmp_path):
     wd, run = bank["wd"], bank["runs"]["llama0"]
-    err = user_error(ptx(monkeypatch, capsys, "prompts", "get", "0" * 32, "-o", tmp_path / "a", "--workdir", wd))
+    err = user_error(invoke_cli("prompts", "get", "0" * 32, "-o", tmp_path / "a", "--workdir", wd))
     assert "does not exist" in err and "0" * 32 in err
-    err = user_error(ptx(monkeypatch, capsys, "prompts", "get", "not-a-run", "-o", tmp_path / "a", "--workdir", wd))
+    err = user_error(invoke_cli("prompts", "get", "not-a-run", "-o", tmp_path / "a", "--workdir", wd))
     assert "does not exist" in err
-    err = user_error(ptx(monkeypatch, capsys, "prompts", "get", bank["other"], "-o", tmp_path / "a", "--workdir", wd))
+    err = user_error(invoke_cli("prompts", "get", bank["other"], "-o", tmp_path / "a", "--workdir", wd))
     assert "not a prompt run" in err and "transfer" in err
-    err = user_error(ptx(monkeypatch, capsys, "prompts", "export-peft", bank["other"], "-o", tmp_path / "a",
+    err = user_error(invoke_cli("prompts", "export-peft", bank["other"], "-o", tmp_path / "a",
                          "--workdir", wd))
     assert "not a prompt run" in err
     busy = tmp_path / "busy"
     busy.mkdir()
     (busy / "keep.txt").write_text("mine")
-    err = user_error(ptx(monkeypatch, capsys, "prompts", "get", run.run_id, "-o", busy, "--workdir", wd))
+    err = user_error(invoke_cli("prompts", "get", run.run_id, "-o", busy, "--workdir", wd))
     assert "not an empty directory" in err and str(busy) in err
     assert [p.name for p in busy.iterdir()] == ["keep.txt"]
     (tmp_path / "file").write_text("x")
-    user_error(ptx(monkeypatch, capsys, "prompts", "get", run.run_id, "-o", tmp_path / "file", "--workdir", wd))
+    user_error(invoke_cli("prompts", "get", run.run_id, "-o", tmp_path / "file", "--workdir", wd))
     assert not (tmp_path / "a").exists()
 
 
@@ -219,16 +175,16 @@ def test_artifact_paths_cannot_escape_the_target(bank, tmp_path):
         track.artifact_target(out, "prompt", "prompt/link/x")
 
 
-def test_unreachable_server_fails_fast_with_the_uri(tmp_path, monkeypatch, capsys):
+def test_unreachable_server_fails_fast_with_the_uri(tmp_path, monkeypatch):
     uri = f"http://127.0.0.1:{free_port()}"  # nothing listens there
     t0 = time.perf_counter()
-    err = user_error(ptx(monkeypatch, capsys, "prompts", "list", "--tracking-uri", uri, "--workdir", tmp_path))
+    err = user_error(invoke_cli("prompts", "list", "--tracking-uri", uri, "--workdir", tmp_path))
     elapsed = time.perf_counter() - t0
     assert uri in err and "unreachable" in err
     assert elapsed < 15, f"took {elapsed:.1f} s"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     t0 = time.perf_counter()
-    err = user_error(ptx(monkeypatch, capsys, "train", "--task", "tweet_sentiment", "--backbone", "tiny-llama",
+    err = user_error(invoke_cli("train", "--task", "tweet_sentiment", "--backbone", "tiny-llama",
                          "--steps", "1", "--workdir", tmp_path / "wd"))
     assert uri in err and time.perf_counter() - t0 < 15
     assert not (tmp_path / "wd" / "prompts").exists()  # refused before any training

@@ -164,9 +164,9 @@ def _log_projector(tracker, rng, source_bank, target_bank, workdir):
 
 
 @pytest.fixture(scope="module")
-def store(tmp_path_factory):
+def store(tmp_path_factory, new_workdir):
     """A sqlite store holding a finished study ('paper-mini') and one that has only trained ('early')."""
-    workdir = tmp_path_factory.mktemp("store")
+    workdir = new_workdir(tmp_path_factory.mktemp("store"))
     uri = f"sqlite:///{workdir / 'mlflow.db'}"
     rng = np.random.default_rng(7)
     tracker = track.Tracker(uri, "paper-mini", workdir=workdir)
@@ -400,8 +400,9 @@ def test_heatmap_groups_categories_annotates_cells_and_labels_its_colour_bar(sto
     assert any(a.get_xlabel() == "score ÷ own prompt" for a in fig.axes[1:])  # the labelled colour bar
 
 
-def test_findings_verdict_comes_from_the_interval_not_the_point_estimate(tmp_path):
+def test_findings_verdict_comes_from_the_interval_not_the_point_estimate(tmp_path, new_workdir):
     """Same-category 0.785 (2 pairs) vs cross 0.765 (10 pairs), a random prompt 0.81: the old report said 'Yes'."""
+    new_workdir(tmp_path)  # its store: a copy of the migrated empty db
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     tracker = track.Tracker(uri, "close-call", workdir=tmp_path)
     cats = {"a": "sentiment", "b": "sentiment", "c": "topic", "d": "medical"}  # the demo's four tasks

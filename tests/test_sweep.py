@@ -1,6 +1,5 @@
 """Sweeps on a real local Ray (2 CPUs) with a real sqlite MLflow store, on tiny backbones."""
 
-import dataclasses
 import os
 import signal
 import subprocess
@@ -10,35 +9,13 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-import yaml
+from support import write_spec
 
 from ptx import sweep, track
-from ptx.config import config_hash, load_study
-from ptx.errors import PtxError
+from ptx.config import load_study
 
 pytestmark = pytest.mark.ray
-REPO = Path(__file__).resolve().parent.parent
 FAIL_MARKERS = None  # set by the fixture: the fault hook is armed only while this directory exists
-
-
-def write_spec(path: Path, **changes) -> Path:
-    spec = {
-        "name": path.stem,
-        "backbones": ["tiny-llama"],
-        "tasks": ["tweet_sentiment", "drug_sentiment"],
-        "seeds": [0],
-        "prompt_length": 4,
-        "init": "vocab",
-        "train": {"steps": 12, "batch_size": 8, "lr": 0.05, "eval_every": 3, "eval_batch_size": 32},
-        "data": {"train_limit": 64, "dev_limit": 16, "test_limit": 16},
-        "resources": {"cpu": 1},
-        "max_concurrent": 2,
-        "max_failures": 2,
-    }
-    for key, value in changes.items():
-        spec[key] = value
-    path.write_text(yaml.safe_dump(spec))
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +33,8 @@ def prompt_runs(uri: str, experiment: str) -> list:
     return track.Tracker(uri, experiment).find_runs({"ptx.kind": "prompt"}, status=None)
 
 
-def test_asha_sweep_stops_poor_trials_early(ray_session, tmp_path):
+def test_asha_sweep_stops_poor_trials_early(ray_session, tmp_path, new_workdir):
+    new_workdir(tmp_path)  # its store: a copy of the migrated empty db
     spec = load_study(write_spec(
         tmp_path / "asha.yaml", seeds=[0, 1],
         search={"algorithm": "grid", "space": {"lr": {"grid": [1e-6, 0.05]}}},
@@ -117,7 +95,8 @@ def test_asha_ranks_trials_within_their_task_so_a_hard_task_keeps_its_best_trial
     assert plain[("hard", 0.05)] == 1 and plain[("hard", 0.001)] == 1
 
 
-def test_failed_trial_retries_from_checkpoint(ray_session, tmp_path):
+def test_failed_trial_retries_from_checkpoint(ray_session, tmp_path, new_workdir):
+    new_workdir(tmp_path)  # its store: a copy of the migrated empty db
     spec = load_study(write_spec(tmp_path / "retry.yaml", tasks=["tweet_sentiment"]))
     uri = track.resolve_tracking_uri(None, tmp_path)
     FAIL_MARKERS.mkdir(parents=True, exist_ok=True)
@@ -138,7 +117,8 @@ def test_failed_trial_retries_from_checkpoint(ray_session, tmp_path):
     assert steps.count(0) == 1 and steps.count(3) == 1 and max(steps) == 12
 
 
-def test_rerun_reuses_finished_runs(ray_session, tmp_path):
+def test_rerun_reuses_finished_runs(ray_session, tmp_path, new_workdir):
+    new_workdir(tmp_path)  # its store: a copy of the migrated empty db
     spec = load_study(write_spec(tmp_path / "again.yaml", tasks=["drug_sentiment"]))
     uri = track.resolve_tracking_uri(None, tmp_path)
     sweep.run_sweep(spec, tmp_path, uri, name="first")
@@ -151,9 +131,11 @@ def test_rerun_reuses_finished_runs(ray_session, tmp_path):
 
 # grouped: the four runs as two trials of two prompts each (train.group_size 2; ptx.train_group)
 @pytest.mark.parametrize("group", [1, pytest.param(2, marks=pytest.mark.slow)], ids=["alone", "grouped"])
-def test_killed_driver_is_finished_by_resume(tmp_path, group):
+def test_killed_driver_is_finished_by_resume(tmp_path, new_workdir, group):
+    new_workdir(tmp_path)  # its store: a copy of the migrated empty db
     train = {"steps": 150, "batch_size": 8, "lr": 0.05, "eval_every": 3, "eval_batch_size": 32}
-    spec_path = write_spec(tmp_path / "killed.yaml", seeds=[0, 1], train={**train, "group_size": group} if group > 1 else train)
+    spec_path = write_spec(tmp_path / "killed.yaml", seeds=[0, 1],
+                           train={**train, "group_size": group} if group > 1 else train)
     n_trials = 4 // group
     env = {**os.environ, "PTX_WORKDIR": str(tmp_path)}
     env.pop(sweep.FAIL_ONCE_ENV, None)
@@ -204,69 +186,6 @@ def registered_results(trial_dir: Path) -> int:
     except OSError:
         return 0
     return sum(1 for line in lines if line.strip().endswith("}"))
-
-
-@pytest.mark.parametrize("spec_file", sorted((REPO / "experiments").glob("*.yaml")), ids=lambda p: p.name)
-def test_dry_run_of_every_shipped_spec(spec_file):
-    from click.testing import CliRunner
-
-    from ptx.cli import cli
-
-    out = CliRunner().invoke(cli, ["run", str(spec_file), "--dry-run"])
-    assert out.exit_code == 0, out.output
-    spec = load_study(spec_file)
-    n = len(spec.backbones) * len(spec.tasks) * len(spec.seeds)
-    assert f"{n} trials" in out.output or "trials =" in out.output
-
-
-def test_spec_errors_are_collected(tmp_path):
-    bad = write_spec(tmp_path / "bad.yaml", tasks=["tweet_sentimnt"], backbones=["tiny-lama"], lernrate=1,
-                     scheduler={"type": "hyperband"})
-    with pytest.raises(PtxError) as err:
-        load_study(bad)
-    msg = str(err.value)
-    assert "4 error(s)" in msg and "bad.yaml" in msg
-    assert "did you mean 'tweet_sentiment'" in msg and "did you mean 'tiny-llama'" in msg
-    assert "lernrate: unknown key" in msg and "scheduler.type" in msg
-
-
-def test_init_mode_and_init_text_are_checked_and_reach_every_request(tmp_path):
-    with pytest.raises(PtxError, match=r"init: expected one of .*found 'vocb'; did you mean 'vocab'"):
-        load_study(write_spec(tmp_path / "typo.yaml", init="vocb"))
-    with pytest.raises(PtxError, match=r"init_text: init 'text' needs a non-empty init_text, found None"):
-        load_study(write_spec(tmp_path / "notext.yaml", init="text"))
-    spec = load_study(write_spec(tmp_path / "text.yaml", init="text", init_text="Say the label."))
-    reqs = sweep.sweep_requests(spec)
-    assert len(reqs) == 2 and {(r.init, r.init_text) for r in reqs} == {("text", "Say the label.")}
-    other = load_study(write_spec(tmp_path / "text2.yaml", init="text", init_text="Another start."))
-    assert sweep.sweep_requests(other)[0].hash() != reqs[0].hash()  # the init text is part of the config
-
-
-
-def test_study_token_cap_reaches_requests_and_cuts_the_encoded_inputs(tmp_path):
-    from ptx.backbones import load_backbone
-    from ptx.data import encode_split
-    from ptx.tasks import load_task
-
-    data = {"train_limit": 64, "dev_limit": 16, "test_limit": 16}
-    with pytest.raises(PtxError, match=r"data.max_length: expected a whole number ≥ 8 or null, found 4"):
-        load_study(write_spec(tmp_path / "tiny.yaml", data={**data, "max_length": 4}))
-    plain = sweep.sweep_requests(load_study(write_spec(tmp_path / "plain.yaml")))
-    capped = sweep.sweep_requests(load_study(write_spec(tmp_path / "cap.yaml", data={**data, "max_length": 24})))
-    assert {r.max_length for r in capped} == {24} and {r.max_length for r in plain} == {None}
-    assert capped[0].hash() != plain[0].hash()
-    # unset, the field leaves the hash of requests made before it existed unchanged
-    before = dataclasses.asdict(plain[0])
-    before["settings"].pop("compile"), before.pop("max_length"), before["settings"].pop("group_size")
-    before["settings"].pop("label_loss")  # at its legacy value, like max_length unset: left out of the hash
-    assert plain[0].hash() == config_hash(before)
-    backbone = load_backbone("tiny-llama")
-    own = load_task("drug_sentiment")
-    assert load_task("drug_sentiment", max_length=10_000).max_length == own.max_length  # a cap never raises it
-    long = encode_split(own, backbone, "train", limit=32, use_cache=False)
-    short = encode_split(load_task("drug_sentiment", max_length=24), backbone, "train", limit=32, use_cache=False)
-    assert max(long["length"]) > 24 >= max(short["length"])
-    assert all(s <= lo for s, lo in zip(short["length"], long["length"], strict=True))
 
 
 def test_bad_cli_inputs_exit_2(tmp_path):

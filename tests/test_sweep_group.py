@@ -63,7 +63,8 @@ def test_group_requests_keep_members_that_share_a_pass_together(tmp_path):
 
 
 @pytest.mark.ray
-def test_a_grouped_sweep_logs_every_member_and_a_retried_group_resumes_them_all(tmp_path):
+def test_a_grouped_sweep_logs_every_member_and_a_retried_group_resumes_them_all(tmp_path, new_workdir):
+    new_workdir(tmp_path)  # its store: a copy of the migrated empty db
     markers = tmp_path / "armed"
     markers.mkdir()
     os.environ[sweep.FAIL_ONCE_ENV] = f"6:{markers}"  # the group trial raises once after its step-6 report

@@ -5,59 +5,23 @@ Real sqlite stores in tmp_path, real training of tiny backbones; the only wrappi
 """
 
 import shutil
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 from urllib.parse import unquote, urlparse
 
 import mlflow
 import pytest
+from cli_runner import invoke_cli
 from mlflow.tracking import MlflowClient
 
 from ptx import track
-from ptx.cli import main
 from ptx.errors import PtxError
 from ptx.prompt_runs import PromptRequest, run_prompt
 from ptx.train import TrainSettings
 
+pytestmark = pytest.mark.usefixtures("no_env_uri")  # each test names its store (conftest.py)
 SMALL = ["--task", "tweet_sentiment", "--backbone", "tiny-llama", "--steps", "4", "--eval-every", "2",
          "--train-limit", "32", "--dev-limit", "16", "--batch-size", "8", "--prompt-length", "4", "--lr", "0.05"]
-
-
-@pytest.fixture(autouse=True)
-def _no_env_uri(monkeypatch):
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-
-
-@pytest.fixture(scope="session")
-def empty_db(tmp_path_factory) -> Path:
-    """A real, migrated, empty MLflow sqlite db, made once: a fresh db spends ~10 s in MLflow's migrations."""
-    path = tmp_path_factory.getbasetemp() / "mlflow-template" / "mlflow.db"
-    if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        MlflowClient(f"sqlite:///{path}").search_experiments()
-    return path
-
-
-@pytest.fixture
-def wd(tmp_path, empty_db) -> Path:
-    """A workdir whose default store (sqlite:///<wd>/mlflow.db) starts as a copy of the empty db."""
-    wd = tmp_path / "wd"
-    wd.mkdir()
-    shutil.copy(empty_db, wd / "mlflow.db")
-    return wd
-
-
-def ptx(monkeypatch, capsys, *args) -> tuple[int, str, str]:
-    """Run the real `ptx` entry point in-process; (exit code, stdout, stderr)."""
-    monkeypatch.setattr(sys, "argv", ["ptx", *map(str, args)])
-    code = 0
-    try:
-        main()
-    except SystemExit as exc:
-        code = exc.code
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 def small_request(**changes) -> PromptRequest:
@@ -76,12 +40,12 @@ def prompt_runs(client: MlflowClient) -> list:
     return list(client.search_runs(ids, "tags.`ptx.kind` = 'prompt'"))
 
 
-def test_train_logs_everything_into_the_workdir_store(tmp_path, monkeypatch, capsys):
+def test_train_logs_everything_into_the_workdir_store(tmp_path, monkeypatch):
     cwd, wd = tmp_path / "elsewhere", tmp_path / "wd"
     cwd.mkdir()
     monkeypatch.chdir(cwd)
-    code, out, err = ptx(monkeypatch, capsys, "train", *SMALL, "--workdir", wd)
-    assert code in (0, None), err
+    code, out, err = invoke_cli("train", *SMALL, "--workdir", wd)
+    assert code == 0, err
     assert list(cwd.rglob("*")) == [], "nothing may be written under the current directory"
     assert (wd / "mlflow.db").is_file()
     client = MlflowClient(f"sqlite:///{wd / 'mlflow.db'}")
@@ -116,17 +80,17 @@ def test_train_logs_everything_into_the_workdir_store(tmp_path, monkeypatch, cap
     assert all(a.value <= b.value for a, b in zip(best, best[1:], strict=False))
 
 
-def test_tracking_uri_from_option_and_from_env(tmp_path, empty_db, monkeypatch, capsys):
+def test_tracking_uri_from_option_and_from_env(tmp_path, empty_db, monkeypatch):
     wd = tmp_path / "wd"
     opt_db, env_db = tmp_path / "opt.db", tmp_path / "env.db"
     for db in (opt_db, env_db):
         shutil.copy(empty_db, db)
     args = ["train", *SMALL, "--steps", "1", "--eval-every", "1", "--workdir", wd]
-    code, _, err = ptx(monkeypatch, capsys, *args, "--tracking-uri", f"sqlite:///{opt_db}")
-    assert code in (0, None), err
+    code, _, err = invoke_cli(*args, "--tracking-uri", f"sqlite:///{opt_db}")
+    assert code == 0, err
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{env_db}")
-    code, _, err = ptx(monkeypatch, capsys, *args, "--seed", "1")
-    assert code in (0, None), err
+    code, _, err = invoke_cli(*args, "--seed", "1")
+    assert code == 0, err
     assert not (wd / "mlflow.db").exists()
     (a,) = prompt_runs(MlflowClient(f"sqlite:///{opt_db}"))
     (b,) = prompt_runs(MlflowClient(f"sqlite:///{env_db}"))
@@ -137,26 +101,26 @@ def test_tracking_uri_from_option_and_from_env(tmp_path, empty_db, monkeypatch, 
 
 
 @pytest.mark.parametrize("uri", ["./mlruns", "mlruns", "file:///tmp/ptx-test-mlruns", "file:./mlruns"])
-def test_file_store_is_refused(tmp_path, monkeypatch, capsys, uri):
+def test_file_store_is_refused(tmp_path, monkeypatch, uri):
     monkeypatch.chdir(tmp_path)
-    code, _, err = ptx(monkeypatch, capsys, "train", *SMALL, "--workdir", tmp_path / "wd", "--tracking-uri", uri)
+    code, _, err = invoke_cli("train", *SMALL, "--workdir", tmp_path / "wd", "--tracking-uri", uri)
     assert code == 2
     assert err.count("\n") == 1 and "file store" in err and uri in err
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    code, _, err = ptx(monkeypatch, capsys, "prompts", "list", "--workdir", tmp_path / "wd")
+    code, _, err = invoke_cli("prompts", "list", "--workdir", tmp_path / "wd")
     assert code == 2 and "file store" in err
     assert not (tmp_path / "mlruns").exists() and not Path("/tmp/ptx-test-mlruns").exists()
 
 
-def test_transfer_init_comes_through_mlflow(wd, tmp_path, monkeypatch, capsys):
+def test_transfer_init_comes_through_mlflow(wd, tmp_path):
     tracker = track.Tracker(track.resolve_tracking_uri(None, wd), workdir=wd)
     src = run_prompt(small_request(), wd, tracker=tracker)
     # drop the local copy: the init prompt can then only come from the MLflow store
     for f in src.artifact.iterdir():
         f.unlink()
     src.artifact.rmdir()
-    code, out, err = ptx(monkeypatch, capsys, "train", *SMALL, "--init-from", src.run_id, "--workdir", wd)
-    assert code in (0, None), err
+    code, out, err = invoke_cli("train", *SMALL, "--init-from", src.run_id, "--workdir", wd)
+    assert code == 0, err
     runs = {r.info.run_id: r for r in prompt_runs(tracker.client)}
     (new_id,) = set(runs) - {src.run_id}
     assert runs[new_id].data.tags["ptx.source_run"] == src.run_id
@@ -210,7 +174,7 @@ def test_metric_logging_is_batched(wd, tmp_path):
     assert len(calls) <= evals + 2  # params once, one request per evaluation, one summary
 
 
-def test_an_active_mlflow_run_is_left_alone(wd, tmp_path, monkeypatch):
+def test_an_active_mlflow_run_is_left_alone(wd, tmp_path):
     uri = track.resolve_tracking_uri(None, wd)
     mlflow.set_tracking_uri(uri)
     try:
@@ -232,11 +196,11 @@ def test_an_active_mlflow_run_is_left_alone(wd, tmp_path, monkeypatch):
         mlflow.set_tracking_uri(None)
 
 
-def test_same_request_reuses_the_finished_run_and_force_trains_again(wd, tmp_path, monkeypatch, capsys):
-    code, out1, err = ptx(monkeypatch, capsys, "train", *SMALL, "--workdir", wd)
-    assert code in (0, None), err
-    code, out2, err = ptx(monkeypatch, capsys, "train", *SMALL, "--workdir", wd)
-    assert code in (0, None), err
+def test_same_request_reuses_the_finished_run_and_force_trains_again(wd, tmp_path):
+    code, out1, err = invoke_cli("train", *SMALL, "--workdir", wd)
+    assert code == 0, err
+    code, out2, err = invoke_cli("train", *SMALL, "--workdir", wd)
+    assert code == 0, err
     tracker = track.Tracker(track.resolve_tracking_uri(None, wd), workdir=wd)
     (first,) = prompt_runs(tracker.client)
     assert "reused finished run " + first.info.run_id in out2 and "trained " + first.info.run_id in out1
@@ -250,8 +214,8 @@ def test_same_request_reuses_the_finished_run_and_force_trains_again(wd, tmp_pat
     assert (local / "prompt.safetensors").is_file()
     assert len(prompt_runs(tracker.client)) == 1
 
-    code, out3, err = ptx(monkeypatch, capsys, "train", *SMALL, "--workdir", wd, "--force")
-    assert code in (0, None), err
+    code, out3, err = invoke_cli("train", *SMALL, "--workdir", wd, "--force")
+    assert code == 0, err
     runs = prompt_runs(tracker.client)
     assert len(runs) == 2 and len({r.data.tags["ptx.config_hash"] for r in runs}) == 1
     assert "trained " in out3 and first.info.run_id not in out3

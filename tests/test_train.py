@@ -201,7 +201,8 @@ def test_empty_training_split_is_an_error(tiny, spec):
         train_prompt(backbone, spec, init_prompt(backbone, 4), train.select([]), dev, TrainSettings(steps=2))
 
 
-def test_run_prompt_nan_fails_the_run_and_names_the_kept_prompt(tiny, spec, tmp_path):
+def test_run_prompt_nan_fails_the_run_and_names_the_kept_prompt(tiny, spec, tmp_path, new_workdir):
+    new_workdir(tmp_path)  # its store: a copy of the migrated empty db
     backbone = tiny("tiny-llama")
     tracker = track.Tracker(f"sqlite:///{tmp_path / 'mlflow.db'}", "test", workdir=tmp_path)
     req = PromptRequest(task="tweet_sentiment", backbone="tiny-llama", prompt_length=4, train_limit=16, dev_limit=16,

@@ -31,13 +31,6 @@ from ptx.transfer import (
 TARGETS = ["tweet_sentiment", "drug_sentiment", "bbc_topic"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def cache(tmp_path_factory):
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("PTX_CACHE_DIR", str(tmp_path_factory.mktemp("ptx-cache")))
-        yield
-
-
 @pytest.fixture(scope="module")
 def llama():
     return load_backbone("tiny-llama")
@@ -179,11 +172,11 @@ def test_a_tpt_run_is_never_stopped_on_patience():
 
 # ---- the stages: real local Ray, real sqlite MLflow ---------------------------------------------------------
 @pytest.fixture(scope="module")
-def study(tmp_path_factory, cache):
+def study(tmp_path_factory, new_workdir):
     from ptx import prompt_runs as stages
     from ptx import sweep
 
-    workdir = tmp_path_factory.mktemp("study")
+    workdir = new_workdir(tmp_path_factory.mktemp("study"))
     spec = StudySpec(name="tiny-study", backbones=("tiny-bert",), tasks=tuple(TARGETS), seeds=(0,), prompt_length=4,
                      train=TrainSettings(steps=6, eval_every=2, batch_size=8, eval_batch_size=32, lr=0.3),
                      data=DataLimits(train_limit=32, dev_limit=16, test_limit=16),

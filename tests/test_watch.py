@@ -12,15 +12,14 @@ import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+from support import free_port, wait_healthy
 
 from ptx import sweep, track
 
@@ -32,13 +31,13 @@ STAGE_UNITS = {"train": "trials", "transfer": "pairs", "tpt": "trials", "indicat
 
 
 @pytest.fixture(scope="module")
-def smoke(tmp_path_factory):
+def smoke(tmp_path_factory, new_workdir):
     """`ptx demo --smoke` with its output captured (not a terminal: plain progress lines)."""
     from click.testing import CliRunner
 
     from ptx.cli import cli
 
-    workdir = tmp_path_factory.mktemp("watch") / "smoke"
+    workdir = new_workdir(tmp_path_factory.mktemp("watch") / "smoke")  # its store: the migrated empty db, copied
     t0 = time.perf_counter()
     result = CliRunner().invoke(cli, ["demo", "--smoke", "--workdir", str(workdir)], catch_exceptions=False)
     import ray
@@ -140,35 +139,20 @@ def test_mlflow_records_kind_datasets_names_and_report_links(smoke):
         assert f"[{name}](#/experiments/{tracker.experiment_id}/runs/{rid})" in report.data.tags["mlflow.note.content"]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _dashboard(smoke) -> str:
     return re.search(r"Ray dashboard \(while this runs\): (\S+)", smoke.output).group(1)
 
 
 @needs_chromium
 def test_ptx_ui_opens_the_runs_table_with_datasets(smoke, tmp_path):
-    port = _free_port()
+    port = free_port()
     log = tmp_path / "ui.log"
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
     with log.open("w") as f:
         proc = subprocess.Popen([sys.executable, "-m", "ptx", "ui", str(smoke.workdir), "--port", str(port),
                                  "--address", smoke.gcs], stdout=f, stderr=subprocess.STDOUT, env=env)
     try:
-        deadline = time.monotonic() + 180
-        while True:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as resp:
-                    if resp.status == 200:
-                        break
-            except OSError:
-                pass
-            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-2000:]
-            time.sleep(1)
+        wait_healthy(f"http://127.0.0.1:{port}", proc, log, 180)
         printed = log.read_text()
         assert f"MLflow UI: http://127.0.0.1:{port}  (store {smoke.uri}; Ctrl-C stops it)" in printed
         eid = track.Tracker(smoke.uri, "smoke").experiment_id
