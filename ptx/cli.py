@@ -11,7 +11,7 @@ from pathlib import Path
 
 import click
 
-from ptx.errors import PtxError
+from ptx.errors import PtxError, SweepInterrupted
 
 DEFAULT_WORKDIR = "ptx-work"
 
@@ -889,5 +889,8 @@ def main():
     except click.ClickException as exc:
         exc.show()
         sys.exit(exc.exit_code)
+    except SweepInterrupted as exc:  # Ctrl-C or SIGTERM: trials stopped, runs KILLED, the experiment resumable
+        click.echo(f"interrupted: {exc}", err=True)
+        sys.exit(130)
     except KeyboardInterrupt:
         sys.exit(130)

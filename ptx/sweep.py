@@ -6,15 +6,18 @@ After `fit()`, the driver finalises every trial from its last checkpoint (a tria
 that errored, still gets its best prompt logged) and tags the best prompt per (task, backbone).
 """
 
+import contextlib
 import dataclasses
 import logging
 import os
+import signal
 import tempfile
+import threading
 import time
 from pathlib import Path
 
 from ptx import guards, progress, track
-from ptx.errors import PtxError
+from ptx.errors import PtxError, SweepInterrupted
 from ptx.prompt_runs import PromptRequest, run_prompt
 from ptx.train import TrainSettings, load_checkpoint, save_checkpoint
 
@@ -235,7 +238,7 @@ def prompt_trainable(config: dict) -> None:
     req = _request_from(config)
     # a trial (re)started while the MLflow server is down waits for it (80 s at most) instead of failing in 12 s:
     # an outage then costs a trial one retry, not all of them (docs/fault_tolerance.md)
-    track.wait_reachable(const["tracking_uri"], tries=8, delay=2.0)
+    track.wait_reachable(const["tracking_uri"], tries=track.outage_wait_tries(), delay=2.0)
     tracker = track.Tracker(const["tracking_uri"], const["experiment"], workdir=Path(const["workdir"]))
     trial_id = tune.get_context().get_trial_id()
     resume, run_id = None, None
@@ -245,7 +248,7 @@ def prompt_trainable(config: dict) -> None:
             resume = load_checkpoint(d)
         run_id = resume.get("mlflow_run_id")
     run_id = run_id or _find_trial_run(tracker, trial_id, const["parent_run_id"])
-    if run_id and resume is None:
+    if run_id:  # reopened: an earlier attempt may have closed it (FAILED, or KILLED by an interrupted sweep)
         tracker.client.set_terminated(run_id, "RUNNING")
     node = ray.get_runtime_context().get_node_id()  # which node ran (the latest attempt of) this trial
     if run_id:  # a retry (a failure, a lost node, an MLflow outage): the store keeps each point exactly once
@@ -596,6 +599,7 @@ def resume_sweep(path: str, restart_errored: bool = False) -> dict:
     tuner = tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True,
                                resume_errored=not restart_errored, restart_errored=restart_errored)
     tracker = track.Tracker(state["tracking_uri"], state["experiment"], workdir=Path(state["workdir"]))
+    tracker.finish(state["parent_run_id"], "RUNNING")  # reopened (KILLED if the sweep was interrupted)
     return _fit_and_finalise(tuner, tracker, state["parent_run_id"], Path(state["workdir"]))
 
 
@@ -606,19 +610,50 @@ def _fit_and_finalise(tuner, tracker, parent: str, workdir: Path, trials: int = 
     _bar_base = (_bar.done, _bar.total)
     _bar.update(total=_bar.total + trials)
     try:
-        grid = tuner.fit()
+        with _sigterm_stops_tune():
+            grid = tuner.fit()
         _bar.update(done=_bar_base[0] + len(grid), note=f"{sum(r.error is not None for r in grid)} errored"
                     if any(r.error is not None for r in grid) else "")
     finally:
         _bar = None
     wall = time.perf_counter() - t0
-    track.wait_reachable(tracker.uri, tries=8, delay=2.0)  # a server blip at the end costs a wait, not the sweep
+    # a server blip at the end costs a wait, not the sweep
+    track.wait_reachable(tracker.uri, tries=track.outage_wait_tries(), delay=2.0)
+    interrupted = len(grid) - grid.num_terminated - grid.num_errors  # stopped by Ctrl-C / SIGTERM: not finished
+    if interrupted:
+        _close_interrupted(tracker, parent)
+        raise SweepInterrupted(f"sweep interrupted with {interrupted} of {len(grid)} trials unfinished; finish it "
+                               f"with: ptx resume {grid.experiment_path}")
     summary = finalise(grid, tracker, workdir)
     _log_sweep_datasets(tracker, parent, summary["rows"])
     summary.update(wall_seconds=wall, experiment_path=grid.experiment_path, parent_run_id=parent)
     tracker.log(parent, {"trials": summary["trials"], "errored": summary["errored"], "wall_seconds": wall})
     tracker.finish(parent, "FINISHED" if not summary["errored"] else "FAILED")
     return summary
+
+
+@contextlib.contextmanager
+def _sigterm_stops_tune():
+    """While Tune runs, SIGTERM does what Ctrl-C does: Tune's SIGINT handler stops the trials and saves the
+    experiment state (a second signal stops at once). Without this, Ray's driver handler (`sys.exit`) would
+    unwind past Tune's loop and leave its trials' runs RUNNING."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.getsignal(signal.SIGTERM)
+    signal.signal(signal.SIGTERM, lambda signum, frame: signal.raise_signal(signal.SIGINT))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _close_interrupted(tracker, parent: str) -> None:
+    """Mark the runs of an interrupted sweep KILLED (its unfinished trials' and its own); `ptx resume` reopens
+    them: a resumed trial logs into its run again and the parent is finished by the resumed sweep."""
+    for run in tracker.find_runs({"ptx.sweep_run": parent}, status="RUNNING"):
+        tracker.finish(run.info.run_id, "KILLED")
+    tracker.finish(parent, "KILLED")
 
 
 def finalise(grid, tracker, workdir: Path) -> dict:
@@ -819,7 +854,7 @@ def group_trainable(config: dict) -> None:
         logging.getLogger("ray.train").setLevel(logging.WARNING)
         logging.getLogger("ray.tune").setLevel(logging.WARNING)
     reqs = [_request_from({**config, "request": r}) for r in config["group"]]
-    track.wait_reachable(const["tracking_uri"], tries=8, delay=2.0)
+    track.wait_reachable(const["tracking_uri"], tries=track.outage_wait_tries(), delay=2.0)
     tracker = track.Tracker(const["tracking_uri"], const["experiment"], workdir=Path(const["workdir"]))
     trial_id, parent = tune.get_context().get_trial_id(), const["parent_run_id"]
     states: dict = {}

@@ -32,6 +32,15 @@ os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # prompts are small; bars garble CLI errors
 
 
+def outage_wait_tries() -> int:
+    """How many /health probes a (re)starting trial and the finalising driver make while the server is down
+    (pauses of 2, 4, 6 ... s: 8 tries wait about 56 s); PTX_MLFLOW_WAIT_TRIES changes it (tests shorten it)."""
+    raw = os.environ.get("PTX_MLFLOW_WAIT_TRIES", "8")
+    if not raw.isdigit() or int(raw) < 1:
+        raise PtxError(f"PTX_MLFLOW_WAIT_TRIES: expected a whole number >= 1, found {raw!r}")
+    return int(raw)
+
+
 def resolve_tracking_uri(uri: str | None, workdir: str | Path) -> str:
     """--tracking-uri, else $MLFLOW_TRACKING_URI, else sqlite:///<workdir>/mlflow.db (absolute)."""
     uri = uri or os.environ.get("MLFLOW_TRACKING_URI")

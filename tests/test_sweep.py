@@ -179,6 +179,58 @@ def test_killed_driver_is_finished_by_resume(tmp_path, new_workdir, group):
     assert sorted(len(list(trial.glob("checkpoint_*"))) for trial in trials) == [1] * n_trials
 
 
+def test_sigterm_stops_the_sweep_like_ctrl_c_and_resume_finishes_it(tmp_path):
+    """A real SIGTERM to a real `ptx sweep` (as a scheduler, `kill` or `docker stop` sends it) stops the trials,
+    closes their runs and the sweep's KILLED and leaves a resumable experiment; `ptx resume` then finishes each
+    trial exactly once. Before the fix, Ray's driver handler unwound past Tune: the runs stayed RUNNING."""
+    spec_path = write_spec(tmp_path / "termed.yaml", tasks=["tweet_sentiment"], seeds=[0, 1],
+                           train={"steps": 150, "batch_size": 8, "lr": 0.05, "eval_every": 3, "eval_batch_size": 32})
+    env = {**os.environ, "PTX_WORKDIR": str(tmp_path)}
+    env.pop(sweep.FAIL_ONCE_ENV, None)
+    ptx = [sys.executable, "-m", "ptx"]
+    log = tmp_path / "driver.log"
+    with open(log, "wb") as out:
+        driver = subprocess.Popen([*ptx, "sweep", str(spec_path), "--workdir", str(tmp_path)], env=env, stdout=out,
+                                  stderr=subprocess.STDOUT, start_new_session=True)
+    results = tmp_path / "ray_results"
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline and max(map(registered_results, results.glob("*/*/")), default=0) < 2:
+            assert driver.poll() is None, log.read_text()[-3000:]
+            time.sleep(0.2)
+        driver.send_signal(signal.SIGTERM)  # to the driver alone, not its process group
+        rc = driver.wait(timeout=120)
+    finally:
+        if driver.poll() is None:
+            os.killpg(driver.pid, signal.SIGKILL)
+    text = log.read_text()
+    assert rc == 130, f"exit {rc}:\n{text[-3000:]}"
+    experiment = next(p for p in results.iterdir() if p.is_dir())
+    assert f"interrupted: sweep interrupted with 2 of 2 trials unfinished; finish it with: ptx resume {experiment}" \
+        in text, text[-3000:]
+    uri = track.resolve_tracking_uri(None, tmp_path)
+    tracker = track.Tracker(uri, "termed")
+    runs = prompt_runs(uri, "termed")
+    assert sorted(r.info.status for r in runs) == ["KILLED", "KILLED"]
+    (parent,) = tracker.find_runs({"ptx.kind": "sweep"}, status=None)
+    assert parent.info.status == "KILLED"
+    steps_at_stop = {r.info.run_id: max(m.step for m in tracker.client.get_metric_history(r.info.run_id,
+                                                                                           "dev_accuracy"))
+                     for r in runs}
+    assert all(step < 150 for step in steps_at_stop.values()), steps_at_stop  # stopped mid-training
+    out = subprocess.run([*ptx, "resume", str(experiment)], env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    after = prompt_runs(uri, "termed")
+    assert sorted(r.info.run_id for r in after) == sorted(steps_at_stop), "a resumed trial opened a second run"
+    assert all(r.info.status == "FINISHED" for r in after)
+    assert tracker.client.get_run(parent.info.run_id).info.status == "FINISHED"
+    for r in after:
+        got = [m.step for m in tracker.client.get_metric_history(r.info.run_id, "dev_accuracy")]
+        assert sorted(got) == list(range(0, 151, 3)), (r.info.run_id, sorted(got))  # each step exactly once
+        names = {a.path for a in tracker.client.list_artifacts(r.info.run_id, "prompt")}
+        assert names == {"prompt/prompt.json", "prompt/prompt.safetensors"}
+
+
 def registered_results(trial_dir: Path) -> int:
     """How many results of a trial Tune's driver has processed (it appends each to result.json, in order)."""
     try:
