@@ -229,12 +229,24 @@ class FakeCluster:
             self.proc = subprocess.Popen(
                 [str(BIN / "ray"), "start", "--head", "--port", str(self.port), "--num-cpus", "0",
                  f"--autoscaling-config={cfg}", "--node-ip-address", "127.0.0.1", "--temp-dir", str(self.temp),
-                 "--include-dashboard", "false", "--disable-usage-stats", "--object-store-memory", "100000000",
+                 "--include-dashboard", "false", "--dashboard-port", str(free_port()), "--disable-usage-stats",
+                 "--object-store-memory", "100000000",
                  "--ray-client-server-port", str(free_port()), "--dashboard-agent-listen-port", str(free_port())],
                 env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        if self.proc.wait(timeout=300) != 0:
-            raise SystemExit(f"ray start --head failed:\n{self.log.read_text()[-3000:]}")
         self.sid = self.proc.pid
+        if self.proc.wait(timeout=300) != 0:
+            self.close()
+            raise RuntimeError(f"ray start --head failed:\n{self.log.read_text()[-3000:]}")
+
+    @classmethod
+    def start(cls, node_types: dict, root: Path, tries: int = 3) -> "FakeCluster":
+        """`ray start` gives a raylet 30 s to register with its GCS; on a loaded box that can be missed: retry."""
+        for attempt in range(tries):
+            try:
+                return cls(node_types, root)
+            except RuntimeError as exc:
+                print(f"fake cluster head, attempt {attempt + 1}: {str(exc).splitlines()[-1]}")
+        raise SystemExit(f"ray start --head failed {tries} times")
 
     def session(self) -> list[int]:
         out = []
@@ -348,7 +360,7 @@ def main() -> None:
         base.update(write_stats(relay.take()))
         base["writes_per_trial"] = base["writes"] / base["trials"]
 
-        cluster = FakeCluster(node_types, root)
+        cluster = FakeCluster.start(node_types, root)
         os.environ.update({k: cluster.env[k] for k in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN")})
         t_connect = time.perf_counter()
         sweep.connect(cluster.address)
