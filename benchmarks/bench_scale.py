@@ -12,7 +12,8 @@ What runs:
             the GPU node types of a launcher YAML of cluster/ (default aws.yaml, gpu_1x: CPU 4, GPU 1), fake GPUs,
             at most --max-nodes of them. The autoscaler adds them as the trials' demand appears.
   sweep     ptx.sweep.run_sweep on tiny-llama (1 task x N seeds, --steps steps, an evaluation every step), each
-            trial asking {cpu: 1, gpu: 0.25} like the paper specs, driver in this process.
+            trial asking {cpu: 1, gpu: 0.25} like the paper specs, driver in this process; one prompt run per
+            trial (--group-size 1; a GPU sweep's default groups 4 prompts per trial, --group-size 4).
   baseline  the first --baseline-trials of the same requests through ptx.stages.run_prompt, one after another in
             this process, logging through the same relay to the same server (no Ray, no Tune).
 
@@ -125,12 +126,16 @@ def write_stats(records: list) -> dict:
     writes = [r for r in records if r[1] in ("POST", "PUT", "PATCH", "DELETE")]
     if not writes:
         return {"requests": len(records), "writes": 0}
+    by_path: dict[str, int] = {}
+    for r in writes:
+        key = f"{r[1]} {r[2].split('/mlflow-artifacts/')[0]}{' (artifact)' if '/mlflow-artifacts/' in r[2] else ''}"
+        by_path[key] = by_path.get(key, 0) + 1
     span = max(r[0] for r in writes) - min(r[0] for r in writes)
     lat = [r[4] * 1000 for r in writes]
     return {"requests": len(records), "writes": len(writes), "write_errors": sum(r[3] >= 500 for r in writes),
             "writes_per_s": len(writes) / span if span > 0 else float("nan"),
             "write_ms_p50": percentile(lat, 50), "write_ms_p95": percentile(lat, 95),
-            "write_ms_p99": percentile(lat, 99), "write_ms_max": max(lat)}
+            "write_ms_p99": percentile(lat, 99), "write_ms_max": max(lat), "writes_by_endpoint": by_path}
 
 
 # ---- the store ----------------------------------------------------------------------------------------
@@ -281,10 +286,11 @@ def slot_timeline(per_node: int, poll: list) -> float:
 
 
 # ---- the runs -----------------------------------------------------------------------------------------
-def write_spec(path: Path, trials: int, steps: int, gpu: float) -> Path:
+def write_spec(path: Path, trials: int, steps: int, gpu: float, group_size: int) -> Path:
     spec = {"name": path.stem, "backbones": ["tiny-llama"], "tasks": [TASK], "seeds": list(range(trials)),
             "prompt_length": 4, "init": "vocab",
-            "train": {"steps": steps, "batch_size": 8, "lr": 0.05, "eval_every": 1, "eval_batch_size": 16},
+            "train": {"steps": steps, "batch_size": 8, "lr": 0.05, "eval_every": 1, "eval_batch_size": 16,
+                      "group_size": group_size},
             "data": {"train_limit": 16, "dev_limit": 8, "test_limit": 8},
             "resources": {"cpu": 1, "gpu": gpu}, "max_failures": 1, "storage_shared": True}
     path.write_text(yaml.safe_dump(spec))
@@ -328,8 +334,11 @@ def main() -> None:
     ap.add_argument("--node-type", default="gpu_1x")
     ap.add_argument("--max-nodes", type=int, default=2, help="cap on fake GPU nodes (each is real processes)")
     ap.add_argument("--baseline-trials", type=int, default=10)
+    ap.add_argument("--group-size", type=int, default=1,
+                    help="prompts per Tune trial (GPU sweeps default to groups of 4; 1: one trial per prompt run)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))  # clean up on `kill` too
     if args.trials < 1 or args.baseline_trials < 1:
         raise SystemExit("--trials and --baseline-trials must be >= 1")
 
@@ -346,7 +355,7 @@ def main() -> None:
         store = Store(root)
         relay = Relay(store.port)
         out["store"] = store.kind
-        spec = load_study(write_spec(root / "scale.yaml", args.trials, args.steps, args.gpu))
+        spec = load_study(write_spec(root / "scale.yaml", args.trials, args.steps, args.gpu, args.group_size))
         # the baseline first, on the warm store: the same requests, one process, no Ray
         from ptx.backbones import load_backbone
         from ptx.data import encode_split

@@ -879,8 +879,9 @@ def main():
     except PtxError as exc:
         click.echo(f"error: {exc}", err=True)
         sys.exit(2)
-    except click.exceptions.Abort:
-        click.echo("aborted", err=True)
+    except click.exceptions.Abort as exc:  # click turns a KeyboardInterrupt (ours included) into Abort
+        cause = exc.__cause__
+        click.echo(f"interrupted: {cause}" if isinstance(cause, SweepInterrupted) else "aborted", err=True)
         sys.exit(130)
     except click.UsageError as exc:  # one line like every other bad input; the help is one -h away
         where = f" (see '{exc.ctx.command_path} -h')" if exc.ctx is not None else ""

@@ -619,7 +619,7 @@ def _fit_and_finalise(tuner, tracker, parent: str, workdir: Path, trials: int = 
     wall = time.perf_counter() - t0
     # a server blip at the end costs a wait, not the sweep
     track.wait_reachable(tracker.uri, tries=track.outage_wait_tries(), delay=2.0)
-    interrupted = len(grid) - grid.num_terminated - grid.num_errors  # stopped by Ctrl-C / SIGTERM: not finished
+    interrupted = _interrupted_trials(grid)
     if interrupted:
         _close_interrupted(tracker, parent)
         raise SweepInterrupted(f"sweep interrupted with {interrupted} of {len(grid)} trials unfinished; finish it "
@@ -646,6 +646,17 @@ def _sigterm_stops_tune():
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def _interrupted_trials(grid) -> int:
+    """How many trials a Ctrl-C / SIGTERM left unfinished. After an interrupt Tune's cleanup marks the stopped
+    trials TERMINATED in memory, so the result grid cannot tell; the experiment state it saved just before the
+    cleanup can (PENDING/PAUSED there). Read only when some trial ended neither with `done` nor with an error."""
+    if all(r.error is not None or (r.metrics or {}).get("done") for r in grid):
+        return 0
+    from ray.tune import ExperimentAnalysis
+
+    return sum(t.status not in ("TERMINATED", "ERROR") for t in ExperimentAnalysis(grid.experiment_path).trials)
 
 
 def _close_interrupted(tracker, parent: str) -> None:

@@ -153,24 +153,29 @@ class RayCluster:
         return node
 
     def add_worker(self) -> RayNode:
-        node = self.start_worker()
-        try:
-            node.wait_started()
-        except AssertionError:  # `ray start` gave up (seen once on a loaded box: the GCS answered too late)
-            if node.proc.poll() is None:
-                raise
-            node.kill()
-            self.nodes.remove(node)
-            node = self.start_worker()
-            node.wait_started()
-        return node
+        return self.started(self.start_worker)
+
+    def started(self, start, first: RayNode | None = None) -> RayNode:
+        """start() -> a node; wait until it runs, starting it again (twice at most) if `ray start` gave up."""
+        for attempt in range(3):
+            node = first if attempt == 0 and first is not None else start()
+            try:
+                node.wait_started()
+                return node
+            except AssertionError:  # `ray start` gave up: on a loaded box its raylet can miss the 30 s it is
+                # given to register, or the dashboard agent's ports (seen at load average 20-30)
+                if node.proc.poll() is None or attempt == 2:
+                    raise
+                node.kill()
+                self.nodes.remove(node)
+                node.log.rename(node.log.with_suffix(f".failed{attempt}.log"))
 
     def restart(self) -> None:
         """The head lost and brought back: every node of the cluster killed (without GCS fault tolerance a
         worker does not survive its head), a fresh head on the same address, then a fresh worker."""
         for node in reversed(self.alive()):
             node.kill()
-        self.start_head().wait_started()
+        self.started(self.start_head)
         self.add_worker()
 
     def alive(self) -> list[RayNode]:
@@ -202,7 +207,7 @@ def cluster(tmp_path_factory, ptx_cache_dir):
         for task in ("tweet_sentiment", "drug_sentiment"):
             encode_split(load_task(task), bb, "train", limit=TRAIN_LIMIT)
             encode_split(load_task(task), bb, "dev", limit=DEV_LIMIT)
-        head.wait_started()
+        ray_cluster.started(ray_cluster.start_head, first=head)
         ray_cluster.add_worker()
         yield ray_cluster
     finally:
