@@ -580,6 +580,8 @@ def test_head_restart_then_resume_finishes_the_sweep_exactly_once(cluster, serve
     spec = write_spec(tmp_path / "headloss.yaml", tasks=["tweet_sentiment"], seeds=[0, 1], max_failures=1,
                       resources={"cpu": 1, "custom": {"worker_node": 0.5}},
                       train={"steps": 60, "batch_size": 8, "lr": 0.05, "eval_every": 3, "eval_batch_size": 32})
+    if len(cluster.alive()) < 2:  # an earlier test lost its worker and could not add one
+        cluster.add_worker()
     sweep = launch(spec)
     wait_for(lambda: registered_steps(sweep), SWEEP_TIMEOUT, "registered checkpoint", sweep, every=0.1)
     last_before = last_reported_steps(sweep)

@@ -297,3 +297,13 @@ def test_experiment_kind_datasets_links_and_system_metrics(wd):
     with tracker.system_metrics(run.run_id, enabled=False):
         pass
     assert not any(k.startswith("system/") for k in tracker.get_run(run.run_id).data.metrics)
+
+
+def test_outage_wait_tries_from_the_environment(monkeypatch):
+    monkeypatch.delenv("PTX_MLFLOW_WAIT_TRIES", raising=False)
+    assert track.outage_wait_tries() == 8
+    monkeypatch.setenv("PTX_MLFLOW_WAIT_TRIES", "1")
+    assert track.outage_wait_tries() == 1
+    monkeypatch.setenv("PTX_MLFLOW_WAIT_TRIES", "0")
+    with pytest.raises(PtxError, match=r"PTX_MLFLOW_WAIT_TRIES: expected a whole number >= 1, found '0'"):
+        track.outage_wait_tries()
