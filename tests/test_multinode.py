@@ -63,6 +63,24 @@ def signal_session(sid: int, sig: int) -> None:
             pass
 
 
+def sigkill_session_now(sid: int) -> None:
+    """SIGKILL every process of a session in one pass over /proc (no psutil): with a few hundred processes on a
+    loaded box, `signal_session`'s psutil scan took long enough for a node's trials to run on for seconds."""
+    pids = []
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                if os.getsid(int(name)) == sid:
+                    pids.append(int(name))
+            except OSError:
+                pass
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except OSError:
+            pass
+
+
 def kill_session(proc: subprocess.Popen, sig: int = signal.SIGKILL, timeout: float = 30) -> None:
     """Signal every process of a session this module started; wait until none is left (SIGKILL after `timeout`)."""
     sid = proc.pid
@@ -114,7 +132,8 @@ class RayNode:
         signal_session(self.proc.pid, signal.SIGSTOP)
 
     def kill(self) -> None:
-        kill_session(self.proc)  # even when `ray start` itself has exited: its raylet may not have
+        sigkill_session_now(self.proc.pid)  # at once: raylet, agents, trial workers
+        kill_session(self.proc)  # then make sure (even when `ray start` itself has exited: its raylet may not have)
 
 
 class RayCluster:
@@ -476,8 +495,9 @@ def test_worker_node_lost_mid_sweep_trials_finish_elsewhere(cluster, server, lau
     the freeze took hold and the kill came, and the "mid-training" check (the second-to-last result, 15 < 18)
     still passed. A trial whose last `train()` call returned before the kill was then rightly TERMINATED by Tune
     with no failure. Now each trial has 20 evaluations to go at the trigger, the node is killed at once (no
-    freeze, no store query first), and the test requires every trial's *last* reported step before the kill to
-    leave at least two evaluations undone, so a trial cannot have finished on the lost node."""
+    freeze, no store query first, one pass over /proc), and the test requires every trial's *last* reported step,
+    read right after the kill, to leave at least two evaluations undone, so a trial cannot have finished on the
+    lost node."""
     steps = list(range(0, 61, 3))
     # trials may run only on worker nodes (two per node): once the worker is gone, nothing fits until a fresh node
     spec = write_spec(tmp_path / "nodeloss.yaml", tasks=["tweet_sentiment"], seeds=[0, 1], max_failures=3,
@@ -491,13 +511,13 @@ def test_worker_node_lost_mid_sweep_trials_finish_elsewhere(cluster, server, lau
     # kill once the driver has processed two results of a trial: the first one's checkpoint is then registered
     # (a checkpoint only on disk can be lost with its node, and the trial then rightly restarts from scratch)
     wait_for(lambda: registered_steps(sweep), SWEEP_TIMEOUT, "registered checkpoint", sweep, every=0.1)
-    last_before = last_reported_steps(sweep)
     victim.kill()  # SIGKILL to the whole node: raylet, agents, the trial workers on it
+    last_before = last_reported_steps(sweep)
     at_kill = registered_steps(sweep)
-    # at most one more result per trial can reach the driver after the kill (the one in flight): two evaluations
-    # left means the trial was still training on the node when it died
+    # read after the kill: at most the one result in flight per trial can still reach the driver, so two
+    # evaluations left means the trial was still training on the node when it died
     assert last_before and all(step <= steps[-3] for step in last_before.values()), (
-        f"a trial was (nearly) done before the kill: last reported steps {last_before}")
+        f"a trial was (nearly) done when the node died: last reported steps {last_before}")
     exp = client.get_experiment_by_name("nodeloss")
     before = {r.data.tags["ptx.trial_id"]: r.data.tags.get("ptx.node")
               for r in client.search_runs([exp.experiment_id], "tags.`ptx.kind` = 'prompt'")}
@@ -584,10 +604,10 @@ def test_head_restart_then_resume_finishes_the_sweep_exactly_once(cluster, serve
         cluster.add_worker()
     sweep = launch(spec)
     wait_for(lambda: registered_steps(sweep), SWEEP_TIMEOUT, "registered checkpoint", sweep, every=0.1)
-    last_before = last_reported_steps(sweep)
     for node in reversed(cluster.alive()):  # SIGKILL: the worker, then the head
         node.kill()
     sweep.stop()  # the driver ran on the head: it goes with it
+    last_before = last_reported_steps(sweep)
     at_loss = registered_steps(sweep)
     assert last_before and all(step <= steps[-3] for step in last_before.values()), (
         f"a trial was (nearly) done before the head was lost: last reported steps {last_before}")
