@@ -299,7 +299,7 @@ def write_spec(path: Path, trials: int, steps: int, gpu: float, group_size: int)
 
 def run_baseline(spec, n: int, workdir: Path, uri: str) -> dict:
     from ptx import sweep, track
-    from ptx.stages import run_prompt
+    from ptx.prompt_runs import run_prompt
 
     tracker = track.Tracker(uri, spec.name + "-baseline", workdir=workdir)
     reqs = sweep.sweep_requests(spec)[:n]
