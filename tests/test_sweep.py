@@ -179,6 +179,7 @@ def test_killed_driver_is_finished_by_resume(tmp_path, new_workdir, group):
     assert sorted(len(list(trial.glob("checkpoint_*"))) for trial in trials) == [1] * n_trials
 
 
+@pytest.mark.slow  # two local Rays (the sweep's, the resume's) and 150-step trials: 1-2 min idle, 4-7 min at load 25
 def test_sigterm_stops_the_sweep_like_ctrl_c_and_resume_finishes_it(tmp_path):
     """A real SIGTERM to a real `ptx sweep` (as a scheduler, `kill` or `docker stop` sends it) stops the trials,
     closes their runs and the sweep's KILLED and leaves a resumable experiment; `ptx resume` then finishes each
