@@ -251,36 +251,6 @@ def within_seed(transfer: pd.DataFrame, indicators: dict, run_ids: list, run_tas
                           "n_within_seed": len(v)} for (n, m), v in values.items()])
 
 
-def scatter_plots(pairs: pd.DataFrame, indicators, summary: pd.DataFrame, out_dir) -> list:
-    """One PNG per indicator: indicator vs transfer score, one colour per target task."""
-    from pathlib import Path
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    paths = []
-    rows = pairs.dropna(subset=["y"])
-    for name in indicators:
-        fig, ax = plt.subplots(figsize=(5, 4))
-        for target, g in rows.groupby("target_task"):
-            ax.scatter(g[name], g["y"], s=14, label=target)
-        s = summary[(summary.indicator == name) & (summary.method == "spearman")]
-        rho = s["mean_over_targets"].iloc[0] if len(s) else float("nan")
-        ax.set(xlabel=name, ylabel="zero-shot transfer (relative)", title=f"{name}: mean Spearman {rho:.2f}")
-        if rows["target_task"].nunique() <= 20:
-            ax.legend(fontsize=6, ncol=2)
-        fig.tight_layout()
-        path = out_dir / f"scatter_{name}.png"
-        fig.savefig(path, dpi=100)
-        plt.close(fig)
-        paths.append(path)
-    return paths
-
-
 def rankings(pairs: pd.DataFrame, indicators) -> pd.DataFrame:
     """Per target task, source prompts ranked by each indicator: target_task, source_task, source_run
     (also as source_prompt_run, the transfer table's name), indicator, score, rank (1 = the most similar)."""
@@ -350,7 +320,9 @@ def analyse(transfer: pd.DataFrame, matrices: dict, ids: list, tasks: list, own:
         tables.update(correlations_windows=win, correlations_windows_per_target=win_targets)
     for name, df in tables.items():
         df.to_parquet(out / f"{name}.parquet", index=False)
-    scatter_plots(pairs.dropna(subset=["y"]), main, summary, out / "plots")
+    from ptx.figures import indicator_pngs
+
+    indicator_pngs(pairs, main, summary, out / "plots")
     return tables
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ptx import __version__, track
+from ptx import __version__, figures, track
 from ptx.errors import PtxError, suggest
 from ptx.findings import (
     Finding,
@@ -28,13 +28,12 @@ from ptx.findings import (
     proportion_difference,
     speedup_interval,
 )
+from ptx.indicators import EMBEDDING_INDICATORS as EMBEDDING
+from ptx.indicators import MAIN_ON as ON
 from ptx.io import atomic_dir, write_json
+from ptx.transfer import KIND_TPT, RANDOM, censored_speedups
 
 log = logging.getLogger(__name__)
-RANDOM = "random"  # ptx.transfer.RANDOM: the random-prompt baseline's source_prompt_run / source_task
-EMBEDDING = ("e_concat_cos", "e_concat_euclid", "e_avg_cos", "e_avg_euclid", "mean_cos")  # ptx.indicators
-ON = ("on", "on_jaccard")
-KIND_TPT = "tpt"
 MARKER = '<meta name="generator" content="ptx report">'  # an existing out dir is only replaced when it is a report
 esc = html.escape
 
@@ -75,17 +74,8 @@ def _table(head: list[str], rows: list[list], source: str | None = None) -> str:
 
 def _figure(ctx, fig, name: str, caption: str) -> str:
     """Save a matplotlib Figure as fig/NAME.png; returns the <figure> HTML."""
-    fig.savefig(ctx.fig / name, dpi=120, facecolor="white")
+    figures.save(fig, ctx.fig / name)
     return f"<figure><img src='fig/{esc(name)}' alt='{esc(caption)}'><figcaption>{caption}</figcaption></figure>"
-
-
-def _new_figure(w: float, h: float):
-    from matplotlib.backends.backend_agg import FigureCanvasAgg  # Agg: no display, no pyplot global state
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(w, h), layout="constrained")
-    FigureCanvasAgg(fig)
-    return fig
 
 
 def _slug(*parts) -> str:
@@ -231,54 +221,6 @@ def training_section(ctx) -> str:
 
 
 # ---- transfer -----------------------------------------------------------------------------------------
-def _order(tasks, cats: dict) -> list:
-    """Tasks grouped by category (random last), alphabetical within a category."""
-    return sorted(tasks, key=lambda t: (t == RANDOM, cats.get(t, ""), t))
-
-
-def plot_heatmap(fig, d: pd.DataFrame, column: str, title: str, cbar: str, centre: float | None = None) -> None:
-    """Draw a transfer heatmap of one split: rows target tasks, columns source tasks (mean over their prompts)."""
-    from matplotlib.colors import TwoSlopeNorm
-    from matplotlib.patches import Rectangle
-
-    cats = {**dict(zip(d.source_task, d.source_category, strict=True)),
-            **dict(zip(d.target_task, d.target_category, strict=True))}
-    rows, cols = _order(d.target_task.unique(), cats), _order(d.source_task.unique(), cats)
-    grid = (d.pivot_table(index="target_task", columns="source_task", values=column, aggfunc="mean")
-            .reindex(index=rows, columns=cols).to_numpy(float))
-    ax = fig.subplots()
-    finite = grid[np.isfinite(grid)]
-    lo, hi = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
-    norm = (TwoSlopeNorm(centre, min(lo, centre - 1e-6), max(hi, centre + 1e-6)) if centre is not None else None)
-    im = ax.imshow(np.ma.masked_invalid(grid), cmap="RdBu" if centre is not None else "viridis", norm=norm,
-                   aspect="auto", vmin=None if norm else lo, vmax=None if norm else hi)
-    ax.set_xticks(range(len(cols)), cols, rotation=35, ha="right", fontsize=9)
-    ax.set_yticks(range(len(rows)), rows, fontsize=9)
-    ax.set_xlabel("source prompt (task; mean over its prompts)", fontsize=9)
-    ax.set_ylabel("target task", fontsize=9)
-    ax.set_title(title, fontsize=10.5, fontweight="bold")
-    for names, line, secondary in ((cols, ax.axvline, ax.secondary_xaxis("top")),
-                                   (rows, ax.axhline, ax.secondary_yaxis("right"))):
-        groups = [cats.get(n, "") for n in names]
-        starts = [i for i in range(len(names)) if i == 0 or groups[i] != groups[i - 1]]
-        for s in starts[1:]:
-            line(s - 0.5, color="black", lw=2)
-        ends = [*starts[1:], len(names)]
-        secondary.set_ticks([(a + b - 1) / 2 for a, b in zip(starts, ends, strict=True)],
-                            [groups[a] for a in starts], fontsize=8.5, color="#444", style="italic")
-        secondary.tick_params(length=0)
-    for i, r in enumerate(rows):
-        if r in cols:  # the target's own prompt
-            ax.add_patch(Rectangle((cols.index(r) - 0.5, i - 0.5), 1, 1, fill=False, ec="black", lw=1.6))
-    if grid.size <= 225:
-        for (i, j), v in np.ndenumerate(grid):
-            if math.isfinite(v):
-                r, g, b, _ = im.cmap(im.norm(v))
-                ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=8,
-                        color="black" if 0.299 * r + 0.587 * g + 0.114 * b > 0.55 else "white")
-    fig.colorbar(im, ax=ax, location="bottom", shrink=0.6, aspect=35, pad=0.02).set_label(cbar, fontsize=9)
-
-
 def category_summary(df: pd.DataFrame, split: str) -> dict:
     """Mean relative transfer of same-category vs cross-category (source prompt, target) pairs, diagonal
     excluded, and of the random prompt: {group: {mean, n, mean_value}}."""
@@ -310,22 +252,6 @@ def own_vs_random(df: pd.DataFrame, split: str) -> list[dict]:
                     "random": float(base.value), "n": n,
                     "finding": proportion_difference(float(r.value), n, float(base.value), n)})
     return sorted(out, key=lambda o: (o["target_task"], o["source_prompt_run"]))
-
-
-def _plot_groups(fig, summary: dict, title: str) -> None:
-    ax = fig.subplots()
-    colours = {"same": "#2f7d4f", "cross": "#c0692b", "random": "#7a7f8a"}
-    labels = {"same": "same category", "cross": "cross category", "random": "random prompt"}
-    rng = np.random.default_rng(0)
-    for i, (name, s) in enumerate(summary.items()):
-        ax.bar(i, s["mean"] if s["n"] else 0, color=colours[name], alpha=0.35, width=0.6)
-        ax.scatter(i + rng.uniform(-0.18, 0.18, len(s["values"])), s["values"], s=14, color=colours[name], zorder=3)
-        if s["n"]:
-            ax.text(i, s["mean"], f"{s['mean']:.2f}\nn={s['n']}", ha="center", va="bottom", fontsize=8.5)
-    ax.axhline(1.0, color="black", lw=0.8, ls="--")
-    ax.set_xticks(range(len(summary)), [labels[k] for k in summary], fontsize=9)
-    ax.set_ylabel("relative transfer (÷ target's own prompt)", fontsize=9)
-    ax.set_title(title, fontsize=10.5, fontweight="bold")
 
 
 def transfer_section(ctx) -> str:
@@ -362,9 +288,9 @@ def transfer_section(ctx) -> str:
             figs = []
             for column, kind, cbar, centre in (("value", "absolute", f"score ({metrics})", None),
                                                ("relative_value", "relative", "score ÷ target's own prompt", 1.0)):
-                n_r, n_c = d.target_task.nunique(), d.source_task.nunique()
-                fig = _new_figure(3.2 + 0.62 * n_c, 2.6 + 0.42 * n_r)
-                plot_heatmap(fig, d, column, f"{backbone} · {s} split · {kind} transfer", cbar, centre)
+                n_c = d.source_task.nunique()
+                fig = figures.new_figure(*figures.heatmap_size(d))
+                figures.heatmap(fig.subplots(), d, column, f"{backbone} · {s} split · {kind} transfer", cbar, centre)
                 figs.append(_figure(ctx, fig, f"transfer_{_slug(backbone, s, kind)}.png",
                                     f"{esc(backbone)}, {esc(s)} split, {kind} (run {esc(run.info.run_id)})"))
             block = f"<div class='{'grid2' if n_c <= 6 else 'stack'}'>" + "".join(figs) + "</div>"
@@ -372,8 +298,8 @@ def transfer_section(ctx) -> str:
         rows = [[label, summary[k]["mean"], summary[k]["n"], summary[k]["mean_value"]]
                 for k, label in (("same", "same category (off-diagonal)"), ("cross", "cross category"),
                                  ("random", "random prompt"))]
-        fig = _new_figure(5.2, 3.4)
-        _plot_groups(fig, summary, f"{backbone} · {split} split")
+        fig = figures.new_figure(5.2, 3.4)
+        figures.group_bars(fig.subplots(), summary, f"{backbone} · {split} split")
         parts.append(f"<h4>Same-category vs cross-category transfer ({esc(split)} split)</h4><div class='grid2'>"
                      + _table(["source → target pairs", "mean relative", "pairs", "mean score"], rows, cite)
                      + _figure(ctx, fig, f"categories_{_slug(backbone, split)}.png",
@@ -399,37 +325,23 @@ def _history(ctx, run_id, key: str) -> list[tuple[int, float]]:
     return sorted(by_step.items())
 
 
-def _plot_curves(ctx, fig, backbone: str, seeds: pd.DataFrame, agg: pd.DataFrame) -> int:
-    targets = list(dict.fromkeys(seeds.target_task))
-    ncol = min(3, len(targets))
-    axes = np.atleast_1d(fig.subplots(math.ceil(len(targets) / ncol), ncol, squeeze=False)).ravel()
-    drawn = 0
-    for ax, target in zip(axes, targets, strict=False):
+def _curve_panels(ctx, seeds: pd.DataFrame, agg: pd.DataFrame) -> list:
+    """figures.convergence_grid's panels: per target, every seed's vanilla and TPT dev curves from MLflow."""
+    panels = []
+    for target in dict.fromkeys(seeds.target_task):
         g = seeds[seeds.target_task == target]
-        for k, r in enumerate(g.itertuples()):
+        runs = []
+        for r in g.itertuples():
             key = f"dev_{r.metric}"
-            for run, colour, label in ((getattr(r, "vanilla_run", None), "#2f5da8", "vanilla PT"),
-                                       (getattr(r, "tpt_run", None), "#d9822b", "TPT")):
-                curve = _history(ctx, run, key) if isinstance(run, str) else []
-                if curve:
-                    drawn += 1
-                    ax.plot(*zip(*curve, strict=True), color=colour, marker=".", lw=1.4, alpha=0.9,
-                            label=label if k == 0 else None)
-            if isinstance(getattr(r, "vanilla_best", None), float):
-                ax.axhline(r.vanilla_best, color="#2f5da8", ls="--", lw=0.8)
+            vanilla, tpt = (_history(ctx, run, key) if isinstance(run, str) else []
+                            for run in (getattr(r, "vanilla_run", None), getattr(r, "tpt_run", None)))
+            best = getattr(r, "vanilla_best", None)
+            runs.append((vanilla, tpt, best if isinstance(best, float) else None))
         a = agg[agg.target_task == target]
         speed = _speed(*a[["median_speedup", "median_speedup_upper"]].iloc[0]) if len(a) and "median_speedup" in a else "—"
         src = g.source_task.iloc[0] if "source_task" in g else "?"
-        ax.set_title(f"{target} ← {src}: median {speed}", fontsize=9.5)
-        ax.set_xlabel("step", fontsize=8.5)
-        ax.set_ylabel(f"dev {g.metric.iloc[0]}", fontsize=8.5)
-        ax.tick_params(labelsize=8)
-        ax.legend(fontsize=8)
-    for ax in axes[len(targets):]:
-        ax.set_visible(False)
-    fig.suptitle(f"{backbone}: dev score while tuning, vanilla PT vs TPT (dashed: vanilla's best)", fontsize=10.5,
-                 fontweight="bold")
-    return drawn
+        panels.append((f"{target} ← {src}: median {speed}", g.metric.iloc[0], runs))
+    return panels
 
 
 def _by_source_mode(records: list) -> dict:
@@ -457,8 +369,6 @@ def _speedups(records: list) -> list:
 
 def tpt_section(ctx) -> str:
     """Per backbone: the TPT speed-up table and the dev curves of its vanilla and TPT runs."""
-    from ptx.transfer import censored_speedups
-
     tags = {"ptx.kind": KIND_TPT}
     latest = _latest_per_backbone(_runs(ctx, tags), ctx.experiment)
     if not latest:
@@ -507,8 +417,9 @@ def tpt_section(ctx) -> str:
                              "runs (vanilla, TPT)"], rows))
         if seeds is not None and {"vanilla_run", "tpt_run", "metric", "target_task"} <= set(seeds.columns):
             n = seeds.target_task.nunique()
-            fig = _new_figure(min(13.5, 4.4 * min(3, n)), 0.6 + 3.0 * math.ceil(n / 3))
-            if _plot_curves(ctx, fig, backbone, seeds, agg):
+            fig = figures.new_figure(*figures.convergence_size(n))
+            if figures.convergence_grid(fig, _curve_panels(ctx, seeds, agg), f"{backbone}: dev score while tuning, "
+                                        "vanilla PT vs TPT (dashed: vanilla's best)"):
                 parts.append(_figure(ctx, fig, f"tpt_{_slug(backbone)}.png",
                                      f"dev curves of the runs in the table above (TPT run {esc(run.info.run_id)})"))
     ctx.facts["tpt"] = facts
@@ -517,79 +428,6 @@ def tpt_section(ctx) -> str:
 
 
 # ---- indicators ---------------------------------------------------------------------------------------
-def _plot_scatter(fig, pairs: pd.DataFrame, names: list, summary: pd.DataFrame, backbone: str) -> None:
-    ncol = min(4, len(names))
-    axes = np.atleast_1d(fig.subplots(math.ceil(len(names) / ncol), ncol, squeeze=False)).ravel()
-    targets = sorted(pairs.target_task.unique())
-    colours = {t: f"C{i % 10}" for i, t in enumerate(targets)}
-    sp = summary[summary.method == "spearman"].set_index("indicator")
-    for ax, name in zip(axes, names, strict=False):
-        for t in targets:
-            g = pairs[pairs.target_task == t]
-            ax.scatter(g[name], g.y, s=16, color=colours[t], label=t, alpha=0.85)
-        rho = sp.mean_over_targets.get(name, math.nan)
-        pooled = sp.pooled.get(name, math.nan) if "pooled" in sp else math.nan
-        ax.set_title(f"{name}: ρ̄ = {_num(rho, 2)} (pooled {_num(pooled, 2)})", fontsize=9.5,
-                     fontweight="bold" if name in ON else "normal")
-        ax.set_xlabel(name, fontsize=8.5)
-        ax.tick_params(labelsize=7.5)
-    for ax in axes[::ncol]:
-        ax.set_ylabel("relative transfer", fontsize=8.5)
-    for ax in axes[len(names):]:
-        ax.set_visible(False)
-    handles, labels = axes[0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="outside lower center", ncol=min(6, len(labels)), fontsize=8.5,
-               title="target task", title_fontsize=8.5)
-    fig.suptitle(f"{backbone}: indicator vs zero-shot transfer, one point per (source prompt, target task); "
-                 "ρ̄ = mean Spearman over targets", fontsize=10.5, fontweight="bold")
-
-
-def _layer_of(name: str) -> tuple[str, int, int] | None:
-    """'on.layer_3' -> ('on', 3, 3); 'on_jaccard.layers_1-3' -> ('on_jaccard', 1, 3); else None."""
-    base, _, rest = name.partition(".")
-    try:
-        if rest.startswith("layer_"):
-            k = int(rest[6:])
-            return base, k, k
-        if rest.startswith("layers_"):
-            a, b = rest[7:].split("-")
-            return base, int(a), int(b)
-    except ValueError:
-        return None
-    return None
-
-
-def _plot_layers(fig, win: pd.DataFrame, main: pd.DataFrame, backbone: str) -> None:
-    from matplotlib.ticker import MaxNLocator
-
-    ax = fig.subplots()
-    for i, base in enumerate(b for b in ON if any(_layer_of(n) and _layer_of(n)[0] == b for n in win.indicator)):
-        colour = f"C{i}"
-        rows = [(_layer_of(r.indicator), r) for r in win.itertuples() if _layer_of(r.indicator)
-                and _layer_of(r.indicator)[0] == base]
-        single = sorted((lay[1], r) for lay, r in rows if lay[1] == lay[2])
-        if single:
-            x = np.array([k for k, _ in single]) + (i - 0.5) * 0.12
-            y = np.array([r.mean_over_targets for _, r in single], float)
-            err = np.array([[r.mean_over_targets - r.ci_low, r.ci_high - r.mean_over_targets] for _, r in single]).T
-            ax.errorbar(x, y, yerr=np.where(np.isfinite(err), err, 0), color=colour, marker="o", capsize=3,
-                        label=f"{base}, one layer")
-        for lay, r in rows:
-            if lay[1] != lay[2]:
-                ax.hlines(r.mean_over_targets, lay[1] - 0.4, lay[2] + 0.4, color=colour, lw=5, alpha=0.35)
-        whole = main[(main.indicator == base) & (main.method == "spearman")]
-        if len(whole):
-            ax.axhline(whole.mean_over_targets.iloc[0], color=colour, ls="--", lw=1,
-                       label=f"{base}, all layers")
-    ax.axhline(0, color="black", lw=0.6)
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_xlabel("layer (wide bars: windows of layers)", fontsize=9)
-    ax.set_ylabel("Spearman with transfer (mean over targets)", fontsize=9)
-    ax.set_title(f"{backbone}: where in the network ON predicts transfer (95% CI)", fontsize=10.5,
-                 fontweight="bold")
-    ax.legend(fontsize=8)
-
-
 def indicators_section(ctx) -> str:
     """Per backbone: the indicator-transfer correlations with CIs, scatter plots and per-layer ON."""
     tags = {"ptx.kind": track.KIND_INDICATORS}
@@ -647,17 +485,17 @@ def indicators_section(ctx) -> str:
         if names:
             valid = pairs.dropna(subset=["y"])
             ncol = min(4, len(names))
-            fig = _new_figure(3.3 * ncol, 0.9 + 2.9 * math.ceil(len(names) / ncol))
-            _plot_scatter(fig, valid, names, summary, backbone)
+            fig = figures.new_figure(3.3 * ncol, 0.9 + 2.9 * math.ceil(len(names) / ncol))
+            figures.indicator_grid(fig, valid, names, summary, backbone, bold=ON)
             parts.append(_figure(ctx, fig, f"indicators_{_slug(backbone)}.png",
                                  f"indicator vs transfer (run {esc(run.info.run_id)}; pairs.parquet)"))
         win = _parquet(folder, "correlations_windows.parquet")
         if win is not None and not win.empty:
             win = win[win.method == "spearman"]
-            keys = [(k[0], k[1] != k[2], k[1]) if (k := _layer_of(n)) else (n, False, 0) for n in win.indicator]
+            keys = [(k[0], k[1] != k[2], k[1]) if (k := figures.layer_of(n)) else (n, False, 0) for n in win.indicator]
             win = win.iloc[sorted(range(len(win)), key=keys.__getitem__)]  # per base: layers, then windows
-            fig = _new_figure(6.4, 3.4)
-            _plot_layers(fig, win, summary, backbone)
+            fig = figures.new_figure(6.4, 3.4)
+            figures.layer_profile(fig.subplots(), win, summary, backbone, ON)
             rows = [[esc(r.indicator), _ci(r.mean_over_targets, r.ci_low, r.ci_high),
                      f"{r.n_targets_defined}/{r.n_targets}"] for r in win.itertuples()]
             parts.append("<h4>Per-layer ON</h4><div class='grid2'>" + _figure(
@@ -739,8 +577,6 @@ def projector_section(ctx) -> str:
         facts.update(own=float(zs[zs.prompt == "own"].value.mean()), random=float(zs[zs.prompt == "random"].value.mean()),
                      projected={o: float(same[same.objective == o].value.mean()) for o in objectives})
     if tpt is not None and not tpt.empty:
-        from ptx.transfer import censored_speedups
-
         c = censored_speedups(tpt.to_dict("records"))
         facts["tpt"] = c
 

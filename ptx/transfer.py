@@ -13,7 +13,6 @@ import tempfile
 from collections import Counter
 from pathlib import Path
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
@@ -197,46 +196,6 @@ def load_transfer_table(tracker, backbone: str, study: str | None = None):
     return _read_table(tracker, runs[0].info.run_id, track.KIND_TRANSFER, "transfer.parquet").to_pandas()
 
 
-def plot_transfer_heatmap(df, split: str, path: Path) -> Path:
-    """Heatmap PNG of one split: rows targets, columns source tasks (mean over their prompts), grouped by category."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    d = df[df["split"] == split]
-    cats = {**dict(zip(d.source_task, d.source_category, strict=True)),
-            **dict(zip(d.target_task, d.target_category, strict=True))}
-
-    def order(tasks):
-        return sorted(tasks, key=lambda t: (t == RANDOM, cats.get(t, ""), t))
-
-    rows, cols = order(d.target_task.unique()), order(d.source_task.unique())
-    fig = Figure(figsize=(4 + 1.1 * len(cols), 1.5 + 0.45 * len(rows)), layout="constrained")
-    FigureCanvasAgg(fig)
-    for ax, column, title in zip(fig.subplots(1, 2), ("value", "relative_value"),
-                                 (f"{split}: score", f"{split}: relative to the target's own prompt"), strict=True):
-        grid = d.pivot_table(index="target_task", columns="source_task", values=column, aggfunc="mean",
-                             dropna=False).reindex(index=rows, columns=cols).to_numpy(dtype=float)
-        im = ax.imshow(grid, cmap="viridis", aspect="auto")
-        ax.set_xticks(range(len(cols)), cols, rotation=60, ha="right", fontsize=8)
-        ax.set_yticks(range(len(rows)), rows, fontsize=8)
-        ax.set_xlabel("source prompt (task)")
-        ax.set_ylabel("target task")
-        ax.set_title(title, fontsize=9)
-        for i in range(1, len(cols)):
-            if cats.get(cols[i]) != cats.get(cols[i - 1]):
-                ax.axvline(i - 0.5, color="white", lw=2)
-        for i in range(1, len(rows)):
-            if cats.get(rows[i]) != cats.get(rows[i - 1]):
-                ax.axhline(i - 0.5, color="white", lw=2)
-        if grid.size <= 400:
-            for (r, c), v in np.ndenumerate(grid):
-                if math.isfinite(v):
-                    ax.text(c, r, f"{v:.2f}", ha="center", va="center", fontsize=6, color="w")
-        fig.colorbar(im, ax=ax, shrink=0.8)
-    fig.savefig(path, dpi=110)
-    return Path(path)
-
-
 # ---- transfer-initialised prompt tuning (TPT) -----------------------------------------------------------
 def _curve(points) -> list[tuple[int, float]]:
     """[(step, score)] from tuples, {step, dev_metric} dicts or MLflow metrics; last value per step, NaN dropped."""
@@ -314,21 +273,3 @@ def censored_speedups(rows, suffix: str = "") -> dict:
             "median_speedup": _lower_median(reached + [0.0] * len(bounds)),
             "median_speedup_upper": _lower_median(reached + bounds),
             "mean_speedup_reached": sum(ok) / len(ok) if ok else math.nan}
-
-
-def plot_convergence(curves: list, target: str, metric: str, path: Path) -> Path:
-    """PNG of dev curves [(seed, vanilla [(step, score)], tpt [(step, score)])] with vanilla's best dashed."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(6, 4), layout="constrained")
-    FigureCanvasAgg(fig)
-    ax = fig.subplots()
-    for i, (_seed, vc, tc) in enumerate(curves):
-        ax.plot(*zip(*vc, strict=True), color="tab:blue", marker=".", label="vanilla PT" if i == 0 else None)
-        ax.plot(*zip(*tc, strict=True), color="tab:orange", marker=".", label="TPT" if i == 0 else None)
-        ax.axhline(max(v for _, v in vc), color="tab:blue", ls="--", lw=0.8)
-    ax.set(xlabel="step", ylabel=f"dev {metric}", title=f"{target}: vanilla PT vs TPT ({len(curves)} seed(s))")
-    ax.legend()
-    fig.savefig(path, dpi=110)
-    return Path(path)

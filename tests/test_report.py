@@ -379,11 +379,12 @@ def test_report_stage_logs_a_report_run_and_guards_its_directory(store, tmp_path
 
 
 def test_heatmap_groups_categories_annotates_cells_and_labels_its_colour_bar(store):
-    from ptx.report import _new_figure, plot_heatmap
+    from ptx import figures
 
     d = store["tables"]["tiny-bert"].query("split == 'test'")
-    fig = _new_figure(9, 6)
-    plot_heatmap(fig, d, "relative_value", "tiny-bert · test split · relative transfer", "score ÷ own prompt", 1.0)
+    fig = figures.new_figure(9, 6)
+    figures.heatmap(fig.subplots(), d, "relative_value", "tiny-bert · test split · relative transfer",
+                    "score ÷ own prompt", 1.0)
     ax = fig.axes[0]
     cols = [t.get_text() for t in ax.get_xticklabels()]
     rows = [t.get_text() for t in ax.get_yticklabels()]

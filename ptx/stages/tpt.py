@@ -9,6 +9,7 @@ from pathlib import Path
 
 from ptx import track
 from ptx.errors import PtxError, suggest
+from ptx.figures import convergence_png
 from ptx.io import config_hash
 from ptx.prompt import load_prompt
 from ptx.stages.transfer import _study_tracker
@@ -21,7 +22,6 @@ from ptx.transfer import (
     censored_speedups,
     convergence_speedup,
     load_transfer_table,
-    plot_convergence,
 )
 
 log = logging.getLogger(__name__)
@@ -204,7 +204,7 @@ def _log_tpt(tracker, spec, backbone: str, rows: list, curves: dict, local: Path
     several = len({mode for _, mode in curves}) > 1
     for (target, mode), cs in curves.items():  # one plot per target (and source mode when there are several)
         name = f"{target}_{mode}" if several else target
-        plot_convergence(cs, name, _spec(target).metric, local / f"curves_{name}.png")
+        convergence_png(cs, name, _spec(target).metric, local / f"curves_{name}.png")
     run_id = tracker.start_run(track.run_name("tpt", spec.name, backbone), {
         "ptx.kind": KIND_TPT, "ptx.backbone": backbone, "ptx.study": spec.name,
         "ptx.config_hash": config_hash(sorted(f"{r.get('vanilla_run')}:{r.get('tpt_run')}" for r in rows))})

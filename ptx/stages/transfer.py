@@ -16,6 +16,7 @@ import torch
 
 from ptx import progress, track
 from ptx.errors import PtxError
+from ptx.figures import transfer_heatmaps
 from ptx.io import config_hash
 from ptx.prompt import load_prompt
 from ptx.transfer import (
@@ -25,7 +26,6 @@ from ptx.transfer import (
     _spec,
     check_targets,
     gather_bank,
-    plot_transfer_heatmap,
     transfer_matrix,
 )
 
@@ -138,7 +138,7 @@ def _log_matrix(tracker, run_id: str, table: pa.Table, local: Path) -> dict:
     pq.write_table(table, local / "transfer.parquet")
     df = table.to_pandas()
     for split in df["split"].unique():
-        plot_transfer_heatmap(df, split, local / f"heatmap_{split}.png")
+        transfer_heatmaps(df, split, local / f"heatmap_{split}.png", df.backbone.iloc[0] if "backbone" in df else "")
     bank = df[df.source_prompt_run != RANDOM]
     off = bank[bank.source_task != bank.target_task]
     metrics = {"rows": len(df), "sources": df.source_prompt_run.nunique(), "targets": df.target_task.nunique()}
