@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ptx import __version__, progress
+from ptx import __version__
 from ptx.backbones import Backbone, BackboneKind, Insertion
 from ptx.errors import PtxError
 from ptx.io import atomic_dir, write_json
@@ -241,7 +241,8 @@ def overlap_matrices(masks: torch.Tensor, k: int = 3, stride: int | None = None,
 
 # ---- the Ray actor pool ---------------------------------------------------------------------------------
 class ActivationWorker:
-    """A pool actor (sweep.map_actors applies ray.remote): loads one backbone once, returns packed masks per chunk.
+    """A pool actor (ptx.stages.indicators.compute_bank_activations maps it with sweep.map_actors): loads one
+    backbone once, returns packed masks per chunk.
 
     Test-only fault hook: when `fault_marker` names an existing file, the first actor to see it deletes it and
     exits its process (os._exit) in the middle of a chunk, so the pool must redo that chunk on a fresh actor.
@@ -290,47 +291,6 @@ class ActivationWorker:
         # bytes, not an array: the driver gets its own copy rather than a zero-copy view of a Ray buffer
         return {"packed": packed.tobytes(), "rows": packed.shape[0], "n_layers": masks.shape[1], "d_ff": masks.shape[2],
                 "kind": self.backbone.kind.value, "hooks": hook_names(self.backbone, c.get("where", "decoder"))}
-
-
-def compute_bank_activations(backbone_name: str, prompts: torch.Tensor, insertion: str = "prepend",
-                             probe: str = "paper", tasks: list | None = None, probe_examples: int = 16,
-                             position: str = "score", where: str = "decoder", num_actors: int = 2,
-                             resources: dict | None = None, chunk_size: int = 8,
-                             fault_marker: str | None = None, describe: bool = False,
-                             max_length: int | None = None):
-    """Masks of a bank, prompts [P, n, d] -> bool [P, n_layers, d_ff], on a Ray actor pool (one backbone per actor).
-
-    probe="examples" reads each prompt with `probe_examples` training examples of its own task (`tasks[i]`),
-    each cut to `max_length` tokens when given (a study's data.max_length).
-    describe=True returns (masks, {kind, hooks}): the backbone kind and the hooked modules' names.
-    """
-    from ptx import sweep
-    from ptx.io import cache_dir
-
-    probe = _enum(Probe, probe, "probe").value
-    if probe == Probe.EXAMPLES.value and (tasks is None or len(tasks) != len(prompts)):
-        raise PtxError(f"probe 'examples' needs one task per prompt: {len(prompts)} prompts, "
-                       f"{'no' if tasks is None else len(tasks)} tasks")
-    keys = tasks if probe == Probe.EXAMPLES.value else [None] * len(prompts)
-    items, order = [], []
-    for task in dict.fromkeys(keys):  # chunks never mix tasks: an actor encodes each task's examples once
-        idx = [i for i, t in enumerate(keys) if t == task]
-        for s in range(0, len(idx), chunk_size):
-            part = idx[s: s + chunk_size]
-            items.append({"prompts": prompts[part].float().numpy(), "task": task})
-            order += part
-    config = {"backbone": backbone_name, "insertion": insertion, "probe": probe, "position": position,
-              "where": where, "probe_examples": probe_examples, "prompts_per_pass": chunk_size,
-              "cache_dir": str(cache_dir()), "fault_marker": fault_marker, "max_length": max_length}
-    bar = progress.current()  # the indicators stage's: units are these activation batches
-    bar.update(total=bar.total + len(items))
-    parts = sweep.map_actors(ActivationWorker, "masks", items, num_actors=num_actors, resources=resources,
-                             name="activations", init_args=(config,), on_done=lambda i, part: bar.advance(1))
-    packed = np.concatenate([np.frombuffer(p["packed"], np.uint8).reshape(p["rows"], -1) for p in parts])
-    masks = unpack_masks(packed, parts[0]["n_layers"], parts[0]["d_ff"])
-    out = torch.empty_like(masks)
-    out[torch.tensor(order)] = masks  # back to the caller's prompt order
-    return (out, {"kind": parts[0]["kind"], "hooks": parts[0]["hooks"]}) if describe else out
 
 
 def unpack_masks(packed, n_layers: int, d_ff: int) -> torch.Tensor:

@@ -521,6 +521,11 @@ def demo(smoke, address, overrides, workdir, tracking_uri):
     _run(spec, None, workdir, tracking_uri, address, False, None)
 
 
+def _study_workdir(spec, workdir: str | None) -> str | None:
+    """--workdir, else the spec's workdir (None here: run_study reads it), else $PTX_WORKDIR/<study>."""
+    return workdir or (str(_workdir(None) / spec.name) if not spec.workdir else None)
+
+
 def _experiments_dir() -> Path:
     here = Path(__file__).resolve().parent.parent / "experiments"
     if not here.is_dir():
@@ -548,7 +553,7 @@ def _run(spec, stages, workdir, tracking_uri, address, force, max_concurrent, of
     verbose = click.get_current_context().find_root().params.get("verbose", 0)
     interval = float(os.environ.get("PTX_PROGRESS_INTERVAL", "30"))
     display = Display(sys.stderr, interval=interval, verbose=verbose)
-    summary = run_study(spec, workdir or (str(_workdir(None) / spec.name) if not spec.workdir else None),
+    summary = run_study(spec, _study_workdir(spec, workdir),
                         tracking_uri, address, stages, force, max_concurrent, on_ready=ready, offline_ok=offline_ok,
                         display=display)
     for stage, result in summary["stages"].items():
@@ -680,15 +685,12 @@ def indicators(spec_path, transfer_table, address, overrides, workdir, tracking_
         return
     import pandas as pd
 
-    from ptx import sweep as sw
-    from ptx.stages import workdir_for
+    from ptx.stages import open_study
     from ptx.stages.indicators import run_indicators_stage
 
     table = pd.read_parquet(transfer_table) if transfer_table.endswith(".parquet") else pd.read_csv(transfer_table)
-    wd = workdir_for(spec, workdir or str(_workdir(None) / spec.name))
-    sw.connect(address)
-    result = run_indicators_stage(spec, _tracker(tracking_uri or spec.tracking_uri, wd, spec.name), wd,
-                                  transfer_table=table)
+    setup = open_study(spec, _study_workdir(spec, workdir), tracking_uri, address)
+    result = run_indicators_stage(spec, setup.tracker, setup.workdir, transfer_table=table)
     click.echo(f"indicators: {_stage_line(result)}")
 
 
@@ -777,18 +779,15 @@ def project_eval(spec_path, objectives, no_tpt, address, overrides, workdir, tra
 
 
 def _project(spec_path, objectives, address, overrides, workdir, tracking_uri, evaluate, tpt):
-    from ptx import sweep as sw
-    from ptx import track
     from ptx.config import load_study
-    from ptx.stages import workdir_for
+    from ptx.stages import open_study
     from ptx.stages.projector import run_projector_stage
 
     spec = load_study(spec_path, overrides)
-    wd = workdir_for(spec, workdir)
-    uri = track.resolve_tracking_uri(tracking_uri or spec.tracking_uri, wd)
-    tracker = track.Tracker(uri, spec.name, workdir=wd)
-    sw.connect(address)
-    out = run_projector_stage(spec, tracker, wd, objectives=objectives or None, evaluate=evaluate, tpt=tpt)
+    setup = open_study(spec, _study_workdir(spec, workdir), tracking_uri, address)
+    uri = setup.tracking_uri
+    out = run_projector_stage(spec, setup.tracker, setup.workdir, objectives=objectives or None, evaluate=evaluate,
+                              tpt=tpt)
     if out["skipped"]:
         click.echo(f"projector stage skipped: {out['reason']}")
         return

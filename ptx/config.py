@@ -17,6 +17,7 @@ from ptx.errors import PtxError, suggest
 from ptx.fields import Range, SafeName, check_value
 from ptx.io import config_hash
 from ptx.projector import Form, Objective
+from ptx.prompt import DEFAULT_TOKENS
 from ptx.train import LABEL_LOSSES, TrainSettings
 
 STAGES = ("train", "transfer", "tpt", "indicators", "projector", "report")
@@ -153,7 +154,7 @@ class StudySpec:
     seeds: tuple[Annotated[int, Range(ge=0, lt=2**32)], ...] = (0,)
     description: str = ""
     insertion: Annotated[str, Insertion] = "prepend"
-    prompt_length: Count = 100
+    prompt_length: Count = DEFAULT_TOKENS
     init: Annotated[str, SpecInit] = "random"
     init_text: str | None = None  # the text whose token embeddings start every prompt (init: text); {labels}
     #                               becomes each task's label words, "negative, neutral or positive"

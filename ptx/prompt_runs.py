@@ -16,6 +16,7 @@ from ptx.errors import PtxError
 from ptx.fields import Range
 from ptx.io import config_hash
 from ptx.prompt import (
+    DEFAULT_TOKENS,
     InitMode,
     backbone_meta,
     import_torch_prompt,
@@ -36,7 +37,7 @@ class PromptRequest:
     task: str
     backbone: str
     insertion: Annotated[str, Insertion] = "prepend"
-    prompt_length: Annotated[int, Range(ge=1)] = 100
+    prompt_length: Annotated[int, Range(ge=1)] = DEFAULT_TOKENS
     init: Annotated[str, InitMode] = "random"
     init_text: str | None = None
     init_from: str | None = None  # a prompt artifact dir or an MLflow run id (transfer initialisation)

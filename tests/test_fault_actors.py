@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from ptx import activations, sweep
+from ptx.stages.indicators import compute_bank_activations
 
 pytestmark = [pytest.mark.ray, pytest.mark.cluster, pytest.mark.slow]  # ~1-3 min on 2 busy cores
 CHUNK_SECONDS = 1.0
@@ -60,7 +61,7 @@ def test_actor_node_lost_mid_indicators_chunks_are_redone(tmp_path, monkeypatch,
 
         def run_pool():
             try:
-                outcome["masks"] = activations.compute_bank_activations(
+                outcome["masks"] = compute_bank_activations(
                     "tiny-bert", prompts, num_actors=2, chunk_size=1, resources={"cpu": 1, "custom": {"act": 1}})
             except Exception as exc:  # re-raised below, in the test's thread
                 outcome["error"] = exc

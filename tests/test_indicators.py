@@ -188,14 +188,14 @@ def test_pool_equals_in_process_and_redoes_a_killed_actor(tiny, ray_local, tmp_p
     bb = tiny("tiny-llama")
     prompts = torch.randn(10, 4, bb.d_model, generator=torch.Generator().manual_seed(3))
     local = act.capture_activations(bb, prompts, prompts_per_pass=4)
-    pooled = act.compute_bank_activations("tiny-llama", prompts, num_actors=2, chunk_size=4)
+    pooled = stage.compute_bank_activations("tiny-llama", prompts, num_actors=2, chunk_size=4)
     assert pooled.equal(local)
     # test-only fault hook: the first actor that sees the marker deletes it and exits (os._exit) mid-run;
     # here with the examples probe, each prompt read with 4 training examples of its own task
     marker = tmp_path / "kill-once"
     marker.write_text("1")
     tasks = ["tweet_sentiment"] * 5 + ["bbc_topic"] * 5
-    redone = act.compute_bank_activations("tiny-llama", prompts, probe="examples", tasks=tasks, probe_examples=4,
+    redone = stage.compute_bank_activations("tiny-llama", prompts, probe="examples", tasks=tasks, probe_examples=4,
                                           num_actors=2, chunk_size=3, fault_marker=str(marker))
     assert not marker.exists(), "the fault hook did not fire"
     for task, rows in (("tweet_sentiment", slice(0, 5)), ("bbc_topic", slice(5, 10))):
@@ -203,7 +203,7 @@ def test_pool_equals_in_process_and_redoes_a_killed_actor(tiny, ray_local, tmp_p
         want = act.capture_activations(bb, prompts[rows], "examples", examples, prompts_per_pass=3)
         assert redone[rows].equal(want), f"{task}: rows differ {(redone[rows] != want).sum((1, 2)).tolist()}"
     with pytest.raises(PtxError, match="one task per prompt"):
-        act.compute_bank_activations("tiny-llama", prompts, probe="examples", tasks=["x"])
+        stage.compute_bank_activations("tiny-llama", prompts, probe="examples", tasks=["x"])
 
 
 # ---- correlation -------------------------------------------------------------------------------------

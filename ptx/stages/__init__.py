@@ -6,6 +6,7 @@ STAGES maps a stage name (config.STAGES) to it and run_study runs them in order.
 
 import logging
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from ptx import progress, track
@@ -33,6 +34,29 @@ def workdir_for(spec, workdir: str | Path | None) -> Path:
     return Path(workdir or spec.workdir or Path("ptx-work") / spec.name).expanduser().resolve()
 
 
+@dataclass(frozen=True)
+class StudySetup:
+    """What every stage runs against: the study's workdir, its MLflow store and the Ray cluster."""
+
+    workdir: Path
+    tracking_uri: str
+    tracker: track.Tracker
+    dashboard: str | None
+
+
+def open_study(spec, workdir: str | Path | None = None, tracking_uri: str | None = None,
+               address: str | None = None) -> StudySetup:
+    """The study's workdir (created), its tracker (--tracking-uri, else the spec's, else WORKDIR/mlflow.db) and
+    a connection to Ray (`address`, else a local cluster): the setup run_study and the CLI's single stages share."""
+    from ptx import sweep
+
+    workdir = workdir_for(spec, workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    uri = track.resolve_tracking_uri(tracking_uri or spec.tracking_uri, workdir)
+    tracker = track.Tracker(uri, spec.name, workdir=workdir)
+    return StudySetup(workdir, uri, tracker, sweep.connect(address))
+
+
 def run_study(spec, workdir: str | Path | None = None, tracking_uri: str | None = None, address: str | None = None,
               stages: list[str] | None = None, force: bool = False, max_concurrent: int | None = None,
               on_ready=None, offline_ok: bool = False, display: progress.Display | None = None) -> dict:
@@ -42,21 +66,16 @@ def run_study(spec, workdir: str | Path | None = None, tracking_uri: str | None 
     broken source stops the study here, in seconds; one not reachable from here does too, unless `offline_ok`.
     `display` (made by the CLI) shows one progress line per stage; its log file defaults to WORKDIR/study.log.
     """
-    from ptx import sweep
-
     if "train" in (stages or spec.stages):  # before MLflow and Ray start: a broken source fails in seconds
         from ptx.tasks.check import check_study
 
         check_study(spec, offline_ok=offline_ok)
-    workdir = workdir_for(spec, workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
-    uri = track.resolve_tracking_uri(tracking_uri or spec.tracking_uri, workdir)
-    tracker = track.Tracker(uri, spec.name, workdir=workdir)
     todo = list(stages or spec.stages)
     for stage in todo:
         if stage not in STAGES:
             raise PtxError(f"unknown stage '{stage}'; expected one of {list(STAGES)}")
-    dashboard = sweep.connect(address)
+    setup = open_study(spec, workdir, tracking_uri, address)
+    workdir, uri, tracker, dashboard = setup.workdir, setup.tracking_uri, setup.tracker, setup.dashboard
     if on_ready:
         on_ready({"workdir": str(workdir), "tracking_uri": uri, "dashboard": dashboard})
     summary = {"workdir": str(workdir), "tracking_uri": uri, "dashboard": dashboard, "stages": {}}

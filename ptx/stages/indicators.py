@@ -4,6 +4,7 @@ the reference check, and `recommend` (sources for a new task by ON).
 
 import logging
 
+import numpy as np
 import pandas as pd
 import torch
 
@@ -19,6 +20,51 @@ from ptx.indicators import (
 )
 
 log = logging.getLogger(__name__)
+
+
+# ---- activations of a bank on a Ray actor pool -------------------------------------------------------
+def compute_bank_activations(backbone_name: str, prompts: torch.Tensor, insertion: str = "prepend",
+                             probe: str = "paper", tasks: list | None = None, probe_examples: int = 16,
+                             position: str = "score", where: str = "decoder", num_actors: int = 2,
+                             resources: dict | None = None, chunk_size: int = 8,
+                             fault_marker: str | None = None, describe: bool = False,
+                             max_length: int | None = None):
+    """Masks of a bank, prompts [P, n, d] -> bool [P, n_layers, d_ff], on a Ray actor pool (one backbone per actor,
+    activations.ActivationWorker, looked up at each call).
+
+    probe="examples" reads each prompt with `probe_examples` training examples of its own task (`tasks[i]`),
+    each cut to `max_length` tokens when given (a study's data.max_length).
+    describe=True returns (masks, {kind, hooks}): the backbone kind and the hooked modules' names.
+    """
+    from ptx import activations, progress, sweep
+    from ptx.activations import Probe
+    from ptx.io import cache_dir
+
+    probe = activations._enum(Probe, probe, "probe").value
+    if probe == Probe.EXAMPLES.value and (tasks is None or len(tasks) != len(prompts)):
+        raise PtxError(f"probe 'examples' needs one task per prompt: {len(prompts)} prompts, "
+                       f"{'no' if tasks is None else len(tasks)} tasks")
+    keys = tasks if probe == Probe.EXAMPLES.value else [None] * len(prompts)
+    items, order = [], []
+    for task in dict.fromkeys(keys):  # chunks never mix tasks: an actor encodes each task's examples once
+        idx = [i for i, t in enumerate(keys) if t == task]
+        for s in range(0, len(idx), chunk_size):
+            part = idx[s: s + chunk_size]
+            items.append({"prompts": prompts[part].float().numpy(), "task": task})
+            order += part
+    config = {"backbone": backbone_name, "insertion": insertion, "probe": probe, "position": position,
+              "where": where, "probe_examples": probe_examples, "prompts_per_pass": chunk_size,
+              "cache_dir": str(cache_dir()), "fault_marker": fault_marker, "max_length": max_length}
+    bar = progress.current()  # the indicators stage's: units are these activation batches
+    bar.update(total=bar.total + len(items))
+    parts = sweep.map_actors(activations.ActivationWorker, "masks", items, num_actors=num_actors, resources=resources,
+                             name="activations", init_args=(config,), on_done=lambda i, part: bar.advance(1))
+    packed = np.concatenate([np.frombuffer(p["packed"], np.uint8).reshape(p["rows"], -1) for p in parts])
+    masks = activations.unpack_masks(packed, parts[0]["n_layers"], parts[0]["d_ff"])
+    out = torch.empty_like(masks)
+    out[torch.tensor(order)] = masks  # back to the caller's prompt order
+    return (out, {"kind": parts[0]["kind"], "hooks": parts[0]["hooks"]}) if describe else out
+
 
 
 def load_bank(tracker, runs: list, workdir) -> tuple[list, list, torch.Tensor, str]:
@@ -84,7 +130,7 @@ def run_indicators_stage(spec, tracker, workdir, transfer_table: pd.DataFrame | 
     from pathlib import Path
 
     from ptx import track
-    from ptx.activations import ACTIVE_RULE, compute_bank_activations, overlap_matrices, save_masks
+    from ptx.activations import ACTIVE_RULE, overlap_matrices, save_masks
     from ptx.io import config_hash
 
     ind, out = spec.indicators, {"study": spec.name, "backbones": {}, "computed": 0, "skipped": 0}
