@@ -187,8 +187,7 @@ def indicator_scatter(ax, pairs, name: str, rho: float, pooled: float = math.nan
     for t in targets:
         g = pairs[pairs.target_task == t]
         ax.scatter(g[name], g.y, s=16, color=colours[t], label=t, alpha=0.85)
-    extra = f" (pooled {_fmt(pooled)})" if math.isfinite(pooled) else ""
-    ax.set_title(f"{name}: ρ̄ = {_fmt(rho)}{extra}", fontsize=9.5,
+    ax.set_title(f"{name}: ρ̄ = {_fmt(rho)} (pooled {_fmt(pooled)})", fontsize=9.5,
                  fontweight="bold" if bold else "normal")
     ax.set_xlabel(name, fontsize=8.5)
     ax.tick_params(labelsize=7.5)

@@ -286,11 +286,11 @@ def transfer_section(ctx) -> str:
         for i, s in enumerate(splits):
             d = df[df.split == s]
             figs = []
-            for column, kind, cbar, centre in (("value", "absolute", f"score ({metrics})", None),
-                                               ("relative_value", "relative", "score ÷ target's own prompt", 1.0)):
+            for column, kind, cbar, centre in figures.HEATMAP_PANELS:  # the transfer stage's PNG has the same two
                 n_c = d.source_task.nunique()
                 fig = figures.new_figure(*figures.heatmap_size(d))
-                figures.heatmap(fig.subplots(), d, column, f"{backbone} · {s} split · {kind} transfer", cbar, centre)
+                figures.heatmap(fig.subplots(), d, column, f"{backbone} · {s} split · {kind} transfer",
+                                cbar.format(metric=metrics), centre)
                 figs.append(_figure(ctx, fig, f"transfer_{_slug(backbone, s, kind)}.png",
                                     f"{esc(backbone)}, {esc(s)} split, {kind} (run {esc(run.info.run_id)})"))
             block = f"<div class='{'grid2' if n_c <= 6 else 'stack'}'>" + "".join(figs) + "</div>"

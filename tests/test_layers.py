@@ -157,7 +157,7 @@ def test_the_graph_sees_every_module_and_function_level_imports(graph):
         return {n.split(".")[0] for n in graph[mod]}
 
     assert "mlflow" in tops("ptx.track") and "ray" in tops("ptx.sweep") and "click" in tops("ptx.cli")
-    assert "ptx.sweep" in graph["ptx.stages"]  # imported inside run_study's body
+    assert "ptx.sweep" in graph["ptx.stages"]  # imported inside open_study's body
     assert "ptx.tasks" not in graph["ptx.tasks.sources"]  # only under TYPE_CHECKING
 
 
