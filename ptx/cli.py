@@ -83,15 +83,21 @@ class FieldType(click.ParamType):
 
 
 class _FieldDefault:
-    """The declared default of a dataclass field, looked up when click needs it."""
+    """The declared default of a dataclass field (or of a function's parameter), looked up when click needs it."""
 
     def __init__(self, ref: str, field: str):
         self.ref, self.field = ref, field
 
     def __call__(self):
+        import dataclasses
+        import inspect
+
         from ptx.fields import field_default
 
-        return field_default(_dataclass(self.ref), self.field)
+        obj = _dataclass(self.ref)
+        if dataclasses.is_dataclass(obj):
+            return field_default(obj, self.field)
+        return inspect.signature(obj).parameters[self.field].default
 
 
 class FieldOption(click.Option):
@@ -114,6 +120,11 @@ def field_option(flag: str, ref: str, field: str, **kwargs):
     """A click option typed, ranged and defaulted by the dataclass field `field` of `ref` ('module:Class')."""
     return click.option(flag, cls=FieldOption, type=FieldType(ref, field), default=_FieldDefault(ref, field),
                         show_default=True, **kwargs)
+
+
+def default_option(flag: str, ref: str, param: str, **kwargs):
+    """A click option whose default is the one the function `ref` ('module:function') declares for `param`."""
+    return click.option(flag, param, cls=FieldOption, default=_FieldDefault(ref, param), show_default=True, **kwargs)
 
 
 def _tracker(tracking_uri: str | None, workdir: Path, experiment: str | None = None):
@@ -263,7 +274,7 @@ def train(task, backbone, steps, prompt_length, lr, batch_size, eval_every, pati
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="Evaluate at most N examples.")
 @click.option("--max-length", type=click.IntRange(min=8), default=None,
               help="Cut inputs to N tokens (template included) when the task allows more.")
-@click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
+@default_option("--batch-size", "ptx.evaluate:score_prompts", "batch_size", type=click.IntRange(min=1))
 @workdir_option
 @uri_option
 @click.option("--no-track", is_flag=True)
@@ -696,7 +707,7 @@ def indicators(spec_path, transfer_table, address, overrides, workdir, tracking_
 
 @cli.command("reference-check")
 @click.argument("reference_dir", type=click.Path(exists=True, file_okay=False))
-@click.option("--bootstrap", type=click.IntRange(min=1), default=1000, show_default=True)
+@default_option("--bootstrap", "ptx.stages.indicators:reference_check", "bootstrap", type=click.IntRange(min=1))
 @workdir_option
 @uri_option
 def reference_check_cmd(reference_dir, bootstrap, workdir, tracking_uri):
@@ -711,8 +722,9 @@ def reference_check_cmd(reference_dir, bootstrap, workdir, tracking_uri):
 @cli.command()
 @click.option("--task", required=True, help="A task with no prompt yet.")
 @click.option("--backbone", required=True)
-@click.option("--top", "top_k", type=click.IntRange(min=1), default=5, show_default=True)
-@click.option("--probe-steps", type=click.IntRange(min=1), default=50, show_default=True, help="Steps of the brief probe tuning.")
+@default_option("--top", "ptx.stages.indicators:recommend", "top_k", type=click.IntRange(min=1))
+@default_option("--probe-steps", "ptx.stages.indicators:recommend", "probe_steps", type=click.IntRange(min=1),
+                help="Steps of the brief probe tuning.")
 @click.option("--experiment", default=None, help="MLflow experiment holding the bank (default: all).")
 @workdir_option
 @uri_option
