@@ -131,7 +131,7 @@ def _tracker(tracking_uri: str | None, workdir: Path, experiment: str | None = N
     from ptx import track
 
     uri = track.resolve_tracking_uri(tracking_uri, workdir)
-    return track.Tracker(uri, experiment or track.DEFAULT_EXPERIMENT, workdir=workdir)
+    return track.MlflowTracker(uri, experiment or track.DEFAULT_EXPERIMENT, workdir=workdir)
 
 
 workdir_option = click.option("--workdir", default=None, help="Results directory [env PTX_WORKDIR; default ./ptx-work].")
@@ -253,7 +253,9 @@ def train(task, backbone, steps, prompt_length, lr, batch_size, eval_every, pati
                         train_limit=train_limit, dev_limit=dev_limit, max_length=max_length, settings=settings)
     _check_out_dir(out)
     wd = _writable_workdir(workdir)
-    tracker = None if no_track else _tracker(tracking_uri, wd)
+    from ptx import track
+
+    tracker = track.NullTracker(workdir=wd) if no_track else _tracker(tracking_uri, wd)
     run = run_prompt(req, wd, tracker=tracker, force=force, progress=True)
     if out:
         _copy_out(run.artifact, out)
@@ -262,7 +264,7 @@ def train(task, backbone, steps, prompt_length, lr, batch_size, eval_every, pati
     if not run.reused and run.seconds:
         click.echo(f"{steps} steps in {run.seconds:.1f} s ({run.seconds / max(1, run.curve[-1]['step']):.3f} s/step)")
     click.echo(f"prompt: {out or run.artifact}")
-    if tracker:
+    if tracker.enabled:
         click.echo(f"MLflow: {tracker.uri}  (browse: mlflow ui --backend-store-uri {tracker.uri})")
 
 
@@ -315,11 +317,11 @@ def prompts():
 def prompts_list(task, backbone, fmt, workdir, tracking_uri):
     """List finished prompt runs."""
     tracker = _tracker(tracking_uri, _workdir(workdir))
-    rows = [{"run_id": r.info.run_id, "task": r.data.tags.get("ptx.task") or f"({r.data.tags.get('ptx.name', '')})",
-             "backbone": r.data.tags.get("ptx.backbone"), "insertion": r.data.tags.get("ptx.insertion", ""),
-             "seed": r.data.tags.get("ptx.seed", ""), "origin": r.data.tags.get("ptx.origin", ""),
-             "best": r.data.tags.get("ptx.best", ""),
-             "dev": _fmt(r.data.metrics.get("best_dev_metric"))} for r in tracker.prompt_runs(task, backbone)]
+    rows = [{"run_id": r.run_id, "task": r.tags.get("ptx.task") or f"({r.tags.get('ptx.name', '')})",
+             "backbone": r.tags.get("ptx.backbone"), "insertion": r.tags.get("ptx.insertion", ""),
+             "seed": r.tags.get("ptx.seed", ""), "origin": r.tags.get("ptx.origin", ""),
+             "best": r.tags.get("ptx.best", ""),
+             "dev": _fmt(r.metrics.get("best_dev_metric"))} for r in tracker.prompt_runs(task, backbone)]
     _print_rows(rows, fmt)
 
 
@@ -346,9 +348,9 @@ def prompts_best(task, backbone, out, workdir, tracking_uri):
     _check_out_dir(out)
     tracker = _tracker(tracking_uri, _workdir(workdir))
     run = tracker.best_prompt_run(task, backbone)
-    click.echo(f"{run.info.run_id}\tdev {run.data.metrics['best_dev_metric']:.4f}")
+    click.echo(f"{run.run_id}\tdev {run.metrics['best_dev_metric']:.4f}")
     if out:
-        click.echo(f"downloaded to {tracker.download_prompt(run.info.run_id, out)}")
+        click.echo(f"downloaded to {tracker.download_prompt(run.run_id, out)}")
 
 
 @prompts.command("export-peft")
@@ -449,7 +451,7 @@ def ui(workdir, port, address):
     from ptx import track
 
     for name in track.experiment_names(uri):
-        click.echo(f"  {name}: {track.Tracker(uri, name).experiment_url(f'http://127.0.0.1:{port}')}")
+        click.echo(f"  {name}: {track.MlflowTracker(uri, name).experiment_url(f'http://127.0.0.1:{port}')}")
     dashboard, login = running_dashboard(address)
     if dashboard:
         click.echo(f"Ray dashboard: {dashboard}" + (f"  (log in: {login})" if login else ""))

@@ -276,11 +276,7 @@ def bank_inits(workdir, ids: list, backbone_name: str, insertion: str) -> torch.
     from ptx.backbones import load_backbone
     from ptx.prompt import reconstruct_init
 
-    metas = []
-    for rid in ids:
-        local = Path(workdir) / "prompts" / rid
-        local = local if (local / "prompt.json").is_file() else Path(workdir) / "downloads" / rid
-        metas.append(json.loads((local / "prompt.json").read_text()))
+    metas = [json.loads((Path(workdir) / "prompts" / rid / "prompt.json").read_text()) for rid in ids]
     if any((m.get("init") or {}).get("mode") not in ("random", "vocab", "text") for m in metas):
         log.info("displacement indicators left out: some prompts have no rebuildable init (imported or transferred)")
         return None

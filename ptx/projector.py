@@ -221,7 +221,7 @@ def load_projector(path: str | Path) -> ProjectorArtifact:
 def project_prompt_artifact(projector_dir: str | Path, prompt_dir: str | Path, out_dir: str | Path) -> Path:
     """Project a source-backbone prompt artifact into a target-backbone prompt artifact (init mode `projected`)."""
     from ptx.io import config_hash
-    from ptx.prompt import load_prompt, save_prompt
+    from ptx.prompt import load_prompt, prompt_meta, save_prompt
 
     proj = load_projector(projector_dir)
     art = load_prompt(prompt_dir)
@@ -233,14 +233,12 @@ def project_prompt_artifact(projector_dir: str | Path, prompt_dir: str | Path, o
     check_input(proj.projector.config, art.prompt, where=str(prompt_dir))
     projected = apply_projector(proj.projector, art.prompt)
     src_run, proj_run = art.meta.get("mlflow_run_id"), proj.meta.get("mlflow_run_id")
-    meta = {"config_hash": config_hash({"projector": proj_run or str(projector_dir), "prompt": src_run or str(prompt_dir),
-                                        "prompt_hash": art.meta.get("config_hash")}),
-            "mlflow_run_id": None,
-            "backbone": {k: target.get(k) for k in ("name", "revision", "kind", "d_model")},
-            "task": art.meta.get("task"), "verbalizer": art.meta.get("verbalizer"),
-            "insertion": target.get("insertion", "prepend"),
-            "init": {"mode": "projected", "source": src_run, "projector": proj_run},
-            "seed": None, "best_step": None, "dev_metric": None}
+    meta = prompt_meta(config_hash=config_hash({"projector": proj_run or str(projector_dir),
+                                                "prompt": src_run or str(prompt_dir),
+                                                "prompt_hash": art.meta.get("config_hash")}),
+                       run_id=None, backbone=target, task=art.meta.get("task"), verbalizer=art.meta.get("verbalizer"),
+                       insertion=target.get("insertion", "prepend"),
+                       init={"mode": "projected", "source": src_run, "projector": proj_run})
     return save_prompt(out_dir, projected, meta)
 
 

@@ -111,10 +111,26 @@ class PromptArtifact:
     path: Path | None = None
 
 
+BACKBONE_KEYS = ("name", "revision", "kind", "d_model")
+
+
 def backbone_meta(backbone) -> dict:
     """The backbone identity recorded in artifacts."""
     return {"name": backbone.name, "revision": backbone.revision, "kind": backbone.kind.value,
             "d_model": backbone.d_model}
+
+
+def prompt_meta(*, config_hash: str | None, run_id: str | None, backbone: dict, task: dict | None, verbalizer,
+                insertion: str, init: dict, seed=None, best_step=None, dev_metric: dict | None = None,
+                stopped: str | None = None, name: str | None = None) -> dict:
+    """prompt.json's fields (`save_prompt` adds the format and ptx versions, the git sha and n_tokens): the one
+    builder every writer uses (a trained, a finalised, an imported and a projected prompt), so all carry the same
+    keys. `backbone` is `backbone_meta`'s record (a missing field is null); `dev_metric` {name, value}; `stopped`
+    why training ended (a `TrainResult.stopped`, or scheduler/error for a trial closed from its checkpoint)."""
+    return {"config_hash": config_hash, "mlflow_run_id": run_id, "name": name,
+            "backbone": {k: backbone.get(k) for k in BACKBONE_KEYS}, "task": task,
+            "verbalizer": list(verbalizer) if verbalizer is not None else None, "insertion": insertion, "init": init,
+            "seed": seed, "best_step": best_step, "dev_metric": dev_metric, "stopped": stopped}
 
 
 def save_prompt(out_dir: str | Path, prompt: torch.Tensor, meta: dict) -> Path:

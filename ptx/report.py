@@ -91,7 +91,7 @@ class Sources:
 
     def cite(self, run) -> str:
         """Inline HTML: the run id linked to its footnote."""
-        rid = run if isinstance(run, str) else run.info.run_id
+        rid = run if isinstance(run, str) else run.run_id
         if not isinstance(run, str):
             self.known.setdefault(rid, run)
         n = self.cited.setdefault(rid, len(self.cited) + 1)
@@ -107,9 +107,9 @@ class Sources:
                     run = tracker.get_run(rid)
                 except PtxError:
                     log.warning("cited run %s is not in the store %s", rid, uri)
-            tags = run.data.tags if run is not None else {}
+            tags = run.tags if run is not None else {}
             kind = tags.get("ptx.kind", "")
-            what = ", ".join(esc(x) for x in (kind, run.info.run_name if run else "", tags.get("ptx.backbone"))
+            what = ", ".join(esc(x) for x in (kind, run.name if run else "", tags.get("ptx.backbone"))
                              if x)
             cmd = (f"ptx prompts get {rid} -o prompt-{rid[:8]} --tracking-uri {uri}" if kind == track.KIND_PROMPT
                    else f"MLFLOW_TRACKING_URI={uri} mlflow artifacts download -r {rid} -d run-{rid[:8]}")
@@ -140,30 +140,30 @@ def _latest_per_backbone(runs, study: str) -> dict:
     """backbone -> the newest run (runs of another study, e.g. a reference check, left out)."""
     out = {}
     for r in runs:
-        if r.data.tags.get("ptx.study", study) == study:
-            out.setdefault(r.data.tags.get("ptx.backbone", "?"), r)
+        if r.tags.get("ptx.study", study) == study:
+            out.setdefault(r.tags.get("ptx.backbone", "?"), r)
     return out
 
 
 def _not_run(ctx, section: str, stage: str, tags: dict) -> str:
     """The 'not run' notice, naming an unfinished run of the stage when there is one."""
-    others = [r for r in _runs(ctx, tags, status=None) if r.info.status != "FINISHED"]
+    others = [r for r in _runs(ctx, tags, status=None) if r.status != "FINISHED"]
     why = f"not run: the {stage} stage has no finished run in this experiment"
     if others:
-        why += f" (latest: a {others[0].info.status} run, {ctx.sources.cite(others[0])})"
+        why += f" (latest: a {others[0].status} run, {ctx.sources.cite(others[0])})"
     ctx.status[section] = ("missing", "not run")
     return f"<p class='notrun'>{why}.</p>"
 
 
 def _artifacts(ctx, run, path: str) -> Path | None:
     """Download one artifact directory of a run into the scratch dir (None, logged, when it is absent)."""
-    dest = ctx.tmp / run.info.run_id / path.replace("/", "_")
+    dest = ctx.tmp / run.run_id / path.replace("/", "_")
     if dest.is_dir():
         return dest
     try:
-        return ctx.tracker.download(run.info.run_id, path, dest)
+        return ctx.tracker.download(run.run_id, path, dest)
     except PtxError as exc:
-        log.warning("run %s: no artifact '%s' (%s)", run.info.run_id, path, exc)
+        log.warning("run %s: no artifact '%s' (%s)", run.run_id, path, exc)
         return None
 
 
@@ -175,11 +175,11 @@ def _parquet(folder: Path | None, name: str) -> pd.DataFrame | None:
 
 # ---- training -----------------------------------------------------------------------------------------
 def _metric_name(run) -> str:
-    return next((k[4:] for k in run.data.metrics if k.startswith("dev_")), "metric")
+    return next((k[4:] for k in run.metrics if k.startswith("dev_")), "metric")
 
 
 def _dev(run) -> float:
-    return run.data.metrics.get("best_dev_metric", -math.inf)
+    return run.metrics.get("best_dev_metric", -math.inf)
 
 
 def training_section(ctx) -> str:
@@ -189,18 +189,18 @@ def training_section(ctx) -> str:
         return _not_run(ctx, "training", "train", {"ptx.kind": track.KIND_PROMPT})
     best: dict = {}  # (backbone, category, task) -> {seed: [best run, trials]}: a sweep may run several per seed
     for r in runs:
-        t = r.data.tags
+        t = r.tags
         cell = best.setdefault((t.get("ptx.backbone", "?"), t.get("ptx.category", ""), t.get("ptx.task", "?")),
                                {}).setdefault(t.get("ptx.seed", "?"), [r, 0])
         cell[0], cell[1] = max(cell[0], r, key=_dev), cell[1] + 1
     seeds = sorted({s for cells in best.values() for s in cells}, key=lambda s: (len(s), s))
     tests = {s for cells in best.values() for s, (r, _) in cells.items() if any(k.startswith("test_") for k in
-                                                                                r.data.metrics)}
+                                                                                r.metrics)}
     rows = []
     for (backbone, category, task), cells in sorted(best.items()):
         row = [esc(backbone), esc(task), esc(category), esc(_metric_name(next(iter(cells.values()))[0]))]
         for s in seeds:
-            m = cells[s][0].data.metrics if s in cells else {}
+            m = cells[s][0].metrics if s in cells else {}
             row.append(m.get("best_dev_metric", math.nan))
             if s in tests:
                 row.append(next((v for k, v in m.items() if k.startswith("test_")), math.nan))
@@ -271,7 +271,7 @@ def transfer_section(ctx) -> str:
         splits = [s for s in ("test", "dev") if s in set(df.split)] + sorted(set(df.split) - {"test", "dev"})
         split = splits[0]  # test when there is one: dev chose the prompts
         summary = category_summary(df, split)
-        facts[backbone] = {"split": split, "run_id": run.info.run_id,
+        facts[backbone] = {"split": split, "run_id": run.run_id,
                            **{f"{k}_{m}": v[m] for k, v in summary.items() for m in ("mean", "n")},
                            "same_vs_cross": difference_of_means(summary["same"]["values"], summary["cross"]["values"]),
                            "same_vs_random": difference_of_means(summary["same"]["values"],
@@ -292,7 +292,7 @@ def transfer_section(ctx) -> str:
                 figures.heatmap(fig.subplots(), d, column, f"{backbone} · {s} split · {kind} transfer",
                                 cbar.format(metric=metrics), centre)
                 figs.append(_figure(ctx, fig, f"transfer_{_slug(backbone, s, kind)}.png",
-                                    f"{esc(backbone)}, {esc(s)} split, {kind} (run {esc(run.info.run_id)})"))
+                                    f"{esc(backbone)}, {esc(s)} split, {kind} (run {esc(run.run_id)})"))
             block = f"<div class='{'grid2' if n_c <= 6 else 'stack'}'>" + "".join(figs) + "</div>"
             parts.append(block if i == 0 else f"<details><summary>{esc(s)} split heatmaps</summary>{block}</details>")
         rows = [[label, summary[k]["mean"], summary[k]["n"], summary[k]["mean_value"]]
@@ -317,7 +317,7 @@ def transfer_section(ctx) -> str:
 # ---- TPT ----------------------------------------------------------------------------------------------
 def _history(ctx, run_id, key: str) -> list[tuple[int, float]]:
     try:
-        points = ctx.tracker.client.get_metric_history(run_id, key)
+        points = ctx.tracker.metric_history(run_id, key)
     except Exception as exc:  # a deleted run: the curve is left out, the table still stands
         log.warning("run %s: no metric history '%s' (%s)", run_id, key, exc)
         return []
@@ -421,7 +421,7 @@ def tpt_section(ctx) -> str:
             if figures.convergence_grid(fig, _curve_panels(ctx, seeds, agg), f"{backbone}: dev score while tuning, "
                                         "vanilla PT vs TPT (dashed: vanilla's best)"):
                 parts.append(_figure(ctx, fig, f"tpt_{_slug(backbone)}.png",
-                                     f"dev curves of the runs in the table above (TPT run {esc(run.info.run_id)})"))
+                                     f"dev curves of the runs in the table above (TPT run {esc(run.run_id)})"))
     ctx.facts["tpt"] = facts
     ctx.status["tpt"] = ("ok", ", ".join(latest))
     return "".join(parts)
@@ -445,7 +445,7 @@ def indicators_section(ctx) -> str:
             continue
         sp = summary[summary.method == "spearman"].set_index("indicator")
         emb = sp[sp.index.isin(EMBEDDING)].dropna(subset=["mean_over_targets"])
-        fact = {"run_id": run.info.run_id}
+        fact = {"run_id": run.run_id}
         if "on" in sp.index:
             fact.update(on=float(sp.loc["on", "mean_over_targets"]), on_ci=[float(sp.loc["on", "ci_low"]),
                                                                                float(sp.loc["on", "ci_high"])])
@@ -488,7 +488,7 @@ def indicators_section(ctx) -> str:
             fig = figures.new_figure(3.3 * ncol, 0.9 + 2.9 * math.ceil(len(names) / ncol))
             figures.indicator_grid(fig, valid, names, summary, backbone, bold=ON)
             parts.append(_figure(ctx, fig, f"indicators_{_slug(backbone)}.png",
-                                 f"indicator vs transfer (run {esc(run.info.run_id)}; pairs.parquet)"))
+                                 f"indicator vs transfer (run {esc(run.run_id)}; pairs.parquet)"))
         win = _parquet(folder, "correlations_windows.parquet")
         if win is not None and not win.empty:
             win = win[win.method == "spearman"]
@@ -499,7 +499,7 @@ def indicators_section(ctx) -> str:
             rows = [[esc(r.indicator), _ci(r.mean_over_targets, r.ci_low, r.ci_high),
                      f"{r.n_targets_defined}/{r.n_targets}"] for r in win.itertuples()]
             parts.append("<h4>Per-layer ON</h4><div class='grid2'>" + _figure(
-                ctx, fig, f"layers_{_slug(backbone)}.png", f"ON per layer and window (run {esc(run.info.run_id)})")
+                ctx, fig, f"layers_{_slug(backbone)}.png", f"ON per layer and window (run {esc(run.run_id)})")
                 + _table(["indicator", "Spearman (mean over targets) [CI]", "targets defined"], rows, cite)
                 + "</div>")
     ctx.facts["indicators"] = facts
@@ -511,35 +511,35 @@ def indicators_section(ctx) -> str:
 def projector_section(ctx) -> str:
     """The latest projector stage: its skip reason, or projectors, zero-shot results and TPT on the target."""
     stage = [r for r in _runs(ctx, {"ptx.stage": "projector"}, status=None)
-             if r.data.tags.get("ptx.kind") in ("stage", track.KIND_PROJECTOR)]
+             if r.tags.get("ptx.kind") in ("stage", track.KIND_PROJECTOR)]
     stage += [r for r in _runs(ctx, {"ptx.kind": track.KIND_PROJECTOR}, status=None)
-              if "ptx.objective" not in r.data.tags and r not in stage]  # a stage run logged as kind=projector
-    done = sorted((r for r in stage if r.info.status == "FINISHED"), key=lambda r: -r.info.start_time)
+              if "ptx.objective" not in r.tags and r not in stage]  # a stage run logged as kind=projector
+    done = sorted((r for r in stage if r.status == "FINISHED"), key=lambda r: -r.start_time)
     if not done:
         return _not_run(ctx, "projector", "projector", {"ptx.stage": "projector"})
     run = done[0]
     cite = ctx.sources.cite(run)
-    if run.data.tags.get("ptx.skipped") == "true":
-        reason = run.data.tags.get("ptx.skip_reason", "no reason recorded")
+    if run.tags.get("ptx.skipped") == "true":
+        reason = run.tags.get("ptx.skip_reason", "no reason recorded")
         ctx.status["projector"] = ("skipped", "skipped")
-        ctx.facts["projector"] = {"skipped": reason, "run_id": run.info.run_id}
+        ctx.facts["projector"] = {"skipped": reason, "run_id": run.run_id}
         return f"<p class='notrun'>skipped: {esc(reason)} (projector stage run {cite}).</p>"
     folder = _artifacts(ctx, run, "tables")
     zs, tpt = _parquet(folder, "projector_zero_shot.parquet"), _parquet(folder, "projector_tpt.parquet")
-    models = [r for r in _runs(ctx, {"ptx.kind": track.KIND_PROJECTOR}) if "ptx.objective" in r.data.tags
-              and r.data.tags.get("mlflow.parentRunId") in (None, run.info.run_id)]
-    tags = run.data.tags
+    models = [r for r in _runs(ctx, {"ptx.kind": track.KIND_PROJECTOR}) if "ptx.objective" in r.tags
+              and r.tags.get("mlflow.parentRunId") in (None, run.run_id)]
+    tags = run.tags
     parts = [f"<p>Prompts of <b>{esc(tags.get('ptx.source_backbone', '?'))}</b> projected onto "
              f"<b>{esc(tags.get('ptx.target_backbone', '?'))}</b> and scored zero-shot there beside a random prompt "
              f"and the target backbone's own prompt; projector stage run {cite}.</p>"]
     if models:
         parts.append(_table(["objective", "form", "trained without", "training tasks", "initial loss", "final loss",
                              "projector run"],
-                            [[esc(r.data.tags["ptx.objective"]), esc(r.data.tags.get("ptx.form", "")),
-                              esc(r.data.tags.get("ptx.projector_unit", "")), esc(r.data.params.get("train_tasks", "")),
-                              r.data.metrics.get("initial_loss", math.nan), r.data.metrics.get("final_loss", math.nan),
+                            [[esc(r.tags["ptx.objective"]), esc(r.tags.get("ptx.form", "")),
+                              esc(r.tags.get("ptx.projector_unit", "")), esc(r.params.get("train_tasks", "")),
+                              r.metrics.get("initial_loss", math.nan), r.metrics.get("final_loss", math.nan),
                               ctx.sources.cite(r)] for r in models]))
-    facts = {"run_id": run.info.run_id}
+    facts = {"run_id": run.run_id}
     if zs is not None and not zs.empty:
         zs = zs[zs.split == "test"] if (zs.split == "test").any() else zs  # dev picked the objective; test reports
         if "held_out" not in zs:  # a table from before the held-out protocol: none of its rows is known held out
@@ -775,12 +775,12 @@ def render(ctx, uri: str) -> str:
 
 # ---- entry points -------------------------------------------------------------------------------------
 def _experiment_id(tracker, experiment: str) -> str:
-    exp = tracker.client.get_experiment_by_name(experiment)
-    if exp is None:
-        names = sorted(e.name for e in tracker.client.search_experiments())
+    exp_id = tracker.experiment_id_of(experiment)
+    if exp_id is None:
+        names = tracker.all_experiment_names()
         raise PtxError(f"experiment '{experiment}' does not exist in the MLflow store {tracker.uri}"
                        f"{suggest(experiment, names)} (found: {', '.join(names) or 'none'})")
-    return exp.experiment_id
+    return exp_id
 
 
 def _plain(obj):

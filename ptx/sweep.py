@@ -194,7 +194,7 @@ def _request_from(config: dict) -> PromptRequest:
 
 def _find_trial_run(tracker, trial_id: str, sweep_run: str):
     runs = tracker.find_runs({"ptx.trial_id": trial_id, "ptx.sweep_run": sweep_run}, status=None, max_results=1)
-    return runs[0].info.run_id if runs else None
+    return runs[0].run_id if runs else None
 
 
 def _maybe_fail(step: int) -> None:
@@ -239,7 +239,7 @@ def prompt_trainable(config: dict) -> None:
     # a trial (re)started while the MLflow server is down waits for it (80 s at most) instead of failing in 12 s:
     # an outage then costs a trial one retry, not all of them (docs/fault_tolerance.md)
     track.wait_reachable(const["tracking_uri"], tries=track.outage_wait_tries(), delay=2.0)
-    tracker = track.Tracker(const["tracking_uri"], const["experiment"], workdir=Path(const["workdir"]))
+    tracker = track.MlflowTracker(const["tracking_uri"], const["experiment"], workdir=Path(const["workdir"]))
     trial_id = tune.get_context().get_trial_id()
     resume, run_id = None, None
     ckpt = tune.get_checkpoint()
@@ -249,12 +249,12 @@ def prompt_trainable(config: dict) -> None:
         run_id = resume.get("mlflow_run_id")
     run_id = run_id or _find_trial_run(tracker, trial_id, const["parent_run_id"])
     if run_id:  # reopened: an earlier attempt may have closed it (FAILED, or KILLED by an interrupted sweep)
-        tracker.client.set_terminated(run_id, "RUNNING")
+        tracker.reopen(run_id)
     node = ray.get_runtime_context().get_node_id()  # which node ran (the latest attempt of) this trial
     if run_id:  # a retry (a failure, a lost node, an MLflow outage): the store keeps each point exactly once
         metric = load_task(req.task).metric
         tracker.skip_points |= tracker.stored_points(run_id, (f"dev_{metric}", "train_loss", "best_dev_metric"))
-        tracker.client.set_tag(run_id, "ptx.node", node)
+        tracker.set_tags(run_id, {"ptx.node": node})
         if resume is not None:  # resend what the last attempt could not log (e.g. while the server was down)
             tracker.log_curve(run_id, _curve_metrics(resume["curve"], metric))
 
@@ -542,7 +542,7 @@ def run_sweep(spec, workdir: Path, tracking_uri: str, storage_path: str | None =
         storage = str(Path(storage).expanduser().resolve())
     check_resources(spec.resources.cpu, spec.resources.gpu, spec.resources.custom, autoscaling=_joined_cluster)
     guards.check_storage(storage, len(live_nodes()), _joined_cluster, spec.storage_shared)
-    tracker = track.Tracker(tracking_uri, spec.name, workdir=workdir)
+    tracker = track.MlflowTracker(tracking_uri, spec.name, workdir=workdir)
     stage = (tags or {}).get("ptx.stage")
     parent = tracker.start_run(track.run_name(stage, spec.name, "sweep"), {
         "ptx.kind": "sweep", "ptx.study": spec.name, "ptx.experiment_path": f"{storage}/{name}",
@@ -598,8 +598,8 @@ def resume_sweep(path: str, restart_errored: bool = False) -> dict:
     trainable = _named_trainable(group_trainable if state.get("grouped") else prompt_trainable)
     tuner = tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True,
                                resume_errored=not restart_errored, restart_errored=restart_errored)
-    tracker = track.Tracker(state["tracking_uri"], state["experiment"], workdir=Path(state["workdir"]))
-    tracker.finish(state["parent_run_id"], "RUNNING")  # reopened (KILLED if the sweep was interrupted)
+    tracker = track.MlflowTracker(state["tracking_uri"], state["experiment"], workdir=Path(state["workdir"]))
+    tracker.reopen(state["parent_run_id"])  # reopened (KILLED if the sweep was interrupted)
     return _fit_and_finalise(tuner, tracker, state["parent_run_id"], Path(state["workdir"]))
 
 
@@ -663,7 +663,7 @@ def _close_interrupted(tracker, parent: str) -> None:
     """Mark the runs of an interrupted sweep KILLED (its unfinished trials' and its own); `ptx resume` reopens
     them: a resumed trial logs into its run again and the parent is finished by the resumed sweep."""
     for run in tracker.find_runs({"ptx.sweep_run": parent}, status="RUNNING"):
-        tracker.finish(run.info.run_id, "KILLED")
+        tracker.finish(run.run_id, "KILLED")
     tracker.finish(parent, "KILLED")
 
 
@@ -693,36 +693,37 @@ def finalise(grid, tracker, workdir: Path) -> dict:
             state = None
         rows.append(_finalise_run(req, run_id, state, result, tracker, workdir))
         _prune_checkpoints(result)
-    tag_best(tracker, {(r["task"], r["backbone"]) for r in rows if r["task"] is not None})
+    tracker.tag_best({(r["task"], r["backbone"]) for r in rows if r["task"] is not None})
     return {"trials": len(rows), "errored": errored, "rows": rows}
 
 
 def _finalise_run(req: dict, run_id: str | None, state: dict | None, result, tracker, workdir: Path) -> dict:
     """Close one prompt run from its last checkpoint (unless it finished itself); its row of the summary."""
-    from ptx.prompt import init_record, save_prompt
+    from ptx.prompt import init_record, prompt_meta, save_prompt
     from ptx.tasks import load_task
 
     if run_id:
         run = tracker.get_run(run_id)
-        if run.info.status != "FINISHED" and state is not None:
+        if run.status != "FINISHED" and state is not None:
             # stopped early by the scheduler, or errored after its retries: keep the last good checkpoint
             spec = load_task(req["task"])
-            art = Path(workdir) / "prompts" / run_id
+            stopped = "error" if result.error else "scheduler"
+            art = track.prompt_dir(workdir, run_id)
             if not (art / "prompt.json").exists():
                 bmeta = _backbone_meta_from(run, state)
-                meta = {"config_hash": run.data.tags.get("ptx.config_hash"), "mlflow_run_id": run_id,
-                        "backbone": bmeta, "task": {"name": spec.name, "version": spec.version},
-                        "verbalizer": list(spec.label_words(bmeta.get("kind"))), "insertion": req.get("insertion", "prepend"),
-                        "init": init_record("artifact" if req.get("init_from") else req.get("init"), req["settings"]["seed"],
-                                            spec.name, spec.instruction(req["init_text"]) if req.get("init_text") else None,
-                                            run.data.tags.get("ptx.source_run")),
-                        "seed": req["settings"]["seed"], "best_step": state["best_step"],
-                        "dev_metric": {"name": spec.metric, "value": state["best_metric"]}}
+                meta = prompt_meta(
+                    config_hash=run.tags.get("ptx.config_hash"), run_id=run_id, backbone=bmeta,
+                    task={"name": spec.name, "version": spec.version}, verbalizer=spec.label_words(bmeta.get("kind")),
+                    insertion=req.get("insertion", "prepend"),
+                    init=init_record("artifact" if req.get("init_from") else req.get("init"), req["settings"]["seed"],
+                                     spec.name, spec.instruction(req["init_text"]) if req.get("init_text") else None,
+                                     run.tags.get("ptx.source_run")),
+                    seed=req["settings"]["seed"], best_step=state["best_step"],
+                    dev_metric={"name": spec.metric, "value": state["best_metric"]}, stopped=stopped)
                 save_prompt(art, state["best_prompt"], meta)
             tracker.log_curve(run_id, [{"step": p["step"], f"dev_{spec.metric}": p["dev_metric"]} for p in state["curve"]])
             tracker.log(run_id, {"best_dev_metric": state["best_metric"]}, step=state["best_step"],
-                        tags={"ptx.stopped": "error" if result.error else "scheduler",
-                              "ptx.best_step": state["best_step"]})
+                        tags={"ptx.stopped": stopped, "ptx.best_step": state["best_step"]})
             tracker.log_artifacts(run_id, art, track.PROMPT_ARTIFACT)
             tracker.finish(run_id, "FAILED" if result.error else "FINISHED")
     return {"task": req["task"], "backbone": req["backbone"], "seed": req["settings"]["seed"],
@@ -753,28 +754,9 @@ def _log_sweep_datasets(tracker, parent: str, rows: list) -> None:
 
 
 def _backbone_meta_from(run, state) -> dict:
-    d = int(state["best_prompt"].shape[1])
-    return {"name": run.data.tags.get("ptx.backbone"), "revision": None, "kind": run.data.tags.get("ptx.backbone_kind"),
-            "d_model": d}
-
-
-def tag_best(tracker, pairs) -> None:
-    """Tag the best finished vanilla prompt run per (task, backbone) with ptx.best=true (others false).
-
-    Vanilla only: a TPT or projected-init run (a `ptx.source_run`, init artifact/projected, a `ptx.tpt` tag) is a
-    result of a later stage and never takes the tag from the prompt that stage started from."""
-    for task, backbone in pairs:
-        runs = [r for r in tracker.find_runs({"ptx.kind": track.KIND_PROMPT, "ptx.task": task, "ptx.backbone": backbone})
-                if "best_dev_metric" in r.data.metrics and r.data.tags.get("ptx.origin") != "imported"]
-        for r in runs:
-            if not track.is_vanilla(r):
-                tracker.client.set_tag(r.info.run_id, "ptx.best", "false")
-        runs = [r for r in runs if track.is_vanilla(r)]
-        if not runs:
-            continue
-        best = max(runs, key=lambda r: r.data.metrics["best_dev_metric"])
-        for r in runs:
-            tracker.client.set_tag(r.info.run_id, "ptx.best", "true" if r.info.run_id == best.info.run_id else "false")
+    """The backbone record of a trial's prompt, from the run's tags (the backbone itself is not loaded here)."""
+    return {"name": run.tags.get("ptx.backbone"), "revision": run.tags.get("ptx.backbone_revision"),
+            "kind": run.tags.get("ptx.backbone_kind"), "d_model": int(state["best_prompt"].shape[1])}
 
 
 def experiment_exists(path: str) -> bool:
@@ -866,7 +848,7 @@ def group_trainable(config: dict) -> None:
         logging.getLogger("ray.tune").setLevel(logging.WARNING)
     reqs = [_request_from({**config, "request": r}) for r in config["group"]]
     track.wait_reachable(const["tracking_uri"], tries=track.outage_wait_tries(), delay=2.0)
-    tracker = track.Tracker(const["tracking_uri"], const["experiment"], workdir=Path(const["workdir"]))
+    tracker = track.MlflowTracker(const["tracking_uri"], const["experiment"], workdir=Path(const["workdir"]))
     trial_id, parent = tune.get_context().get_trial_id(), const["parent_run_id"]
     states: dict = {}
     ckpt = tune.get_checkpoint()
@@ -888,17 +870,17 @@ def group_trainable(config: dict) -> None:
         member_trial = f"{trial_id}/m{i}"  # what ptx.trial_id is for a run of its own trial
         resume = states.get(i)
         run_id = (resume or {}).get("mlflow_run_id") or _find_trial_run(tracker, member_trial, parent)
-        if run_id and tracker.get_run(run_id).info.status == "FINISHED":  # finished before the group was stopped
+        if run_id and tracker.get_run(run_id).status == "FINISHED":  # finished before the group was stopped
             reused.append(run_id)
             continue
         if run_id and resume is None:
-            tracker.client.set_terminated(run_id, "RUNNING")
+            tracker.reopen(run_id)
         if run_id:  # a retried group: the store keeps each point exactly once, as in prompt_trainable
             from ptx.tasks import load_task
 
             metric = load_task(req.task).metric
             tracker.skip_points |= tracker.stored_points(run_id, (f"dev_{metric}", "train_loss", "best_dev_metric"))
-            tracker.client.set_tag(run_id, "ptx.node", node)
+            tracker.set_tags(run_id, {"ptx.node": node})
             if resume is not None:
                 tracker.log_curve(run_id, _curve_metrics(resume["curve"], metric))
         tags = {"ptx.trial_id": member_trial, "ptx.group_trial": trial_id, "ptx.sweep_run": parent,
@@ -968,7 +950,7 @@ def _finalise_group(result, tracker, workdir: Path) -> list[dict]:
         run_id = (state or {}).get("mlflow_run_id") or (trial_id and _find_trial_run(tracker, f"{trial_id}/m{i}", parent))
         if run_id is None and not state:  # reused from an earlier study: nothing of this trial to close
             done = tracker.finished_run(track.KIND_PROMPT, _request_from({**result.config, "request": req}).hash())
-            run_id = done.info.run_id if done is not None else None
+            run_id = done.run_id if done is not None else None
         rows.append(_finalise_run(req, run_id, state, result, tracker, workdir))
     return rows
 

@@ -1,4 +1,8 @@
-"""Everything MLflow: the store every later stage reads from (runs, lineage tags, artifacts, queries).
+"""Everything MLflow: the store every later stage reads from (runs, lineage tags, artifacts, queries, the bank).
+
+The only module that imports mlflow. Callers see a `Tracker` (the protocol below) with two implementations:
+`MlflowTracker` (a real store) and `NullTracker` (nothing is tracked: `ptx train --no-track`). Every query answers
+with ptx records (`RunRecord`, `MetricPoint`), never MLflow objects.
 
 Only the client API is used, with explicit run ids, so this works whether or not an MLflow run is active in
 the process (inside a Ray trial, a notebook, a script that already called mlflow.start_run).
@@ -11,9 +15,10 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
+from typing import Protocol, runtime_checkable
 
 from ptx.errors import PtxError
 
@@ -26,10 +31,67 @@ DEFAULT_EXPERIMENT = "ptx"
 # MLflow 3's UI opens an experiment by its kind: model training goes to the runs table (not the GenAI overview)
 EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
 # MLflow's own HTTP retries back off for minutes; keep a dead server's cost bounded (seconds), then fail clearly
-os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "3")
-os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
-os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
-os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # prompts are small; bars garble CLI errors
+CLIENT_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+              "MLFLOW_HTTP_REQUEST_TIMEOUT": "30",
+              "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}  # prompts are small; bars garble CLI errors
+
+
+def configure_client() -> None:
+    """Set ptx's MLflow client defaults (bounded HTTP retries, no progress bars) unless the environment sets them.
+
+    Called where a tracker is created, not at import: importing ptx changes nothing in the process."""
+    for key, value in CLIENT_ENV.items():
+        os.environ.setdefault(key, value)
+
+
+@dataclass(frozen=True)
+class RunRecord:
+    """One run as ptx reads it: what the store holds, as plain values (no MLflow object escapes this module)."""
+
+    run_id: str
+    name: str
+    experiment_id: str
+    status: str  # RUNNING, FINISHED, FAILED, KILLED
+    start_time: int  # ms since the epoch
+    end_time: int | None = None
+    artifact_uri: str = ""
+    tags: dict = field(default_factory=dict, compare=False)
+    params: dict = field(default_factory=dict, compare=False)
+    metrics: dict = field(default_factory=dict, compare=False)  # the latest value of each metric
+    datasets: tuple = field(default=(), compare=False)  # DatasetRecord per logged input
+
+    @property
+    def parent_run_id(self) -> str | None:
+        return self.tags.get("mlflow.parentRunId")
+
+
+@dataclass(frozen=True)
+class DatasetRecord:
+    """A dataset input of a run (see `Tracker.log_datasets`)."""
+
+    name: str
+    digest: str
+    source: str
+    profile: str
+    context: str | None
+
+
+@dataclass(frozen=True)
+class MetricPoint:
+    step: int
+    value: float
+    timestamp: int = 0
+
+
+def _record(run) -> RunRecord:
+    info, data = run.info, run.data
+    inputs = getattr(run, "inputs", None)
+    datasets = tuple(DatasetRecord(d.dataset.name, d.dataset.digest, d.dataset.source, d.dataset.profile,
+                                   next((t.value for t in d.tags if t.key == "mlflow.data.context"), None))
+                     for d in (inputs.dataset_inputs if inputs is not None else ()))
+    return RunRecord(info.run_id, info.run_name or "", info.experiment_id, info.status, info.start_time or 0,
+                     info.end_time, info.artifact_uri or "", dict(data.tags), dict(data.params), dict(data.metrics),
+                     datasets)
 
 
 def outage_wait_tries() -> int:
@@ -71,8 +133,138 @@ def wait_reachable(uri: str, tries: int = 3, delay: float = 1.0, timeout: float 
     raise PtxError(f"MLflow tracking server {uri} is unreachable after {tries} tries ({last})")
 
 
+@runtime_checkable
+class Tracker(Protocol):
+    """What the stages need of a store: runs with lineage tags, metrics, artifacts, queries and the bank.
+
+    `MlflowTracker` is the real one; `NullTracker` tracks nothing. Queries return `RunRecord`s."""
+
+    uri: str
+    experiment: str
+    experiment_id: str | None
+    enabled: bool  # False for the NullTracker: nothing is stored, queries find nothing
+
+    def for_experiment(self, name: str, workdir=None) -> "Tracker": ...
+    def start_run(self, name: str, tags: dict, parent_run_id: str | None = None) -> str | None: ...
+    def log(self, run_id, metrics: dict | None = None, step: int = 0, params: dict | None = None,
+            tags: dict | None = None) -> None: ...
+    def log_curve(self, run_id, curve: list[dict]) -> None: ...
+    def stored_points(self, run_id, keys) -> set: ...
+    def log_datasets(self, run_id, splits: list[dict]) -> None: ...
+    def copy_datasets(self, run_ids, to_run_id) -> None: ...
+    def link_runs(self, run_id, links: dict) -> None: ...
+    def system_metrics(self, run_id, enabled: bool, interval: float = 10.0): ...
+    def log_artifacts(self, run_id, local_dir, artifact_path: str | None = None) -> None: ...
+    def log_table(self, run_id, table, artifact_path: str, file: str) -> None: ...
+    def finish(self, run_id, status: str = "FINISHED") -> None: ...
+    def reopen(self, run_id) -> None: ...
+    def set_tags(self, run_id, tags: dict) -> None: ...
+    def get_run(self, run_id: str) -> RunRecord: ...
+    def find_runs(self, tags: dict | None = None, status: str | None = "FINISHED", order_by: list | None = None,
+                  max_results: int = 5000, experiment_ids: list | None = None) -> list[RunRecord]: ...
+    def finished_run(self, kind: str, config_hash: str) -> RunRecord | None: ...
+    def metric_history(self, run_id: str, key: str) -> list[MetricPoint]: ...
+    def all_experiment_ids(self) -> list[str]: ...
+    def download(self, run_id: str, artifact_path: str, out_dir) -> Path: ...
+    def read_table(self, run_id: str, artifact_path: str, file: str): ...
+
+
+class _Bank:
+    """The prompt bank, written once on top of `find_runs` and `download`: shared by both trackers."""
+
+    def prompt_runs(self, task: str | None = None, backbone: str | None = None,
+                    all_experiments: bool = True) -> list[RunRecord]:
+        """Finished prompt runs (any origin), newest first, optionally filtered by task and backbone."""
+        ids = self.all_experiment_ids() if all_experiments else None
+        return self.find_runs({"ptx.kind": KIND_PROMPT, "ptx.task": task, "ptx.backbone": backbone},
+                              order_by=["attributes.start_time DESC"], experiment_ids=ids)
+
+    def bank_runs(self, backbone: str | None = None, tasks=None, experiment_ids: list | None = None,
+                  task: str | None = None) -> list[RunRecord]:
+        """The bank: finished vanilla prompt runs (trained from scratch or imported, see `is_vanilla`) on
+        `backbone`, of `task` or of the tasks in `tasks` (None: any), oldest first; the tracker's experiment unless
+        `experiment_ids` says otherwise."""
+        runs = self.find_runs({"ptx.kind": KIND_PROMPT, "ptx.backbone": backbone, "ptx.task": task},
+                              order_by=["attributes.start_time ASC"], experiment_ids=experiment_ids)
+        return [r for r in runs if is_vanilla(r) and (tasks is None or r.tags.get("ptx.task") in tasks)]
+
+    def best_prompt_run(self, task: str, backbone: str, all_experiments: bool = True) -> RunRecord:
+        """The finished vanilla prompt run with the best dev metric for (task, backbone), or a PtxError."""
+        best = best_of(self.bank_runs(backbone, task=task,
+                                      experiment_ids=self.all_experiment_ids() if all_experiments else None))
+        if best is None:
+            raise PtxError(f"no finished prompt run for task '{task}' on backbone '{backbone}' in {self.uri}")
+        return best
+
+    def bank(self, backbone: str, tasks=None, mode: str = "all", experiment_ids: list | None = None) -> list[RunRecord]:
+        """The bank's source prompts: every run of `bank_runs`, or (mode 'best') the best one per task: the run
+        tagged ptx.best=true, else the one with the best dev metric, else (an imported prompt only) the oldest."""
+        runs = self.bank_runs(backbone, tasks, experiment_ids)
+        if mode == "all":
+            return runs
+        if mode != "best":
+            raise PtxError(f"transfer.sources: expected 'all' or 'best', found {mode!r}")
+        by_task: dict = {}
+        for r in runs:
+            by_task.setdefault(r.tags["ptx.task"], []).append(r)
+        return [next((r for r in rs if r.tags.get("ptx.best") == "true"), None) or best_of(rs) or rs[0]
+                for rs in by_task.values()]
+
+    def tag_best(self, pairs) -> None:
+        """Tag the best finished vanilla prompt run per (task, backbone) of this experiment with ptx.best=true
+        (others false); imported prompts are not ranked.
+
+        Vanilla only: a TPT or projected-init run (a `ptx.source_run`, init artifact/projected, a `ptx.tpt` tag) is
+        a result of a later stage and never takes the tag from the prompt that stage started from."""
+        for task, backbone in pairs:
+            runs = [r for r in self.find_runs({"ptx.kind": KIND_PROMPT, "ptx.task": task, "ptx.backbone": backbone})
+                    if "best_dev_metric" in r.metrics and r.tags.get("ptx.origin") != "imported"]
+            for r in runs:
+                if not is_vanilla(r):
+                    self.set_tags(r.run_id, {"ptx.best": "false"})
+            best = best_of(r for r in runs if is_vanilla(r))
+            if best is None:
+                continue
+            for r in runs:
+                if is_vanilla(r):
+                    self.set_tags(r.run_id, {"ptx.best": "true" if r.run_id == best.run_id else "false"})
+
+    def download_prompt(self, run_id: str, out_dir: str | Path) -> Path:
+        """Download a prompt run's artifact into `out_dir` (must not exist or be empty)."""
+        kind = self.get_run(run_id).tags.get("ptx.kind")
+        if kind != KIND_PROMPT:
+            raise PtxError(f"run '{run_id}' is not a prompt run (ptx.kind={kind!r})")
+        return self.download(run_id, PROMPT_ARTIFACT, out_dir)
+
+    def fetch_prompt(self, run_id: str, workdir: str | Path) -> Path:
+        """The local copy of a prompt run: `<workdir>/prompts/<run id>` (where a run trained in this workdir saved
+        it already), downloaded through the store when missing; a partial copy (an interrupted fetch) is replaced."""
+        local = prompt_dir(workdir, run_id)
+        if (local / "prompt.json").is_file():
+            return local
+        if local.exists():
+            shutil.rmtree(local, ignore_errors=True)
+        try:
+            return self.download_prompt(run_id, local)
+        except PtxError:
+            if (local / "prompt.json").is_file():  # another process fetched it a moment ago
+                return local
+            raise
+
+
+def prompt_dir(workdir: str | Path, run_id: str) -> Path:
+    """The one local home of a prompt run's artifact: `<workdir>/prompts/<run id>`."""
+    return Path(workdir).resolve() / "prompts" / run_id
+
+
+def best_of(runs) -> RunRecord | None:
+    """The run with the highest `best_dev_metric` (the first of equals), or None when no run has one."""
+    scored = [r for r in runs if "best_dev_metric" in r.metrics]
+    return max(scored, key=lambda r: r.metrics["best_dev_metric"]) if scored else None
+
+
 @dataclass
-class Tracker:
+class MlflowTracker(_Bank):
     """A handle on one MLflow store and experiment."""
 
     uri: str
@@ -81,13 +273,15 @@ class Tracker:
     # (run id, metric key, step) points already in the store that `log` must not send again: a retried trial
     # re-runs steps an earlier attempt may have logged (see ptx.sweep.prompt_trainable)
     skip_points: set = field(default_factory=set)
+    enabled = True
 
     def __post_init__(self):
+        configure_client()
         from mlflow.tracking import MlflowClient
 
         logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)  # "Creating initial tables": noise
         wait_reachable(self.uri)
-        self.client = MlflowClient(tracking_uri=self.uri)
+        self.client = MlflowClient(tracking_uri=self.uri)  # for this module (and tests that read the store)
         self.experiment_id = self._experiment_id(self.experiment)
 
     def _experiment_id(self, name: str) -> str:
@@ -106,6 +300,12 @@ class Tracker:
                                                  tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
         except MlflowException:  # another process created it a moment ago
             return self.client.get_experiment_by_name(name).experiment_id
+
+    def for_experiment(self, name: str, workdir: str | Path | None = None) -> "MlflowTracker":
+        """This tracker when it is on experiment `name`, else one on the same store that is."""
+        if name == self.experiment:
+            return self
+        return MlflowTracker(self.uri, name, workdir=Path(workdir) if workdir is not None else self.workdir)
 
     # ---- runs ---------------------------------------------------------------------------------------
     def start_run(self, name: str, tags: dict, parent_run_id: str | None = None) -> str:
@@ -130,6 +330,10 @@ class Tracker:
             self.client.log_batch(run_id, metrics=ms[b * 1000:(b + 1) * 1000], params=ps[b * 100:(b + 1) * 100],
                                   tags=ts[b * 100:(b + 1) * 100])
 
+    def set_tags(self, run_id: str, tags: dict) -> None:
+        """Set (or overwrite) tags of a run."""
+        self.log(run_id, tags=tags)
+
     def log_curve(self, run_id: str, curve: list[dict]) -> None:
         """Log a whole learning curve ([{step, key: value}]) in batched requests; points the store already has
         (same key and step) are skipped, so a curve can be resent after an outage without duplicates."""
@@ -142,9 +346,14 @@ class Tracker:
         for i in range(0, len(ms), 1000):
             self.client.log_batch(run_id, metrics=ms[i:i + 1000])
 
+    def metric_history(self, run_id: str, key: str) -> list[MetricPoint]:
+        """Every logged point of one metric of a run, in the store's order."""
+        return [MetricPoint(int(m.step), float(m.value), int(m.timestamp or 0))
+                for m in self.client.get_metric_history(run_id, key)]
+
     def stored_points(self, run_id: str, keys) -> set:
         """The (run id, key, step) points of these metric keys that the store holds for a run."""
-        return {(run_id, k, m.step) for k in keys for m in self.client.get_metric_history(run_id, k)}
+        return {(run_id, k, p.step) for k in keys for p in self.metric_history(run_id, k)}
 
     def log_datasets(self, run_id: str, splits: list[dict]) -> None:
         """Record the data a run used (`ptx.data.describe_split` records, plus a `context` such as train or dev) as
@@ -176,19 +385,18 @@ class Tracker:
         return f"{base.rstrip('/')}/#/experiments/{self.experiment_id}?workflowType=machine_learning"
 
     def runs_on_dataset(self, name: str, digest: str | None = None, context: str | None = None,
-                        experiment_ids: list | None = None) -> list:
+                        experiment_ids: list | None = None) -> list[RunRecord]:
         """Every run (any status) that logged dataset `name` (e.g. "sst2/train"), optionally of one digest/context."""
         for v in (name, digest, context):
             if v is not None and ("'" in v or "\\" in v):
                 raise PtxError(f"dataset filter {v!r}: quotes and backslashes are not allowed in a search value")
         clauses = [f"dataset.name = '{name}'"] + ([f"dataset.digest = '{digest}'"] if digest else [])
-        runs = self.client.search_runs(experiment_ids or self.all_experiment_ids(), " and ".join(clauses),
-                                       max_results=5000)
+        runs = [_record(r) for r in self.client.search_runs(experiment_ids or self.all_experiment_ids(),
+                                                            " and ".join(clauses), max_results=5000)]
 
-        def used(run) -> bool:  # MLflow matches each clause against any of a run's inputs: check the same input
-            return any(d.dataset.name == name and digest in (None, d.dataset.digest)
-                       and (context is None or any(t.key == "mlflow.data.context" and t.value == context for t in d.tags))
-                       for d in run.inputs.dataset_inputs)
+        def used(run: RunRecord) -> bool:  # MLflow matches each clause against any of a run's inputs: check one input
+            return any(d.name == name and digest in (None, d.digest) and context in (None, d.context)
+                       for d in run.datasets)
 
         return [r for r in runs if used(r)]
 
@@ -222,15 +430,35 @@ class Tracker:
     def log_artifacts(self, run_id: str, local_dir: str | Path, artifact_path: str | None = None) -> None:
         self.client.log_artifacts(run_id, str(local_dir), artifact_path)
 
+    def log_table(self, run_id: str, table, artifact_path: str, file: str) -> None:
+        """Log a pyarrow table as `<artifact_path>/<file>` (Parquet)."""
+        import pyarrow.parquet as pq
+
+        with tempfile.TemporaryDirectory() as d:
+            pq.write_table(table, Path(d) / file)
+            self.log_artifacts(run_id, d, artifact_path)
+
+    def read_table(self, run_id: str, artifact_path: str, file: str):
+        """The pyarrow table a run logged as `<artifact_path>/<file>` (Parquet)."""
+        import pyarrow.parquet as pq
+
+        with tempfile.TemporaryDirectory() as d:
+            local = self.download(run_id, artifact_path, Path(d) / "a")
+            return pq.read_table(local / file)
+
     def finish(self, run_id: str, status: str = "FINISHED") -> None:
         self.client.set_terminated(run_id, status)
 
-    def get_run(self, run_id: str):
+    def reopen(self, run_id: str) -> None:
+        """Mark a run RUNNING again (a retried trial carries on logging into its run)."""
+        self.client.set_terminated(run_id, "RUNNING")
+
+    def get_run(self, run_id: str) -> RunRecord:
         """The run, or a PtxError when the id does not exist."""
         from mlflow.exceptions import MlflowException
 
         try:
-            return self.client.get_run(run_id)
+            return _record(self.client.get_run(run_id))
         except MlflowException as exc:
             if exc.error_code not in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
                 raise PtxError(f"MLflow store {self.uri} failed to answer for run '{run_id}' "
@@ -239,7 +467,7 @@ class Tracker:
 
     # ---- queries ------------------------------------------------------------------------------------
     def find_runs(self, tags: dict | None = None, status: str | None = "FINISHED", order_by: list | None = None,
-                  max_results: int = 5000, experiment_ids: list | None = None) -> list:
+                  max_results: int = 5000, experiment_ids: list | None = None) -> list[RunRecord]:
         """Runs whose tags equal `tags` (and in `status` when given)."""
         for k, v in (tags or {}).items():
             if v is not None and ("'" in str(v) or "\\" in str(v)):  # MLflow's filter syntax has no escape
@@ -247,38 +475,27 @@ class Tracker:
         clauses = [f"tags.`{k}` = '{v}'" for k, v in (tags or {}).items() if v is not None]
         if status:
             clauses.append(f"attributes.status = '{status}'")
-        return list(self.client.search_runs(experiment_ids or [self.experiment_id], " and ".join(clauses),
-                                            order_by=order_by, max_results=max_results))
+        return [_record(r) for r in self.client.search_runs(experiment_ids or [self.experiment_id],
+                                                            " and ".join(clauses), order_by=order_by,
+                                                            max_results=max_results)]
 
     def all_experiment_ids(self) -> list[str]:
         return [e.experiment_id for e in self.client.search_experiments()]
 
-    def finished_run(self, kind: str, config_hash: str):
+    def experiment_id_of(self, name: str) -> str | None:
+        """The id of experiment `name` in this store, or None."""
+        exp = self.client.get_experiment_by_name(name)
+        return exp.experiment_id if exp is not None else None
+
+    def all_experiment_names(self) -> list[str]:
+        return sorted(e.name for e in self.client.search_experiments())
+
+    def finished_run(self, kind: str, config_hash: str) -> RunRecord | None:
         """A FINISHED run of `kind` with this config hash, or None (the idempotency check)."""
         runs = self.find_runs({"ptx.kind": kind, "ptx.config_hash": config_hash}, status="FINISHED", max_results=1)
         return runs[0] if runs else None
 
-    def prompt_runs(self, task: str | None = None, backbone: str | None = None, all_experiments: bool = True) -> list:
-        """Finished prompt runs, newest first, optionally filtered by task and backbone."""
-        ids = self.all_experiment_ids() if all_experiments else None
-        return self.find_runs({"ptx.kind": KIND_PROMPT, "ptx.task": task, "ptx.backbone": backbone},
-                              order_by=["attributes.start_time DESC"], experiment_ids=ids)
-
-    def best_prompt_run(self, task: str, backbone: str):
-        """The finished vanilla prompt run with the best dev metric for (task, backbone), or a PtxError."""
-        runs = [r for r in self.prompt_runs(task, backbone) if "best_dev_metric" in r.data.metrics and is_vanilla(r)]
-        if not runs:
-            raise PtxError(f"no finished prompt run for task '{task}' on backbone '{backbone}' in {self.uri}")
-        return max(runs, key=lambda r: r.data.metrics["best_dev_metric"])
-
     # ---- artifacts ----------------------------------------------------------------------------------
-    def download_prompt(self, run_id: str, out_dir: str | Path) -> Path:
-        """Download a prompt run's artifact into `out_dir` (must not exist or be empty)."""
-        run = self.get_run(run_id)
-        if run.data.tags.get("ptx.kind") != KIND_PROMPT:
-            raise PtxError(f"run '{run_id}' is not a prompt run (ptx.kind={run.data.tags.get('ptx.kind')!r})")
-        return self.download(run_id, PROMPT_ARTIFACT, out_dir)
-
     def download(self, run_id: str, artifact_path: str, out_dir: str | Path) -> Path:
         """Download one artifact directory safely: no path may escape `out_dir`; nothing half-written."""
         out = Path(out_dir).resolve()
@@ -304,8 +521,98 @@ class Tracker:
         return files
 
 
+@dataclass
+class NullTracker(_Bank):
+    """A tracker that stores nothing (`ptx train --no-track`): runs have no id, logging is a no-op, queries find
+    nothing, and asking for a stored run or artifact is a PtxError."""
+
+    experiment: str = DEFAULT_EXPERIMENT
+    workdir: Path | None = None
+    uri = ""
+    experiment_id = None
+    enabled = False
+    skip_points: set = field(default_factory=set)
+
+    def _none(self, what: str):
+        raise PtxError(f"{what}: no MLflow store is configured (tracking is off)")
+
+    def for_experiment(self, name: str, workdir=None) -> "NullTracker":
+        return NullTracker(name, workdir if workdir is not None else self.workdir)
+
+    def start_run(self, name, tags, parent_run_id=None) -> None:
+        return None
+
+    def log(self, run_id, metrics=None, step=0, params=None, tags=None) -> None:
+        pass
+
+    def set_tags(self, run_id, tags) -> None:
+        pass
+
+    def log_curve(self, run_id, curve) -> None:
+        pass
+
+    def metric_history(self, run_id, key) -> list[MetricPoint]:
+        return []
+
+    def stored_points(self, run_id, keys) -> set:
+        return set()
+
+    def log_datasets(self, run_id, splits) -> None:
+        pass
+
+    def copy_datasets(self, run_ids, to_run_id) -> None:
+        pass
+
+    def runs_on_dataset(self, name, digest=None, context=None, experiment_ids=None) -> list[RunRecord]:
+        return []
+
+    def link_runs(self, run_id, links) -> None:
+        pass
+
+    def system_metrics(self, run_id, enabled, interval=10.0):
+        return nullcontext()
+
+    def log_artifacts(self, run_id, local_dir, artifact_path=None) -> None:
+        pass
+
+    def log_table(self, run_id, table, artifact_path, file) -> None:
+        pass
+
+    def read_table(self, run_id, artifact_path, file):
+        self._none(f"run '{run_id}'")
+
+    def finish(self, run_id, status="FINISHED") -> None:
+        pass
+
+    def reopen(self, run_id) -> None:
+        pass
+
+    def get_run(self, run_id) -> RunRecord:
+        self._none(f"run '{run_id}'")
+
+    def find_runs(self, tags=None, status="FINISHED", order_by=None, max_results=5000,
+                  experiment_ids=None) -> list[RunRecord]:
+        return []
+
+    def all_experiment_ids(self) -> list[str]:
+        return []
+
+    def experiment_id_of(self, name) -> None:
+        return None
+
+    def all_experiment_names(self) -> list[str]:
+        return []
+
+    def finished_run(self, kind, config_hash) -> None:
+        return None
+
+    def download(self, run_id, artifact_path, out_dir) -> Path:
+        self._none(f"run '{run_id}'")
+
+
 def experiment_names(uri: str) -> list[str]:
     """The names of the experiments ptx made in a store (tagged as model training), oldest first."""
+    configure_client()
     from mlflow.tracking import MlflowClient
 
     exps = MlflowClient(tracking_uri=uri).search_experiments(filter_string=f"tags.`{EXPERIMENT_KIND_TAG}` = "
@@ -353,6 +660,6 @@ def flatten(d: dict, prefix: str = "") -> dict:
 def is_vanilla(run) -> bool:
     """A prompt trained from scratch or imported: not a TPT or projected-init prompt (a later stage's result,
     never a bank source or the best prompt of its task)."""
-    tags = run.data.tags
+    tags = run.tags
     return not tags.get("ptx.source_run") and tags.get("ptx.init") not in ("artifact", "projected") \
         and not tags.get("ptx.tpt")
