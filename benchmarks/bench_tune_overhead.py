@@ -120,7 +120,7 @@ def part_ptx(args, root: Path) -> dict:
     out = {"backbone": "tiny-llama", "trials": len(reqs), "steps": args.ptx_steps, "torch_threads_direct": 1}
 
     work = root / "direct"
-    tracker = track.Tracker(f"sqlite:///{work}/mlflow.db", "bench", workdir=work)
+    tracker = track.MlflowTracker(f"sqlite:///{work}/mlflow.db", "bench", workdir=work)
     parent = tracker.start_run("direct", {"ptx.kind": "sweep"})
     t0 = time.perf_counter()
     inner = [run_prompt(r, work, tracker=tracker, parent_run_id=parent).seconds for r in reqs]
@@ -130,7 +130,7 @@ def part_ptx(args, root: Path) -> dict:
     for label, reuse in (("tune", False), ("tune_reuse", True)):
         work = root / label
         uri = f"sqlite:///{work}/mlflow.db"
-        tracker = track.Tracker(uri, "bench", workdir=work)
+        tracker = track.MlflowTracker(uri, "bench", workdir=work)
         parent = tracker.start_run(label, {"ptx.kind": "sweep"})
         tuner = sweep.build_tuner(reqs, f"ptx-{label}", work, uri, "bench", parent, str(work / "ray_results"),
                                   max_concurrent=1)

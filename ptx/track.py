@@ -71,9 +71,10 @@ class DatasetRecord:
 
     name: str
     digest: str
-    source: str
-    profile: str
-    context: str | None
+    source_type: str
+    source: str  # JSON: {"uri": ...}
+    profile: str  # JSON: rows, task, split
+    context: str | None  # train, dev...
 
 
 @dataclass(frozen=True)
@@ -86,7 +87,8 @@ class MetricPoint:
 def _record(run) -> RunRecord:
     info, data = run.info, run.data
     inputs = getattr(run, "inputs", None)
-    datasets = tuple(DatasetRecord(d.dataset.name, d.dataset.digest, d.dataset.source, d.dataset.profile,
+    datasets = tuple(DatasetRecord(d.dataset.name, d.dataset.digest, d.dataset.source_type, d.dataset.source,
+                                   d.dataset.profile,
                                    next((t.value for t in d.tags if t.key == "mlflow.data.context"), None))
                      for d in (inputs.dataset_inputs if inputs is not None else ()))
     return RunRecord(info.run_id, info.run_name or "", info.experiment_id, info.status, info.start_time or 0,

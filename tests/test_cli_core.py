@@ -92,10 +92,10 @@ def test_train_tracked_then_reused_then_eval(tmp_path, tiny, new_workdir):
     out = invoke(*TRAIN, "--workdir", tmp_path)
     run_id = re.match(r"trained (\w+): best dev (\d\.\d{4})", out).group(1)
     assert f"MLflow: sqlite:///{tmp_path.resolve()}/mlflow.db" in out
-    tracker = track.Tracker(f"sqlite:///{tmp_path.resolve() / 'mlflow.db'}", workdir=tmp_path)
+    tracker = track.MlflowTracker(f"sqlite:///{tmp_path.resolve() / 'mlflow.db'}", workdir=tmp_path)
     run = tracker.get_run(run_id)
-    assert run.info.status == "FINISHED" and run.data.tags["ptx.task"] == "tweet_sentiment"
-    assert f"{run.data.metrics['best_dev_metric']:.4f}" in out
+    assert run.status == "FINISHED" and run.tags["ptx.task"] == "tweet_sentiment"
+    assert f"{run.metrics['best_dev_metric']:.4f}" in out
     prompt_dir = Path(re.search(r"^prompt: (.+)$", out, re.M).group(1))
     assert load_prompt(prompt_dir).meta["mlflow_run_id"] == run_id
 
@@ -106,7 +106,7 @@ def test_train_tracked_then_reused_then_eval(tmp_path, tiny, new_workdir):
                     "--workdir", tmp_path)
     value = float(re.match(r"tweet_sentiment/test accuracy: (\d\.\d{4}) \(40 examples\)", scored).group(1))
     assert f"logged to run {run_id}" in scored
-    logged = tracker.get_run(run_id).data.metrics["eval.tweet_sentiment.test.accuracy"]
+    logged = tracker.get_run(run_id).metrics["eval.tweet_sentiment.test.accuracy"]
     assert f"{logged:.4f}" == f"{value:.4f}"
     backbone = tiny("tiny-bert")
     direct = score_prompts(backbone, load_prompt(prompt_dir).prompt, load_task("tweet_sentiment"),
@@ -180,8 +180,8 @@ def test_nan_loss_exits_2_and_names_the_kept_prompt(monkeypatch, tmp_path, tiny,
     assert kept.parent == tmp_path.resolve() / "prompts"
     art = load_prompt(kept)
     assert torch.isfinite(art.prompt).all() and art.meta["best_step"] == 0
-    run = track.Tracker(f"sqlite:///{tmp_path.resolve() / 'mlflow.db'}", workdir=tmp_path).get_run(kept.name)
-    assert run.info.status == "FAILED"
+    run = track.MlflowTracker(f"sqlite:///{tmp_path.resolve() / 'mlflow.db'}", workdir=tmp_path).get_run(kept.name)
+    assert run.status == "FAILED"
 
 
 def test_console_script_exit_code_and_one_line_stderr(tmp_path):

@@ -34,7 +34,7 @@ def ray_local(ptx_cache_dir):
 
 
 def _tracker(tmp_path, experiment="study"):
-    return track.Tracker(f"sqlite:///{tmp_path / 'mlflow.db'}", experiment, workdir=tmp_path)
+    return track.MlflowTracker(f"sqlite:///{tmp_path / 'mlflow.db'}", experiment, workdir=tmp_path)
 
 
 # ---- ON ----------------------------------------------------------------------------------------------
@@ -355,8 +355,8 @@ def test_indicators_stage_logs_everything(tiny, ray_local, tmp_path, new_workdir
     assert result["computed"] == 1 and result["skipped"] == 0
     out = result["backbones"]["tiny-llama"]
     run = tracker.get_run(out["run_id"])
-    assert run.data.tags["ptx.kind"] == "indicators" and run.data.tags["ptx.study"] == "study"
-    assert {"spearman.on", "spearman.e_concat_cos", "kendall.on_jaccard", "spearman.on.layer_2"} <= set(run.data.metrics)
+    assert run.tags["ptx.kind"] == "indicators" and run.tags["ptx.study"] == "study"
+    assert {"spearman.on", "spearman.e_concat_cos", "kendall.on_jaccard", "spearman.on.layer_2"} <= set(run.metrics)
     files = {f.path for f in tracker.client.list_artifacts(out["run_id"], "tables")}
     assert {"tables/correlations.parquet", "tables/recommendations.parquet", "tables/indicators.parquet"} <= files
     local = tracker.download(out["run_id"], "activations", tmp_path / "dl")
@@ -370,11 +370,11 @@ def test_indicators_stage_logs_everything(tiny, ray_local, tmp_path, new_workdir
     assert len(on) == 6 and on["score"].is_monotonic_decreasing and "bbc_topic" not in set(on["source_task"])
     summary = pd.read_parquet(art / "tables" / "correlations.parquet").set_index(["indicator", "method"])
     assert summary.loc[("on", "spearman"), "n_targets_defined"] == 4
-    assert summary.loc[("on", "spearman"), "mean_over_targets"] == pytest.approx(run.data.metrics["spearman.on"])
-    assert out["spearman"]["on"] == pytest.approx(run.data.metrics["spearman.on"])
+    assert summary.loc[("on", "spearman"), "mean_over_targets"] == pytest.approx(run.metrics["spearman.on"])
+    assert out["spearman"]["on"] == pytest.approx(run.metrics["spearman.on"])
     assert len(list((art / "tables" / "plots").glob("scatter_*.png"))) == 14  # 7 raw, 7 displacement
     # displacement from the rebuilt inits beside the raw indicators; within-seed: 4 targets x 2 seeds defined
-    assert {"spearman.on_disp", "spearman.e_avg_cos_disp", "kendall.on_jaccard_disp"} <= set(run.data.metrics)
+    assert {"spearman.on_disp", "spearman.e_avg_cos_disp", "kendall.on_jaccard_disp"} <= set(run.metrics)
     assert summary.loc[("on_disp", "spearman"), "n_targets_defined"] == 4
     assert (summary.xs("spearman", level="method")["n_within_seed"] == 8).all()
     from ptx.stages.tpt import _indicator_sources  # TPT's `tpt.source: indicator:on` reads this run
@@ -418,7 +418,7 @@ def test_reference_prompts_import_and_correlate(ptx_cache_dir, tmp_path, new_wor
             continue
         run = import_prompt(f, f.parent.name, f.stem, "paper" if "roberta" in f.parent.name else "prepend",
                             tmp_path, tracker)
-        assert tracker.get_run(run.run_id).data.tags["ptx.origin"] == "imported"
+        assert tracker.get_run(run.run_id).tags["ptx.origin"] == "imported"
     with pytest.raises(PtxError, match=r"\[100, 1024\] does not fit backbone 'roberta-base'"):
         import_prompt(REFERENCE / "prompts/roberta-large/sst2.pt", "roberta-base", "sst2", "paper", tmp_path, tracker)
     assert len(tracker.prompt_runs()) == 43
@@ -440,4 +440,4 @@ def test_reference_prompts_import_and_correlate(ptx_cache_dir, tmp_path, new_wor
     assert spear.loc[("roberta-base", "e_concat_cos"), "mean_over_targets"] == pytest.approx(np.mean(rhos), abs=1e-6)
     assert (spear["ci_low"] <= spear["ci_high"]).all()
     runs = tracker.find_runs({"ptx.kind": "indicators", "ptx.study": "reference-check"})
-    assert sorted(r.data.tags["ptx.backbone"] for r in runs) == ["roberta-base", "roberta-large", "t5-base"]
+    assert sorted(r.tags["ptx.backbone"] for r in runs) == ["roberta-base", "roberta-large", "t5-base"]

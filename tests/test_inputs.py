@@ -189,7 +189,7 @@ def test_train_numeric_options_exit_0_with_a_finished_run_or_2_with_one_line(tra
     if code == 0:
         run_id = re.match(r"(?:trained|reused finished run) (\w+): best dev", out).group(1)
         uri = track.resolve_tracking_uri(None, Path(train_workdir))
-        assert track.Tracker(uri, workdir=train_workdir).get_run(run_id).info.status == "FINISHED"
+        assert track.MlflowTracker(uri, workdir=train_workdir).get_run(run_id).status == "FINISHED"
         return
     assert code == 2, (values, err[-2000:])
     errors = [line for line in err.splitlines() if line.startswith("error: ")]
@@ -348,16 +348,16 @@ def test_a_signal_mid_training_leaves_a_killed_run_no_prompt_and_a_clean_rerun(t
     for sig, code in ((signal.SIGINT, 130), (signal.SIGTERM, 128 + signal.SIGTERM)):
         done = _train_until_a_step_then_signal([*args, "--steps", "1000000"], env, sig)
         assert done.returncode == code and "Traceback" not in done.stderr, done.stderr[-2000:]
-    tracker = track.Tracker(track.resolve_tracking_uri(None, tmp_path), workdir=tmp_path)
+    tracker = track.MlflowTracker(track.resolve_tracking_uri(None, tmp_path), workdir=tmp_path)
     runs = tracker.find_runs({"ptx.kind": "prompt"}, status=None)
-    assert [r.info.status for r in runs] == ["KILLED", "KILLED"]
+    assert [r.status for r in runs] == ["KILLED", "KILLED"]
     assert not (tmp_path / "prompts").exists() or list((tmp_path / "prompts").iterdir()) == []  # not even temp dirs
     rerun = subprocess.run([*args, "--steps", "2"], env=env, capture_output=True, text=True, timeout=300)
     assert rerun.returncode == 0, rerun.stderr[-2000:]
     runs = tracker.find_runs({"ptx.kind": "prompt"}, status=None)
-    assert sorted(r.info.status for r in runs) == ["FINISHED", "KILLED", "KILLED"]
-    assert [p.name for p in (tmp_path / "prompts").iterdir()] == [r.info.run_id for r in runs
-                                                                    if r.info.status == "FINISHED"]
+    assert sorted(r.status for r in runs) == ["FINISHED", "KILLED", "KILLED"]
+    assert [p.name for p in (tmp_path / "prompts").iterdir()] == [r.run_id for r in runs
+                                                                    if r.status == "FINISHED"]
 
 
 def test_invalid_yaml_names_the_line_and_column(tmp_path):

@@ -137,7 +137,7 @@ def test_train_and_fetch_over_http(server, tmp_path):
 def test_server_dies_mid_run_prompt_is_kept(server, tmp_path):
     """Runs last: it stops the module's server in the middle of a training run."""
     wd = tmp_path / "client"
-    tracker = track.Tracker(server.uri, workdir=wd)
+    tracker = track.MlflowTracker(server.uri, workdir=wd)
     req = PromptRequest(task="tweet_sentiment", backbone="tiny-llama", prompt_length=4, train_limit=32, dev_limit=16,
                         settings=TrainSettings(steps=6, batch_size=8, lr=0.05, eval_every=2, seed=3))
     seen = []

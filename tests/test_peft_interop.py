@@ -31,7 +31,7 @@ TASK_TYPE = {"causal_lm": "CAUSAL_LM", "masked_lm": "FEATURE_EXTRACTION", "seq2s
 @pytest.fixture(scope="module")
 def store(tmp_path_factory, new_workdir):
     wd = new_workdir(tmp_path_factory.mktemp("peft") / "wd")
-    return wd, track.Tracker(track.resolve_tracking_uri(None, wd), workdir=wd)
+    return wd, track.MlflowTracker(track.resolve_tracking_uri(None, wd), workdir=wd)
 
 
 def train(store, tiny, backbone: str, insertion: str = "prepend"):

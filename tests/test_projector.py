@@ -311,13 +311,13 @@ def test_stage_skips_when_a_backbone_is_unset_or_missing(tmp_path, cache, new_wo
     new_workdir(tmp_path)  # its store: a copy of the migrated empty db
     from ptx.stages.projector import run_projector_stage
 
-    tracker = track.Tracker(f"sqlite:///{tmp_path}/mlflow.db", "skip", workdir=tmp_path)
+    tracker = track.MlflowTracker(f"sqlite:///{tmp_path}/mlflow.db", "skip", workdir=tmp_path)
     out = run_projector_stage(_spec(source_backbone=None), tracker, tmp_path)
     assert out["skipped"] and "source_backbone is not set" in out["reason"]
-    assert tracker.get_run(out["stage_run"]).data.tags["ptx.skip_reason"] == out["reason"]
+    assert tracker.get_run(out["stage_run"]).tags["ptx.skip_reason"] == out["reason"]
     out = run_projector_stage(_spec(target_backbone="qwen2.5-0.5b"), tracker, tmp_path)
     assert out["skipped"] and "run make assets-large" in out["reason"]
-    assert "make assets-large" in tracker.get_run(out["stage_run"]).data.tags["ptx.skip_reason"]
+    assert "make assets-large" in tracker.get_run(out["stage_run"]).tags["ptx.skip_reason"]
 
 
 @pytest.fixture(scope="module")
@@ -348,7 +348,7 @@ def test_stage_trains_evaluates_and_runs_tpt_model(tmp_path, cache, ray_local, n
 
     spec = _spec(eval_tasks=("tweet_sentiment",))
     spec = replace(spec, train=replace(spec.train, patience=1))  # vanilla may stop early; TPT must not
-    tracker = track.Tracker(f"sqlite:///{tmp_path}/mlflow.db", spec.name, workdir=tmp_path)
+    tracker = track.MlflowTracker(f"sqlite:///{tmp_path}/mlflow.db", spec.name, workdir=tmp_path)
     for backbone in spec.backbones:  # the prompt bank: the train stage's runs on both backbones
         for task in TASKS:
             run_prompt(PromptRequest(task=task, backbone=backbone, prompt_length=4, train_limit=32, dev_limit=16,
@@ -362,15 +362,15 @@ def test_stage_trains_evaluates_and_runs_tpt_model(tmp_path, cache, ray_local, n
     assert not out["skipped"] and set(out["projectors"]) == {"distance (without tweet_sentiment)",
                                                              "task (without tweet_sentiment)"}
     runs = tracker.find_runs({"ptx.kind": "projector", "ptx.study": spec.name}, status="FINISHED")
-    assert {r.data.tags["ptx.objective"] for r in runs} == {"distance", "task"}
+    assert {r.tags["ptx.objective"] for r in runs} == {"distance", "task"}
     for r in runs:
-        assert (r.data.tags["ptx.source_backbone"], r.data.tags["ptx.target_backbone"]) == ("tiny-bert", "tiny-llama")
-        assert json.loads(r.data.params["train_tasks"]) == ["drug_sentiment"]
-        assert r.data.tags["ptx.projector_unit"] == "tweet_sentiment"
-        assert {a.path for a in tracker.client.list_artifacts(r.info.run_id, "projector")} == {
+        assert (r.tags["ptx.source_backbone"], r.tags["ptx.target_backbone"]) == ("tiny-bert", "tiny-llama")
+        assert json.loads(r.params["train_tasks"]) == ["drug_sentiment"]
+        assert r.tags["ptx.projector_unit"] == "tweet_sentiment"
+        assert {a.path for a in tracker.client.list_artifacts(r.run_id, "projector")} == {
             "projector/projector.json", "projector/projector.safetensors"}
-        assert r.data.metrics["final_loss"] < r.data.metrics["initial_loss"] or r.data.tags["ptx.objective"] == "task"
-        assert len(tracker.client.get_metric_history(r.info.run_id, "loss")) == spec.projector.steps
+        assert r.metrics["final_loss"] < r.metrics["initial_loss"] or r.tags["ptx.objective"] == "task"
+        assert len(tracker.client.get_metric_history(r.run_id, "loss")) == spec.projector.steps
 
     table = pd.read_parquet(out["table"])
     assert set(table["prompt"]) == {"projected", "random", "own"} and set(table["split"]) == {"dev", "test"}
@@ -388,19 +388,19 @@ def test_stage_trains_evaluates_and_runs_tpt_model(tmp_path, cache, ray_local, n
     (tpt,) = out["tpt"]
     assert tpt["task"] == "tweet_sentiment" and tpt["vanilla_run"] != tpt["tpt_run"]
     tpt_run, vanilla_run = tracker.get_run(tpt["tpt_run"]), tracker.get_run(tpt["vanilla_run"])
-    assert tpt_run.data.tags["ptx.init"] == "artifact" and tpt_run.data.tags["ptx.tpt"] == "projector"
-    assert (vanilla_run.data.params["settings.patience"], tpt_run.data.params["settings.patience"]) == ("1", "None")
-    hist = {k: sorted((m.step, m.value) for m in tracker.client.get_metric_history(r.info.run_id, "dev_accuracy"))
+    assert tpt_run.tags["ptx.init"] == "artifact" and tpt_run.tags["ptx.tpt"] == "projector"
+    assert (vanilla_run.params["settings.patience"], tpt_run.params["settings.patience"]) == ("1", "None")
+    hist = {k: sorted((m.step, m.value) for m in tracker.client.get_metric_history(r.run_id, "dev_accuracy"))
             for k, r in (("vanilla", vanilla_run), ("tpt", tpt_run))}
     assert hist["tpt"][-1][0] == spec.train.steps  # the whole budget: never stopped on patience
     assert tpt["flag"] == _expected_flag(hist["vanilla"], hist["tpt"])
     assert tpt["vanilla_best"] == pytest.approx(max(v for _, v in hist["vanilla"]))
     stage = tracker.get_run(out["stage_run"])
-    assert stage.data.tags["ptx.tpt.tweet_sentiment.flag"] == tpt["flag"]
-    assert stage.data.metrics["tpt.n_runs"] == 1
-    assert stage.data.metrics["tpt.n_reached"] == (tpt["flag"] in ("ok", "tpt_at_init"))
-    assert stage.data.metrics["tpt.tweet_sentiment.vanilla_best"] == pytest.approx(tpt["vanilla_best"])
-    assert stage.data.tags["ptx.best_objective"] == out["best_objective"]
+    assert stage.tags["ptx.tpt.tweet_sentiment.flag"] == tpt["flag"]
+    assert stage.metrics["tpt.n_runs"] == 1
+    assert stage.metrics["tpt.n_reached"] == (tpt["flag"] in ("ok", "tpt_at_init"))
+    assert stage.metrics["tpt.tweet_sentiment.vanilla_best"] == pytest.approx(tpt["vanilla_best"])
+    assert stage.tags["ptx.best_objective"] == out["best_objective"]
 
     # the same objective again is reused from MLflow, not retrained
     name = "distance (without tweet_sentiment)"

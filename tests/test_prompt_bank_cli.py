@@ -28,7 +28,7 @@ pytestmark = pytest.mark.usefixtures("no_env_uri")  # each test names its store 
 def bank(tmp_path_factory, new_workdir, tiny):
     """A workdir with three prompt runs (two seeds on tiny-llama, one on tiny-bert) and one non-prompt run."""
     wd = new_workdir(tmp_path_factory.mktemp("bank") / "wd")
-    tracker = track.Tracker(track.resolve_tracking_uri(None, wd), workdir=wd)
+    tracker = track.MlflowTracker(track.resolve_tracking_uri(None, wd), workdir=wd)
     runs = {}
     for key, backbone, seed in [("llama0", "tiny-llama", 0), ("llama1", "tiny-llama", 1), ("bert0", "tiny-bert", 0)]:
         req = PromptRequest(task="tweet_sentiment", backbone=backbone, prompt_length=4, train_limit=32, dev_limit=16,
@@ -65,7 +65,7 @@ def test_get_downloads_the_stored_artifact(bank, tmp_path):
     code, out, err = invoke_cli("prompts", "get", run.run_id, "-o", out_dir, "--workdir", bank["wd"])
     assert code == 0, err
     assert sorted(p.name for p in out_dir.iterdir()) == ["prompt.json", "prompt.safetensors"]
-    stored = Path(unquote(urlparse(bank["tracker"].get_run(run.run_id).info.artifact_uri).path)) / "prompt"
+    stored = Path(unquote(urlparse(bank["tracker"].get_run(run.run_id).artifact_uri).path)) / "prompt"
     for name in ("prompt.json", "prompt.safetensors"):
         assert (out_dir / name).read_bytes() == (stored / name).read_bytes() == (run.artifact / name).read_bytes()
     assert load_prompt(out_dir).meta["mlflow_run_id"] == run.run_id

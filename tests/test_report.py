@@ -169,7 +169,7 @@ def store(tmp_path_factory, new_workdir):
     workdir = new_workdir(tmp_path_factory.mktemp("store"))
     uri = f"sqlite:///{workdir / 'mlflow.db'}"
     rng = np.random.default_rng(7)
-    tracker = track.Tracker(uri, "paper-mini", workdir=workdir)
+    tracker = track.MlflowTracker(uri, "paper-mini", workdir=workdir)
     out = {"uri": uri, "workdir": workdir, "tracker": tracker, "banks": {}, "tables": {}, "runs": {}}
     curves = {}
     for backbone in ("tiny-llama", "tiny-bert"):
@@ -195,7 +195,7 @@ def store(tmp_path_factory, new_workdir):
     # 'early': trained only; a transfer stage died mid-run (RUNNING); the projector stage skipped (real stage code)
     from ptx.stages.projector import run_projector_stage
 
-    early = track.Tracker(uri, "early", workdir=workdir)
+    early = track.MlflowTracker(uri, "early", workdir=workdir)
     out["early_prompt"] = _prompt_run(early, "tiny-llama", "sst2", 0, curves["tiny-llama", "sst2", 0])
     out["early_transfer"] = early.start_run("transfer early/tiny-llama", {
         "ptx.kind": track.KIND_TRANSFER, "ptx.backbone": "tiny-llama", "ptx.study": "early"})
@@ -276,7 +276,7 @@ def test_full_report_has_every_section_number_and_run(store):
     assert training.count("<tr>") == 1 + 2 * len(TASKS)  # header + one row per (backbone, task)
     for bank in store["banks"].values():  # each seed's best dev, and the test score where one was logged
         for (_task, seed), rid in bank.items():
-            m = tracker.get_run(rid).data.metrics
+            m = tracker.get_run(rid).metrics
             assert f"{m['best_dev_metric']:.3f}" in training and rid in training
             assert (seed == 0) == ("test_accuracy" in m) and (seed != 0 or f"{m['test_accuracy']:.3f}" in training)
     assert "seed 0<br>test" in training and "seed 1<br>test" not in training
@@ -359,12 +359,12 @@ def test_report_renders_in_headless_chromium(store, tmp_path):
 
 def test_report_stage_logs_a_report_run_and_guards_its_directory(store, tmp_path):
     early, spec = store["early"], store["early_spec"]
-    other = track.Tracker(store["uri"], "paper-mini", workdir=store["workdir"])  # the stage switches experiment
+    other = track.MlflowTracker(store["uri"], "paper-mini", workdir=store["workdir"])  # the stage switches experiment
     out = run_report_stage(spec, other, tmp_path)
     assert Path(out["path"]) == tmp_path.resolve() / "report" / "index.html" and Path(out["path"]).is_file()
     run = early.get_run(out["run_id"])
-    assert run.data.tags["ptx.kind"] == "report" and run.info.experiment_id == early.experiment_id
-    assert run.data.tags["ptx.report.projector"] == "skipped" and run.data.tags["ptx.report.transfer"] == "missing"
+    assert run.tags["ptx.kind"] == "report" and run.experiment_id == early.experiment_id
+    assert run.tags["ptx.report.projector"] == "skipped" and run.tags["ptx.report.transfer"] == "missing"
     logged = {a.path for a in early.client.list_artifacts(out["run_id"], "report")}
     assert {"report/index.html", "report/summary.json"} <= logged
     again = run_report_stage(spec, early, tmp_path)  # a previous report is replaced
@@ -405,7 +405,7 @@ def test_findings_verdict_comes_from_the_interval_not_the_point_estimate(tmp_pat
     """Same-category 0.785 (2 pairs) vs cross 0.765 (10 pairs), a random prompt 0.81: the old report said 'Yes'."""
     new_workdir(tmp_path)  # its store: a copy of the migrated empty db
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    tracker = track.Tracker(uri, "close-call", workdir=tmp_path)
+    tracker = track.MlflowTracker(uri, "close-call", workdir=tmp_path)
     cats = {"a": "sentiment", "b": "sentiment", "c": "topic", "d": "medical"}  # the demo's four tasks
     rel = {("a", "b"): 0.67, ("b", "a"): 0.90}
     cross = iter([0.76, 0.98, 0.64, 0.81, 0.57, 0.74, 0.63, 0.69, 0.83, 1.00])

@@ -30,7 +30,7 @@ def ray_session(tmp_path_factory):
 
 
 def prompt_runs(uri: str, experiment: str) -> list:
-    return track.Tracker(uri, experiment).find_runs({"ptx.kind": "prompt"}, status=None)
+    return track.MlflowTracker(uri, experiment).find_runs({"ptx.kind": "prompt"}, status=None)
 
 
 def test_asha_sweep_stops_poor_trials_early(ray_session, tmp_path, new_workdir):
@@ -48,11 +48,11 @@ def test_asha_sweep_stops_poor_trials_early(ray_session, tmp_path, new_workdir):
     assert max(iterations) == full
     assert min(iterations) < full, f"ASHA stopped no trial early: {iterations}"
     runs = prompt_runs(uri, spec.name)
-    assert len(runs) == 8 and all(r.info.status == "FINISHED" for r in runs)
-    best = [r for r in runs if r.data.tags.get("ptx.best") == "true"]
-    assert {(r.data.tags["ptx.task"], r.data.tags["ptx.backbone"]) for r in best} == {
+    assert len(runs) == 8 and all(r.status == "FINISHED" for r in runs)
+    best = [r for r in runs if r.tags.get("ptx.best") == "true"]
+    assert {(r.tags["ptx.task"], r.tags["ptx.backbone"]) for r in best} == {
         ("tweet_sentiment", "tiny-llama"), ("drug_sentiment", "tiny-llama")}
-    assert all(r.data.tags.get("mlflow.parentRunId") == summary["parent_run_id"] for r in runs)
+    assert all(r.tags.get("mlflow.parentRunId") == summary["parent_run_id"] for r in runs)
 
 
 def _iterations_by_trial(scheduler, tmp_path, name: str) -> dict:
@@ -110,9 +110,9 @@ def test_failed_trial_retries_from_checkpoint(ray_session, tmp_path, new_workdir
     assert len(fired) == 1, "the injected failure did not fire"
     assert summary["errored"] == 0 and summary["trials"] == 1
     runs = prompt_runs(uri, spec.name)
-    assert len(runs) == 1 and runs[0].info.status == "FINISHED"  # the retry reused the trial's run
-    client = track.Tracker(uri, spec.name).client
-    steps = [m.step for m in client.get_metric_history(runs[0].info.run_id, "dev_accuracy")]
+    assert len(runs) == 1 and runs[0].status == "FINISHED"  # the retry reused the trial's run
+    client = track.MlflowTracker(uri, spec.name).client
+    steps = [m.step for m in client.get_metric_history(runs[0].run_id, "dev_accuracy")]
     # resumed from the step-6 checkpoint: step 0 logged once, no step before 6 logged twice
     assert steps.count(0) == 1 and steps.count(3) == 1 and max(steps) == 12
 
@@ -160,12 +160,12 @@ def test_killed_driver_is_finished_by_resume(tmp_path, new_workdir, group):
     assert out.returncode == 0, out.stderr[-2000:]
     uri = track.resolve_tracking_uri(None, tmp_path)
     runs = prompt_runs(uri, "killed")
-    assert len(runs) == 4, [r.data.tags.get("ptx.trial_id") for r in runs]
-    assert len({r.data.tags["ptx.trial_id"] for r in runs}) == 4
-    assert all(r.info.status == "FINISHED" for r in runs)
-    client = track.Tracker(uri, "killed").client
+    assert len(runs) == 4, [r.tags.get("ptx.trial_id") for r in runs]
+    assert len({r.tags["ptx.trial_id"] for r in runs}) == 4
+    assert all(r.status == "FINISHED" for r in runs)
+    client = track.MlflowTracker(uri, "killed").client
     for r in runs:
-        names = {a.path for a in client.list_artifacts(r.info.run_id, "prompt")}
+        names = {a.path for a in client.list_artifacts(r.run_id, "prompt")}
         assert names == {"prompt/prompt.json", "prompt/prompt.safetensors"}
     if group > 1:  # every member resumed in its own run: two per group trial, each point of its curve logged once
         assert sorted(Counter(r.data.tags["ptx.group_trial"] for r in runs).values()) == [2, 2]

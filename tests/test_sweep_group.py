@@ -79,17 +79,17 @@ def test_a_grouped_sweep_logs_every_member_and_a_retried_group_resumes_them_all(
         for f in fired:
             f.unlink()
         assert summary["errored"] == 0 and summary["trials"] == 2
-        tracker = track.Tracker(uri, spec.name)
+        tracker = track.MlflowTracker(uri, spec.name)
         runs = tracker.find_runs({"ptx.kind": "prompt"}, status=None)
-        assert len(runs) == 2 and all(r.info.status == "FINISHED" for r in runs)
+        assert len(runs) == 2 and all(r.status == "FINISHED" for r in runs)
         # the same config hashes as one run per trial: a later ungrouped study finds and skips them
-        assert {r.data.tags["ptx.config_hash"] for r in runs} == {q.hash() for q in sweep.sweep_requests(spec)}
-        assert len({r.data.tags["ptx.trial_id"] for r in runs}) == 2
-        assert len({r.data.tags["ptx.group_trial"] for r in runs}) == 1
+        assert {r.tags["ptx.config_hash"] for r in runs} == {q.hash() for q in sweep.sweep_requests(spec)}
+        assert len({r.tags["ptx.trial_id"] for r in runs}) == 2
+        assert len({r.tags["ptx.group_trial"] for r in runs}) == 1
         for r in runs:  # resumed from the group's step-6 checkpoint: every point logged once
-            steps = [m.step for m in tracker.client.get_metric_history(r.info.run_id, "dev_accuracy")]
-            assert sorted(steps) == [0, 3, 6, 9], (r.data.tags["ptx.task"], steps)
-            names = {a.path for a in tracker.client.list_artifacts(r.info.run_id, "prompt")}
+            steps = [m.step for m in tracker.client.get_metric_history(r.run_id, "dev_accuracy")]
+            assert sorted(steps) == [0, 3, 6, 9], (r.tags["ptx.task"], steps)
+            names = {a.path for a in tracker.client.list_artifacts(r.run_id, "prompt")}
             assert names == {"prompt/prompt.json", "prompt/prompt.safetensors"}
         ungrouped = load_study(write_spec(tmp_path / "grouped.yaml", seeds=[0], train={**train, "group_size": 1}))
         again = sweep.run_sweep(ungrouped, tmp_path, uri, name="again")

@@ -113,7 +113,7 @@ def test_file_store_is_refused(tmp_path, monkeypatch, uri):
 
 
 def test_transfer_init_comes_through_mlflow(wd, tmp_path):
-    tracker = track.Tracker(track.resolve_tracking_uri(None, wd), workdir=wd)
+    tracker = track.MlflowTracker(track.resolve_tracking_uri(None, wd), workdir=wd)
     src = run_prompt(small_request(), wd, tracker=tracker)
     # drop the local copy: the init prompt can then only come from the MLflow store
     for f in src.artifact.iterdir():
@@ -125,7 +125,7 @@ def test_transfer_init_comes_through_mlflow(wd, tmp_path):
     (new_id,) = set(runs) - {src.run_id}
     assert runs[new_id].data.tags["ptx.source_run"] == src.run_id
     assert runs[new_id].data.tags["ptx.init"] == "artifact"
-    fetched = wd / "downloads" / src.run_id / "prompt.safetensors"
+    fetched = wd / "prompts" / src.run_id / "prompt.safetensors"  # the one local home of a fetched prompt
     stored = uri_path(runs[src.run_id].info.artifact_uri) / "prompt" / "prompt.safetensors"
     assert fetched.read_bytes() == stored.read_bytes()
     # the new run started from the source's best prompt: its step-0 dev score is the source's best
@@ -137,7 +137,7 @@ def test_transfer_init_comes_through_mlflow(wd, tmp_path):
 
 
 def test_metric_logging_is_batched(wd, tmp_path):
-    tracker = track.Tracker(track.resolve_tracking_uri(None, wd), workdir=wd)
+    tracker = track.MlflowTracker(track.resolve_tracking_uri(None, wd), workdir=wd)
     calls = []
     real_batch, real_metric = tracker.client.log_batch, tracker.client.log_metric
 
@@ -180,7 +180,7 @@ def test_an_active_mlflow_run_is_left_alone(wd, tmp_path):
     try:
         mlflow.set_experiment("outer")
         with mlflow.start_run() as outer:
-            tracker = track.Tracker(uri, workdir=wd)
+            tracker = track.MlflowTracker(uri, workdir=wd)
             run = run_prompt(small_request(), wd, tracker=tracker)
             assert mlflow.active_run().info.run_id == outer.info.run_id
         client = MlflowClient(uri)
@@ -201,7 +201,7 @@ def test_same_request_reuses_the_finished_run_and_force_trains_again(wd, tmp_pat
     assert code == 0, err
     code, out2, err = invoke_cli("train", *SMALL, "--workdir", wd)
     assert code == 0, err
-    tracker = track.Tracker(track.resolve_tracking_uri(None, wd), workdir=wd)
+    tracker = track.MlflowTracker(track.resolve_tracking_uri(None, wd), workdir=wd)
     (first,) = prompt_runs(tracker.client)
     assert "reused finished run " + first.info.run_id in out2 and "trained " + first.info.run_id in out1
 
@@ -222,7 +222,7 @@ def test_same_request_reuses_the_finished_run_and_force_trains_again(wd, tmp_pat
 
 
 def test_unknown_run_and_tracker_errors_are_user_errors(wd, tmp_path):
-    tracker = track.Tracker(track.resolve_tracking_uri(None, wd), workdir=wd)
+    tracker = track.MlflowTracker(track.resolve_tracking_uri(None, wd), workdir=wd)
     with pytest.raises(PtxError, match="does not exist"):
         tracker.get_run("0123456789abcdef0123456789abcdef")
     with pytest.raises(PtxError, match="quotes"):
@@ -231,9 +231,7 @@ def test_unknown_run_and_tracker_errors_are_user_errors(wd, tmp_path):
 
 def test_tag_best_ranks_vanilla_runs_only(wd):
     """A TPT run scoring higher than the vanilla prompt it started from never takes the ptx.best tag."""
-    from ptx.sweep import tag_best
-
-    tracker = track.Tracker(f"sqlite:///{wd}/mlflow.db", "tags", workdir=wd)
+    tracker = track.MlflowTracker(f"sqlite:///{wd}/mlflow.db", "tags", workdir=wd)
     base = {"ptx.kind": track.KIND_PROMPT, "ptx.task": "sst2", "ptx.backbone": "tiny-bert"}
     ids = {}
     for name, score, extra in (("vanilla_a", 0.6, {"ptx.init": "random"}), ("vanilla_b", 0.7, {"ptx.init": "vocab"}),
@@ -242,11 +240,11 @@ def test_tag_best_ranks_vanilla_runs_only(wd):
         ids[name] = tracker.start_run(name, {**base, **extra})
         tracker.log(ids[name], {"best_dev_metric": score})
         tracker.finish(ids[name])
-    tag_best(tracker, {("sst2", "tiny-bert")})
-    tags = {name: tracker.get_run(rid).data.tags.get("ptx.best") for name, rid in ids.items()}
+    tracker.tag_best({("sst2", "tiny-bert")})
+    tags = {name: tracker.get_run(rid).tags.get("ptx.best") for name, rid in ids.items()}
     assert tags == {"vanilla_a": "false", "vanilla_b": "true", "tpt": "false", "projected": "false"}
     # `ptx prompts best` reads the same rule: the TPT and projected runs score higher, the vanilla one is best
-    assert tracker.best_prompt_run("sst2", "tiny-bert").info.run_id == ids["vanilla_b"]
+    assert tracker.best_prompt_run("sst2", "tiny-bert").run_id == ids["vanilla_b"]
 
 
 
@@ -256,21 +254,21 @@ def test_experiment_kind_datasets_links_and_system_metrics(wd):
     system metrics (forced on here; ptx switches them on for runs on a GPU)."""
     from ptx.data import describe_split
 
-    tracker = track.Tracker(f"sqlite:///{wd / 'mlflow.db'}", "kinds", workdir=wd)
+    tracker = track.MlflowTracker(f"sqlite:///{wd / 'mlflow.db'}", "kinds", workdir=wd)
     exp = tracker.client.get_experiment(tracker.experiment_id)
     assert exp.tags[track.EXPERIMENT_KIND_TAG] == "custom_model_development"
     tracker.client.delete_experiment_tag(tracker.experiment_id, track.EXPERIMENT_KIND_TAG)  # an older experiment
-    track.Tracker(tracker.uri, "kinds", workdir=wd)
+    track.MlflowTracker(tracker.uri, "kinds", workdir=wd)
     assert tracker.client.get_experiment(tracker.experiment_id).tags[track.EXPERIMENT_KIND_TAG] == "custom_model_development"
     run = run_prompt(small_request(), wd, tracker=tracker)
     got = tracker.get_run(run.run_id)
-    assert got.info.run_name == "tweet_sentiment · tiny-llama · s0"
-    ds = {d.dataset.name: d.dataset for d in got.inputs.dataset_inputs}
+    assert got.name == "tweet_sentiment · tiny-llama · s0"
+    ds = {d.name: d for d in got.datasets}
     assert set(ds) == {"tweet_sentiment/train", "tweet_sentiment/dev"}
     assert ds["tweet_sentiment/train"].source_type == "package" and "num_rows\": 32" in ds["tweet_sentiment/train"].profile
-    assert [r.info.run_id for r in tracker.runs_on_dataset("tweet_sentiment/train", context="train")] == [run.run_id]
+    assert [r.run_id for r in tracker.runs_on_dataset("tweet_sentiment/train", context="train")] == [run.run_id]
     assert tracker.runs_on_dataset("tweet_sentiment/train", context="dev") == []  # trained on it, not selected on it
-    assert tracker.runs_on_dataset("tweet_sentiment/dev", ds["tweet_sentiment/dev"].digest, "dev")[0].info.run_id == run.run_id
+    assert tracker.runs_on_dataset("tweet_sentiment/dev", ds["tweet_sentiment/dev"].digest, "dev")[0].run_id == run.run_id
     with pytest.raises(PtxError, match="quotes"):
         tracker.runs_on_dataset("x' or '1'='1")
     # the digest follows the data: two different encoded splits differ, the same one is stable
@@ -285,18 +283,18 @@ def test_experiment_kind_datasets_links_and_system_metrics(wd):
     assert describe_split(spec, "train", a)["source"] == "/d/train.csv"
     # links and system metrics
     other = tracker.start_run(track.run_name("report", "kinds"), {"ptx.kind": "report"})
-    tracker.link_runs(other, {got.info.run_name: run.run_id})
-    tags = tracker.get_run(other).data.tags
+    tracker.link_runs(other, {got.name: run.run_id})
+    tags = tracker.get_run(other).tags
     assert tags["ptx.link.tweet_sentiment/tiny-llama/s0"] == run.run_id
     assert f"(#/experiments/{tracker.experiment_id}/runs/{run.run_id})" in tags["mlflow.note.content"]
     with tracker.system_metrics(other, enabled=True, interval=0.2):
         import time
 
         time.sleep(1.5)
-    assert "system/cpu_utilization_percentage" in tracker.get_run(other).data.metrics
+    assert "system/cpu_utilization_percentage" in tracker.get_run(other).metrics
     with tracker.system_metrics(run.run_id, enabled=False):
         pass
-    assert not any(k.startswith("system/") for k in tracker.get_run(run.run_id).data.metrics)
+    assert not any(k.startswith("system/") for k in tracker.get_run(run.run_id).metrics)
 
 
 def test_outage_wait_tries_from_the_environment(monkeypatch):
@@ -307,3 +305,128 @@ def test_outage_wait_tries_from_the_environment(monkeypatch):
     monkeypatch.setenv("PTX_MLFLOW_WAIT_TRIES", "0")
     with pytest.raises(PtxError, match=r"PTX_MLFLOW_WAIT_TRIES: expected a whole number >= 1, found '0'"):
         track.outage_wait_tries()
+
+
+# ---- the tracker seam: records, the null tracker, the bank, one prompt-metadata builder --------------------
+def test_null_tracker_stores_nothing_and_finds_nothing(tmp_path):
+    """`--no-track`: every write is a no-op, every query is empty, and asking for a stored run names the cause."""
+    null = track.NullTracker(workdir=tmp_path)
+    assert isinstance(null, track.Tracker) and not null.enabled and null.uri == ""
+    rid = null.start_run("x", {"ptx.kind": "prompt"})
+    assert rid is None
+    null.log(rid, {"m": 1.0}, step=1, params={"p": 1}, tags={"t": "v"})
+    null.log_curve(rid, [{"step": 1, "m": 1.0}])
+    null.set_tags(rid, {"t": "v"})
+    null.log_artifacts(rid, tmp_path, "prompt")
+    null.finish(rid)
+    with null.system_metrics(rid, enabled=True):
+        pass
+    assert null.find_runs({"ptx.kind": "prompt"}) == [] and null.bank_runs("tiny-bert") == []
+    assert null.prompt_runs() == [] and null.bank("tiny-bert", mode="best") == []
+    assert null.finished_run("prompt", "h") is None and null.metric_history("r", "m") == []
+    assert null.stored_points("r", ["m"]) == set() and null.for_experiment("other").experiment == "other"
+    for ask in (lambda: null.get_run("abc"), lambda: null.fetch_prompt("abc", tmp_path),
+                lambda: null.best_prompt_run("sst2", "tiny-bert")):
+        with pytest.raises(PtxError, match="no MLflow store is configured|no finished prompt run"):
+            ask()
+    assert list(tmp_path.iterdir()) == []  # nothing written anywhere
+
+
+def test_queries_return_plain_run_records(wd):
+    """The store answers with frozen ptx records of plain values (no MLflow object leaves ptx.track)."""
+    import dataclasses
+
+    tracker = track.MlflowTracker(f"sqlite:///{wd / 'mlflow.db'}", "records", workdir=wd)
+    parent = tracker.start_run("parent", {"ptx.kind": "sweep"})
+    rid = tracker.start_run(track.run_name("child", "a"), {"ptx.kind": "test", "ptx.n": 3, "ptx.none": None}, parent)
+    tracker.log(rid, {"loss": 2.0}, step=1, params={"opt": {"lr": 0.1}})
+    tracker.log(rid, {"loss": 1.5}, step=2)
+    tracker.set_tags(rid, {"ptx.extra": "yes"})
+    tracker.finish(rid)
+    got = tracker.get_run(rid)
+    assert type(got) is track.RunRecord and got.run_id == rid and got.name == "child · a"
+    assert got.status == "FINISHED" and got.experiment_id == tracker.experiment_id and got.parent_run_id == parent
+    assert {k: v for k, v in got.tags.items() if k.startswith("ptx.")} == {"ptx.kind": "test", "ptx.n": "3",
+                                                                         "ptx.extra": "yes"}
+    assert got.params == {"opt.lr": "0.1"} and got.metrics == {"loss": 1.5}
+    assert got.start_time > 0 and got.end_time >= got.start_time and got.artifact_uri.startswith("file:")
+    assert [(p.step, p.value) for p in tracker.metric_history(rid, "loss")] == [(1, 2.0), (2, 1.5)]
+    assert all(type(p) is track.MetricPoint for p in tracker.metric_history(rid, "loss"))
+    (found,) = tracker.find_runs({"ptx.kind": "test"})
+    assert found == got and type(found) is track.RunRecord
+    assert tracker.finished_run("test", "nope") is None
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        got.status = "RUNNING"
+    tracker.reopen(rid)
+    assert tracker.get_run(rid).status == "RUNNING" and tracker.find_runs({"ptx.kind": "test"}) == []
+    assert track.MlflowTracker(tracker.uri, "records").for_experiment("records").experiment_id == tracker.experiment_id
+
+
+def test_the_bank_picks_vanilla_runs_the_best_per_task_and_fetches_to_one_dir(wd):
+    """One query (vanilla finished prompt runs), one best-of, one local home (<workdir>/prompts/<run id>)."""
+    import torch
+
+    from ptx.prompt import load_prompt, prompt_meta, save_prompt
+
+    tracker = track.MlflowTracker(f"sqlite:///{wd / 'mlflow.db'}", "bank", workdir=wd)
+    ids = {}
+    for name, task, score, extra in (("a0", "sst2", 0.6, {}), ("a1", "sst2", 0.8, {}), ("b0", "rte", None, {}),
+                                     ("tpt", "sst2", 0.99, {"ptx.init": "artifact", "ptx.source_run": "x"}),
+                                     ("other_bb", "sst2", 0.9, {"ptx.backbone": "tiny-llama"})):
+        rid = ids[name] = tracker.start_run(name, {"ptx.kind": track.KIND_PROMPT, "ptx.task": task,
+                                                   "ptx.backbone": "tiny-bert", "ptx.init": "random", **extra})
+        tracker.log(rid, {"best_dev_metric": score})
+        src = save_prompt(wd / "src" / name, torch.full((2, 4), float(len(name))), prompt_meta(
+            config_hash=name, run_id=rid, backbone={"name": "tiny-bert", "d_model": 4}, task={"name": task}, verbalizer=None,
+            insertion="prepend", init={"mode": "random"}))
+        tracker.log_artifacts(rid, src, track.PROMPT_ARTIFACT)
+        tracker.finish(rid)
+    assert [r.run_id for r in tracker.bank_runs("tiny-bert")] == [ids["a0"], ids["a1"], ids["b0"]]  # oldest first
+    assert [r.run_id for r in tracker.bank_runs("tiny-bert", tasks={"rte"})] == [ids["b0"]]
+    assert tracker.best_prompt_run("sst2", "tiny-bert").run_id == ids["a1"]  # the TPT run scores higher: not vanilla
+    with pytest.raises(PtxError, match="no finished prompt run for task 'rte'"):  # b0 has no dev metric
+        tracker.best_prompt_run("rte", "tiny-bert")
+    assert [r.run_id for r in tracker.bank("tiny-bert", mode="best")] == [ids["a1"], ids["b0"]]
+    tracker.set_tags(ids["a0"], {"ptx.best": "true"})  # the tag a sweep set wins over a later, better run
+    assert [r.run_id for r in tracker.bank("tiny-bert", mode="best")] == [ids["a0"], ids["b0"]]
+    with pytest.raises(PtxError, match="transfer.sources: expected 'all' or 'best', found 'top'"):
+        tracker.bank("tiny-bert", mode="top")
+    local = tracker.fetch_prompt(ids["a1"], wd)
+    assert local == wd.resolve() / "prompts" / ids["a1"] == track.prompt_dir(wd, ids["a1"])
+    assert torch.equal(load_prompt(local).prompt, torch.full((2, 4), 2.0))
+    (local / "prompt.safetensors").write_bytes(b"kept")  # present: never downloaded again
+    assert tracker.fetch_prompt(ids["a1"], wd) == local and (local / "prompt.safetensors").read_bytes() == b"kept"
+    partial = track.prompt_dir(wd, ids["a0"])
+    partial.mkdir(parents=True)
+    (partial / "prompt.safetensors").write_bytes(b"half")  # an interrupted fetch: replaced
+    assert load_prompt(tracker.fetch_prompt(ids["a0"], wd)).prompt.shape == (2, 4)
+
+
+def test_every_prompt_writer_records_the_same_metadata_keys(wd, tmp_path):
+    """A trained prompt, a trial closed from its checkpoint (sweep._finalise_run) and an imported prompt carry the
+    same prompt.json keys; the closed trial records the backbone revision and why it stopped."""
+    import dataclasses
+
+    import torch
+
+    from ptx.prompt import load_prompt
+    from ptx.stages import import_prompt
+    from ptx.sweep import _finalise_run
+
+    tracker = track.MlflowTracker(f"sqlite:///{wd / 'mlflow.db'}", "writers", workdir=wd)
+    req = small_request()
+    trained = load_prompt(run_prompt(req, wd, tracker=tracker).artifact).meta
+    tags = {k: v for k, v in tracker.get_run(trained["mlflow_run_id"]).tags.items() if k.startswith("ptx.")}
+    trial = tracker.start_run("trial", tags)  # a trial the scheduler stopped: RUNNING, its best in the checkpoint
+    state = {"best_prompt": torch.zeros(4, trained["backbone"]["d_model"]), "best_step": 2, "best_metric": 0.5,
+             "curve": [{"step": 2, "dev_metric": 0.5}]}
+    row = _finalise_run(dataclasses.asdict(req), trial, state, SimpleNamespace(error=None, metrics={}), tracker, wd)
+    assert row["run_id"] == trial and tracker.get_run(trial).status == "FINISHED"
+    finalised = load_prompt(wd / "prompts" / trial).meta
+    torch.save(torch.zeros(4, 8), tmp_path / "p.pt")
+    imported = load_prompt(import_prompt(tmp_path / "p.pt", "tiny-llama", "tweet_sentiment", "prepend", tmp_path / "i",
+                                         d_model=8).artifact).meta
+    assert set(trained) == set(finalised) == set(imported)
+    assert finalised["backbone"] == trained["backbone"] and trained["backbone"]["revision"] is not None
+    assert (finalised["stopped"], trained["stopped"], imported["stopped"]) == ("scheduler", "max_steps", None)
+    assert finalised["init"] == trained["init"] and finalised["config_hash"] == trained["config_hash"]

@@ -204,7 +204,7 @@ def test_empty_training_split_is_an_error(tiny, spec):
 def test_run_prompt_nan_fails_the_run_and_names_the_kept_prompt(tiny, spec, tmp_path, new_workdir):
     new_workdir(tmp_path)  # its store: a copy of the migrated empty db
     backbone = tiny("tiny-llama")
-    tracker = track.Tracker(f"sqlite:///{tmp_path / 'mlflow.db'}", "test", workdir=tmp_path)
+    tracker = track.MlflowTracker(f"sqlite:///{tmp_path / 'mlflow.db'}", "test", workdir=tmp_path)
     req = PromptRequest(task="tweet_sentiment", backbone="tiny-llama", prompt_length=4, train_limit=16, dev_limit=16,
                         settings=TrainSettings(steps=5, batch_size=8, lr=float("inf"), eval_every=1,
                                                eval_batch_size=16))
@@ -217,7 +217,7 @@ def test_run_prompt_nan_fails_the_run_and_names_the_kept_prompt(tiny, spec, tmp_
     assert torch.equal(art.prompt, init_prompt(backbone, 4, "random", seed=0, task="tweet_sentiment"))  # the step-0 prompt
     assert art.meta["stopped"] == "nonfinite_loss" and art.meta["best_step"] == 0
     runs = tracker.find_runs({"ptx.kind": "prompt"}, status=None)
-    assert [r.info.status for r in runs] == ["FAILED"] and runs[0].data.tags["ptx.stopped"] == "nonfinite_loss"
+    assert [r.status for r in runs] == ["FAILED"] and runs[0].tags["ptx.stopped"] == "nonfinite_loss"
     assert tracker.finished_run(track.KIND_PROMPT, req.hash()) is None  # a rerun will train again
 
 

@@ -182,7 +182,7 @@ def study(tmp_path_factory, new_workdir):
                      data=DataLimits(train_limit=32, dev_limit=16, test_limit=16),
                      transfer=TransferStage(prompts_per_pass=4, resources=Resources(cpu=1)), tpt=TptStage(),
                      workdir=str(workdir))
-    tracker = track.Tracker(f"sqlite:///{workdir / 'mlflow.db'}", spec.name, workdir=workdir)
+    tracker = track.MlflowTracker(f"sqlite:///{workdir / 'mlflow.db'}", spec.name, workdir=workdir)
     reqs = sweep.sweep_requests(spec)
     reqs.append(stages.with_settings(reqs[0], seed=1))  # a second seed of tweet_sentiment: one more source
     bank = [stages.run_prompt(r, workdir, tracker) for r in reqs]
@@ -208,7 +208,7 @@ def test_transfer_stage_logs_and_resumes_only_missing_units(study):
     logged = {Path(a.path).name for a in tracker.client.list_artifacts(run_id, "transfer")}
     assert {"transfer.parquet", "heatmap_dev.png", "heatmap_test.png"} <= logged
     # interrupt: one unit was killed mid-run (left RUNNING), another never started (no run)
-    units = {r.data.tags["ptx.task"]: r.info.run_id for r in _units(tracker)}
+    units = {r.tags["ptx.task"]: r.run_id for r in _units(tracker)}
     assert set(units) == set(TARGETS)
     tracker.client.set_terminated(units["bbc_topic"], "RUNNING")
     tracker.client.delete_run(units["drug_sentiment"])
@@ -240,25 +240,25 @@ def test_tpt_stage_records_speedup(study):
         run_tpt_stage(replace(spec, tpt=TptStage(source="indicator:on")), tracker, workdir)
     with pytest.raises(PtxError, match="tpt.source.*'bbc_topik'; did you mean 'bbc_topic'"):
         run_tpt_stage(replace(spec, tpt=TptStage(source="bbc_topik")), tracker, workdir)
-    vanilla_before = {r.info.run_id for r in tracker.prompt_runs(backbone="tiny-bert")}
+    vanilla_before = {r.run_id for r in tracker.prompt_runs(backbone="tiny-bert")}
     out = run_tpt_stage(spec, tracker, workdir)
     assert [s["target_task"] for s in out["skipped"]] == ["bbc_topic"]  # no same-category source
     rows = {r["target_task"]: r for r in out["backbones"]["tiny-bert"]["table"]}
     assert set(rows) == {"tweet_sentiment", "drug_sentiment"}
     assert rows["tweet_sentiment"]["source_task"] == "drug_sentiment"
     assert rows["drug_sentiment"]["source_task"] == "tweet_sentiment"
-    new = [r for r in tracker.prompt_runs(backbone="tiny-bert") if r.info.run_id not in vanilla_before]
-    assert sorted(r.data.tags["ptx.init"] for r in new) == ["artifact", "artifact"]  # vanilla PT was reused
+    new = [r for r in tracker.prompt_runs(backbone="tiny-bert") if r.run_id not in vanilla_before]
+    assert sorted(r.tags["ptx.init"] for r in new) == ["artifact", "artifact"]  # vanilla PT was reused
     seeds = pd.read_parquet(Path(out["backbones"]["tiny-bert"]["parquet"]).with_name("tpt_seeds.parquet"))
     for _, r in seeds.iterrows():
-        assert tracker.get_run(r.tpt_run).data.tags["ptx.source_run"] == r.source_prompt_run
+        assert tracker.get_run(r.tpt_run).tags["ptx.source_run"] == r.source_prompt_run
         metric = f"dev_{r.metric}"
         vanilla, tpt = (sorted((m.step, m.value) for m in tracker.client.get_metric_history(run, metric))
                         for run in (r.vanilla_run, r.tpt_run))
         best = max(v for _, v in vanilla)  # the expected figures, worked out here from the raw curves
         v_steps = min(s for s, v in vanilla if v >= best)
         t_steps = min((s for s, v in tpt if v >= best), default=None)
-        assert r.vanilla_best == pytest.approx(tracker.get_run(r.vanilla_run).data.metrics["best_dev_metric"])
+        assert r.vanilla_best == pytest.approx(tracker.get_run(r.vanilla_run).metrics["best_dev_metric"])
         if v_steps == 0:
             assert r.flag == "vanilla_at_init"
         elif t_steps is None:
@@ -274,7 +274,7 @@ def test_tpt_stage_records_speedup(study):
             len(g), int(g.flag.isin(["ok", "tpt_at_init"]).sum()), int((g.flag == "tpt_not_reached").sum()))
     tpt_runs = tracker.find_runs({"ptx.kind": "tpt", "ptx.study": spec.name})
     assert len(tpt_runs) == 1
-    logged = {Path(a.path).name for a in tracker.client.list_artifacts(tpt_runs[0].info.run_id, "tpt")}
+    logged = {Path(a.path).name for a in tracker.client.list_artifacts(tpt_runs[0].run_id, "tpt")}
     assert {"tpt.parquet", "tpt_seeds.parquet", "curves_tweet_sentiment.png"} <= logged
 
 

@@ -105,38 +105,37 @@ def test_mlflow_records_kind_datasets_names_and_report_links(smoke):
     from ptx.data import describe_split, encode_split
     from ptx.tasks import load_task
 
-    tracker = track.Tracker(smoke.uri, "smoke", workdir=smoke.workdir)
+    tracker = track.MlflowTracker(smoke.uri, "smoke", workdir=smoke.workdir)
     exp = tracker.client.get_experiment(tracker.experiment_id)
     assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
     prompts = tracker.find_runs({"ptx.kind": "prompt"})
     assert len(prompts) >= 6  # 4 trained + TPT runs (+ the projector stage's)
     for run in prompts:
-        task, backbone = run.data.tags["ptx.task"], run.data.tags["ptx.backbone"]
-        assert run.info.run_name == f"{task} · {backbone} · s0"
-        inputs = {(d.dataset.name, {t.key: t.value for t in d.tags}["mlflow.data.context"])
-                  for d in run.inputs.dataset_inputs}
+        task, backbone = run.tags["ptx.task"], run.tags["ptx.backbone"]
+        assert run.name == f"{task} · {backbone} · s0"
+        inputs = {(d.name, d.context) for d in run.datasets}
         assert inputs == {(f"{task}/train", "train"), (f"{task}/dev", "dev")}
     # the digest is the encoded split's (recomputed here), and it finds every run trained on that split
     spec = load_task("tweet_sentiment")
     split = describe_split(spec, "train", encode_split(spec, load_backbone("tiny-llama"), "train", limit=128))
     on_split = tracker.runs_on_dataset("tweet_sentiment/train", split["digest"], context="train")
-    expected = {r.info.run_id for r in prompts if r.data.tags["ptx.task"] == "tweet_sentiment"
-                and r.data.tags["ptx.backbone"] == "tiny-llama"}
-    sweeps = {r.info.run_id for r in tracker.find_runs({"ptx.kind": "sweep"})}  # they list their trials' splits
+    expected = {r.run_id for r in prompts if r.tags["ptx.task"] == "tweet_sentiment"
+                and r.tags["ptx.backbone"] == "tiny-llama"}
+    sweeps = {r.run_id for r in tracker.find_runs({"ptx.kind": "sweep"})}  # they list their trials' splits
     assert len(expected) == 2 and len(sweeps) == 2  # vanilla and TPT; the train and TPT sweeps
-    assert {r.info.run_id for r in on_split} == expected | sweeps
-    logged = next(d.dataset for r in on_split for d in r.inputs.dataset_inputs if d.dataset.name == split["name"])
+    assert {r.run_id for r in on_split} == expected | sweeps
+    logged = next(d for r in on_split for d in r.datasets if d.name == split["name"])
     assert json.loads(logged.profile)["num_rows"] == 128 and json.loads(logged.source)["uri"] == split["source"]
     assert tracker.runs_on_dataset("tweet_sentiment/train", "0" * 16) == []
     # the report run links the latest run of each stage
     report = tracker.find_runs({"ptx.kind": "report"})[0]
-    links = {k[len("ptx.link."):]: v for k, v in report.data.tags.items() if k.startswith("ptx.link.")}
+    links = {k[len("ptx.link."):]: v for k, v in report.tags.items() if k.startswith("ptx.link.")}
     assert set(links) == {"train/smoke/sweep", "tpt/smoke/sweep", "transfer/smoke/tiny-llama",
                           "tpt/smoke/tiny-llama", "indicators/smoke/tiny-llama", "projector/smoke"}
     for key, rid in links.items():
-        name = tracker.get_run(rid).info.run_name
+        name = tracker.get_run(rid).name
         assert name == key.replace("/", " · ")
-        assert f"[{name}](#/experiments/{tracker.experiment_id}/runs/{rid})" in report.data.tags["mlflow.note.content"]
+        assert f"[{name}](#/experiments/{tracker.experiment_id}/runs/{rid})" in report.tags["mlflow.note.content"]
 
 
 def _dashboard(smoke) -> str:
@@ -155,7 +154,7 @@ def test_ptx_ui_opens_the_runs_table_with_datasets(smoke, tmp_path):
         wait_healthy(f"http://127.0.0.1:{port}", proc, log, 180)
         printed = log.read_text()
         assert f"MLflow UI: http://127.0.0.1:{port}  (store {smoke.uri}; Ctrl-C stops it)" in printed
-        eid = track.Tracker(smoke.uri, "smoke").experiment_id
+        eid = track.MlflowTracker(smoke.uri, "smoke").experiment_id
         page = f"http://127.0.0.1:{port}/#/experiments/{eid}?workflowType=machine_learning"
         assert f"  smoke: {page}" in printed  # the study's runs table, in the model-training view
         assert f"Ray dashboard: {_dashboard(smoke)}  (log in: paste the token" in printed  # a cluster is up
