@@ -1,7 +1,7 @@
 """The static HTML report, built from a real sqlite MLflow store and rendered in headless Chromium.
 
 The store is a SYNTHETIC fixture: running the real train/transfer/TPT/indicators stages takes minutes (Ray Tune,
-actor pools), so the runs are logged here through `ptx.track.Tracker` with the tags the stages use, and their
+actor pools), so the runs are logged here through `ptx.track.MlflowTracker` with the tags the stages use, and their
 artifacts are written by the stage modules' own writers (`stages.transfer._log_matrix`, `stages.tpt._log_tpt`,
 `indicators.analyse`, `stages.projector._row`, `stages.projector.run_projector_stage` for the skipped case), so
 the layout is the stages' own; only the numbers (scores, curves, indicator matrices) are made up, shaped like a
