@@ -4,7 +4,6 @@ The CLI and the Ray trials both call these; `train.py` stays free of MLflow and 
 """
 
 import logging
-from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Annotated
@@ -23,6 +22,7 @@ from ptx.prompt import (
     init_prompt,
     init_record,
     load_prompt,
+    prompt_meta,
     save_prompt,
 )
 from ptx.train import TrainSettings, train_prompt
@@ -78,24 +78,22 @@ def resolve_init_source(req: PromptRequest, tracker, workdir: Path) -> tuple[Pat
     path = Path(req.init_from)
     if path.is_dir():
         return path, load_prompt(path).meta.get("mlflow_run_id")
-    if tracker is None:
+    if not tracker.enabled:
         raise PtxError(f"--init-from '{req.init_from}' is not a directory and no MLflow store is configured")
-    local = Path(workdir) / "downloads" / req.init_from
-    if not (local / "prompt.json").exists():
-        tracker.download_prompt(req.init_from, local)
-    return local, req.init_from
+    return tracker.fetch_prompt(req.init_from, workdir), req.init_from
 
 
 def run_prompt(req: PromptRequest, workdir: str | Path, tracker=None, parent_run_id: str | None = None,
                force: bool = False, report=None, resume: dict | None = None, run_id: str | None = None,
                backbone=None, progress: bool = False, extra_tags: dict | None = None) -> PromptRun:
-    """Train one prompt, save it under the workdir and log it to MLflow (when a tracker is given)."""
+    """Train one prompt, save it under the workdir and log it to the tracker (none given: nothing is tracked)."""
+    tracker = tracker or track.NullTracker(workdir=Path(workdir))
     run = start_prompt_run(req, workdir, tracker, parent_run_id, force, report, run_id, backbone, extra_tags)
     if isinstance(run, PromptRun):  # reused
         return run
     try:
-        with tracker.system_metrics(run.run_id, enabled=run.backbone.device.type == "cuda") if tracker is not None \
-                else nullcontext():  # CPU/GPU utilisation and memory of a GPU run, as MLflow system metrics
+        # CPU/GPU utilisation and memory of a GPU run, as MLflow system metrics
+        with tracker.system_metrics(run.run_id, enabled=run.backbone.device.type == "cuda"):
             result = train_prompt(run.backbone, run.spec, run.init, run.train, run.dev, req.settings,
                                   report=run.log_and_report, resume=resume, progress=progress)
     except (KeyboardInterrupt, SystemExit):  # Ctrl-C, or SIGTERM (the CLI turns it into SystemExit)
@@ -127,15 +125,16 @@ def start_prompt_run(req: PromptRequest, workdir: str | Path, tracker=None, pare
                      force: bool = False, report=None, run_id: str | None = None, backbone=None,
                      extra_tags: dict | None = None) -> "StartedRun | PromptRun":
     """Everything of run_prompt before training; a finished run of the same config comes back as a reused PromptRun."""
+    tracker = tracker or track.NullTracker(workdir=Path(workdir))
     workdir = Path(workdir).resolve()
     digest = req.hash()
-    if tracker is not None and not force and run_id is None:
+    if not force and run_id is None:
         done = tracker.finished_run(track.KIND_PROMPT, digest)
         if done is not None:
-            log.info("config %s already has finished run %s; reusing it", digest, done.info.run_id)
-            return PromptRun(done.info.run_id, _local_copy(tracker, done.info.run_id, workdir),
-                             done.data.metrics.get("best_dev_metric", float("nan")),
-                             int(done.data.tags.get("ptx.best_step", 0)), reused=True)
+            log.info("config %s already has finished run %s; reusing it", digest, done.run_id)
+            return PromptRun(done.run_id, tracker.fetch_prompt(done.run_id, workdir),
+                             done.metrics.get("best_dev_metric", float("nan")),
+                             int(done.tags.get("ptx.best_step", 0)), reused=True)
     from ptx.tasks import load_task
 
     spec = load_task(req.task, max_length=req.max_length)
@@ -149,8 +148,9 @@ def start_prompt_run(req: PromptRequest, workdir: str | Path, tracker=None, pare
     tags = {"ptx.kind": track.KIND_PROMPT, "ptx.task": spec.name, "ptx.backbone": req.backbone,
             "ptx.seed": req.settings.seed, "ptx.config_hash": digest, "ptx.source_run": source_run,
             "ptx.origin": "trained", "ptx.init": "artifact" if init_dir else req.init, "ptx.category": spec.category,
-            "ptx.backbone_kind": backbone.kind.value, "ptx.insertion": backbone.insertion.value, **(extra_tags or {})}
-    if tracker is not None and run_id is None:
+            "ptx.backbone_kind": backbone.kind.value, "ptx.backbone_revision": backbone.revision,
+            "ptx.insertion": backbone.insertion.value, **(extra_tags or {})}
+    if run_id is None:
         try:
             run_id = tracker.start_run(track.run_name(spec.name, req.backbone, f"s{req.settings.seed}"), tags,
                                        parent_run_id)
@@ -165,7 +165,7 @@ def start_prompt_run(req: PromptRequest, workdir: str | Path, tracker=None, pare
     lost: list = []  # the first tracking failure: training goes on, the prompt is kept on disk, the error comes last
 
     def track_call(fn, *args, **kwargs) -> None:
-        if tracker is None or lost:
+        if lost:
             return
         try:
             fn(*args, **kwargs)
@@ -175,14 +175,14 @@ def start_prompt_run(req: PromptRequest, workdir: str | Path, tracker=None, pare
             lost.append(exc)
 
     def log_and_report(metrics: dict, step: int, state: dict | None = None):
-        track_call(tracker and tracker.log, run_id, metrics, step)
+        track_call(tracker.log, run_id, metrics, step)
         if report is not None:
             if state is not None:
                 state["mlflow_run_id"] = run_id  # lives in the checkpoint: a resumed trial keeps its run
             report(metrics, step, state)
 
     def fail(status: str = "FAILED") -> None:  # KILLED for Ctrl-C or SIGTERM
-        track_call(tracker and tracker.finish, run_id, status)
+        track_call(tracker.finish, run_id, status)
 
     def finish(result) -> PromptRun:
         return _finish_prompt_run(req, spec, backbone, workdir, digest, run_id, init_dir, init_text, source_run, result,
@@ -193,22 +193,22 @@ def start_prompt_run(req: PromptRequest, workdir: str | Path, tracker=None, pare
 
 def _finish_prompt_run(req, spec, backbone, workdir, digest, run_id, init_dir, init_text, source_run, result, tracker,
                        track_call, lost) -> PromptRun:
-    meta = {"config_hash": digest, "mlflow_run_id": run_id, "backbone": backbone_meta(backbone),
-            "task": {"name": spec.name, "version": spec.version}, "verbalizer": list(spec.label_words(backbone.kind)),
-            "insertion": backbone.insertion.value,
-            "init": init_record("artifact" if init_dir else req.init, req.settings.seed, spec.name, init_text,
-                                source_run or (str(init_dir) if init_dir else None)),
-            "seed": req.settings.seed, "best_step": result.best_step,
-            "dev_metric": {"name": spec.metric, "value": result.best_metric}, "stopped": result.stopped}
-    artifact = save_prompt(workdir / "prompts" / (run_id or digest), result.prompt, meta)
+    meta = prompt_meta(config_hash=digest, run_id=run_id, backbone=backbone_meta(backbone),
+                       task={"name": spec.name, "version": spec.version}, verbalizer=spec.label_words(backbone.kind),
+                       insertion=backbone.insertion.value,
+                       init=init_record("artifact" if init_dir else req.init, req.settings.seed, spec.name, init_text,
+                                        source_run or (str(init_dir) if init_dir else None)),
+                       seed=req.settings.seed, best_step=result.best_step,
+                       dev_metric={"name": spec.metric, "value": result.best_metric}, stopped=result.stopped)
+    artifact = save_prompt(track.prompt_dir(workdir, run_id or digest), result.prompt, meta)
     out = PromptRun(run_id, artifact, result.best_metric, result.best_step, stopped=result.stopped,
                     seconds=result.seconds, curve=result.curve)
     # best_dev_metric is already in the curve (one point per eval); logging it again would add a duplicate point
     last_step = result.curve[-1]["step"] if result.curve else result.best_step
-    track_call(tracker and tracker.log, run_id, {"seconds": result.seconds}, step=last_step,
+    track_call(tracker.log, run_id, {"seconds": result.seconds}, step=last_step,
                tags={"ptx.best_step": result.best_step, "ptx.stopped": result.stopped})
-    track_call(tracker and tracker.log_artifacts, run_id, artifact, track.PROMPT_ARTIFACT)
-    track_call(tracker and tracker.finish, run_id, "FINISHED" if result.stopped != "nonfinite_loss" else "FAILED")
+    track_call(tracker.log_artifacts, run_id, artifact, track.PROMPT_ARTIFACT)
+    track_call(tracker.finish, run_id, "FINISHED" if result.stopped != "nonfinite_loss" else "FAILED")
     if lost:
         exc = lost[0]
         raise PtxError(f"could not log run {run_id} to {tracker.uri} ({type(exc).__name__}); the trained prompt "
@@ -247,21 +247,18 @@ def import_prompt(file: str | Path, backbone_name: str, task: str | None, insert
             "ptx.category": spec.category if spec else None, "ptx.backbone_kind": kind, "ptx.insertion": insertion,
             "ptx.imported_from": Path(file).name}
     workdir = Path(workdir).resolve()
-    run_id = None
-    if tracker is not None:
-        done = tracker.finished_run(track.KIND_PROMPT, digest)
-        if done is not None:
-            return PromptRun(done.info.run_id, _local_copy(tracker, done.info.run_id, workdir), float("nan"), 0,
-                             reused=True)
-        run_id = tracker.start_run(f"import {label}/{backbone_name}", tags)
-    meta = {"config_hash": digest, "mlflow_run_id": run_id, "name": label,
-            "backbone": {"name": backbone_name, "revision": None, "kind": kind, "d_model": width},
-            "task": {"name": spec.name, "version": spec.version} if spec else None,
-            "verbalizer": list(spec.label_words(kind)) if spec and spec.verbalizer else None,
-            "insertion": insertion, "init": {"mode": "imported", "source": str(Path(file).resolve())}, "seed": None,
-            "best_step": None, "dev_metric": None}
-    artifact = save_prompt(workdir / "prompts" / (run_id or digest), tensor, meta)
-    if tracker is not None:
+    tracker = tracker or track.NullTracker(workdir=workdir)
+    done = tracker.finished_run(track.KIND_PROMPT, digest)
+    if done is not None:
+        return PromptRun(done.run_id, tracker.fetch_prompt(done.run_id, workdir), float("nan"), 0, reused=True)
+    run_id = tracker.start_run(f"import {label}/{backbone_name}", tags)
+    meta = prompt_meta(config_hash=digest, run_id=run_id, name=label,
+                       backbone={"name": backbone_name, "revision": None, "kind": kind, "d_model": width},
+                       task={"name": spec.name, "version": spec.version} if spec else None,
+                       verbalizer=spec.label_words(kind) if spec and spec.verbalizer else None, insertion=insertion,
+                       init={"mode": "imported", "source": str(Path(file).resolve())})
+    artifact = save_prompt(track.prompt_dir(workdir, run_id or digest), tensor, meta)
+    if tracker.enabled:
         try:
             tracker.log_artifacts(run_id, artifact, track.PROMPT_ARTIFACT)
             tracker.finish(run_id)
@@ -269,16 +266,6 @@ def import_prompt(file: str | Path, backbone_name: str, task: str | None, insert
             raise PtxError(f"could not log run {run_id} to {tracker.uri} ({type(exc).__name__}); the imported "
                            f"prompt is kept on local disk at {artifact}") from exc
     return PromptRun(run_id, artifact, float("nan"), 0)
-
-
-def _local_copy(tracker, run_id: str, workdir: Path) -> Path:
-    """The run's prompt under `workdir`/prompts, downloaded through MLflow when this workdir lacks it."""
-    local = Path(workdir) / "prompts" / run_id
-    if not (local / "prompt.json").is_file():
-        if local.exists() and not any(local.iterdir()):
-            local.rmdir()
-        tracker.download_prompt(run_id, local)
-    return local
 
 
 def _sha(file) -> str:

@@ -386,7 +386,7 @@ def tpt_section(ctx) -> str:
             continue
         records = seeds.to_dict("records")
         overall, overall90 = censored_speedups(records), censored_speedups(records, "_90")
-        facts[backbone] = {"run_id": run.info.run_id, "targets": len(agg), **overall,
+        facts[backbone] = {"run_id": run.run_id, "targets": len(agg), **overall,
                            **{f"{k}_90": v for k, v in overall90.items()},
                            "by_source": {mode: {**censored_speedups(g), "finding": speedup_interval(_speedups(g))}
                                          for mode, g in _by_source_mode(records).items()}}

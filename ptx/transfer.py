@@ -8,13 +8,10 @@ each) and tpt.py (source choice, TPT beside vanilla PT).
 import dataclasses
 import logging
 import math
-import shutil
-import tempfile
 from collections import Counter
 from pathlib import Path
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
 
 from ptx import track
@@ -137,53 +134,23 @@ def transfer_matrix(backbone, prompts: dict, targets: list, splits=("dev", "test
 
 
 # ---- the bank in MLflow -------------------------------------------------------------------------------
-def gather_bank(tracker, backbone: str, tasks, bank_dir: Path, mode: str = "all",
-                experiment_ids: list | None = None) -> dict[str, Path]:
-    """Download the bank of `backbone` (run id -> local prompt dir; present ones are kept): all runs, or the best per task."""
-    runs = tracker.find_runs({"ptx.kind": track.KIND_PROMPT, "ptx.backbone": backbone},
-                             order_by=["attributes.start_time ASC"], experiment_ids=experiment_ids)
-    runs = [r for r in runs if track.is_vanilla(r) and (tasks is None or r.data.tags.get("ptx.task") in tasks)]
-    if mode == "best":
-        by_task: dict = {}
-        for r in runs:
-            by_task.setdefault(r.data.tags["ptx.task"], []).append(r)
-        runs = [next((r for r in rs if r.data.tags.get("ptx.best") == "true"), None)
-                or max(rs, key=lambda r: r.data.metrics.get("best_dev_metric", -math.inf)) for rs in by_task.values()]
-    elif mode != "all":
-        raise PtxError(f"transfer.sources: expected 'all' or 'best', found {mode!r}")
-    bank = {}
-    for r in runs:
-        dest = Path(bank_dir) / r.info.run_id
-        if not (dest / "prompt.json").exists():
-            shutil.rmtree(dest, ignore_errors=True)  # a partial download from an interrupted stage
-            tracker.download_prompt(r.info.run_id, dest)
-        bank[r.info.run_id] = dest
-    return bank
-
-
 def transfer_matrix_from_store(tracking_uri: str, backbone, tasks=None, splits=("dev", "test"), limits=None,
                                experiment: str | None = None, workdir=None, sources: str = "all", **kwargs):
     """Notebook API: the matrix of every prompt of `backbone` in an MLflow store, as a pandas DataFrame."""
     from ptx.backbones import load_backbone
     from ptx.io import cache_dir
 
-    tracker = track.Tracker(tracking_uri, experiment or track.DEFAULT_EXPERIMENT)
+    tracker = track.MlflowTracker(tracking_uri, experiment or track.DEFAULT_EXPERIMENT)
     name = backbone if isinstance(backbone, str) else backbone.name
     ids = [tracker.experiment_id] if experiment else tracker.all_experiment_ids()
-    bank_dir = Path(workdir).resolve() / "bank" if workdir else cache_dir() / "bank"
-    bank = {rid: load_prompt(p) for rid, p in gather_bank(tracker, name, tasks, bank_dir, sources, ids).items()}
+    local = Path(workdir) if workdir else cache_dir()
+    bank = {r.run_id: load_prompt(tracker.fetch_prompt(r.run_id, local)) for r in tracker.bank(name, tasks, sources, ids)}
     if not bank:
         raise PtxError(f"the prompt bank for backbone '{name}' in {tracking_uri} is empty (tasks: {tasks or 'all'})")
     if isinstance(backbone, str):
         backbone = load_backbone(name, insertion=next(iter(bank.values())).meta.get("insertion", "prepend"))
     targets = tasks or sorted({a.meta["task"]["name"] for a in bank.values()})
     return transfer_matrix(backbone, bank, targets, splits, limits, **kwargs).to_pandas()
-
-
-def _read_table(tracker, run_id: str, artifact: str, file: str) -> pa.Table:
-    with tempfile.TemporaryDirectory() as d:
-        local = tracker.download(run_id, artifact, Path(d) / "a")
-        return pq.read_table(local / file)
 
 
 def load_transfer_table(tracker, backbone: str, study: str | None = None):
@@ -193,7 +160,7 @@ def load_transfer_table(tracker, backbone: str, study: str | None = None):
     if not runs:
         raise PtxError(f"no finished transfer run for backbone '{backbone}'" + (f" of study '{study}'" if study else "")
                        + f" in {tracker.uri}: run the transfer stage first (ptx transfer matrix SPEC)")
-    return _read_table(tracker, runs[0].info.run_id, track.KIND_TRANSFER, "transfer.parquet").to_pandas()
+    return tracker.read_table(runs[0].run_id, track.KIND_TRANSFER, "transfer.parquet").to_pandas()
 
 
 # ---- transfer-initialised prompt tuning (TPT) -----------------------------------------------------------

@@ -53,7 +53,7 @@ def open_study(spec, workdir: str | Path | None = None, tracking_uri: str | None
     workdir = workdir_for(spec, workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     uri = track.resolve_tracking_uri(tracking_uri or spec.tracking_uri, workdir)
-    tracker = track.Tracker(uri, spec.name, workdir=workdir)
+    tracker = track.MlflowTracker(uri, spec.name, workdir=workdir)
     return StudySetup(workdir, uri, tracker, sweep.connect(address))
 
 

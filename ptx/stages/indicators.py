@@ -68,20 +68,14 @@ def compute_bank_activations(backbone_name: str, prompts: torch.Tensor, insertio
 
 
 def load_bank(tracker, runs: list, workdir) -> tuple[list, list, torch.Tensor, str]:
-    """Prompt runs -> (run ids, tasks, prompts [P, n, d], insertion); artifacts come through MLflow."""
-    from pathlib import Path
-
+    """Prompt runs -> (run ids, tasks, prompts [P, n, d], insertion); artifacts come through the tracker's bank
+    (`<workdir>/prompts/<run id>`)."""
     from ptx.prompt import load_prompt
 
     ids, tasks, prompts, insertions = [], [], [], set()
     for run in runs:
-        rid = run.info.run_id
-        local = Path(workdir) / "prompts" / rid
-        if not (local / "prompt.json").is_file():
-            local = Path(workdir) / "downloads" / rid
-            if not (local / "prompt.json").is_file():
-                tracker.download_prompt(rid, local)
-        art = load_prompt(local)
+        rid = run.run_id
+        art = load_prompt(tracker.fetch_prompt(rid, workdir))
         ids.append(rid)
         tasks.append(art.meta["task"]["name"])
         prompts.append(art.prompt)
@@ -91,21 +85,12 @@ def load_bank(tracker, runs: list, workdir) -> tuple[list, list, torch.Tensor, s
     return ids, tasks, stack_prompts(prompts), insertions.pop() if insertions else "prepend"
 
 
-def bank_runs(tracker, backbone: str, tasks=None, experiment_ids=None) -> list:
-    """The bank: finished trained or imported prompt runs on `backbone` in the tracker's experiment, oldest first."""
-    from ptx import track
-
-    runs = tracker.find_runs({"ptx.kind": track.KIND_PROMPT, "ptx.backbone": backbone},
-                             order_by=["attributes.start_time ASC"], experiment_ids=experiment_ids)
-    return [r for r in runs if track.is_vanilla(r) and (tasks is None or r.data.tags.get("ptx.task") in tasks)]
-
-
 def _own_runs(runs) -> dict:
     """Per task, the prompt(s) that stand for it as a target: the run tagged ptx.best=true, else all its runs."""
     own: dict = {}
     for r in runs:
-        own.setdefault(r.data.tags.get("ptx.task"), []).append(r)
-    return {t: [r.info.run_id for r in rs if r.data.tags.get("ptx.best") == "true"] or [r.info.run_id for r in rs]
+        own.setdefault(r.tags.get("ptx.task"), []).append(r)
+    return {t: [r.run_id for r in rs if r.tags.get("ptx.best") == "true"] or [r.run_id for r in rs]
             for t, rs in own.items()}
 
 
@@ -134,22 +119,21 @@ def run_indicators_stage(spec, tracker, workdir, transfer_table: pd.DataFrame | 
     from ptx.io import config_hash
 
     ind, out = spec.indicators, {"study": spec.name, "backbones": {}, "computed": 0, "skipped": 0}
-    if tracker.experiment != spec.name:  # stages read and write the study's experiment, as the other stages do
-        tracker = track.Tracker(tracker.uri, spec.name, workdir=Path(workdir))
+    tracker = tracker.for_experiment(spec.name, Path(workdir))  # stages read and write the study's experiment
     cap = spec.data.max_length if ind.probe == "examples" else None  # the paper probe reads no task text
     for backbone in spec.backbones:
-        runs = bank_runs(tracker, backbone, spec.tasks)
+        runs = tracker.bank_runs(backbone, spec.tasks)
         if len(runs) < 2:
             raise PtxError(f"backbone '{backbone}': the bank has {len(runs)} finished prompt run(s) for the study's "
                            "tasks; expected at least 2 (run the train stage first)")
         table = _transfer_table(tracker, backbone, spec.name, transfer_table)
-        digest = config_hash({"stage": "indicators", "backbone": backbone, "runs": sorted(r.info.run_id for r in runs),
+        digest = config_hash({"stage": "indicators", "backbone": backbone, "runs": sorted(r.run_id for r in runs),
                               "settings": dataclasses.asdict(ind),
                               "transfer": int(pd.util.hash_pandas_object(table, index=False).sum()),
                               **({"max_length": cap} if cap is not None else {})})
         done = tracker.finished_run(track.KIND_INDICATORS, digest)
         if done is not None:
-            out["backbones"][backbone] = {"run_id": done.info.run_id, "reused": True}
+            out["backbones"][backbone] = {"run_id": done.run_id, "reused": True}
             out["skipped"] += 1
             continue
         t0 = time.perf_counter()
@@ -179,7 +163,7 @@ def run_indicators_stage(spec, tracker, workdir, transfer_table: pd.DataFrame | 
                 "position": getattr(ind, "position", "score"), "prompt_runs": ids, "prompt_tasks": tasks,
                 "probe_examples": ind.probe_examples if ind.probe == "examples" else None})
             tables = analyse(table, matrices, ids, tasks, _own_runs(runs), art / "tables", ind.bootstrap,
-                             seeds=[r.data.tags.get("ptx.seed") for r in runs])
+                             seeds=[r.tags.get("ptx.seed") for r in runs])
             (art / "indicators").mkdir()  # where TPT's `indicator:<name>` source reads its ranking
             tables["recommendations"].to_parquet(art / "indicators" / "recommendations.parquet", index=False)
             tracker.log(run_id, {**_metrics(tables), "n_prompts": len(ids), "seconds": time.perf_counter() - t0},
@@ -227,7 +211,7 @@ def reference_check(reference_dir, tracker, workdir, bootstrap: int = 1000, seed
             run = import_prompt(f, backbone, f.stem, insertion, workdir, tracker)
             local = run.artifact
             if not (local / "prompt.json").is_file():  # imported earlier into another workdir
-                local = tracker.download_prompt(run.run_id, workdir / "downloads" / run.run_id)
+                local = tracker.fetch_prompt(run.run_id, workdir)
             ids.append(run.run_id or local.name)
             tasks.append(f.stem)
             prompts.append(load_prompt(local).prompt)
@@ -237,7 +221,7 @@ def reference_check(reference_dir, tracker, workdir, bootstrap: int = 1000, seed
         zs = zs.assign(source_task=zs["source_prompt"], source_prompt_run=zs["source_prompt"].map(dict(zip(tasks, ids, strict=True))),
                        relative_value=zs["value"] / zs["target_task"].map(own))
         tables = analyse(zs, matrices, ids, tasks, None, workdir / "reference_check" / backbone, bootstrap, seed)
-        if tracker is not None:
+        if tracker.enabled:
             rid = tracker.start_run(f"reference check {backbone}", {
                 "ptx.kind": track.KIND_INDICATORS, "ptx.backbone": backbone, "ptx.study": "reference-check",
                 "ptx.origin": "reference"})
@@ -268,8 +252,8 @@ def recommend(task: str, backbone_name: str, tracker, workdir, top_k: int = 5, p
     from ptx.train import TrainSettings, train_prompt
 
     spec = load_task(task)
-    runs = [r for r in tracker.prompt_runs(backbone=backbone_name)
-            if r.data.tags.get("ptx.task") != spec.name and r.data.tags.get("ptx.init") != "artifact"]
+    runs = [r for r in tracker.bank_runs(backbone_name, experiment_ids=tracker.all_experiment_ids())
+            if r.tags.get("ptx.task") != spec.name]
     if not runs:
         raise PtxError(f"no finished prompt run on backbone '{backbone_name}' for a task other than '{task}' in "
                        f"{tracker.uri}; train or import a bank first")

@@ -94,17 +94,11 @@ def unit_name(objective: str, unit: dict) -> str:
 
 def bank(tracker, workdir: Path, backbone: str, tasks) -> dict:
     """{task: (run_id, local prompt dir)}: the best vanilla prompt per task (transfer-initialised runs excluded)."""
-    out = {}
+    out, ids = {}, tracker.all_experiment_ids()
     for task in dict.fromkeys(tasks):
-        runs = [r for r in tracker.prompt_runs(task, backbone) if "best_dev_metric" in r.data.metrics
-                and not r.data.tags.get("ptx.source_run") and r.data.tags.get("ptx.init") not in ("artifact", "projected")]
-        if not runs:
-            continue
-        run_id = max(runs, key=lambda r: r.data.metrics["best_dev_metric"]).info.run_id
-        local = workdir / "downloads" / run_id
-        if not (local / "prompt.json").is_file():
-            tracker.download_prompt(run_id, local)
-        out[task] = (run_id, local)
+        best = track.best_of(tracker.bank_runs(backbone, task=task, experiment_ids=ids))
+        if best is not None:
+            out[task] = (best.run_id, tracker.fetch_prompt(best.run_id, workdir))
     return out
 
 
@@ -116,18 +110,18 @@ def _train_job(job: dict) -> dict:
     from ptx.tasks import load_task
 
     workdir = Path(job["workdir"])
-    tracker = track.Tracker(job["tracking_uri"], job["experiment"], workdir=workdir)
+    tracker = track.MlflowTracker(job["tracking_uri"], job["experiment"], workdir=workdir)
     from ptx import sweep
 
     done = tracker.finished_run(track.KIND_PROJECTOR, job["digest"])
     if done is not None:
         sweep.report_units(job["settings"]["steps"])  # progress: this projector's steps are done
-        run_id = done.info.run_id
+        run_id = done.run_id
         local = workdir / "projectors" / run_id
         if not (local / "projector.json").is_file():
             tracker.download(run_id, ARTIFACT, local)
         return {"objective": job["objective"], "run_id": run_id, "artifact": str(local), "reused": True,
-                "initial_loss": done.data.metrics.get("initial_loss"), "final_loss": done.data.metrics.get("final_loss")}
+                "initial_loss": done.metrics.get("initial_loss"), "final_loss": done.metrics.get("final_loss")}
     source, target, objective = job["source"], job["target"], job["objective"]
     tags = {"ptx.kind": track.KIND_PROJECTOR, "ptx.source_backbone": source["name"], "ptx.target_backbone": target["name"],
             "ptx.objective": objective, "ptx.study": job["study"], "ptx.config_hash": job["digest"],
@@ -323,7 +317,7 @@ def best_objective(rows: list, objectives) -> str:
 def _curve(tracker, run, metric: str) -> list:
     if run.curve:
         return [{"step": c["step"], "dev_metric": c["dev_metric"]} for c in run.curve]
-    hist = tracker.client.get_metric_history(run.run_id, f"dev_{metric}")  # a reused run: read its curve back
+    hist = tracker.metric_history(run.run_id, f"dev_{metric}")  # a reused run: read its curve back
     return sorted(({"step": m.step, "dev_metric": m.value} for m in hist), key=lambda c: c["step"])
 
 

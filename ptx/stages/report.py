@@ -13,18 +13,17 @@ def stage_runs(tracker, study: str) -> dict:
     for kind in ("sweep", track.KIND_TRANSFER, KIND_TPT, track.KIND_INDICATORS, "stage"):
         seen = set()
         for run in tracker.find_runs({"ptx.kind": kind, "ptx.study": study}, order_by=["attributes.start_time DESC"]):
-            key = (run.data.tags.get("ptx.stage"), run.data.tags.get("ptx.backbone"))
+            key = (run.tags.get("ptx.stage"), run.tags.get("ptx.backbone"))
             if key not in seen:
                 seen.add(key)
-                out[run.info.run_name or run.info.run_id] = run.info.run_id
+                out[run.name or run.run_id] = run.run_id
     return out
 
 
 def run_report_stage(spec, tracker, workdir) -> dict:
     """The study's report stage: WORKDIR/report/index.html, logged as the artifact dir of a ptx.kind=report run."""
     workdir = Path(workdir).resolve()
-    if tracker.experiment != spec.name:  # stages read and write the study's own experiment
-        tracker = track.Tracker(tracker.uri, spec.name, workdir=workdir)
+    tracker = tracker.for_experiment(spec.name, workdir)  # stages read and write the study's own experiment
     path = build_report(tracker, spec.name, workdir / "report")
     run_id = tracker.start_run(track.run_name("report", spec.name),
                                {"ptx.kind": track.KIND_REPORT, "ptx.study": spec.name})

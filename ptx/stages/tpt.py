@@ -4,7 +4,6 @@
 import dataclasses
 import logging
 import math
-import shutil
 from pathlib import Path
 
 from ptx import track
@@ -17,7 +16,6 @@ from ptx.transfer import (
     KIND_TPT,
     RANDOM,
     _curve,
-    _read_table,
     _spec,
     censored_speedups,
     convergence_speedup,
@@ -28,11 +26,7 @@ log = logging.getLogger(__name__)
 
 
 def _best_run(tracker, task: str, backbone: str) -> str:
-    runs = [r for r in tracker.find_runs({"ptx.kind": track.KIND_PROMPT, "ptx.task": task, "ptx.backbone": backbone})
-            if track.is_vanilla(r) and "best_dev_metric" in r.data.metrics]
-    if not runs:
-        raise PtxError(f"no finished prompt run of task '{task}' on backbone '{backbone}' in {tracker.uri}")
-    return max(runs, key=lambda r: r.data.metrics["best_dev_metric"]).info.run_id
+    return tracker.best_prompt_run(task, backbone, all_experiments=False).run_id
 
 
 def _indicator_sources(tracker, backbone: str, study: str, indicator: str) -> dict:
@@ -44,9 +38,9 @@ def _indicator_sources(tracker, backbone: str, study: str, indicator: str) -> di
         raise PtxError(f"tpt.source 'indicator:{indicator}': no finished indicators run for backbone '{backbone}' of "
                        f"study '{study}' in {tracker.uri}; the indicators stage must run first")
     try:
-        recs = _read_table(tracker, runs[0].info.run_id, track.KIND_INDICATORS, "recommendations.parquet").to_pandas()
+        recs = tracker.read_table(runs[0].run_id, track.KIND_INDICATORS, "recommendations.parquet").to_pandas()
     except (PtxError, OSError) as exc:
-        raise PtxError(f"indicators run {runs[0].info.run_id} has no readable indicators/recommendations.parquet "
+        raise PtxError(f"indicators run {runs[0].run_id} has no readable indicators/recommendations.parquet "
                        f"({exc})") from None
     d = recs[recs["indicator"] == indicator]
     if d.empty:
@@ -136,10 +130,7 @@ def run_tpt_stage(spec, tracker, workdir: Path, address: str | None = None) -> d
                 log.warning("TPT: skipping %s on %s (%s): %s", target, name, mode, pick)
                 skipped.append({"backbone": name, "target_task": target, "source_mode": mode, "reason": pick})
                 continue
-            dest = workdir / "downloads" / pick[0]  # fetched once here, not by concurrent trials racing for it
-            if not (dest / "prompt.json").exists():
-                shutil.rmtree(dest, ignore_errors=True)
-                tracker.download_prompt(pick[0], dest)
+            dest = tracker.fetch_prompt(pick[0], workdir)  # fetched once here, not by concurrent trials racing for it
             n_tok = load_prompt(dest).prompt.shape[0]
             if n_tok != spec.prompt_length:
                 raise PtxError(f"TPT source {pick[0]} ({pick[1]}) has {n_tok} prompt tokens; study '{spec.name}' "
@@ -170,8 +161,8 @@ def run_tpt_stage(spec, tracker, workdir: Path, address: str | None = None) -> d
             if v is None or t is None:
                 rows.append({**row, "flag": "run_missing", "flag_90": "run_missing", "speedup": math.nan})
                 continue
-            vc, tc = (_curve(tracker.client.get_metric_history(r.info.run_id, f"dev_{metric}")) for r in (v, t))
-            rows.append({**row, **convergence_speedup(vc, tc), "vanilla_run": v.info.run_id, "tpt_run": t.info.run_id})
+            vc, tc = (_curve(tracker.metric_history(r.run_id, f"dev_{metric}")) for r in (v, t))
+            rows.append({**row, **convergence_speedup(vc, tc), "vanilla_run": v.run_id, "tpt_run": t.run_id})
             curves.setdefault((target, mode), []).append((seed, vc, tc))
         if rows:
             out["backbones"][name] = _log_tpt(tracker, spec, name, rows, curves,

@@ -6,7 +6,6 @@ once and scores every bank prompt on it (ptx.transfer.transfer_matrix). Each uni
 """
 
 import dataclasses
-import tempfile
 import time
 from pathlib import Path
 
@@ -22,10 +21,8 @@ from ptx.prompt import load_prompt
 from ptx.transfer import (
     KIND_UNIT,
     RANDOM,
-    _read_table,
     _spec,
     check_targets,
-    gather_bank,
     transfer_matrix,
 )
 
@@ -50,11 +47,9 @@ def run_unit(unit: dict) -> pa.Table:
     target = _spec(unit["target"], unit.get("max_length"))
     table = transfer_matrix(bb, unit["prompts"], [target], unit["splits"], unit["limits"],
                             unit["prompts_per_pass"], unit["batch_size"], unit["random_baseline"], unit["seed"])
-    tracker = track.Tracker(unit["tracking_uri"], unit["experiment"], workdir=Path(unit["workdir"]))
+    tracker = track.MlflowTracker(unit["tracking_uri"], unit["experiment"], workdir=Path(unit["workdir"]))
     run_id = tracker.start_run(track.run_name("transfer", unit["target"], unit["backbone"]), unit["tags"], unit["parent"])
-    with tempfile.TemporaryDirectory() as d:
-        pq.write_table(table, Path(d) / "unit.parquet")
-        tracker.log_artifacts(run_id, d, KIND_UNIT)
+    tracker.log_table(run_id, table, KIND_UNIT, "unit.parquet")
     tracker.log(run_id, {"rows": table.num_rows, "seconds": time.perf_counter() - t0},
                 params={"sources": len(unit["prompts"]), "splits": list(unit["splits"]), "limits": unit["limits"]})
     tracker.finish(run_id)
@@ -63,7 +58,7 @@ def run_unit(unit: dict) -> pa.Table:
 
 def _study_tracker(spec, tracker, workdir: Path):
     """Stages read and write the study's experiment (where its sweeps log), whatever `tracker` points at."""
-    return tracker if tracker.experiment == spec.name else track.Tracker(tracker.uri, spec.name, workdir=workdir)
+    return tracker.for_experiment(spec.name, workdir)
 
 
 def run_transfer_stage(spec, tracker, workdir: Path, address: str | None = None) -> dict:
@@ -77,9 +72,8 @@ def run_transfer_stage(spec, tracker, workdir: Path, address: str | None = None)
     out = {"study": spec.name, "backbones": {}, "computed": 0, "skipped": 0}
     bar = progress.current()  # units: (source prompt, target) pairs; the total grows per backbone
     for name in spec.backbones:
-        paths = gather_bank(tracker, name, set(spec.tasks), workdir / "bank", getattr(cfg, "sources", "all"),
-                            [tracker.experiment_id])
-        bank = {rid: load_prompt(p) for rid, p in paths.items()}
+        bank = {r.run_id: load_prompt(tracker.fetch_prompt(r.run_id, workdir))
+                for r in tracker.bank(name, set(spec.tasks), getattr(cfg, "sources", "all"), [tracker.experiment_id])}
         if not bank:
             raise PtxError(f"the prompt bank for backbone '{name}' of study '{spec.name}' is empty in {tracker.uri}: "
                            "run the train stage first")
@@ -98,7 +92,7 @@ def run_transfer_stage(spec, tracker, workdir: Path, address: str | None = None)
         pairs = len(bank) + bool(cfg.random_baseline)  # rows of the matrix per target and split
         bar.update(total=bar.total + pairs * len(targets), done=bar.done + pairs * (len(targets) - len(todo)))
         if not todo and previous is not None:
-            out["backbones"][name] = {"run_id": previous.info.run_id, "units": len(targets), "computed": 0,
+            out["backbones"][name] = {"run_id": previous.run_id, "units": len(targets), "computed": 0,
                                       "sources": len(bank), "reused": True}
             out["skipped"] += len(targets)
             continue
@@ -118,7 +112,7 @@ def run_transfer_stage(spec, tracker, workdir: Path, address: str | None = None)
             else:
                 fresh = []
             tables = dict(zip(todo, fresh, strict=True))
-            tables.update({t: _read_table(tracker, r.info.run_id, KIND_UNIT, "unit.parquet")
+            tables.update({t: tracker.read_table(r.run_id, KIND_UNIT, "unit.parquet")
                            for t, r in done.items() if r is not None})
             table = pa.concat_tables([tables[t] for t in spec.tasks])
             summary = _log_matrix(tracker, parent, table, workdir / "transfer" / name.replace("/", "_"))
