@@ -410,7 +410,7 @@ def test_every_prompt_writer_records_the_same_metadata_keys(wd, tmp_path):
     import torch
 
     from ptx.prompt import load_prompt
-    from ptx.stages import import_prompt
+    from ptx.prompt_runs import import_prompt
     from ptx.sweep import _finalise_run
 
     tracker = track.MlflowTracker(f"sqlite:///{wd / 'mlflow.db'}", "writers", workdir=wd)
