@@ -286,7 +286,7 @@ def test_tpt_runs_each_source_mode_and_reuses_shared_runs(study):
 
     spec, tracker, workdir = study["spec"], study["tracker"], study["workdir"]
     run_tpt_stage(spec, tracker, workdir)  # the single-mode stage (a no-op when the test above ran first)
-    before = {r.info.run_id for r in tracker.prompt_runs(backbone="tiny-bert")}
+    before = {r.run_id for r in tracker.prompt_runs(backbone="tiny-bert")}
     both = replace(spec, tpt=TptStage(sources=("best_same_category", "best_cross_category")))
     out = run_tpt_stage(both, tracker, workdir)
     assert [(s["target_task"], s["source_mode"]) for s in out["skipped"]] == [("bbc_topic", "best_same_category")]
@@ -301,10 +301,10 @@ def test_tpt_runs_each_source_mode_and_reuses_shared_runs(study):
     to_bbc = dev[(dev.target_task == "bbc_topic") & (dev.source_category != "topic")]
     best = to_bbc.sort_values(["value", "source_prompt_run"], ascending=[False, True]).iloc[0]
     assert rows["best_cross_category", "bbc_topic"]["source_prompt_run"] == best.source_prompt_run
-    new = [r for r in tracker.prompt_runs(backbone="tiny-bert") if r.info.run_id not in before]
-    assert len(new) == 3 and {r.data.tags["ptx.source_run"] for r in new} == {
+    new = [r for r in tracker.prompt_runs(backbone="tiny-bert") if r.run_id not in before]
+    assert len(new) == 3 and {r.tags["ptx.source_run"] for r in new} == {
         rows["best_cross_category", t]["source_prompt_run"] for t in ("tweet_sentiment", "drug_sentiment", "bbc_topic")}
-    assert tracker.get_run(out["backbones"]["tiny-bert"]["run_id"]).data.params["source"] == (
+    assert tracker.get_run(out["backbones"]["tiny-bert"]["run_id"]).params["source"] == (
         "best_same_category,best_cross_category")
 
 def test_tpt_sources_left_unset_keep_every_existing_study_hash():
