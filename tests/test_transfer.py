@@ -16,17 +16,10 @@ from ptx.errors import PtxError
 from ptx.evaluate import score_prompts
 from ptx.prompt import backbone_meta
 from ptx.stages.tpt import run_tpt_stage
-from ptx.stages.transfer import run_transfer_stage
+from ptx.stages.transfer import load_transfer_table, run_transfer_stage, transfer_matrix_from_store
 from ptx.tasks import load_task
 from ptx.train import TrainSettings
-from ptx.transfer import (
-    KIND_UNIT,
-    RANDOM,
-    convergence_speedup,
-    load_transfer_table,
-    transfer_matrix,
-    transfer_matrix_from_store,
-)
+from ptx.transfer import KIND_UNIT, RANDOM, convergence_speedup, transfer_matrix
 
 TARGETS = ["tweet_sentiment", "drug_sentiment", "bbc_topic"]
 

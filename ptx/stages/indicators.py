@@ -96,7 +96,7 @@ def _own_runs(runs) -> dict:
 
 def _transfer_table(tracker, backbone: str, study: str, table) -> pd.DataFrame:
     if table is None:
-        from ptx.transfer import load_transfer_table  # its PtxError says to run the transfer stage first
+        from ptx.stages.transfer import load_transfer_table  # its PtxError: run the transfer stage first
 
         table = load_transfer_table(tracker, backbone, study)
     if table is None or len(table) == 0:

@@ -11,7 +11,7 @@ from ptx.errors import PtxError, suggest
 from ptx.figures import convergence_png
 from ptx.io import config_hash
 from ptx.prompt import load_prompt
-from ptx.stages.transfer import _study_tracker
+from ptx.stages.transfer import _study_tracker, load_transfer_table
 from ptx.transfer import (
     KIND_TPT,
     RANDOM,
@@ -19,7 +19,6 @@ from ptx.transfer import (
     _spec,
     censored_speedups,
     convergence_speedup,
-    load_transfer_table,
 )
 
 log = logging.getLogger(__name__)

@@ -26,6 +26,37 @@ from ptx.transfer import (
     transfer_matrix,
 )
 
+
+# ---- the matrix and table from the store -------------------------------------------------------------------------------
+def transfer_matrix_from_store(tracking_uri: str, backbone, tasks=None, splits=("dev", "test"), limits=None,
+                               experiment: str | None = None, workdir=None, sources: str = "all", **kwargs):
+    """Notebook API: the matrix of every prompt of `backbone` in an MLflow store, as a pandas DataFrame."""
+    from ptx.backbones import load_backbone
+    from ptx.io import cache_dir
+
+    tracker = track.MlflowTracker(tracking_uri, experiment or track.DEFAULT_EXPERIMENT)
+    name = backbone if isinstance(backbone, str) else backbone.name
+    ids = [tracker.experiment_id] if experiment else tracker.all_experiment_ids()
+    local = Path(workdir) if workdir else cache_dir()
+    bank = {r.run_id: load_prompt(tracker.fetch_prompt(r.run_id, local)) for r in tracker.bank(name, tasks, sources, ids)}
+    if not bank:
+        raise PtxError(f"the prompt bank for backbone '{name}' in {tracking_uri} is empty (tasks: {tasks or 'all'})")
+    if isinstance(backbone, str):
+        backbone = load_backbone(name, insertion=next(iter(bank.values())).meta.get("insertion", "prepend"))
+    targets = tasks or sorted({a.meta["task"]["name"] for a in bank.values()})
+    return transfer_matrix(backbone, bank, targets, splits, limits, **kwargs).to_pandas()
+
+
+def load_transfer_table(tracker, backbone: str, study: str | None = None):
+    """The latest finished transfer matrix of `backbone` (optionally of one study) as a pandas DataFrame."""
+    runs = tracker.find_runs({"ptx.kind": track.KIND_TRANSFER, "ptx.backbone": backbone, "ptx.study": study},
+                             order_by=["attributes.start_time DESC"], experiment_ids=tracker.all_experiment_ids())
+    if not runs:
+        raise PtxError(f"no finished transfer run for backbone '{backbone}'" + (f" of study '{study}'" if study else "")
+                       + f" in {tracker.uri}: run the transfer stage first (ptx transfer matrix SPEC)")
+    return tracker.read_table(runs[0].run_id, track.KIND_TRANSFER, "transfer.parquet").to_pandas()
+
+
 # ---- the transfer stage ---------------------------------------------------------------------------------
 _LOADED: dict = {}  # one backbone per worker process: consecutive units of a backbone skip the reload
 
