@@ -301,7 +301,7 @@ def run_baseline(spec, n: int, workdir: Path, uri: str) -> dict:
     from ptx import sweep, track
     from ptx.prompt_runs import run_prompt
 
-    tracker = track.Tracker(uri, spec.name + "-baseline", workdir=workdir)
+    tracker = track.MlflowTracker(uri, spec.name + "-baseline", workdir=workdir)
     reqs = sweep.sweep_requests(spec)[:n]
     cpu0, t0 = os.times(), time.perf_counter()
     for req in reqs:

@@ -33,11 +33,7 @@ ONLY_IN = {"mlflow": {"ptx.track"}, "ray": {"ptx.sweep"}, "click": {"ptx.cli"}}
 
 # Imports that break a rule today and are being removed; the test fails when one goes (drop it here) or a new
 # violation appears. Each entry: (importer, imported).
-KNOWN_EXCEPTIONS = {
-    # the transfer library still queries MLflow for the bank (gather_bank, load_transfer_table, _read_table);
-    # issue 15's MLflow seam moves those into track.py, after which ptx/transfer.py imports no track
-    ("ptx.transfer", "ptx.track"),
-}
+KNOWN_EXCEPTIONS: set = set()
 
 
 def module_names(root: Path) -> dict[str, Path]:

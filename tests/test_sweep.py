@@ -168,10 +168,10 @@ def test_killed_driver_is_finished_by_resume(tmp_path, new_workdir, group):
         names = {a.path for a in client.list_artifacts(r.run_id, "prompt")}
         assert names == {"prompt/prompt.json", "prompt/prompt.safetensors"}
     if group > 1:  # every member resumed in its own run: two per group trial, each point of its curve logged once
-        assert sorted(Counter(r.data.tags["ptx.group_trial"] for r in runs).values()) == [2, 2]
+        assert sorted(Counter(r.tags["ptx.group_trial"] for r in runs).values()) == [2, 2]
         for r in runs:
-            steps = [m.step for m in client.get_metric_history(r.info.run_id, "dev_accuracy")]
-            assert sorted(steps) == list(range(0, 151, 3)), (r.data.tags["ptx.trial_id"], steps)
+            steps = [m.step for m in client.get_metric_history(r.run_id, "dev_accuracy")]
+            assert sorted(steps) == list(range(0, 151, 3)), (r.tags["ptx.trial_id"], steps)
     status = subprocess.run([*ptx, "status", str(experiment)], env=env, capture_output=True, text=True, timeout=120)
     assert status.returncode == 0 and status.stdout.count("TERMINATED") == n_trials
     # finalised trials keep only their last checkpoint
@@ -211,25 +211,25 @@ def test_sigterm_stops_the_sweep_like_ctrl_c_and_resume_finishes_it(tmp_path):
     assert f"interrupted: sweep interrupted with 2 of 2 trials unfinished; finish it with: ptx resume {experiment}" \
         in text, text[-3000:]
     uri = track.resolve_tracking_uri(None, tmp_path)
-    tracker = track.Tracker(uri, "termed")
+    tracker = track.MlflowTracker(uri, "termed")
     runs = prompt_runs(uri, "termed")
-    assert sorted(r.info.status for r in runs) == ["KILLED", "KILLED"]
+    assert sorted(r.status for r in runs) == ["KILLED", "KILLED"]
     (parent,) = tracker.find_runs({"ptx.kind": "sweep"}, status=None)
-    assert parent.info.status == "KILLED"
-    steps_at_stop = {r.info.run_id: max(m.step for m in tracker.client.get_metric_history(r.info.run_id,
+    assert parent.status == "KILLED"
+    steps_at_stop = {r.run_id: max(m.step for m in tracker.client.get_metric_history(r.run_id,
                                                                                            "dev_accuracy"))
                      for r in runs}
     assert all(step < 150 for step in steps_at_stop.values()), steps_at_stop  # stopped mid-training
     out = subprocess.run([*ptx, "resume", str(experiment)], env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-2000:]
     after = prompt_runs(uri, "termed")
-    assert sorted(r.info.run_id for r in after) == sorted(steps_at_stop), "a resumed trial opened a second run"
-    assert all(r.info.status == "FINISHED" for r in after)
-    assert tracker.client.get_run(parent.info.run_id).info.status == "FINISHED"
+    assert sorted(r.run_id for r in after) == sorted(steps_at_stop), "a resumed trial opened a second run"
+    assert all(r.status == "FINISHED" for r in after)
+    assert tracker.client.get_run(parent.run_id).info.status == "FINISHED"
     for r in after:
-        got = [m.step for m in tracker.client.get_metric_history(r.info.run_id, "dev_accuracy")]
-        assert sorted(got) == list(range(0, 151, 3)), (r.info.run_id, sorted(got))  # each step exactly once
-        names = {a.path for a in tracker.client.list_artifacts(r.info.run_id, "prompt")}
+        got = [m.step for m in tracker.client.get_metric_history(r.run_id, "dev_accuracy")]
+        assert sorted(got) == list(range(0, 151, 3)), (r.run_id, sorted(got))  # each step exactly once
+        names = {a.path for a in tracker.client.list_artifacts(r.run_id, "prompt")}
         assert names == {"prompt/prompt.json", "prompt/prompt.safetensors"}
 
 
