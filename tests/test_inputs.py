@@ -318,7 +318,10 @@ def _train_until_a_step_then_signal(args: list, env: dict, sig) -> subprocess.Co
     """Start `ptx train`, wait until its progress bar shows a finished step, send `sig`; the finished process."""
     import threading
 
-    proc = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # a shell that starts the suite in the background leaves SIGINT ignored, and children inherit that: the CLI
+    # under test gets the disposition an interactive user's process has
+    proc = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     err: list[str] = []
     stepped = threading.Event()
 
@@ -330,10 +333,15 @@ def _train_until_a_step_then_signal(args: list, env: dict, sig) -> subprocess.Co
 
     reader = threading.Thread(target=read, daemon=True)
     reader.start()
-    assert stepped.wait(300), "training never made a step: " + "".join(err)[-2000:]
-    proc.send_signal(sig)
-    out = proc.stdout.read()
-    proc.wait(timeout=120)
+    try:
+        assert stepped.wait(300), "training never made a step: " + "".join(err)[-2000:]
+        proc.send_signal(sig)
+        proc.wait(timeout=120)  # a signal that did not stop it fails here, not forever (stdout is a few lines)
+        out = proc.stdout.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()  # a million-step run must not outlive a failed test
+            proc.wait()
     reader.join(timeout=30)
     return subprocess.CompletedProcess(args, proc.returncode, out, "".join(err))
 
