@@ -422,6 +422,13 @@ def test_sweep_runs_trials_on_both_nodes_and_logs_to_the_server(cluster, server,
     figures("multinode", {**fig, "nodes_used": len(nodes), "wall_seconds": round(wall, 1)})
 
 
+def logged_an_evaluation(client, experiment: str) -> bool:
+    """Whether a prompt run of `experiment` has logged a dev evaluation after its first step."""
+    exp = client.get_experiment_by_name(experiment)
+    runs = client.search_runs([exp.experiment_id], "tags.`ptx.kind` = 'prompt'") if exp else []
+    return any(m.step >= 3 for r in runs for m in client.get_metric_history(r.info.run_id, "dev_accuracy"))
+
+
 def test_mlflow_server_restart_mid_sweep_loses_nothing(cluster, server, launch, tmp_path):
     # 60 steps: on a warm machine 18 tiny steps finished in 6 s, before the server went down (nothing tested)
     steps = list(range(0, 61, 3))
@@ -430,12 +437,7 @@ def test_mlflow_server_restart_mid_sweep_loses_nothing(cluster, server, launch, 
     sweep = launch(spec)
     client = MlflowClient(server.uri)
 
-    def logged_an_evaluation():
-        exp = client.get_experiment_by_name("outage")
-        runs = client.search_runs([exp.experiment_id], "tags.`ptx.kind` = 'prompt'") if exp else []
-        return any(m.step >= 3 for r in runs for m in client.get_metric_history(r.info.run_id, "dev_accuracy"))
-
-    wait_for(logged_an_evaluation, SWEEP_TIMEOUT, "logged evaluation", sweep)
+    wait_for(lambda: logged_an_evaluation(client, "outage"), SWEEP_TIMEOUT, "logged evaluation", sweep)
     t_down = time.perf_counter()
     server.stop()
     time.sleep(20)  # longer than one MLflow call's own retries (3, backoff 1 s): trials' calls fail for good
@@ -461,12 +463,7 @@ def test_mlflow_outage_outlasting_the_retries_then_resume_finishes_exactly_once(
     sweep = launch(spec, env={"PTX_MLFLOW_WAIT_TRIES": "1"})
     client = MlflowClient(server.uri)
 
-    def logged_an_evaluation():
-        exp = client.get_experiment_by_name("longoutage")
-        runs = client.search_runs([exp.experiment_id], "tags.`ptx.kind` = 'prompt'") if exp else []
-        return any(m.step >= 3 for r in runs for m in client.get_metric_history(r.info.run_id, "dev_accuracy"))
-
-    wait_for(logged_an_evaluation, SWEEP_TIMEOUT, "logged evaluation", sweep)
+    wait_for(lambda: logged_an_evaluation(client, "longoutage"), SWEEP_TIMEOUT, "logged evaluation", sweep)
     t_down = time.perf_counter()
     server.stop()
     sweep.wait(rc=2)  # the driver gives up: the store it must finalise into is gone

@@ -7,6 +7,7 @@ import math
 from pathlib import Path
 
 from ptx import track
+from ptx.config import TptSource
 from ptx.errors import PtxError, suggest
 from ptx.figures import convergence_png
 from ptx.io import config_hash
@@ -56,7 +57,7 @@ def _indicator_sources(tracker, backbone: str, study: str, indicator: str) -> di
     return out
 
 
-SOURCE_MODES = ("best_same_category", "best_cross_category", "best_any")
+SOURCE_MODES = tuple(m.value for m in TptSource)  # the named modes; indicator:<name> and task names besides
 
 
 def choose_sources(spec, tracker, backbone: str, mode: str | None = None) -> dict:
