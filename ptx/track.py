@@ -382,7 +382,22 @@ class MlflowTracker(_Bank):
                                        profile=json.dumps({"num_rows": d["rows"], "task": d["task"],
                                                            "split": d["split"]})),
                                [InputTag("mlflow.data.context", d.get("context", d["split"]))]) for d in splits]
-        self.client.log_inputs(run_id, datasets=inputs)
+        self._log_inputs(run_id, inputs)
+
+    def _log_inputs(self, run_id: str, inputs: list) -> None:
+        """log_inputs, once more when it lost the dataset-key race: MLflow looks a dataset up by (experiment, name,
+        digest) and inserts it when missing, so two trials logging the same split at once into a fresh store both
+        insert and the slower one fails on the key. The store rolls the failed call back whole; its retry finds the
+        winner's row."""
+        for attempt in range(DATASET_RACE_TRIES):
+            try:
+                self.client.log_inputs(run_id, datasets=inputs)
+                return
+            except Exception as exc:
+                if attempt + 1 == DATASET_RACE_TRIES or not _duplicate_key(exc):
+                    raise
+                log.info("dataset inputs of run %s raced another writer; retrying", run_id)
+                time.sleep(0.2 * (attempt + 1))
 
     def copy_datasets(self, run_ids, to_run_id: str) -> None:
         """Log on `to_run_id` (e.g. a sweep's parent run) every dataset input the runs `run_ids` logged, once."""
@@ -394,7 +409,7 @@ class MlflowTracker(_Bank):
                 key = (d.dataset.name, d.dataset.digest, tuple((t.key, t.value) for t in d.tags))
                 seen.setdefault(key, DatasetInput(d.dataset, d.tags))
         if seen:
-            self.client.log_inputs(to_run_id, datasets=list(seen.values()))
+            self._log_inputs(to_run_id, list(seen.values()))
 
     def experiment_url(self, base: str) -> str:
         """The experiment's runs table in the MLflow UI at `base` (model-training view, not the GenAI overview)."""
@@ -634,6 +649,15 @@ def experiment_names(uri: str) -> list[str]:
     exps = MlflowClient(tracking_uri=uri).search_experiments(filter_string=f"tags.`{EXPERIMENT_KIND_TAG}` = "
                                                                           f"'{EXPERIMENT_KIND}'")
     return [e.name for e in sorted(exps, key=lambda e: e.creation_time or 0)]
+
+
+DATASET_RACE_TRIES = 3
+# what a unique-key violation says: sqlite, PostgreSQL, MySQL (locally, or relayed by an MLflow server)
+_DUPLICATE_KEY = ("UNIQUE constraint failed", "duplicate key value violates unique constraint", "Duplicate entry")
+
+
+def _duplicate_key(exc: Exception) -> bool:
+    return any(m in str(exc) for m in _DUPLICATE_KEY)
 
 
 def _tag_key(label: str) -> str:

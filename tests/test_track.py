@@ -430,3 +430,45 @@ def test_every_prompt_writer_records_the_same_metadata_keys(wd, tmp_path):
     assert finalised["backbone"] == trained["backbone"] and trained["backbone"]["revision"] is not None
     assert (finalised["stopped"], trained["stopped"], imported["stopped"]) == ("scheduler", "max_steps", None)
     assert finalised["init"] == trained["init"] and finalised["config_hash"] == trained["config_hash"]
+
+
+def test_two_trials_logging_one_dataset_at_once_both_record_it(wd):
+    """Two trials that log the same split into a fresh store at once race on MLflow's dataset key: both look the
+    dataset up, neither finds it, both insert, and the slower insert fails on the key (seen in a real study: the
+    trial errored and had to be retried). The interleaving is forced, not hoped for: a SQLAlchemy hook on the store's
+    engine runs the second tracker's whole log_datasets (its own thread, its own connection) just before the first
+    one's INSERT into `datasets` executes. Both runs must end up with the one dataset, the first after a retry."""
+    import threading
+
+    from sqlalchemy import event
+
+    uri = f"sqlite:///{wd / 'mlflow.db'}"
+    first, second = (track.MlflowTracker(uri, "race", workdir=wd) for _ in range(2))
+    run_a, run_b = first.start_run("a", {}), second.start_run("b", {})
+    split = {"name": "tweet_sentiment/train", "digest": "0123abcd", "source_type": "local", "source": "cache",
+             "rows": 32, "task": "tweet_sentiment", "split": "train", "context": "train"}
+    engine = first.client._tracking_client.store.engine
+    raced: list = []
+
+    def interleave(conn, cursor, statement, parameters, context, executemany):
+        if not raced and statement.lstrip().upper().startswith("INSERT INTO DATASETS"):
+            raced.append(statement)
+            other = threading.Thread(target=lambda: raced.append(second.log_datasets(run_b, [split]) or "b logged"))
+            other.start()
+            other.join(timeout=60)
+
+    event.listen(engine, "before_cursor_execute", interleave)
+    try:
+        first.log_datasets(run_a, [split])
+    finally:
+        event.remove(engine, "before_cursor_execute", interleave)
+    assert raced[1:] == ["b logged"]  # the race happened: the second writer inserted first
+    client = MlflowClient(uri)
+    for run_id in (run_a, run_b):
+        logged = [(d.dataset.name, d.dataset.digest) for d in client.get_run(run_id).inputs.dataset_inputs]
+        assert logged == [("tweet_sentiment/train", "0123abcd")]
+    import sqlite3
+
+    with sqlite3.connect(wd / "mlflow.db") as db:  # one dataset row, two inputs pointing at it
+        assert db.execute("SELECT COUNT(*) FROM datasets").fetchone() == (1,)
+        assert db.execute("SELECT COUNT(*) FROM inputs").fetchone() == (2,)
