@@ -612,14 +612,14 @@ def _fit_and_finalise(tuner, tracker, parent: str, workdir: Path, trials: int = 
     try:
         with _sigterm_stops_tune():
             grid = tuner.fit()
-        _bar.update(done=_bar_base[0] + len(grid), note=f"{sum(r.error is not None for r in grid)} errored"
+        interrupted = _interrupted_trials(grid)  # stopped by Ctrl-C or SIGTERM: not done, whatever Tune says
+        _bar.update(done=_bar_base[0] + len(grid) - interrupted, note=f"{sum(r.error is not None for r in grid)} errored"
                     if any(r.error is not None for r in grid) else "")
     finally:
         _bar = None
     wall = time.perf_counter() - t0
     # a server blip at the end costs a wait, not the sweep
     track.wait_reachable(tracker.uri, tries=track.outage_wait_tries(), delay=2.0)
-    interrupted = _interrupted_trials(grid)
     if interrupted:
         _close_interrupted(tracker, parent)
         raise SweepInterrupted(f"sweep interrupted with {interrupted} of {len(grid)} trials unfinished; finish it "
