@@ -55,8 +55,16 @@ def _speed(lo, hi=None) -> str:
     return f"{one(lo)} to {one(hi)}"
 
 
+AT_INIT = 1e9  # the speed-up of a TPT run that starts at vanilla's best: above any finite one
+
+
+def _bound(v) -> str:
+    """An interval end: '∞' for a TPT speed-up at init, else the number."""
+    return "∞" if isinstance(v, float | np.floating) and v >= AT_INIT else _num(v)
+
+
 def _ci(mean, lo, hi) -> str:
-    return f"{_num(mean)} [{_num(lo)}, {_num(hi)}]"
+    return f"{_bound(mean)} [{_bound(lo)}, {_bound(hi)}]"
 
 
 def _table(head: list[str], rows: list[list], source: str | None = None) -> str:
@@ -361,7 +369,7 @@ def _speedups(records: list) -> list:
         if flag == "ok":
             out.append(float(r["speedup"]))
         elif flag == "tpt_at_init":
-            out.append(1e9)
+            out.append(AT_INIT)
         elif flag == "tpt_not_reached" and math.isfinite(float(r.get("speedup_bound", math.nan))):
             out.append(float(r["speedup_bound"]))
     return out

@@ -473,3 +473,13 @@ def test_tpt_verdict_reads_censored_runs_at_their_bound_per_source_mode():
     assert same.estimate == 3.0 and same.verdict.value == "yes" and same.ci_low == 2.0
     assert cross.estimate == pytest.approx(0.55) and cross.verdict.value == "no" and cross.ci_high == 0.6
     assert list(_by_source_mode([{"flag": "ok", "speedup": 1.5}])) == ["source"]  # a table from before the modes
+
+
+def test_an_interval_reaching_a_speed_up_at_init_reads_infinity():
+    """A TPT run that starts at vanilla's best enters the median's bootstrap as AT_INIT (faster than any finite
+    speed-up); an interval that reaches it is printed open-ended, not as 1000000000.000 (seen in the findings
+    study's report)."""
+    from ptx.report import AT_INIT, _ci
+
+    assert _ci(3.0, 0.75, AT_INIT) == "3.000 [0.750, ∞]"
+    assert _ci(0.028, -0.042, 0.094) == "0.028 [-0.042, 0.094]"
