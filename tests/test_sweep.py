@@ -210,8 +210,6 @@ def test_sigterm_stops_the_sweep_like_ctrl_c_and_resume_finishes_it(tmp_path):
     experiment = next(p for p in results.iterdir() if p.is_dir())
     assert f"interrupted: sweep interrupted with 2 of 2 trials unfinished; finish it with: ptx resume {experiment}" \
         in text, text[-3000:]
-    last_line = [line for line in text.splitlines() if line.startswith("[train] ")][-1]
-    assert last_line.startswith("[train] 0/2 trials 0% |"), last_line  # stopped trials are not counted done
     uri = track.resolve_tracking_uri(None, tmp_path)
     tracker = track.MlflowTracker(uri, "termed")
     runs = prompt_runs(uri, "termed")
