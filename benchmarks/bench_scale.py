@@ -410,6 +410,9 @@ def main() -> None:
                     scheduling_lost_fraction=(offered - busy) / offered if offered else float("nan"),
                     mean_trial_s=busy / len(times), slot_s_per_trial=offered / args.trials)
         exp_dir = Path(summary["experiment_path"])
+        from ray.tune import ExperimentAnalysis
+
+        tune["trial_retries"] = sum(t.num_failures for t in ExperimentAnalysis(str(exp_dir)).trials)  # Tune failures
         states = list(exp_dir.glob("experiment_state*.json"))
         tune.update(experiment_state_bytes=sum(p.stat().st_size for p in states),
                     experiment_dir_bytes=dir_size(exp_dir),
@@ -446,7 +449,7 @@ def main() -> None:
     print(f"Tune experiment dir: {t['experiment_dir_bytes'] / 1e6:.1f} MB ({t['experiment_dir_bytes_per_trial'] / 1e3:.0f}"
           f" kB/trial), state file {t['experiment_state_bytes'] / 1e3:.0f} kB; scheduling lost "
           f"{t['scheduling_lost_slot_s']:.0f} of {t['offered_slot_s']:.0f} slot-s ({100 * t['scheduling_lost_fraction']:.0f}%);"
-          f" errored {t['errored']}, write errors {t.get('write_errors', 0)}")
+          f" errored {t['errored']} (trial retries {t.get('trial_retries', 0)}), write errors {t.get('write_errors', 0)}")
     print(f"scale: {r['wall_per_trial_x']:.2f}x slot-seconds per trial vs the in-process baseline, trial itself "
           f"{r['trial_duration_x']:.2f}x, MLflow writes/trial {r['writes_per_trial_x']:.2f}x, write p99 "
           f"{r['write_p99_x']:.2f}x")

@@ -886,6 +886,9 @@ def main():
     """Entry point: one-line errors and exit code 2 for user errors."""
     import signal
 
+    from ptx.track import disable_telemetry
+
+    disable_telemetry()  # before anything imports mlflow
     signal.signal(signal.SIGTERM, _terminate)
     try:
         cli.main(standalone_mode=False)

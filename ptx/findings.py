@@ -44,8 +44,9 @@ class Finding:
 
 
 def verdict_from_interval(low: float, high: float, null: float = 0.0) -> Verdict:
-    """yes when the interval lies above `null`, no when below it, inconclusive when it contains it or is NaN."""
-    if not (math.isfinite(low) and math.isfinite(high)):
+    """yes when the interval lies above `null`, no when below it, inconclusive when it contains it or is NaN (an
+    infinite end is an answer: [2, inf) lies above 1)."""
+    if math.isnan(low) or math.isnan(high):
         return Verdict.INCONCLUSIVE
     if low > null:
         return Verdict.YES
@@ -124,18 +125,27 @@ def speedup_interval(speedups, n_boot: int = 4000, seed: int = 0) -> Finding:
     """Median speed-up of TPT over vanilla PT with a bootstrap interval, against 1 (no speed-up).
 
     `speedups` holds one value per (target, seed) run; a run that never reached vanilla's best enters with its
-    censoring bound (vanilla's steps / TPT's budget, which is at most 1). The median only needs to know on
-    which side of 1 such a run lies, so the bound keeps the verdict honest where a mean would not.
+    censoring bound (vanilla's steps / TPT's budget, which is at most 1), one that starts there with +inf (or any
+    stand-in above every finite speed-up). The median only needs to know on which side of 1 such a run lies, so
+    the bound keeps the verdict honest where a mean would not.
+
+    The median is the lower median (the ceil(n/2)-th smallest), as in `transfer.censored_speedups` and the
+    report's TPT table: it never averages two runs, so it is defined when a middle run starts at vanilla's best
+    (an averaged median of 2.0 and +inf is +inf, of 2.0 and a finite stand-in a meaningless midpoint), and the
+    report's table and its finding agree. The interval's ends are bootstrap medians themselves (no interpolation).
     """
     s = np.asarray(speedups, float)
-    s = s[np.isfinite(s)]
+    s = s[~np.isnan(s)]
     if len(s) < 2:
-        est = float(np.median(s)) if len(s) else math.nan
+        est = float(s[0]) if len(s) else math.nan
         return Finding(est, math.nan, math.nan, 1.0, Verdict.INCONCLUSIVE, "too few runs for an interval", len(s))
+    k = (len(s) - 1) // 2
     rng = np.random.default_rng(seed)
-    lo, hi = _interval(np.median(s[rng.integers(0, len(s), (n_boot, len(s)))], axis=1))
-    return Finding(float(np.median(s)), lo, hi, 1.0, verdict_from_interval(lo, hi, 1.0),
-                   "bootstrap of the median speed-up over runs (non-reaching runs at their bound)", len(s))
+    boot = np.sort(s[rng.integers(0, len(s), (n_boot, len(s)))], axis=1)[:, k]
+    lo = float(np.percentile(boot, (1 - CI) / 2 * 100, method="lower"))
+    hi = float(np.percentile(boot, (1 + CI) / 2 * 100, method="higher"))
+    return Finding(float(np.sort(s)[k]), lo, hi, 1.0, verdict_from_interval(lo, hi, 1.0),
+                   "bootstrap of the lower median speed-up over runs (non-reaching runs at their bound)", len(s))
 
 
 def proportion_difference(p1: float, n1: int, p2: float, n2: int) -> Finding:

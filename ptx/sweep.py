@@ -24,6 +24,7 @@ from ptx.train import TrainSettings, load_checkpoint, save_checkpoint
 log = logging.getLogger(__name__)
 STATE_FILE = "ptx_sweep.json"  # beside the Tune experiment: what `ptx resume` needs to finish the job
 FAIL_ONCE_ENV = "PTX_FAIL_ONCE_AT_STEP"  # fault-injection hook for tests: "STEP:MARKER_DIR"
+HOLD_ENV = "PTX_HOLD_AT_STEP"  # test hook: "STEP:DIR", a trial waits after reporting STEP until DIR/release exists
 _joined_cluster = False  # connected with --address (an autoscaler may add nodes) rather than a local Ray
 
 
@@ -37,8 +38,9 @@ def connect(address: str | None = None, num_cpus: int | None = None, num_gpus: i
         return None
     address = address or os.environ.get("RAY_ADDRESS") or None
     _joined_cluster = bool(address)
-    env = {"env_vars": {k: os.environ[k] for k in ("PTX_CACHE_DIR", "MLFLOW_TRACKING_URI", FAIL_ONCE_ENV,
+    env = {"env_vars": {k: os.environ[k] for k in ("PTX_CACHE_DIR", "MLFLOW_TRACKING_URI", FAIL_ONCE_ENV, HOLD_ENV,
                                                     "HF_HUB_OFFLINE") if k in os.environ}}
+    env["env_vars"].update(track.disable_telemetry())  # every worker starts with MLflow's telemetry off
     if address and address != "auto":
         _check_reachable(address)
     # Ray's note that token authentication is on is replaced by ptx's own line on how to log in (dashboard_login)
@@ -214,6 +216,28 @@ def _maybe_fail(step: int) -> None:
         raise RuntimeError(f"injected failure at step {step} ({FAIL_ONCE_ENV})")
 
 
+def _maybe_hold(step: int) -> None:
+    """Test hook: once a trial's report of STEP has returned (Tune's driver has processed that result and
+    registered its checkpoint: function trainables report synchronously), the trial writes DIR/held-<trial id>
+    holding the step and waits until DIR/release exists. A fault test then kills a node or the head at a known
+    point, with no trial able to finish or run ahead first. Armed while DIR exists and DIR/release does not."""
+    spec = os.environ.get(HOLD_ENV)
+    if not spec:
+        return
+    at, hold_dir = spec.split(":", 1)
+    release = Path(hold_dir) / "release"
+    if step < int(at) or not Path(hold_dir).is_dir() or release.exists():
+        return
+    from ray import tune
+
+    held = Path(hold_dir) / f"held-{tune.get_context().get_trial_id()}"
+    tmp = held.with_suffix(".tmp")
+    tmp.write_text(str(step))
+    tmp.rename(held)
+    while not release.exists():
+        time.sleep(0.1)
+
+
 def _curve_metrics(curve: list[dict], metric: str) -> list[dict]:
     """The points `run_prompt` logs at each evaluation (dev metric, train loss, best so far), from a checkpoint's curve."""
     best, out = float("-inf"), []
@@ -266,6 +290,7 @@ def prompt_trainable(config: dict) -> None:
             save_checkpoint(state, d)
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(d))
         _maybe_fail(step)
+        _maybe_hold(step)
 
     tags = {"ptx.trial_id": trial_id, "ptx.sweep_run": const["parent_run_id"], "ptx.study": const["study"],
             "ptx.node": node, **const.get("tags", {})}
@@ -285,6 +310,19 @@ def _named_trainable(fn):
     return type("PromptTrial", (base,), {"__repr__": lambda self: self.trial_name, "__module__": __name__})
 
 
+def trial_trainable(grouped: bool, resources: dict | None):
+    """The trainable of a sweep's trials with their resource request ({cpu, gpu, custom} as in a spec), for a new
+    sweep and for `ptx resume` alike: Tune keeps no trial's resources in its saved experiment state, it asks the
+    trainable again on restore, so a bare trainable would resume every trial at {cpu: 1} (no GPU share, no custom
+    node resource)."""
+    from ray import tune
+
+    res = dict(resources or {"cpu": 1})
+    custom = res.pop("custom", None) or {}
+    fn = group_trainable if grouped else prompt_trainable
+    return tune.with_resources(_named_trainable(fn), {"cpu": res.get("cpu", 1), "gpu": res.get("gpu", 0), **custom})
+
+
 def build_tuner(requests: list[PromptRequest], name: str, workdir: Path, tracking_uri: str, experiment: str,
                 parent_run_id: str, storage_path: str, search: dict | None = None, algorithm: str = "grid",
                 num_samples: int = 1, scheduler: dict | None = None, resources: dict | None = None,
@@ -297,10 +335,7 @@ def build_tuner(requests: list[PromptRequest], name: str, workdir: Path, trackin
     # checkpoints at every evaluation are the point (resume); Tune's warning about that is noise here
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")  # a reused run reports no train_loss
-    res = dict(resources or {"cpu": 1})
-    custom = res.pop("custom", None) or {}
-    fn = group_trainable if group_size > 1 else prompt_trainable
-    trainable = tune.with_resources(_named_trainable(fn), {"cpu": res.get("cpu", 1), "gpu": res.get("gpu", 0), **custom})
+    trainable = trial_trainable(group_size > 1, resources)
     const = {"tracking_uri": tracking_uri, "experiment": experiment, "workdir": str(workdir), "study": name,
              "parent_run_id": parent_run_id, "tags": tags or {}, "force": force, "quiet": not progress.verbosity()}
     if group_size > 1:
@@ -556,7 +591,7 @@ def run_sweep(spec, workdir: Path, tracking_uri: str, storage_path: str | None =
                         tags=tags, force=force, group_size=group_size(spec))
     _write_state(storage, name, {"tracking_uri": tracking_uri, "experiment": spec.name, "workdir": str(workdir),
                                  "parent_run_id": parent, "study_file": spec.source_file, "name": name,
-                                 "grouped": group_size(spec) > 1})
+                                 "grouped": group_size(spec) > 1, "resources": dataclasses.asdict(spec.resources)})
     reqs, size = requests or sweep_requests(spec), group_size(spec)
     n_trials = (len(group_requests(reqs, size)) if size > 1 else len(reqs)) * plan(spec)["search_points"] \
         * spec.search.num_samples
@@ -587,6 +622,11 @@ def _read_state(path: str) -> dict:
         raise PtxError(f"{path} is not a ptx sweep: {STATE_FILE} is missing") from None
 
 
+def resumed_trainable(state: dict):
+    """The trainable `ptx resume` restores a sweep with: the sweep's own, with the resources its state file names."""
+    return trial_trainable(bool(state.get("grouped")), state.get("resources"))
+
+
 def resume_sweep(path: str, restart_errored: bool = False) -> dict:
     """Restore an interrupted sweep (e.g. its driver was killed) and finish it."""
     from ray import tune
@@ -595,7 +635,9 @@ def resume_sweep(path: str, restart_errored: bool = False) -> dict:
     if not tune.Tuner.can_restore(path):
         raise PtxError(f"{path} is not a Tune experiment directory (no experiment state found)")
     state = _read_state(path)
-    trainable = _named_trainable(group_trainable if state.get("grouped") else prompt_trainable)
+    if "resources" not in state:  # written before the state file kept them
+        log.warning("%s/%s names no trial resources: the trials resume at {cpu: 1}", path, STATE_FILE)
+    trainable = resumed_trainable(state)
     tuner = tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True,
                                resume_errored=not restart_errored, restart_errored=restart_errored)
     tracker = track.MlflowTracker(state["tracking_uri"], state["experiment"], workdir=Path(state["workdir"]))
@@ -903,6 +945,7 @@ def group_trainable(config: dict) -> None:
             save_group_checkpoint(live, d)
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(d))
         _maybe_fail(metrics["step"])
+        _maybe_hold(metrics["step"])
 
     def train_members() -> list:
         if len(members) == 1 and members[0].spec.kind == "generation":  # a group of one, trained by train_prompt

@@ -36,6 +36,23 @@ CLIENT_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3", "MLFLOW_HTTP_REQUEST_BACKO
               "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}  # prompts are small; bars garble CLI errors
 
 
+# MLflow's usage telemetry, off unless the environment says otherwise: on import its client stores a session id in
+# os.environ and a background thread removes it again when the telemetry endpoint cannot be reached (any offline
+# node). That removal races with `requests` iterating os.environ for proxy settings in the same process: at 500
+# trials (benchmarks/bench_scale.py) two trials' first log-batch failed with KeyError('_MLFLOW_TELEMETRY_SESSION_ID').
+# It has to be in the environment before mlflow is imported: the CLI sets it first thing, `sweep.connect` passes it
+# to every Ray worker.
+TELEMETRY_ENV = {"MLFLOW_DISABLE_TELEMETRY": "true"}
+
+
+def disable_telemetry() -> dict:
+    """Turn MLflow's telemetry off for this process (and the subprocesses it starts) unless the environment set it;
+    returns the variables as set, for a Ray runtime_env."""
+    for key, value in TELEMETRY_ENV.items():
+        os.environ.setdefault(key, value)
+    return {key: os.environ[key] for key in TELEMETRY_ENV}
+
+
 def configure_client() -> None:
     """Set ptx's MLflow client defaults (bounded HTTP retries, no progress bars) unless the environment sets them.
 

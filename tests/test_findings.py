@@ -14,6 +14,7 @@ from ptx.findings import (
     speedup_interval,
     verdict_from_interval,
 )
+from ptx.transfer import censored_speedups
 
 
 @pytest.mark.parametrize("low, high, null, expected", [
@@ -70,6 +71,20 @@ def test_speedup_median_against_one():
     f = speedup_interval([3.0, 0.5] + [0.4] * 8)  # eight runs never reached vanilla's best: censored at 0.4
     assert f.estimate == pytest.approx(0.4) and f.verdict is Verdict.NO and f.null == 1.0
     assert speedup_interval([3.0, 0.67]).verdict is Verdict.INCONCLUSIVE  # the demo's two targets
+
+
+def test_speedup_median_is_the_lower_median_the_report_table_uses():
+    # the findings study's same-category TPT runs had this shape: the finding said 2.5x (the two middle runs
+    # averaged), the report's table 1.0x (transfer.censored_speedups, the lower median) for the same four runs
+    runs = [{"flag": "ok", "speedup": v} for v in (0.75, 1.0, 4.0, 4.0)]
+    f = speedup_interval([r["speedup"] for r in runs])
+    assert f.estimate == 1.0 == censored_speedups(runs)["median_speedup"]
+    # a middle run that starts at vanilla's best: averaging gave (2 + 1e9) / 2, a speed-up no run had
+    assert speedup_interval([1.0, 2.0, 1e9, 1e9]).estimate == 2.0
+    assert speedup_interval([1.0, 2.0, math.inf, math.inf]).estimate == 2.0
+    # the interval's ends are medians of resamples: values the runs had, never a midpoint between two
+    g = speedup_interval([2.0, 3.0, 5.0, math.inf, math.inf])
+    assert g.estimate == 5.0 and g.ci_low in (2.0, 3.0, 5.0) and g.ci_high == math.inf and g.verdict is Verdict.YES
 
 
 def test_paired_correlation_difference_cancels_shared_noise():

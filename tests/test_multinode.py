@@ -29,6 +29,8 @@ import support
 from mlflow.tracking import MlflowClient
 from support import free_port, tail, wait_healthy
 
+from ptx.sweep import HOLD_ENV
+
 pytestmark = [pytest.mark.cluster, pytest.mark.ray]
 BIN = Path(sys.executable).parent
 START_TIMEOUT = 180  # s: a node or the MLflow server starting on a loaded 2-core box
@@ -484,19 +486,40 @@ def test_mlflow_outage_outlasting_the_retries_then_resume_finishes_exactly_once(
                                           "outage_seconds": round(outage, 1), "resume_wall_seconds": round(wall, 1)})
 
 
-@pytest.mark.xfail(strict=False, reason="timing-flaky under load: in the 2026-12-01 full run (load ~9) both trials had "
-                   "reported their last step before the node kill landed, so the mid-training precondition failed")
+HOLD_STEP = 9  # the fault tests hold every trial after its report of this step (sweep.HOLD_ENV) until the fault
+
+
+def hold_at(tmp_path: Path) -> tuple[dict, Path]:
+    """The driver's environment that makes its trials hold after reporting HOLD_STEP, and the folder they write
+    their `held-<trial id>` files to; `release(folder)` lets them (and every retry) go on."""
+    folder = tmp_path / "hold"
+    folder.mkdir()
+    return {HOLD_ENV: f"{HOLD_STEP}:{folder}"}, folder
+
+
+def held(folder: Path, n: int) -> dict[str, int]:
+    """trial id -> the step it holds at, once `n` trials hold; {} before."""
+    got = {f.name[len("held-"):]: int(f.read_text()) for f in folder.glob("held-*")}
+    return got if len(got) >= n else {}
+
+
+def release(folder: Path) -> None:
+    (folder / "release").write_text("1")
+
+
+def steps_after_a_held_fault(sweep, ids: dict[str, int]) -> dict[str, list[int]]:
+    """trial id -> every step it reported to Tune over all its attempts."""
+    return {t: reported_steps(sweep.experiment_path(), t) for t in ids}
+
+
 def test_worker_node_lost_mid_sweep_trials_finish_elsewhere(cluster, server, launch, tmp_path):
     """Kills the module's worker node mid-training and adds a fresh one.
 
-    Once flaky (about half the runs): with 18-step trials the node was frozen after the driver registered a
-    trial's second result, but on this box the trials reported all six results (steps 3-18) in the ~4 s before
-    the freeze took hold and the kill came, and the "mid-training" check (the second-to-last result, 15 < 18)
-    still passed. A trial whose last `train()` call returned before the kill was then rightly TERMINATED by Tune
-    with no failure. Now each trial has 20 evaluations to go at the trigger, the node is killed at once (no
-    freeze, no store query first, one pass over /proc), and the test requires every trial's *last* reported step,
-    read right after the kill, to leave at least two evaluations undone, so a trial cannot have finished on the
-    lost node."""
+    Deterministic: every trial holds after reporting step HOLD_STEP (the test hook sweep.HOLD_ENV), when Tune's
+    driver has processed that result and registered its checkpoint; the node is killed while they hold, and only
+    then are they released. (Without the hold, trials on a loaded box reported their last steps in the seconds
+    between the trigger and the kill, and a trial that had finished on the node was rightly not retried.) Each
+    trial then goes on from its step-9 checkpoint on the fresh node: every step reported exactly once."""
     steps = list(range(0, 61, 3))
     # trials may run only on worker nodes (two per node): once the worker is gone, nothing fits until a fresh node
     spec = write_spec(tmp_path / "nodeloss.yaml", tasks=["tweet_sentiment"], seeds=[0, 1], max_failures=3,
@@ -505,40 +528,67 @@ def test_worker_node_lost_mid_sweep_trials_finish_elsewhere(cluster, server, lau
     workers = [n for n in cluster.alive() if n is not cluster.nodes[0]]
     assert len(workers) == 1
     victim = workers[0]
-    sweep = launch(spec)
+    env, folder = hold_at(tmp_path)
+    sweep = launch(spec, env=env)
     client = MlflowClient(server.uri)
-    # kill once the driver has processed two results of a trial: the first one's checkpoint is then registered
-    # (a checkpoint only on disk can be lost with its node, and the trial then rightly restarts from scratch)
-    wait_for(lambda: registered_steps(sweep), SWEEP_TIMEOUT, "registered checkpoint", sweep, every=0.1)
+    at_kill = wait_for(lambda: held(folder, 2), SWEEP_TIMEOUT, "two held trials", sweep)
+    assert at_kill == dict.fromkeys(at_kill, HOLD_STEP), at_kill
+    # the driver processed each trial's step-9 result (result.json reaches storage_path with its next sync)
+    wait_for(lambda: last_reported_steps(sweep) == at_kill, 120, "the step-9 results in storage", sweep)
     victim.kill()  # SIGKILL to the whole node: raylet, agents, the trial workers on it
-    last_before = last_reported_steps(sweep)
-    at_kill = registered_steps(sweep)
-    # read after the kill: at most the one result in flight per trial can still reach the driver, so two
-    # evaluations left means the trial was still training on the node when it died
-    assert last_before and all(step <= steps[-3] for step in last_before.values()), (
-        f"a trial was (nearly) done when the node died: last reported steps {last_before}")
+    release(folder)
     exp = client.get_experiment_by_name("nodeloss")
     before = {r.data.tags["ptx.trial_id"]: r.data.tags.get("ptx.node")
               for r in client.search_runs([exp.experiment_id], "tags.`ptx.kind` = 'prompt'")}
-    assert before and set(before.values()) == {victim.node_id}, (before, victim.node_id)
-    assert set(last_before) <= set(before), (last_before, before)
+    assert set(before) == set(at_kill) and set(before.values()) == {victim.node_id}, (before, victim.node_id)
     fresh = cluster.add_worker()
     wall = sweep.wait()
     trials = tune_trials(sweep.experiment_path())
     assert len(trials) == 2 and all(t["state"] == "TERMINATED" for t in trials), trials
     fig = check_store(server.uri, "nodeloss", trials, steps)
     after = {r.data.tags["ptx.trial_id"]: r.data.tags.get("ptx.node") for r in prompt_runs(server.uri, "nodeloss")}
-    failed = {t["trial"] for t in trials if t["failures"]}
-    assert failed >= set(before), f"trials on the lost node that Tune did not retry: {set(before) - failed}"
-    assert all(after[t] == fresh.node_id for t in failed), (after, fresh.node_id)
-    for t in at_kill:  # each went on from a registered checkpoint: a restart from scratch would report step 3 again
-        reported = reported_steps(sweep.experiment_path(), t)
-        # results after the last registered checkpoint may be reported twice (the node died before their
-        # checkpoints were registered); the first step never is
-        assert reported.count(steps[1]) == 1 and reported == sorted(reported) and reported[-1] == steps[-1], (
-            t, reported)
-    figures("node_loss", {**fig, "trials_failed_by_the_loss": len(failed), "checkpoint_step_at_kill": at_kill,
-                          "last_step_before_kill": last_before, "wall_seconds": round(wall, 1)})
+    assert {t["trial"]: t["failures"] for t in trials} == dict.fromkeys(at_kill, 1), trials
+    assert after == dict.fromkeys(at_kill, fresh.node_id), (after, fresh.node_id)
+    # each went on from its step-9 checkpoint: a restart from scratch would report steps 3-9 again
+    assert steps_after_a_held_fault(sweep, at_kill) == dict.fromkeys(at_kill, steps[1:])
+    figures("node_loss", {**fig, "trials_failed_by_the_loss": len(before), "checkpoint_step_at_kill": at_kill,
+                          "wall_seconds": round(wall, 1)})
+
+
+def test_worker_node_lost_mid_sweep_a_group_resumes_every_member_elsewhere(cluster, server, launch, tmp_path):
+    """The node-loss test for a grouped trial (train.group_size 2): both prompts train in one trial on the
+    worker; the node dies while the group holds after its step-9 checkpoint. The group is retried on a fresh node
+    from that checkpoint, and each member finishes in its own MLflow run, every step logged once."""
+    steps = list(range(0, 61, 3))
+    spec = write_spec(tmp_path / "groupnodeloss.yaml", tasks=["tweet_sentiment"], seeds=[0, 1], max_failures=3,
+                      resources={"cpu": 1, "custom": {"worker_node": 0.5}},
+                      train={"steps": 60, "batch_size": 8, "lr": 0.05, "eval_every": 3, "eval_batch_size": 32,
+                             "group_size": 2})
+    workers = [n for n in cluster.alive() if n is not cluster.nodes[0]]
+    if not workers:  # the node-loss test did not run (or could not add its fresh node)
+        workers = [cluster.add_worker()]
+    victim = workers[-1]
+    env, folder = hold_at(tmp_path)
+    sweep = launch(spec, env=env)
+    (group, step), = wait_for(lambda: held(folder, 1), SWEEP_TIMEOUT, "a held group", sweep).items()
+    assert step == HOLD_STEP
+    wait_for(lambda: last_reported_steps(sweep) == {group: HOLD_STEP}, 120, "the step-9 result in storage", sweep)
+    victim.kill()
+    release(folder)
+    members = {f"{group}/m{i}" for i in range(2)}
+    before = {r.data.tags["ptx.trial_id"]: r.data.tags.get("ptx.node") for r in prompt_runs(server.uri, "groupnodeloss")}
+    assert before == dict.fromkeys(members, victim.node_id), (before, victim.node_id)
+    fresh = cluster.add_worker()
+    wall = sweep.wait()
+    (trial,) = tune_trials(sweep.experiment_path())
+    assert trial == {"trial": group, "state": "TERMINATED", "failures": 1}, trial
+    fig = check_store(server.uri, "groupnodeloss", [{**trial, "trial": m} for m in sorted(members)], steps)
+    runs = prompt_runs(server.uri, "groupnodeloss")
+    assert {r.data.tags["ptx.trial_id"]: r.data.tags.get("ptx.node") for r in runs} == dict.fromkeys(members, fresh.node_id)
+    assert {r.data.tags["ptx.group_trial"] for r in runs} == {group}
+    assert reported_steps(sweep.experiment_path(), group) == steps[1:]  # from the step-9 checkpoint, not scratch
+    figures("group_node_loss", {**fig, "retries": trial["failures"], "members": len(members), "checkpoint_step_at_kill": step,
+                                "wall_seconds": round(wall, 1)})
 
 
 def last_reported_steps(sweep) -> dict[str, int]:
@@ -590,28 +640,34 @@ def reported_steps(experiment: Path, trial_id: str) -> list[int]:
     return [json.loads(line)["step"] for line in lines if line.strip()]
 
 
-@pytest.mark.xfail(strict=False, reason="follows the node-loss test's cluster: when that test's kill lands late, the "
-                   "extra worker it leaves runs part of the resumed sweep (seen in the 2026-12-01 full run)")
 def test_head_restart_then_resume_finishes_the_sweep_exactly_once(cluster, server, launch, tmp_path):
     """Runs last: it kills the whole cluster. The head (GCS) dies mid-sweep, and with it the driver that ran on
     it; without GCS fault tolerance (a `ray start` / `ray up` cluster) the workers do not survive it either. A head
     brought back on the same address and a fresh worker, `ptx resume` finishes the sweep: each trial goes on from
-    its registered checkpoint in its own run, every evaluation step and artifact exactly once."""
+    its registered checkpoint in its own run, every evaluation step and artifact exactly once.
+
+    Deterministic as the node-loss test is: the trials hold after their step-9 checkpoints, and the cluster dies
+    once Tune's experiment state (what `ptx resume` reads) has been saved with those checkpoints in it."""
     steps = list(range(0, 61, 3))
     spec = write_spec(tmp_path / "headloss.yaml", tasks=["tweet_sentiment"], seeds=[0, 1], max_failures=1,
                       resources={"cpu": 1, "custom": {"worker_node": 0.5}},
                       train={"steps": 60, "batch_size": 8, "lr": 0.05, "eval_every": 3, "eval_batch_size": 32})
+    for node in cluster.alive()[1:-1]:  # one worker: extra ones left by an earlier test would take trials too
+        node.kill()
     if len(cluster.alive()) < 2:  # an earlier test lost its worker and could not add one
         cluster.add_worker()
-    sweep = launch(spec)
-    wait_for(lambda: registered_steps(sweep), SWEEP_TIMEOUT, "registered checkpoint", sweep, every=0.1)
+    env, folder = hold_at(tmp_path)
+    sweep = launch(spec, env=env)
+    at_loss = wait_for(lambda: held(folder, 2), SWEEP_TIMEOUT, "two held trials", sweep)
+    assert at_loss == dict.fromkeys(at_loss, HOLD_STEP), at_loss
+    held_at = max(f.stat().st_mtime for f in folder.glob("held-*"))
+    # Tune's experiment state (what `ptx resume` reads) saved with the step-9 checkpoints in it
+    wait_for(lambda: last_reported_steps(sweep) == at_loss and state_saved_after(sweep.experiment_path(), held_at),
+             120, "the experiment state saved", sweep)
     for node in reversed(cluster.alive()):  # SIGKILL: the worker, then the head
         node.kill()
     sweep.stop()  # the driver ran on the head: it goes with it
-    last_before = last_reported_steps(sweep)
-    at_loss = registered_steps(sweep)
-    assert last_before and all(step <= steps[-3] for step in last_before.values()), (
-        f"a trial was (nearly) done before the head was lost: last reported steps {last_before}")
+    release(folder)
     cluster.restart()
     wall = sweep.resume(cluster)
     trials = tune_trials(sweep.experiment_path())
@@ -619,7 +675,11 @@ def test_head_restart_then_resume_finishes_the_sweep_exactly_once(cluster, serve
     fig = check_store(server.uri, "headloss", trials, steps)
     nodes = {r.data.tags.get("ptx.node") for r in prompt_runs(server.uri, "headloss")}
     assert nodes == {cluster.nodes[-1].node_id}, (nodes, cluster.nodes[-1].node_id)  # all finished after it
-    for t, step in at_loss.items():  # each went on from a registered checkpoint (a restart would repeat step 3)
-        reported = reported_steps(sweep.experiment_path(), t)
-        assert reported.count(steps[1]) == 1 and reported[-1] == steps[-1], (t, step, reported)
+    # each went on from its step-9 checkpoint in the saved state: a restart would report steps 3-9 again
+    assert steps_after_a_held_fault(sweep, at_loss) == dict.fromkeys(at_loss, steps[1:])
     figures("head_restart", {**fig, "checkpoint_step_at_loss": at_loss, "resume_wall_seconds": round(wall, 1)})
+
+
+def state_saved_after(experiment: Path, t: float) -> bool:
+    """Whether Tune's driver has written its experiment state (experiment_state-*.json) since time `t`."""
+    return any(p.stat().st_mtime > t + 0.5 for p in experiment.glob("experiment_state-*.json"))

@@ -1,6 +1,7 @@
 """Sweeps on a real local Ray (2 CPUs) with a real sqlite MLflow store, on tiny backbones."""
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -117,6 +118,33 @@ def test_failed_trial_retries_from_checkpoint(ray_session, tmp_path, new_workdir
     assert steps.count(0) == 1 and steps.count(3) == 1 and max(steps) == 12
 
 
+def test_ray_workers_start_with_mlflow_telemetry_off(ray_session):
+    """Every Ray worker of a sweep imports mlflow with its telemetry off (track.TELEMETRY_ENV). With it on, an
+    offline worker's telemetry thread removed its session id from os.environ while `requests` read os.environ:
+    at 500 trials two trials' first log-batch failed with KeyError('_MLFLOW_TELEMETRY_SESSION_ID')."""
+    import ray
+
+    @ray.remote(num_cpus=0)
+    def probe():
+        import mlflow  # noqa: F401  (the telemetry client is made, or not, on import)
+        from mlflow.telemetry.client import get_telemetry_client
+
+        return os.environ.get("MLFLOW_DISABLE_TELEMETRY"), get_telemetry_client() is None
+
+    assert ray.get(probe.remote()) == ("true", True)
+
+
+@pytest.mark.parametrize("grouped", [False, True])
+def test_resume_asks_for_each_trials_resources_again(grouped):
+    """Tune keeps no trial's resources in its saved experiment state: it asks the trainable again on restore.
+    `ptx resume` used to restore a bare trainable, so every resumed trial asked {cpu: 1}: no GPU share, no custom
+    node resource (the head-restart test of test_multinode.py caught a resumed trial running on the head). It now
+    rebuilds the request from the sweep's state file."""
+    state = {"grouped": grouped, "resources": {"cpu": 2.0, "gpu": 0.25, "custom": {"worker_node": 0.5}}}
+    request = sweep.resumed_trainable(state).default_resource_request({})
+    assert request.bundles == [{"CPU": 2.0, "GPU": 0.25, "worker_node": 0.5}]
+
+
 def test_rerun_reuses_finished_runs(ray_session, tmp_path, new_workdir):
     new_workdir(tmp_path)  # its store: a copy of the migrated empty db
     spec = load_study(write_spec(tmp_path / "again.yaml", tasks=["drug_sentiment"]))
@@ -156,6 +184,7 @@ def test_killed_driver_is_finished_by_resume(tmp_path, new_workdir, group):
         expected = {f"checkpoint_{i:06d}" for i in range(registered_results(trial) - 1)}
         assert expected <= {p.name for p in trial.glob("checkpoint_*")}, (trial.name, sorted(trial.iterdir()))
     experiment = next(p for p in results.iterdir() if p.is_dir())
+    assert sweep._read_state(str(experiment))["resources"] == {"cpu": 1.0, "gpu": 0.0, "custom": {}}
     out = subprocess.run([*ptx, "resume", str(experiment)], env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-2000:]
     uri = track.resolve_tracking_uri(None, tmp_path)
@@ -186,7 +215,9 @@ def test_sigterm_stops_the_sweep_like_ctrl_c_and_resume_finishes_it(tmp_path):
     trial exactly once. Before the fix, Ray's driver handler unwound past Tune: the runs stayed RUNNING."""
     spec_path = write_spec(tmp_path / "termed.yaml", tasks=["tweet_sentiment"], seeds=[0, 1],
                            train={"steps": 150, "batch_size": 8, "lr": 0.05, "eval_every": 3, "eval_batch_size": 32})
-    env = {**os.environ, "PTX_WORKDIR": str(tmp_path)}
+    hold = tmp_path / "hold"  # both trials wait after their step-9 report (sweep.HOLD_ENV) until the signal
+    hold.mkdir()
+    env = {**os.environ, "PTX_WORKDIR": str(tmp_path), sweep.HOLD_ENV: f"9:{hold}"}
     env.pop(sweep.FAIL_ONCE_ENV, None)
     ptx = [sys.executable, "-m", "ptx"]
     log = tmp_path / "driver.log"
@@ -196,11 +227,12 @@ def test_sigterm_stops_the_sweep_like_ctrl_c_and_resume_finishes_it(tmp_path):
     results = tmp_path / "ray_results"
     try:
         deadline = time.time() + 420  # a local Ray and two trial workers starting on a loaded 2-core box
-        while time.time() < deadline and max(map(registered_results, results.glob("*/*/")), default=0) < 2:
+        while time.time() < deadline and len(list(hold.glob("held-*"))) < 2:
             assert driver.poll() is None, log.read_text()[-3000:]
             time.sleep(0.2)
-        assert max(map(registered_results, results.glob("*/*/")), default=0) >= 2, "no trial got going in time"
+        assert len(list(hold.glob("held-*"))) == 2, "no trial got going in time"
         driver.send_signal(signal.SIGTERM)  # to the driver alone, not its process group
+        (hold / "release").write_text("1")  # the trials go on until Tune stops them
         rc = driver.wait(timeout=120)
     finally:
         if driver.poll() is None:
@@ -210,6 +242,9 @@ def test_sigterm_stops_the_sweep_like_ctrl_c_and_resume_finishes_it(tmp_path):
     experiment = next(p for p in results.iterdir() if p.is_dir())
     assert f"interrupted: sweep interrupted with 2 of 2 trials unfinished; finish it with: ptx resume {experiment}" \
         in text, text[-3000:]
+    # the stage's closing progress line counts no stopped trial as done (it said "2/2 trials" before the fix)
+    counts = re.findall(r"\[train\] (\d+)/2 trials", text)
+    assert counts and counts[-1] == "0", (counts, text[-3000:])
     uri = track.resolve_tracking_uri(None, tmp_path)
     tracker = track.MlflowTracker(uri, "termed")
     runs = prompt_runs(uri, "termed")
