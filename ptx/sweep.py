@@ -238,6 +238,12 @@ def _maybe_hold(step: int) -> None:
         time.sleep(0.1)
 
 
+def _after_report(step: int) -> None:
+    """The test hooks a trial runs after each checkpointed report (inert unless their variables are set)."""
+    _maybe_fail(step)
+    _maybe_hold(step)
+
+
 def _curve_metrics(curve: list[dict], metric: str) -> list[dict]:
     """The points `run_prompt` logs at each evaluation (dev metric, train loss, best so far), from a checkpoint's curve."""
     best, out = float("-inf"), []
@@ -289,8 +295,7 @@ def prompt_trainable(config: dict) -> None:
         with tempfile.TemporaryDirectory() as d:
             save_checkpoint(state, d)
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(d))
-        _maybe_fail(step)
-        _maybe_hold(step)
+        _after_report(step)
 
     tags = {"ptx.trial_id": trial_id, "ptx.sweep_run": const["parent_run_id"], "ptx.study": const["study"],
             "ptx.node": node, **const.get("tags", {})}
@@ -944,8 +949,7 @@ def group_trainable(config: dict) -> None:
         with tempfile.TemporaryDirectory() as d:
             save_group_checkpoint(live, d)
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(d))
-        _maybe_fail(metrics["step"])
-        _maybe_hold(metrics["step"])
+        _after_report(metrics["step"])
 
     def train_members() -> list:
         if len(members) == 1 and members[0].spec.kind == "generation":  # a group of one, trained by train_prompt

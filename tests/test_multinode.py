@@ -129,10 +129,6 @@ class RayNode:
             time.sleep(0.5)
         raise AssertionError(f"node not started after {START_TIMEOUT} s:\n{tail(self.log)}")
 
-    def freeze(self) -> None:
-        """SIGSTOP the whole node: its trials stop where they are (the test then reads their checkpoints)."""
-        signal_session(self.proc.pid, signal.SIGSTOP)
-
     def kill(self) -> None:
         sigkill_session_now(self.proc.pid)  # at once: raylet, agents, trial workers
         kill_session(self.proc)  # then make sure (even when `ray start` itself has exited: its raylet may not have)
@@ -320,9 +316,6 @@ class Sweep:
         found = [p for p in (self.workdir / "ray_results").glob(f"{self.experiment}-train-*") if p.is_dir()]
         assert len(found) == 1, found
         return found[0]
-
-    def checkpoints(self) -> list[Path]:
-        return list((self.workdir / "ray_results").glob(f"{self.experiment}-train-*/*/checkpoint_*"))
 
 
 @pytest.fixture
@@ -601,36 +594,6 @@ def last_reported_steps(sweep) -> dict[str, int]:
         except (OSError, ValueError, KeyError):  # not there yet, or a line half-written
             continue
     return {k: v for k, v in out.items() if v is not None}
-
-
-def checkpointed_steps(checkpoints: list[Path]) -> dict[str, int]:
-    """trial id -> the step of its latest complete checkpoint."""
-    out: dict[str, int] = {}
-    for ckpt in checkpoints:
-        try:  # a checkpoint frozen half-copied has no (or a partial) state.json: Tune never registered it
-            step = json.loads((ckpt / "state.json").read_text())["step"]
-        except (OSError, ValueError, KeyError):
-            continue
-        trial = ckpt.parent.name.rsplit("-", 1)[1]
-        out[trial] = max(out.get(trial, 0), step)
-    return out
-
-
-def registered_steps(sweep) -> dict[str, int]:
-    """trial id -> a step whose checkpoint Tune's driver has registered: the one before its latest result.
-
-    result.json is written by the driver as it processes results, in order; every result carries a checkpoint.
-    """
-    out = {}
-    for trial_dir in (sweep.workdir / "ray_results").glob(f"{sweep.experiment}-train-*/*"):
-        try:
-            lines = [ln for ln in (trial_dir / "result.json").read_text().splitlines() if ln.strip()]
-            steps = [json.loads(ln)["step"] for ln in lines]
-        except (OSError, ValueError, KeyError):  # not there yet, or a line half-written
-            continue
-        if len(steps) >= 2:
-            out[trial_dir.name.rsplit("-", 1)[1]] = steps[-2]
-    return out
 
 
 def reported_steps(experiment: Path, trial_id: str) -> list[int]:
