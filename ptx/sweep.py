@@ -28,6 +28,139 @@ HOLD_ENV = "PTX_HOLD_AT_STEP"  # test hook: "STEP:DIR", a trial waits after repo
 _joined_cluster = False  # connected with --address (an autoscaler may add nodes) rather than a local Ray
 
 
+# ---- Tune's storage on a local or shared disk: every file appears whole or not at all --------------------
+# Tune copies its experiment state (the trial list, its searcher's state) from the driver's staging directory to
+# storage_path every ~10 s, and trials copy their checkpoints there, with pyarrow, which truncates the target first.
+# A driver killed mid-copy left experiment_state-*.json or basic-variant-state-*.json empty (seen in the killed-
+# driver test); Tune's restore then logs "Failed to restore the run state", starts an experiment with an empty config,
+# and `ptx resume` finished nothing (CI: 2 of 4 runs, exit 0). Writing through this handler, a file is written under
+# a hidden temporary name and renamed over the target when closed: a copy cut short leaves the last whole file.
+# (Object stores, s3:// and gs://, publish an object whole already; they are left to pyarrow.)
+class _AtomicFile:
+    """A writable file that becomes `path` only when closed."""
+
+    def __init__(self, path: str):
+        import uuid
+
+        head, tail = os.path.split(path)
+        self.path, self.tmp = path, os.path.join(head, f".{tail}.ptx-{uuid.uuid4().hex[:8]}")
+        self.f = open(self.tmp, "wb")  # noqa: SIM115 (closed by close(), which publishes it)
+        self.closed = False
+
+    def write(self, data) -> int:
+        return self.f.write(data)
+
+    def flush(self) -> None:
+        self.f.flush()
+
+    def tell(self) -> int:
+        return self.f.tell()
+
+    def writable(self) -> bool:
+        return True
+
+    def readable(self) -> bool:
+        return False
+
+    def seekable(self) -> bool:
+        return False
+
+    def close(self) -> None:
+        if not self.closed:
+            self.f.close()
+            os.replace(self.tmp, self.path)
+            self.closed = True
+
+
+def _atomic_handler_class():
+    """The pyarrow FileSystemHandler: LocalFileSystem, but open_output_stream writes via _AtomicFile. Built on first
+    use (pyarrow imported only then); pickled by reference through this module's __getattr__ (Ray sends a trial's
+    storage filesystem to its worker)."""
+    global _AtomicLocalHandler
+    if _AtomicLocalHandler is not None:
+        return _AtomicLocalHandler
+    import pyarrow as pa
+    import pyarrow.fs as pafs
+
+    class AtomicLocalHandler(pafs.FileSystemHandler):
+        def __init__(self):
+            self.local = pafs.LocalFileSystem()
+
+        def __reduce__(self):
+            return (_new_atomic_handler, ())
+
+        def get_type_name(self):
+            return "ptx-atomic-local"
+
+        def equals(self, other):
+            return isinstance(other, type(self))
+
+        def normalize_path(self, path):
+            return self.local.normalize_path(path)
+
+        def get_file_info(self, paths):
+            return self.local.get_file_info(paths)
+
+        def get_file_info_selector(self, selector):
+            return self.local.get_file_info(selector)
+
+        def create_dir(self, path, recursive):
+            self.local.create_dir(path, recursive=recursive)
+
+        def delete_dir(self, path):
+            self.local.delete_dir(path)
+
+        def delete_dir_contents(self, path, missing_dir_ok=False):
+            self.local.delete_dir_contents(path, missing_dir_ok=missing_dir_ok)
+
+        def delete_root_dir_contents(self):
+            raise PtxError("refusing to delete the contents of / (Tune storage)")
+
+        def delete_file(self, path):
+            self.local.delete_file(path)
+
+        def move(self, src, dest):
+            self.local.move(src, dest)
+
+        def copy_file(self, src, dest):
+            with self.local.open_input_stream(src) as fin, self.open_output_stream(dest, None) as fout:
+                while chunk := fin.read(1 << 20):
+                    fout.write(chunk)
+
+        def open_input_stream(self, path):
+            return self.local.open_input_stream(path)
+
+        def open_input_file(self, path):
+            return self.local.open_input_file(path)
+
+        def open_output_stream(self, path, metadata):
+            return pa.PythonFile(_AtomicFile(path), mode="w")
+
+        def open_append_stream(self, path, metadata):
+            return self.local.open_append_stream(path)
+
+    AtomicLocalHandler.__module__, AtomicLocalHandler.__qualname__ = __name__, "_AtomicLocalHandler"
+    _AtomicLocalHandler = AtomicLocalHandler
+    return _AtomicLocalHandler
+
+
+_AtomicLocalHandler = None
+
+
+def _new_atomic_handler():
+    return _atomic_handler_class()()
+
+
+def storage_filesystem(storage: str):
+    """The filesystem Tune writes a sweep's storage_path with: atomic writes on a local or shared disk, pyarrow's
+    own for a URI."""
+    if "://" in storage:
+        return None
+    import pyarrow.fs as pafs
+
+    return pafs.PyFileSystem(_new_atomic_handler())
+
+
 # ---- connecting -------------------------------------------------------------------------------------
 def connect(address: str | None = None, num_cpus: int | None = None, num_gpus: int | None = None) -> str | None:
     """Join a cluster (`auto`, HOST:PORT, ray://HOST:10001) or start a local Ray; returns the dashboard URL."""
@@ -332,9 +465,11 @@ def build_tuner(requests: list[PromptRequest], name: str, workdir: Path, trackin
                 parent_run_id: str, storage_path: str, search: dict | None = None, algorithm: str = "grid",
                 num_samples: int = 1, scheduler: dict | None = None, resources: dict | None = None,
                 max_concurrent: int | None = None, max_failures: int = 2, tags: dict | None = None,
-                force: bool = False, metric_name: str = "best_dev_metric", group_size: int = 1):
+                force: bool = False, metric_name: str = "best_dev_metric", group_size: int = 1,
+                entries: list | None = None):
     """A Tune experiment over a list of base requests (x an optional search space); group_size > 1: one trial
-    trains that many requests together (group_trainable)."""
+    trains that many requests together (group_trainable). `entries`: the trials' requests (or groups) as given, one
+    trial each, searched values already in them (what `ptx resume` runs of a sweep Tune never started)."""
     from ray import tune
 
     # checkpoints at every evaluation are the point (resume); Tune's warning about that is noise here
@@ -343,7 +478,9 @@ def build_tuner(requests: list[PromptRequest], name: str, workdir: Path, trackin
     trainable = trial_trainable(group_size > 1, resources)
     const = {"tracking_uri": tracking_uri, "experiment": experiment, "workdir": str(workdir), "study": name,
              "parent_run_id": parent_run_id, "tags": tags or {}, "force": force, "quiet": not progress.verbosity()}
-    if group_size > 1:
+    if entries is not None:
+        grid = {"group" if group_size > 1 else "request": tune.grid_search(entries)}
+    elif group_size > 1:
         grid = {"group": tune.grid_search([[dataclasses.asdict(r) for r in g] for g in group_requests(requests, group_size)])}
     else:
         grid = {"request": tune.grid_search([dataclasses.asdict(r) for r in requests])}
@@ -366,7 +503,7 @@ def build_tuner(requests: list[PromptRequest], name: str, workdir: Path, trackin
     # every checkpoint stays until `finalise`: Tune saves its experiment state only every 10 s or so, and one it
     # deleted in between (num_to_keep) leaves a killed driver's saved state naming a checkpoint that is gone, a
     # trial `ptx resume` can then not restore
-    run_config = tune.RunConfig(name=name, storage_path=storage_path,
+    run_config = tune.RunConfig(name=name, storage_path=storage_path, storage_filesystem=storage_filesystem(storage_path),
                                 failure_config=tune.FailureConfig(max_failures=max_failures),
                                 checkpoint_config=tune.CheckpointConfig(num_to_keep=None), callbacks=[TrialProgress()],
                                 **_tune_output(progress.verbosity()))
@@ -594,12 +731,19 @@ def run_sweep(spec, workdir: Path, tracking_uri: str, storage_path: str | None =
                         resources=dataclasses.asdict(spec.resources),
                         max_concurrent=max_concurrent or spec.max_concurrent, max_failures=spec.max_failures,
                         tags=tags, force=force, group_size=group_size(spec))
+    reqs, size = requests or sweep_requests(spec), group_size(spec)
+    bases = [[dataclasses.asdict(r) for r in g] for g in group_requests(reqs, size)] if size > 1 \
+        else [dataclasses.asdict(r) for r in reqs]
+    n_trials = len(bases) * plan(spec)["search_points"] * spec.search.num_samples
+    build = {"storage": storage, "search": spec.search.space, "algorithm": spec.search.algorithm,
+             "scheduler": dataclasses.asdict(spec.scheduler), "max_concurrent": max_concurrent or spec.max_concurrent,
+             "max_failures": spec.max_failures, "tags": tags or {}, "force": force, "group_size": size}
     _write_state(storage, name, {"tracking_uri": tracking_uri, "experiment": spec.name, "workdir": str(workdir),
                                  "parent_run_id": parent, "study_file": spec.source_file, "name": name,
-                                 "grouped": group_size(spec) > 1, "resources": dataclasses.asdict(spec.resources)})
-    reqs, size = requests or sweep_requests(spec), group_size(spec)
-    n_trials = (len(group_requests(reqs, size)) if size > 1 else len(reqs)) * plan(spec)["search_points"] \
-        * spec.search.num_samples
+                                 "grouped": size > 1, "resources": dataclasses.asdict(spec.resources),
+                                 "planned_trials": n_trials, "build": build,
+                                 "planned": None if spec.search.algorithm == "optuna"
+                                 else planned_trials(bases, spec.search.space, spec.search.num_samples)})
     return _fit_and_finalise(tuner, tracker, parent, Path(workdir), n_trials)
 
 
@@ -610,8 +754,9 @@ def _write_state(storage: str, name: str, state: dict) -> None:
 
     fs, root = pafs.FileSystem.from_uri(storage) if "://" in storage else (pafs.LocalFileSystem(), storage)
     fs.create_dir(f"{root}/{name}", recursive=True)
-    with fs.open_output_stream(f"{root}/{name}/{STATE_FILE}") as f:
+    with fs.open_output_stream(f"{root}/{name}/{STATE_FILE}.tmp") as f:  # written whole, then renamed
         f.write(json.dumps(state, sort_keys=True).encode())
+    fs.move(f"{root}/{name}/{STATE_FILE}.tmp", f"{root}/{name}/{STATE_FILE}")
 
 
 def _read_state(path: str) -> dict:
@@ -643,14 +788,99 @@ def resume_sweep(path: str, restart_errored: bool = False) -> dict:
     if "resources" not in state:  # written before the state file kept them
         log.warning("%s/%s names no trial resources: the trials resume at {cpu: 1}", path, STATE_FILE)
     trainable = resumed_trainable(state)
-    tuner = tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True,
+    os.environ["RAY_AIR_NEW_OUTPUT"] = "0"  # as build_tuner's _tune_output: no experiment box from Tune
+    tuner = tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, storage_filesystem=storage_filesystem(path),
                                resume_errored=not restart_errored, restart_errored=restart_errored)
     tracker = track.MlflowTracker(state["tracking_uri"], state["experiment"], workdir=Path(state["workdir"]))
     tracker.reopen(state["parent_run_id"])  # reopened (KILLED if the sweep was interrupted)
-    return _fit_and_finalise(tuner, tracker, state["parent_run_id"], Path(state["workdir"]))
+    summary = _fit_and_finalise(tuner, tracker, state["parent_run_id"], Path(state["workdir"]),
+                                then=lambda grid: _unstarted_trials_tuner(state, trainable, grid.experiment_path))
+    short = state.get("planned_trials", 0) - summary["tune_trials"]
+    if short > 0:  # an Optuna sweep (its trials cannot be listed ahead) whose searcher state was lost
+        tracker.finish(state["parent_run_id"], "FAILED")
+        raise PtxError(f"{path}: the sweep planned {state['planned_trials']} trials but its saved Tune state named "
+                       f"{summary['tune_trials']}; start it again with `ptx sweep` (finished runs are reused)")
+    return summary
 
 
-def _fit_and_finalise(tuner, tracker, parent: str, workdir: Path, trials: int = 0) -> dict:
+# ---- what Tune never started ------------------------------------------------------------------------------
+# With max_concurrent, Tune creates a grid's trials only as slots free up, and its saved experiment state lists
+# only the trials created so far; the rest live in its searcher's state, a second file saved after the trial list.
+# A sweep restored without it (a lost file; or, before sweep.storage_filesystem, one a killed copy left empty)
+# finishes the trials it lists and nothing else, with no error. So the state file names every planned trial, and `ptx resume` runs the missing
+# ones itself, as a second experiment beside the first.
+def planned_trials(bases: list, search: dict | None, num_samples: int) -> list[dict]:
+    """Every trial a sweep plans: its request (or group) and the values of its grid-searched fields, num_samples
+    times each. Fields drawn from a distribution are left out: any draw is as good as the one never made."""
+    import itertools
+
+    grid_keys = sorted(k for k, dist in (search or {}).items() if "grid" in dist)
+    combos = list(itertools.product(*[search[k]["grid"] for k in grid_keys]))
+    return [{"base": b, "grid": dict(zip(grid_keys, c, strict=True))} for b in bases for c in combos for _ in range(num_samples)]
+
+
+def unstarted_trials(planned: list[dict], configs: list[dict]) -> list[dict]:
+    """The planned trials no trial config covers (counted: num_samples repeats a point)."""
+    import json
+    from collections import Counter
+
+    def key(base, grid) -> str:
+        return json.dumps({"base": base, "grid": grid}, sort_keys=True, default=str)
+
+    grid_keys = sorted(planned[0]["grid"]) if planned else []
+    have = Counter(key(c.get("group", c.get("request")), {k: c.get(k) for k in grid_keys}) for c in configs)
+    missing = []
+    for p in planned:
+        k = key(json.loads(json.dumps(p["base"])), p["grid"])
+        if have[k]:
+            have[k] -= 1
+        else:
+            missing.append(p)
+    return missing
+
+
+def _baked(entry: dict, search: dict | None) -> tuple[list | dict, list[PromptRequest]]:
+    """A planned trial as one grid entry with its searched values inside its request(s) (grid values as planned,
+    drawn fields drawn now), and its requests."""
+    drawn = {k: v.sample() for k, v in _tune_space({k: d for k, d in (search or {}).items() if "grid" not in d}).items()}
+    point = {**entry["grid"], **drawn}
+    members = entry["base"] if isinstance(entry["base"], list) else [entry["base"]]
+    reqs = [_request_from({**point, "request": m}) for m in members]
+    as_dicts = [dataclasses.asdict(r) for r in reqs]
+    return (as_dicts if isinstance(entry["base"], list) else as_dicts[0]), reqs
+
+
+def _unstarted_trials_tuner(state: dict, trainable, experiment_path: str):
+    """After a resumed sweep: a Tuner for the planned trials its Tune state never named (None if there are none,
+    or the state file lists no plan). Its experiment sits beside the first, NAME-rest; resumed if it exists."""
+    from ray import tune
+    from ray.tune import ExperimentAnalysis
+
+    if not state.get("planned"):
+        return None
+    missing = unstarted_trials(state["planned"], [t.config for t in ExperimentAnalysis(experiment_path).trials])
+    if not missing:
+        return None
+    b = state["build"]
+    rest = f"{state['name']}-rest"
+    rest_path = f"{b['storage']}/{rest}"
+    log.warning("%s: its saved Tune state names %d of the %d planned trials (the rest were never started and "
+                "Tune's record of them is missing); running the %d others as %s", experiment_path,
+                len(state["planned"]) - len(missing), len(state["planned"]), len(missing), rest_path)
+    if tune.Tuner.can_restore(rest_path):  # a resume of the resume
+        return tune.Tuner.restore(rest_path, trainable=trainable, resume_unfinished=True, resume_errored=True,
+                                  storage_filesystem=storage_filesystem(rest_path))
+    baked = [_baked(m, b["search"]) for m in missing]
+    return build_tuner([r for _, reqs in baked for r in reqs], rest, Path(state["workdir"]), state["tracking_uri"],
+                       state["experiment"], state["parent_run_id"], b["storage"], scheduler=b["scheduler"],
+                       resources=state.get("resources"), max_concurrent=b["max_concurrent"],
+                       max_failures=b["max_failures"], tags=b["tags"], force=b["force"], group_size=b["group_size"],
+                       entries=[e for e, _ in baked])
+
+
+def _fit_and_finalise(tuner, tracker, parent: str, workdir: Path, trials: int = 0, then=None) -> dict:
+    """Fit, then finalise the trials; `then(grid)` may return a second Tuner (the trials a resumed sweep's Tune
+    state never named), fitted after the first and finalised with it."""
     global _bar, _bar_base
     t0 = time.perf_counter()
     _bar = progress.current()  # the running stage's bar (train, tpt), fed by TrialProgress
@@ -659,9 +889,17 @@ def _fit_and_finalise(tuner, tracker, parent: str, workdir: Path, trials: int = 
     try:
         with _sigterm_stops_tune():
             grid = tuner.fit()
+        results = list(grid)
         interrupted = _interrupted_trials(grid)  # stopped by Ctrl-C or SIGTERM: not done, whatever Tune says
-        _bar.update(done=_bar_base[0] + len(grid) - interrupted, note=f"{sum(r.error is not None for r in grid)} errored"
-                    if any(r.error is not None for r in grid) else "")
+        rest = then(grid) if then is not None and not interrupted else None
+        if rest is not None:  # interrupted, it is resumed by resuming the first (which runs it again)
+            with _sigterm_stops_tune():
+                rest_grid = rest.fit()
+            results += list(rest_grid)
+            interrupted = _interrupted_trials(rest_grid)
+        _bar.update(total=max(_bar.total, _bar_base[0] + len(results)), done=_bar_base[0] + len(results) - interrupted,
+                    note=f"{sum(r.error is not None for r in results)} errored" if any(r.error is not None for r in results)
+                    else "")
     finally:
         _bar = None
     wall = time.perf_counter() - t0
@@ -669,9 +907,10 @@ def _fit_and_finalise(tuner, tracker, parent: str, workdir: Path, trials: int = 
     track.wait_reachable(tracker.uri, tries=track.outage_wait_tries(), delay=2.0)
     if interrupted:
         _close_interrupted(tracker, parent)
-        raise SweepInterrupted(f"sweep interrupted with {interrupted} of {len(grid)} trials unfinished; finish it "
-                               f"with: ptx resume {grid.experiment_path}")
-    summary = finalise(grid, tracker, workdir)
+        raise SweepInterrupted(f"sweep interrupted with {interrupted} of {len(results)} trials unfinished; finish "
+                               f"it with: ptx resume {grid.experiment_path}")
+    summary = finalise(results, tracker, workdir)
+    summary["tune_trials"] = len(results)  # trials (a group is one), where summary["trials"] counts prompts
     _log_sweep_datasets(tracker, parent, summary["rows"])
     summary.update(wall_seconds=wall, experiment_path=grid.experiment_path, parent_run_id=parent)
     tracker.log(parent, {"trials": summary["trials"], "errored": summary["errored"], "wall_seconds": wall})
@@ -817,7 +1056,8 @@ def experiment_exists(path: str) -> bool:
 
 
 def trial_table(path: str) -> list[dict]:
-    """The trial table of a sweep (state, task, backbone, seed, best metric, MLflow run id)."""
+    """The trial table of a sweep (state, task, backbone, seed, best metric, MLflow run id), with the trials of
+    its NAME-rest experiment when `ptx resume` ran one."""
     from ray import tune
 
     path = path if "://" in path else str(Path(path).expanduser().resolve())
@@ -825,9 +1065,11 @@ def trial_table(path: str) -> list[dict]:
         raise PtxError(f"{path} is not a Tune experiment directory (no experiment state found)")
     from ray.tune import ExperimentAnalysis
 
-    analysis = ExperimentAnalysis(path)
+    trials = ExperimentAnalysis(path).trials
+    if tune.Tuner.can_restore(f"{path}-rest"):  # the trials its Tune state never named, run by `ptx resume`
+        trials += ExperimentAnalysis(f"{path}-rest").trials
     rows = []
-    for trial in analysis.trials:
+    for trial in trials:
         req, last = trial.config.get("request", {}), trial.last_result or {}
         rows.append({"trial": trial.trial_id, "state": trial.status, "task": req.get("task"),
                      "backbone": req.get("backbone"), "seed": req.get("settings", {}).get("seed"),

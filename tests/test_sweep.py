@@ -1,5 +1,7 @@
 """Sweeps on a real local Ray (2 CPUs) with a real sqlite MLflow store, on tiny backbones."""
 
+import dataclasses
+import json
 import os
 import re
 import signal
@@ -145,6 +147,57 @@ def test_resume_asks_for_each_trials_resources_again(grouped):
     assert request.bundles == [{"CPU": 2.0, "GPU": 0.25, "worker_node": 0.5}]
 
 
+def test_tune_storage_writes_leave_the_last_whole_file_until_closed(tmp_path):
+    """Tune copies its experiment state to storage_path with pyarrow, which truncates the target first: a driver
+    killed mid-copy left experiment_state-*.json empty and Tune restored nothing. Through sweep.storage_filesystem a
+    copy cut short (opened, half written, never closed) leaves the previous file whole."""
+    import pickle
+
+    import pyarrow.fs as pafs
+
+    target = tmp_path / "experiment_state-x.json"
+    for fs, whole_while_open in [(pafs.LocalFileSystem(), False), (sweep.storage_filesystem(str(tmp_path)), True)]:
+        target.write_text('{"trial_data": [1, 2]}')
+        stream = fs.open_output_stream(str(target))
+        stream.write(b'{"trial_data": [1, 2, ')  # the process dies here
+        assert (target.read_text() == '{"trial_data": [1, 2]}') == whole_while_open
+        stream.write(b'3]}')
+        stream.close()
+        assert target.read_text() == '{"trial_data": [1, 2, 3]}'
+    assert sorted(p.name for p in tmp_path.iterdir()) == [target.name]  # no temporary file left
+    fs = pickle.loads(pickle.dumps(sweep.storage_filesystem(str(tmp_path))))  # as Ray sends it to a trial's worker
+    assert fs.type_name == "py::ptx-atomic-local" and sweep.storage_filesystem("s3://bucket/sweeps") is None
+
+
+def test_unstarted_trials_are_the_planned_ones_no_trial_config_covers():
+    """The state file's plan against the trial configs Tune's saved state holds: what `ptx resume` runs itself."""
+    a = {"task": "a", "settings": {"seed": 0, "lr": 0.3}}
+    b = {"task": "b", "settings": {"seed": 0, "lr": 0.3}}
+    search = {"lr": {"grid": [0.1, 0.2]}, "prompt_length": {"choice": [4, 8]}}
+    planned = sweep.planned_trials([a, b], search, num_samples=2)
+    assert len(planned) == 8 and planned[0] == {"base": a, "grid": {"lr": 0.1}}
+    # Tune's configs: a drawn prompt_length and a state file's JSON round trip do not hide a covered trial
+    configs = [{"request": a, "lr": 0.1, "prompt_length": 8, "const": {}}, {"request": a, "lr": 0.2, "prompt_length": 4},
+               {"request": a, "lr": 0.1, "prompt_length": 4}, {"request": b, "lr": 0.2, "prompt_length": 8}]
+    missing = sweep.unstarted_trials(planned, configs)
+    assert missing == [{"base": a, "grid": {"lr": 0.2}}, {"base": b, "grid": {"lr": 0.1}},
+                       {"base": b, "grid": {"lr": 0.1}}, {"base": b, "grid": {"lr": 0.2}}]
+    assert sweep.unstarted_trials(planned, configs + [{"request": a, "lr": 0.2}, {"request": b, "lr": 0.2}]
+                                  + [{"request": b, "lr": 0.1}] * 2) == []
+
+
+def test_an_unstarted_trial_carries_its_searched_values_in_its_request():
+    req = dataclasses.asdict(sweep.PromptRequest(task="tweet_sentiment", backbone="tiny-llama",
+                                                 settings=sweep.TrainSettings(steps=6, lr=0.3, seed=1)))
+    entry, (built,) = sweep._baked({"base": req, "grid": {"lr": 0.05}}, {"lr": {"grid": [0.05, 0.5]},
+                                                                        "prompt_length": {"choice": [7]}})
+    assert (built.settings.lr, built.prompt_length, built.settings.seed, built.settings.steps) == (0.05, 7, 1, 6)
+    assert entry == dataclasses.asdict(built)
+    group, members = sweep._baked({"base": [req, {**req, "task": "drug_sentiment"}], "grid": {"lr": 0.5}}, None)
+    assert [m.settings.lr for m in members] == [0.5, 0.5] and [g["task"] for g in group] == [
+        "tweet_sentiment", "drug_sentiment"]
+
+
 def test_rerun_reuses_finished_runs(ray_session, tmp_path, new_workdir):
     new_workdir(tmp_path)  # its store: a copy of the migrated empty db
     spec = load_study(write_spec(tmp_path / "again.yaml", tasks=["drug_sentiment"]))
@@ -157,11 +210,17 @@ def test_rerun_reuses_finished_runs(ray_session, tmp_path, new_workdir):
     assert time.perf_counter() - t0 < 120
 
 
-# grouped: the four runs as two trials of two prompts each (train.group_size 2; ptx.train_group)
-@pytest.mark.parametrize("group", [1, pytest.param(2, marks=pytest.mark.slow)], ids=["alone", "grouped"])
-def test_killed_driver_is_finished_by_resume(tmp_path, new_workdir, group):
+# grouped: the four runs as two trials of two prompts each (train.group_size 2; ptx.train_group).
+# search-state-lost: with max_concurrent 2, Tune creates trials 3 and 4 only when a slot frees up; its saved state
+# lists trials 1 and 2, and the other two live only in its searcher's state, a second file. Restored without it,
+# Tune finished the two trials it listed and reported success (CI saw exactly that: 2 of 4 runs, exit 0); ptx now
+# runs the planned trials Tune never named.
+@pytest.mark.parametrize("group,lose_search_state", [(1, False), (1, True), pytest.param(2, False, marks=pytest.mark.slow)],
+                         ids=["alone", "search-state-lost", "grouped"])
+def test_killed_driver_is_finished_by_resume(tmp_path, new_workdir, group, lose_search_state):
     new_workdir(tmp_path)  # its store: a copy of the migrated empty db
-    train = {"steps": 150, "batch_size": 8, "lr": 0.05, "eval_every": 3, "eval_batch_size": 32}
+    steps = 150
+    train = {"steps": steps, "batch_size": 8, "lr": 0.05, "eval_every": 3, "eval_batch_size": 32}
     spec_path = write_spec(tmp_path / "killed.yaml", seeds=[0, 1],
                            train={**train, "group_size": group} if group > 1 else train)
     n_trials = 4 // group
@@ -184,12 +243,28 @@ def test_killed_driver_is_finished_by_resume(tmp_path, new_workdir, group):
         expected = {f"checkpoint_{i:06d}" for i in range(registered_results(trial) - 1)}
         assert expected <= {p.name for p in trial.glob("checkpoint_*")}, (trial.name, sorted(trial.iterdir()))
     experiment = next(p for p in results.iterdir() if p.is_dir())
-    assert sweep._read_state(str(experiment))["resources"] == {"cpu": 1.0, "gpu": 0.0, "custom": {}}
-    out = subprocess.run([*ptx, "resume", str(experiment)], env=env, capture_output=True, text=True, timeout=600)
+    state = sweep._read_state(str(experiment))
+    assert state["resources"] == {"cpu": 1.0, "gpu": 0.0, "custom": {}}
+    assert state["planned_trials"] == n_trials and len(state["planned"]) == n_trials
+    searcher_files = list(experiment.glob("basic-variant-state-*.json"))
+    # every Tune state file whole (written through sweep.storage_filesystem): the kill once left them empty
+    (saved,) = [json.loads(p.read_text()) for p in experiment.glob("experiment_state-*.json")]
+    listed = len(saved["trial_data"])  # 2, or 3 if a trial had ended before the kill (result.json syncs late)
+    if lose_search_state:
+        assert len(searcher_files) == 1 and searcher_files[0].stat().st_size > 0, sorted(experiment.iterdir())
+        searcher_files[0].unlink()
+    out = subprocess.run([*ptx, "resume", str(experiment)], env=env, capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stderr[-2000:]
+    assert ": 4 trials, 0 errored" in out.stdout, out.stdout[-1000:] + out.stderr[-2000:]  # prompts, grouped or not
+    unstarted = re.search(r"names (\d) of the 4 planned trials .* running the (\d) others as (\S+)", out.stderr)
+    assert bool(unstarted) == lose_search_state, out.stderr[-2000:]
+    if lose_search_state:  # Tune had created the first two or three (max_concurrent 2); the others ran beside them
+        assert unstarted.groups() == (str(listed), str(4 - listed), f"{experiment}-rest")
     uri = track.resolve_tracking_uri(None, tmp_path)
     runs = prompt_runs(uri, "killed")
     assert len(runs) == 4, [r.tags.get("ptx.trial_id") for r in runs]
+    assert sorted(r.name for r in runs) == sorted(f"{t} · tiny-llama · s{s}" for t in ("tweet_sentiment", "drug_sentiment")
+                                                  for s in (0, 1))  # each planned run once
     assert len({r.tags["ptx.trial_id"] for r in runs}) == 4
     assert all(r.status == "FINISHED" for r in runs)
     client = track.MlflowTracker(uri, "killed").client
@@ -199,12 +274,14 @@ def test_killed_driver_is_finished_by_resume(tmp_path, new_workdir, group):
     if group > 1:  # every member resumed in its own run: two per group trial, each point of its curve logged once
         assert sorted(Counter(r.tags["ptx.group_trial"] for r in runs).values()) == [2, 2]
         for r in runs:
-            steps = [m.step for m in client.get_metric_history(r.run_id, "dev_accuracy")]
-            assert sorted(steps) == list(range(0, 151, 3)), (r.tags["ptx.trial_id"], steps)
+            points = [m.step for m in client.get_metric_history(r.run_id, "dev_accuracy")]
+            assert sorted(points) == list(range(0, steps + 1, 3)), (r.tags["ptx.trial_id"], points)
     status = subprocess.run([*ptx, "status", str(experiment)], env=env, capture_output=True, text=True, timeout=120)
     assert status.returncode == 0 and status.stdout.count("TERMINATED") == n_trials
     # finalised trials keep only their last checkpoint
-    trials = [p for p in experiment.iterdir() if p.is_dir()]  # all of them now (one may not have started at the kill)
+    # all of them now (one may not have started at the kill), with those the resume ran beside the first experiment
+    trials = [p for e in (experiment, Path(f"{experiment}-rest")) if e.is_dir() for p in e.iterdir() if p.is_dir()]
+    assert Path(f"{experiment}-rest").is_dir() == lose_search_state
     assert sorted(len(list(trial.glob("checkpoint_*"))) for trial in trials) == [1] * n_trials
 
 
