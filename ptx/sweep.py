@@ -28,139 +28,6 @@ HOLD_ENV = "PTX_HOLD_AT_STEP"  # test hook: "STEP:DIR", a trial waits after repo
 _joined_cluster = False  # connected with --address (an autoscaler may add nodes) rather than a local Ray
 
 
-# ---- Tune's storage on a local or shared disk: every file appears whole or not at all --------------------
-# Tune copies its experiment state (the trial list, its searcher's state) from the driver's staging directory to
-# storage_path every ~10 s, and trials copy their checkpoints there, with pyarrow, which truncates the target first.
-# A driver killed mid-copy left experiment_state-*.json or basic-variant-state-*.json empty (seen in the killed-
-# driver test); Tune's restore then logs "Failed to restore the run state", starts an experiment with an empty config,
-# and `ptx resume` finished nothing (CI: 2 of 4 runs, exit 0). Writing through this handler, a file is written under
-# a hidden temporary name and renamed over the target when closed: a copy cut short leaves the last whole file.
-# (Object stores, s3:// and gs://, publish an object whole already; they are left to pyarrow.)
-class _AtomicFile:
-    """A writable file that becomes `path` only when closed."""
-
-    def __init__(self, path: str):
-        import uuid
-
-        head, tail = os.path.split(path)
-        self.path, self.tmp = path, os.path.join(head, f".{tail}.ptx-{uuid.uuid4().hex[:8]}")
-        self.f = open(self.tmp, "wb")  # noqa: SIM115 (closed by close(), which publishes it)
-        self.closed = False
-
-    def write(self, data) -> int:
-        return self.f.write(data)
-
-    def flush(self) -> None:
-        self.f.flush()
-
-    def tell(self) -> int:
-        return self.f.tell()
-
-    def writable(self) -> bool:
-        return True
-
-    def readable(self) -> bool:
-        return False
-
-    def seekable(self) -> bool:
-        return False
-
-    def close(self) -> None:
-        if not self.closed:
-            self.f.close()
-            os.replace(self.tmp, self.path)
-            self.closed = True
-
-
-def _atomic_handler_class():
-    """The pyarrow FileSystemHandler: LocalFileSystem, but open_output_stream writes via _AtomicFile. Built on first
-    use (pyarrow imported only then); pickled by reference through this module's __getattr__ (Ray sends a trial's
-    storage filesystem to its worker)."""
-    global _AtomicLocalHandler
-    if _AtomicLocalHandler is not None:
-        return _AtomicLocalHandler
-    import pyarrow as pa
-    import pyarrow.fs as pafs
-
-    class AtomicLocalHandler(pafs.FileSystemHandler):
-        def __init__(self):
-            self.local = pafs.LocalFileSystem()
-
-        def __reduce__(self):
-            return (_new_atomic_handler, ())
-
-        def get_type_name(self):
-            return "ptx-atomic-local"
-
-        def equals(self, other):
-            return isinstance(other, type(self))
-
-        def normalize_path(self, path):
-            return self.local.normalize_path(path)
-
-        def get_file_info(self, paths):
-            return self.local.get_file_info(paths)
-
-        def get_file_info_selector(self, selector):
-            return self.local.get_file_info(selector)
-
-        def create_dir(self, path, recursive):
-            self.local.create_dir(path, recursive=recursive)
-
-        def delete_dir(self, path):
-            self.local.delete_dir(path)
-
-        def delete_dir_contents(self, path, missing_dir_ok=False):
-            self.local.delete_dir_contents(path, missing_dir_ok=missing_dir_ok)
-
-        def delete_root_dir_contents(self):
-            raise PtxError("refusing to delete the contents of / (Tune storage)")
-
-        def delete_file(self, path):
-            self.local.delete_file(path)
-
-        def move(self, src, dest):
-            self.local.move(src, dest)
-
-        def copy_file(self, src, dest):
-            with self.local.open_input_stream(src) as fin, self.open_output_stream(dest, None) as fout:
-                while chunk := fin.read(1 << 20):
-                    fout.write(chunk)
-
-        def open_input_stream(self, path):
-            return self.local.open_input_stream(path)
-
-        def open_input_file(self, path):
-            return self.local.open_input_file(path)
-
-        def open_output_stream(self, path, metadata):
-            return pa.PythonFile(_AtomicFile(path), mode="w")
-
-        def open_append_stream(self, path, metadata):
-            return self.local.open_append_stream(path)
-
-    AtomicLocalHandler.__module__, AtomicLocalHandler.__qualname__ = __name__, "_AtomicLocalHandler"
-    _AtomicLocalHandler = AtomicLocalHandler
-    return _AtomicLocalHandler
-
-
-_AtomicLocalHandler = None
-
-
-def _new_atomic_handler():
-    return _atomic_handler_class()()
-
-
-def storage_filesystem(storage: str):
-    """The filesystem Tune writes a sweep's storage_path with: atomic writes on a local or shared disk, pyarrow's
-    own for a URI."""
-    if "://" in storage:
-        return None
-    import pyarrow.fs as pafs
-
-    return pafs.PyFileSystem(_new_atomic_handler())
-
-
 # ---- connecting -------------------------------------------------------------------------------------
 def connect(address: str | None = None, num_cpus: int | None = None, num_gpus: int | None = None) -> str | None:
     """Join a cluster (`auto`, HOST:PORT, ray://HOST:10001) or start a local Ray; returns the dashboard URL."""
@@ -503,7 +370,7 @@ def build_tuner(requests: list[PromptRequest], name: str, workdir: Path, trackin
     # every checkpoint stays until `finalise`: Tune saves its experiment state only every 10 s or so, and one it
     # deleted in between (num_to_keep) leaves a killed driver's saved state naming a checkpoint that is gone, a
     # trial `ptx resume` can then not restore
-    run_config = tune.RunConfig(name=name, storage_path=storage_path, storage_filesystem=storage_filesystem(storage_path),
+    run_config = tune.RunConfig(name=name, storage_path=storage_path,
                                 failure_config=tune.FailureConfig(max_failures=max_failures),
                                 checkpoint_config=tune.CheckpointConfig(num_to_keep=None), callbacks=[TrialProgress()],
                                 **_tune_output(progress.verbosity()))
@@ -785,11 +652,12 @@ def resume_sweep(path: str, restart_errored: bool = False) -> dict:
     if not tune.Tuner.can_restore(path):
         raise PtxError(f"{path} is not a Tune experiment directory (no experiment state found)")
     state = _read_state(path)
+    check_tune_state(path)
     if "resources" not in state:  # written before the state file kept them
         log.warning("%s/%s names no trial resources: the trials resume at {cpu: 1}", path, STATE_FILE)
     trainable = resumed_trainable(state)
     os.environ["RAY_AIR_NEW_OUTPUT"] = "0"  # as build_tuner's _tune_output: no experiment box from Tune
-    tuner = tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, storage_filesystem=storage_filesystem(path),
+    tuner = tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True,
                                resume_errored=not restart_errored, restart_errored=restart_errored)
     tracker = track.MlflowTracker(state["tracking_uri"], state["experiment"], workdir=Path(state["workdir"]))
     tracker.reopen(state["parent_run_id"])  # reopened (KILLED if the sweep was interrupted)
@@ -803,11 +671,48 @@ def resume_sweep(path: str, restart_errored: bool = False) -> dict:
     return summary
 
 
+def check_tune_state(path: str) -> None:
+    """Tune's saved state, checked before Tune reads it. Every ~10 s Tune copies its trial list
+    (experiment_state-*.json) and its searcher's state (a pickle) from the driver's staging directory to storage_path
+    with pyarrow, which truncates each target first: a driver killed mid-copy leaves them cut short. Tune's restore
+    then logs "Failed to restore the run state" and starts the experiment again, with an empty config (seen: the
+    resume exited 0 having finished nothing new). A cut trial list cannot be restored: a PtxError says so. A cut
+    searcher state is dropped (all of them: an older session's would name trials twice); the trials it alone knew
+    are then run by `ptx resume` from the state file's plan."""
+    import json
+
+    import pyarrow.fs as pafs
+
+    fs, root = pafs.FileSystem.from_uri(path) if "://" in path else (pafs.LocalFileSystem(), path)
+    files = {i.base_name: i for i in fs.get_file_info(pafs.FileSelector(root)) if i.type == pafs.FileType.File}
+    lists = sorted(n for n in files if n.startswith("experiment_state-") and n.endswith(".json"))
+    if lists:
+        with fs.open_input_stream(f"{root}/{lists[-1]}") as f:
+            text = f.read()
+        try:
+            json.loads(text.decode())
+        except ValueError:
+            raise PtxError(f"{root}/{lists[-1]}: Tune's saved trial list is cut short ({len(text)} bytes; the driver "
+                           f"was killed while Tune copied it) and cannot be restored; move {root} away and run "
+                           f"`ptx sweep` again (finished runs are reused)") from None
+    searchers = sorted((n for n in files if n.startswith(("basic-variant-state-", "searcher-state-"))),
+                       key=lambda n: n.split("-state-", 1)[1])
+    if searchers:
+        with fs.open_input_stream(f"{root}/{searchers[-1]}") as f:
+            data = f.read()
+        if not data.endswith(b"."):  # every pickle ends with its STOP opcode
+            log.warning("%s/%s: Tune's saved searcher state is cut short (%d bytes; the driver was killed while Tune "
+                        "copied it); dropped, the trials it alone knew are run from %s's plan", root, searchers[-1],
+                        len(data), STATE_FILE)
+            for name in searchers:
+                fs.delete_file(f"{root}/{name}")
+
+
 # ---- what Tune never started ------------------------------------------------------------------------------
 # With max_concurrent, Tune creates a grid's trials only as slots free up, and its saved experiment state lists
 # only the trials created so far; the rest live in its searcher's state, a second file saved after the trial list.
-# A sweep restored without it (a lost file; or, before sweep.storage_filesystem, one a killed copy left empty)
-# finishes the trials it lists and nothing else, with no error. So the state file names every planned trial, and `ptx resume` runs the missing
+# A sweep restored without it (a lost file, or one cut short: check_tune_state drops it) finishes the trials it
+# lists and nothing else, with no error. So the state file names every planned trial, and `ptx resume` runs the missing
 # ones itself, as a second experiment beside the first.
 def planned_trials(bases: list, search: dict | None, num_samples: int) -> list[dict]:
     """Every trial a sweep plans: its request (or group) and the values of its grid-searched fields, num_samples
@@ -868,8 +773,7 @@ def _unstarted_trials_tuner(state: dict, trainable, experiment_path: str):
                 "Tune's record of them is missing); running the %d others as %s", experiment_path,
                 len(state["planned"]) - len(missing), len(state["planned"]), len(missing), rest_path)
     if tune.Tuner.can_restore(rest_path):  # a resume of the resume
-        return tune.Tuner.restore(rest_path, trainable=trainable, resume_unfinished=True, resume_errored=True,
-                                  storage_filesystem=storage_filesystem(rest_path))
+        return tune.Tuner.restore(rest_path, trainable=trainable, resume_unfinished=True, resume_errored=True)
     baked = [_baked(m, b["search"]) for m in missing]
     return build_tuner([r for _, reqs in baked for r in reqs], rest, Path(state["workdir"]), state["tracking_uri"],
                        state["experiment"], state["parent_run_id"], b["storage"], scheduler=b["scheduler"],

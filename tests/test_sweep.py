@@ -16,6 +16,7 @@ from support import write_spec
 
 from ptx import sweep, track
 from ptx.config import load_study
+from ptx.errors import PtxError
 
 pytestmark = pytest.mark.ray
 FAIL_MARKERS = None  # set by the fixture: the fault hook is armed only while this directory exists
@@ -147,26 +148,27 @@ def test_resume_asks_for_each_trials_resources_again(grouped):
     assert request.bundles == [{"CPU": 2.0, "GPU": 0.25, "worker_node": 0.5}]
 
 
-def test_tune_storage_writes_leave_the_last_whole_file_until_closed(tmp_path):
-    """Tune copies its experiment state to storage_path with pyarrow, which truncates the target first: a driver
-    killed mid-copy left experiment_state-*.json empty and Tune restored nothing. Through sweep.storage_filesystem a
-    copy cut short (opened, half written, never closed) leaves the previous file whole."""
+def test_a_cut_tune_state_is_refused_or_dropped_before_tune_reads_it(tmp_path, caplog):
+    """Tune copies its state to storage_path by truncating each target first; a driver killed mid-copy left both
+    files empty and Tune's restore silently started over with an empty config (CI: 2 of 4 runs, exit 0)."""
     import pickle
 
-    import pyarrow.fs as pafs
-
-    target = tmp_path / "experiment_state-x.json"
-    for fs, whole_while_open in [(pafs.LocalFileSystem(), False), (sweep.storage_filesystem(str(tmp_path)), True)]:
-        target.write_text('{"trial_data": [1, 2]}')
-        stream = fs.open_output_stream(str(target))
-        stream.write(b'{"trial_data": [1, 2, ')  # the process dies here
-        assert (target.read_text() == '{"trial_data": [1, 2]}') == whole_while_open
-        stream.write(b'3]}')
-        stream.close()
-        assert target.read_text() == '{"trial_data": [1, 2, 3]}'
-    assert sorted(p.name for p in tmp_path.iterdir()) == [target.name]  # no temporary file left
-    fs = pickle.loads(pickle.dumps(sweep.storage_filesystem(str(tmp_path))))  # as Ray sends it to a trial's worker
-    assert fs.type_name == "py::ptx-atomic-local" and sweep.storage_filesystem("s3://bucket/sweeps") is None
+    searcher = pickle.dumps({"_live_trials": {"a_00000"}, "counter": 2})
+    (tmp_path / "experiment_state-2026-12-01_10-00-00.json").write_text('{"trial_data": []}')
+    (tmp_path / "experiment_state-2026-12-02_10-00-00.json").write_text('{"trial_data": [[{"trial_id": "a_0')
+    with pytest.raises(PtxError, match=r"experiment_state-2026-12-02_10-00-00.json: Tune's saved trial list is cut "
+                                       r"short \(34 bytes"):
+        sweep.check_tune_state(str(tmp_path))
+    (tmp_path / "experiment_state-2026-12-02_10-00-00.json").write_text('{"trial_data": []}')
+    (tmp_path / "basic-variant-state-2026-12-02_10-00-00.json").write_bytes(searcher)
+    sweep.check_tune_state(str(tmp_path))  # whole: kept
+    assert (tmp_path / "basic-variant-state-2026-12-02_10-00-00.json").read_bytes() == searcher
+    (tmp_path / "basic-variant-state-2026-12-01_10-00-00.json").write_bytes(searcher)  # an earlier session's
+    (tmp_path / "basic-variant-state-2026-12-02_10-00-00.json").write_bytes(searcher[:len(searcher) // 2])
+    sweep.check_tune_state(str(tmp_path))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["experiment_state-2026-12-01_10-00-00.json",
+                                                         "experiment_state-2026-12-02_10-00-00.json"]
+    assert "searcher state is cut short" in caplog.text
 
 
 def test_unstarted_trials_are_the_planned_ones_no_trial_config_covers():
@@ -211,12 +213,12 @@ def test_rerun_reuses_finished_runs(ray_session, tmp_path, new_workdir):
 
 
 # grouped: the four runs as two trials of two prompts each (train.group_size 2; ptx.train_group).
-# search-state-lost: with max_concurrent 2, Tune creates trials 3 and 4 only when a slot frees up; its saved state
-# lists trials 1 and 2, and the other two live only in its searcher's state, a second file. Restored without it,
-# Tune finished the two trials it listed and reported success (CI saw exactly that: 2 of 4 runs, exit 0); ptx now
-# runs the planned trials Tune never named.
+# search-state-cut: with max_concurrent 2, Tune creates trials 3 and 4 only when a slot frees up; its saved state
+# lists trials 1 and 2, and the other two live only in its searcher's state, a second file. A kill during Tune's copy
+# of that file leaves it cut short, and Tune's restore then started over with an empty config (CI: 2 of 4 runs, exit
+# 0). The case cuts the file in half after the kill: ptx drops it and runs the planned trials Tune never named.
 @pytest.mark.parametrize("group,lose_search_state", [(1, False), (1, True), pytest.param(2, False, marks=pytest.mark.slow)],
-                         ids=["alone", "search-state-lost", "grouped"])
+                         ids=["alone", "search-state-cut", "grouped"])
 def test_killed_driver_is_finished_by_resume(tmp_path, new_workdir, group, lose_search_state):
     new_workdir(tmp_path)  # its store: a copy of the migrated empty db
     steps = 150
@@ -235,6 +237,10 @@ def test_killed_driver_is_finished_by_resume(tmp_path, new_workdir, group, lose_
     # its experiment state only every 10 s or so, and that state may name any checkpoint registered since
     while time.time() < deadline and max(map(registered_results, results.glob("*/*/")), default=0) < 4:
         time.sleep(0.2)
+    # and between two of Tune's ~10 s copies of its state to storage: a kill inside one cuts the files short
+    # (check_tune_state's business, tested on its own above and by search-state-cut)
+    while time.time() < deadline and not between_state_copies(results):
+        time.sleep(0.05)
     os.killpg(driver.pid, signal.SIGKILL)  # the driver and the Ray it started, mid-sweep
     assert driver.wait() == -signal.SIGKILL, "the sweep ended before the kill: the trials are too short to test it"
     trial_dirs = list(results.glob("*/*/"))
@@ -247,17 +253,17 @@ def test_killed_driver_is_finished_by_resume(tmp_path, new_workdir, group, lose_
     assert state["resources"] == {"cpu": 1.0, "gpu": 0.0, "custom": {}}
     assert state["planned_trials"] == n_trials and len(state["planned"]) == n_trials
     searcher_files = list(experiment.glob("basic-variant-state-*.json"))
-    # every Tune state file whole (written through sweep.storage_filesystem): the kill once left them empty
-    (saved,) = [json.loads(p.read_text()) for p in experiment.glob("experiment_state-*.json")]
+    (saved,) = [json.loads(p.read_text()) for p in experiment.glob("experiment_state-*.json")]  # whole
     listed = len(saved["trial_data"])  # 2, or 3 if a trial had ended before the kill (result.json syncs late)
-    if lose_search_state:
-        assert len(searcher_files) == 1 and searcher_files[0].stat().st_size > 0, sorted(experiment.iterdir())
-        searcher_files[0].unlink()
+    assert len(searcher_files) == 1 and searcher_files[0].read_bytes().endswith(b"."), sorted(experiment.iterdir())
+    if lose_search_state:  # as a kill mid-copy leaves it
+        searcher_files[0].write_bytes(searcher_files[0].read_bytes()[:searcher_files[0].stat().st_size // 2])
     out = subprocess.run([*ptx, "resume", str(experiment)], env=env, capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stderr[-2000:]
     assert ": 4 trials, 0 errored" in out.stdout, out.stdout[-1000:] + out.stderr[-2000:]  # prompts, grouped or not
     unstarted = re.search(r"names (\d) of the 4 planned trials .* running the (\d) others as (\S+)", out.stderr)
     assert bool(unstarted) == lose_search_state, out.stderr[-2000:]
+    assert ("searcher state is cut short" in out.stderr) == lose_search_state, out.stderr[-2000:]
     if lose_search_state:  # Tune had created the first two or three (max_concurrent 2); the others ran beside them
         assert unstarted.groups() == (str(listed), str(4 - listed), f"{experiment}-rest")
     uri = track.resolve_tracking_uri(None, tmp_path)
@@ -343,6 +349,17 @@ def test_sigterm_stops_the_sweep_like_ctrl_c_and_resume_finishes_it(tmp_path):
         assert sorted(got) == list(range(0, 151, 3)), (r.run_id, sorted(got))  # each step exactly once
         names = {a.path for a in tracker.client.list_artifacts(r.run_id, "prompt")}
         assert names == {"prompt/prompt.json", "prompt/prompt.safetensors"}
+
+
+def between_state_copies(results: Path) -> bool:
+    """Tune's last copy of its experiment state to storage is whole and 0.3-5 s old (the next comes ~10 s after the
+    one before)."""
+    states = list(results.glob("*/experiment_state-*.json"))
+    try:
+        json.loads(states[0].read_text())
+        return len(states) == 1 and 0.3 < time.time() - states[0].stat().st_mtime < 5
+    except (IndexError, OSError, ValueError):
+        return False
 
 
 def registered_results(trial_dir: Path) -> int:
