@@ -695,17 +695,21 @@ def check_tune_state(path: str) -> None:
             raise PtxError(f"{root}/{lists[-1]}: Tune's saved trial list is cut short ({len(text)} bytes; the driver "
                            f"was killed while Tune copied it) and cannot be restored; move {root} away and run "
                            f"`ptx sweep` again (finished runs are reused)") from None
-    searchers = sorted((n for n in files if n.startswith(("basic-variant-state-", "searcher-state-"))),
-                       key=lambda n: n.split("-state-", 1)[1])
-    if searchers:
-        with fs.open_input_stream(f"{root}/{searchers[-1]}") as f:
+    kinds = ("basic-variant-state-", "search_gen_state-", "searcher-state-")  # grid/random; Optuna's two
+    searchers = sorted(n for n in files if n.startswith(kinds))
+    for kind in kinds:
+        newest = max((n for n in searchers if n.startswith(kind)), default=None)  # the name ends with its session
+        if newest is None:
+            continue
+        with fs.open_input_stream(f"{root}/{newest}") as f:
             data = f.read()
         if not data.endswith(b"."):  # every pickle ends with its STOP opcode
             log.warning("%s/%s: Tune's saved searcher state is cut short (%d bytes; the driver was killed while Tune "
-                        "copied it); dropped, the trials it alone knew are run from %s's plan", root, searchers[-1],
+                        "copied it); dropped, the trials it alone knew are run from %s's plan", root, newest,
                         len(data), STATE_FILE)
             for name in searchers:
                 fs.delete_file(f"{root}/{name}")
+            return
 
 
 # ---- what Tune never started ------------------------------------------------------------------------------

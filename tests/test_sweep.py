@@ -169,6 +169,10 @@ def test_a_cut_tune_state_is_refused_or_dropped_before_tune_reads_it(tmp_path, c
     assert sorted(p.name for p in tmp_path.iterdir()) == ["experiment_state-2026-12-01_10-00-00.json",
                                                          "experiment_state-2026-12-02_10-00-00.json"]
     assert "searcher state is cut short" in caplog.text
+    (tmp_path / "search_gen_state-2026-12-02_10-00-00.json").write_bytes(b"")  # an Optuna sweep's, emptied
+    (tmp_path / "searcher-state-2026-12-02_10-00-00.pkl").write_bytes(searcher)
+    sweep.check_tune_state(str(tmp_path))
+    assert not list(tmp_path.glob("search*"))
 
 
 def test_unstarted_trials_are_the_planned_ones_no_trial_config_covers():
