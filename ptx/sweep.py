@@ -740,7 +740,7 @@ def unstarted_trials(planned: list[dict], configs: list[dict]) -> list[dict]:
     have = Counter(key(c.get("group", c.get("request")), {k: c.get(k) for k in grid_keys}) for c in configs)
     missing = []
     for p in planned:
-        k = key(json.loads(json.dumps(p["base"])), p["grid"])
+        k = key(p["base"], p["grid"])
         if have[k]:
             have[k] -= 1
         else:
