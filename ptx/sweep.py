@@ -335,8 +335,9 @@ def build_tuner(requests: list[PromptRequest], name: str, workdir: Path, trackin
                 force: bool = False, metric_name: str = "best_dev_metric", group_size: int = 1,
                 entries: list | None = None):
     """A Tune experiment over a list of base requests (x an optional search space); group_size > 1: one trial
-    trains that many requests together (group_trainable). `entries`: the trials' requests (or groups) as given, one
-    trial each, searched values already in them (what `ptx resume` runs of a sweep Tune never started)."""
+    trains that many requests together (group_trainable). `entries`: the grid's requests (or groups) as dicts, when
+    the caller has them already (grid_entries), or with searched values baked in (what `ptx resume` runs of a sweep
+    Tune never started)."""
     from ray import tune
 
     # checkpoints at every evaluation are the point (resume); Tune's warning about that is noise here
@@ -345,13 +346,9 @@ def build_tuner(requests: list[PromptRequest], name: str, workdir: Path, trackin
     trainable = trial_trainable(group_size > 1, resources)
     const = {"tracking_uri": tracking_uri, "experiment": experiment, "workdir": str(workdir), "study": name,
              "parent_run_id": parent_run_id, "tags": tags or {}, "force": force, "quiet": not progress.verbosity()}
-    if entries is not None:
-        grid = {"group" if group_size > 1 else "request": tune.grid_search(entries)}
-    elif group_size > 1:
-        grid = {"group": tune.grid_search([[dataclasses.asdict(r) for r in g] for g in group_requests(requests, group_size)])}
-    else:
-        grid = {"request": tune.grid_search([dataclasses.asdict(r) for r in requests])}
-    space = {**grid, "const": const, **_tune_space(search or {})}
+    entries = grid_entries(requests, group_size) if entries is None else entries
+    space = {"group" if group_size > 1 else "request": tune.grid_search(entries), "const": const,
+             **_tune_space(search or {})}
     sched = make_scheduler(scheduler, requests)
     search_alg = None
     if algorithm == "optuna":
@@ -375,6 +372,13 @@ def build_tuner(requests: list[PromptRequest], name: str, workdir: Path, trackin
                                 checkpoint_config=tune.CheckpointConfig(num_to_keep=None), callbacks=[TrialProgress()],
                                 **_tune_output(progress.verbosity()))
     return tune.Tuner(trainable, param_space=space, tune_config=tune_config, run_config=run_config)
+
+
+def grid_entries(requests: list[PromptRequest], group_size: int) -> list:
+    """A sweep's grid: each trial's request as a dict, or with group_size > 1 each group as a list of them."""
+    if group_size > 1:
+        return [[dataclasses.asdict(r) for r in g] for g in group_requests(requests, group_size)]
+    return [dataclasses.asdict(r) for r in requests]
 
 
 def make_scheduler(scheduler: dict | None, requests: list):
@@ -591,20 +595,17 @@ def run_sweep(spec, workdir: Path, tracking_uri: str, storage_path: str | None =
     parent = tracker.start_run(track.run_name(stage, spec.name, "sweep"), {
         "ptx.kind": "sweep", "ptx.study": spec.name, "ptx.experiment_path": f"{storage}/{name}",
         "ptx.config_hash": spec.hash(), "ptx.stage": stage})
-    tracker.log(parent, params={"plan": plan(spec)})
-    tuner = build_tuner(requests or sweep_requests(spec), name, Path(workdir), tracking_uri, spec.name, parent,
-                        storage, search=spec.search.space, algorithm=spec.search.algorithm,
-                        num_samples=spec.search.num_samples, scheduler=dataclasses.asdict(spec.scheduler),
-                        resources=dataclasses.asdict(spec.resources),
-                        max_concurrent=max_concurrent or spec.max_concurrent, max_failures=spec.max_failures,
-                        tags=tags, force=force, group_size=group_size(spec))
+    the_plan = plan(spec)
+    tracker.log(parent, params={"plan": the_plan})
     reqs, size = requests or sweep_requests(spec), group_size(spec)
-    bases = [[dataclasses.asdict(r) for r in g] for g in group_requests(reqs, size)] if size > 1 \
-        else [dataclasses.asdict(r) for r in reqs]
-    n_trials = len(bases) * plan(spec)["search_points"] * spec.search.num_samples
-    build = {"storage": storage, "search": spec.search.space, "algorithm": spec.search.algorithm,
+    bases = grid_entries(reqs, size)
+    n_trials = len(bases) * the_plan["search_points"] * spec.search.num_samples
+    # build_tuner's arguments, kept in the state file for the trials `ptx resume` may have to start itself
+    build = {"storage_path": storage, "search": spec.search.space, "algorithm": spec.search.algorithm,
              "scheduler": dataclasses.asdict(spec.scheduler), "max_concurrent": max_concurrent or spec.max_concurrent,
              "max_failures": spec.max_failures, "tags": tags or {}, "force": force, "group_size": size}
+    tuner = build_tuner(reqs, name, Path(workdir), tracking_uri, spec.name, parent, **build,
+                        num_samples=spec.search.num_samples, resources=dataclasses.asdict(spec.resources), entries=bases)
     _write_state(storage, name, {"tracking_uri": tracking_uri, "experiment": spec.name, "workdir": str(workdir),
                                  "parent_run_id": parent, "study_file": spec.source_file, "name": name,
                                  "grouped": size > 1, "resources": dataclasses.asdict(spec.resources),
@@ -772,18 +773,16 @@ def _unstarted_trials_tuner(state: dict, trainable, experiment_path: str):
         return None
     b = state["build"]
     rest = f"{state['name']}-rest"
-    rest_path = f"{b['storage']}/{rest}"
+    rest_path = f"{b['storage_path']}/{rest}"
     log.warning("%s: its saved Tune state names %d of the %d planned trials (the rest were never started and "
                 "Tune's record of them is missing); running the %d others as %s", experiment_path,
                 len(state["planned"]) - len(missing), len(state["planned"]), len(missing), rest_path)
     if tune.Tuner.can_restore(rest_path):  # a resume of the resume
         return tune.Tuner.restore(rest_path, trainable=trainable, resume_unfinished=True, resume_errored=True)
-    baked = [_baked(m, b["search"]) for m in missing]
+    baked = [_baked(m, b["search"]) for m in missing]  # searched values inside: a plain grid, no search
     return build_tuner([r for _, reqs in baked for r in reqs], rest, Path(state["workdir"]), state["tracking_uri"],
-                       state["experiment"], state["parent_run_id"], b["storage"], scheduler=b["scheduler"],
-                       resources=state.get("resources"), max_concurrent=b["max_concurrent"],
-                       max_failures=b["max_failures"], tags=b["tags"], force=b["force"], group_size=b["group_size"],
-                       entries=[e for e, _ in baked])
+                       state["experiment"], state["parent_run_id"], **{**b, "search": None, "algorithm": "grid"},
+                       resources=state.get("resources"), entries=[e for e, _ in baked])
 
 
 def _fit_and_finalise(tuner, tracker, parent: str, workdir: Path, trials: int = 0, then=None) -> dict:
