@@ -258,7 +258,7 @@ def test_killed_driver_is_finished_by_resume(tmp_path, new_workdir, group, lose_
     assert state["planned_trials"] == n_trials and len(state["planned"]) == n_trials
     searcher_files = list(experiment.glob("basic-variant-state-*.json"))
     (saved,) = [json.loads(p.read_text()) for p in experiment.glob("experiment_state-*.json")]  # whole
-    listed = len(saved["trial_data"])  # 2, or 3 if a trial had ended before the kill (result.json syncs late)
+    listed = len(saved["trial_data"])  # 2 to 4: trials 3 and 4 are created as trials 1 and 2 end
     assert len(searcher_files) == 1 and searcher_files[0].read_bytes().endswith(b"."), sorted(experiment.iterdir())
     if lose_search_state:  # as a kill mid-copy leaves it
         searcher_files[0].write_bytes(searcher_files[0].read_bytes()[:searcher_files[0].stat().st_size // 2])
@@ -266,9 +266,11 @@ def test_killed_driver_is_finished_by_resume(tmp_path, new_workdir, group, lose_
     assert out.returncode == 0, out.stderr[-2000:]
     assert ": 4 trials, 0 errored" in out.stdout, out.stdout[-1000:] + out.stderr[-2000:]  # prompts, grouped or not
     unstarted = re.search(r"names (\d) of the 4 planned trials .* running the (\d) others as (\S+)", out.stderr)
-    assert bool(unstarted) == lose_search_state, out.stderr[-2000:]
+    # Tune had created the first two or three (max_concurrent 2), or on a quick box all four (result.json reaches
+    # storage late, so the kill can come after trials 1 and 2 ended): the others, if any, ran beside them
+    assert bool(unstarted) == (lose_search_state and listed < 4), out.stderr[-2000:]
     assert ("searcher state is cut short" in out.stderr) == lose_search_state, out.stderr[-2000:]
-    if lose_search_state:  # Tune had created the first two or three (max_concurrent 2); the others ran beside them
+    if unstarted:
         assert unstarted.groups() == (str(listed), str(4 - listed), f"{experiment}-rest")
     uri = track.resolve_tracking_uri(None, tmp_path)
     runs = prompt_runs(uri, "killed")
@@ -291,7 +293,7 @@ def test_killed_driver_is_finished_by_resume(tmp_path, new_workdir, group, lose_
     # finalised trials keep only their last checkpoint
     # all of them now (one may not have started at the kill), with those the resume ran beside the first experiment
     trials = [p for e in (experiment, Path(f"{experiment}-rest")) if e.is_dir() for p in e.iterdir() if p.is_dir()]
-    assert Path(f"{experiment}-rest").is_dir() == lose_search_state
+    assert Path(f"{experiment}-rest").is_dir() == bool(unstarted)
     assert sorted(len(list(trial.glob("checkpoint_*"))) for trial in trials) == [1] * n_trials
 
 
