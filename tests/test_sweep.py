@@ -225,7 +225,7 @@ def test_rerun_reuses_finished_runs(ray_session, tmp_path, new_workdir):
                          ids=["alone", "search-state-cut", "grouped"])
 def test_killed_driver_is_finished_by_resume(tmp_path, new_workdir, group, lose_search_state):
     new_workdir(tmp_path)  # its store: a copy of the migrated empty db
-    steps = 150
+    steps = 30  # held at step 12 until the kill: the trials need not be long to be killed mid-sweep
     train = {"steps": steps, "batch_size": 8, "lr": 0.05, "eval_every": 3, "eval_batch_size": 32}
     spec_path = write_spec(tmp_path / "killed.yaml", seeds=[0, 1],
                            train={**train, "group_size": group} if group > 1 else train)
@@ -252,7 +252,7 @@ def test_killed_driver_is_finished_by_resume(tmp_path, new_workdir, group, lose_
         time.sleep(0.05)
     os.killpg(driver.pid, signal.SIGKILL)  # the driver and the Ray it started, mid-sweep
     (hold / "release").write_text("1")  # the resume's trials run through
-    assert driver.wait() == -signal.SIGKILL, "the sweep ended before the kill: the trials are too short to test it"
+    assert driver.wait() == -signal.SIGKILL, "the sweep ended before the kill"
     trial_dirs = list(results.glob("*/*/"))
     assert max(map(registered_results, trial_dirs), default=0) >= 4, "no trial got far enough before the kill"
     for trial in trial_dirs:  # none was deleted: a killed driver's saved state may name any of them
