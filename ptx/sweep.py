@@ -615,12 +615,17 @@ def run_sweep(spec, workdir: Path, tracking_uri: str, storage_path: str | None =
     return _fit_and_finalise(tuner, tracker, parent, Path(workdir), n_trials)
 
 
+def _storage_fs(path: str):
+    """A sweep's storage (a URI, or a local or shared directory) as a pyarrow filesystem and the root path in it."""
+    import pyarrow.fs as pafs
+
+    return pafs.FileSystem.from_uri(path) if "://" in path else (pafs.LocalFileSystem(), str(Path(path).resolve()))
+
+
 def _write_state(storage: str, name: str, state: dict) -> None:
     import json
 
-    import pyarrow.fs as pafs
-
-    fs, root = pafs.FileSystem.from_uri(storage) if "://" in storage else (pafs.LocalFileSystem(), storage)
+    fs, root = _storage_fs(storage)
     fs.create_dir(f"{root}/{name}", recursive=True)
     with fs.open_output_stream(f"{root}/{name}/{STATE_FILE}.tmp") as f:  # written whole, then renamed
         f.write(json.dumps(state, sort_keys=True).encode())
@@ -630,9 +635,7 @@ def _write_state(storage: str, name: str, state: dict) -> None:
 def _read_state(path: str) -> dict:
     import json
 
-    import pyarrow.fs as pafs
-
-    fs, root = pafs.FileSystem.from_uri(path) if "://" in path else (pafs.LocalFileSystem(), str(Path(path).resolve()))
+    fs, root = _storage_fs(path)
     try:
         with fs.open_input_stream(f"{root}/{STATE_FILE}") as f:
             return json.loads(f.read().decode())
@@ -684,7 +687,7 @@ def check_tune_state(path: str) -> None:
 
     import pyarrow.fs as pafs
 
-    fs, root = pafs.FileSystem.from_uri(path) if "://" in path else (pafs.LocalFileSystem(), path)
+    fs, root = _storage_fs(path)
     files = {i.base_name: i for i in fs.get_file_info(pafs.FileSelector(root)) if i.type == pafs.FileType.File}
     lists = sorted(n for n in files if n.startswith("experiment_state-") and n.endswith(".json"))
     if lists:
