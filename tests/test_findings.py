@@ -196,3 +196,21 @@ def test_macro_f1_rows_match_the_metric():
     pred[0] = np.where(pred[0] == 2, 0, pred[0])  # a row that never predicts class 2
     got = verdicts._macro_f1_rows(pred, ref, classes=[0, 1, 2])
     assert got.tolist() == pytest.approx([macro_f1(p.tolist(), r.tolist()) for p, r in zip(pred, ref, strict=True)])
+
+
+# ---- the spec's findings block ------------------------------------------------------------------------
+def test_findings_block_declares_primary_comparisons_without_moving_the_hash(tmp_path):
+    from ptx.config import load_study
+    from ptx.errors import PtxError
+
+    spec = load_study("experiments/findings_cpu.yaml")
+    assert spec.findings.primary == ("on vs e_concat_cos", "on vs e_avg_cos")
+    # what the report tests is not what a stage computes: the hash the study's runs were logged under stays
+    assert spec.hash() == "a962a26b3e24a96e"
+    other = load_study("experiments/findings_cpu.yaml", ['findings.primary=["on_jaccard vs mean_cos"]'])
+    assert other.hash() == spec.hash() and other.findings.primary == ("on_jaccard vs mean_cos",)
+    with pytest.raises(PtxError, match=r"findings.primary: unknown indicator 'e_concat_cosine' in 'on vs "
+                                       r"e_concat_cosine'; did you mean 'e_concat_cos'"):
+        load_study("experiments/findings_cpu.yaml", ['findings.primary=["on vs e_concat_cosine"]'])
+    with pytest.raises(PtxError, match="expected 'INDICATOR vs INDICATOR'"):
+        load_study("experiments/findings_cpu.yaml", ['findings.primary=["on"]'])
