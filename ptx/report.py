@@ -677,8 +677,10 @@ def _verdict(f: Finding | None) -> str:
 
 
 def _finding(f: Finding) -> str:
+    """The effect, its interval when the method gives one, the method's name and p."""
     p = f", p = {f.p_value:.3f}" if math.isfinite(f.p_value) else ""
-    return f"{_ci(f.estimate, f.ci_low, f.ci_high)} ({esc(f.test)}{p})"
+    shown = _ci(f.estimate, f.ci_low, f.ci_high) if math.isfinite(f.ci_low) else _bound(f.estimate)
+    return f"{shown} ({esc(f.test)}{p})"
 
 
 def findings(ctx) -> list[str]:
