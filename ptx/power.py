@@ -118,7 +118,7 @@ def simulate_own_vs_random(design: Design, rng, effect: float = 0.0, metric: str
 
 
 QUESTIONS = {  # question -> (simulator, the stage that answers it, what `effect` means)
-    "tpt": (simulate_tpt, "tpt", "median speed-up (x)"),
+    "tpt": (simulate_tpt, "tpt", "median speed-up over targets"),
     "category": (simulate_category, "transfer", "same- minus cross-category relative transfer"),
     "indicators": (simulate_indicators, "indicators", "fraction of the weaker indicator's noise the better one lacks"),
     "own_vs_random": (simulate_own_vs_random, "transfer", "own prompt's log-odds gain over random prompts"),

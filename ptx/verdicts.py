@@ -169,7 +169,10 @@ def category_difference(cells: pd.DataFrame, categories: dict, value: str = "rel
                                  n_resamples=n_resamples, alternative="greater", rng=np.random.default_rng(seed))
     null = np.asarray(res.null_distribution)
     greater = float(res.pvalue)
-    exact = len(null) < n_resamples  # scipy enumerated every relabeling
+    relabelings = factorial(n)
+    for x in sizes:
+        relabelings //= factorial(x)
+    exact = relabelings <= n_resamples  # scipy enumerates every relabeling then
     less = float((np.count_nonzero(null <= est + 1e-12) + (0 if exact else 1)) / (len(null) + (0 if exact else 1)))
     p = min(1.0, 2 * min(greater, less))
     verdict = Verdict.YES if greater <= alpha / 2 else Verdict.NO if less <= alpha / 2 else Verdict.INCONCLUSIVE
