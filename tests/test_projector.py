@@ -423,10 +423,10 @@ def test_projector_bank_holds_the_study_s_own_prompts_only(tmp_path, new_workdir
     new_workdir(tmp_path)  # its store: a copy of the migrated empty db
     uri = f"sqlite:///{tmp_path}/mlflow.db"
 
-    def prompt_run(study, dev, tag_study=True):
+    def prompt_run(study, dev):  # a trial's run as the train stage logs it, in the study's experiment
         t = track.MlflowTracker(uri, study, workdir=tmp_path)
         tags = {"ptx.kind": track.KIND_PROMPT, "ptx.task": "sst2", "ptx.backbone": "tiny-bert", "ptx.origin": "trained",
-                "ptx.init": "random", **({"ptx.study": study} if tag_study else {})}
+                "ptx.init": "random", "ptx.study": f"{study}-train-0123"}
         rid = t.start_run(f"sst2 {study}", tags)
         t.log(rid, {"best_dev_metric": dev})
         t.finish(rid)

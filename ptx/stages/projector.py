@@ -93,13 +93,11 @@ def unit_name(objective: str, unit: dict) -> str:
 
 
 def study_best_run(tracker, backbone: str, task: str, study: str):
-    """The best vanilla prompt run of `task` on `backbone` among the study's own runs (its experiment, and its
-    ptx.study tag where a run has one), or None: another study's prompts in the same store never enter."""
+    """The best vanilla prompt run of `task` on `backbone` among the study's own runs (its MLflow experiment: one
+    per study), or None: another study's prompts in the same store never enter. (A trial's ptx.study tag names
+    its Tune experiment, e.g. '<study>-train-<hash>', so the experiment, not that tag, says whose run it is.)"""
     exp = tracker.experiment_id_of(study)
-    if exp is None:
-        return None
-    runs = tracker.bank_runs(backbone, task=task, experiment_ids=[exp])
-    return track.best_of([r for r in runs if r.tags.get("ptx.study", study) == study])
+    return None if exp is None else track.best_of(tracker.bank_runs(backbone, task=task, experiment_ids=[exp]))
 
 
 def bank(tracker, workdir: Path, backbone: str, tasks, study: str) -> dict:
