@@ -704,7 +704,9 @@ def findings(ctx) -> list[str]:
         rest = "; ".join(f"{esc(o['target_task'])} {_num(o['own'])} vs {_num(o['random'])}, difference "
                          f"{_finding(o['finding'])} ({ctx.sources.cite(o['source_prompt_run'])})"
                          for o in own if o not in beat)
-        word = "Yes" if len(beat) == len(own) else "No" if not beat else "Partly"
+        lost = [o for o in own if o["finding"].verdict == Verdict.NO]
+        word = ("Yes" if len(beat) == len(own) else "No" if len(lost) == len(own) else "Partly" if beat
+                else "Inconclusive")  # no verdict is not a "no"
         methods = sorted({o["finding"].test for o in beat})
         out.append(f"<b>Does every prompt beat a random prompt on its own task? {word}</b> on {esc(bb)} "
                    f"({esc(f['split'])} split): {len(beat)} of {len(own)} own-task prompts beat the seeded random "

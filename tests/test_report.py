@@ -250,6 +250,11 @@ def test_full_report_has_every_section_number_and_run(store):
         assert f"task-level difference (seeds averaged per cell) {observed:.3f} (exact permutation" in sentence
         assert f"p = {min(1, 2 * p_one):.3f}" in sentence
         assert f"{rnd.mean():.3f}" in sentence and store["runs"][f"transfer/{backbone}"] in sentence
+    # the fixture's transfer runs logged no per-example predictions: no paired test, so no verdict (not a "No")
+    from ptx.report import NO_PREDICTIONS
+
+    assert findings.count("Does every prompt beat a random prompt on its own task? Inconclusive</b>") == 2
+    assert NO_PREDICTIONS in findings
     corr = store["indicator_tables"]["correlations"].set_index(["indicator", "method"])
     on = corr.loc[("on", "spearman")]
     emb = corr.xs("spearman", level="method").loc[["e_concat_cos", "e_concat_euclid", "e_avg_cos", "e_avg_euclid",
