@@ -119,8 +119,8 @@ def simulate_own_vs_random(design: Design, rng, effect: float = 0.0, metric: str
 
 QUESTIONS = {  # question -> (simulator, the stage that answers it, what `effect` means)
     "tpt": (simulate_tpt, "tpt", "median speed-up over targets"),
-    "category": (simulate_category, "transfer", "same- minus cross-category relative transfer"),
-    "indicators": (simulate_indicators, "indicators", "fraction of the weaker indicator's noise the better one lacks"),
+    "category": (simulate_category, "transfer", "same- minus cross-category transfer"),
+    "indicators": (simulate_indicators, "indicators", "noise share the better indicator lacks"),
     "own_vs_random": (simulate_own_vs_random, "transfer", "own prompt's log-odds gain over random prompts"),
 }
 
@@ -172,9 +172,9 @@ def plan_lines(spec, n_studies: int = 40) -> list[str]:
         if stage not in spec.stages:
             continue
         e = detectable_effect(q, design, n_studies=n_studies)
-        shown = "none on the simulated grid (the design cannot answer it)" if e is None else \
-            f"{effect_scale(q, e):.3g}" + ("x" if q == "tpt" else "")
-        out.append(f"{q}: smallest effect with 80% power: {shown} ({unit})")
+        shown = "cannot answer it (no simulated effect gets 80% power)" if e is None else \
+            f"80% power from {effect_scale(q, e):.3g}" + ("x" if q == "tpt" else "")
+        out.append(f"{q} ({unit}): {shown}")
     return out
 
 
