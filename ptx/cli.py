@@ -623,6 +623,18 @@ def _print_plan(spec, max_concurrent):
         click.echo(f"  packing: {per_gpu} trial(s) per GPU; N GPUs run up to {per_gpu}*N trials at once")
     else:
         click.echo(f"  concurrency on this machine (CPU): up to {int((os.cpu_count() or 1) // res['cpu'])} trials")
+    _print_power(spec)
+
+
+def _print_power(spec):
+    """Per question the spec's stages answer: the smallest effect its design detects with 80% power."""
+    from ptx.power import plan_lines
+
+    lines = plan_lines(spec)
+    if lines:
+        click.echo("  power (simulated with the report's verdict code; docs/findings.md):")
+        for line in lines:
+            click.echo(f"    {line}")
 
 
 def _print_packing(spec, address):

@@ -127,6 +127,13 @@ class IndicatorStage:
 
 
 @dataclass(frozen=True)
+class Findings:
+    # the indicator comparisons the study's verdict rests on, declared before it runs ("A vs B": does A track
+    # transfer better than B); Holm adjusts across them, every other comparison is reported as exploratory
+    primary: tuple[str, ...] = ("on vs e_concat_cos", "on vs e_avg_cos")
+
+
+@dataclass(frozen=True)
 class ProjectorStage:
     source_backbone: str | None = None
     target_backbone: str | None = None
@@ -174,12 +181,14 @@ class StudySpec:
     tpt: TptStage = field(default_factory=TptStage)
     indicators: IndicatorStage = field(default_factory=IndicatorStage)
     projector: ProjectorStage = field(default_factory=ProjectorStage)
+    findings: Findings = field(default_factory=Findings)
     source_file: str | None = None
 
     def hash(self) -> str:
         d = dataclasses.asdict(self)
         d.pop("source_file")
         d.pop("storage_shared")  # where checkpoints live, not what is computed: same hash, same experiment
+        d.pop("findings")  # what the report tests, not what any stage computes
         if d["train"].get("group_size") is None:  # unset: the hash every spec had before the field existed
             d["train"].pop("group_size", None)
         if d["tpt"].get("sources") is None:  # likewise for tpt.sources
@@ -190,7 +199,7 @@ class StudySpec:
 INIT_MODES = tuple(m.value for m in SpecInit)
 NESTED = {"train": TrainSettings, "data": DataLimits, "search": Search, "scheduler": Scheduler,
           "resources": Resources, "transfer": TransferStage, "tpt": TptStage, "indicators": IndicatorStage,
-          "projector": ProjectorStage}
+          "projector": ProjectorStage, "findings": Findings}
 
 
 def _build(cls, raw, where: str, errors: list):
@@ -336,6 +345,23 @@ def _check_spec_names(spec: StudySpec, tasks: dict, where: str, errors: list) ->
     for split in spec.transfer.splits:
         if split not in ("train", "dev", "test"):
             errors.append(f"{where}.transfer.splits: expected dev, test or train, found {split!r}")
+    _check_findings(spec.findings, f"{where}.findings.primary", errors)
+
+
+def _check_findings(findings: Findings, where: str, errors: list) -> None:
+    """findings.primary: 'A vs B' comparisons of two different indicators the indicators stage logs."""
+    from ptx.indicators import EMBEDDING_INDICATORS, MAIN_ON
+
+    known = [*MAIN_ON, *EMBEDDING_INDICATORS]
+    known += [f"{k}_disp" for k in known]
+    for text in findings.primary:
+        a, sep, b = str(text).partition(" vs ")
+        if not sep or a.strip() == b.strip():
+            errors.append(f"{where}: expected 'INDICATOR vs INDICATOR' (two different ones), found {text!r}")
+            continue
+        for name in (a.strip(), b.strip()):
+            if name not in known:
+                errors.append(f"{where}: unknown indicator '{name}' in {text!r}{suggest(name, known)}")
 
 
 def _validate_groups(spec: StudySpec, where: str, errors: list) -> None:

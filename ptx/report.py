@@ -18,16 +18,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ptx import __version__, figures, track
+from ptx import __version__, figures, track, verdicts
+from ptx.config import Findings
 from ptx.errors import PtxError, suggest
-from ptx.findings import (
-    Finding,
-    Verdict,
-    difference_of_means,
-    paired_correlation_difference,
-    proportion_difference,
-    speedup_interval,
-)
+from ptx.findings import Finding, Verdict
 from ptx.indicators import EMBEDDING_INDICATORS as EMBEDDING
 from ptx.indicators import MAIN_ON as ON
 from ptx.io import atomic_dir, write_json
@@ -49,7 +43,7 @@ def _num(v, digits: int = 3, suffix: str = "") -> str:
 def _speed(lo, hi=None) -> str:
     """A censored median speed-up: one figure when both bounds agree, else the interval it lies in."""
     def one(v):
-        return "∞×" if v == math.inf else _num(v, 2, "×")
+        return "∞×" if isinstance(v, float | np.floating) and v >= AT_INIT else _num(v, 2, "×")
     if hi is None or lo == hi or (isinstance(lo, float) and isinstance(hi, float) and math.isnan(lo) and math.isnan(hi)):
         return one(lo)
     return f"{one(lo)} to {one(hi)}"
@@ -136,6 +130,7 @@ class _Ctx:
     sources: Sources = field(default_factory=Sources)
     facts: dict = field(default_factory=dict)  # headline numbers (summary.json and the Findings box)
     status: dict = field(default_factory=dict)  # section id -> (state, one line)
+    primary: tuple = ()  # the spec's primary indicator comparisons (findings.primary); set by build_report
 
 
 def _runs(ctx, tags: dict, status: str | None = "FINISHED") -> list:
@@ -245,21 +240,47 @@ def category_summary(df: pd.DataFrame, split: str) -> dict:
     return out
 
 
-def own_vs_random(df: pd.DataFrame, split: str) -> list[dict]:
-    """Every task's own prompts (one per seed) against the random prompt on that task: Newcombe's interval of
-    the score difference on the split's n examples. For F1 metrics the binomial interval is an approximation."""
+NO_PREDICTIONS = ("inconclusive: the transfer run logged no per-example predictions (transfer/predictions.parquet); "
+                  "the paired test against several seeded random prompts needs them")
+
+
+def own_vs_random(df: pd.DataFrame, split: str, predictions: pd.DataFrame | None = None) -> list[dict]:
+    """Every task's own prompts (one per seed) against the seeded random prompts on that task, paired on the same
+    test examples (ptx.verdicts.own_vs_random: exact McNemar for accuracy, a paired bootstrap for macro-F1).
+
+    `predictions`: long table target_task, split, source_prompt_run (a prompt run or random:<seed>), example,
+    pred, label; without it (an older transfer run) every answer is inconclusive and says why.
+    """
     d = df[df["split"] == split]
     rand = d[d.source_prompt_run == RANDOM].set_index("target_task")
+    p = predictions[predictions.split == split] if predictions is not None else None
     out = []
     for r in d[(d.source_task == d.target_task) & (d.source_prompt_run != RANDOM)].itertuples():
         if r.target_task not in rand.index:
             continue
         base = rand.loc[r.target_task]
         n = int(getattr(r, "n_examples", 0) or 0)
+        finding = Finding(float(r.value) - float(base.value), math.nan, math.nan, 0.0, Verdict.INCONCLUSIVE,
+                          NO_PREDICTIONS, n)
+        if p is not None:
+            g = p[p.target_task == r.target_task]
+            own = g[g.source_prompt_run == r.source_prompt_run].sort_values("example")
+            rnd = g[g.source_prompt_run.str.startswith(f"{RANDOM}:")].sort_values(["source_prompt_run", "example"])
+            n_rand = rnd.source_prompt_run.nunique()
+            if len(own) and n_rand and len(rnd) == n_rand * len(own):
+                finding = verdicts.own_vs_random(own.pred.to_numpy(), rnd.pred.to_numpy().reshape(n_rand, -1),
+                                                 own.label.to_numpy(), str(getattr(r, "metric", "accuracy")))
         out.append({"target_task": r.target_task, "source_prompt_run": r.source_prompt_run, "own": float(r.value),
-                    "random": float(base.value), "n": n,
-                    "finding": proportion_difference(float(r.value), n, float(base.value), n)})
+                    "random": float(base.value), "n": n, "finding": finding})
     return sorted(out, key=lambda o: (o["target_task"], o["source_prompt_run"]))
+
+
+def category_finding(df: pd.DataFrame, split: str) -> Finding:
+    """Same- vs cross-category transfer at the task level (ptx.verdicts.category_difference)."""
+    d = df[(df["split"] == split) & (df.source_prompt_run != RANDOM)]
+    cats = {**dict(zip(d.source_task, d.source_category, strict=True)),
+            **dict(zip(d.target_task, d.target_category, strict=True))}
+    return verdicts.category_difference(verdicts.task_cells(d), cats)
 
 
 def transfer_section(ctx) -> str:
@@ -281,10 +302,9 @@ def transfer_section(ctx) -> str:
         summary = category_summary(df, split)
         facts[backbone] = {"split": split, "run_id": run.run_id,
                            **{f"{k}_{m}": v[m] for k, v in summary.items() for m in ("mean", "n")},
-                           "same_vs_cross": difference_of_means(summary["same"]["values"], summary["cross"]["values"]),
-                           "same_vs_random": difference_of_means(summary["same"]["values"],
-                                                                 summary["random"]["values"]),
-                           "own_vs_random": own_vs_random(df, split)}
+                           "same_vs_cross": category_finding(df, split),
+                           "own_vs_random": own_vs_random(df, split, _parquet(_artifacts(ctx, run, track.KIND_TRANSFER),
+                                                                              "predictions.parquet"))}
         metrics = ", ".join(sorted(set(df.metric))) if "metric" in df else "score"
         n_src = df[df.source_prompt_run != RANDOM].source_prompt_run.nunique()
         parts.append(f"<h3>{esc(backbone)}</h3><p>Zero-shot transfer of every bank prompt (columns) to every task "
@@ -360,19 +380,36 @@ def _by_source_mode(records: list) -> dict:
     return out
 
 
-def _speedups(records: list) -> list:
-    """One speed-up per TPT run for the interval: reached runs at their speed-up, a run that starts at vanilla's
-    best far above any (1e9), a run that never reached it at its censoring bound (<= 1); undefined runs out."""
+def _speedups(records: list, suffix: str = "") -> list:
+    """One speed-up per TPT run for the verdict: reached runs at their speed-up, a run that starts at vanilla's
+    best far above any (AT_INIT), a run that never reached it at its censoring bound (<= 1); undefined runs out."""
+    return [v for v, _ in _speedup_runs(records, suffix)]
+
+
+def _speedup_runs(records: list, suffix: str = "") -> list[tuple[float, str]]:
+    """(speed-up, target task) per TPT run with a defined speed-up, as `_speedups` reads them."""
     out = []
     for r in records:
-        flag = r.get("flag")
+        flag, target = r.get(f"flag{suffix}"), r.get("target_task", "?")
         if flag == "ok":
-            out.append(float(r["speedup"]))
+            out.append((float(r[f"speedup{suffix}"]), target))
         elif flag == "tpt_at_init":
-            out.append(AT_INIT)
-        elif flag == "tpt_not_reached" and math.isfinite(float(r.get("speedup_bound", math.nan))):
-            out.append(float(r["speedup_bound"]))
+            out.append((AT_INIT, target))
+        elif flag == "tpt_not_reached" and math.isfinite(float(r.get(f"speedup_bound{suffix}", math.nan))):
+            out.append((float(r[f"speedup_bound{suffix}"]), target))
     return out
+
+
+def tpt_verdict(records: list) -> Finding:
+    """The TPT question's finding: the median over targets (each target's seeds reduced to their median) with the
+    sign test's order-statistic interval (ptx.verdicts.tpt_median_speedup)."""
+    runs = _speedup_runs(records)
+    return verdicts.tpt_median_speedup([v for v, _ in runs], [t for _, t in runs])
+
+
+def _median_cell(records: list, suffix: str = "") -> str:
+    """The table's median speed-up: the same statistic as the finding's (a range for an even count)."""
+    return _speed(*verdicts.median_range(_speedups(records, suffix))) if _speedups(records, suffix) else "—"
 
 
 def tpt_section(ctx) -> str:
@@ -396,16 +433,18 @@ def tpt_section(ctx) -> str:
         overall, overall90 = censored_speedups(records), censored_speedups(records, "_90")
         facts[backbone] = {"run_id": run.run_id, "targets": len(agg), **overall,
                            **{f"{k}_90": v for k, v in overall90.items()},
-                           "by_source": {mode: {**censored_speedups(g), "finding": speedup_interval(_speedups(g))}
+                           "median_range": verdicts.median_range(_speedups(records)),
+                           "by_source": {mode: {**censored_speedups(g), "finding": tpt_verdict(g)}
                                          for mode, g in _by_source_mode(records).items()}}
         parts.append(f"<h3>{esc(backbone)}</h3><p>Prompt tuning started from a transferred prompt (TPT) beside "
                      f"vanilla prompt tuning, same seeds; TPT run {cite}. Speed-up = steps vanilla needs to reach "
                      "its best dev score ÷ steps TPT needs to reach it. No run is dropped: a TPT run that never "
                      "reaches vanilla's best is censored (its speed-up is below vanilla's steps ÷ TPT's budget) and "
-                     "enters the median at 0 for the lower figure and at that bound for the upper one; one that "
-                     "starts there counts as infinitely fast. The mean is over the runs that reached it after step "
+                     "enters the median at that bound, which keeps its side of 1; one that starts there counts as "
+                     "infinitely fast. An even count's median is the range between its two middle runs; the table "
+                     "and the findings print the same median. The mean is over the runs that reached it after step "
                      f"0 only. Overall: reached in {overall['n_reached']} of {overall['n_runs']} runs, median "
-                     f"{_speed(overall['median_speedup'], overall['median_speedup_upper'])}, mean over reaching runs "
+                     f"{_speed(*facts[backbone]['median_range'])}, mean over reaching runs "
                      f"{_num(overall['mean_speedup_reached'], 2, '×')}.</p>")
         rows = []
         for r in agg.itertuples():
@@ -413,12 +452,10 @@ def tpt_section(ctx) -> str:
             ids = " ".join(ctx.sources.cite(x) for c in ("vanilla_run", "tpt_run") if c in runs
                            for x in runs[c].dropna())
             per = censored_speedups(runs.to_dict("records"))
-            per90 = censored_speedups(runs.to_dict("records"), "_90")
             rows.append([esc(r.target_task), esc(r.source_task), ctx.sources.cite(r.source_prompt_run),
                          r.vanilla_best, r.tpt_best, f"{per['n_reached']}/{per['n_runs']}",
-                         _speed(per["median_speedup"], per["median_speedup_upper"]),
-                         _num(per["mean_speedup_reached"], 2, "×"),
-                         _speed(per90["median_speedup"], per90["median_speedup_upper"]),
+                         _median_cell(runs.to_dict("records")), _num(per["mean_speedup_reached"], 2, "×"),
+                         _median_cell(runs.to_dict("records"), "_90"),
                          esc(str(getattr(r, "flags", ""))), ids or cite])
         parts.append(_table(["target", "source task", "source prompt", "vanilla best", "TPT best", "reached",
                              "median speed-up", "mean speed-up (reaching runs)", "median @90%", "flags",
@@ -436,6 +473,29 @@ def tpt_section(ctx) -> str:
 
 
 # ---- indicators ---------------------------------------------------------------------------------------
+DEFAULT_PRIMARY = Findings().primary  # the paper's claim: ON beats E_concat and E_avg
+
+
+def parse_comparison(text: str) -> tuple[str, str]:
+    """'on vs e_avg_cos' -> ('on', 'e_avg_cos')."""
+    a, sep, b = text.partition(" vs ")
+    if not sep or not a.strip() or not b.strip():
+        raise PtxError(f"findings.primary: '{text}' is not a comparison; expected 'INDICATOR vs INDICATOR'")
+    return a.strip(), b.strip()
+
+
+def indicator_findings(pairs: pd.DataFrame, primary=DEFAULT_PRIMARY) -> dict:
+    """The declared primary comparisons (Holm across them) and, labelled exploratory, ON vs every other embedding
+    similarity, each a ptx.verdicts.correlation_difference over seed-averaged (source task, target) cells."""
+    primary = [parse_comparison(c) for c in primary]
+    have = [c for c in primary if {*c} <= set(pairs.columns)]
+    named = {f"{a} vs {b}": verdicts.correlation_difference(pairs, a, b) for a, b in have}
+    explore = {f"on vs {e}": verdicts.correlation_difference(pairs, "on", e) for e in EMBEDDING
+               if e in pairs.columns and ("on", e) not in have and "on" in pairs.columns}
+    return {"primary": verdicts.holm(named), "exploratory": explore,
+            "primary_missing": [f"{a} vs {b}" for a, b in primary if (a, b) not in have]}
+
+
 def indicators_section(ctx) -> str:
     """Per backbone: the indicator-transfer correlations with CIs, scatter plots and per-layer ON."""
     tags = {"ptx.kind": track.KIND_INDICATORS}
@@ -485,10 +545,8 @@ def indicators_section(ctx) -> str:
         parts.append(_table(["indicator", *(f"{m} (mean over targets) [CI]" for m in methods), "Spearman pooled [CI]",
                              *(["Spearman within one seed"] if seeded else []), "targets defined", "pairs"], rows, cite))
         pairs = _parquet(folder, "pairs.parquet")
-        if pairs is not None and "on" in fact and fact.get("embedding") in pairs.columns:
-            valid = pairs.dropna(subset=["y", "on", fact["embedding"]])
-            fact["on_vs_embedding"] = paired_correlation_difference(
-                valid["on"], valid[fact["embedding"]], valid["y"], valid["target_task"])
+        if pairs is not None and "on" in fact:
+            fact.update(indicator_findings(pairs, ctx.primary))
         names = [n for n in order if pairs is not None and n in pairs.columns and not n.endswith("_disp")]
         if names:
             valid = pairs.dropna(subset=["y"])
@@ -619,8 +677,10 @@ def _verdict(f: Finding | None) -> str:
 
 
 def _finding(f: Finding) -> str:
+    """The effect, its interval when the method gives one, the method's name and p."""
     p = f", p = {f.p_value:.3f}" if math.isfinite(f.p_value) else ""
-    return f"{_ci(f.estimate, f.ci_low, f.ci_high)} ({esc(f.test)}{p})"
+    shown = _ci(f.estimate, f.ci_low, f.ci_high) if math.isfinite(f.ci_low) else _bound(f.estimate)
+    return f"{shown} ({esc(f.test)}{p})"
 
 
 def findings(ctx) -> list[str]:
@@ -628,26 +688,31 @@ def findings(ctx) -> list[str]:
     out = []
     transfer = ctx.facts.get("transfer") or {}
     for bb, f in transfer.items():
-        d, r = f["same_vs_cross"], f["same_vs_random"]
+        d = f["same_vs_cross"]
         out.append(f"<b>Does same-category transfer beat cross-category? {_verdict(d)}</b> on "
                    f"{esc(bb)} ({esc(f['split'])} split): a source prompt reaches {_num(f['same_mean'])} of the "
                    f"target's own-prompt score on other tasks of its category (n = {f['same_n']} pairs) vs "
-                   f"{_num(f['cross_mean'])} on tasks of other categories (n = {f['cross_n']}); difference "
-                   f"{_finding(d)}. Beside it, a random prompt reaches {_num(f['random_mean'])} (n = {f['random_n']}); "
-                   f"same-category minus random {_finding(r)}. Run {ctx.sources.cite(f['run_id'])}.")
+                   f"{_num(f['cross_mean'])} on tasks of other categories (n = {f['cross_n']}); task-level "
+                   f"difference (seeds averaged per cell) {_finding(d)}. Beside it, a random prompt reaches "
+                   f"{_num(f['random_mean'])} (n = {f['random_n']}; descriptive, no verdict). "
+                   f"Run {ctx.sources.cite(f['run_id'])}.")
     for bb, f in transfer.items():
         own = f.get("own_vs_random") or []
         if not own:
             continue
         beat = [o for o in own if o["finding"].verdict == Verdict.YES]
         rest = "; ".join(f"{esc(o['target_task'])} {_num(o['own'])} vs {_num(o['random'])}, difference "
-                         f"{_ci(o['finding'].estimate, o['finding'].ci_low, o['finding'].ci_high)} "
-                         f"({ctx.sources.cite(o['source_prompt_run'])})" for o in own if o not in beat)
-        word = "Yes" if len(beat) == len(own) else "No" if not beat else "Partly"
+                         f"{_finding(o['finding'])} ({ctx.sources.cite(o['source_prompt_run'])})"
+                         for o in own if o not in beat)
+        lost = [o for o in own if o["finding"].verdict == Verdict.NO]
+        word = ("Yes" if len(beat) == len(own) else "No" if len(lost) == len(own) else "Partly" if beat
+                else "Inconclusive")  # no verdict is not a "no"
+        methods = sorted({o["finding"].test for o in beat})
         out.append(f"<b>Does every prompt beat a random prompt on its own task? {word}</b> on {esc(bb)} "
-                   f"({esc(f['split'])} split): {len(beat)} of {len(own)} own-task prompts score above the random "
-                   f"prompt with a 95% interval of the difference above 0 (Newcombe, n = "
-                   f"{min(o['n'] for o in own)} to {max(o['n'] for o in own)} examples a target)"
+                   f"({esc(f['split'])} split): {len(beat)} of {len(own)} own-task prompts beat the seeded random "
+                   f"prompts on the same test examples (n = {min(o['n'] for o in own)} to "
+                   f"{max(o['n'] for o in own)} examples a target"
+                   + (f"; {esc(', '.join(methods))}" if methods else "") + ")"
                    + (f"; not: {rest}" if rest else "") + ".")
     if not transfer:
         out.append("<b>Does same-category transfer beat cross-category?</b> " + _missing("transfer"))
@@ -655,11 +720,20 @@ def findings(ctx) -> list[str]:
     for bb, f in ind.items():
         if "on" not in f or "embedding" not in f:
             continue
-        d = f.get("on_vs_embedding")
-        out.append(f"<b>Does ON predict transfer better than embedding similarity? {_verdict(d)}</b> on "
-                   f"{esc(bb)}: mean Spearman over targets {_ci(f['on'], *f['on_ci'])} for ON vs "
+        prim, expl = f.get("primary") or {}, f.get("exploratory") or {}
+        got = [g.verdict for g in prim.values()]
+        word = ("Yes" if got and all(v == Verdict.YES for v in got) else "No" if got and all(v == Verdict.NO for v in got)
+                else "Partly" if Verdict.YES in got else "Inconclusive")
+        detail = "; ".join(f"{esc(k)}: {_verdict(g)}, difference {_finding(g)}" for k, g in prim.items())
+        out.append(f"<b>Does ON predict transfer better than embedding similarity? {word}</b> on {esc(bb)}: mean "
+                   f"Spearman over targets {_ci(f['on'], *f['on_ci'])} for ON vs "
                    f"{_ci(f['embedding_rho'], *f['embedding_ci'])} for the best embedding similarity "
-                   f"({esc(f['embedding'])}); difference " + (_finding(d) if d else "not computed (no pairs table)")
+                   f"({esc(f['embedding'])}, picked on these data: descriptive only). Primary comparisons declared in "
+                   f"the spec, Holm-adjusted: " + (detail or "none computed (no pairs table or columns)")
+                   + (f" (declared but not in the pairs table: {esc(', '.join(f['primary_missing']))})"
+                      if f.get("primary_missing") else "")
+                   + ("; exploratory (unadjusted, no verdict): " + "; ".join(
+                       f"{esc(k)} {_ci(g.estimate, g.ci_low, g.ci_high)}" for k, g in expl.items()) if expl else "")
                    + f". Run {ctx.sources.cite(f['run_id'])}.")
     if not any("on" in f and "embedding" in f for f in ind.values()):
         out.append("<b>Does ON predict transfer better than embedding similarity?</b> " + (
@@ -672,18 +746,17 @@ def findings(ctx) -> list[str]:
             out.append(f"<b>Does TPT from the {esc(mode.replace('_', ' '))} source converge faster? {_verdict(d)}"
                        f"</b> on {esc(bb)}: it reached vanilla's best dev score in {g['n_reached']} of "
                        f"{g['n_runs']} runs (reach rate {_num(g['n_reached'] / max(g['n_runs'], 1))}); "
-                       f"median speed-up {_ci(d.estimate, d.ci_low, d.ci_high)} against 1× ({esc(d.test)}, "
-                       f"n = {d.n}). Run {ctx.sources.cite(f['run_id'])}.")
-        lo, hi = f["median_speedup"], f["median_speedup_upper"]
+                       f"median speed-up {_speed(d.estimate, d.estimate_high)}"
+                       + (f" [{_bound(d.ci_low)}, {_bound(d.ci_high)}]" if math.isfinite(d.ci_low) else "")
+                       + f" against 1× ({esc(d.test)}, n = {d.n}). Run {ctx.sources.cite(f['run_id'])}.")
         out.append(f"<b>How fast is TPT, all sources together?</b> On {esc(bb)}, transfer-initialised prompt tuning "
-                   f"reached vanilla's best dev score in {f['n_reached']} of {f['n_runs']} runs; median speed-up "
-                   f"{_speed(lo, hi)} with the {f['n_censored']} non-reaching runs counted as censored "
+                   f"reached vanilla's best dev score in {f['n_reached']} of {f['n_runs']} runs; median speed-up over "
+                   f"runs {_speed(*f['median_range'])} with the {f['n_censored']} non-reaching runs at their bound "
                    f"(vanilla's steps to its best dev score ÷ TPT's steps to that score); mean over the reaching "
                    f"runs only {_num(f['mean_speedup_reached'], 2, '×')}"
                    + (f"; {f['n_undefined']} run(s) with no defined speed-up (vanilla's best at its init)"
                       if f["n_undefined"] else "")
-                   + f". To 90% of that score: median {_speed(f['median_speedup_90'], f['median_speedup_upper_90'])}."
-                   f" Run {ctx.sources.cite(f['run_id'])}.")
+                   + f". Run {ctx.sources.cite(f['run_id'])}.")
     if not tpt:
         out.append("<b>How fast is TPT?</b> " + _missing("TPT"))
     proj = ctx.facts.get("projector") or {}
@@ -804,15 +877,17 @@ def _plain(obj):
     return None if isinstance(obj, float) and not math.isfinite(obj) else obj
 
 
-def build_report(tracker, experiment: str, out_dir) -> Path:
-    """Write OUT_DIR/index.html (+ fig/*.png, summary.json) for one MLflow experiment (= study); returns index.html."""
+def build_report(tracker, experiment: str, out_dir, primary=None) -> Path:
+    """Write OUT_DIR/index.html (+ fig/*.png, summary.json) for one MLflow experiment (= study); returns index.html.
+    `primary`: the spec's declared primary indicator comparisons (findings.primary; default DEFAULT_PRIMARY)."""
     out = Path(out_dir).expanduser().resolve()
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (
             (out / "index.html").is_file() and MARKER in (out / "index.html").read_text(errors="replace")[:2000]))):
         raise PtxError(f"report directory {out}: exists and is not empty or a previous ptx report; choose a new -o")
     exp_id = _experiment_id(tracker, experiment)
     with tempfile.TemporaryDirectory(prefix="ptx-report-") as scratch, atomic_dir(out) as tmp:
-        ctx = _Ctx(tracker, experiment, exp_id, Path(scratch), tmp / "fig")
+        ctx = _Ctx(tracker, experiment, exp_id, Path(scratch), tmp / "fig",
+                   primary=tuple(primary) if primary is not None else DEFAULT_PRIMARY)
         ctx.fig.mkdir()
         page = render(ctx, tracker.uri)
         (tmp / "index.html").write_text(page, encoding="utf-8")

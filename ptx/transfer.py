@@ -8,6 +8,7 @@ each) and tpt.py (source choice, TPT beside vanilla PT).
 import dataclasses
 import logging
 import math
+import zlib
 from collections import Counter
 
 import pyarrow as pa
@@ -87,41 +88,74 @@ def _limit(limits, split: str):
     return limits.get(split) if isinstance(limits, dict) else limits
 
 
+RANDOM_PROMPTS = 3  # seeded random prompts a target: the baseline is a distribution, not one draw
+
+
+def random_prompt_seed(seed: int, target: str, i: int) -> int:
+    """The seed of a target's i-th random prompt: its own draw per target, reproducible from the study's seed."""
+    return (seed * 1_000_003 + zlib.crc32(target.encode()) * 31 + i) % 2**32
+
+
 def transfer_matrix(backbone, prompts: dict, targets: list, splits=("dev", "test"), limits=None,
                     prompts_per_pass: int = 8, batch_size: int = 32, random_baseline: bool = True, seed: int = 0,
-                    progress: bool = False) -> pa.Table:
-    """Zero-shot score of every bank prompt [n, d] (+ a random prompt) on every target split, as a long table."""
+                    progress: bool = False, random_prompts: int = RANDOM_PROMPTS,
+                    predictions: list | None = None) -> pa.Table:
+    """Zero-shot score of every bank prompt [n, d] on every target split, as a long table, beside the target's own
+    `random_prompts` seeded random prompts (one `random` row: their mean score).
+
+    `predictions`, when a list: per classification target and split, one row per test example for each of the
+    target's own prompts and each random prompt (target_task, split, source_prompt_run, example, pred, label;
+    the random prompts as random:<i>), for the paired own-vs-random test (ptx.verdicts.own_vs_random).
+    """
     from ptx.data import encode_split
-    from ptx.evaluate import score_prompts
+    from ptx.evaluate import predict_labels, score_prompts
+    from ptx.metrics import METRICS
 
     targets = [_spec(t) for t in targets]
     if not targets:
         raise PtxError("transfer_matrix: no target tasks given")
     check_targets(backbone.name, backbone.kind.value, targets)
     sources = _sources(prompts, backbone)
-    if random_baseline:  # the bank's commonest length, so it stacks with most prompts
-        n_tok = Counter(s.prompt.shape[0] for s in sources).most_common(1)[0][0]
-        sources.append(Source(RANDOM, init_prompt(backbone, n_tok, "random", seed=seed), RANDOM, RANDOM))
+    n_tok = Counter(s.prompt.shape[0] for s in sources).most_common(1)[0][0]  # random prompts: the commonest length
     groups = []  # prompts of one length stack into one pass
-    for n_tok in sorted({s.prompt.shape[0] for s in sources}):
-        same = [s for s in sources if s.prompt.shape[0] == n_tok]
+    for n in sorted({s.prompt.shape[0] for s in sources}):
+        same = [s for s in sources if s.prompt.shape[0] == n]
         groups += [same[i:i + max(1, prompts_per_pass)] for i in range(0, len(same), max(1, prompts_per_pass))]
     rows = []
     for spec in targets:
+        randoms = [Source(f"{RANDOM}:{i}", init_prompt(backbone, n_tok, "random",
+                                                       seed=random_prompt_seed(seed, spec.name, i)), RANDOM, RANDOM)
+                   for i in range(random_prompts if random_baseline else 0)]
+        own = [s for s in sources if s.task == spec.name]
+        kept = {s.name for s in own + randoms}  # whose per-example predictions the paired test reads
         scores, sizes = {}, {}
         for split in splits:
             encoded = encode_split(spec, backbone, split, limit=_limit(limits, split))
             sizes[split] = len(encoded)
-            for group in groups:
-                values = score_prompts(backbone, torch.stack([s.prompt for s in group]), spec, encoded, batch_size,
-                                       progress=progress)
+            for group in groups + ([randoms] if randoms else []):
+                stacked = torch.stack([s.prompt for s in group])
+                if spec.kind == "generation":
+                    values = score_prompts(backbone, stacked, spec, encoded, batch_size, progress=progress)
+                else:  # label predictions once: the scores, and the examples the paired test reads
+                    label_ids = backbone.label_ids(spec.label_words(backbone.kind))
+                    preds, golds = predict_labels(backbone, stacked, encoded, label_ids, batch_size, progress)
+                    gold = golds.tolist()
+                    values = [float(METRICS[spec.metric](p.tolist(), gold)) for p in preds]
+                    if predictions is not None:
+                        for s, p in zip(group, preds, strict=True):
+                            if s.name in kept:
+                                predictions += [{"target_task": spec.name, "split": split, "source_prompt_run": s.name,
+                                                 "example": i, "pred": int(v), "label": int(g)}
+                                                for i, (v, g) in enumerate(zip(p.tolist(), gold, strict=True))]
                 scores.update({(s.name, split): v for s, v in zip(group, values, strict=True)})
-        own = [s for s in sources if s.task == spec.name and s.name != RANDOM]
+            if randoms:
+                scores[(RANDOM, split)] = sum(scores[(r.name, split)] for r in randoms) / len(randoms)
         if len(own) > 1:  # best dev: this matrix's dev score when it has one, else the prompt's own record
             own.sort(key=lambda s: -(scores.get((s.name, "dev")) if "dev" in splits else (s.dev or -math.inf)))
+        listed = sources + ([Source(RANDOM, None, RANDOM, RANDOM)] if randoms else [])
         for split in splits:
             ref = scores[(own[0].name, split)] if own else math.nan
-            for s in sources:
+            for s in listed:
                 value = scores[(s.name, split)]
                 rel = value / ref if ref and math.isfinite(ref) else math.nan
                 rows.append({"backbone": backbone.name, "source_prompt_run": s.name, "source_task": s.task,

@@ -1,20 +1,17 @@
-"""Verdicts from intervals: each test pins a value computed by hand or from a published example."""
+"""Verdict methods (ptx.verdicts): each test pins a value worked out by hand, from a binomial table, or by an
+independent brute-force computation in the test itself. Their calibration is tests/test_calibration.py."""
 
+import itertools
 import math
 
 import numpy as np
+import pandas as pd
 import pytest
+from scipy import stats
 
-from ptx.findings import (
-    Verdict,
-    difference_of_means,
-    examples_for_standard_error,
-    paired_correlation_difference,
-    proportion_difference,
-    speedup_interval,
-    verdict_from_interval,
-)
-from ptx.transfer import censored_speedups
+from ptx import verdicts
+from ptx.findings import Finding, Verdict, examples_for_standard_error, verdict_from_interval
+from ptx.metrics import macro_f1
 
 
 @pytest.mark.parametrize("low, high, null, expected", [
@@ -24,88 +21,196 @@ def test_verdict_reads_the_interval_against_the_null(low, high, null, expected):
     assert verdict_from_interval(low, high, null) is expected
 
 
-def test_a_point_estimate_that_favours_the_claim_is_not_a_yes():
-    # the demo's relative transfer (README, 2026-11-27): 2 same-category pairs vs 10 cross-category pairs;
-    # the old report answered "Yes" because 0.783 > 0.765
-    same = [0.67, 0.90]
-    cross = [0.76, 0.98, 0.64, 0.81, 0.57, 0.74, 0.63, 0.69, 0.83, 1.00]
-    f = difference_of_means(same, cross)
-    assert f.estimate == pytest.approx(0.785 - 0.765)
-    assert f.ci_low < 0 < f.ci_high
-    assert f.verdict is Verdict.INCONCLUSIVE
-    assert f.n == 12
-
-
-def test_separated_groups_get_yes_and_the_exact_permutation_p():
-    a, b = [1.0, 1.1, 1.2, 1.05], [0.0, 0.1, 0.05, 0.2]
-    f = difference_of_means(a, b, n_perm=20000)
-    assert f.estimate == pytest.approx(1.0875 - 0.0875)
-    assert f.verdict is Verdict.YES
-    # only the observed split and its mirror are as extreme: 2 of C(8, 4) = 70 label permutations
-    assert f.p_value == pytest.approx(2 / 70, abs=0.006)
-    assert difference_of_means(b, a).verdict is Verdict.NO
-
-
-def test_one_value_in_a_group_is_inconclusive_not_an_error():
-    f = difference_of_means([0.9], [0.1, 0.2, 0.3])
-    assert f.verdict is Verdict.INCONCLUSIVE and f.estimate == pytest.approx(0.7) and math.isnan(f.ci_low)
-
-
-def test_newcombe_interval_matches_the_published_example():
-    # Newcombe (1998), Stat Med 17:873, example (a): 56/70 vs 48/80, method 10: 0.0524 to 0.3339
-    f = proportion_difference(56 / 70, 70, 48 / 80, 80)
-    assert f.estimate == pytest.approx(0.2)
-    assert f.ci_low == pytest.approx(0.0524, abs=5e-5)
-    assert f.ci_high == pytest.approx(0.3339, abs=5e-5)
-    assert f.verdict is Verdict.YES
-
-
-def test_an_own_prompt_80_examples_from_random_is_inconclusive_at_this_size():
-    # the demo's drug_sentiment: own 0.625 vs random 0.575 on 80 test examples each
-    f = proportion_difference(0.625, 80, 0.575, 80)
-    assert f.verdict is Verdict.INCONCLUSIVE and f.estimate == pytest.approx(0.05)
-
-
-def test_speedup_median_against_one():
-    assert speedup_interval([3.0, 3.0, 3.0, 3.0]).verdict is Verdict.YES
-    f = speedup_interval([3.0, 0.5] + [0.4] * 8)  # eight runs never reached vanilla's best: censored at 0.4
-    assert f.estimate == pytest.approx(0.4) and f.verdict is Verdict.NO and f.null == 1.0
-    assert speedup_interval([3.0, 0.67]).verdict is Verdict.INCONCLUSIVE  # the demo's two targets
-
-
-def test_speedup_median_is_the_lower_median_the_report_table_uses():
-    # the findings study's same-category TPT runs had this shape: the finding said 2.5x (the two middle runs
-    # averaged), the report's table 1.0x (transfer.censored_speedups, the lower median) for the same four runs
-    runs = [{"flag": "ok", "speedup": v} for v in (0.75, 1.0, 4.0, 4.0)]
-    f = speedup_interval([r["speedup"] for r in runs])
-    assert f.estimate == 1.0 == censored_speedups(runs)["median_speedup"]
-    # a middle run that starts at vanilla's best: averaging gave (2 + 1e9) / 2, a speed-up no run had
-    assert speedup_interval([1.0, 2.0, 1e9, 1e9]).estimate == 2.0
-    assert speedup_interval([1.0, 2.0, math.inf, math.inf]).estimate == 2.0
-    # the interval's ends are medians of resamples: values the runs had, never a midpoint between two
-    g = speedup_interval([2.0, 3.0, 5.0, math.inf, math.inf])
-    assert g.estimate == 5.0 and g.ci_low in (2.0, 3.0, 5.0) and g.ci_high == math.inf and g.verdict is Verdict.YES
-
-
-def test_paired_correlation_difference_cancels_shared_noise():
-    rng = np.random.default_rng(1)
-    y = rng.random(18)
-    groups = np.repeat(["a", "b", "c"], 6)
-    perfect, reversed_ = y.copy(), -y
-    f = paired_correlation_difference(perfect, reversed_, y, groups)
-    assert f.estimate == pytest.approx(2.0) and f.ci_low == pytest.approx(2.0) and f.verdict is Verdict.YES
-    assert f.n == 3
-    same = paired_correlation_difference(perfect, perfect, y, groups)
-    assert same.estimate == 0.0 and same.verdict is Verdict.INCONCLUSIVE
-
-
-def test_groups_too_small_are_left_out():
-    y = np.arange(8.0)
-    groups = np.array(["a"] * 6 + ["b"] * 2)
-    f = paired_correlation_difference(y, -y, y, groups)
-    assert f.n == 1 and f.estimate == pytest.approx(2.0)
-
-
 def test_examples_for_a_standard_error():
     assert examples_for_standard_error(0.03) == 278  # 0.25 / 0.0009 = 277.8
     assert examples_for_standard_error(0.05, 0.6) == 96
+
+
+# ---- TPT: the sign test's order-statistic interval ----------------------------------------------------
+@pytest.mark.parametrize("n, k", [(5, 0), (6, 1), (8, 1), (9, 2), (10, 2), (13, 3)])
+def test_order_statistic_rank_from_the_binomial_table(n, k):
+    # P(B(n, 1/2) <= k - 1) <= 0.025 < P(B <= k): n=6: 1/64; n=8: P(B<=1) = 9/256 = 0.035; n=9: 10/512 = 0.0195,
+    # P(B<=2) = 46/512 = 0.09; n=10: P(B<=1) = 11/1024, P(B<=2) = 56/1024 = 0.055; n=13: P(B<=2) = 92/8192 = 0.011,
+    # P(B<=3) = 378/8192 = 0.046
+    assert verdicts.order_statistic_rank(n) == k
+
+
+def test_four_runs_at_3x_are_inconclusive_not_yes():
+    """The old percentile bootstrap answered 'yes' from four runs; no distribution-free 95% interval of a median
+    exists below six runs (2 * (1/2)^5 = 0.0625 > 0.05)."""
+    f = verdicts.tpt_median_speedup([3.0, 3.0, 3.0, 3.0])
+    assert f.verdict is Verdict.INCONCLUSIVE and math.isnan(f.ci_low)
+    assert "needs >= 6 runs" in f.test and verdicts.TPT_MIN_RUNS == 6
+    assert f.p_value == pytest.approx(2 / 16)  # the sign test: 4 of 4 above 1
+
+
+def test_six_runs_above_one_are_yes_with_the_extreme_runs_as_interval():
+    f = verdicts.tpt_median_speedup([2.0, 1.5, 4.0, 3.0, 1e9, 2.5])
+    assert f.verdict is Verdict.YES and (f.ci_low, f.ci_high) == (1.5, 1e9)
+    assert (f.estimate, f.estimate_high) == (2.5, 3.0)  # the median of an even count is the range of its middle two
+    assert f.p_value == pytest.approx(2 / 64) and f.n == 6
+
+
+def test_an_even_count_prints_its_median_as_a_range():
+    # the findings study's same-category runs: the lower median said 1.0x for (0.75, 1, 4, 4)
+    f = verdicts.tpt_median_speedup([0.75, 1.0, 4.0, 4.0])
+    assert (f.estimate, f.estimate_high) == (1.0, 4.0)
+    assert verdicts.median_range([2.0, 5.0, 3.0]) == (3.0, 3.0)
+
+
+def test_censored_runs_below_one_give_no():
+    # eight runs never reached vanilla's best (bounds 0.4 to 0.95) and one did: n = 9, k = 2, [x_(2), x_(8)]
+    f = verdicts.tpt_median_speedup([0.4, 0.5, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 3.0])
+    assert f.verdict is Verdict.NO and (f.ci_low, f.ci_high) == (0.5, 0.95)
+    # seven below and one above of eight: k = 1 reaches the one above, so no verdict (sign test p = 18/256)
+    g = verdicts.tpt_median_speedup([0.4, 0.5, 0.5, 0.6, 0.7, 0.8, 0.9, 3.0])
+    assert g.verdict is Verdict.INCONCLUSIVE and g.p_value == pytest.approx(18 / 256)
+
+
+def test_seeds_of_a_target_are_one_unit():
+    # target a: seeds 1x and 4x -> geometric midpoint 2x; b: 3x (one seed); c: 0.5, 0.6, 5 -> 0.6
+    m = verdicts.target_medians([1.0, 4.0, 3.0, 0.5, 0.6, 5.0], ["a", "a", "b", "c", "c", "c"])
+    assert m.tolist() == pytest.approx([2.0, 3.0, 0.6])
+    f = verdicts.tpt_median_speedup([3.0] * 12, ["a", "b", "c", "d"] * 3)  # 12 runs, 4 targets
+    assert f.n == 4 and f.verdict is Verdict.INCONCLUSIVE and "needs >= 6 targets" in f.test
+
+
+# ---- same- vs cross-category: permutation of category labels among tasks -------------------------------
+def test_smallest_reachable_p_of_a_design():
+    assert verdicts.smallest_category_p([2, 2]) == pytest.approx(1 / 3)  # 3 distinct splits of 4 tasks
+    assert verdicts.smallest_category_p([2, 1, 1]) == pytest.approx(2 / 12)
+    assert verdicts.smallest_category_p([6, 3, 2, 2]) == pytest.approx(2 / 360360)  # 13! / (6! 3! 2! 2!)
+    assert verdicts.smallest_category_p([4, 4]) == pytest.approx(2 / 70)  # 8 tasks in two halves: > 0.025
+
+
+def _cells(cats: dict, same_effect: float, rng) -> pd.DataFrame:
+    tasks = list(cats)
+    return pd.DataFrame([{"source_task": s, "target_task": t, "relative_value":
+                          0.5 + same_effect * (cats[s] == cats[t]) + rng.normal(0, 0.02)}
+                         for s in tasks for t in tasks if s != t])
+
+
+def test_four_tasks_in_two_categories_cannot_answer():
+    cats = {"a": "x", "b": "x", "c": "y", "d": "y"}
+    f = verdicts.category_difference(_cells(cats, 0.5, np.random.default_rng(0)), cats)
+    assert f.verdict is Verdict.INCONCLUSIVE and f.estimate > 0.4
+    assert "inconclusive: 4 tasks in 2 categories allow p >= 0.333" in f.test
+
+
+def test_permutation_p_matches_a_brute_force_enumeration():
+    cats = dict(zip("abcdefgh", ["x"] * 3 + ["y"] * 3 + ["z"] * 2, strict=True))
+    cells = _cells(cats, 0.05, np.random.default_rng(3))
+    f = verdicts.category_difference(cells, cats)
+    tasks, value = list(cats), {(r.source_task, r.target_task): r.relative_value for r in cells.itertuples()}
+
+    def stat(labels):  # plain loops, independent of the vectorised code
+        same = [v for (s, t), v in value.items() if labels[s] == labels[t]]
+        cross = [v for (s, t), v in value.items() if labels[s] != labels[t]]
+        return sum(same) / len(same) - sum(cross) / len(cross)
+
+    observed = stat(cats)
+    null = []
+    for perm in itertools.permutations(range(8)):  # every assignment of the 3+3+2 labels (with repeats)
+        labels = {tasks[i]: cats[tasks[j]] for i, j in enumerate(perm)}
+        null.append(stat(labels))
+    greater = sum(v >= observed - 1e-12 for v in null) / len(null)
+    assert f.estimate == pytest.approx(observed)
+    assert f.p_value == pytest.approx(min(1.0, 2 * greater))
+    assert f.verdict is (Verdict.YES if greater <= 0.025 else Verdict.INCONCLUSIVE)
+    assert "exact permutation" in f.test
+
+
+def test_seeds_are_averaged_within_a_cell_before_the_test():
+    pairs = pd.DataFrame({"source_task": ["a", "a", "a", "b"], "target_task": ["b", "b", "a", "a"],
+                          "relative_value": [0.2, 0.4, 1.0, 0.5]})
+    cells = verdicts.task_cells(pairs)
+    assert cells.set_index(["source_task", "target_task"]).relative_value.to_dict() == pytest.approx(
+        {("a", "b"): 0.3, ("b", "a"): 0.5})  # the diagonal (a's own prompt) is out
+
+
+# ---- indicators: hierarchical bootstrap over seed-averaged cells; Holm ----------------------------------
+def test_correlation_difference_estimate_is_over_seed_averaged_cells():
+    rng = np.random.default_rng(5)
+    tasks = [f"t{i}" for i in range(6)]
+    rows = [{"target_task": t, "source_task": s, "seed": k, "y": rng.random(), "x1": rng.random(), "x2": rng.random()}
+            for t in tasks for s in tasks for k in range(3) if s != t]
+    pairs = pd.DataFrame(rows)
+    f = verdicts.correlation_difference(pairs, "x1", "x2", n_boot=400)
+    cells = pairs.groupby(["target_task", "source_task"])[["x1", "x2", "y"]].mean()
+    expect = np.mean([stats.spearmanr(g.x1, g.y).statistic - stats.spearmanr(g.x2, g.y).statistic
+                      for _, g in cells.groupby(level=0)])
+    assert f.estimate == pytest.approx(expect) and f.n == 6  # targets, not 90 rows
+    assert f.ci_low < f.estimate < f.ci_high
+
+
+def test_a_clearly_better_indicator_gets_yes_and_its_mirror_no():
+    rng = np.random.default_rng(2)
+    tasks = [f"t{i}" for i in range(10)]
+    rows = []
+    for t in tasks:
+        for s in tasks:
+            if s != t:
+                y = rng.random()
+                rows.append({"target_task": t, "source_task": s, "y": y, "good": y + rng.normal(0, 0.05),
+                             "bad": rng.random()})
+    pairs = pd.DataFrame(rows)
+    assert verdicts.correlation_difference(pairs, "good", "bad", n_boot=400).verdict is Verdict.YES
+    assert verdicts.correlation_difference(pairs, "bad", "good", n_boot=400).verdict is Verdict.NO
+
+
+def test_holm_adjusts_the_primary_family():
+    def f(p):
+        return Finding(0.1, 0.0, 0.2, 0.0, Verdict.YES, "t", 5, p)
+    out = verdicts.holm({"a": f(0.01), "b": f(0.04)})  # Holm: 2 * 0.01 = 0.02; max(0.02, 1 * 0.04) = 0.04
+    assert out["a"].p_value == pytest.approx(0.02) and out["b"].p_value == pytest.approx(0.04)
+    assert {k: g.verdict for k, g in out.items()} == {"a": Verdict.YES, "b": Verdict.YES}
+    out = verdicts.holm({"a": f(0.03), "b": f(0.04)})  # 0.06, 0.06: neither survives
+    assert out["a"].p_value == pytest.approx(0.06) and out["a"].verdict is Verdict.INCONCLUSIVE
+    assert "Holm over 2 primary comparisons" in out["b"].test
+
+
+# ---- own prompt vs seeded random prompts, paired on examples ------------------------------------------
+def _answers(labels, wrong_at):
+    out = labels.copy()
+    out[list(wrong_at)] = 1 - out[list(wrong_at)]
+    return out
+
+
+def test_own_vs_random_is_an_exact_mcnemar_against_each_random_prompt():
+    labels = np.array([0, 1] * 40)
+    own = _answers(labels, range(0, 10))  # wrong on examples 0-9
+    r1 = _answers(labels, [*range(0, 5), *range(20, 40)])  # discordant: own right on 20, r1 right on 5
+    r2 = _answers(labels, [*range(0, 2), *range(40, 48)])  # own right on 8, r2 right on 8
+    f = verdicts.own_vs_random(own, np.stack([r1, r2]), labels, n_boot=200)
+    assert f.estimate == pytest.approx(70 / 80 - (55 / 80 + 70 / 80) / 2)
+    assert f.verdict is Verdict.INCONCLUSIVE  # it beats r1 but not r2: "yes" needs every random prompt beaten
+    p1 = 2 * sum(math.comb(25, i) for i in range(6)) / 2 ** 25  # exact two-sided binomial on 5 of 25 discordant
+    one = verdicts.own_vs_random(own, r1[None], labels, n_boot=200)
+    assert one.verdict is Verdict.YES and one.p_value == pytest.approx(p1)
+    assert "exact McNemar against each of 1 seeded random prompt" in one.test
+
+
+def test_macro_f1_rows_match_the_metric():
+    rng = np.random.default_rng(4)
+    pred, ref = rng.integers(0, 3, (5, 40)), rng.integers(0, 3, (5, 40))
+    pred[0] = np.where(pred[0] == 2, 0, pred[0])  # a row that never predicts class 2
+    got = verdicts._macro_f1_rows(pred, ref, classes=[0, 1, 2])
+    assert got.tolist() == pytest.approx([macro_f1(p.tolist(), r.tolist()) for p, r in zip(pred, ref, strict=True)])
+
+
+# ---- the spec's findings block ------------------------------------------------------------------------
+def test_findings_block_declares_primary_comparisons_without_moving_the_hash(tmp_path):
+    from ptx.config import load_study
+    from ptx.errors import PtxError
+
+    spec = load_study("experiments/findings_cpu.yaml")
+    assert spec.findings.primary == ("on vs e_concat_cos", "on vs e_avg_cos")
+    # what the report tests is not what a stage computes: the hash the study's runs were logged under stays
+    assert spec.hash() == "a962a26b3e24a96e"
+    other = load_study("experiments/findings_cpu.yaml", ['findings.primary=["on_jaccard vs mean_cos"]'])
+    assert other.hash() == spec.hash() and other.findings.primary == ("on_jaccard vs mean_cos",)
+    with pytest.raises(PtxError, match=r"findings.primary: unknown indicator 'e_concat_cosine' in 'on vs "
+                                       r"e_concat_cosine'; did you mean 'e_concat_cos'"):
+        load_study("experiments/findings_cpu.yaml", ['findings.primary=["on vs e_concat_cosine"]'])
+    with pytest.raises(PtxError, match="expected 'INDICATOR vs INDICATOR'"):
+        load_study("experiments/findings_cpu.yaml", ['findings.primary=["on"]'])

@@ -412,7 +412,31 @@ def test_stage_trains_evaluates_and_runs_tpt_model(tmp_path, cache, ray_local, n
 def _banks(tracker, workdir, spec):
     from ptx.stages.projector import bank
 
-    return bank(tracker, workdir, "tiny-bert", TASKS), bank(tracker, workdir, "tiny-llama", TASKS)
+    return bank(tracker, workdir, "tiny-bert", TASKS, spec.name), bank(tracker, workdir, "tiny-llama", TASKS, spec.name)
+
+
+def test_projector_bank_holds_the_study_s_own_prompts_only(tmp_path, new_workdir):
+    """Another study's better prompt in the same store never enters the bank (the stage used to search every
+    experiment and take the best dev score anywhere)."""
+    from ptx.stages.projector import study_best_run
+
+    new_workdir(tmp_path)  # its store: a copy of the migrated empty db
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+
+    def prompt_run(study, dev):  # a trial's run as the train stage logs it, in the study's experiment
+        t = track.MlflowTracker(uri, study, workdir=tmp_path)
+        tags = {"ptx.kind": track.KIND_PROMPT, "ptx.task": "sst2", "ptx.backbone": "tiny-bert", "ptx.origin": "trained",
+                "ptx.init": "random", "ptx.study": f"{study}-train-0123"}
+        rid = t.start_run(f"sst2 {study}", tags)
+        t.log(rid, {"best_dev_metric": dev})
+        t.finish(rid)
+        return rid, t
+
+    mine, tracker = prompt_run("mine", 0.6)
+    prompt_run("other", 0.9)  # better, but another study's
+    assert study_best_run(tracker, "tiny-bert", "sst2", "mine").run_id == mine
+    assert study_best_run(tracker, "tiny-bert", "sst2", "other").run_id != mine
+    assert study_best_run(tracker, "tiny-bert", "sst2", "absent") is None
 
 
 def _infos(spec):

@@ -88,6 +88,53 @@ def test_batched_prompts_equal_one_at_a_time(name):
     assert one.column("value").to_pylist() == pytest.approx(many.column("value").to_pylist(), abs=1e-12)
 
 
+def test_random_baseline_is_several_seeded_prompts_drawn_per_target(llama):
+    """The random row is the mean of RANDOM_PROMPTS random prompts drawn for that target (one tensor used to serve
+    every target); the own and random prompts' per-example answers come back for the paired test."""
+    from ptx.prompt import init_prompt
+    from ptx.transfer import RANDOM_PROMPTS, random_prompt_seed
+
+    bank = {"tw": _prompt(llama, "tweet_sentiment", 1)}
+    preds: list = []
+    df = transfer_matrix(llama, bank, ["tweet_sentiment", "drug_sentiment"], ("dev",), 12, seed=5,
+                         predictions=preds).to_pandas()
+    p = pd.DataFrame(preds)
+    draws = {}
+    for target in ("tweet_sentiment", "drug_sentiment"):
+        spec = load_task(target)
+        encoded = encode_split(spec, llama, "dev", limit=12)
+        draws[target] = [init_prompt(llama, 6, "random", seed=random_prompt_seed(5, target, i))
+                         for i in range(RANDOM_PROMPTS)]
+        scores = [score_prompts(llama, r, spec, encoded)[0] for r in draws[target]]
+        row = df[(df.source_prompt_run == RANDOM) & (df.target_task == target)]
+        assert row.value.item() == pytest.approx(sum(scores) / RANDOM_PROMPTS, abs=1e-12)
+        mine = p[p.target_task == target]
+        assert sorted(mine.source_prompt_run.unique()) == sorted(
+            [f"random:{i}" for i in range(RANDOM_PROMPTS)] + (["tw"] if target == "tweet_sentiment" else []))
+        for i, score in enumerate(scores):  # each random prompt's answers give back its accuracy
+            r = mine[mine.source_prompt_run == f"random:{i}"]
+            assert len(r) == 12 and (r.pred == r.label).mean() == pytest.approx(score)
+    assert not torch.equal(draws["tweet_sentiment"][0], draws["drug_sentiment"][0])  # drawn per target
+    assert len(df) == 2 * 2  # still one random row a target beside the bank
+
+
+def test_tpt_sources_are_ranked_on_data_the_convergence_curve_never_reads():
+    """TPT's curve is the target's dev split, so a source is not picked by its zero-shot score there (the winner of
+    a noisy dev score starts the curve high on those same examples): by its own task's dev score, or by the
+    target's train split when the matrix has one."""
+    from ptx.stages.tpt import selection_scores
+
+    rows = [("a1", "a", "t", "dev", 0.9), ("a2", "a", "t", "dev", 0.5),  # a1 looks best on t's dev split
+            ("a1", "a", "a", "dev", 0.6), ("a2", "a", "a", "dev", 0.8),  # but a2 is the better prompt of a
+            ("random", "random", "t", "dev", 0.99)]
+    table = pd.DataFrame(rows, columns=["source_prompt_run", "source_task", "target_task", "split", "value"])
+    score = selection_scores(table)
+    assert score[("a1", "t")] == 0.6 and score[("a2", "t")] == 0.8 and ("random", "t") not in score
+    train = pd.concat([table, pd.DataFrame([("a1", "a", "t", "train", 0.3), ("a2", "a", "t", "train", 0.7)],
+                                           columns=table.columns)])
+    assert selection_scores(train) == {("a1", "t"): 0.3, ("a2", "t"): 0.7}
+
+
 def test_package_exports_transfer_matrix_lazily():
     import ptx
 
@@ -199,7 +246,10 @@ def test_transfer_stage_logs_and_resumes_only_missing_units(study):
     assert set(table.source_prompt_run) == {r.run_id for r in study["bank"]} | {RANDOM}
     run_id = first["backbones"]["tiny-bert"]["run_id"]
     logged = {Path(a.path).name for a in tracker.client.list_artifacts(run_id, "transfer")}
-    assert {"transfer.parquet", "heatmap_dev.png", "heatmap_test.png"} <= logged
+    assert {"transfer.parquet", "heatmap_dev.png", "heatmap_test.png", "predictions.parquet"} <= logged
+    preds = tracker.read_table(run_id, "transfer", "predictions.parquet").to_pandas()  # the paired test's input
+    assert set(preds.target_task) == set(TARGETS) and (preds.groupby(["target_task", "split", "source_prompt_run"])
+                                                       .size() == 16).all()
     # interrupt: one unit was killed mid-run (left RUNNING), another never started (no run)
     units = {r.tags["ptx.task"]: r.run_id for r in _units(tracker)}
     assert set(units) == set(TARGETS)
@@ -291,9 +341,10 @@ def test_tpt_runs_each_source_mode_and_reuses_shared_runs(study):
                          ("best_cross_category", "bbc_topic")}
     for target in ("tweet_sentiment", "drug_sentiment"):
         assert rows["best_cross_category", target]["source_task"] == "bbc_topic"
-    to_bbc = dev[(dev.target_task == "bbc_topic") & (dev.source_category != "topic")]
-    best = to_bbc.sort_values(["value", "source_prompt_run"], ascending=[False, True]).iloc[0]
-    assert rows["best_cross_category", "bbc_topic"]["source_prompt_run"] == best.source_prompt_run
+    # picked by each candidate's score on its own task's dev split, never on bbc_topic's dev split (TPT's curve)
+    own_dev = dev[dev.source_task == dev.target_task].set_index("source_prompt_run").value
+    cands = sorted(dev[(dev.target_task == "bbc_topic") & (dev.source_category != "topic")].source_prompt_run)
+    assert rows["best_cross_category", "bbc_topic"]["source_prompt_run"] == max(cands, key=lambda r: own_dev[r])
     new = [r for r in tracker.prompt_runs(backbone="tiny-bert") if r.run_id not in before]
     assert len(new) == 3 and {r.tags["ptx.source_run"] for r in new} == {
         rows["best_cross_category", t]["source_prompt_run"] for t in ("tweet_sentiment", "drug_sentiment", "bbc_topic")}

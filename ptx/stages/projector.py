@@ -92,11 +92,20 @@ def unit_name(objective: str, unit: dict) -> str:
     return objective if unit["key"] == "split" else f"{objective} (without {unit['key']})"
 
 
-def bank(tracker, workdir: Path, backbone: str, tasks) -> dict:
-    """{task: (run_id, local prompt dir)}: the best vanilla prompt per task (transfer-initialised runs excluded)."""
-    out, ids = {}, tracker.all_experiment_ids()
+def study_best_run(tracker, backbone: str, task: str, study: str):
+    """The best vanilla prompt run of `task` on `backbone` among the study's own runs (its MLflow experiment: one
+    per study), or None: another study's prompts in the same store never enter. (A trial's ptx.study tag names
+    its Tune experiment, e.g. '<study>-train-<hash>', so the experiment, not that tag, says whose run it is.)"""
+    exp = tracker.experiment_id_of(study)
+    return None if exp is None else track.best_of(tracker.bank_runs(backbone, task=task, experiment_ids=[exp]))
+
+
+def bank(tracker, workdir: Path, backbone: str, tasks, study: str) -> dict:
+    """{task: (run_id, local prompt dir)}: the study's best vanilla prompt per task (transfer-initialised runs
+    excluded)."""
+    out = {}
     for task in dict.fromkeys(tasks):
-        best = track.best_of(tracker.bank_runs(backbone, task=task, experiment_ids=ids))
+        best = study_best_run(tracker, backbone, task, study)
         if best is not None:
             out[task] = (best.run_id, tracker.fetch_prompt(best.run_id, workdir))
     return out
@@ -386,7 +395,8 @@ def run_projector_stage(spec, tracker, workdir, objectives=None, evaluate: bool 
         source, target = backbone_info(p.source_backbone), backbone_info(p.target_backbone, spec.insertion)
         units = projector_units(p, spec.tasks, task_categories(spec))
         tasks = tuple(t for u in units for t in (*u["train"], *u["eval"]))
-        src_bank, tgt_bank = bank(tracker, workdir, p.source_backbone, tasks), bank(tracker, workdir, p.target_backbone, tasks)
+        src_bank = bank(tracker, workdir, p.source_backbone, tasks, spec.name)
+        tgt_bank = bank(tracker, workdir, p.target_backbone, tasks, spec.name)
         tracker.log(stage_run, params={"projector": asdict(p), "objectives": list(objectives),
                                        "units": json.dumps({u["key"]: u["train"] for u in units})})
         projectors = train_projectors(spec, tracker, workdir, stage_run, objectives, src_bank, tgt_bank, source, target,

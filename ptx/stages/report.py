@@ -24,7 +24,7 @@ def run_report_stage(spec, tracker, workdir) -> dict:
     """The study's report stage: WORKDIR/report/index.html, logged as the artifact dir of a ptx.kind=report run."""
     workdir = Path(workdir).resolve()
     tracker = tracker.for_experiment(spec.name, workdir)  # stages read and write the study's own experiment
-    path = build_report(tracker, spec.name, workdir / "report")
+    path = build_report(tracker, spec.name, workdir / "report", primary=spec.findings.primary)
     run_id = tracker.start_run(track.run_name("report", spec.name),
                                {"ptx.kind": track.KIND_REPORT, "ptx.study": spec.name})
     try:

@@ -85,6 +85,7 @@ def choose_sources(spec, tracker, backbone: str, mode: str | None = None) -> dic
     if table is not None and not (table["split"] == "dev").any():
         raise PtxError(f"tpt.source '{mode}' picks sources on the dev split; the transfer matrix of backbone "
                        f"'{backbone}' has splits {sorted(table['split'].unique())}")
+    score = selection_scores(table) if table is not None else {}
     out = {}
     for target in spec.tasks:
         if named == target:
@@ -94,7 +95,7 @@ def choose_sources(spec, tracker, backbone: str, mode: str | None = None) -> dic
             out[target] = (_best_run(tracker, named, backbone), named)
             continue
         d = table[(table.target_task == target) & (table.split == "dev") & (table.source_prompt_run != RANDOM)
-                  & (table.source_task != target)]
+                  & (table.source_task != target)]  # the candidates; they are ranked by `score`, not by these rows
         d = d[d.source_category == d.target_category] if mode == "best_same_category" else d
         d = d[d.source_category != d.target_category] if mode == "best_cross_category" else d
         d = d[d.source_task == named] if named else d
@@ -102,9 +103,25 @@ def choose_sources(spec, tracker, backbone: str, mode: str | None = None) -> dic
             kind = {"best_same_category": "same-category ", "best_cross_category": "cross-category "}.get(mode, "")
             out[target] = f"no {kind}source prompt for '{target}'"
         else:
-            row = d.sort_values(["value", "source_prompt_run"], ascending=[False, True]).iloc[0]
+            d = d.assign(select=[score.get((r, target), -math.inf) for r in d.source_prompt_run])
+            row = d.sort_values(["select", "source_prompt_run"], ascending=[False, True]).iloc[0]
             out[target] = (row.source_prompt_run, row.source_task)
     return out
+
+
+def selection_scores(table) -> dict:
+    """(source prompt run, target task) -> the score a source is picked by, on data TPT's convergence curve never
+    reads (the curve is the target's dev split): the zero-shot score on the target's train split when the matrix
+    has one, else the source prompt's score on its own task's dev split (fixed before any target data is seen).
+    Picking on the target's dev split favoured "reached vanilla's best at init": the winner of a noisy dev score
+    starts the curve high on those same examples."""
+    bank = table[table.source_prompt_run != RANDOM]
+    train = bank[bank.split == "train"]
+    if len(train):
+        return {(r.source_prompt_run, r.target_task): float(r.value) for r in train.itertuples()}
+    own = bank[(bank.split == "dev") & (bank.source_task == bank.target_task)]
+    own_dev = dict(zip(own.source_prompt_run, own.value.astype(float), strict=True))
+    return {(r, t): own_dev.get(r, -math.inf) for r, t in zip(bank.source_prompt_run, bank.target_task, strict=True)}
 
 
 def tpt_request(vanilla, init_from: str):

@@ -6,6 +6,7 @@ once and scores every bank prompt on it (ptx.transfer.transfer_matrix). Each uni
 """
 
 import dataclasses
+import logging
 import time
 from pathlib import Path
 
@@ -21,10 +22,13 @@ from ptx.prompt import load_prompt
 from ptx.transfer import (
     KIND_UNIT,
     RANDOM,
+    RANDOM_PROMPTS,
     _spec,
     check_targets,
     transfer_matrix,
 )
+
+log = logging.getLogger(__name__)
 
 
 # ---- the matrix and table from the store -------------------------------------------------------------------------------
@@ -76,11 +80,15 @@ def run_unit(unit: dict) -> pa.Table:
     t0 = time.perf_counter()
     bb = _backbone(unit["backbone"], unit["insertion"])
     target = _spec(unit["target"], unit.get("max_length"))
+    predictions: list = []  # the own and random prompts' answers per example, for the paired test in the report
     table = transfer_matrix(bb, unit["prompts"], [target], unit["splits"], unit["limits"],
-                            unit["prompts_per_pass"], unit["batch_size"], unit["random_baseline"], unit["seed"])
+                            unit["prompts_per_pass"], unit["batch_size"], unit["random_baseline"], unit["seed"],
+                            random_prompts=unit.get("random_prompts", 1), predictions=predictions)
     tracker = track.MlflowTracker(unit["tracking_uri"], unit["experiment"], workdir=Path(unit["workdir"]))
     run_id = tracker.start_run(track.run_name("transfer", unit["target"], unit["backbone"]), unit["tags"], unit["parent"])
     tracker.log_table(run_id, table, KIND_UNIT, "unit.parquet")
+    if predictions:
+        tracker.log_table(run_id, pa.Table.from_pylist(predictions), KIND_UNIT, "predictions.parquet")
     tracker.log(run_id, {"rows": table.num_rows, "seconds": time.perf_counter() - t0},
                 params={"sources": len(unit["prompts"]), "splits": list(unit["splits"]), "limits": unit["limits"]})
     tracker.finish(run_id)
@@ -112,7 +120,8 @@ def run_transfer_stage(spec, tracker, workdir: Path, address: str | None = None)
         if kind:  # fail here, before any worker starts, on a target this backbone cannot score
             check_targets(name, kind, targets)
         base = {"backbone": name, "sources": sorted(bank), "splits": list(cfg.splits), "limits": limits,
-                "random_baseline": cfg.random_baseline, "seed": spec.seeds[0], "insertion": spec.insertion}
+                "random_baseline": cfg.random_baseline, "seed": spec.seeds[0], "insertion": spec.insertion,
+                "random_prompts": RANDOM_PROMPTS}
         if spec.data.max_length is not None:  # only when set: units computed before the field existed keep their hash
             base["max_length"] = spec.data.max_length
         hashes = {t.name: config_hash({**base, "target": t.name}) for t in targets}
@@ -146,7 +155,9 @@ def run_transfer_stage(spec, tracker, workdir: Path, address: str | None = None)
             tables.update({t: tracker.read_table(r.run_id, KIND_UNIT, "unit.parquet")
                            for t, r in done.items() if r is not None})
             table = pa.concat_tables([tables[t] for t in spec.tasks])
-            summary = _log_matrix(tracker, parent, table, workdir / "transfer" / name.replace("/", "_"))
+            local = workdir / "transfer" / name.replace("/", "_")
+            _gather_predictions(tracker, [hashes[t] for t in spec.tasks], local)
+            summary = _log_matrix(tracker, parent, table, local)
         except BaseException:
             tracker.finish(parent, "FAILED")
             raise
@@ -155,6 +166,24 @@ def run_transfer_stage(spec, tracker, workdir: Path, address: str | None = None)
         out["computed"] += len(todo)
         out["skipped"] += len(targets) - len(todo)
     return out
+
+
+def _gather_predictions(tracker, unit_hashes: list, local: Path) -> None:
+    """LOCAL/predictions.parquet: the units' per-example predictions (units logged before they existed have none)."""
+    parts = []
+    for h in unit_hashes:
+        run = tracker.finished_run(KIND_UNIT, h)
+        if run is None:
+            continue
+        try:
+            parts.append(tracker.read_table(run.run_id, KIND_UNIT, "predictions.parquet"))
+        except (PtxError, OSError):
+            log.info("transfer unit %s has no per-example predictions", run.run_id)
+    local.mkdir(parents=True, exist_ok=True)
+    if parts:
+        tmp = local / "predictions.parquet.tmp"
+        pq.write_table(pa.concat_tables(parts), tmp)
+        tmp.replace(local / "predictions.parquet")
 
 
 def _log_matrix(tracker, run_id: str, table: pa.Table, local: Path) -> dict:
