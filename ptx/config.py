@@ -426,8 +426,8 @@ def _validate_memory(spec: StudySpec, where: str, errors: list) -> None:
     """Every GPU trial fits its share: predicted peak + CUDA context <= resources.gpu x cluster.gpu_memory_mib."""
     from ptx.memory import GIB
 
-    if spec.resources.gpu <= 0 or not isinstance(spec.cluster, GpuCluster):
-        return
+    if errors or spec.resources.gpu <= 0 or not isinstance(spec.cluster, GpuCluster):
+        return  # sized only once the rest is valid: a plan needs known tasks and backbones
     size = spec.train.group_size
     for plan in gpu_plans(spec):
         if plan.fits:
@@ -436,9 +436,11 @@ def _validate_memory(spec: StudySpec, where: str, errors: list) -> None:
             fix = f"train.group_size: auto (picks at most {plan.max_fit} here) or a group of at most {plan.max_fit}"
         elif plan.max_fit:
             fix = f"a group of at most {plan.max_fit}"
-        else:
+        elif spec.resources.gpu < 1:
             fix = (f"more GPU per trial (resources.gpu {min(1.0, 2 * spec.resources.gpu):g}) or a GPU with more "
                    "memory (cluster.gpu_memory_mib)")
+        else:
+            fix = "a GPU with more memory (cluster.gpu_memory_mib), or a smaller train.batch_size"
         errors.append(
             f"{where}.train.group_size: {size if size is not None else AUTO} does not fit the GPU: a {plan.backbone} "
             f"trial of {plan.largest} prompt(s) needs {plan.need / GIB:.1f} GiB (predicted peak "

@@ -44,9 +44,10 @@ MEASURED = [
     ("roberta-large", "cuda", "bf16", "fused", 16, 100, 128, 1, 1, 2848),
     ("roberta-large", "cuda", "bf16", "fused", 64, 100, 128, 1, 1, 9419),
     ("t5-base", "cuda", "bf16", "materialised", 32, 100, 128, 1, 1, 3550),  # transformers 5.17: eager T5 attention
-    # CPU, fp32, one thread (issue 30's figures and this session's; RESULTS.md, "Memory model")
-    ("roberta-base", "cpu", "fp32", "materialised", 16, 100, 128, 1, 1, 1877),
-    ("roberta-base", "cpu", "fp32", "materialised", 16, 100, 128, 2, 2, 3774),
+    # CPU, fp32, one thread, glibc's mmap threshold pinned (--allocator fixed: the peak RSS then follows the live
+    # tensors; with the default allocator it is 1.25-1.42x these, RESULTS.md, "Memory model"), median of 3 processes
+    ("roberta-base", "cpu", "fp32", "fused", 8, 100, 28, 2, 2, 903),
+    ("roberta-base", "cpu", "fp32", "fused", 8, 100, 28, 1, 1, 414),
 ]
 
 
