@@ -6,7 +6,7 @@ gradient; what a pass keeps for the backward that reaches the prompt is, per lay
 - attention: q, k, v, and the output when a fused kernel (SDPA's flash / memory-efficient path, CUDA and CPU) runs
   it (T5 too with transformers >= 5, which runs its position bias through SDPA); the [heads, tokens] probabilities
   instead of the output when attention is materialised (eager attention);
-- each layer norm's input (RoBERTa: 2 per layer; T5's RMS norm: its input and its normalised value, 2 x 2);
+- each layer norm's input (RoBERTa: 2 per layer; T5's RMS norm about 1.5 d_model each, 3 per layer);
 - the FFN activation's input (GELU) or output (ReLU): d_ff;
 - under bf16 autocast the matmul outputs are bf16 (2 bytes) and the layer-norm inputs stay fp32 (residual sums
   promote to fp32), and autocast caches a bf16 copy of every linear weight for the step.
@@ -163,7 +163,9 @@ def _kept_per_token_layer(shape: BackboneShape, tokens: int, act: int, norm: int
     h, f, a = shape.hidden, shape.ffn, shape.heads
     fused = attention is Attention.FUSED
     attn = (4 * h * act) if fused else (3 * h * act + a * tokens * 4)  # eager softmax probabilities: fp32
-    norms = (2 if shape.family == "seq2seq" else 1) * 2 * h * norm  # T5's RMS norm: input and normalised value
+    # each norm's input; T5's RMS norm keeps about 1.5 d_model a token (its input, and its normalised value where the
+    # next op needs it: counted with saved_tensors_hooks, tests/test_memory.py)
+    norms = (3 if shape.family == "seq2seq" else 2) * h * norm
     ffn = (2 if shape.gated_ffn else 1) * f * act
     masks = (2 * h + (0 if fused else a * tokens)) if dropout else 0
     return attn + norms + ffn + masks

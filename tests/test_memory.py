@@ -6,7 +6,9 @@ Two kinds of measured peaks are checked, both cheap in CI:
   --memory-only, real architectures with random weights, median of fresh processes; GPU peaks from the H200 run of
   benchmarks/gpu.sh in benchmarks/RESULTS.md) against the model within TOLERANCE. They pin the model: a change to
   its counts that moves a prediction off the measurements fails here. Re-measuring the real architectures takes
-  minutes per figure, too slow for every CI run, hence the record (the commands are in RESULTS.md).
+  minutes per figure, too slow for every CI run, hence the record (the commands are in RESULTS.md). Every
+  recorded trial runs its members in one pass, as GPU trials do; a CPU group split into one-member passes measures
+  31% above the model (minilm K=8, RESULTS.md), a gap not yet explained and left out of the tolerance set.
 - one measured in the test: a small random RoBERTa's step in a fresh process (peak RSS growth with glibc's mmap
   threshold pinned, so freed tensors leave the resident set; bench_multiprompt's `--allocator fixed`).
 """
@@ -46,8 +48,13 @@ MEASURED = [
     ("t5-base", "cuda", "bf16", "materialised", 32, 100, 128, 1, 1, 3550),  # transformers 5.17: eager T5 attention
     # CPU, fp32, one thread, glibc's mmap threshold pinned (--allocator fixed: the peak RSS then follows the live
     # tensors; with the default allocator it is 1.25-1.42x these, RESULTS.md, "Memory model"), median of 3 processes
+    # (roberta-base) or one process
     ("roberta-base", "cpu", "fp32", "fused", 8, 100, 28, 2, 2, 903),
     ("roberta-base", "cpu", "fp32", "fused", 8, 100, 28, 1, 1, 414),
+    ("roberta-large", "cpu", "fp32", "fused", 4, 100, 28, 2, 2, 1121),  # one process each
+    ("roberta-large", "cpu", "fp32", "fused", 4, 100, 28, 1, 1, 525),
+    ("t5-base", "cpu", "fp32", "fused", 8, 100, 28, 2, 2, 1024),  # transformers 5.24: T5 through SDPA
+    ("t5-base", "cpu", "fp32", "fused", 8, 100, 28, 1, 1, 478),
 ]
 
 
