@@ -324,3 +324,14 @@ def test_the_dry_run_prints_memory_per_trial_and_a_plan_that_fits():
     code, out, err = invoke_cli("run", ROOT / "experiments" / "paper_roberta_large.yaml", "--dry-run",
                                 "--set", "train.group_size=13", "--set", "resources.gpu=0.5")
     assert code != 0 and "does not fit the GPU" in err and len(err.strip().splitlines()) == 1
+
+
+def test_the_cluster_block_and_group_size_auto_keep_the_spec_hash(tmp_path):
+    """Where a study runs is not what it computes: a spec with a cluster block and group_size auto hashes like the
+    same spec before either existed (an explicit group size still counts, as it did)."""
+    plain = tmp_path / "s.yaml"
+    plain.write_text("name: s\nbackbones: [tiny-bert]\ntasks: [sst2]\nresources: {gpu: 0.5}\n")
+    before = load_study(plain).hash()
+    placed = load_study(plain, ["cluster.gpus=64", "cluster.gpu_memory_mib=40960", "train.group_size=auto"])
+    assert placed.hash() == before
+    assert load_study(plain, ["train.group_size=2"]).hash() != before
