@@ -152,7 +152,8 @@ for name, run in runs.items():
         if "error" in r:
             summary.append({"run": name, "variant": r.get("variant"), "error": r["error"]})
             continue
-        row = {"run": name, **{k: r.get(k, args.get(k)) for k in (
+        shared = ("backbone", "dtype", "batch_size", "prompt_length", "seq_len", "prompts")  # a run's own arguments
+        row = {"run": name, **{k: r.get(k, args.get(k) if k in shared else None) for k in (
             "variant", "backbone", "dtype", "batch_size", "prompt_length", "seq_len", "prompts", "members_per_pass",
             "examples_per_s", "step_s", "peak_mib", "predicted_mib", "measured_vs_predicted", "achieved_tflops",
             "mfu", "effective_mfu", "speed_ratio_base_over_this", "base", "speed_vs_ptx", "speed_vs_peft",
