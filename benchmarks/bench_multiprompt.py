@@ -13,7 +13,14 @@ Time: rounds of one grouped step, one ptx step and one PEFT step back to back (t
 load from other processes hits every variant alike; a round's ratio is K x t(ptx) / t(grouped); the reported
 ratio is the median over rounds. On CPU the time is process CPU time with one torch thread (see common.timed_loop).
 Memory: each variant alone in a fresh process (CPU: peak RSS growth; CUDA: max_memory_allocated growth), the
-grouped step against one ptx run's step. MFU (CUDA): model FLOPs (bench_train_step.step_flops) per second / peak.
+grouped step against one ptx run's step; the figure is the median of --repeats fresh processes. On CPU the peak RSS
+is an allocator high-water mark, not the tensors' peak: glibc malloc serves freed blocks again without returning
+them to the system and raises its mmap threshold (up to 32 MiB) after large frees, so later activation-sized
+tensors come from the heap and stay resident; how much does depends on the order of frees, which is why one process
+is not a robust figure. `--allocator fixed` pins the threshold (MALLOC_MMAP_THRESHOLD_=64 KiB): every tensor above
+it is its own mapping, unmapped when freed, so the RSS peak is close to the live tensors' peak. Beside each peak: the
+memory model's prediction (ptx.memory.predict, the working memory above the loaded weights) and their ratio.
+`--memory-only` skips the timing. MFU (CUDA): model FLOPs (bench_train_step.step_flops) per second / peak.
 
 The last line: `multi-prompt K=<K>: <ratio>x examples/s vs one at a time, peak memory <ratio>x`.
 """
@@ -110,6 +117,45 @@ def worker_memory(args) -> dict:
     return {"variant": args.variant, "peak_bytes": peak, "peak_mib": mib(peak), "memory_measure": meter.what()}
 
 
+def predicted_working(args, k: int, per_pass: int) -> int:
+    """ptx.memory's prediction of the measured figure: a step's working memory above the loaded weights."""
+    from ptx.memory import Attention, Precision, TrialShape, backbone_shape, predict
+
+    # SDPA runs fused kernels on both devices (CPU: its flash kernel, which keeps q, k, v, the output and the
+    # log-sum-exp: counted with saved_tensors_hooks); T5's eager attention is the model's business
+    attention = Attention.FUSED
+    shape = backbone_shape(args.backbone)
+    trial = TrialShape(batch=args.batch_size, prompt_tokens=args.prompt_length, text_tokens=args.seq_len,
+                       group_size=k, per_pass=per_pass, precision=Precision(args.dtype), attention=attention)
+    return predict(shape, trial).working
+
+
+def memory_figures(args, variants) -> dict:
+    """{variant: record} of each variant's peak: the median of --repeats fresh processes, and the model's figure."""
+    env = {"MALLOC_MMAP_THRESHOLD_": str(64 * 1024)} if args.allocator == "fixed" else None
+    out = {}
+    for v in variants:
+        runs = [run_worker(worker_argv(args, "memory", v), timeout=1800, env=env) for _ in range(args.repeats)]
+        errors = [r["error"] for r in runs if "error" in r]
+        if errors:
+            out[v] = {"memory_error": errors[0]}
+            continue
+        peaks = sorted(r["peak_bytes"] for r in runs)
+        k = args.prompts if v == "grouped" else 1
+        per_pass = (args.members_per_pass or (k if args.device.startswith("cuda") else 1)) if v == "grouped" else 1
+        rec = {"peak_bytes": median(peaks), "peak_mib": mib(median(peaks)), "peak_mib_runs": [mib(p) for p in peaks],
+               "memory_measure": runs[0]["memory_measure"] + f", median of {len(peaks)} fresh processes, allocator "
+               f"{args.allocator}"}
+        if v != "peft":
+            try:
+                pred = predicted_working(args, k, per_pass)
+                rec.update(predicted_mib=mib(pred), measured_vs_predicted=median(peaks) / pred)
+            except Exception as exc:  # noqa: BLE001 - a shape the model does not know: the measurement still stands
+                rec["prediction_error"] = str(exc)
+        out[v] = rec
+    return out
+
+
 def worker_time(args) -> dict:
     """grouped, ptx and peft in this one process (each its own model copy), timed in interleaved rounds."""
     import torch
@@ -170,6 +216,10 @@ def parse(argv=None):
                    help="grouped: members per backbone pass (0: train_group's rule, all on a GPU, 1 on CPU)")
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads on CPU (0: torch's default)")
     p.add_argument("--peak-tflops", type=float, default=989.0, help="for MFU: H100/H200 SXM bf16 dense peak")
+    p.add_argument("--repeats", type=int, default=3, help="fresh processes per memory figure (the median is kept)")
+    p.add_argument("--allocator", choices=["default", "fixed"], default="default",
+                   help="CPU: glibc malloc as is, or with a fixed mmap threshold (module doc)")
+    p.add_argument("--memory-only", action="store_true", help="measure the peaks only (no timing rounds)")
     p.add_argument("--json", help="write the results here")
     p.add_argument("--worker", choices=["time", "memory"], help=argparse.SUPPRESS)
     p.add_argument("--variant", help=argparse.SUPPRESS)
@@ -177,6 +227,8 @@ def parse(argv=None):
     args.dtype = args.dtype or ("bf16" if args.device.startswith("cuda") else "fp32")
     if args.prompts < 1:
         p.error(f"--prompts: expected K >= 1, found {args.prompts}")
+    if args.repeats < 1:
+        p.error(f"--repeats: expected a whole number >= 1, found {args.repeats}")
     if args.members_per_pass < 0:
         p.error(f"--members-per-pass: expected a whole number >= 0, found {args.members_per_pass}")
     return args
@@ -184,7 +236,7 @@ def parse(argv=None):
 
 def worker_argv(args, mode: str, variant: str | None = None) -> list[str]:
     keep = ["backbone", "prompts", "steps", "warmup", "batch_size", "prompt_length", "seq_len", "device", "dtype",
-            "threads", "peak_tflops", "members_per_pass"]
+            "threads", "peak_tflops", "members_per_pass", "repeats", "allocator"]
     argv = [str(Path(__file__).resolve()), "--worker", mode]
     for k in keep:
         argv += [f"--{k.replace('_', '-')}", str(getattr(args, k))]
@@ -202,20 +254,29 @@ def main(argv=None) -> dict:
         emit({"time": worker_time, "memory": worker_memory}[args.worker](args))
         return {}
     info = {"machine": machine(), "command": command_line(), "args": vars(args)}
+    if args.memory_only:
+        return memory_only(args, info)
     timing = run_worker(worker_argv(args, "time"), timeout=3600)
     if "error" in timing:
         raise SystemExit(f"bench_multiprompt: the timing worker failed: {timing['error']}")
     results = info["results"] = timing["results"]
     by = {r["variant"]: r for r in results}
     if not args.device.startswith("cuda"):
+        mem = memory_figures(args, [r["variant"] for r in results])
         for rec in results:
-            mem = run_worker(worker_argv(args, "memory", rec["variant"]), timeout=1800)
-            rec.update(mem if "error" not in mem else {"memory_error": mem["error"]})
+            rec.update(mem[rec["variant"]])
+    else:  # the timing worker measured the peaks; the model's figure beside them
+        for rec in results:
+            if rec.get("peak_bytes") and rec["variant"] != "peft":
+                k = args.prompts if rec["variant"] == "grouped" else 1
+                pred = predicted_working(args, k, rec.get("members_per_pass", 1))
+                rec.update(predicted_mib=mib(pred), measured_vs_predicted=rec["peak_bytes"] / pred)
     g, one = by["grouped"], by["ptx"]
     mem_ratio = g["peak_bytes"] / one["peak_bytes"] if g.get("peak_bytes") and one.get("peak_bytes") else float("nan")
     g["memory_vs_one_run"] = mem_ratio
     info["load_average_1m_after"] = machine()["load_average_1m"]
-    cols = ["variant", "examples_per_step", "examples_per_s", "step_s", "wall_step_s", "peak_mib", "achieved_tflops"]
+    cols = ["variant", "examples_per_step", "examples_per_s", "step_s", "wall_step_s", "peak_mib", "predicted_mib",
+            "achieved_tflops"]
     if "mfu" in g:
         cols.append("mfu")
     print(f"{args.backbone} on {args.device} ({args.dtype}), K={args.prompts} prompts x batch {args.batch_size}, "
@@ -230,6 +291,27 @@ def main(argv=None) -> dict:
         write_json(args.json, info)
     print(f"multi-prompt K={args.prompts}: {g['speed_vs_ptx']:.2f}x examples/s vs one at a time, "
           f"peak memory {mem_ratio:.2f}x")
+    return info
+
+
+def memory_only(args, info: dict) -> dict:
+    """Peaks of the grouped step and of one ptx run, each the median of --repeats fresh processes, and the model's."""
+    mem = memory_figures(args, ["grouped", "ptx"])
+    per_pass = args.members_per_pass or (args.prompts if args.device.startswith("cuda") else 1)
+    info["results"] = [{"variant": v, **mem[v]} for v in ("grouped", "ptx")]
+    info["results"][0]["members_per_pass"] = per_pass
+    g, one = mem["grouped"], mem["ptx"]
+    ratio = g["peak_bytes"] / one["peak_bytes"] if g.get("peak_bytes") and one.get("peak_bytes") else float("nan")
+    info["results"][0]["memory_vs_one_run"] = ratio
+    print(f"{args.backbone} on {args.device} ({args.dtype}), K={args.prompts} x batch {args.batch_size}, prompt "
+          f"{args.prompt_length}, text {args.seq_len}, {per_pass} member(s) per pass; memory = "
+          f"{g.get('memory_measure', one.get('memory_measure', '?'))}")
+    print(table(info["results"], ["variant", "peak_mib", "peak_mib_runs", "predicted_mib", "measured_vs_predicted"]))
+    if args.json:
+        write_json(args.json, info)
+    print(f"multi-prompt K={args.prompts} memory: grouped {g.get('peak_mib', float('nan')):.0f} MiB "
+          f"(model {g.get('predicted_mib', float('nan')):.0f}), one run {one.get('peak_mib', float('nan')):.0f} MiB "
+          f"(model {one.get('predicted_mib', float('nan')):.0f}), peak memory {ratio:.2f}x")
     return info
 
 

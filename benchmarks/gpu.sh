@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # GPU benchmarks of the prompt-tuning train step (ptx vs PEFT) on random-weight models of real shapes, plus the
 # GPU ablations (bf16 autocast vs fp32, SDPA vs eager, decoder-only prompt-once vs one pass), after the CUDA tests
-# (tests/test_gpu.py). About 5 minutes on one H100/H200. Writes every figure to $OUT/gpu_results.json (or
+# (tests/test_gpu.py), the grouped step of many prompts (roberta-base K = 4, 8, 16; roberta-large K = 4, 8, 16) with
+# each peak beside the memory model's prediction, the CUDA context and the paper plans on this GPU's memory.
+# About 10 minutes on one H100/H200. Writes every figure to $OUT/gpu_results.json (or
 # benchmarks/gpu_results.json without $OUT).
 #
 #   bash benchmarks/gpu.sh                        # the real run (needs CUDA)
@@ -93,13 +95,49 @@ bench "ablation-prompt-once" --backbone "$LLAMA" --batch-size "$lbs" --prompt-le
 bench "ablation-head" --backbone "$LLAMA" --batch-size "$lbs" --prompt-length "$ln" --seq-len "$lt" \
   --dtype "$DTYPE" --ablation head
 
-# many prompts, one backbone (issue 20): K prompts grouped vs one at a time (ptx, PEFT); targets on a GPU:
-# roberta-base K=16 >= 3x PEFT's aggregate examples/s and >= 40% MFU
-if [ "$DEVICE" = cpu ]; then MP=(tiny-roberta 2); else MP=(random:roberta-base 16); fi
-echo "== multiprompt: ${MP[0]} K=${MP[1]}"
-"$PY" benchmarks/bench_multiprompt.py --backbone "${MP[0]}" --prompts "${MP[1]}" --device "$DEVICE" \
-  --steps "$STEPS" --warmup "$WARMUP" --peak-tflops "$PEAK_TFLOPS" --json "$PARTS/multiprompt.json" \
-  || echo "!! multiprompt failed" >&2
+# many prompts, one backbone (issues 20, 30): K prompts grouped (all in one pass) vs one at a time (ptx, PEFT) at
+# the paper's shape, batch 16 x (100 + 128); targets on a GPU: a group >= 3x PEFT's aggregate examples/s and
+# >= 40% MFU. Each run also records the peak (torch.cuda.max_memory_allocated above the loaded weights) of the
+# grouped step and of one run beside ptx.memory's prediction (predicted_mib, measured_vs_predicted).
+if [ "$DEVICE" = cpu ]; then
+  MP=("tiny-roberta 2 8 16")
+else
+  #   backbone              K  batch text
+  MP=("random:roberta-base   4 16 128"
+      "random:roberta-base   8 16 128"
+      "random:roberta-base  16 16 128"
+      "random:roberta-large  4 16 128"
+      "random:roberta-large  8 16 128"
+      "random:roberta-large 16 16 128")
+fi
+for row in "${MP[@]}"; do
+  read -r bb k bs t <<<"$row"
+  name="multiprompt-${bb#random:}-k$k"
+  echo "== $name"
+  "$PY" benchmarks/bench_multiprompt.py --backbone "$bb" --prompts "$k" --batch-size "$bs" --seq-len "$t" \
+    --device "$DEVICE" --steps "$STEPS" --warmup "$WARMUP" --peak-tflops "$PEAK_TFLOPS" --json "$PARTS/$name.json" \
+    || echo "!! $name failed" >&2
+done
+
+# the CUDA context a trial process pays before its first tensor (ptx.memory.CUDA_CONTEXT_BYTES counts 600 MiB),
+# and the paper plans on this GPU's memory: `ptx run --dry-run` with cluster.gpu_memory_mib set to it
+if [ "$DEVICE" != cpu ]; then
+  "$PY" - "$PARTS/cuda_context.json" <<'EOF'
+import json, sys
+import torch
+torch.zeros(1, device="cuda")
+free, total = torch.cuda.mem_get_info()
+used = total - free - torch.cuda.memory_reserved()
+rec = {"total_mib": total / 2**20, "context_mib": used / 2**20, "device": torch.cuda.get_device_name()}
+print(f"CUDA context: {rec['context_mib']:.0f} MiB used outside torch's allocator (of {rec['total_mib']:.0f} MiB)")
+json.dump({"results": [rec]}, open(sys.argv[1], "w"))
+EOF
+  MIB_TOTAL=$("$PY" -c "import torch; print(int(torch.cuda.mem_get_info()[1] / 2**20))")
+  for spec in experiments/paper_*.yaml; do
+    "$PY" -m ptx run "$spec" --dry-run --set cluster.gpu_memory_mib="$MIB_TOTAL" --set cluster.gpus=1 \
+      | grep -A2 "GPU plan" || echo "!! dry run of $spec failed" >&2
+  done
+fi
 
 mkdir -p "$DEST"
 "$PY" - "$PARTS" "$DEST/gpu_results.json" "$start" <<'EOF'
@@ -109,13 +147,18 @@ parts, dest, start = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3])
 runs = {p.stem: json.loads(p.read_text()) for p in sorted(parts.glob("*.json"))}
 summary = []
 for name, run in runs.items():
+    args = run.get("args", {})
     for r in run.get("results", []):
         if "error" in r:
             summary.append({"run": name, "variant": r.get("variant"), "error": r["error"]})
             continue
-        summary.append({"run": name, **{k: r.get(k) for k in (
-            "variant", "backbone", "dtype", "batch_size", "prompt_length", "seq_len", "examples_per_s", "step_s",
-            "peak_mib", "achieved_tflops", "mfu", "effective_mfu", "speed_ratio_base_over_this", "base")}})
+        shared = ("backbone", "dtype", "batch_size", "prompt_length", "seq_len", "prompts")  # a run's own arguments
+        row = {"run": name, **{k: r.get(k, args.get(k) if k in shared else None) for k in (
+            "variant", "backbone", "dtype", "batch_size", "prompt_length", "seq_len", "prompts", "members_per_pass",
+            "examples_per_s", "step_s", "peak_mib", "predicted_mib", "measured_vs_predicted", "achieved_tflops",
+            "mfu", "effective_mfu", "speed_ratio_base_over_this", "base", "speed_vs_ptx", "speed_vs_peft",
+            "memory_vs_one_run", "context_mib", "total_mib")}}
+        summary.append({k: v for k, v in row.items() if v is not None})
 out = {"wall_s": int(time.time()) - start, "summary": summary, "runs": runs}
 dest.write_text(json.dumps(out, indent=1, sort_keys=True, default=str))
 print(f"wrote {dest} ({len(summary)} rows, {out['wall_s']}s)")

@@ -617,6 +617,7 @@ def _print_plan(spec, max_concurrent):
         per_gpu = f", {p['groups_per_gpu']:g} group(s) per GPU" if p.get("groups_per_gpu") else ""
         click.echo(f"  groups: {p['groups']} trial(s) of up to {p['group_size']} prompts, one backbone copy each "
                    f"(members per group {p['members_per_group']}{per_gpu})")
+    _print_gpu_memory(spec)
     click.echo(f"  resources per trial: {res}; max concurrent: {cap or 'as resources allow'}")
     if res.get("gpu"):
         per_gpu = int(1 / res["gpu"]) if res["gpu"] < 1 else 1
@@ -663,6 +664,31 @@ def _print_packing(spec, address):
             click.echo(f"    {label} {res['cpu']:g} CPU / {res['gpu']:g} GPU on {node['ip']} {node['id']} ({offer}): "
                        f"{p['trials']} at once{per_gpu} (bounded by {p['limit']})")
         click.echo(f"    {label}s at once on the whole cluster: {total}")
+
+
+def _print_gpu_memory(spec):
+    """Per backbone: a trial's predicted GPU memory against its share, trials per GPU, slots used, GPU-hours."""
+    from ptx.memory import GIB
+    from ptx.packing import gpu_hours
+
+    plans = spec.gpu_plans()
+    if not plans:
+        return
+    c = spec.cluster
+    per_gpu = int(1 / spec.resources.gpu + 1e-9) if spec.resources.gpu < 1 else 1
+    click.echo(f"  GPU plan: {c.gpus} GPU(s) of {c.gpu_memory_mib} MiB, {per_gpu} trial(s) per GPU "
+               f"(--set cluster.gpus=N --set cluster.gpu_memory_mib=MIB)")
+    for plan in plans:
+        used = min(plan.trials, plan.slots)
+        hours = gpu_hours(plan.backbone, plan.runs, spec.train.steps, spec.train.batch_size, plan.tokens)
+        gpus_busy = max(1, min(c.gpus, -(-used // per_gpu)))
+        click.echo(f"    {plan.backbone}: groups of {plan.group_size} ({plan.per_pass} per pass), {plan.trials} trials; "
+                   f"memory per trial {plan.need / GIB:.1f} GiB (predicted peak {plan.estimate.total / GIB:.1f} GiB "
+                   f"+ CUDA context) of a {plan.share / GIB:.1f} GiB share: {'fits' if plan.fits else 'DOES NOT FIT'}; "
+                   f"GPU slots used {used} of {plan.slots}")
+        click.echo(f"      about {hours:.0f} H100/H200 GPU-h for {spec.train.steps} steps per prompt (the step-time "
+                   f"model: measured one-prompt MFU; early stopping ends most runs sooner), about "
+                   f"{hours / gpus_busy:.1f} h on {gpus_busy} GPU(s)")
 
 
 def _stage_command(group, name: str, stage: str, doc: str):

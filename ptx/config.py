@@ -90,6 +90,17 @@ class Resources:
 
 
 @dataclass(frozen=True)
+class GpuCluster:
+    """The GPUs a study is planned for: memory per GPU and how many, for memory-aware packing and group sizing."""
+
+    # one GPU of the node type the study runs on, in MiB (what nvidia-smi reports; cluster/ declares it per node
+    # type as the label ptx/gpu-memory-mib). Default: the smallest GPU of cluster/, A10G (23028) / L4 (23034)
+    gpu_memory_mib: Count = 23028
+    gpus: Count = 8  # GPUs the study may use at once: group_size auto leaves at least that many GPUs' trials
+    node_types: tuple[str, ...] = ()  # the node types of cluster/ the spec is planned for ("aws.yaml gpu_1x", ...)
+
+
+@dataclass(frozen=True)
 class TransferStage:
     splits: tuple[str, ...] = ("dev", "test")
     random_baseline: bool = True
@@ -170,6 +181,7 @@ class StudySpec:
     search: Search = field(default_factory=Search)
     scheduler: Scheduler = field(default_factory=Scheduler)
     resources: Resources = field(default_factory=Resources)
+    cluster: GpuCluster = field(default_factory=GpuCluster)  # where the study runs, not what it computes: not hashed
     max_concurrent: Count | None = None
     max_failures: Annotated[int, Range(ge=0)] = 2  # retries of a failed trial, from its last checkpoint
     storage_path: str | None = None  # local dir, NFS path or s3://; default WORKDIR/ray_results
@@ -189,17 +201,24 @@ class StudySpec:
         d.pop("source_file")
         d.pop("storage_shared")  # where checkpoints live, not what is computed: same hash, same experiment
         d.pop("findings")  # what the report tests, not what any stage computes
-        if d["train"].get("group_size") is None:  # unset: the hash every spec had before the field existed
+        d.pop("cluster")  # which GPUs run it, likewise
+        if d["train"].get("group_size") in (None, AUTO):  # unset or auto: the hash every spec had before the field
             d["train"].pop("group_size", None)
         if d["tpt"].get("sources") is None:  # likewise for tpt.sources
             d["tpt"].pop("sources", None)
         return config_hash(d)
 
 
+    def gpu_plans(self) -> list:
+        """Per backbone, its GPU plan (ptx.packing.GroupPlan); [] for a CPU study."""
+        return gpu_plans(self)
+
+
+AUTO = "auto"  # train.group_size: picked from the memory model and the cluster (gpu_plans)
 INIT_MODES = tuple(m.value for m in SpecInit)
 NESTED = {"train": TrainSettings, "data": DataLimits, "search": Search, "scheduler": Scheduler,
-          "resources": Resources, "transfer": TransferStage, "tpt": TptStage, "indicators": IndicatorStage,
-          "projector": ProjectorStage, "findings": Findings}
+          "resources": Resources, "cluster": GpuCluster, "transfer": TransferStage, "tpt": TptStage,
+          "indicators": IndicatorStage, "projector": ProjectorStage, "findings": Findings}
 
 
 def _build(cls, raw, where: str, errors: list):
@@ -365,18 +384,95 @@ def _check_findings(findings: Findings, where: str, errors: list) -> None:
 
 
 def _validate_groups(spec: StudySpec, where: str, errors: list) -> None:
-    """train.group_size: a whole number ≥ 1; groups need a scheduler that decides per trial (FIFO, not ASHA)."""
+    """train.group_size: a whole number ≥ 1, auto or null; groups need a scheduler that decides per trial (FIFO, not
+    ASHA); on GPUs every trial must fit its share's memory (gpu_plans)."""
     size = spec.train.group_size
-    if size is None:
+    if size in (None, AUTO):
+        _validate_memory(spec, where, errors)
         return
-    if not isinstance(size, int) or size < 1:
-        errors.append(f"{where}.train.group_size: expected a whole number ≥ 1 or null, found {size!r}")
+    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+        errors.append(f"{where}.train.group_size: expected a whole number ≥ 1, auto or null, found {size!r}"
+                      f"{suggest(size, [AUTO]) if isinstance(size, str) else ''}")
         return
+    _validate_memory(spec, where, errors)
     if size == 1:
         return
     if spec.scheduler.type == "asha":
         errors.append(f"{where}.train.group_size: {size} puts several prompts in one trial, and ASHA stops whole "
                       "trials on one metric; use scheduler.type fifo or train.group_size 1")
+
+
+def auto_groups(spec) -> bool:
+    """Whether group_size auto/null sizes groups from memory: GPU trials, FIFO, a grid (the sweep's rule; else 1)."""
+    return spec.resources.gpu > 0 and spec.scheduler.type == "fifo" and spec.search.algorithm == "grid"
+
+
+def gpu_plans(spec: StudySpec) -> list:
+    """Per backbone, the ptx.packing.GroupPlan of its trials on spec.cluster's GPUs; [] for a CPU study. Backbones without a config to size (a hub id ptx ships none for) are left
+    out: nothing is downloaded to plan."""
+    from math import prod
+
+    from ptx.memory import Attention, Precision, TrialShape, backbone_shape
+    from ptx.packing import plan_backbone
+    from ptx.tasks import load_task
+
+    if spec.resources.gpu <= 0:
+        return []
+    size = spec.train.group_size
+    size = (None if auto_groups(spec) else 1) if size in (None, AUTO) else size
+    t = spec.train
+    grid = prod(len(d.get("grid", d.get("choice", [None]))) for d in spec.search.space.values()) \
+        if spec.search.algorithm == "grid" and spec.search.space else 1
+    repeats = grid * spec.search.num_samples
+    tasks = [load_task(name) for name in spec.tasks]
+    cap = spec.data.max_length or 10**9
+
+    def shape(text: int, decoder: int = 1) -> TrialShape:
+        return TrialShape(batch=t.batch_size, prompt_tokens=spec.prompt_length, text_tokens=min(text, cap),
+                          precision=Precision.BF16 if t.bf16 else Precision.FP32, attention=Attention.FUSED,
+                          dropout=t.dropout, eval_batch=t.eval_batch_size, decoder_tokens=decoder)
+
+    together = [k for k in tasks if k.kind != "generation" and t.label_loss == "label_words"]
+    apart = [k for k in tasks if k not in together]
+    plans = []
+    for backbone in spec.backbones:
+        try:
+            backbone_shape(backbone)
+        except PtxError:
+            continue
+        grouped = shape(max(k.max_length for k in together)) if together else None
+        singles = sorted({(k.max_length, k.max_new_tokens if k.kind == "generation" else 1) for k in apart})
+        plans.append(plan_backbone(backbone, grouped, len(together) * len(spec.seeds), [shape(*s) for s in singles],
+                                   len(apart) * len(spec.seeds), repeats, size, spec.resources.gpu,
+                                   spec.cluster.gpus, spec.cluster.gpu_memory_mib))
+    return plans
+
+
+def _validate_memory(spec: StudySpec, where: str, errors: list) -> None:
+    """Every GPU trial fits its share: predicted peak + CUDA context <= resources.gpu x cluster.gpu_memory_mib."""
+    from ptx.memory import GIB
+
+    if errors or spec.resources.gpu <= 0 or not isinstance(spec.cluster, GpuCluster):
+        return  # sized only once the rest is valid: a plan needs known tasks and backbones
+    size = spec.train.group_size
+    for plan in gpu_plans(spec):
+        if plan.fits:
+            continue
+        if plan.max_fit and auto_groups(spec):
+            fix = f"train.group_size: auto (picks at most {plan.max_fit} here) or a group of at most {plan.max_fit}"
+        elif plan.max_fit:
+            fix = f"a group of at most {plan.max_fit}"
+        elif spec.resources.gpu < 1:
+            fix = (f"more GPU per trial (resources.gpu {min(1.0, 2 * spec.resources.gpu):g}) or a GPU with more "
+                   "memory (cluster.gpu_memory_mib)")
+        else:
+            fix = "a GPU with more memory (cluster.gpu_memory_mib), or a smaller train.batch_size"
+        errors.append(
+            f"{where}.train.group_size: {size if size is not None else AUTO} does not fit the GPU: a {plan.backbone} "
+            f"trial of {plan.largest} prompt(s) needs {plan.need / GIB:.1f} GiB (predicted peak "
+            f"{plan.estimate.total / GIB:.1f} GiB + CUDA context) but its share is {plan.share / GIB:.1f} GiB "
+            f"(resources.gpu {spec.resources.gpu:g} of a {spec.cluster.gpu_memory_mib} MiB GPU, cluster.gpu_memory_mib); "
+            f"fix: {fix}")
 
 
 def set_path(raw: dict, dotted: str, value) -> None:

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from ptx import guards, progress, track
 from ptx.errors import PtxError, SweepInterrupted
+from ptx.packing import MAX_AUTO_GROUP
 from ptx.prompt_runs import PromptRequest, run_prompt
 from ptx.train import TrainSettings, load_checkpoint, save_checkpoint
 
@@ -989,19 +990,19 @@ def trial_table(path: str) -> list[dict]:
 
 
 # ---- groups: many prompts per trial, one backbone pass (ptx.train_group) ------------------------------
-# The default group size on a GPU when train.group_size is not set: grouped steps fill the device where one
-# prompt's batch-16 step is launch-bound. Provisional until benchmarks/gpu.sh measures bench_multiprompt.py on a GPU
-# (benchmarks/RESULTS.md); on CPU, where time follows FLOPs and grouping measured no faster, the default is 1.
-GPU_GROUP_SIZE = 16
+# train.group_size null or auto on GPUs: the largest group whose trial fits its GPU share (ptx.memory's model of the
+# peak, ptx.packing) and leaves at least as many trials as the cluster's GPU slots, at most GPU_GROUP_SIZE (the
+# largest group benchmarks/gpu.sh measures); on CPU, where time follows FLOPs and grouping measured no faster, 1.
+GPU_GROUP_SIZE = MAX_AUTO_GROUP
 
 
 def group_size(spec) -> int:
-    """Prompts per trial: train.group_size, else GPU_GROUP_SIZE for FIFO sweeps on GPUs, else 1."""
-    if spec.train.group_size is not None:
+    """Prompts per trial: train.group_size when a number, else on GPUs the memory plan's (smallest over the
+    backbones; ptx.config.gpu_plans), else 1."""
+    if isinstance(spec.train.group_size, int):
         return spec.train.group_size
-    if spec.resources.gpu > 0 and spec.scheduler.type == "fifo" and spec.search.algorithm == "grid":
-        return GPU_GROUP_SIZE
-    return 1
+    sizes = [p.group_size for p in spec.gpu_plans()] if spec.resources.gpu > 0 else []
+    return min(sizes) if sizes else 1
 
 
 def group_requests(requests: list[PromptRequest], size: int) -> list[list[PromptRequest]]:

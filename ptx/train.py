@@ -50,9 +50,10 @@ class TrainSettings:
     # "full_vocab" is the LM's cross-entropy over its whole vocabulary at that position, gold = the label word's
     # token (what the paper's T5 code optimised: labels=<label word> in T5's own LM loss)
     label_loss: str = "label_words"
-    # prompts trained together in one stacked pass by a sweep (ptx.train_group); None: the sweep's rule (1 on CPU).
+    # prompts trained together in one stacked pass by a sweep (ptx.train_group); None or "auto": the sweep's rule
+    # (on GPUs the largest group that fits the memory, ptx.config.gpu_plans; 1 on CPU). Checked by ptx.config.
     # How runs are executed, not what they compute: left out of a run's config hash
-    group_size: int | None = None
+    group_size: int | str | None = None
 
 
 @dataclass

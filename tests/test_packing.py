@@ -4,6 +4,10 @@ Every paper spec x every GPU node type of cluster/aws.yaml, cluster/gcp.yaml and
 Ray resources (launcher `resources`; KubeRay: the container's cpu / nvidia.com/gpu limits, rayStartParams
 overrides and the group's custom `resources`) and the spec's per-trial request give the trials that run at once.
 That number must equal the spec's own comment and both tables of cluster/README.md ("Sizes and costs").
+
+Memory: every GPU node type declares one GPU's memory (the label ptx/gpu-memory-mib); every paper spec loaded for
+every node type (its memory and GPU count) either plans trials that fit their share, or is refused at load with one
+line naming the trial's predicted memory, the GPU's memory and the fix; the spec lists the node types it fits.
 """
 
 import re
@@ -14,12 +18,13 @@ import yaml
 
 from ptx.config import load_study
 from ptx.errors import PtxError
-from ptx.packing import packing, ray_request, trials_per_node
+from ptx.packing import choose_group_size, gpu_slots, packing, ray_request, trial_count, trials_per_node
 
 ROOT = Path(__file__).resolve().parents[1]
 CLUSTER = ROOT / "cluster"
 SPECS = sorted((ROOT / "experiments").glob("paper_*.yaml"))
 STAGE_BLOCKS = ("resources", "transfer.resources", "indicators.resources")
+MEMORY_LABEL = "ptx/gpu-memory-mib"
 
 
 def _quantity(value) -> float:
@@ -28,20 +33,20 @@ def _quantity(value) -> float:
     return float(text[:-1]) / 1000 if text.endswith("m") else float(text)
 
 
-def launcher_node_types() -> dict[str, dict]:
-    """'aws.yaml gpu_1x' -> the Ray resources that node type declares (GPU types only)."""
+def launcher_node_types(memory: bool = False) -> dict[str, dict]:
+    """'aws.yaml gpu_1x' -> the Ray resources that node type declares (GPU types only); memory: its labels."""
     out = {}
     for path in (CLUSTER / "aws.yaml", CLUSTER / "gcp.yaml"):
         config = yaml.safe_load(path.read_text())
         for name, node_type in config["available_node_types"].items():
             res = {k: float(v) for k, v in node_type.get("resources", {}).items()}
             if res.get("GPU", 0) >= 1:
-                out[f"{path.name} {name}"] = res
+                out[f"{path.name} {name}"] = node_type.get("labels") or {} if memory else res
     return out
 
 
-def kuberay_node_types() -> dict[str, dict]:
-    """'raycluster.yaml gpu-1x' -> the Ray resources a worker pod of that group offers."""
+def kuberay_node_types(memory: bool = False) -> dict[str, dict]:
+    """'raycluster.yaml gpu-1x' -> the Ray resources a worker pod of that group offers; memory: its pod labels."""
     out = {}
     for path in sorted((CLUSTER / "k8s").glob("*.yaml")):
         for doc in yaml.safe_load_all(path.read_text()):
@@ -56,11 +61,13 @@ def kuberay_node_types() -> dict[str, dict]:
                        "GPU": _quantity(params.get("num-gpus", limits.get("nvidia.com/gpu", 0)))}
                 res.update({k: _quantity(v) for k, v in (group.get("resources") or {}).items()})
                 if res["GPU"] >= 1:
-                    out[f"{path.name} {group['groupName']}"] = res
+                    labels = (group["template"].get("metadata") or {}).get("labels") or {}
+                    out[f"{path.name} {group['groupName']}"] = labels if memory else res
     return out
 
 
 NODE_TYPES = {**launcher_node_types(), **kuberay_node_types()}
+NODE_LABELS = {**launcher_node_types(memory=True), **kuberay_node_types(memory=True)}
 
 
 def _block(spec, dotted: str) -> dict:
@@ -203,3 +210,128 @@ def test_dry_run_prints_the_live_packing_and_a_local_storage_path_is_refused(tmp
     assert trial_lines(outputs[1]) == [("CPU 4, GPU 1, gpu_1x 1", 1, "CPU"),
                                        ("CPU 8, GPU 1, gpu_1x 1", 2, "CPU")]
     assert "trials at once on the whole cluster: 3" in outputs[1]
+
+
+# ---- memory -------------------------------------------------------------------------------------------------------
+def test_every_gpu_node_type_declares_its_gpu_memory():
+    assert set(NODE_LABELS) == set(NODE_TYPES)
+    memory = {node: labels.get(MEMORY_LABEL) for node, labels in NODE_LABELS.items()}
+    assert all(isinstance(v, str) and v.isdigit() for v in memory.values()), memory
+    # the cards the files name: A10G 23028 MiB and L4 23034 (1-GPU types; k8s gpu-1x takes either: the smaller),
+    # A100 40 GB 40960 (8-GPU types)
+    for node, mib in memory.items():
+        gpus = NODE_TYPES[node]["GPU"]
+        assert int(mib) == (40960 if gpus == 8 else 23034 if node == "gcp.yaml gpu_1x" else 23028), node
+
+
+@pytest.mark.parametrize("spec_path", SPECS, ids=lambda p: p.stem)
+@pytest.mark.parametrize("node", sorted(NODE_TYPES))
+def test_every_paper_spec_fits_or_is_refused_on_every_gpu_node_type(spec_path, node):
+    """The spec loaded for one node type (its GPU memory; as many GPUs as one node has): a plan whose every trial fits
+    its share where the spec targets the node type, else the one-line refusal."""
+    mib, gpus = int(NODE_LABELS[node][MEMORY_LABEL]), int(NODE_TYPES[node]["GPU"])
+    spec = load_study(spec_path)
+    assert set(spec.cluster.node_types) <= set(NODE_TYPES), spec.cluster.node_types
+    overrides = [f"cluster.gpu_memory_mib={mib}", f"cluster.gpus={gpus}"]
+    if node in spec.cluster.node_types:
+        plans = load_study(spec_path, overrides).gpu_plans()
+        assert plans and all(p.fits and p.need <= p.share for p in plans), plans
+        assert all(p.share == int(spec.resources.gpu * mib * 2**20) for p in plans)
+    else:
+        with pytest.raises(PtxError) as err:
+            load_study(spec_path, overrides)
+        msg = str(err.value)
+        assert "\n" not in msg and f"of a {mib} MiB GPU" in msg and "GiB (predicted peak" in msg and "fix:" in msg
+
+
+def test_the_paper_specs_target_every_gpu_node_type_of_cluster():
+    for path in SPECS:
+        assert sorted(load_study(path).cluster.node_types) == sorted(NODE_TYPES), path.name
+
+
+def test_thirteen_roberta_large_prompts_at_half_a_24_gb_card_are_refused_in_one_line():
+    over = ["train.group_size=13", "resources.gpu=0.5", "cluster.gpu_memory_mib=23028"]
+    with pytest.raises(PtxError) as err:
+        load_study(ROOT / "experiments" / "paper_roberta_large.yaml", over)
+    msg = str(err.value)
+    assert "\n" not in msg
+    assert re.search(r"train\.group_size: 13 does not fit the GPU: a roberta-large trial of 13 prompt\(s\) needs "
+                     r"[\d.]+ GiB \(predicted peak [\d.]+ GiB \+ CUDA context\) but its share is 11\.2 GiB "
+                     r"\(resources\.gpu 0\.5 of a 23028 MiB GPU, cluster\.gpu_memory_mib\); fix: train\.group_size: auto "
+                     r"\(picks at most 3 here\) or a group of at most 3$", msg), msg
+    # one prompt per trial fits the same share: the refusal is about the group, not the backbone
+    assert load_study(ROOT / "experiments" / "paper_roberta_large.yaml", [*over[1:], "train.group_size=1"])
+
+
+def test_choose_group_size_by_hand():
+    # 39 runs (13 tasks x 3 seeds), groups of at most 3 fit the memory; 2 trials per GPU (resources.gpu 0.5)
+    def fits(k):
+        return k <= 3
+
+    assert [gpu_slots(g, 0.5) for g in (1, 8, 64)] == [2, 16, 128]
+    assert choose_group_size(39, 0, 1, 2, fits) == 3  # 13 trials >= 2 slots
+    assert choose_group_size(39, 0, 1, 16, fits) == 2  # groups of 3: 13 trials < 16 slots; of 2: 20 >= 16
+    assert choose_group_size(39, 0, 1, 128, fits) == 1  # not even 39 single trials fill 128 slots: the most trials
+    assert choose_group_size(39, 0, 1, 2, lambda k: False) is None
+    assert trial_count(39, 12, 4, repeats=2) == (10 + 12) * 2  # runs trained alone stay one per trial
+    assert choose_group_size(5, 0, 1, 1, lambda k: True) == 5  # never a group larger than the runs
+
+
+@pytest.mark.parametrize(("gpus", "large", "base"), [(1, (3, 13), (4, 10)), (8, (2, 20), (1, 39)),
+                                                     (64, (1, 39), (1, 39))])
+def test_group_size_auto_on_1_8_and_64_gpus(gpus, large, base):
+    """The paper specs on 24 GB cards (A10G, 23028 MiB), 39 runs each. Largest group that fits: roberta-large at
+    resources.gpu 0.5 (an 11.2 GiB share) 3, since a member adds about 2.6 GiB (bf16: 16 x 228 tokens x 24 layers x
+    24 KiB of kept activations) to 1.3 GiB of weights, 0.6 of bf16 weight cache and 0.6 of CUDA context, with 10%
+    allocator margin: 3 members need about 10.9 GiB, 4 about 13.8; roberta-base at 0.25 (a 5.6 GiB share) 4, from
+    about 0.8 GiB a member (12 layers x 18 KiB x 3648 tokens... ) on 0.5 + 0.2 + 0.6 GiB. Then by hand:
+    roberta-large, 2 trials per GPU: 1 GPU = 2 slots -> 3 (13 trials); 8 GPUs = 16 slots -> 2 (20 trials);
+    64 GPUs = 128 slots -> 1 (39 trials). roberta-base, 4 per GPU: 1 GPU = 4 slots -> 4 (10 trials);
+    8 GPUs = 32 slots -> 1 (groups of 2 leave 20 trials); 64 -> 1."""
+    for name, want in (("paper_roberta_large.yaml", large), ("paper_roberta_base.yaml", base)):
+        spec = load_study(ROOT / "experiments" / name, [f"cluster.gpus={gpus}", "cluster.gpu_memory_mib=23028"])
+        (plan,) = spec.gpu_plans()
+        assert (plan.group_size, plan.trials) == want, (name, plan)
+        assert plan.fits and plan.per_pass == plan.group_size and plan.max_fit == (3 if "large" in name else 4)
+        from ptx import sweep
+
+        assert sweep.group_size(spec) == want[0]
+        assert sweep.plan(spec)["trials"] == want[1]
+
+
+def test_a_cpu_study_is_not_sized_and_auto_means_one():
+    from ptx import sweep
+
+    spec = load_study(ROOT / "experiments" / "paper_roberta_base.yaml", ["resources.gpu=0"])
+    assert spec.gpu_plans() == [] and sweep.group_size(spec) == 1
+
+
+def test_group_size_must_be_a_number_or_auto(tmp_path):
+    with pytest.raises(PtxError, match=r"train.group_size: expected a whole number ≥ 1, auto or null, found 'aut'; "
+                                       r"did you mean 'auto'"):
+        load_study(ROOT / "experiments" / "paper_roberta_base.yaml", ["train.group_size=aut"])
+
+
+def test_the_dry_run_prints_memory_per_trial_and_a_plan_that_fits():
+    from cli_runner import invoke_cli
+
+    code, out, err = invoke_cli("run", ROOT / "experiments" / "paper_roberta_large.yaml", "--dry-run")
+    assert code == 0, err
+    assert "GPU plan: 8 GPU(s) of 23028 MiB, 2 trial(s) per GPU" in out
+    assert re.search(r"roberta-large: groups of 2 \(2 per pass\), 20 trials; memory per trial [\d.]+ GiB "
+                     r"\(predicted peak [\d.]+ GiB \+ CUDA context\) of a 11\.2 GiB share: fits; GPU slots used 16 of 16", out)
+    assert re.search(r"about \d+ H100/H200 GPU-h for 30000 steps per prompt", out)
+    code, out, err = invoke_cli("run", ROOT / "experiments" / "paper_roberta_large.yaml", "--dry-run",
+                                "--set", "train.group_size=13", "--set", "resources.gpu=0.5")
+    assert code != 0 and "does not fit the GPU" in err and len(err.strip().splitlines()) == 1
+
+
+def test_the_cluster_block_and_group_size_auto_keep_the_spec_hash(tmp_path):
+    """Where a study runs is not what it computes: a spec with a cluster block and group_size auto hashes like the
+    same spec before either existed (an explicit group size still counts, as it did)."""
+    plain = tmp_path / "s.yaml"
+    plain.write_text("name: s\nbackbones: [tiny-bert]\ntasks: [sst2]\nresources: {gpu: 0.5}\n")
+    before = load_study(plain).hash()
+    placed = load_study(plain, ["cluster.gpus=64", "cluster.gpu_memory_mib=40960", "train.group_size=auto"])
+    assert placed.hash() == before
+    assert load_study(plain, ["train.group_size=2"]).hash() != before

@@ -27,11 +27,15 @@ def test_the_plan_is_printed_in_groups(tmp_path):
     plan = sweep.plan(spec)
     assert (plan["group_size"], plan["groups"], plan["trials"]) == (3, 2, 2)
     assert plan["members_per_group"] == [3, 3] and plan["groups_per_gpu"] == 2.0
-    # the default rule: 1 on CPU, GPU_GROUP_SIZE for a FIFO grid sweep on GPUs
+    # the default rule: 1 on CPU; on GPUs (FIFO grid sweeps) the largest group that fits and leaves a trial per GPU
+    # slot: 4 runs of a tiny model, all fit; 1 GPU -> one group of 4; 8 GPUs -> 8 slots, so groups of 1 (4 trials)
     train = {"steps": 12, "batch_size": 8, "lr": 0.05, "eval_every": 3}
     assert sweep.group_size(load_study(write_spec(tmp_path / "cpu.yaml", train=train))) == 1
-    gpu = load_study(write_spec(tmp_path / "gpu.yaml", train=train, resources={"cpu": 2, "gpu": 1}))
-    assert sweep.group_size(gpu) == sweep.GPU_GROUP_SIZE
+    gpu = load_study(write_spec(tmp_path / "gpu.yaml", train=train, resources={"cpu": 2, "gpu": 1}, cluster={"gpus": 1}))
+    assert sweep.group_size(gpu) == 4
+    gpu8 = load_study(write_spec(tmp_path / "gpu8.yaml", train={**train, "group_size": "auto"},
+                                 resources={"cpu": 2, "gpu": 1}, cluster={"gpus": 8}))
+    assert sweep.group_size(gpu8) == 1
 
 
 def test_dry_run_prints_the_plan_in_groups(tmp_path):
