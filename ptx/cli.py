@@ -405,8 +405,19 @@ def prompts_import(file, backbone, task, name, insertion, d_model, workdir, trac
                    "env PTX_MLFLOW_ARTIFACTS_DESTINATION].")
 @click.option("--workers", type=click.IntRange(min=1), default=None,
               help="Server worker processes [default: 1 on sqlite (one writer), 4 on a database server].")
+@click.option("--auth", type=click.Choice(["basic", "none"]), default=None,
+              help="basic: every request needs a login (admin password from MLFLOW_AUTH_ADMIN_PASSWORD, user "
+                   "MLFLOW_AUTH_ADMIN_USERNAME or admin); none is refused off loopback "
+                   "[default: basic; none on a loopback --host].")
+@click.option("--writer-user", envvar="PTX_MLFLOW_WRITER_USERNAME", default="ptx-writer", show_default=True,
+              help="With --auth basic: the non-admin account trials log in with, created or updated at start "
+                   "when PTX_MLFLOW_WRITER_PASSWORD is set [env PTX_MLFLOW_WRITER_USERNAME].")
+@click.option("--auth-db-uri", envvar="PTX_MLFLOW_AUTH_DB_URI", default=None,
+              help="Where the accounts live [default: the backend store when it is a database server, else sqlite "
+                   "in --workdir; env PTX_MLFLOW_AUTH_DB_URI].")
 @workdir_option
-def mlflow_server(host, port, backend_store_uri, artifacts_destination, workers, workdir):
+def mlflow_server(host, port, backend_store_uri, artifacts_destination, workers, auth, writer_user, auth_db_uri,
+                  workdir):
     """Run an MLflow tracking server (sqlite or PostgreSQL store, artifacts proxied) in the foreground."""
     from ptx.guards import check_not_placeholder
 
@@ -415,12 +426,39 @@ def mlflow_server(host, port, backend_store_uri, artifacts_destination, workers,
     store = backend_store_uri or f"sqlite:///{wd / 'mlflow.db'}"
     check_not_placeholder(store, "--backend-store-uri")
     check_not_placeholder(artifacts_destination, "--artifacts-destination")
+    loopback = host in {"127.0.0.1", "localhost", "::1"}
+    auth = auth or ("none" if loopback else "basic")
+    if auth == "none" and not loopback:
+        raise PtxError(f"--auth none with --host {host}: a server other machines reach must authenticate; use "
+                       f"--auth basic (admin password in MLFLOW_AUTH_ADMIN_PASSWORD) or --host 127.0.0.1")
     workers = workers or (1 if store.startswith("sqlite") else 4)
+    # the store URI (it may hold the database password) goes in the environment: a command line is readable by
+    # every process of the machine (/proc/PID/cmdline)
     cmd = [sys.executable, "-m", "mlflow", "server", "--host", host, "--port", str(port),
-           "--backend-store-uri", store, "--artifacts-destination", artifacts_destination or str(wd / "artifacts"),
-           "--workers", str(workers)]
+           "--artifacts-destination", artifacts_destination or str(wd / "artifacts"), "--workers", str(workers)]
     # ptx needs no MLflow jobs (GenAI judges, trace rollups): without them the server starts faster, runs fewer processes
-    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": os.environ.get("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")}
+    env = {**os.environ, "MLFLOW_BACKEND_STORE_URI": store,
+           "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": os.environ.get("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")}
+    if auth == "basic":
+        import secrets
+
+        from ptx import track
+
+        if not os.environ.get("MLFLOW_AUTH_ADMIN_PASSWORD"):
+            raise PtxError("--auth basic: MLFLOW_AUTH_ADMIN_PASSWORD is not set (the admin account's password; "
+                           "MLflow ships none)")
+        admin = os.environ.get("MLFLOW_AUTH_ADMIN_USERNAME") or "admin"
+        writer_password = os.environ.get("PTX_MLFLOW_WRITER_PASSWORD")
+        accounts = auth_db_uri or (f"sqlite:///{wd / 'basic_auth.db'}" if store.startswith("sqlite") else store)
+        config = track.prepare_basic_auth(wd, accounts, admin, (writer_user, writer_password) if writer_password
+                                          else None)
+        # every server worker must sign sessions with the same key: one per start unless the environment gives it
+        env.update(MLFLOW_AUTH_ADMIN_USERNAME=admin, MLFLOW_AUTH_CONFIG_PATH=str(config),
+                   MLFLOW_FLASK_SERVER_SECRET_KEY=os.environ.get("MLFLOW_FLASK_SERVER_SECRET_KEY")
+                   or secrets.token_hex(32))
+        cmd += ["--app-name", "basic-auth"]
+        click.echo(f"basic auth: admin {admin!r}" + (f", writer {writer_user!r}" if writer_password else
+                                                     " (no PTX_MLFLOW_WRITER_PASSWORD: no writer account)"))
     shown = re.sub(r"//([^:/@]+):[^@]*@", r"//\1:***@", store)  # never echo a password in the URI
     click.echo(f"MLflow server on http://{host}:{port} (store {shown}); set MLFLOW_TRACKING_URI=http://{host}:{port}")
     sys.stdout.flush()

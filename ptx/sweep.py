@@ -667,7 +667,7 @@ def resume_sweep(path: str, restart_errored: bool = False) -> dict:
     tracker = track.MlflowTracker(state["tracking_uri"], state["experiment"], workdir=Path(state["workdir"]))
     tracker.reopen(state["parent_run_id"])  # reopened (KILLED if the sweep was interrupted)
     summary = _fit_and_finalise(tuner, tracker, state["parent_run_id"], Path(state["workdir"]),
-                                then=lambda grid: _unstarted_trials_tuner(state, trainable, grid.experiment_path))
+                                then=lambda grid: _unstarted_trials_tuner(state, trainable, _grid_uri(grid)))
     short = state.get("planned_trials", 0) - summary["tune_trials"]
     if short > 0:  # an Optuna sweep (its trials cannot be listed ahead) whose searcher state was lost
         tracker.finish(state["parent_run_id"], "FAILED")
@@ -819,11 +819,11 @@ def _fit_and_finalise(tuner, tracker, parent: str, workdir: Path, trials: int = 
     if interrupted:
         _close_interrupted(tracker, parent)
         raise SweepInterrupted(f"sweep interrupted with {interrupted} of {len(results)} trials unfinished; finish "
-                               f"it with: ptx resume {grid.experiment_path}")
+                               f"it with: ptx resume {_grid_uri(grid)}")
     summary = finalise(results, tracker, workdir)
     summary["tune_trials"] = len(results)  # trials (a group is one), where summary["trials"] counts prompts
     _log_sweep_datasets(tracker, parent, summary["rows"])
-    summary.update(wall_seconds=wall, experiment_path=grid.experiment_path, parent_run_id=parent)
+    summary.update(wall_seconds=wall, experiment_path=_grid_uri(grid), parent_run_id=parent)
     tracker.log(parent, {"trials": summary["trials"], "errored": summary["errored"], "wall_seconds": wall})
     tracker.finish(parent, "FINISHED" if not summary["errored"] else "FAILED")
     return summary
@@ -853,7 +853,15 @@ def _interrupted_trials(grid) -> int:
         return 0
     from ray.tune import ExperimentAnalysis
 
-    return sum(t.status not in ("TERMINATED", "ERROR") for t in ExperimentAnalysis(grid.experiment_path).trials)
+    return sum(t.status not in ("TERMINATED", "ERROR") for t in ExperimentAnalysis(_grid_uri(grid)).trials)
+
+
+def _grid_uri(grid) -> str:
+    """A result grid's experiment as a URI: for object storage Tune gives the path without its scheme
+    (bucket/...), which ExperimentAnalysis and `ptx resume` would take for a local directory."""
+    path = grid.experiment_path
+    scheme = {"s3": "s3", "gcs": "gs"}.get(getattr(grid.filesystem, "type_name", ""))
+    return f"{scheme}://{path}" if scheme and "://" not in path else path
 
 
 def _close_interrupted(tracker, parent: str) -> None:

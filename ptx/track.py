@@ -135,6 +135,43 @@ def resolve_tracking_uri(uri: str | None, workdir: str | Path) -> str:
     return f"sqlite:///{workdir / 'mlflow.db'}"
 
 
+# Every request to a basic-auth server is checked with a deliberately slow password hash (~0.5-2 s of CPU);
+# dozens of trials logging would queue on it, so a verified login is cached this long per server worker (a
+# password change then takes up to this long to reach every worker).
+AUTH_CACHE_TTL_S = 300
+
+
+def prepare_basic_auth(workdir: str | Path, auth_db_uri: str, admin_username: str,
+                       writer: tuple[str, str] | None) -> Path:
+    """Write the settings of MLflow's basic-auth app (accounts in `auth_db_uri`) to WORKDIR/basic_auth.ini and
+    create or update the non-admin writer account (name, password) that trials log in with. The admin account
+    is bootstrapped by the server itself from MLFLOW_AUTH_ADMIN_PASSWORD. Returns the settings file."""
+    if writer and writer[0] == admin_username:
+        raise PtxError(f"--writer-user {writer[0]!r} is the admin account: trials must log in as a non-admin one")
+    text = (f"[mlflow]\ndefault_permission = READ\n"
+            f"database_uri = {auth_db_uri.replace('%', '%%')}\n"  # configparser interpolates %
+            f"admin_username = {admin_username}\n"
+            f"authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
+            f"grant_default_workspace_access = false\nauth_cache_ttl_seconds = {AUTH_CACHE_TTL_S}\n")
+    path = Path(workdir) / "basic_auth.ini"
+    tmp = path.with_name(path.name + ".tmp")
+    # 0600: the database URI may carry a password
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+    if writer:
+        from mlflow.server.auth.sqlalchemy_store import SqlAlchemyStore
+
+        store = SqlAlchemyStore()
+        store.init_db(auth_db_uri)  # creates or migrates the account tables (their own alembic version table)
+        if store.has_user(writer[0]):
+            store.update_user(writer[0], password=writer[1], is_admin=False)
+        else:
+            store.create_user(writer[0], writer[1], is_admin=False)
+    return path
+
+
 def wait_reachable(uri: str, tries: int = 3, delay: float = 1.0, timeout: float = 3.0) -> None:
     """For an http(s) URI, check the server answers /health (bounded retries); raise naming the URI."""
     if not uri.startswith(("http://", "https://")):

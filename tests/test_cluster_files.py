@@ -20,7 +20,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 CLUSTER = ROOT / "cluster"
 K8S = CLUSTER / "k8s"
-LAUNCHERS = [CLUSTER / "aws.yaml", CLUSTER / "gcp.yaml"]
+LAUNCHERS = sorted(CLUSTER.glob("*.yaml"))  # every `ray up` config of cluster/ (aws.yaml, gcp.yaml)
 VERSION = re.search(r'^version = "([^"]+)"', (ROOT / "pyproject.toml").read_text(), re.M).group(1)
 # The study specs are written in parallel with cluster/: a RayJob may name one of these before it exists.
 EXPECTED_STUDIES = {"paper_roberta_base.yaml", "paper_roberta_large.yaml", "paper_t5_base.yaml", "demo.yaml"}
@@ -92,6 +92,11 @@ def launcher_problems(config: dict) -> list[str]:
         return [f"head_node_type {head!r} is not one of available_node_types"]
     if types[head].get("resources", {}).get("GPU") != 0:
         problems.append("the head type must declare \"GPU\": 0 (Ray otherwise detects GPUs from the instance)")
+    if types[head].get("resources", {}).get("CPU") != 0:
+        problems.append(f"available_node_types.{head}.resources.CPU: the head must offer 0 CPUs to Ray (trials "
+                        f"would run beside the autoscaler's identity and the MLflow server's secrets)")
+    problems += identity_problems(config)
+    problems += node_image_problems(config)
     gpu_types = {n: t for n, t in types.items() if n != head and t.get("resources", {}).get("GPU", 0) >= 1}
     if len(gpu_types) < 2:
         problems.append(f"need >= 2 GPU worker types, found {sorted(gpu_types)}")
@@ -127,11 +132,99 @@ def launcher_problems(config: dict) -> list[str]:
         problems.append("the MLflow server's database URI must come from the cloud's secret manager")
     if not re.search(r"ptx mlflow-server [^;]*--artifacts-destination (s3|gs)://", head_cmds):
         problems.append("the MLflow server's artifacts must go to a bucket (--artifacts-destination s3:// or gs://)")
+    if not re.search(r"ptx mlflow-server [^;]*--auth basic\b", head_cmds):
+        problems.append("head_start_ray_commands: `ptx mlflow-server` must run with --auth basic (MLflow without auth)")
+    for role, text in (("head", head_cmds), ("worker", worker_cmds)):
+        user = re.search(r"MLFLOW_TRACKING_USERNAME=([\w.-]+)", text)
+        if not user or user.group(1) in {"admin", "root"} or "MLFLOW_TRACKING_PASSWORD=" not in text:
+            problems.append(f"{role}_setup_commands: trials must log in to MLflow as the writer account "
+                            f"(MLFLOW_TRACKING_USERNAME/PASSWORD), found {user.group(1) if user else None!r}")
     token_dir = re.search(r"RAY_AUTH_TOKEN_PATH=\$HOME/([^/\s\"]+)/", everything)
     if token_dir and f"~/{token_dir.group(1)}" not in (config.get("file_mounts") or {}):
         problems.append(f"the token directory ~/{token_dir.group(1)} is not in file_mounts")
     literal = re.findall(r"\b[A-Z_]*(?:PASSWORD|TOKEN|SECRET)[A-Z_]*=(?![\"']?\$)[^\s;\"']+", everything)
     problems += [f"literal secret in a command: {s.split('=')[0]}=..." for s in literal]
+    return problems
+
+
+AWS_WORKER_POLICY = CLUSTER / "iam" / "aws-worker-policy.json"
+GCP_BUCKET_SCOPES = {"https://www.googleapis.com/auth/devstorage.read_write",
+                     "https://www.googleapis.com/auth/devstorage.read_only"}
+
+
+def trial_types(config: dict) -> dict[str, dict]:
+    """The node types trial code can run on: every type that offers Ray a CPU or a GPU."""
+    return {n: t for n, t in config.get("available_node_types", {}).items()
+            if (t.get("resources") or {}).get("CPU", 1) or (t.get("resources") or {}).get("GPU", 0)}
+
+
+def aws_policy_problems(policy: dict, where: str) -> list[str]:
+    """A policy a trial may use grants S3 object/list actions on named bucket resources, nothing else."""
+    problems = []
+    for i, st in enumerate(policy.get("Statement") or []):
+        actions = st.get("Action") if isinstance(st.get("Action"), list) else [st.get("Action")]
+        resources = st.get("Resource") if isinstance(st.get("Resource"), list) else [st.get("Resource")]
+        if st.get("Effect") != "Allow":
+            continue
+        if "NotAction" in st or "NotResource" in st:
+            problems.append(f"{where} Statement[{i}]: NotAction/NotResource grants everything else")
+        problems += [f"{where} Statement[{i}]: action {a!r} is more than bucket access" for a in actions
+                     if not re.fullmatch(r"s3:(Get|Put|Delete)Object|s3:AbortMultipartUpload|s3:ListBucket", a or "")]
+        problems += [f"{where} Statement[{i}]: resource {r!r} is not a bucket path" for r in resources
+                     if not re.fullmatch(r"arn:aws:s3:::[\w.-]+(/[\w./-]+\*?)?", r or "")]
+        if "s3:ListBucket" in actions and not (st.get("Condition") or {}).get("StringLike", {}).get("s3:prefix"):
+            problems.append(f"{where} Statement[{i}]: s3:ListBucket without an s3:prefix condition lists the whole bucket")
+    return problems
+
+
+def identity_problems(config: dict) -> list[str]:
+    """Where trials run, the node's cloud identity is the worker one and it reaches the bucket only; no node
+    gets the provider's default identity (Ray's own: EC2/S3 full access, compute admin); metadata hop limit 1."""
+    problems, provider = [], (config.get("provider") or {}).get("type")
+    trial = trial_types(config)
+    for name, node_type in config.get("available_node_types", {}).items():
+        node, where = node_type.get("node_config") or {}, f"available_node_types.{name}.node_config"
+        if provider == "aws":
+            arn = (node.get("IamInstanceProfile") or {}).get("Arn", "")
+            if not arn:
+                problems.append(f"{where}.IamInstanceProfile: missing, so Ray attaches its default ray-autoscaler-v1 "
+                                f"profile (EC2 and S3 full access)")
+            elif name in trial and not arn.endswith("/ptx-ray-worker"):
+                problems.append(f"{where}.IamInstanceProfile: trials run here under {arn!r}, not ptx-ray-worker")
+            hop = (node.get("MetadataOptions") or {}).get("HttpPutResponseHopLimit")
+            if name in trial and hop != 1:
+                problems.append(f"{where}.MetadataOptions.HttpPutResponseHopLimit: {hop}, expected 1 where trials run")
+        elif provider == "gcp":
+            accounts = node.get("serviceAccounts") or []
+            if not accounts:
+                problems.append(f"{where}.serviceAccounts: missing, so Ray attaches ray-autoscaler-sa-v1 (compute admin)")
+            for account in accounts if name in trial else []:
+                if not account.get("email", "").startswith("ptx-ray-worker@"):
+                    problems.append(f"{where}.serviceAccounts: trials run here as {account.get('email')!r}")
+                extra = set(account.get("scopes") or []) - GCP_BUCKET_SCOPES
+                if extra:
+                    problems.append(f"{where}.serviceAccounts.scopes: {sorted(extra)} is more than bucket access")
+    if provider == "aws" and trial:
+        problems += aws_policy_problems(json.loads(AWS_WORKER_POLICY.read_text()), "cluster/iam/aws-worker-policy.json")
+    return problems
+
+
+AMI_PLACEHOLDER = "ami-CHANGE-ME"  # filled by `cluster/build.sh pin-ami`, refused by `build.sh check` and by EC2
+
+
+def node_image_problems(config: dict) -> list[str]:
+    """Every node boots a pinned machine image: an AMI id (or the placeholder build.sh fills), a dated GCE image
+    (never an image family, which moves to each new release, nor `resolve:ssm:` ... /latest)."""
+    problems = []
+    for name, node_type in config.get("available_node_types", {}).items():
+        node, where = node_type.get("node_config") or {}, f"available_node_types.{name}.node_config"
+        if "ImageId" in node and not re.fullmatch(r"ami-[0-9a-f]{8,17}", node["ImageId"]) \
+                and node["ImageId"] != AMI_PLACEHOLDER:
+            problems.append(f"{where}.ImageId: {node['ImageId']!r} is not a pinned AMI id")
+        for i, disk in enumerate(node.get("disks") or []):
+            image = (disk.get("initializeParams") or {}).get("sourceImage", "")
+            if "/family/" in image or not re.search(r"/images/[a-z0-9-]+-v\d{8}$", image):
+                problems.append(f"{where}.disks[{i}].initializeParams.sourceImage: {image!r} is not a dated image")
     return problems
 
 
@@ -163,6 +256,39 @@ def test_launcher_configs_are_safe_and_autoscale(launcher):
     assert launcher_problems(launcher) == []
 
 
+def _worker_node(config: dict) -> dict:
+    return config["available_node_types"]["gpu_1x"]["node_config"]
+
+
+def _widen_worker_identity(config: dict) -> None:
+    node = _worker_node(config)
+    if "serviceAccounts" in node:
+        node["serviceAccounts"][0]["scopes"] = ["https://www.googleapis.com/auth/cloud-platform"]
+    else:
+        node["MetadataOptions"]["HttpPutResponseHopLimit"] = 2
+
+
+def _unpin_node_image(config: dict) -> None:
+    node = _worker_node(config)
+    if "ImageId" in node:
+        node["ImageId"] = "resolve:ssm:/aws/service/deeplearning/ami/x86_64/base/latest/ami-id"
+    else:
+        disk = node["disks"][0]["initializeParams"]
+        disk["sourceImage"] = disk["sourceImage"].rsplit("/", 1)[0] + "/family/common-cu128-ubuntu-2204-nvidia-570"
+
+
+def test_aws_worker_policy_is_bucket_only():
+    """The policy of the only identity trial code reaches on AWS: S3 object actions on the bucket prefix."""
+    assert aws_policy_problems(json.loads(AWS_WORKER_POLICY.read_text()), "worker") == []
+    for extra in ({"Effect": "Allow", "Action": "ec2:*", "Resource": "*"},
+                  {"Effect": "Allow", "Action": ["s3:*"], "Resource": ["arn:aws:s3:::b/*"]},
+                  {"Effect": "Allow", "Action": ["s3:GetObject"], "Resource": "*"},
+                  {"Effect": "Allow", "Action": ["s3:ListBucket"], "Resource": ["arn:aws:s3:::b"]},
+                  {"Effect": "Allow", "NotAction": ["iam:*"], "Action": ["s3:GetObject"],
+                   "Resource": ["arn:aws:s3:::b/*"]}):
+        assert aws_policy_problems({"Statement": [extra]}, "worker"), extra
+
+
 @pytest.mark.parametrize(
     "mutate",
     [
@@ -188,9 +314,19 @@ def test_launcher_configs_are_safe_and_autoscale(launcher):
             1, re.sub(r'PTX_MLFLOW_BACKEND_STORE_URI="[^\n]*?" \|\|', 'PTX_MLFLOW_BACKEND_STORE_URI="sqlite:///x.db" ||',
                       c["head_start_ray_commands"][1])
         ),
+        lambda c: c["available_node_types"][c["head_node_type"]]["resources"].update(CPU=4),
+        lambda c: _worker_node(c).pop("IamInstanceProfile" if "IamInstanceProfile" in _worker_node(c)
+                                      else "serviceAccounts"),
+        lambda c: _widen_worker_identity(c),
+        lambda c: c["head_start_ray_commands"].__setitem__(
+            1, c["head_start_ray_commands"][1].replace(" --auth basic", "")),
+        lambda c: c["worker_setup_commands"].__setitem__(
+            0, c["worker_setup_commands"][0].replace("MLFLOW_TRACKING_USERNAME=ptx-writer", "MLFLOW_TRACKING_USERNAME=admin")),
+        lambda c: _unpin_node_image(c),
     ],
     ids=["gpu-head", "one-gpu-type", "no-autoscaling", "public-dashboard", "auth-off", "literal-token",
-         "no-token-mount", "other-image", "mlflow-on-loopback", "artifacts-on-head-disk", "sqlite-store"],
+         "no-token-mount", "other-image", "mlflow-on-loopback", "artifacts-on-head-disk", "sqlite-store",
+         "cpu-head", "default-identity", "wide-identity", "mlflow-no-auth", "trials-as-admin", "unpinned-node-image"],
 )
 def test_launcher_check_catches(launcher, mutate):
     broken = copy.deepcopy(launcher)
@@ -207,9 +343,13 @@ def _repository(image: str) -> str:
     return name.rsplit(":", 1)[0] if ":" in name.rsplit("/", 1)[-1] else name
 
 
+PTX_PLACEHOLDER = "CHANGE-ME.invalid/ptx:0.1.0"  # recorded over by cluster/build.sh, refused by `build.sh check`
+
+
 def image_problems(images: dict[str, str | None]) -> list[str]:
-    """Every image reference pinned: by digest, or by a version tag (pyproject's version for the ptx image, a
-    release number for the third-party services); never latest."""
+    """Every image reference pinned by digest: the ptx image by the digest cluster/build.sh records after its push
+    (or the one shipped placeholder it replaces, which no registry serves); the third-party services by release
+    number and digest (the tag says which release, the digest fixes its bytes). Never latest, never a bare tag."""
     problems = []
     for where, image in images.items():
         if not image:
@@ -218,15 +358,12 @@ def image_problems(images: dict[str, str | None]) -> list[str]:
         name, _, digest = image.partition("@")
         tag = name.rsplit(":", 1)[1] if ":" in name.rsplit("/", 1)[-1] else None
         third_party = _repository(image) in THIRD_PARTY
-        if digest:
-            if not re.fullmatch(r"sha256:[0-9a-f]{64}", digest):
-                problems.append(f"{where}: {image!r} has a malformed digest")
-        elif tag is None:
-            problems.append(f"{where}: {image!r} has no tag: pin a version or a digest")
-        elif third_party and not re.match(r"\d+\.\d+", tag):
-            problems.append(f"{where}: {image!r} is tagged {tag!r}, not a release number or a digest")
-        elif not third_party and tag != VERSION:
-            problems.append(f"{where}: {image!r} is tagged {tag!r}, not the version {VERSION} or a digest")
+        if digest and not re.fullmatch(r"sha256:[0-9a-f]{64}", digest):
+            problems.append(f"{where}: {image!r} has a malformed digest")
+        elif third_party and not (digest and tag and re.match(r"\d+\.\d+", tag)):
+            problems.append(f"{where}: {image!r} must carry its release number and a digest (name:X.Y@sha256:...)")
+        elif not third_party and not digest and image != PTX_PLACEHOLDER:
+            problems.append(f"{where}: {image!r} is not pinned by digest (cluster/build.sh records it)")
     return problems
 
 
@@ -275,14 +412,16 @@ def test_one_pinned_image_everywhere():
 
 
 @pytest.mark.parametrize("mutate", [
-    lambda images, k: images.update({"aws.yaml docker.image": "ghcr.io/acme/ptx:0.1.0"}),
+    lambda images, k: images.update({"aws.yaml docker.image": "ghcr.io/acme/ptx@sha256:" + "ab" * 32}),
+    lambda images, k: images.update({key: "ghcr.io/acme/ptx:0.1.0" for key, v in images.items() if "ptx" in v}),
     lambda images, k: images.update({key: v.replace(":0.1.0", ":latest") for key, v in images.items()}),
-    lambda images, k: images.update({key: v.rsplit(":", 1)[0] for key, v in images.items()}),
     lambda images, k: images.update({key: v.replace(":0.1.0", "@sha256:abc") for key, v in images.items()}),
     lambda images, k: k["images"][0].update(name="ghcr.io/acme/other"),
     lambda images, k: images.update({"db": "postgres:latest"}),
-    lambda images, k: images.update({"db": "postgres"}),
-], ids=["two-images", "latest", "untagged", "bad-digest", "kustomize-misses", "latest-postgres", "untagged-postgres"])
+    lambda images, k: images.update({"db": "postgres:17.6-bookworm"}),
+    lambda images, k: images.update({"db": "postgres@sha256:" + "ab" * 32}),
+], ids=["two-images", "ptx-by-tag", "latest", "bad-digest", "kustomize-misses", "latest-postgres",
+        "postgres-by-tag", "postgres-no-release"])
 def test_image_check_catches(mutate):
     images, kustomization = _shipped_images()
     mutate(images, kustomization)
@@ -387,9 +526,75 @@ def k8s_problems(docs: list[dict]) -> list[str]:
                 problems.append(f"{label}/{where}: pod securityContext.runAsNonRoot is not true")
         for spec in ray_cluster_specs(doc):
             problems += ray_cluster_problems(label, kind, spec)
+            problems += ray_identity_problems(label, spec)
+        if kind == "Deployment" and (doc.get("metadata") or {}).get("name") == "mlflow":
+            problems += mlflow_server_problems(label, doc)
+        for where, pod in pod_specs(doc):
+            for container in pod.get("containers") or []:
+                problems += command_secret_problems(f"{label}/{where}/{container.get('name')}", container)
         if kind == "RayJob":
             problems += ray_job_problems(label, doc["spec"])
     return problems
+
+
+ADMIN_KEYS = {"username", "password"}  # ptx-mlflow-auth's admin keys: only the MLflow pod may read them
+API_TOKEN_PATH = "/var/run/secrets/kubernetes.io/serviceaccount"
+
+
+def _secret_keys(container: dict) -> dict[str, tuple[str, str]]:
+    return {e["name"]: (e["valueFrom"]["secretKeyRef"]["name"], e["valueFrom"]["secretKeyRef"]["key"])
+            for e in container.get("env") or [] if "secretKeyRef" in (e.get("valueFrom") or {})}
+
+
+def ray_identity_problems(label: str, spec: dict) -> list[str]:
+    """Trial code runs in every Ray container (job drivers on the head, trials on the workers): none of them
+    holds a Kubernetes API token (only the autoscaler sidecar does) or the MLflow admin login."""
+    problems = []
+    groups = [("head", spec.get("headGroupSpec") or {})] + [
+        (g.get("groupName"), g) for g in spec.get("workerGroupSpecs") or []]
+    for name, group in groups:
+        pod = (group.get("template") or {}).get("spec") or {}
+        if pod.get("automountServiceAccountToken") is not False:
+            problems.append(f"{label}/{name}: automountServiceAccountToken is not false: trial code could use the "
+                            f"Kubernetes API as {pod.get('serviceAccountName') or 'the autoscaler'}")
+        for container in pod.get("containers") or []:
+            if any(m.get("mountPath", "").startswith(API_TOKEN_PATH) for m in container.get("volumeMounts") or []):
+                problems.append(f"{label}/{name}/{container.get('name')}: mounts the Kubernetes API token")
+            for var, (secret, key) in _secret_keys(container).items():
+                if secret == "ptx-mlflow-auth" and key in ADMIN_KEYS:
+                    problems.append(f"{label}/{name}/{container.get('name')}: env {var} is the MLflow admin login "
+                                    f"(ptx-mlflow-auth/{key}); Ray pods log in as the writer account")
+    mounts = (spec.get("autoscalerOptions") or {}).get("volumeMounts") or []
+    if spec.get("enableInTreeAutoscaling") and not any(m.get("mountPath") == API_TOKEN_PATH for m in mounts):
+        problems.append(f"{label}: autoscalerOptions.volumeMounts must give the autoscaler (alone) its API token")
+    return problems
+
+
+def mlflow_server_problems(label: str, doc: dict) -> list[str]:
+    """The MLflow server authenticates every request, and keeps its artifacts in object storage (a volume of the
+    kustomization would be deleted with `kubectl delete -k`, prompts and all)."""
+    pod = doc["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    line = " ".join(container.get("command") or []) + " " + " ".join(container.get("args") or [])
+    env = {e["name"]: e.get("value", "") for e in container.get("env") or []}
+    problems = []
+    if not re.search(r"--auth[= ]basic\b|--app-name[= ]basic-auth\b", line):
+        problems.append(f"{label}: MLflow runs without authentication (--auth=basic)")
+    dest = re.search(r"--artifacts-destination[= ](\S+)", line)
+    dest = dest.group(1) if dest else env.get("MLFLOW_ARTIFACTS_DESTINATION") or env.get("PTX_MLFLOW_ARTIFACTS_DESTINATION")
+    if not dest or not re.match(r"(s3|gs)://", dest):
+        problems.append(f"{label}: artifacts go to {dest!r}, not object storage: teardown would delete them")
+    if pod.get("volumes") and any("persistentVolumeClaim" in v for v in pod["volumes"]):
+        problems.append(f"{label}: a PersistentVolumeClaim of the kustomization holds MLflow data")
+    return problems
+
+
+def command_secret_problems(where: str, container: dict) -> list[str]:
+    """No secret on a command line (/proc/PID/cmdline is readable by every process of the node)."""
+    secret_vars = set(_secret_keys(container))
+    line = " ".join(container.get("command") or []) + " " + " ".join(container.get("args") or [])
+    return [f"{where}: secret env {v} is expanded into the command line" for v in sorted(secret_vars)
+            if f"$({v})" in line]
 
 
 def ray_cluster_problems(label: str, kind: str, spec: dict) -> list[str]:
@@ -442,8 +647,52 @@ def ray_job_problems(label: str, spec: dict) -> list[str]:
     return problems
 
 
+def teardown_problems(kustomization: dict, docs_by_file: dict[str, list[dict]]) -> list[str]:
+    """`kubectl delete -k cluster/k8s` deletes every object the kustomization lists: no PersistentVolumeClaim of
+    it may hold data (a StatefulSet's volumeClaimTemplates survive it; PostgreSQL's and Redis's live there)."""
+    problems = []
+    for resource in kustomization.get("resources") or []:
+        for doc in docs_by_file.get(resource, []):
+            if doc.get("kind") == "PersistentVolumeClaim":
+                problems.append(f"{resource}: PersistentVolumeClaim/{doc['metadata']['name']} is deleted by "
+                                f"`kubectl delete -k`; keep artifacts in object storage")
+    return problems
+
+
+def chart_problems(texts: dict[str, str]) -> list[str]:
+    """Every Helm chart the walkthrough installs is pinned to a version."""
+    problems = []
+    for name, text in texts.items():
+        for line in re.findall(r"helm (?:install|upgrade)[^\n]*(?:\\\n[^\n]*)*", text):
+            if not re.search(r"--version \d+\.\d+\.\d+", line):
+                problems.append(f"{name}: `{line.splitlines()[0].strip()}` installs a chart without --version")
+    return problems
+
+
+def _docs_by_file() -> dict[str, list[dict]]:
+    return {p.name: [d for d in yaml.safe_load_all(p.read_text()) if d] for p in sorted(K8S.glob("*.yaml"))}
+
+
+def _cluster_texts() -> dict[str, str]:
+    return {str(p.relative_to(ROOT)): p.read_text() for p in CLUSTER.rglob("*") if p.is_file()}
+
+
 def test_k8s_manifests_are_internal_non_root_and_gpu():
     assert k8s_problems(load_k8s_docs()) == []
+
+
+def test_nothing_teardown_deletes_holds_data_and_charts_are_pinned():
+    assert teardown_problems(load_yaml(K8S / "kustomization.yaml"), _docs_by_file()) == []
+    assert chart_problems(_cluster_texts()) == []
+    with_claim = _docs_by_file()
+    with_claim["mlflow.yaml"].append({"apiVersion": "v1", "kind": "PersistentVolumeClaim",
+                                      "metadata": {"name": "mlflow-data"}})
+    assert teardown_problems(load_yaml(K8S / "kustomization.yaml"), with_claim)
+    texts = _cluster_texts()
+    texts["cluster/k8s/monitoring.yaml"] = texts["cluster/k8s/monitoring.yaml"].replace(" --version 82.10.1", "")
+    assert chart_problems(texts) == ["cluster/k8s/monitoring.yaml: `helm install prometheus prometheus-community/"
+                                     "kube-prometheus-stack -n monitoring --create-namespace` installs a chart "
+                                     "without --version"]
 
 
 def _first(docs: list[dict], kind: str) -> dict:
@@ -484,10 +733,25 @@ def _drop_security_contexts(doc: dict) -> None:
         lambda docs: docs.append({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "ptx-ray-auth"},
                                   "stringData": {"auth_token": "hunter2"}}),
         lambda docs: _first(docs, "RayCluster")["spec"]["workerGroupSpecs"][0].update(minReplicas=2),
+        lambda docs: _ray_head(_first(docs, "RayJob"))["template"]["spec"].pop("automountServiceAccountToken"),
+        lambda docs: _ray_head(_first(docs, "RayCluster"))["template"]["spec"]["containers"][0].setdefault(
+            "volumeMounts", []).append({"name": "autoscaler-api-token", "mountPath": API_TOKEN_PATH}),
+        lambda docs: _first(docs, "RayJob")["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]["template"]["spec"]
+        ["containers"][0]["env"][0]["valueFrom"]["secretKeyRef"].update(key="username"),
+        lambda docs: _first(docs, "Deployment")["spec"]["template"]["spec"]["containers"][0]["args"].remove(
+            "--auth=basic"),
+        lambda docs: _first(docs, "Deployment")["spec"]["template"]["spec"]["containers"][0].update(args=[
+            a for a in _first(docs, "Deployment")["spec"]["template"]["spec"]["containers"][0]["args"]
+            if not a.startswith("--artifacts-destination")] + ["--artifacts-destination=/mlflow/artifacts"]),
+        lambda docs: next(d for d in docs if d.get("kind") == "StatefulSet" and d["metadata"]["name"] == "redis")
+        ["spec"]["template"]["spec"]["containers"][0].update(args=["--requirepass", "$(REDIS_PASSWORD)"]),
+        lambda docs: next(d for d in docs if d.get("kind") == "StatefulSet" and d["metadata"]["name"] == "redis")
+        ["spec"]["template"]["spec"]["containers"][0].update(image="redis:7.4.5-bookworm"),
     ],
     ids=["lb-service", "nodeport-head", "implicit-service-type", "public-dashboard", "root-container",
          "plain-password", "no-gpu", "auth-off", "unknown-study", "shell-entrypoint", "local-storage", "committed-secret",
-         "no-scale-to-zero"],
+         "no-scale-to-zero", "head-api-token", "token-in-ray-container", "trials-as-mlflow-admin", "mlflow-no-auth",
+         "artifacts-on-pod-disk", "password-on-command-line", "redis-by-tag"],
 )
 def test_k8s_check_catches(mutate):
     docs = copy.deepcopy(load_k8s_docs())
@@ -631,3 +895,93 @@ def test_readme_covers_security_and_access():
                    "kubectl -n ptx port-forward svc/mlflow 5000:5000", "ptx prompts get", "--app-name basic-auth",
                    "ray job submit --address http://127.0.0.1:8265", "ray://127.0.0.1:10001", "GPU-hours"]:
         assert needle in readme, needle
+
+
+# ------------------------------------------------------------------------ the whole cluster, signed off
+def sign_off_problems(launchers: dict[str, dict], docs_by_file: dict[str, list[dict]], kustomization: dict,
+                      texts: dict[str, str]) -> list[str]:
+    """Every check above over every launcher and manifest file: what a platform team asks before handing over a
+    cloud account (no trials beside the head's identity, trial identities that reach the bucket only, MLflow
+    with authentication, no data on what teardown deletes, every image/chart/machine image pinned)."""
+    problems = []
+    for name, config in launchers.items():
+        problems += [f"{name}: {p}" for p in launcher_problems(config)]
+    docs = [d for file_docs in docs_by_file.values() for d in file_docs if d.get("kind")]
+    problems += k8s_problems(docs)
+    problems += teardown_problems(kustomization, docs_by_file)
+    problems += chart_problems(texts)
+    problems += one_image_problems(all_images(launchers, docs, kustomization), kustomization)
+    return problems
+
+
+def _everything() -> tuple[dict, dict, dict, dict]:
+    return ({p.name: load_yaml(p) for p in LAUNCHERS}, _docs_by_file(), load_yaml(K8S / "kustomization.yaml"),
+            _cluster_texts())
+
+
+def test_every_launcher_and_manifest_signs_off():
+    launchers, docs_by_file, kustomization, texts = _everything()
+    assert set(launchers) == {"aws.yaml", "gcp.yaml"} and len(docs_by_file) >= 10
+    assert sign_off_problems(launchers, docs_by_file, kustomization, texts) == []
+
+
+def _mlflow_deployment(docs_by_file: dict) -> dict:
+    return next(d for d in docs_by_file["mlflow.yaml"] if d.get("kind") == "Deployment")
+
+
+SIGN_OFF_MUTATIONS = {
+    "head-offers-cpus": (lambda la, d, k, t: la["gcp.yaml"]["available_node_types"]["head_cpu"]["resources"]
+                         .update(CPU=4), "resources.CPU: the head must offer 0 CPUs"),
+    "trial-identity-beyond-bucket": (lambda la, d, k, t: la["aws.yaml"]["available_node_types"]["gpu_8x"]
+                                     ["node_config"]["IamInstanceProfile"].update(
+                                         Arn="arn:aws:iam::1:instance-profile/ray-autoscaler-v1"),
+                                     "trials run here under"),
+    "mlflow-without-auth": (lambda la, d, k, t: _mlflow_deployment(d)["spec"]["template"]["spec"]["containers"][0]
+                            ["args"].remove("--auth=basic"), "MLflow runs without authentication"),
+    "artifacts-on-teardown-volume": (lambda la, d, k, t: d["mlflow.yaml"].append(
+        {"apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": {"name": "mlflow-data"}}),
+        "is deleted by `kubectl delete -k`"),
+    "image-without-digest": (lambda la, d, k, t: next(x for x in d["postgres.yaml"] if x.get("kind") == "StatefulSet")
+                             ["spec"]["template"]["spec"]["containers"][0].update(image="postgres:17.6-bookworm"),
+                             "must carry its release number and a digest"),
+    "chart-without-version": (lambda la, d, k, t: t.update({"cluster/k8s/monitoring.yaml": t[
+        "cluster/k8s/monitoring.yaml"].replace(" --version 82.10.1", "")}), "installs a chart without --version"),
+    "machine-image-family": (lambda la, d, k, t: _unpin_node_image(la["gcp.yaml"]), "is not a dated image"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(SIGN_OFF_MUTATIONS))
+def test_sign_off_names_the_file_and_field_that_fails(name):
+    everything = copy.deepcopy(_everything())
+    mutate, expected = SIGN_OFF_MUTATIONS[name]
+    mutate(*everything)
+    problems = sign_off_problems(*everything)
+    assert any(expected in p for p in problems), problems
+
+
+def test_build_script_records_the_pushed_digest_and_check_refuses_placeholders(tmp_path):
+    """cluster/build.sh writes IMAGE@DIGEST over every image of a copy of cluster/, after which every reference
+    is digest-pinned; `build.sh check` refuses the shipped placeholders and accepts the recorded tree."""
+    import shutil
+    import subprocess
+
+    shutil.copytree(CLUSTER, tmp_path / "cluster")
+    script = tmp_path / "cluster" / "build.sh"
+    check = subprocess.run(["bash", str(script), "check"], capture_output=True, text=True, timeout=60)
+    assert check.returncode == 3 and "cluster/aws.yaml:" in check.stderr and "ImageId: ami-CHANGE-ME" in check.stderr
+    digest = "sha256:" + "0123456789abcdef" * 4
+    env = {"PATH": "/usr/bin:/bin", "IMAGE": "ghcr.io/acme/ptx", "DIGEST": digest}
+    done = subprocess.run(["bash", str(script), "record"], env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    copy_k8s = tmp_path / "cluster" / "k8s"
+    docs = [d for p in sorted(copy_k8s.glob("*.yaml")) for d in yaml.safe_load_all(p.read_text()) if d]
+    launchers = {p.name: load_yaml(p) for p in sorted((tmp_path / "cluster").glob("*.yaml"))}
+    kustomization = load_yaml(copy_k8s / "kustomization.yaml")
+    images = all_images(launchers, docs, kustomization)
+    ptx_images = {v for v in images.values() if _repository(v) not in THIRD_PARTY}
+    assert ptx_images == {f"ghcr.io/acme/ptx@{digest}"}
+    assert one_image_problems(images, kustomization) == []
+    aws = (tmp_path / "cluster" / "aws.yaml").read_text().replace("ami-CHANGE-ME", "ami-0123456789abcdef0")
+    (tmp_path / "cluster" / "aws.yaml").write_text(aws)
+    check = subprocess.run(["bash", str(script), "check"], capture_output=True, text=True, timeout=60)
+    assert check.returncode == 0, check.stderr

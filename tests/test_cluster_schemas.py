@@ -217,15 +217,29 @@ def ops_problems(docs: list[dict]) -> list[str]:
         problems.append("RayCluster: gcsFaultToleranceOptions.redisAddress names no Service of the manifests")
     if "secretKeyRef" not in ((ft.get("redisPassword") or {}).get("valueFrom") or {}):
         problems.append("RayCluster: the GCS Redis password must come from a Secret")
-    head = cluster["spec"]["headGroupSpec"]["template"]["metadata"]
-    if (head.get("annotations") or {}).get("karpenter.sh/do-not-disrupt") != "true" or \
-            (head.get("annotations") or {}).get("cluster-autoscaler.kubernetes.io/safe-to-evict") != "false":
-        problems.append("RayCluster: the head template lacks the do-not-disrupt / safe-to-evict annotations")
     pdbs = [d for d in docs if d["kind"] == "PodDisruptionBudget"]
-    head_labels = {"ray.io/cluster": cluster["metadata"]["name"], "ray.io/node-type": "head"}
-    if not any(p["spec"]["selector"].get("matchLabels", {}).items() <= head_labels.items()
-               and p["spec"].get("maxUnavailable") == 0 for p in pdbs):
-        problems.append("no PodDisruptionBudget keeps the RayCluster's head (maxUnavailable 0)")
+    for doc in docs:
+        if doc["kind"] not in {"RayCluster", "RayJob"}:
+            continue
+        spec = doc["spec"] if doc["kind"] == "RayCluster" else doc["spec"]["rayClusterSpec"]
+        head = spec["headGroupSpec"]["template"]["metadata"]
+        label = f"{doc['kind']}/{doc['metadata']['name']}"
+        if (head.get("annotations") or {}).get("karpenter.sh/do-not-disrupt") != "true" or \
+                (head.get("annotations") or {}).get("cluster-autoscaler.kubernetes.io/safe-to-evict") != "false":
+            problems.append(f"{label}: the head template lacks the do-not-disrupt / safe-to-evict annotations")
+        # KubeRay adds ray.io/node-type=head (and ray.io/cluster=<generated name> on a RayJob's cluster)
+        head_labels = {**(head.get("labels") or {}), "ray.io/node-type": "head"}
+        if doc["kind"] == "RayCluster":
+            head_labels["ray.io/cluster"] = doc["metadata"]["name"]
+        if not any(p["spec"]["selector"].get("matchLabels", {}).items() <= head_labels.items()
+                   and p["spec"].get("maxUnavailable") == 0 for p in pdbs):
+            problems.append(f"{label}: no PodDisruptionBudget keeps its head (maxUnavailable 0)")
+    # workers outlive a head restart only as long as they wait for its GCS; Ray's 60 s is shorter than an image pull
+    config = next((d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"] == "ptx-config"), {})
+    wait = (config.get("data") or {}).get("RAY_gcs_rpc_server_reconnect_timeout_s", "60")
+    if int(wait) < 300:
+        problems.append(f"ConfigMap/ptx-config: RAY_gcs_rpc_server_reconnect_timeout_s is {wait} s, shorter than "
+                        f"pulling the CUDA image onto a fresh node (>= 300 s)")
     accounts = {d["metadata"]["name"] for d in docs if d["kind"] == "ServiceAccount"}
     for doc in docs:
         if doc["kind"] in {"Deployment", "StatefulSet"}:
@@ -262,7 +276,7 @@ def test_vendored_crds_are_the_readme_version():
 def test_manifests_match_their_schemas():
     docs = load_docs()
     assert {d["kind"] for d in docs} >= {"RayCluster", "RayJob", "Deployment", "Service", "NetworkPolicy",
-                                         "ConfigMap", "Namespace", "PersistentVolumeClaim"}
+                                         "ConfigMap", "Namespace", "StatefulSet", "PodDisruptionBudget"}
     assert manifest_problems(docs) == []
 
 
@@ -336,11 +350,17 @@ SEMANTIC_MUTATIONS.update({
     "no-pdb": lambda docs: docs.remove(_first(docs, "PodDisruptionBudget")),
     "head-evictable": lambda docs: _first(docs, "RayCluster")["spec"]["headGroupSpec"]["template"]["metadata"]
     .pop("annotations"),
+    "rayjob-head-evictable": lambda docs: _first(docs, "RayJob")["spec"]["rayClusterSpec"]["headGroupSpec"]
+    ["template"]["metadata"].pop("annotations"),
+    "pdb-misses-rayjob-head": lambda docs: _first(docs, "PodDisruptionBudget")["spec"]["selector"]["matchLabels"]
+    .update({"ray.io/cluster": "ptx"}),
     "default-service-account": lambda docs: _first(docs, "StatefulSet")["spec"]["template"]["spec"].pop(
         "serviceAccountName"),
     "no-prometheus-host": lambda docs: _first(docs, "RayCluster")["spec"]["headGroupSpec"]["template"]["spec"]
     ["containers"][0]["env"].pop(0),
     "no-podmonitor": lambda docs: docs.remove(_first(docs, "PodMonitor")),
+    "gcs-wait-default": lambda docs: next(d for d in docs if d["metadata"]["name"] == "ptx-config")["data"].pop(
+        "RAY_gcs_rpc_server_reconnect_timeout_s"),
 })
 
 

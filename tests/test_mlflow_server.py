@@ -160,3 +160,52 @@ def test_server_dies_mid_run_prompt_is_kept(server, tmp_path):
     assert art.prompt.shape == (4, 64) and art.meta["best_step"] in (0, 2, 4, 6)
     assert elapsed < 120, f"a dead server cost {elapsed:.0f} s"
     print(f"dead server: run_prompt gave up logging and finished in {elapsed:.1f} s")
+
+
+def _invoke_server(tmp_path, *args):
+    from click.testing import CliRunner
+
+    from ptx.cli import cli
+
+    return CliRunner().invoke(cli, ["mlflow-server", "--workdir", str(tmp_path), *args])
+
+
+def test_off_loopback_the_server_requires_auth(tmp_path, monkeypatch):
+    """A server other machines reach runs MLflow's basic-auth app by default and refuses `--auth none`; the
+    refusals come before anything starts (no server process, nothing written)."""
+    monkeypatch.delenv("MLFLOW_AUTH_ADMIN_PASSWORD", raising=False)
+    result = _invoke_server(tmp_path, "--host", "10.0.0.5")
+    assert isinstance(result.exception, PtxError) and "MLFLOW_AUTH_ADMIN_PASSWORD" in str(result.exception)
+    result = _invoke_server(tmp_path, "--host", "10.0.0.5", "--auth", "none")
+    assert isinstance(result.exception, PtxError) and "must authenticate" in str(result.exception)
+    monkeypatch.setenv("MLFLOW_AUTH_ADMIN_PASSWORD", "x" * 16)
+    monkeypatch.setenv("PTX_MLFLOW_WRITER_PASSWORD", "y" * 16)
+    result = _invoke_server(tmp_path, "--host", "10.0.0.5", "--writer-user", "admin")
+    assert isinstance(result.exception, PtxError) and "non-admin" in str(result.exception)
+    assert not (tmp_path / "basic_auth.db").exists() and not (tmp_path / "basic_auth.ini").exists()
+
+
+def test_basic_auth_settings_and_writer_account(tmp_path):
+    """prepare_basic_auth writes MLflow's settings (mode 0600: the URI may hold a password; '%' escaped for
+    configparser) and creates a non-admin writer whose password it can later reset."""
+    from mlflow.server.auth.sqlalchemy_store import SqlAlchemyStore
+
+    db = f"sqlite:///{tmp_path / 'accounts.db'}"
+    ini = track.prepare_basic_auth(tmp_path, db, "admin", ("ptx-writer", "first-password-1"))
+    assert ini.stat().st_mode & 0o777 == 0o600
+    text = ini.read_text()
+    assert f"database_uri = {db}\n" in text and "admin_username = admin\n" in text
+    assert f"auth_cache_ttl_seconds = {track.AUTH_CACHE_TTL_S}\n" in text
+    store = SqlAlchemyStore()
+    store.init_db(db)
+    assert store.authenticate_user("ptx-writer", "first-password-1")
+    assert store.get_user("ptx-writer").is_admin is False
+    track.prepare_basic_auth(tmp_path, db, "admin", ("ptx-writer", "second-password-2"))
+    assert store.authenticate_user("ptx-writer", "second-password-2")
+    assert not store.authenticate_user("ptx-writer", "first-password-1")
+    import configparser
+
+    pct = track.prepare_basic_auth(tmp_path, "postgresql+psycopg2://u:p%40ss@h/db", "admin", None)
+    parsed = configparser.ConfigParser()
+    parsed.read(pct)
+    assert parsed["mlflow"]["database_uri"] == "postgresql+psycopg2://u:p%40ss@h/db"

@@ -107,7 +107,7 @@ class RayNode:
     """One `ray start --block` in its own session; `node_id` read from its raylet's command line."""
 
     def __init__(self, args: list[str], env: dict, log: Path):
-        self.log, self.node_id = log, None
+        self.log, self.node_id, self.is_head = log, None, "--head" in args
         with open(log, "wb") as f:
             self.proc = subprocess.Popen([str(BIN / "ray"), "start", "--block", *args], env=env, stdout=f,
                                          stderr=subprocess.STDOUT, start_new_session=True)
@@ -198,6 +198,19 @@ class RayCluster:
     def alive(self) -> list[RayNode]:
         return [n for n in self.nodes if n.proc.poll() is None]
 
+    def ensure_whole(self) -> None:
+        """One head and at least one worker alive: bring back what an earlier test killed (the head restart test
+        leaves a fresh cluster, the node-loss tests one worker fewer)."""
+        alive = self.alive()
+        if not alive or alive[0] is not self.nodes[self._head_index()]:
+            self.restart()
+        elif len(alive) < 2:
+            self.add_worker()
+
+    def _head_index(self) -> int:
+        """The newest head in self.nodes (restart appends a fresh one)."""
+        return max(i for i, n in enumerate(self.nodes) if n.is_head)
+
     def stop(self) -> None:
         errors = []
         for node in reversed(self.nodes):  # workers first, the head (GCS) last
@@ -268,6 +281,18 @@ def server(tmp_path_factory, new_workdir):
         yield srv
     finally:
         srv.stop()
+
+
+@pytest.fixture(autouse=True)
+def same_start(cluster, server):
+    """Order independence, explicitly: every test starts from the same state whatever ran before it (tests kill
+    workers, the head, the server): a head and a worker alive, the MLflow server healthy. So any one test may run
+    alone (-k) or in any order."""
+    cluster.ensure_whole()
+    if server.proc is None or server.proc.poll() is not None:
+        server.start()
+    server.wait_healthy()
+    yield
 
 
 # ---- the sweep driver -------------------------------------------------------------------------------
@@ -417,6 +442,12 @@ def test_sweep_runs_trials_on_both_nodes_and_logs_to_the_server(cluster, server,
     figures("multinode", {**fig, "nodes_used": len(nodes), "wall_seconds": round(wall, 1)})
 
 
+def sweep_trial_errors(sweep) -> list[Path]:
+    """The error files Tune writes into a trial's directory when an attempt of it fails."""
+    found = [p for p in (sweep.workdir / "ray_results").glob(f"{sweep.experiment}-train-*") if p.is_dir()]
+    return [e for exp in found for e in exp.glob("*/error.txt")]
+
+
 def logged_an_evaluation(client, experiment: str) -> bool:
     """Whether a prompt run of `experiment` has logged a dev evaluation after its first step."""
     exp = client.get_experiment_by_name(experiment)
@@ -435,7 +466,9 @@ def test_mlflow_server_restart_mid_sweep_loses_nothing(cluster, server, launch, 
     wait_for(lambda: logged_an_evaluation(client, "outage"), SWEEP_TIMEOUT, "logged evaluation", sweep)
     t_down = time.perf_counter()
     server.stop()
-    time.sleep(20)  # longer than one MLflow call's own retries (3, backoff 1 s): trials' calls fail for good
+    # down until a trial has failed for good (past one MLflow call's own retries) and Tune recorded the failure:
+    # the event itself, not a fixed pause that a quick or a loaded box may over- or undershoot
+    wait_for(lambda: any(sweep_trial_errors(sweep)), SWEEP_TIMEOUT, "a trial failed by the outage", sweep)
     server.start()
     server.wait_healthy()
     outage = time.perf_counter() - t_down
@@ -604,7 +637,7 @@ def reported_steps(experiment: Path, trial_id: str) -> list[int]:
 
 
 def test_head_restart_then_resume_finishes_the_sweep_exactly_once(cluster, server, launch, tmp_path):
-    """Runs last: it kills the whole cluster. The head (GCS) dies mid-sweep, and with it the driver that ran on
+    """It kills the whole cluster (the next test's `same_start` brings a head and a worker back). The head (GCS) dies mid-sweep, and with it the driver that ran on
     it; without GCS fault tolerance (a `ray start` / `ray up` cluster) the workers do not survive it either. A head
     brought back on the same address and a fresh worker, `ptx resume` finishes the sweep: each trial goes on from
     its registered checkpoint in its own run, every evaluation step and artifact exactly once.

@@ -5,7 +5,6 @@ migrated once per session, because a fresh db spends ~10 s in MLflow's migration
 """
 
 import json
-import time
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
@@ -175,17 +174,50 @@ def test_artifact_paths_cannot_escape_the_target(bank, tmp_path):
         track.artifact_target(out, "prompt", "prompt/link/x")
 
 
+class _DownServer:
+    """A tracking server that is up as a socket but never healthy: it answers 503 to everything and counts what
+    it was asked, so the test sees the client's bounded retries themselves rather than timing them."""
+
+    def __init__(self):
+        import http.server
+        import threading
+
+        seen = self.seen = []
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def _answer(self):
+                seen.append((self.command, self.path))
+                self.send_response(503)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            do_GET = do_POST = _answer
+
+            def log_message(self, *args):
+                pass
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.uri = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
 def test_unreachable_server_fails_fast_with_the_uri(tmp_path, monkeypatch):
     uri = f"http://127.0.0.1:{free_port()}"  # nothing listens there
-    t0 = time.perf_counter()
     err = user_error(invoke_cli("prompts", "list", "--tracking-uri", uri, "--workdir", tmp_path))
-    elapsed = time.perf_counter() - t0
     assert uri in err and "unreachable" in err
-    assert elapsed < 15, f"took {elapsed:.1f} s"
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    t0 = time.perf_counter()
-    err = user_error(invoke_cli("train", "--task", "tweet_sentiment", "--backbone", "tiny-llama",
-                         "--steps", "1", "--workdir", tmp_path / "wd"))
-    assert uri in err and time.perf_counter() - t0 < 15
+    down = _DownServer()  # listening but unhealthy: every probe is answered, so each one is counted
+    try:
+        err = user_error(invoke_cli("prompts", "list", "--tracking-uri", down.uri, "--workdir", tmp_path))
+        assert down.uri in err and "unreachable after 3 tries" in err
+        assert down.seen == [("GET", "/health")] * 3, down.seen  # three probes, then the error: no MLflow call
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", down.uri)
+        err = user_error(invoke_cli("train", "--task", "tweet_sentiment", "--backbone", "tiny-llama",
+                                    "--steps", "1", "--workdir", tmp_path / "wd"))
+        assert down.uri in err and down.seen == [("GET", "/health")] * 6, down.seen
+    finally:
+        down.close()
     assert not (tmp_path / "wd" / "prompts").exists()  # refused before any training
-    print(f"unreachable server: failed in {elapsed:.1f} s")

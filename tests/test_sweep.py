@@ -9,7 +9,6 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from pathlib import Path
 
 import pytest
 from support import write_spec
@@ -116,9 +115,12 @@ def test_failed_trial_retries_from_checkpoint(ray_session, tmp_path, new_workdir
     runs = prompt_runs(uri, spec.name)
     assert len(runs) == 1 and runs[0].status == "FINISHED"  # the retry reused the trial's run
     client = track.MlflowTracker(uri, spec.name).client
-    steps = [m.step for m in client.get_metric_history(runs[0].run_id, "dev_accuracy")]
-    # resumed from the step-6 checkpoint: step 0 logged once, no step before 6 logged twice
-    assert steps.count(0) == 1 and steps.count(3) == 1 and max(steps) == 12
+    # resumed from the step-6 checkpoint: every evaluation step of the whole run is in the store exactly once, the
+    # ones before the failure (not logged again) and the ones after it (logged by the retry)
+    for key, expected in (("dev_accuracy", [0, 3, 6, 9, 12]), ("best_dev_metric", [0, 3, 6, 9, 12]),
+                          ("train_loss", [3, 6, 9, 12])):
+        steps = [m.step for m in client.get_metric_history(runs[0].run_id, key)]
+        assert sorted(steps) == expected, f"{key}: steps {sorted(steps)}, expected each of {expected} once"
 
 
 def test_ray_workers_start_with_mlflow_telemetry_off(ray_session):
@@ -209,11 +211,18 @@ def test_rerun_reuses_finished_runs(ray_session, tmp_path, new_workdir):
     spec = load_study(write_spec(tmp_path / "again.yaml", tasks=["drug_sentiment"]))
     uri = track.resolve_tracking_uri(None, tmp_path)
     sweep.run_sweep(spec, tmp_path, uri, name="first")
-    t0 = time.perf_counter()
+    (first,) = prompt_runs(uri, spec.name)
+    client = track.MlflowTracker(uri, spec.name).client
+    keys = ("dev_accuracy", "train_loss", "best_dev_metric")
+    before = {k: [(m.step, m.timestamp) for m in client.get_metric_history(first.run_id, k)] for k in keys}
     summary = sweep.run_sweep(spec, tmp_path, uri, name="second")
     assert summary["errored"] == 0
     assert len(prompt_runs(uri, spec.name)) == 1, "the same config trained twice"
-    assert time.perf_counter() - t0 < 120
+    # nothing was trained again: the run's curves and its end are exactly those of the first sweep
+    (again,) = prompt_runs(uri, spec.name)
+    assert again.run_id == first.run_id and again.end_time == first.end_time
+    assert {k: [(m.step, m.timestamp) for m in client.get_metric_history(first.run_id, k)] for k in keys} == before
+    assert before["dev_accuracy"], "the first sweep logged no curve"
 
 
 # grouped: the four runs as two trials of two prompts each (train.group_size 2; ptx.train_group).
@@ -221,55 +230,64 @@ def test_rerun_reuses_finished_runs(ray_session, tmp_path, new_workdir):
 # lists trials 1 and 2, and the other two live only in its searcher's state, a second file. A kill during Tune's copy
 # of that file leaves it cut short, and Tune's restore then started over with an empty config (CI: 2 of 4 runs, exit
 # 0). The case cuts the file in half after the kill: ptx drops it and runs the planned trials Tune never named.
-@pytest.mark.parametrize("group,lose_search_state", [(1, False), (1, True), pytest.param(2, False, marks=pytest.mark.slow)],
-                         ids=["alone", "search-state-cut", "grouped"])
-def test_killed_driver_is_finished_by_resume(tmp_path, new_workdir, group, lose_search_state):
+# s3: the same with storage_path=s3://... on an S3-compatible server started by the test (moto's server mode on
+# 127.0.0.1), the documented multi-node setting: Tune's state and checkpoints, ptx's state file, the kill's cut and
+# the resume all go through object storage.
+@pytest.mark.parametrize("group,lose_search_state,storage",
+                         [(1, False, "local"), (1, True, "local"), pytest.param(2, False, "local", marks=pytest.mark.slow),
+                          (1, False, "s3")],
+                         ids=["alone", "search-state-cut", "grouped", "s3"])
+def test_killed_driver_is_finished_by_resume(tmp_path, new_workdir, group, lose_search_state, storage, request):
     new_workdir(tmp_path)  # its store: a copy of the migrated empty db
     steps = 30  # held at step 12 until the kill: the trials need not be long to be killed mid-sweep
     train = {"steps": steps, "batch_size": 8, "lr": 0.05, "eval_every": 3, "eval_batch_size": 32}
+    s3_env = request.getfixturevalue("s3_server") if storage == "s3" else {}
+    results = Storage(f"s3://{S3_BUCKET}/ray-results" if s3_env else str(tmp_path / "ray_results"))
     spec_path = write_spec(tmp_path / "killed.yaml", seeds=[0, 1],
-                           train={**train, "group_size": group} if group > 1 else train)
+                           train={**train, "group_size": group} if group > 1 else train,
+                           **({"storage_path": results.uri} if s3_env else {}))
     n_trials = 4 // group
     running = min(n_trials, 2)  # max_concurrent 2: Tune creates trials 3 and 4 only as trials 1 and 2 end
     hold = tmp_path / "hold"  # the running trials wait after their step-12 report (sweep.HOLD_ENV): none can end
     hold.mkdir()  # before the kill (CI's quick box once finished a grouped trial first and finalised it)
-    env = {**os.environ, "PTX_WORKDIR": str(tmp_path), sweep.HOLD_ENV: f"12:{hold}"}
+    env = {**os.environ, **s3_env, "PTX_WORKDIR": str(tmp_path), sweep.HOLD_ENV: f"12:{hold}"}
     env.pop(sweep.FAIL_ONCE_ENV, None)
     ptx = [sys.executable, "-m", "ptx", ]
     driver = subprocess.Popen([*ptx, "sweep", str(spec_path), "--workdir", str(tmp_path)], env=env,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    results = tmp_path / "ray_results"
     deadline = time.time() + 420  # a loaded 2-core box may take minutes to start Ray and the first trials
     # kill once the running trials are held and Tune's storage holds four of a trial's results (so three registered
     # checkpoints): Tune copies its state there only every 10 s or so, and that state may name any of them
     while time.time() < deadline and (len(list(hold.glob("held-*"))) < running or
-                                      max(map(registered_results, results.glob("*/*/")), default=0) < 4):
+                                      max(map(results.registered_results, results.trials()), default=0) < 4):
         assert driver.poll() is None, "the sweep ended before the kill"
         time.sleep(0.2)
     # and between two of those copies: a kill inside one cuts the files short (check_tune_state's business, tested on
     # its own above and by search-state-cut)
-    while time.time() < deadline and not between_state_copies(results):
+    while time.time() < deadline and not results.between_state_copies():
         time.sleep(0.05)
     os.killpg(driver.pid, signal.SIGKILL)  # the driver and the Ray it started, mid-sweep
     (hold / "release").write_text("1")  # the resume's trials run through
     assert driver.wait() == -signal.SIGKILL, "the sweep ended before the kill"
-    trial_dirs = list(results.glob("*/*/"))
-    assert max(map(registered_results, trial_dirs), default=0) >= 4, "no trial got far enough before the kill"
+    trial_dirs = results.trials()
+    assert max(map(results.registered_results, trial_dirs), default=0) >= 4, "no trial got far enough before the kill"
     for trial in trial_dirs:  # none was deleted: a killed driver's saved state may name any of them
-        expected = {f"checkpoint_{i:06d}" for i in range(registered_results(trial) - 1)}
-        assert expected <= {p.name for p in trial.glob("checkpoint_*")}, (trial.name, sorted(trial.iterdir()))
-    experiment = next(p for p in results.iterdir() if p.is_dir())
-    state = sweep._read_state(str(experiment))
+        expected = {f"checkpoint_{i:06d}" for i in range(results.registered_results(trial) - 1)}
+        assert expected <= set(results.names(trial, "checkpoint_")), (trial, results.names(trial))
+    (experiment,) = results.experiments()
+    state = sweep._read_state(results.uri_of(experiment))
     assert state["resources"] == {"cpu": 1.0, "gpu": 0.0, "custom": {}}
     assert state["planned_trials"] == n_trials and len(state["planned"]) == n_trials
-    searcher_files = list(experiment.glob("basic-variant-state-*.json"))
-    (saved,) = [json.loads(p.read_text()) for p in experiment.glob("experiment_state-*.json")]  # whole
+    searcher_files = [f"{experiment}/{n}" for n in results.names(experiment, "basic-variant-state-")]
+    (saved,) = [json.loads(results.read(f"{experiment}/{n}")) for n in results.names(experiment, "experiment_state-")]
     listed = len(saved["trial_data"])
     assert listed == running, saved["trial_data"]  # trials 3 and 4 live only in the searcher's state
-    assert len(searcher_files) == 1 and searcher_files[0].read_bytes().endswith(b"."), sorted(experiment.iterdir())
+    assert len(searcher_files) == 1 and results.read(searcher_files[0]).endswith(b"."), results.names(experiment)
     if lose_search_state:  # as a kill mid-copy leaves it
-        searcher_files[0].write_bytes(searcher_files[0].read_bytes()[:searcher_files[0].stat().st_size // 2])
-    out = subprocess.run([*ptx, "resume", str(experiment)], env=env, capture_output=True, text=True, timeout=900)
+        whole = results.read(searcher_files[0])
+        results.write(searcher_files[0], whole[:len(whole) // 2])
+    experiment_uri = results.uri_of(experiment)
+    out = subprocess.run([*ptx, "resume", experiment_uri], env=env, capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stderr[-2000:]
     assert ": 4 trials, 0 errored" in out.stdout, out.stdout[-1000:] + out.stderr[-2000:]  # prompts, grouped or not
     unstarted = re.search(r"names (\d) of the 4 planned trials .* running the (\d) others as (\S+)", out.stderr)
@@ -277,7 +295,7 @@ def test_killed_driver_is_finished_by_resume(tmp_path, new_workdir, group, lose_
     assert bool(unstarted) == lose_search_state, out.stderr[-2000:]
     assert ("searcher state is cut short" in out.stderr) == lose_search_state, out.stderr[-2000:]
     if unstarted:
-        assert unstarted.groups() == ("2", "2", f"{experiment}-rest")
+        assert unstarted.groups() == ("2", "2", f"{experiment_uri}-rest")
     uri = track.resolve_tracking_uri(None, tmp_path)
     runs = prompt_runs(uri, "killed")
     assert len(runs) == 4, [r.tags.get("ptx.trial_id") for r in runs]
@@ -289,17 +307,18 @@ def test_killed_driver_is_finished_by_resume(tmp_path, new_workdir, group, lose_
     for r in runs:
         names = {a.path for a in client.list_artifacts(r.run_id, "prompt")}
         assert names == {"prompt/prompt.json", "prompt/prompt.safetensors"}
-    if group > 1:  # every member resumed in its own run: two per group trial, each point of its curve logged once
+    if group > 1:  # every member resumed in its own run: two per group trial
         assert sorted(Counter(r.tags["ptx.group_trial"] for r in runs).values()) == [2, 2]
-        for r in runs:
-            points = [m.step for m in client.get_metric_history(r.run_id, "dev_accuracy")]
-            assert sorted(points) == list(range(0, steps + 1, 3)), (r.tags["ptx.trial_id"], points)
-    status = subprocess.run([*ptx, "status", str(experiment)], env=env, capture_output=True, text=True, timeout=120)
+    for r in runs:  # every variant: each point of each curve logged exactly once across the kill and the resume
+        for key, first in (("dev_accuracy", 0), ("best_dev_metric", 0), ("train_loss", 3)):
+            points = [m.step for m in client.get_metric_history(r.run_id, key)]
+            assert sorted(points) == list(range(first, steps + 1, 3)), (r.tags["ptx.trial_id"], key, points)
+    status = subprocess.run([*ptx, "status", experiment_uri], env=env, capture_output=True, text=True, timeout=120)
     assert status.returncode == 0 and status.stdout.count("TERMINATED") == n_trials
     # finalised trials keep only their last checkpoint: all of them now, with those the resume ran beside the first
-    trials = [p for e in (experiment, Path(f"{experiment}-rest")) if e.is_dir() for p in e.iterdir() if p.is_dir()]
-    assert Path(f"{experiment}-rest").is_dir() == bool(unstarted)
-    assert sorted(len(list(trial.glob("checkpoint_*"))) for trial in trials) == [1] * n_trials
+    trials = [t for e in (experiment, f"{experiment}-rest") for t in results.dirs(e)]
+    assert bool(results.dirs(f"{experiment}-rest")) == bool(unstarted)
+    assert sorted(len(results.names(trial, "checkpoint_")) for trial in trials) == [1] * n_trials
 
 
 @pytest.mark.slow  # two local Rays (the sweep's, the resume's) and 150-step trials: 1-2 min idle, 4-7 min at load 25
@@ -362,24 +381,96 @@ def test_sigterm_stops_the_sweep_like_ctrl_c_and_resume_finishes_it(tmp_path):
         assert names == {"prompt/prompt.json", "prompt/prompt.safetensors"}
 
 
-def between_state_copies(results: Path) -> bool:
-    """Tune's last copy of its experiment state to storage is whole and 0.3-5 s old (the next comes ~10 s after the
-    one before)."""
-    states = list(results.glob("*/experiment_state-*.json"))
-    try:
-        json.loads(states[0].read_text())
-        return len(states) == 1 and 0.3 < time.time() - states[0].stat().st_mtime < 5
-    except (IndexError, OSError, ValueError):
-        return False
+class Storage:
+    """Tune's storage_path, a local directory or an s3:// URI, read through pyarrow as Tune and ptx write it."""
+
+    def __init__(self, uri: str):
+        self.uri = uri
+        self.fs, self.root = sweep._storage_fs(uri)
+
+    def uri_of(self, path: str) -> str:
+        return f"s3://{path}" if self.uri.startswith("s3://") else path
+
+    def _infos(self, path: str) -> list:
+        import pyarrow.fs as pafs
+
+        return self.fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
+
+    def dirs(self, path: str) -> list[str]:
+        import pyarrow.fs as pafs
+
+        return sorted(i.path for i in self._infos(path) if i.type == pafs.FileType.Directory)
+
+    def names(self, path: str, prefix: str = "") -> list[str]:
+        return sorted(i.base_name for i in self._infos(path) if i.base_name.startswith(prefix))
+
+    def experiments(self) -> list[str]:
+        return [d for d in self.dirs(self.root) if not d.endswith("-rest")]
+
+    def trials(self) -> list[str]:
+        return [t for e in self.experiments() for t in self.dirs(e)]
+
+    def read(self, path: str) -> bytes:
+        with self.fs.open_input_stream(path) as f:
+            return f.read()
+
+    def write(self, path: str, data: bytes) -> None:
+        with self.fs.open_output_stream(path) as f:
+            f.write(data)
+
+    def registered_results(self, trial_dir: str) -> int:
+        """How many results of a trial Tune's driver has processed (it appends each to result.json, in order)."""
+        try:
+            lines = self.read(f"{trial_dir}/result.json").decode().splitlines()
+        except OSError:
+            return 0
+        return sum(1 for line in lines if line.strip().endswith("}"))
+
+    def between_state_copies(self) -> bool:
+        """Tune's last copy of its experiment state to storage is whole and 0.3-5 s old (the next comes ~10 s
+        after the one before)."""
+        states = [i for e in self.experiments() for i in self._infos(e) if i.base_name.startswith("experiment_state-")]
+        try:
+            json.loads(self.read(states[0].path))
+            return len(states) == 1 and 0.3 < time.time() - states[0].mtime.timestamp() < 5
+        except (IndexError, OSError, ValueError):
+            return False
 
 
-def registered_results(trial_dir: Path) -> int:
-    """How many results of a trial Tune's driver has processed (it appends each to result.json, in order)."""
+S3_BUCKET = "ptx-killed-driver"
+
+
+@pytest.fixture
+def s3_server(tmp_path, monkeypatch):
+    """An S3-compatible server for the test alone: moto's server mode on 127.0.0.1, one bucket. Returns the
+    environment that points boto3, pyarrow and Ray Tune at it (test credentials: moto checks none)."""
+    from support import free_port, tail
+
+    port = free_port()
+    env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "testing",
+           "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}
+    log = tmp_path / "moto.log"
+    with open(log, "wb") as f:
+        proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                                stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        lines = (trial_dir / "result.json").read_text().splitlines()
-    except OSError:
-        return 0
-    return sum(1 for line in lines if line.strip().endswith("}"))
+        import boto3
+
+        for name, value in env.items():
+            monkeypatch.setenv(name, value)  # this process reads the bucket through pyarrow too
+        deadline = time.monotonic() + 120
+        while True:
+            assert proc.poll() is None, f"moto server exited:\n{tail(log)}"
+            try:
+                boto3.client("s3").create_bucket(Bucket=S3_BUCKET)
+                break
+            except Exception:  # not listening yet
+                assert time.monotonic() < deadline, f"moto server not up after 120 s:\n{tail(log)}"
+                time.sleep(0.5)
+        yield env
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
 
 
 def test_bad_cli_inputs_exit_2(tmp_path):
