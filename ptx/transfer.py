@@ -65,14 +65,17 @@ def _sources(prompts: dict, backbone) -> list[Source]:
         if meta.get("insertion", backbone.insertion.value) != backbone.insertion.value:
             raise PtxError(f"prompt '{name}' uses insertion '{meta['insertion']}'; backbone '{backbone.name}' was "
                            f"loaded with '{backbone.insertion.value}'")
-        task = meta.get("task")
-        task = task.get("name") if isinstance(task, dict) else task
-        if not task:
-            raise PtxError(f"prompt '{name}': its metadata names no task (expected meta['task']['name'])")
-        dev = (meta.get("dev_metric") or {}).get("value")
-        out.append(Source(str(name), tensor.detach().float().cpu(), task, meta.get("category") or _spec(task).category,
-                          dev))
+        out.append(Source(str(name), tensor.detach().float().cpu(), *_describe(meta, name)))
     return out
+
+
+def _describe(meta: dict, name: str = "") -> tuple[str, str, float | None]:
+    """(task, category, own dev metric) of a bank prompt from its metadata."""
+    task = meta.get("task")
+    task = task.get("name") if isinstance(task, dict) else task
+    if not task:
+        raise PtxError(f"prompt '{name}': its metadata names no task (expected meta['task']['name'])")
+    return task, meta.get("category") or _spec(task).category, (meta.get("dev_metric") or {}).get("value")
 
 
 def check_targets(backbone_name: str, kind: str, targets) -> None:
@@ -91,46 +94,84 @@ def transfer_matrix(backbone, prompts: dict, targets: list, splits=("dev", "test
                     prompts_per_pass: int = 8, batch_size: int = 32, random_baseline: bool = True, seed: int = 0,
                     progress: bool = False) -> pa.Table:
     """Zero-shot score of every bank prompt [n, d] (+ a random prompt) on every target split, as a long table."""
-    from ptx.data import encode_split
-    from ptx.evaluate import score_prompts
-
     targets = [_spec(t) for t in targets]
     if not targets:
         raise PtxError("transfer_matrix: no target tasks given")
     check_targets(backbone.name, backbone.kind.value, targets)
     sources = _sources(prompts, backbone)
-    if random_baseline:  # the bank's commonest length, so it stacks with most prompts
-        n_tok = Counter(s.prompt.shape[0] for s in sources).most_common(1)[0][0]
-        sources.append(Source(RANDOM, init_prompt(backbone, n_tok, "random", seed=seed), RANDOM, RANDOM))
+    if random_baseline:
+        sources.append(random_source(backbone, random_length(s.prompt.shape[0] for s in sources), seed))
+    rows = []
+    for spec in targets:
+        scores, sizes = score_sources(backbone, sources, spec, splits, limits, prompts_per_pass, batch_size, progress)
+        rows += matrix_rows(backbone.name, sources, spec, splits, scores, sizes)
+    return pa.Table.from_pylist(rows, schema=SCHEMA)
+
+
+def random_length(lengths) -> int:
+    """The random prompt's length: the bank's commonest, so it stacks with most prompts."""
+    return Counter(int(n) for n in lengths).most_common(1)[0][0]
+
+
+def random_source(backbone, n_tokens: int, seed: int) -> Source:
+    """The random-prompt baseline as a source (seeded: every worker that draws it draws the same prompt)."""
+    return Source(RANDOM, init_prompt(backbone, n_tokens, "random", seed=seed), RANDOM, RANDOM)
+
+
+def score_sources(backbone, sources: list, spec, splits, limits=None, prompts_per_pass: int = 8,
+                  batch_size: int = 32, progress: bool = False) -> tuple[dict, dict]:
+    """({(source name, split): value}, {split: n_examples}): `sources` scored on one target, prompts of one length
+    stacked `prompts_per_pass` to a forward pass. Each split is tokenized once."""
+    from ptx.data import encode_split
+    from ptx.evaluate import score_prompts
+
     groups = []  # prompts of one length stack into one pass
     for n_tok in sorted({s.prompt.shape[0] for s in sources}):
         same = [s for s in sources if s.prompt.shape[0] == n_tok]
         groups += [same[i:i + max(1, prompts_per_pass)] for i in range(0, len(same), max(1, prompts_per_pass))]
+    scores, sizes = {}, {}
+    for split in splits:
+        encoded = encode_split(spec, backbone, split, limit=_limit(limits, split))
+        sizes[split] = len(encoded)
+        for group in groups:
+            values = score_prompts(backbone, torch.stack([s.prompt for s in group]), spec, encoded, batch_size,
+                                   progress=progress)
+            scores.update({(s.name, split): v for s, v in zip(group, values, strict=True)})
+    return scores, sizes
+
+
+def matrix_rows(backbone_name: str, sources: list, spec, splits, scores: dict, sizes: dict) -> list[dict]:
+    """The long-format rows of one target from its scores; relative values divide by the target's own prompt (the
+    best on dev when the task has several). `sources` need only name, task and category (and dev)."""
+    own = [s for s in sources if s.task == spec.name and s.name != RANDOM]
+    if len(own) > 1:  # best dev: this matrix's dev score when it has one, else the prompt's own record
+        own.sort(key=lambda s: -(scores.get((s.name, "dev")) if "dev" in splits else (s.dev or -math.inf)))
     rows = []
-    for spec in targets:
-        scores, sizes = {}, {}
-        for split in splits:
-            encoded = encode_split(spec, backbone, split, limit=_limit(limits, split))
-            sizes[split] = len(encoded)
-            for group in groups:
-                values = score_prompts(backbone, torch.stack([s.prompt for s in group]), spec, encoded, batch_size,
-                                       progress=progress)
-                scores.update({(s.name, split): v for s, v in zip(group, values, strict=True)})
-        own = [s for s in sources if s.task == spec.name and s.name != RANDOM]
-        if len(own) > 1:  # best dev: this matrix's dev score when it has one, else the prompt's own record
-            own.sort(key=lambda s: -(scores.get((s.name, "dev")) if "dev" in splits else (s.dev or -math.inf)))
-        for split in splits:
-            ref = scores[(own[0].name, split)] if own else math.nan
-            for s in sources:
-                value = scores[(s.name, split)]
-                rel = value / ref if ref and math.isfinite(ref) else math.nan
-                rows.append({"backbone": backbone.name, "source_prompt_run": s.name, "source_task": s.task,
-                             "source_category": s.category, "target_task": spec.name,
-                             "target_category": spec.category, "split": split, "metric": spec.metric,
-                             "value": float(value), "relative_value": float(rel), "n_examples": sizes[split]})
-    return pa.Table.from_pylist(rows, schema=SCHEMA)
+    for split in splits:
+        ref = scores[(own[0].name, split)] if own else math.nan
+        for s in sources:
+            value = scores[(s.name, split)]
+            rel = value / ref if ref and math.isfinite(ref) else math.nan
+            rows.append({"backbone": backbone_name, "source_prompt_run": s.name, "source_task": s.task,
+                         "source_category": s.category, "target_task": spec.name,
+                         "target_category": spec.category, "split": split, "metric": spec.metric,
+                         "value": float(value), "relative_value": float(rel), "n_examples": sizes[split]})
+    return rows
 
 
+def chunk_sizes(n_sources: int, n_targets: int, slots: int, prompts_per_pass: int, waves: int = 3) -> list[int]:
+    """How one target's sources are cut into work units: sizes (largest first, differing by at most one).
+
+    A unit (a source chunk on one target) is at most one forward pass wide, and there are enough of them that
+    every slot (a task the cluster runs at once) gets about `waves` units: the last wave is then short, so no slot
+    idles for long at the end, and the progress line moves as units finish rather than once per target.
+    """
+    if n_sources < 1 or n_targets < 1:
+        return []
+    per_target = max(math.ceil(n_sources / max(1, prompts_per_pass)), math.ceil(waves * max(1, slots) / n_targets))
+    per_target = min(per_target, n_sources)
+    base, extra = divmod(n_sources, per_target)
+    return [base + 1] * extra + [base] * (per_target - extra)
 
 
 # ---- transfer-initialised prompt tuning (TPT) -----------------------------------------------------------
