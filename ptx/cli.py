@@ -676,7 +676,7 @@ def transfer():
 
 
 _stage_command(transfer, "matrix", "transfer",
-               "Zero-shot transfer matrix of the study's prompts (one Ray task per target; resumes).")
+               "Zero-shot transfer matrix of the study's prompts (Ray tasks per (prompt chunk, target); resumes per target).")
 _stage_command(transfer, "tpt", "tpt", "Transfer-initialised prompt tuning beside vanilla PT; convergence speed-ups.")
 
 
