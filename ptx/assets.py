@@ -14,6 +14,7 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
+from ptx import progress
 from ptx.errors import PtxError, suggest
 from ptx.io import atomic_dir, cache_dir, write_json
 
@@ -170,8 +171,10 @@ def _cached(alias: str) -> tuple[Path, str]:
                 raise PtxError(f"model cache '{final}': incomplete (no {_MARKER}); delete it and retry")
             if not final.exists():
                 log.info("building model alias %s into %s (once)", alias, final)
+                if alias not in _TINY:  # a conversion of a minute or so: say why nothing else moves meanwhile
+                    progress.message(f"converting {alias} into the model cache (once)")
                 try:
-                    with atomic_dir(final, overwrite=False) as tmp:
+                    with atomic_dir(final, overwrite=False) as tmp, progress.third_party_quiet():
                         revision = _build(alias, tmp)
                         write_json(tmp / _MARKER, {"alias": alias, "format": _CACHE_VERSION, "revision": revision})
                         # Temp dirs and files are created private; a cache shared by workers must be readable.

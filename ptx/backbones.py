@@ -432,8 +432,9 @@ def load_backbone(name: str, insertion: str = "prepend", device: str | None = No
     import transformers
 
     from ptx.assets import resolve_model
+    from ptx.progress import silence_third_party_bars
 
-    transformers.utils.logging.disable_progress_bar()
+    silence_third_party_bars()  # "Loading weights": ptx's stage bar is the one a person watches
     transformers.utils.logging.set_verbosity_error()
 
     try:

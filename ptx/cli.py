@@ -752,7 +752,7 @@ def transfer():
 
 
 _stage_command(transfer, "matrix", "transfer",
-               "Zero-shot transfer matrix of the study's prompts (one Ray task per target; resumes).")
+               "Zero-shot transfer matrix of the study's prompts (Ray tasks per (prompt chunk, target); resumes per target).")
 _stage_command(transfer, "tpt", "tpt", "Transfer-initialised prompt tuning beside vanilla PT; convergence speed-ups.")
 
 
@@ -786,15 +786,37 @@ def indicators(spec_path, transfer_table, address, overrides, workdir, tracking_
 @cli.command("reference-check")
 @click.argument("reference_dir", type=click.Path(exists=True, file_okay=False))
 @default_option("--bootstrap", "ptx.stages.indicators:reference_check", "bootstrap", type=click.IntRange(min=1))
+@click.option("--json", "as_json", is_flag=True, help="Every column of every row as JSON (NaN as null).")
 @workdir_option
 @uri_option
-def reference_check_cmd(reference_dir, bootstrap, workdir, tracking_uri):
+def reference_check_cmd(reference_dir, bootstrap, as_json, workdir, tracking_uri):
     """Import the paper authors' released prompts and correlate embedding indicators with their results."""
     from ptx.stages.indicators import reference_check
 
     wd = _workdir(workdir) / "reference-check"
     table = reference_check(reference_dir, _tracker(tracking_uri, wd, "reference-check"), wd, bootstrap=bootstrap)
-    click.echo(table.to_string(index=False))
+    if as_json:
+        rows = [{k: (None if isinstance(v, float) and v != v else v) for k, v in row.items()}
+                for row in table.to_dict(orient="records")]
+        click.echo(json.dumps(rows, indent=1, default=str))
+        return
+    for line in _reference_lines(table):
+        click.echo(line)
+
+
+def _reference_lines(table) -> list[str]:
+    """The reference check as a table that fits 120 columns: one row per (backbone, indicator, method)."""
+    def rho(v, lo, hi):
+        return "n/a" if v != v else f"{v:+.3f} [{lo:+.3f}, {hi:+.3f}]"
+
+    head = ("backbone", "indicator", "method", "targets", "mean over targets [95% CI]", "pooled [95% CI]", "pairs")
+    rows = [(r.backbone, r.indicator, r.method, f"{r.n_targets_defined}/{r.n_targets}",
+             rho(r.mean_over_targets, r.ci_low, r.ci_high), rho(r.pooled, r.pooled_ci_low, r.pooled_ci_high),
+             str(r.n_pairs)) for r in table.itertuples()]
+    widths = [max(len(str(c)) for c in col) for col in zip(head, *rows, strict=True)]
+    right = {3, 6}  # counts read best right-aligned
+    return ["  ".join(str(c).rjust(w) if i in right else str(c).ljust(w) for i, (c, w) in enumerate(zip(row, widths,
+            strict=True))).rstrip() for row in (head, *rows)]
 
 
 @cli.command()

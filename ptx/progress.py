@@ -7,6 +7,9 @@ submit` logs, a pipe) it is a plain line at the start, every `interval` seconds 
 file gets the plain lines either way. Nothing here knows about Ray, MLflow or click: the adapters feed the bar.
 """
 
+import functools
+import importlib
+import sys
 import threading
 import time
 from contextlib import contextmanager
@@ -254,6 +257,74 @@ def message(text: str) -> None:
     """A line for the watcher (dropped when no display is active)."""
     if _active is not None:
         _active.message(text)
+
+
+def silence_third_party_bars() -> None:
+    """Turn off the tqdm bars of transformers, huggingface_hub and datasets for this process.
+
+    ptx's own bar is what a person watches; theirs ("Loading weights", "Writing model shards", "Map") end without
+    a newline, so their last redraw glues onto the next line ptx prints. Only libraries already imported are
+    touched: importing one here would be a side effect of its own.
+    """
+    if "transformers" in sys.modules:
+        import transformers
+
+        transformers.utils.logging.disable_progress_bar()  # also huggingface_hub's
+    if "huggingface_hub" in sys.modules:
+        import huggingface_hub
+
+        huggingface_hub.utils.disable_progress_bars()
+    if "datasets" in sys.modules:
+        import datasets
+
+        datasets.disable_progress_bars()
+
+
+# transformers modules that call tqdm.auto directly, past transformers' own switch
+_DIRECT_TQDM = ("transformers.modeling_gguf_pytorch_utils",)
+
+
+@contextmanager
+def third_party_quiet():
+    """No third-party progress bar while the block runs (e.g. a model conversion), direct tqdm users included."""
+    patched = []
+    for name in _DIRECT_TQDM:  # imported first (it imports transformers), so the switch below reaches it
+        try:
+            module = importlib.import_module(name)
+        except ImportError:  # an older or newer transformers without that module: nothing of its to silence
+            continue
+        if hasattr(module, "tqdm"):
+            patched.append((module, module.tqdm))
+            module.tqdm = functools.partial(module.tqdm, disable=True)
+    silence_third_party_bars()
+    try:
+        yield
+    finally:
+        for module, original in patched:
+            module.tqdm = original
+
+
+def quiet_worker_exit() -> None:
+    """Installed in every Ray worker at start (the sweep's runtime env names it): keep a lost exit request quiet.
+
+    A worker told to stop (SIGTERM when a trial actor ends with its study) gets a SystemExit raised by Ray's
+    signal handler wherever its main thread stands. When that is inside a garbage-collection callback (a WeakSet's
+    `_remove`, say), Python cannot raise it there and prints "Exception ignored in ..." with the traceback to the
+    worker's stderr, which Ray forwards to the user's terminal. The exit itself still happens (Ray kills the
+    worker after its grace period), so such a SystemExit goes to the worker's log at debug level instead; every
+    other unraisable exception keeps Python's own report.
+    """
+    import logging
+
+    default = sys.unraisablehook
+
+    def hook(unraisable) -> None:
+        if isinstance(unraisable.exc_value, SystemExit):
+            logging.getLogger(__name__).debug("exit request lost in %r during shutdown", unraisable.object)
+            return
+        default(unraisable)
+
+    sys.unraisablehook = hook
 
 
 def verbosity() -> int:

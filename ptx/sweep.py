@@ -42,6 +42,7 @@ def connect(address: str | None = None, num_cpus: int | None = None, num_gpus: i
     env = {"env_vars": {k: os.environ[k] for k in ("PTX_CACHE_DIR", "MLFLOW_TRACKING_URI", FAIL_ONCE_ENV, HOLD_ENV,
                                                     "HF_HUB_OFFLINE") if k in os.environ}}
     env["env_vars"].update(track.disable_telemetry())  # every worker starts with MLflow's telemetry off
+    env["worker_process_setup_hook"] = "ptx.progress.quiet_worker_exit"  # no shutdown traceback on the terminal
     if address and address != "auto":
         _check_reachable(address)
     # Ray's note that token authentication is on is replaced by ptx's own line on how to log in (dashboard_login)

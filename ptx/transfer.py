@@ -66,14 +66,17 @@ def _sources(prompts: dict, backbone) -> list[Source]:
         if meta.get("insertion", backbone.insertion.value) != backbone.insertion.value:
             raise PtxError(f"prompt '{name}' uses insertion '{meta['insertion']}'; backbone '{backbone.name}' was "
                            f"loaded with '{backbone.insertion.value}'")
-        task = meta.get("task")
-        task = task.get("name") if isinstance(task, dict) else task
-        if not task:
-            raise PtxError(f"prompt '{name}': its metadata names no task (expected meta['task']['name'])")
-        dev = (meta.get("dev_metric") or {}).get("value")
-        out.append(Source(str(name), tensor.detach().float().cpu(), task, meta.get("category") or _spec(task).category,
-                          dev))
+        out.append(Source(str(name), tensor.detach().float().cpu(), *_describe(meta, name)))
     return out
+
+
+def _describe(meta: dict, name: str = "") -> tuple[str, str, float | None]:
+    """(task, category, own dev metric) of a bank prompt from its metadata."""
+    task = meta.get("task")
+    task = task.get("name") if isinstance(task, dict) else task
+    if not task:
+        raise PtxError(f"prompt '{name}': its metadata names no task (expected meta['task']['name'])")
+    return task, meta.get("category") or _spec(task).category, (meta.get("dev_metric") or {}).get("value")
 
 
 def check_targets(backbone_name: str, kind: str, targets) -> None:
@@ -91,11 +94,6 @@ def _limit(limits, split: str):
 RANDOM_PROMPTS = 3  # seeded random prompts a target: the baseline is a distribution, not one draw
 
 
-def random_prompt_seed(seed: int, target: str, i: int) -> int:
-    """The seed of a target's i-th random prompt: its own draw per target, reproducible from the study's seed."""
-    return (seed * 1_000_003 + zlib.crc32(target.encode()) * 31 + i) % 2**32
-
-
 def transfer_matrix(backbone, prompts: dict, targets: list, splits=("dev", "test"), limits=None,
                     prompts_per_pass: int = 8, batch_size: int = 32, random_baseline: bool = True, seed: int = 0,
                     progress: bool = False, random_prompts: int = RANDOM_PROMPTS,
@@ -107,64 +105,118 @@ def transfer_matrix(backbone, prompts: dict, targets: list, splits=("dev", "test
     target's own prompts and each random prompt (target_task, split, source_prompt_run, example, pred, label;
     the random prompts as random:<i>), for the paired own-vs-random test (ptx.verdicts.own_vs_random).
     """
-    from ptx.data import encode_split
-    from ptx.evaluate import predict_labels, score_prompts
-    from ptx.metrics import METRICS
-
     targets = [_spec(t) for t in targets]
     if not targets:
         raise PtxError("transfer_matrix: no target tasks given")
     check_targets(backbone.name, backbone.kind.value, targets)
     sources = _sources(prompts, backbone)
-    n_tok = Counter(s.prompt.shape[0] for s in sources).most_common(1)[0][0]  # random prompts: the commonest length
-    groups = []  # prompts of one length stack into one pass
-    for n in sorted({s.prompt.shape[0] for s in sources}):
-        same = [s for s in sources if s.prompt.shape[0] == n]
-        groups += [same[i:i + max(1, prompts_per_pass)] for i in range(0, len(same), max(1, prompts_per_pass))]
+    n_tok = random_length(s.prompt.shape[0] for s in sources)
+    listed = sources + ([Source(RANDOM, None, RANDOM, RANDOM)] if random_baseline and random_prompts else [])
     rows = []
     for spec in targets:
-        randoms = [Source(f"{RANDOM}:{i}", init_prompt(backbone, n_tok, "random",
-                                                       seed=random_prompt_seed(seed, spec.name, i)), RANDOM, RANDOM)
-                   for i in range(random_prompts if random_baseline else 0)]
-        own = [s for s in sources if s.task == spec.name]
-        kept = {s.name for s in own + randoms}  # whose per-example predictions the paired test reads
-        scores, sizes = {}, {}
-        for split in splits:
-            encoded = encode_split(spec, backbone, split, limit=_limit(limits, split))
-            sizes[split] = len(encoded)
-            for group in groups + ([randoms] if randoms else []):
-                stacked = torch.stack([s.prompt for s in group])
-                if spec.kind == "generation":
-                    values = score_prompts(backbone, stacked, spec, encoded, batch_size, progress=progress)
-                else:  # label predictions once: the scores, and the examples the paired test reads
-                    label_ids = backbone.label_ids(spec.label_words(backbone.kind))
-                    preds, golds = predict_labels(backbone, stacked, encoded, label_ids, batch_size, progress)
-                    gold = golds.tolist()
-                    values = [float(METRICS[spec.metric](p.tolist(), gold)) for p in preds]
-                    if predictions is not None:
-                        for s, p in zip(group, preds, strict=True):
-                            if s.name in kept:
-                                predictions += [{"target_task": spec.name, "split": split, "source_prompt_run": s.name,
-                                                 "example": i, "pred": int(v), "label": int(g)}
-                                                for i, (v, g) in enumerate(zip(p.tolist(), gold, strict=True))]
-                scores.update({(s.name, split): v for s, v in zip(group, values, strict=True)})
-            if randoms:
-                scores[(RANDOM, split)] = sum(scores[(r.name, split)] for r in randoms) / len(randoms)
-        if len(own) > 1:  # best dev: this matrix's dev score when it has one, else the prompt's own record
-            own.sort(key=lambda s: -(scores.get((s.name, "dev")) if "dev" in splits else (s.dev or -math.inf)))
-        listed = sources + ([Source(RANDOM, None, RANDOM, RANDOM)] if randoms else [])
-        for split in splits:
-            ref = scores[(own[0].name, split)] if own else math.nan
-            for s in listed:
-                value = scores[(s.name, split)]
-                rel = value / ref if ref and math.isfinite(ref) else math.nan
-                rows.append({"backbone": backbone.name, "source_prompt_run": s.name, "source_task": s.task,
-                             "source_category": s.category, "target_task": spec.name,
-                             "target_category": spec.category, "split": split, "metric": spec.metric,
-                             "value": float(value), "relative_value": float(rel), "n_examples": sizes[split]})
+        randoms = random_sources(backbone, n_tok, seed, spec.name, random_prompts if random_baseline else 0)
+        scores, sizes = score_sources(backbone, sources + randoms, spec, splits, limits, prompts_per_pass,
+                                      batch_size, progress, predictions)
+        add_random_mean(scores, len(randoms), splits)
+        rows += matrix_rows(backbone.name, listed, spec, splits, scores, sizes)
     return pa.Table.from_pylist(rows, schema=SCHEMA)
 
 
+def random_length(lengths) -> int:
+    """The random prompts' length: the bank's commonest, so they stack with most prompts."""
+    return Counter(int(n) for n in lengths).most_common(1)[0][0]
+
+
+def random_prompt_seed(seed: int, target: str, i: int) -> int:
+    """The seed of a target's i-th random prompt: its own draw per target, reproducible from the study's seed."""
+    return (seed * 1_000_003 + zlib.crc32(target.encode()) * 31 + i) % 2**32
+
+
+def random_sources(backbone, n_tokens: int, seed: int, target: str, count: int = RANDOM_PROMPTS) -> list[Source]:
+    """A target's random-prompt baseline as sources random:0 .. random:<count-1> (seeded per target: every worker
+    that draws them draws the same prompts)."""
+    return [Source(f"{RANDOM}:{i}", init_prompt(backbone, n_tokens, "random", seed=random_prompt_seed(seed, target, i)),
+                   RANDOM, RANDOM) for i in range(count)]
+
+
+def add_random_mean(scores: dict, count: int, splits) -> None:
+    """scores[(random, split)]: the mean of the target's random prompts' scores (the matrix's one random row)."""
+    if count:
+        for split in splits:
+            scores[(RANDOM, split)] = sum(scores[(f"{RANDOM}:{i}", split)] for i in range(count)) / count
+
+
+def score_sources(backbone, sources: list, spec, splits, limits=None, prompts_per_pass: int = 8,
+                  batch_size: int = 32, progress: bool = False,
+                  predictions: list | None = None) -> tuple[dict, dict]:
+    """({(source name, split): value}, {split: n_examples}): `sources` scored on one target, prompts of one length
+    stacked `prompts_per_pass` to a forward pass. Each split is tokenized once.
+
+    `predictions`, when a list, receives the per-example answers of the target's own prompts and of the random
+    prompts (classification targets only; see transfer_matrix)."""
+    from ptx.data import encode_split
+    from ptx.evaluate import predict_labels, score_prompts
+    from ptx.metrics import METRICS
+
+    groups = []  # prompts of one length stack into one pass
+    for n_tok in sorted({s.prompt.shape[0] for s in sources}):
+        same = [s for s in sources if s.prompt.shape[0] == n_tok]
+        groups += [same[i:i + max(1, prompts_per_pass)] for i in range(0, len(same), max(1, prompts_per_pass))]
+    kept = {s.name for s in sources if s.task in (spec.name, RANDOM)}  # whose answers the paired test reads
+    scores, sizes = {}, {}
+    for split in splits:
+        encoded = encode_split(spec, backbone, split, limit=_limit(limits, split))
+        sizes[split] = len(encoded)
+        for group in groups:
+            stacked = torch.stack([s.prompt for s in group])
+            if spec.kind == "generation" or predictions is None:
+                values = score_prompts(backbone, stacked, spec, encoded, batch_size, progress=progress)
+            else:  # label predictions once: the scores, and the examples the paired test reads
+                label_ids = backbone.label_ids(spec.label_words(backbone.kind))
+                preds, golds = predict_labels(backbone, stacked, encoded, label_ids, batch_size, progress)
+                gold = golds.tolist()
+                values = [float(METRICS[spec.metric](p.tolist(), gold)) for p in preds]
+                for s, p in zip(group, preds, strict=True):
+                    if s.name in kept:
+                        predictions += [{"target_task": spec.name, "split": split, "source_prompt_run": s.name,
+                                         "example": i, "pred": int(v), "label": int(g)}
+                                        for i, (v, g) in enumerate(zip(p.tolist(), gold, strict=True))]
+            scores.update({(s.name, split): v for s, v in zip(group, values, strict=True)})
+    return scores, sizes
+
+
+def matrix_rows(backbone_name: str, sources: list, spec, splits, scores: dict, sizes: dict) -> list[dict]:
+    """The long-format rows of one target from its scores; relative values divide by the target's own prompt (the
+    best on dev when the task has several). `sources` need only name, task and category (and dev)."""
+    own = [s for s in sources if s.task == spec.name and s.name != RANDOM]
+    if len(own) > 1:  # best dev: this matrix's dev score when it has one, else the prompt's own record
+        own.sort(key=lambda s: -(scores.get((s.name, "dev")) if "dev" in splits else (s.dev or -math.inf)))
+    rows = []
+    for split in splits:
+        ref = scores[(own[0].name, split)] if own else math.nan
+        for s in sources:
+            value = scores[(s.name, split)]
+            rel = value / ref if ref and math.isfinite(ref) else math.nan
+            rows.append({"backbone": backbone_name, "source_prompt_run": s.name, "source_task": s.task,
+                         "source_category": s.category, "target_task": spec.name,
+                         "target_category": spec.category, "split": split, "metric": spec.metric,
+                         "value": float(value), "relative_value": float(rel), "n_examples": sizes[split]})
+    return rows
+
+
+def chunk_sizes(n_sources: int, n_targets: int, slots: int, prompts_per_pass: int, waves: int = 3) -> list[int]:
+    """How one target's sources are cut into work units: sizes (largest first, differing by at most one).
+
+    A unit (a source chunk on one target) is at most one forward pass wide, and there are enough of them that
+    every slot (a task the cluster runs at once) gets about `waves` units: the last wave is then short, so no slot
+    idles for long at the end, and the progress line moves as units finish rather than once per target.
+    """
+    if n_sources < 1 or n_targets < 1:
+        return []
+    per_target = max(math.ceil(n_sources / max(1, prompts_per_pass)), math.ceil(waves * max(1, slots) / n_targets))
+    per_target = min(per_target, n_sources)
+    base, extra = divmod(n_sources, per_target)
+    return [base + 1] * extra + [base] * (per_target - extra)
 
 
 # ---- transfer-initialised prompt tuning (TPT) -----------------------------------------------------------

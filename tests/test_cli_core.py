@@ -196,3 +196,43 @@ def test_console_script_exit_code_and_one_line_stderr(tmp_path):
     usage = subprocess.run([str(exe), "train", "--backbone", "tiny-bert"], capture_output=True, text=True,
                            env=env, timeout=120)
     assert usage.returncode == 2 and "Missing option '--task'" in usage.stderr
+
+
+def test_reference_check_prints_a_table_within_120_columns_and_json(tmp_path, new_workdir, ptx_cache_dir):
+    """A small released-prompt folder of the authors' layout (prompts/BACKBONE/TASK.pt, zero_shot_transfer.csv) on
+    tiny-bert: the table fits 120 columns and shows each row of the --json output, which holds the numbers a
+    direct call of `reference_check` returns."""
+    from ptx.assets import known_d_model
+    from ptx.stages.indicators import reference_check
+
+    tasks = ["bbc_topic", "drug_condition", "drug_sentiment", "tweet_sentiment"]
+    ref = tmp_path / "ref"
+    (ref / "prompts" / "tiny-bert").mkdir(parents=True)
+    gen = torch.Generator().manual_seed(0)
+    for task in tasks:
+        torch.save(torch.randn(4, known_d_model("tiny-bert"), generator=gen), ref / "prompts" / "tiny-bert" / f"{task}.pt")
+    rows = ["backbone,target_task,source_prompt,metric,value"]
+    rows += [f"tiny-bert,{t},{s},acc,{0.3 + 0.1 * ((i * 7 + j * 3) % 5):.2f}"
+             for i, t in enumerate(tasks) for j, s in enumerate(tasks)]
+    (ref / "zero_shot_transfer.csv").write_text("\n".join(rows) + "\n")
+    wd = tmp_path / "wd"
+    new_workdir(wd / "reference-check")
+    table = invoke("reference-check", ref, "--bootstrap", "50", "--workdir", wd)
+    got = json.loads(invoke("reference-check", ref, "--bootstrap", "50", "--workdir", wd, "--json"))
+    direct = reference_check(ref, track.NullTracker(workdir=tmp_path / "n"), tmp_path / "n", bootstrap=50)
+    assert len(got) == len(direct) == 15  # 5 indicators x (pearson, spearman, kendall)
+    for row, (_, want) in zip(got, direct.iterrows(), strict=True):
+        assert row["indicator"] == want["indicator"] and row["method"] == want["method"]
+        assert row["mean_over_targets"] == pytest.approx(want["mean_over_targets"], nan_ok=True)
+        assert row["pooled_ci_high"] == pytest.approx(want["pooled_ci_high"], nan_ok=True)
+    lines = table.rstrip("\n").splitlines()
+    assert max(map(len, lines)) <= 120, max(lines, key=len)
+    assert lines[0].split() == ["backbone", "indicator", "method", "targets", "mean", "over", "targets", "[95%",
+                                "CI]", "pooled", "[95%", "CI]", "pairs"]
+    assert len(lines) == 1 + len(got)
+    for line, row in zip(lines[1:], got, strict=True):
+        assert line.split()[:4] == ["tiny-bert", row["indicator"], row["method"],
+                                    f"{row['n_targets_defined']}/{row['n_targets']}"]
+        mean = row["mean_over_targets"]
+        shown = "n/a" if mean is None else f"{mean:+.3f} [{row['ci_low']:+.3f}, {row['ci_high']:+.3f}]"
+        assert shown in line and line.endswith(str(row["n_pairs"]))

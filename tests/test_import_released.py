@@ -18,9 +18,11 @@ from mlflow.tracking import MlflowClient
 from ptx.prompt import load_prompt
 
 pytestmark = pytest.mark.usefixtures("no_env_uri")  # each test names its store (conftest.py)
-RELEASED = Path("/work/shared/reference/prompt-transferability/prompts")
-if not RELEASED.is_dir():  # the fixture lives in the shared reference folder, outside the repository
-    pytest.skip(f"released prompts not found at {RELEASED}", allow_module_level=True)
+# the fixture lives in the shared reference folder beside the repository, not in it
+RELEASED = Path(__file__).resolve().parents[1] / ".." / "shared" / "reference" / "prompt-transferability" / "prompts"
+if not RELEASED.is_dir():
+    pytest.skip("the authors' released prompts are not beside the repository (expected "
+                "../shared/reference/prompt-transferability/prompts/ relative to its root)", allow_module_level=True)
 WIDTH = {"roberta-base": 768, "roberta-large": 1024, "t5-base": 768}
 COUNT = {"roberta-base": 14, "roberta-large": 13, "t5-base": 17}
 

@@ -19,7 +19,8 @@ from ptx.errors import PtxError
 from ptx.stages import indicators as stage
 from ptx.tasks import load_task
 
-REFERENCE = Path("/work/shared/reference/prompt-transferability")
+# the authors' released prompts and results, beside the repository (not in it): ../shared/reference/...
+REFERENCE = Path(__file__).resolve().parents[1] / ".." / "shared" / "reference" / "prompt-transferability"
 TINY_KINDS = [("tiny-bert", "prepend", "decoder"), ("tiny-roberta", "paper", "decoder"),
               ("tiny-t5", "prepend", "encoder"), ("tiny-t5", "prepend", "decoder"), ("tiny-llama", "prepend", "decoder")]
 
@@ -401,7 +402,8 @@ def test_recommend_ranks_other_tasks_prompts(ptx_cache_dir, tmp_path, new_workdi
 
 # ---- the authors' released prompts -------------------------------------------------------------------
 @pytest.mark.slow
-@pytest.mark.skipif(not REFERENCE.is_dir(), reason="reference artifacts not present")
+@pytest.mark.skipif(not REFERENCE.is_dir(), reason="the authors' released prompts are not beside the repository "
+                    "(expected ../shared/reference/prompt-transferability/ relative to its root)")
 def test_reference_prompts_import_and_correlate(ptx_cache_dir, tmp_path, new_workdir):
     new_workdir(tmp_path)  # its store: a copy of the migrated empty db
     from ptx.prompt import import_torch_prompt

@@ -3,7 +3,9 @@ tiny-llama (decoder-only, 64). Real Ray (local, 2 CPUs) and real MLflow (sqlite 
 
 import base64
 import hashlib
+import io
 import json
+import re
 import zipfile
 from dataclasses import replace
 
@@ -12,7 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ptx import assets_large, track
+from ptx import assets_large, progress, track
 from ptx.backbones import load_backbone
 from ptx.config import DataLimits, ProjectorStage, StudySpec
 from ptx.data import encode_split, iterate_batches
@@ -357,7 +359,15 @@ def test_stage_trains_evaluates_and_runs_tpt_model(tmp_path, cache, ray_local, n
         run_projector_stage(replace(spec, projector=replace(spec.projector, target_backbone="tiny-roberta")),
                             tracker, tmp_path, objectives=("distance",))
 
-    out = run_projector_stage(spec, tracker, tmp_path, objectives=("distance", "task"))
+    shown = io.StringIO()
+    with progress.watching(progress.Display(shown, interactive=False, interval=0)), \
+            progress.stage("projector", 0, "steps"):
+        out = run_projector_stage(spec, tracker, tmp_path, objectives=("distance", "task"))
+    # the total is known from the first line: 2 projectors x their steps + TPT_MODEL's 2 runs x train steps
+    total = 2 * spec.projector.steps + 2 * spec.train.steps
+    counts = [tuple(map(int, m)) for m in re.findall(r"^\[projector\] (\d+)/(\d+) steps", shown.getvalue(), re.M)]
+    assert counts[-1] == (total, total) and {t for _, t in counts} == {total}, counts
+    assert [d for d, _ in counts] == sorted(d for d, _ in counts)  # it only moves forward
     # leave-one-task-out: the one evaluated task gets projectors trained on the other task only
     assert not out["skipped"] and set(out["projectors"]) == {"distance (without tweet_sentiment)",
                                                              "task (without tweet_sentiment)"}

@@ -1,14 +1,16 @@
 """The zero-shot transfer matrix, its resumable Ray/MLflow stage, and TPT's convergence speed-up (tiny backbones)."""
 
 import dataclasses
+import io
 import math
+import re
 from pathlib import Path
 
 import pandas as pd
 import pytest
 import torch
 
-from ptx import track
+from ptx import progress, track
 from ptx.backbones import load_backbone
 from ptx.config import DataLimits, Resources, StudySpec, TptStage, TransferStage
 from ptx.data import collate, encode_split
@@ -16,10 +18,15 @@ from ptx.errors import PtxError
 from ptx.evaluate import score_prompts
 from ptx.prompt import backbone_meta
 from ptx.stages.tpt import run_tpt_stage
-from ptx.stages.transfer import load_transfer_table, run_transfer_stage, transfer_matrix_from_store
+from ptx.stages.transfer import (
+    load_transfer_table,
+    plan_units,
+    run_transfer_stage,
+    transfer_matrix_from_store,
+)
 from ptx.tasks import load_task
 from ptx.train import TrainSettings
-from ptx.transfer import KIND_UNIT, RANDOM, convergence_speedup, transfer_matrix
+from ptx.transfer import KIND_UNIT, RANDOM, chunk_sizes, convergence_speedup, transfer_matrix
 
 TARGETS = ["tweet_sentiment", "drug_sentiment", "bbc_topic"]
 
@@ -227,13 +234,63 @@ def study(tmp_path_factory, new_workdir):
     reqs.append(stages.with_settings(reqs[0], seed=1))  # a second seed of tweet_sentiment: one more source
     bank = [stages.run_prompt(r, workdir, tracker) for r in reqs]
     sweep.connect(num_cpus=2)
-    first = run_transfer_stage(spec, tracker, workdir)
-    yield {"spec": spec, "tracker": tracker, "workdir": workdir, "bank": bank, "first": first}
+    shown = io.StringIO()  # what a person watching sees: a plain line at every change (interval 0)
+    with progress.watching(progress.Display(shown, interactive=False, interval=0)), \
+            progress.stage("transfer", 0, "pairs"):
+        first = run_transfer_stage(spec, tracker, workdir)
+    yield {"spec": spec, "tracker": tracker, "workdir": workdir, "bank": bank, "first": first,
+           "shown": shown.getvalue()}
     sweep.shutdown()
 
 
 def _units(tracker, status="FINISHED"):
     return tracker.find_runs({"ptx.kind": KIND_UNIT}, status=status)
+
+
+def test_unit_plan_cuts_each_target_into_chunks_that_keep_every_slot_busy():
+    # per target: enough chunks for about 3 units a slot over all targets, each at most one pass wide
+    assert chunk_sizes(5, 4, 2, 4) == [3, 2]  # the demo: 4 prompts + the random one, 4 targets, 2 cores
+    assert chunk_sizes(13, 4, 2, 7) == [7, 6]  # findings: 12 prompts + random; a pass of 7 already gives 8 units
+    assert chunk_sizes(5, 1, 2, 8) == [1, 1, 1, 1, 1]  # one target: as many units as sources, no more
+    assert chunk_sizes(10, 2, 2, 8) == [4, 3, 3]  # 3 a target (6 units for 2 slots), sizes differ by one at most
+    assert chunk_sizes(0, 4, 2, 8) == []
+    plan = plan_units(["a", "b"], ["p1", "p2", "p3", "p4"], True, 2, 4)
+    assert plan == [("a", ["p1", "p2"], False), ("a", ["p3", "p4"], False), ("a", [], True),
+                    ("b", ["p1", "p2"], False), ("b", ["p3", "p4"], False), ("b", [], True)]
+    assert plan_units(["a"], ["p1", "p2"], False, 1, 8) == [("a", ["p1"], False), ("a", ["p2"], False)]
+
+
+def _makespan(costs: list, slots: int) -> float:
+    """Finish time of `costs` run in order, each unit on the first free slot (how Ray's FIFO queue hands them out)."""
+    free = [0.0] * slots
+    for c in costs:
+        free.sort()
+        free[0] += c
+    return max(free)
+
+
+def test_unit_plan_leaves_no_core_idle_for_long_where_one_task_per_target_did():
+    """Four targets of unequal cost (the findings study: drug_condition has half the test examples of the others)
+    on 2 slots: one task per target ends with one slot idle for a whole target; the chunk plan ends within 10% of
+    the ideal (total work / slots)."""
+    per_source = {"a": 1.0, "b": 1.0, "c": 1.0, "d": 0.5}  # seconds to score one source on each target
+    sources = [f"p{i}" for i in range(12)]
+    whole = [13 * per_source[t] for t in per_source]  # one task per target: 12 prompts + the random one
+    ideal = sum(whole) / 2
+    assert _makespan(whole, 2) == pytest.approx(ideal + 13 * 0.25)  # 26 + 6.5 vs the ideal 22.75
+    plan = plan_units(list(per_source), sources, True, 2, 7)
+    chunked = [(len(names) + rnd) * per_source[t] for t, names, rnd in plan]
+    assert sum(chunked) == pytest.approx(sum(whole))  # the same work, cut finer
+    assert _makespan(chunked, 2) <= 1.1 * ideal
+
+
+@pytest.mark.ray
+def test_transfer_stage_progress_moves_as_each_chunk_lands(study):
+    """3 targets x (4 prompts + the random one) on 2 slots: chunks of 3 and 2 sources (6 Ray tasks), so the line
+    moves 6 times, by 3 or 2 pairs, to 15 pairs."""
+    done = sorted({int(m) for m in re.findall(r"^\[transfer\] (\d+)/15 pairs", study["shown"], re.M)})
+    steps = [b - a for a, b in zip(done, done[1:], strict=False)]
+    assert done[0] == 0 and done[-1] == 15 and sorted(steps) == [2, 2, 2, 3, 3, 3], study["shown"]
 
 
 @pytest.mark.ray

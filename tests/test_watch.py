@@ -26,6 +26,7 @@ from ptx import sweep, track
 pytestmark = pytest.mark.ray
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 needs_chromium = pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="headless Chromium missing: run `make browser`")
+RAY_FORWARDED = re.compile(r"(\x1b\[[\d;]*m)*\([^\s()]+ pid=\d+(, ip=[\w.:-]+)?\)")
 STAGE_UNITS = {"train": "trials", "transfer": "pairs", "tpt": "trials", "indicators": "batches",
                "projector": "steps", "report": "stage"}
 
@@ -60,10 +61,14 @@ def test_smoke_study_prints_one_progress_line_per_stage(smoke):
         assert int(re.match(r"\[\w+\] (\d+)", final[-1]).group(1)) > 0
     assert re.search(r"^\[train\] 4/4 trials 100% \| .*best 0\.\d{3}", out, re.M)  # best dev figure so far
     assert re.search(r"^\[transfer\] 20/20 pairs 100%", out, re.M)  # 4 targets x (4 prompts + a random one)
-    # Ray forwards its workers' warnings and errors as "(Name pid=N) ..." lines, which stay as Ray writes them
-    ours = [ln for ln in lines if not re.match(r"(\x1b\[\d+m)?\(\w+ pid=\d+", ln)]
+    # Ray forwards its workers' warnings and errors as "(NAME pid=N[, ip=A]) ..." lines (NAME a class, task or
+    # actor name such as a trial's "drug_sentiment-tiny-llama-s0-1a2b_00001", maybe coloured), which stay as Ray
+    # writes them
+    ours = [ln for ln in lines if not RAY_FORWARDED.match(ln)]
     wide = [ln for ln in ours if len(ln) > 120]
     assert not wide, wide
+    for noise in ("Traceback", "Exception ignored", "Writing model shards", "Loading weights", "it/s]"):
+        assert noise not in out, noise  # no worker's shutdown traceback, no third-party bar
     for noise in ("Configuration for experiment", "Trial status", "Checkpoint successfully created",
                   "View detailed results here"):  # Tune's own tables and lines: only with -v
         assert noise not in out
@@ -75,6 +80,17 @@ def test_smoke_study_prints_one_progress_line_per_stage(smoke):
     assert out.rstrip().splitlines()[-3:] == [  # it ends with the report, the MLflow UI and the dashboard
         f"report: {smoke.workdir / 'report' / 'index.html'}", f"MLflow UI: ptx ui {smoke.workdir}",
         f"Ray dashboard: {_dashboard(smoke)} (its local Ray stops with this command)"]
+
+
+def test_ray_forwarded_line_filter_matches_the_shapes_ray_writes():
+    """The filter above, on the prefixes Ray puts before a worker's forwarded line (checked by hand against Ray's
+    log monitor output): class, task and hyphenated trial-actor names, with and without colour and node address."""
+    forwarded = ["(ResourceTrainable pid=4211) warning", "\x1b[36m(_score_target pid=88)\x1b[0m Traceback",
+                 "(drug_sentiment-tiny-llama-s0-1a2b3c4d_00001 pid=9120) Exception ignored in: <function WeakSet",
+                 "\x1b[2m\x1b[36m(bbc_topic-smollm2-135m-s2-ab12_00003 pid=77, ip=10.0.0.5)\x1b[0m x"]
+    ours = ["[train] 4/4 trials 100% | 0:12 elapsed", "study smoke: results under /tmp/x (pid=3)",
+            "  (w pid=12) not at the line start", "( pid=1) no name"]
+    assert [bool(RAY_FORWARDED.match(ln)) for ln in forwarded + ours] == [True] * 4 + [False] * 4
 
 
 def test_smoke_demo_runs_every_stage_and_its_report_renders(smoke, tmp_path):

@@ -218,8 +218,7 @@ def train_projectors(spec, tracker, workdir, stage_run: str, objectives, src_ban
     unique = list({j["digest"]: j for j in jobs}.values())  # two units with one training set: trained once
     sweep.connect()
     res = {"cpu": spec.resources.cpu, "gpu": spec.resources.gpu, "custom": dict(spec.resources.custom)}
-    bar = progress.current()  # the projector stage's: units are training steps (projectors, then TPT_MODEL)
-    bar.update(total=bar.total + sum(j["settings"]["steps"] for j in unique))
+    bar = progress.current()  # the projector stage's steps; run_projector_stage set its total up front
     done = sweep.map_tasks(_train_job, unique, resources=res,
                            names=[f"projector-{j['objective']}-{j['unit']}" for j in unique], on_units=bar.advance)
     by_digest = {j["digest"]: o for j, o in zip(unique, done, strict=True)}
@@ -342,8 +341,7 @@ def tpt_model(spec, tracker, workdir: Path, stage_run: str, objective: str, proj
 
     p, rows = spec.projector, []
     todo = [t for t in tasks or p.eval_tasks or spec.tasks if (objective, t) in projected_dirs]
-    bar = progress.current()  # two prompt-tuning runs per task, counted in steps
-    bar.update(total=bar.total + 2 * spec.train.steps * len(todo))
+    bar = progress.current()  # two prompt-tuning runs per task, counted in steps (planned_steps counted them)
     for task in todo:
         init_dir = projected_dirs[objective, task]
         n = int(load_prompt(init_dir).prompt.shape[0])
@@ -364,6 +362,19 @@ def tpt_model(spec, tracker, workdir: Path, stage_run: str, objective: str, proj
                      "vanilla_init": v_curve[0]["dev_metric"], "tpt_init": t_curve[0]["dev_metric"],
                      **convergence_speedup(v_curve, t_curve)})
     return rows
+
+
+def planned_steps(spec, units: list, objectives, src_bank: dict, tpt: bool, tpt_tasks=None) -> int:
+    """The stage's progress total, known before anything runs: each distinct projector's training steps (two units
+    with one training set train once) and, with TPT_MODEL, two prompt-tuning runs per task that some projector
+    holds out and that has a source prompt to project (the tasks tpt_model will find)."""
+    trained = {(o, tuple(u["train"])) for o in objectives for u in units}
+    steps = len(trained) * spec.projector.steps
+    if tpt:
+        held_out = {t for u in units for t in u["eval"] if t not in u["train"] and t in src_bank}
+        todo = [t for t in tpt_tasks or spec.projector.eval_tasks or spec.tasks if t in held_out]
+        steps += 2 * spec.train.steps * len(todo)
+    return steps
 
 
 def run_projector_stage(spec, tracker, workdir, objectives=None, evaluate: bool = True, tpt: bool = True,
@@ -399,6 +410,8 @@ def run_projector_stage(spec, tracker, workdir, objectives=None, evaluate: bool 
         tgt_bank = bank(tracker, workdir, p.target_backbone, tasks, spec.name)
         tracker.log(stage_run, params={"projector": asdict(p), "objectives": list(objectives),
                                        "units": json.dumps({u["key"]: u["train"] for u in units})})
+        # the whole total at once, so the line never reaches 100% of the projectors and then restarts lower
+        progress.current().update(total=planned_steps(spec, units, objectives, src_bank, evaluate and tpt, tpt_tasks))
         projectors = train_projectors(spec, tracker, workdir, stage_run, objectives, src_bank, tgt_bank, source, target,
                                       units)
         out = {"skipped": False, "stage_run": stage_run, "projectors": projectors}

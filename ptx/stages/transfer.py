@@ -1,8 +1,10 @@
 """The transfer stage: the study's zero-shot transfer matrix per backbone, resumable.
 
-A matrix unit is one (backbone, target task): one Ray task loads the backbone, tokenizes each target split
-once and scores every bank prompt on it (ptx.transfer.transfer_matrix). Each unit is its own MLflow run
-(`ptx.kind=transfer_unit`) keyed by a config hash, so an interrupted matrix resumes with only its missing units.
+A matrix unit is one (backbone, target task), its own MLflow run (`ptx.kind=transfer_unit`) keyed by a config
+hash, so an interrupted matrix resumes with only its missing units. The work is finer: each unit's sources (the
+random prompt among them) are cut into chunks and every (chunk, target) is one Ray task, enough of them that
+every core stays busy to the end and the progress line moves as chunks finish; the driver assembles a target's
+chunks into its table (relative values need every source's score) and logs the unit when its last chunk lands.
 """
 
 import dataclasses
@@ -23,8 +25,18 @@ from ptx.transfer import (
     KIND_UNIT,
     RANDOM,
     RANDOM_PROMPTS,
+    SCHEMA,
+    Source,
+    _describe,
+    _sources,
     _spec,
+    add_random_mean,
     check_targets,
+    chunk_sizes,
+    matrix_rows,
+    random_length,
+    random_sources,
+    score_sources,
     transfer_matrix,
 )
 
@@ -75,24 +87,93 @@ def _backbone(name: str, insertion: str):
     return _LOADED[key]
 
 
-def run_unit(unit: dict) -> pa.Table:
-    """Ray task: score the whole bank on one target, then log the unit as its own MLflow run."""
+def run_chunk(chunk: dict) -> dict:
+    """Ray task: score one chunk of the bank (and maybe the random prompt) on one target; the driver assembles a
+    target's chunks into its table. Returns {scores: [(source, split, value)], sizes, seconds}."""
     t0 = time.perf_counter()
-    bb = _backbone(unit["backbone"], unit["insertion"])
-    target = _spec(unit["target"], unit.get("max_length"))
+    bb = _backbone(chunk["backbone"], chunk["insertion"])
+    target = _spec(chunk["target"], chunk.get("max_length"))
+    sources = _sources(chunk["prompts"], bb) if chunk["prompts"] else []
+    if chunk["random_tokens"]:  # the target's own seeded random prompts, scored together in this chunk
+        sources += random_sources(bb, chunk["random_tokens"], chunk["seed"], chunk["target"], chunk["random_prompts"])
     predictions: list = []  # the own and random prompts' answers per example, for the paired test in the report
-    table = transfer_matrix(bb, unit["prompts"], [target], unit["splits"], unit["limits"],
-                            unit["prompts_per_pass"], unit["batch_size"], unit["random_baseline"], unit["seed"],
-                            random_prompts=unit.get("random_prompts", 1), predictions=predictions)
-    tracker = track.MlflowTracker(unit["tracking_uri"], unit["experiment"], workdir=Path(unit["workdir"]))
+    scores, sizes = score_sources(bb, sources, target, chunk["splits"], chunk["limits"], chunk["prompts_per_pass"],
+                                  chunk["batch_size"], predictions=predictions)
+    return {"scores": [(name, split, float(v)) for (name, split), v in scores.items()], "sizes": sizes,
+            "predictions": predictions, "seconds": time.perf_counter() - t0}
+
+
+def plan_units(targets: list, sources: list, random_baseline: bool, slots: int, prompts_per_pass: int) -> list:
+    """[(target, [source names], with the random prompt)]: each target's sources (the random prompt last) cut into
+    chunks (ptx.transfer.chunk_sizes), in target order so that targets complete, and are logged, one after another."""
+    names = [*sources, RANDOM] if random_baseline else list(sources)
+    units = []
+    for target in targets:
+        start = 0
+        for size in chunk_sizes(len(names), len(targets), slots, prompts_per_pass):
+            part = names[start:start + size]
+            start += size
+            units.append((target, [n for n in part if n != RANDOM], RANDOM in part))
+    return units
+
+
+def _log_unit(tracker, unit: dict, table: pa.Table, seconds: float, predictions: list) -> None:
+    """One target's matrix as its own run (ptx.kind=transfer_unit), keyed by the unit's config hash, with the
+    per-example predictions of its own and random prompts when it has any."""
     run_id = tracker.start_run(track.run_name("transfer", unit["target"], unit["backbone"]), unit["tags"], unit["parent"])
     tracker.log_table(run_id, table, KIND_UNIT, "unit.parquet")
     if predictions:
         tracker.log_table(run_id, pa.Table.from_pylist(predictions), KIND_UNIT, "predictions.parquet")
-    tracker.log(run_id, {"rows": table.num_rows, "seconds": time.perf_counter() - t0},
-                params={"sources": len(unit["prompts"]), "splits": list(unit["splits"]), "limits": unit["limits"]})
+    tracker.log(run_id, {"rows": table.num_rows, "seconds": seconds},
+                params={"sources": unit["n_sources"], "splits": list(unit["splits"]), "limits": unit["limits"]})
     tracker.finish(run_id)
-    return table
+
+
+def _compute_targets(todo: list, bank: dict, unit_of: dict, cfg, address, bar) -> dict:
+    """Score `todo` targets over (source chunk, target) Ray tasks; log each target's unit run as its last chunk
+    lands. Returns {target: table}."""
+    from ptx import sweep
+    from ptx.packing import packing
+
+    sweep.connect(address)
+    res = dataclasses.asdict(cfg.resources)
+    slots = sum(packing(res, n["resources"])["trials"] for n in sweep.live_nodes())  # tasks the cluster runs at once
+    first = unit_of[todo[0]]
+    plan = plan_units(todo, list(bank), first["random_baseline"], slots, cfg.prompts_per_pass)
+    lengths = [a.prompt.shape[0] for a in bank.values()]
+    chunks = [{"backbone": first["backbone"], "insertion": first["insertion"], "target": t, "seed": first["seed"],
+               "max_length": first.get("max_length"), "splits": list(cfg.splits), "limits": first["limits"],
+               "prompts": {rid: (bank[rid].prompt, bank[rid].meta) for rid in names},
+               "random_tokens": random_length(lengths) if with_random else None,
+               "random_prompts": first["random_prompts"],
+               "prompts_per_pass": cfg.prompts_per_pass, "batch_size": cfg.batch_size}
+              for t, names, with_random in plan]
+    left = {t: sum(1 for u in plan if u[0] == t) for t in todo}
+    scores, sizes, seconds, tables = {t: {} for t in todo}, {}, dict.fromkeys(todo, 0.0), {}
+    predictions = {t: [] for t in todo}
+    described = [Source(rid, a.prompt, *_describe(a.meta, rid)) for rid, a in bank.items()]
+    if first["random_baseline"]:
+        described.append(Source(RANDOM, None, RANDOM, RANDOM))
+
+    def landed(i: int, got: dict) -> None:
+        target = plan[i][0]
+        scores[target].update({(name, split): v for name, split, v in got["scores"]})
+        sizes[target] = got["sizes"]
+        seconds[target] += got["seconds"]
+        predictions[target] += got["predictions"]
+        left[target] -= 1
+        bar.advance(len(plan[i][1]) + plan[i][2])  # this chunk's (source, target) pairs
+        if not left[target]:  # the target's last chunk: its table is complete
+            unit, spec = unit_of[target], _spec(target, first.get("max_length"))
+            if first["random_baseline"]:  # the matrix's one random row: the mean of the target's random prompts
+                add_random_mean(scores[target], first["random_prompts"], unit["splits"])
+            rows = matrix_rows(unit["backbone"], described, spec, unit["splits"], scores[target], sizes[target])
+            tables[target] = pa.Table.from_pylist(rows, schema=SCHEMA)
+            _log_unit(unit["tracker"], unit, tables[target], seconds[target], predictions[target])
+
+    sweep.map_tasks(run_chunk, chunks, res, names=[f"transfer-{first['backbone']}-{t}-{i}".replace("/", "_")
+                                                   for i, (t, _, _) in enumerate(plan)], on_done=landed)
+    return tables
 
 
 def _study_tracker(spec, tracker, workdir: Path):
@@ -101,9 +182,8 @@ def _study_tracker(spec, tracker, workdir: Path):
 
 
 def run_transfer_stage(spec, tracker, workdir: Path, address: str | None = None) -> dict:
-    """Compute or resume the study's transfer matrix per backbone: one Ray task per missing (backbone, target) unit."""
-    from ptx import sweep
-
+    """Compute or resume the study's transfer matrix per backbone: a missing (backbone, target) unit is scored over
+    (source chunk, target) Ray tasks and logged as one run when its last chunk lands."""
     workdir = Path(workdir).resolve()
     tracker, cfg = _study_tracker(spec, tracker, workdir), spec.transfer
     limits = {"dev": spec.data.dev_limit, "test": spec.data.test_limit}
@@ -139,19 +219,10 @@ def run_transfer_stage(spec, tracker, workdir: Path, address: str | None = None)
         parent = tracker.start_run(track.run_name("transfer", spec.name, name), {
             "ptx.kind": track.KIND_TRANSFER, "ptx.backbone": name, "ptx.study": spec.name, "ptx.config_hash": digest})
         try:
-            units = [{**base, "target": t, "prompts": {rid: (a.prompt, a.meta) for rid, a in bank.items()},
-                      "prompts_per_pass": cfg.prompts_per_pass, "batch_size": cfg.batch_size,
-                      "tracking_uri": tracker.uri, "experiment": spec.name, "workdir": str(workdir), "parent": parent,
-                      "tags": {"ptx.kind": KIND_UNIT, "ptx.backbone": name, "ptx.task": t, "ptx.study": spec.name,
-                               "ptx.config_hash": hashes[t]}} for t in todo]
-            if units:
-                sweep.connect(address)
-                fresh = sweep.map_tasks(run_unit, units, dataclasses.asdict(cfg.resources),
-                                        names=[f"transfer-{name}-{t}".replace("/", "_") for t in todo],
-                                        on_done=lambda i, table, n=pairs: bar.advance(n))
-            else:
-                fresh = []
-            tables = dict(zip(todo, fresh, strict=True))
+            unit_of = {t: {**base, "target": t, "tracker": tracker, "parent": parent, "n_sources": len(bank),
+                           "tags": {"ptx.kind": KIND_UNIT, "ptx.backbone": name, "ptx.task": t, "ptx.study": spec.name,
+                                    "ptx.config_hash": hashes[t]}} for t in todo}
+            tables = _compute_targets(todo, bank, unit_of, cfg, address, bar) if todo else {}
             tables.update({t: tracker.read_table(r.run_id, KIND_UNIT, "unit.parquet")
                            for t, r in done.items() if r is not None})
             table = pa.concat_tables([tables[t] for t in spec.tasks])
