@@ -70,6 +70,9 @@ class Postgres:
         self._run("createuser", "-h", "127.0.0.1", "-p", str(self.port), "-U", "ptx", "mlflow")
         self._run("createdb", "-h", "127.0.0.1", "-p", str(self.port), "-U", "ptx", "-O", "mlflow", "mlflow")
         self.address = f"127.0.0.1:{self.port}"
+        # a store URI for servers started outside the manifest's configuration (benchmarks/bench_scale.py); the
+        # driver named: SQLAlchemy 2.1 maps plain postgresql:// to psycopg 3, the image carries psycopg2
+        self.uri = f"postgresql+psycopg2://ptx@{self.address}/mlflow"
 
     def _run(self, tool: str, *args: str) -> None:
         out = subprocess.run([*self.as_user, str(self.bin / tool), *args], capture_output=True, text=True,
