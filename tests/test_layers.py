@@ -1,13 +1,18 @@
 """The layering of ptx (docs/design.md, "Layers"), read from the source with ast: every import statement counts,
 module-level or inside a function; imports under `if TYPE_CHECKING:` do not (they never run).
 
-    cli, __main__                      the only click user
+    cli/, __main__                     cli/: the only click user (a package: options, commands, servers)
     stages/*  (run_study, one module per stage)
-    report    prompt_runs    sweep     sweep: the only Ray user
+    report    sweep/                   sweep/: the only Ray user (a package: cluster, experiment, tuner, trials,
+                 |                             groups, finalisation, pools, faults)
+              plan                     study planning without Ray (requests, groups, plan, sweep settings)
+                 |
+              prompt_runs
     track                              the only MLflow user
     library   (everything else: tasks backbones data prompt train ... figures config)
 
-A module may import its own layer and the layers below it, never above; and there is no import cycle.
+A module may import its own layer and the layers below it, never above; and there is no import cycle. A package
+(cli/, sweep/, stages/) counts as one place: its modules share its rules and may import each other.
 """
 
 import ast
@@ -17,19 +22,21 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent / "ptx"
 
-ADAPTERS = {"ptx.track", "ptx.sweep", "ptx.prompt_runs", "ptx.report"}
-TOP = {"ptx.cli", "ptx.__main__"}
-# what no library module may import: the MLflow and Ray adapters, the stages, the report, the CLI
-NOT_FOR_LIBRARY = ("ptx.track", "ptx.sweep", "ptx.prompt_runs", "ptx.report", "ptx.stages", "ptx.cli")
+# the adapters, each a module or a package (every module under it)
+ADAPTERS = ("ptx.track", "ptx.sweep", "ptx.plan", "ptx.prompt_runs", "ptx.report")
+TOP = ("ptx.cli", "ptx.__main__")  # the CLI package and `python -m ptx`
+# what no library module may import: the MLflow and Ray adapters, planning, the stages, the report, the CLI
+NOT_FOR_LIBRARY = ("ptx.track", "ptx.sweep", "ptx.plan", "ptx.prompt_runs", "ptx.report", "ptx.stages", "ptx.cli")
 # per adapter, the ptx modules (or packages) above its layer it must not import
 ADAPTER_MUST_NOT = {
-    "ptx.track": ("ptx.sweep", "ptx.prompt_runs", "ptx.report", "ptx.stages", "ptx.cli"),
-    "ptx.prompt_runs": ("ptx.sweep", "ptx.report", "ptx.stages", "ptx.cli"),
+    "ptx.track": ("ptx.sweep", "ptx.plan", "ptx.prompt_runs", "ptx.report", "ptx.stages", "ptx.cli"),
+    "ptx.prompt_runs": ("ptx.sweep", "ptx.plan", "ptx.report", "ptx.stages", "ptx.cli"),
+    "ptx.plan": ("ptx.sweep", "ptx.report", "ptx.stages", "ptx.cli"),  # planning never reaches the Ray adapter
     "ptx.sweep": ("ptx.report", "ptx.stages", "ptx.cli"),
     "ptx.report": ("ptx.sweep", "ptx.prompt_runs", "ptx.stages", "ptx.cli"),
 }
-# third-party packages with one home each
-ONLY_IN = {"mlflow": {"ptx.track"}, "ray": {"ptx.sweep"}, "click": {"ptx.cli"}}
+# third-party packages with one home each (a module, or a package and every module under it)
+ONLY_IN = {"mlflow": ("ptx.track",), "ray": ("ptx.sweep",), "click": ("ptx.cli",)}
 
 # Imports that break a rule today and are being removed; the test fails when one goes (drop it here) or a new
 # violation appears. Each entry: (importer, imported).
@@ -94,15 +101,16 @@ def violations(graph: dict[str, set[str]]) -> set[tuple[str, str]]:
     for mod, names in graph.items():
         for imp in names:
             top = imp.split(".")[0]
-            if top in ONLY_IN and mod not in ONLY_IN[top]:
+            if top in ONLY_IN and not _under(mod, ONLY_IN[top]):
                 bad.add((mod, top))
             if not imp.startswith("ptx."):
                 continue
-            if _under(mod, ("ptx.stages",)) or mod in TOP:
-                if _under(imp, ("ptx.cli",)) and mod != "ptx.__main__":
+            adapter = next((a for a in ADAPTERS if _under(mod, (a,))), None)
+            if _under(mod, ("ptx.stages",)) or _under(mod, TOP):
+                if _under(imp, ("ptx.cli",)) and not _under(mod, TOP):  # the CLI's own modules and __main__ may
                     bad.add((mod, imp))
-            elif mod in ADAPTERS:
-                if _under(imp, ADAPTER_MUST_NOT[mod]):
+            elif adapter is not None:
+                if _under(imp, ADAPTER_MUST_NOT[adapter]):
                     bad.add((mod, imp))
             elif _under(imp, NOT_FOR_LIBRARY):
                 bad.add((mod, imp))
@@ -149,8 +157,8 @@ def graph():
 def test_the_graph_sees_every_module_and_function_level_imports(graph):
     assert {"ptx.track", "ptx.sweep", "ptx.cli", "ptx.figures", "ptx.stages", "ptx.stages.tpt",
             "ptx.tasks", "ptx.tasks.sources"} <= set(graph)
-    def tops(mod):
-        return {n.split(".")[0] for n in graph[mod]}
+    def tops(package):  # what the modules of a package (or a module) import, by top-level name
+        return {n.split(".")[0] for mod, names in graph.items() if _under(mod, (package,)) for n in names}
 
     assert "mlflow" in tops("ptx.track") and "ray" in tops("ptx.sweep") and "click" in tops("ptx.cli")
     assert "ptx.sweep" in graph["ptx.stages"]  # imported inside open_study's body
@@ -182,3 +190,49 @@ def test_the_checker_finds_planted_violations(tmp_path):
     assert g["ptx.stages"] == {"ptx.stages.train"}
     assert violations(g) == {("ptx.data", "mlflow"), ("ptx.data", "ptx.sweep"), ("ptx.stages.train", "click")}
     assert cycles(g) == [["ptx.data", "ptx.sweep"]]
+
+
+def test_ray_and_click_stay_inside_their_packages(graph):
+    """Ray only inside ptx/sweep/, click only inside ptx/cli/: no module elsewhere imports them, and no module
+    outside the CLI imports a module of the CLI package."""
+    for package, top in (("ptx.sweep", "ray"), ("ptx.cli", "click")):
+        outside = {mod for mod, names in graph.items() if not _under(mod, (package,))
+                   and any(n.split(".")[0] == top for n in names)}
+        assert outside == set(), f"{top} imported outside {package}"
+    assert {m for m, names in graph.items() if not _under(m, TOP) and any(_under(n, ("ptx.cli",)) for n in names)} \
+        == set()
+
+
+def test_planning_reaches_no_ray(graph):
+    """ptx.plan (what `ptx run --dry-run` and the stages plan with) reaches neither Ray nor the Ray adapter
+    through anything it imports, directly or not."""
+    seen, todo = set(), ["ptx.plan"]
+    while todo:
+        mod = todo.pop()
+        if mod in seen:
+            continue
+        seen.add(mod)
+        todo.extend(n for n in graph.get(mod, ()) if n in graph)
+    reached = {n for m in seen for n in graph[m]}
+    assert not {n for n in reached if n.split(".")[0] == "ray" or _under(n, ("ptx.sweep",))}, sorted(seen)
+
+
+def test_the_checker_follows_packages(tmp_path):
+    """The rules hold for packages: Ray anywhere under ptx/sweep/ and click anywhere under ptx/cli/ pass, their
+    modules import each other; Ray in ptx.plan, ptx.plan importing the Ray adapter, a library module importing
+    ptx.plan and a stage importing a CLI module are caught."""
+    pkg = tmp_path / "ptx"
+    for sub in ("stages", "sweep", "cli"):
+        (pkg / sub).mkdir(parents=True)
+    (pkg / "__init__.py").write_text("")
+    (pkg / "stages" / "__init__.py").write_text("from ptx.cli import options\n")
+    (pkg / "sweep" / "__init__.py").write_text("from ptx.sweep import pools\n")
+    (pkg / "sweep" / "pools.py").write_text("import ray\nfrom ptx import plan, track\n")
+    (pkg / "cli" / "__init__.py").write_text("from ptx.cli import options\n")
+    (pkg / "cli" / "options.py").write_text("import click\nfrom ptx import sweep\n")
+    (pkg / "plan.py").write_text("import ray.tune\nfrom ptx.sweep import pools\n")
+    (pkg / "track.py").write_text("import mlflow\n")
+    (pkg / "data.py").write_text("from ptx.plan import plan\n")
+    g = import_graph(pkg)
+    assert violations(g) == {("ptx.stages", "ptx.cli.options"), ("ptx.plan", "ray"), ("ptx.plan", "ptx.sweep.pools"),
+                             ("ptx.data", "ptx.plan")}

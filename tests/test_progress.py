@@ -78,12 +78,12 @@ def _trial(status, steps, step=None, best=None):
 
 
 def test_trial_callback_counts_finished_trials_best_and_steps(monkeypatch):
-    import ptx.sweep as sweep
+    from ptx.sweep import tuner
 
     display = progress.Display(io.StringIO(), interactive=False, interval=3600)
     with progress.watching(display), progress.stage("train", 0, "trials") as bar:
-        monkeypatch.setattr(sweep, "_bar", bar)
-        monkeypatch.setattr(sweep, "_bar_base", (0, 0))
+        monkeypatch.setattr(tuner, "_bar", bar)
+        monkeypatch.setattr(tuner, "_bar_base", (0, 0))
         bar.update(total=5)  # 5 trials planned; Tune has created 4 so far
         trials = [_trial("TERMINATED", 20, 20, 0.7), _trial("ERROR", 20, 5, 0.9), _trial("RUNNING", 20, 10, 0.6),
                   _trial("PENDING", 20)]

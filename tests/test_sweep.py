@@ -16,6 +16,7 @@ from support import write_spec
 from ptx import sweep, track
 from ptx.config import load_study
 from ptx.errors import PtxError
+from ptx.sweep import experiment as tune_experiment
 
 pytestmark = pytest.mark.ray
 FAIL_MARKERS = None  # set by the fixture: the fault hook is armed only while this directory exists
@@ -197,11 +198,11 @@ def test_unstarted_trials_are_the_planned_ones_no_trial_config_covers():
 def test_an_unstarted_trial_carries_its_searched_values_in_its_request():
     req = dataclasses.asdict(sweep.PromptRequest(task="tweet_sentiment", backbone="tiny-llama",
                                                  settings=sweep.TrainSettings(steps=6, lr=0.3, seed=1)))
-    entry, (built,) = sweep._baked({"base": req, "grid": {"lr": 0.05}}, {"lr": {"grid": [0.05, 0.5]},
+    entry, (built,) = tune_experiment.baked_trial({"base": req, "grid": {"lr": 0.05}}, {"lr": {"grid": [0.05, 0.5]},
                                                                         "prompt_length": {"choice": [7]}})
     assert (built.settings.lr, built.prompt_length, built.settings.seed, built.settings.steps) == (0.05, 7, 1, 6)
     assert entry == dataclasses.asdict(built)
-    group, members = sweep._baked({"base": [req, {**req, "task": "drug_sentiment"}], "grid": {"lr": 0.5}}, None)
+    group, members = tune_experiment.baked_trial({"base": [req, {**req, "task": "drug_sentiment"}], "grid": {"lr": 0.5}}, None)
     assert [m.settings.lr for m in members] == [0.5, 0.5] and [g["task"] for g in group] == [
         "tweet_sentiment", "drug_sentiment"]
 
@@ -275,7 +276,7 @@ def test_killed_driver_is_finished_by_resume(tmp_path, new_workdir, group, lose_
         expected = {f"checkpoint_{i:06d}" for i in range(results.registered_results(trial) - 1)}
         assert expected <= set(results.names(trial, "checkpoint_")), (trial, results.names(trial))
     (experiment,) = results.experiments()
-    state = sweep._read_state(results.uri_of(experiment))
+    state = tune_experiment._read_state(results.uri_of(experiment))
     assert state["resources"] == {"cpu": 1.0, "gpu": 0.0, "custom": {}}
     assert state["planned_trials"] == n_trials and len(state["planned"]) == n_trials
     searcher_files = [f"{experiment}/{n}" for n in results.names(experiment, "basic-variant-state-")]
@@ -386,7 +387,7 @@ class Storage:
 
     def __init__(self, uri: str):
         self.uri = uri
-        self.fs, self.root = sweep._storage_fs(uri)
+        self.fs, self.root = tune_experiment._storage_fs(uri)
 
     def uri_of(self, path: str) -> str:
         return f"s3://{path}" if self.uri.startswith("s3://") else path

@@ -403,7 +403,7 @@ def test_the_bank_picks_vanilla_runs_the_best_per_task_and_fetches_to_one_dir(wd
 
 
 def test_every_prompt_writer_records_the_same_metadata_keys(wd, tmp_path):
-    """A trained prompt, a trial closed from its checkpoint (sweep._finalise_run) and an imported prompt carry the
+    """A trained prompt, a trial closed from its checkpoint (ptx.sweep.finalisation) and an imported prompt carry the
     same prompt.json keys; the closed trial records the backbone revision and why it stopped."""
     import dataclasses
 
@@ -411,7 +411,7 @@ def test_every_prompt_writer_records_the_same_metadata_keys(wd, tmp_path):
 
     from ptx.prompt import load_prompt
     from ptx.prompt_runs import import_prompt
-    from ptx.sweep import _finalise_run
+    from ptx.sweep.finalisation import _finalise_run
 
     tracker = track.MlflowTracker(f"sqlite:///{wd / 'mlflow.db'}", "writers", workdir=wd)
     req = small_request()

@@ -160,11 +160,11 @@ def run_tpt_stage(spec, tracker, workdir: Path, address: str | None = None) -> d
         return out
     sweep.connect(address)
     # no search space and no early stopping: every trial runs its full curve, so the curves compare
-    plain = dataclasses.replace(spec, search=Search(), scheduler=Scheduler())
+    tpt_sweep = sweep.sweep_settings(spec, workdir, name=f"{spec.name}-tpt", tags={"ptx.stage": "tpt"},
+                                     search=Search(), scheduler=Scheduler())
     # a vanilla run serves every source mode, and two modes may pick the same source: each request once
     requests = list({r.hash(): r for p in plan for r in p[5:]}.values())
-    res = sweep.run_sweep(plain, workdir, tracker.uri, requests=requests,
-                          name=f"{spec.name}-tpt", tags={"ptx.stage": "tpt"})
+    res = sweep.run_requests(requests, tpt_sweep, workdir, tracker.uri)
     out["sweep"] = {k: res[k] for k in ("trials", "errored", "parent_run_id")}
     for name in spec.backbones:
         rows, curves = [], {}
