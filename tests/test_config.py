@@ -87,3 +87,28 @@ def test_storage_shared_is_a_spec_flag_that_keeps_the_hash(tmp_path):
     plain, shared = load_study(spec), load_study(spec, ["storage_shared=true"])
     assert shared.storage_shared is True and plain.storage_shared is False
     assert plain.hash() == shared.hash()  # an existing Tune experiment of the spec still resumes
+
+
+def test_sweep_settings_carry_the_hash_and_plan_of_the_spec_as_the_sweep_runs_it(tmp_path):
+    """The Ray adapter takes requests and settings, not a spec. run_sweep's settings carry the spec's own hash and
+    plan; TPT's (no search, FIFO) those of the spec with its search and scheduler replaced: what the sweep's run
+    carried when TPT handed the adapter such a spec."""
+    from ptx.config import Scheduler, Search
+
+    spec = load_study(write_spec(tmp_path / "s.yaml", seeds=[0, 1],
+                                 search={"algorithm": "grid", "space": {"lr": {"grid": [0.1, 0.2, 0.3]}}},
+                                 scheduler={"type": "asha", "grace_period": 1}))
+    train = sweep.sweep_settings(spec, tmp_path, max_concurrent=3, tags={"ptx.stage": "train"})
+    assert (train.config_hash, train.plan) == (spec.hash(), sweep.plan(spec))
+    assert (train.name, train.experiment, train.max_concurrent, train.tags) == (spec.name, spec.name, 3,
+                                                                               {"ptx.stage": "train"})
+    assert train.storage_path == str((tmp_path / "ray_results").resolve())
+    assert (train.search, train.algorithm, train.scheduler) == (spec.search.space, "grid",
+                                                                dataclasses.asdict(spec.scheduler))
+    assert train.plan["search_points"] == 3 and train.plan["scheduler"] == "asha"
+    tpt = sweep.sweep_settings(spec, tmp_path, name=f"{spec.name}-tpt", search=Search(), scheduler=Scheduler())
+    plain = dataclasses.replace(spec, search=Search(), scheduler=Scheduler())
+    assert (tpt.config_hash, tpt.plan) == (plain.hash(), sweep.plan(plain)) and tpt.config_hash != spec.hash()
+    assert (tpt.name, tpt.experiment, tpt.search, tpt.scheduler["type"]) == (f"{spec.name}-tpt", spec.name, {}, "fifo")
+    runs = len(spec.backbones) * len(spec.tasks) * 2  # two seeds
+    assert (tpt.plan["search_points"], tpt.plan["trials"], train.plan["trials"]) == (1, runs, 3 * runs)
