@@ -177,6 +177,7 @@ def check_tune_state(path: str) -> None:
             return
 
 
+# ---- what Tune never started: the planned trials a restored sweep's Tune state does not name (why: ptx.plan) ----
 def baked_trial(entry: dict, search: dict | None) -> tuple[list | dict, list[PromptRequest]]:
     """A planned trial as one grid entry with its searched values inside its request(s) (grid values as planned,
     drawn fields drawn now), and its requests."""
