@@ -1,8 +1,10 @@
-"""Everything MLflow: the store every later stage reads from (runs, lineage tags, artifacts, queries, the bank).
+"""Everything MLflow: the store every later stage reads from (runs, lineage tags, artifacts, queries).
 
-The only module that imports mlflow. Callers see a `Tracker` (the protocol below) with two implementations:
-`MlflowTracker` (a real store) and `NullTracker` (nothing is tracked: `ptx train --no-track`). Every query answers
-with ptx records (`RunRecord`, `MetricPoint`), never MLflow objects.
+The only module that imports mlflow. `open(uri, experiment, workdir)` is the one way to a tracker, `TrackerRef` the
+picklable form Ray workers and job dicts carry. Callers code against the `Tracker` protocol below (what the stages
+use); `MlflowTracker` implements it, plus MLflow-only extras, and `NullTracker` (ptx.store) tracks nothing. The
+bank is free functions over the protocol (ptx.bank); the plain half of the seam (records, URIs, the run skeleton)
+is ptx.store. Every query answers with ptx records (`RunRecord`, `MetricPoint`), never MLflow objects.
 
 Only the client API is used, with explicit run ids, so this works whether or not an MLflow run is active in
 the process (inside a Ray trial, a notebook, a script that already called mlflow.start_run).
