@@ -267,16 +267,13 @@ def rankings(pairs: pd.DataFrame, indicators) -> pd.DataFrame:
 MAIN_ON = ("on", "on_jaccard")
 
 
-def bank_inits(workdir, ids: list, backbone_name: str, insertion: str) -> torch.Tensor | None:
-    """The init of every bank prompt [P, n, d], rebuilt from its prompt.json (load_bank fetched them), or None
+def bank_inits(bank, backbone_name: str, insertion: str) -> torch.Tensor | None:
+    """The init of every prompt of a `ptx.bank.Bank` [P, n, d], rebuilt from its metadata (prompt.json), or None
     when one cannot be rebuilt (an imported prompt): the displacement indicators then stay out."""
-    import json
-    from pathlib import Path
-
     from ptx.backbones import load_backbone
     from ptx.prompt import reconstruct_init
 
-    metas = [json.loads((Path(workdir) / "prompts" / rid / "prompt.json").read_text()) for rid in ids]
+    metas = bank.metas
     if any((m.get("init") or {}).get("mode") not in ("random", "vocab", "text") for m in metas):
         log.info("displacement indicators left out: some prompts have no rebuildable init (imported or transferred)")
         return None

@@ -8,7 +8,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Annotated
 
-from ptx import track
+from ptx import bank, track
 from ptx.backbones import Insertion, load_backbone
 from ptx.data import describe_split, encode_split
 from ptx.errors import PtxError
@@ -80,7 +80,7 @@ def resolve_init_source(req: PromptRequest, tracker, workdir: Path) -> tuple[Pat
         return path, load_prompt(path).meta.get("mlflow_run_id")
     if not tracker.enabled:
         raise PtxError(f"--init-from '{req.init_from}' is not a directory and no MLflow store is configured")
-    return tracker.fetch_prompt(req.init_from, workdir), req.init_from
+    return bank.fetch_prompt(tracker, req.init_from, workdir), req.init_from
 
 
 def run_prompt(req: PromptRequest, workdir: str | Path, tracker=None, parent_run_id: str | None = None,
@@ -132,7 +132,7 @@ def start_prompt_run(req: PromptRequest, workdir: str | Path, tracker=None, pare
         done = tracker.finished_run(track.KIND_PROMPT, digest)
         if done is not None:
             log.info("config %s already has finished run %s; reusing it", digest, done.run_id)
-            return PromptRun(done.run_id, tracker.fetch_prompt(done.run_id, workdir),
+            return PromptRun(done.run_id, bank.fetch_prompt(tracker, done.run_id, workdir),
                              done.metrics.get("best_dev_metric", float("nan")),
                              int(done.tags.get("ptx.best_step", 0)), reused=True)
     from ptx.tasks import load_task
@@ -250,7 +250,7 @@ def import_prompt(file: str | Path, backbone_name: str, task: str | None, insert
     tracker = tracker or track.NullTracker(workdir=workdir)
     done = tracker.finished_run(track.KIND_PROMPT, digest)
     if done is not None:
-        return PromptRun(done.run_id, tracker.fetch_prompt(done.run_id, workdir), float("nan"), 0, reused=True)
+        return PromptRun(done.run_id, bank.fetch_prompt(tracker, done.run_id, workdir), float("nan"), 0, reused=True)
     run_id = tracker.start_run(f"import {label}/{backbone_name}", tags)
     meta = prompt_meta(config_hash=digest, run_id=run_id, name=label,
                        backbone={"name": backbone_name, "revision": None, "kind": kind, "d_model": width},

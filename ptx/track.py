@@ -1,8 +1,10 @@
-"""Everything MLflow: the store every later stage reads from (runs, lineage tags, artifacts, queries, the bank).
+"""Everything MLflow: the store every later stage reads from (runs, lineage tags, artifacts, queries).
 
-The only module that imports mlflow. Callers see a `Tracker` (the protocol below) with two implementations:
-`MlflowTracker` (a real store) and `NullTracker` (nothing is tracked: `ptx train --no-track`). Every query answers
-with ptx records (`RunRecord`, `MetricPoint`), never MLflow objects.
+The only module that imports mlflow. `open(uri, experiment, workdir)` is the one way to a tracker, `TrackerRef` the
+picklable form Ray workers and job dicts carry. Callers code against the `Tracker` protocol below (what the stages
+use); `MlflowTracker` implements it, plus MLflow-only extras, and `NullTracker` (ptx.store) tracks nothing. The
+bank is free functions over the protocol (ptx.bank); the plain half of the seam (records, URIs, the run skeleton)
+is ptx.store. Every query answers with ptx records (`RunRecord`, `MetricPoint`), never MLflow objects.
 
 Only the client API is used, with explicit run ids, so this works whether or not an MLflow run is active in
 the process (inside a Ray trial, a notebook, a script that already called mlflow.start_run).
@@ -13,21 +15,32 @@ import os
 import shutil
 import tempfile
 import time
-import urllib.error
-import urllib.request
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Protocol, runtime_checkable
 
+from ptx import bank
+
+# re-exported: callers reach the seam's plain parts (ptx.store, ptx.bank) through this module as before
+from ptx.bank import KIND_PROMPT as KIND_PROMPT
+from ptx.bank import PROMPT_ARTIFACT as PROMPT_ARTIFACT
+from ptx.bank import is_vanilla as is_vanilla
+from ptx.bank import prompt_dir as prompt_dir
 from ptx.errors import PtxError
+from ptx.store import DEFAULT_EXPERIMENT as DEFAULT_EXPERIMENT
+from ptx.store import DatasetRecord, MetricPoint, RunRecord, artifact_target, flatten, run_block
+from ptx.store import NullTracker as NullTracker
+from ptx.store import StageRun as StageRun
+from ptx.store import outage_wait_tries as outage_wait_tries
+from ptx.store import resolve_tracking_uri as resolve_tracking_uri
+from ptx.store import run_name as run_name
+from ptx.store import wait_reachable as wait_reachable
 
 log = logging.getLogger(__name__)
 
-KIND_PROMPT, KIND_TRANSFER, KIND_INDICATORS, KIND_PROJECTOR, KIND_REPORT = (
-    "prompt", "transfer", "indicators", "projector", "report")
-PROMPT_ARTIFACT = "prompt"  # the artifact sub-directory that holds a prompt run's prompt artifact
-DEFAULT_EXPERIMENT = "ptx"
+# the run kinds that readers below the stage layer (ptx.report) look for; each stage module declares its own KIND
+KIND_TRANSFER, KIND_INDICATORS, KIND_PROJECTOR = "transfer", "indicators", "projector"
 # MLflow 3's UI opens an experiment by its kind: model training goes to the runs table (not the GenAI overview)
 EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
 # MLflow's own HTTP retries back off for minutes; keep a dead server's cost bounded (seconds), then fail clearly
@@ -61,46 +74,6 @@ def configure_client() -> None:
         os.environ.setdefault(key, value)
 
 
-@dataclass(frozen=True)
-class RunRecord:
-    """One run as ptx reads it: what the store holds, as plain values (no MLflow object escapes this module)."""
-
-    run_id: str
-    name: str
-    experiment_id: str
-    status: str  # RUNNING, FINISHED, FAILED, KILLED
-    start_time: int  # ms since the epoch
-    end_time: int | None = None
-    artifact_uri: str = ""
-    tags: dict = field(default_factory=dict, compare=False)
-    params: dict = field(default_factory=dict, compare=False)
-    metrics: dict = field(default_factory=dict, compare=False)  # the latest value of each metric
-    datasets: tuple = field(default=(), compare=False)  # DatasetRecord per logged input
-
-    @property
-    def parent_run_id(self) -> str | None:
-        return self.tags.get("mlflow.parentRunId")
-
-
-@dataclass(frozen=True)
-class DatasetRecord:
-    """A dataset input of a run (see `Tracker.log_datasets`)."""
-
-    name: str
-    digest: str
-    source_type: str
-    source: str  # JSON: {"uri": ...}
-    profile: str  # JSON: rows, task, split
-    context: str | None  # train, dev...
-
-
-@dataclass(frozen=True)
-class MetricPoint:
-    step: int
-    value: float
-    timestamp: int = 0
-
-
 def _record(run) -> RunRecord:
     info, data = run.info, run.data
     inputs = getattr(run, "inputs", None)
@@ -111,28 +84,6 @@ def _record(run) -> RunRecord:
     return RunRecord(info.run_id, info.run_name or "", info.experiment_id, info.status, info.start_time or 0,
                      info.end_time, info.artifact_uri or "", dict(data.tags), dict(data.params), dict(data.metrics),
                      datasets)
-
-
-def outage_wait_tries() -> int:
-    """How many /health probes a (re)starting trial and the finalising driver make while the server is down
-    (pauses of 2, 4, 6 ... s: 8 tries wait about 56 s); PTX_MLFLOW_WAIT_TRIES changes it (tests shorten it)."""
-    raw = os.environ.get("PTX_MLFLOW_WAIT_TRIES", "8")
-    if not raw.isdigit() or int(raw) < 1:
-        raise PtxError(f"PTX_MLFLOW_WAIT_TRIES: expected a whole number >= 1, found {raw!r}")
-    return int(raw)
-
-
-def resolve_tracking_uri(uri: str | None, workdir: str | Path) -> str:
-    """--tracking-uri, else $MLFLOW_TRACKING_URI, else sqlite:///<workdir>/mlflow.db (absolute)."""
-    uri = uri or os.environ.get("MLFLOW_TRACKING_URI")
-    if uri:
-        if uri.startswith("file:") or (("://" not in uri) and not uri.startswith("databricks")):
-            raise PtxError(f"tracking URI '{uri}': the file store is not supported by MLflow 3; use "
-                           "sqlite:///ABS/PATH/mlflow.db or http://HOST:PORT")
-        return uri
-    workdir = Path(workdir).expanduser().resolve()
-    workdir.mkdir(parents=True, exist_ok=True)
-    return f"sqlite:///{workdir / 'mlflow.db'}"
 
 
 # Every request to a basic-auth server is checked with a deliberately slow password hash (~0.5-2 s of CPU);
@@ -172,28 +123,13 @@ def prepare_basic_auth(workdir: str | Path, auth_db_uri: str, admin_username: st
     return path
 
 
-def wait_reachable(uri: str, tries: int = 3, delay: float = 1.0, timeout: float = 3.0) -> None:
-    """For an http(s) URI, check the server answers /health (bounded retries); raise naming the URI."""
-    if not uri.startswith(("http://", "https://")):
-        return
-    last = None
-    for attempt in range(tries):  # worst case tries * timeout + delay * tries * (tries - 1) / 2 seconds (12 s)
-        try:
-            with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout) as resp:
-                if resp.status == 200:
-                    return
-        except OSError as exc:  # URLError and socket timeouts are OSErrors
-            last = exc
-        if attempt + 1 < tries:
-            time.sleep(delay * (attempt + 1))
-    raise PtxError(f"MLflow tracking server {uri} is unreachable after {tries} tries ({last})")
-
-
 @runtime_checkable
 class Tracker(Protocol):
-    """What the stages need of a store: runs with lineage tags, metrics, artifacts, queries and the bank.
+    """What the stages need of a store: runs with lineage tags, metrics, artifacts and queries.
 
-    `MlflowTracker` is the real one; `NullTracker` tracks nothing. Queries return `RunRecord`s."""
+    `MlflowTracker` is the real one; `NullTracker` tracks nothing. Queries return `RunRecord`s. The bank is free
+    functions over these members (ptx.bank); MLflow-only extras (datasets, system metrics, run links, the UI's
+    address) are plain `MlflowTracker` methods, not part of the seam."""
 
     uri: str
     experiment: str
@@ -201,140 +137,47 @@ class Tracker(Protocol):
     enabled: bool  # False for the NullTracker: nothing is stored, queries find nothing
 
     def for_experiment(self, name: str, workdir=None) -> "Tracker": ...
+    def run(self, name: str, tags: dict, parent_run_id: str | None = None, reuse: bool = True): ...
     def start_run(self, name: str, tags: dict, parent_run_id: str | None = None) -> str | None: ...
     def log(self, run_id, metrics: dict | None = None, step: int = 0, params: dict | None = None,
             tags: dict | None = None) -> None: ...
-    def log_curve(self, run_id, curve: list[dict]) -> None: ...
-    def stored_points(self, run_id, keys) -> set: ...
-    def log_datasets(self, run_id, splits: list[dict]) -> None: ...
-    def copy_datasets(self, run_ids, to_run_id) -> None: ...
-    def link_runs(self, run_id, links: dict) -> None: ...
-    def system_metrics(self, run_id, enabled: bool, interval: float = 10.0): ...
-    def log_artifacts(self, run_id, local_dir, artifact_path: str | None = None) -> None: ...
-    def log_table(self, run_id, table, artifact_path: str, file: str) -> None: ...
     def finish(self, run_id, status: str = "FINISHED") -> None: ...
-    def reopen(self, run_id) -> None: ...
-    def set_tags(self, run_id, tags: dict) -> None: ...
     def get_run(self, run_id: str) -> RunRecord: ...
     def find_runs(self, tags: dict | None = None, status: str | None = "FINISHED", order_by: list | None = None,
                   max_results: int = 5000, experiment_ids: list | None = None) -> list[RunRecord]: ...
     def finished_run(self, kind: str, config_hash: str) -> RunRecord | None: ...
-    def metric_history(self, run_id: str, key: str) -> list[MetricPoint]: ...
     def all_experiment_ids(self) -> list[str]: ...
-    def experiment_id_of(self, name: str) -> str | None: ...
-    def all_experiment_names(self) -> list[str]: ...
-    def runs_on_dataset(self, name: str, digest: str | None = None, context: str | None = None,
-                        experiment_ids: list | None = None) -> list[RunRecord]: ...
+    def metric_history(self, run_id: str, key: str) -> list[MetricPoint]: ...
+    def log_artifacts(self, run_id, local_dir, artifact_path: str | None = None) -> None: ...
     def download(self, run_id: str, artifact_path: str, out_dir) -> Path: ...
+    def log_table(self, run_id, table, artifact_path: str, file: str) -> None: ...
     def read_table(self, run_id: str, artifact_path: str, file: str): ...
-    # the bank (one implementation for both trackers: `_Bank`)
-    def prompt_runs(self, task: str | None = None, backbone: str | None = None,
-                    all_experiments: bool = True) -> list[RunRecord]: ...
-    def bank_runs(self, backbone: str | None = None, tasks=None, experiment_ids: list | None = None,
-                  task: str | None = None) -> list[RunRecord]: ...
-    def best_prompt_run(self, task: str, backbone: str, all_experiments: bool = True) -> RunRecord: ...
-    def bank(self, backbone: str, tasks=None, mode: str = "all", experiment_ids: list | None = None) -> list: ...
-    def tag_best(self, pairs) -> None: ...
-    def download_prompt(self, run_id: str, out_dir) -> Path: ...
-    def fetch_prompt(self, run_id: str, workdir) -> Path: ...
 
 
-class _Bank:
-    """The prompt bank, written once on top of `find_runs` and `download`: shared by both trackers."""
+@dataclass(frozen=True)
+class TrackerRef:
+    """A store and experiment as plain values (picklable): what Ray workers and job dicts carry; `.open()` there."""
 
-    def prompt_runs(self, task: str | None = None, backbone: str | None = None,
-                    all_experiments: bool = True) -> list[RunRecord]:
-        """Finished prompt runs (any origin), newest first, optionally filtered by task and backbone."""
-        ids = self.all_experiment_ids() if all_experiments else None
-        return self.find_runs({"ptx.kind": KIND_PROMPT, "ptx.task": task, "ptx.backbone": backbone},
-                              order_by=["attributes.start_time DESC"], experiment_ids=ids)
+    uri: str
+    experiment: str = DEFAULT_EXPERIMENT
+    workdir: str | None = None
 
-    def bank_runs(self, backbone: str | None = None, tasks=None, experiment_ids: list | None = None,
-                  task: str | None = None) -> list[RunRecord]:
-        """The bank: finished vanilla prompt runs (trained from scratch or imported, see `is_vanilla`) on
-        `backbone`, of `task` or of the tasks in `tasks` (None: any), oldest first; the tracker's experiment unless
-        `experiment_ids` says otherwise."""
-        runs = self.find_runs({"ptx.kind": KIND_PROMPT, "ptx.backbone": backbone, "ptx.task": task},
-                              order_by=["attributes.start_time ASC"], experiment_ids=experiment_ids)
-        return [r for r in runs if is_vanilla(r) and (tasks is None or r.tags.get("ptx.task") in tasks)]
-
-    def best_prompt_run(self, task: str, backbone: str, all_experiments: bool = True) -> RunRecord:
-        """The finished vanilla prompt run with the best dev metric for (task, backbone), or a PtxError."""
-        best = best_of(self.bank_runs(backbone, task=task,
-                                      experiment_ids=self.all_experiment_ids() if all_experiments else None))
-        if best is None:
-            raise PtxError(f"no finished prompt run for task '{task}' on backbone '{backbone}' in {self.uri}")
-        return best
-
-    def bank(self, backbone: str, tasks=None, mode: str = "all", experiment_ids: list | None = None) -> list[RunRecord]:
-        """The bank's source prompts: every run of `bank_runs`, or (mode 'best') the best one per task: the run
-        tagged ptx.best=true, else the one with the best dev metric, else (an imported prompt only) the oldest."""
-        runs = self.bank_runs(backbone, tasks, experiment_ids)
-        if mode == "all":
-            return runs
-        if mode != "best":
-            raise PtxError(f"transfer.sources: expected 'all' or 'best', found {mode!r}")
-        by_task: dict = {}
-        for r in runs:
-            by_task.setdefault(r.tags["ptx.task"], []).append(r)
-        return [next((r for r in rs if r.tags.get("ptx.best") == "true"), None) or best_of(rs) or rs[0]
-                for rs in by_task.values()]
-
-    def tag_best(self, pairs) -> None:
-        """Tag the best finished vanilla prompt run per (task, backbone) of this experiment with ptx.best=true
-        (others false); imported prompts are not ranked.
-
-        Vanilla only: a TPT or projected-init run (a `ptx.source_run`, init artifact/projected, a `ptx.tpt` tag) is
-        a result of a later stage and never takes the tag from the prompt that stage started from."""
-        for task, backbone in pairs:
-            runs = [r for r in self.find_runs({"ptx.kind": KIND_PROMPT, "ptx.task": task, "ptx.backbone": backbone})
-                    if "best_dev_metric" in r.metrics and r.tags.get("ptx.origin") != "imported"]
-            for r in runs:
-                if not is_vanilla(r):
-                    self.set_tags(r.run_id, {"ptx.best": "false"})
-            best = best_of(r for r in runs if is_vanilla(r))
-            if best is None:
-                continue
-            for r in runs:
-                if is_vanilla(r):
-                    self.set_tags(r.run_id, {"ptx.best": "true" if r.run_id == best.run_id else "false"})
-
-    def download_prompt(self, run_id: str, out_dir: str | Path) -> Path:
-        """Download a prompt run's artifact into `out_dir` (must not exist or be empty)."""
-        kind = self.get_run(run_id).tags.get("ptx.kind")
-        if kind != KIND_PROMPT:
-            raise PtxError(f"run '{run_id}' is not a prompt run (ptx.kind={kind!r})")
-        return self.download(run_id, PROMPT_ARTIFACT, out_dir)
-
-    def fetch_prompt(self, run_id: str, workdir: str | Path) -> Path:
-        """The local copy of a prompt run: `<workdir>/prompts/<run id>` (where a run trained in this workdir saved
-        it already), downloaded through the store when missing; a partial copy (an interrupted fetch) is replaced."""
-        local = prompt_dir(workdir, run_id)
-        if (local / "prompt.json").is_file():
-            return local
-        if local.exists():
-            shutil.rmtree(local, ignore_errors=True)
-        try:
-            return self.download_prompt(run_id, local)
-        except PtxError:
-            if (local / "prompt.json").is_file():  # another process fetched it a moment ago
-                return local
-            raise
+    def open(self) -> "MlflowTracker":
+        return open(self.uri, self.experiment, self.workdir)
 
 
-def prompt_dir(workdir: str | Path, run_id: str) -> Path:
-    """The one local home of a prompt run's artifact: `<workdir>/prompts/<run id>`."""
-    return Path(workdir).resolve() / "prompts" / run_id
-
-
-def best_of(runs) -> RunRecord | None:
-    """The run with the highest `best_dev_metric` (the first of equals), or None when no run has one."""
-    scored = [r for r in runs if "best_dev_metric" in r.metrics]
-    return max(scored, key=lambda r: r.metrics["best_dev_metric"]) if scored else None
+def open(uri: str | None, experiment: str = DEFAULT_EXPERIMENT, workdir: str | Path | None = None) -> "MlflowTracker":
+    """The one way to a tracker on a store: `uri` (else $MLFLOW_TRACKING_URI, else sqlite:///<workdir>/mlflow.db:
+    `resolve_tracking_uri`), on experiment `experiment` (made when missing; a sqlite store keeps its artifacts
+    under `<workdir>/artifacts`). A drop-in for `MlflowTracker(uri, experiment, workdir=workdir)`."""
+    if workdir is None and not (uri or os.environ.get("MLFLOW_TRACKING_URI")):
+        raise PtxError("tracker: no tracking URI, no $MLFLOW_TRACKING_URI and no workdir for a sqlite store")
+    uri = resolve_tracking_uri(uri, workdir if workdir is not None else ".")  # "." is never used: a URI is known
+    return MlflowTracker(uri, experiment, workdir=Path(workdir) if workdir is not None else None)
 
 
 @dataclass
-class MlflowTracker(_Bank):
+class MlflowTracker:
     """A handle on one MLflow store and experiment."""
 
     uri: str
@@ -371,13 +214,23 @@ class MlflowTracker(_Bank):
         except MlflowException:  # another process created it a moment ago
             return self.client.get_experiment_by_name(name).experiment_id
 
+    def ref(self) -> TrackerRef:
+        """This store and experiment as a picklable `TrackerRef` (for Ray workers and job dicts)."""
+        return TrackerRef(self.uri, self.experiment, str(self.workdir) if self.workdir is not None else None)
+
     def for_experiment(self, name: str, workdir: str | Path | None = None) -> "MlflowTracker":
         """This tracker when it is on experiment `name`, else one on the same store that is."""
         if name == self.experiment:
             return self
-        return MlflowTracker(self.uri, name, workdir=Path(workdir) if workdir is not None else self.workdir)
+        return open(self.uri, name, workdir if workdir is not None else self.workdir)
 
     # ---- runs ---------------------------------------------------------------------------------------
+    def run(self, name: str, tags: dict, parent_run_id: str | None = None, reuse: bool = True):
+        """The stage skeleton, a context manager: the FINISHED run of `tags`' ptx.kind and ptx.config_hash when
+        there is one (and `reuse`), yielded as `StageRun(run_id, reused=record)` with nothing else done; else a new
+        run (`StageRun(run_id)`), finished when the block ends and marked FAILED when it raises."""
+        return run_block(self, name, tags, parent_run_id, reuse)
+
     def start_run(self, name: str, tags: dict, parent_run_id: str | None = None) -> str:
         """Create a run (RUNNING) with lineage tags; returns its id."""
         tags = {k: str(v) for k, v in tags.items() if v is not None}
@@ -605,94 +458,18 @@ class MlflowTracker(_Bank):
             raise PtxError(f"run '{run_id}' has no artifact '{path}'")
         return files
 
+    # ---- TEMPORARY: the bank's callers in ptx/sweep and ptx/cli, until they call ptx.bank directly -----------------
+    def tag_best(self, pairs) -> None:
+        bank.tag_best(self, pairs)
 
-@dataclass
-class NullTracker(_Bank):
-    """A tracker that stores nothing (`ptx train --no-track`): runs have no id, logging is a no-op, queries find
-    nothing, and asking for a stored run or artifact is a PtxError."""
+    def prompt_runs(self, task=None, backbone=None, all_experiments: bool = True) -> list[RunRecord]:
+        return bank.prompt_runs(self, task, backbone, all_experiments)
 
-    experiment: str = DEFAULT_EXPERIMENT
-    workdir: Path | None = None
-    uri = ""
-    experiment_id = None
-    enabled = False
-    skip_points: set = field(default_factory=set)
+    def best_prompt_run(self, task: str, backbone: str) -> RunRecord:
+        return bank.best_prompt_run(self, task, backbone)
 
-    def _none(self, what: str):
-        raise PtxError(f"{what}: no MLflow store is configured (tracking is off)")
-
-    def for_experiment(self, name: str, workdir=None) -> "NullTracker":
-        return NullTracker(name, workdir if workdir is not None else self.workdir)
-
-    def start_run(self, name, tags, parent_run_id=None) -> None:
-        return None
-
-    def log(self, run_id, metrics=None, step=0, params=None, tags=None) -> None:
-        pass
-
-    def set_tags(self, run_id, tags) -> None:
-        pass
-
-    def log_curve(self, run_id, curve) -> None:
-        pass
-
-    def metric_history(self, run_id, key) -> list[MetricPoint]:
-        return []
-
-    def stored_points(self, run_id, keys) -> set:
-        return set()
-
-    def log_datasets(self, run_id, splits) -> None:
-        pass
-
-    def copy_datasets(self, run_ids, to_run_id) -> None:
-        pass
-
-    def runs_on_dataset(self, name, digest=None, context=None, experiment_ids=None) -> list[RunRecord]:
-        return []
-
-    def link_runs(self, run_id, links) -> None:
-        pass
-
-    def system_metrics(self, run_id, enabled, interval=10.0):
-        return nullcontext()
-
-    def log_artifacts(self, run_id, local_dir, artifact_path=None) -> None:
-        pass
-
-    def log_table(self, run_id, table, artifact_path, file) -> None:
-        pass
-
-    def read_table(self, run_id, artifact_path, file):
-        self._none(f"run '{run_id}'")
-
-    def finish(self, run_id, status="FINISHED") -> None:
-        pass
-
-    def reopen(self, run_id) -> None:
-        pass
-
-    def get_run(self, run_id) -> RunRecord:
-        self._none(f"run '{run_id}'")
-
-    def find_runs(self, tags=None, status="FINISHED", order_by=None, max_results=5000,
-                  experiment_ids=None) -> list[RunRecord]:
-        return []
-
-    def all_experiment_ids(self) -> list[str]:
-        return []
-
-    def experiment_id_of(self, name) -> None:
-        return None
-
-    def all_experiment_names(self) -> list[str]:
-        return []
-
-    def finished_run(self, kind, config_hash) -> None:
-        return None
-
-    def download(self, run_id, artifact_path, out_dir) -> Path:
-        self._none(f"run '{run_id}'")
+    def download_prompt(self, run_id: str, out_dir) -> Path:
+        return bank.download_prompt(self, run_id, out_dir)
 
 
 def experiment_names(uri: str) -> list[str]:
@@ -720,40 +497,3 @@ def _tag_key(label: str) -> str:
 
     return re.sub(r"[^\w\-.:/ ]", "", label.replace(" · ", "/"))
 
-
-def run_name(*parts) -> str:
-    """A run name readable at a glance: the parts that say what it is, joined by a middle dot."""
-    return " · ".join(str(p) for p in parts if p not in (None, ""))
-
-
-def artifact_target(out: Path, root: str, path: str, run_id: str = "?") -> Path:
-    """Where artifact `path` (under `root`) lands inside `out`; PtxError if it would land outside `out`."""
-    out = Path(out).resolve()
-    pure, base = PurePosixPath(path), PurePosixPath(root)
-    # MLflow refuses '..' when logging, but a store or server we do not control may still list one
-    if pure.is_absolute() or ".." in pure.parts or "\\" in path or not pure.is_relative_to(base):
-        raise PtxError(f"run '{run_id}': artifact path '{path}' would escape {out}; refusing to download")
-    target = (out / pure.relative_to(base)).resolve()
-    if not target.is_relative_to(out):  # e.g. a symlink inside `out`
-        raise PtxError(f"run '{run_id}': artifact path '{path}' would escape {out}; refusing to download")
-    return target
-
-
-def flatten(d: dict, prefix: str = "") -> dict:
-    """{'a': {'b': 1}} -> {'a.b': 1}, for MLflow params."""
-    out = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict):
-            out.update(flatten(v, key + "."))
-        else:
-            out[key] = v
-    return out
-
-
-def is_vanilla(run) -> bool:
-    """A prompt trained from scratch or imported: not a TPT or projected-init prompt (a later stage's result,
-    never a bank source or the best prompt of its task)."""
-    tags = run.tags
-    return not tags.get("ptx.source_run") and tags.get("ptx.init") not in ("artifact", "projected") \
-        and not tags.get("ptx.tpt")

@@ -14,6 +14,7 @@ from scipy import stats
 from ptx import activations as act
 from ptx import indicators as ind
 from ptx import track
+from ptx.bank import local_bank, prompt_runs
 from ptx.data import encode_split
 from ptx.errors import PtxError
 from ptx.stages import indicators as stage
@@ -321,13 +322,13 @@ def test_bank_inits_rebuilds_each_start_or_none(tiny, tmp_path):
                 "init": init_record(mode, 1, task, text="the movie was great" if mode == "text" else None)}
         save_prompt(tmp_path / "prompts" / f"r{k}", torch.zeros(5, bb.d_model), meta)
         ids.append(f"r{k}")
-    inits = ind.bank_inits(tmp_path, ids, "tiny-llama", "prepend")
+    inits = ind.bank_inits(local_bank(tmp_path, ids), "tiny-llama", "prepend")
     torch.testing.assert_close(inits, torch.stack([init_prompt(bb, 5, "random", seed=1, task="sst2"),
                                                    init_prompt(bb, 5, "vocab", seed=1, task="mnli"),
                                                    init_prompt(bb, 5, "text", text="the movie was great")]))
     meta = {"backbone": backbone_meta(bb), "init": {"mode": "imported", "source": "x.pt"}}
     save_prompt(tmp_path / "prompts" / "imp", torch.zeros(5, bb.d_model), meta)
-    assert ind.bank_inits(tmp_path, [*ids, "imp"], "tiny-llama", "prepend") is None  # no _disp rows then
+    assert ind.bank_inits(local_bank(tmp_path, [*ids, "imp"]), "tiny-llama", "prepend") is None  # no _disp rows then
 
 
 @pytest.mark.ray
@@ -423,9 +424,9 @@ def test_reference_prompts_import_and_correlate(ptx_cache_dir, tmp_path, new_wor
         assert tracker.get_run(run.run_id).tags["ptx.origin"] == "imported"
     with pytest.raises(PtxError, match=r"\[100, 1024\] does not fit backbone 'roberta-base'"):
         import_prompt(REFERENCE / "prompts/roberta-large/sst2.pt", "roberta-base", "sst2", "paper", tmp_path, tracker)
-    assert len(tracker.prompt_runs()) == 43
+    assert len(prompt_runs(tracker)) == 43
     df = stage.reference_check(REFERENCE, tracker, tmp_path, bootstrap=100)
-    assert len(tracker.prompt_runs()) == 43  # idempotent: nothing imported twice
+    assert len(prompt_runs(tracker)) == 43  # idempotent: nothing imported twice
     spear = df[df.method == "spearman"].set_index(["backbone", "indicator"])
     assert spear.loc[("roberta-base", "e_concat_cos"), "n_targets_defined"] == 13
     assert spear.loc[("t5-base", "mean_cos"), "n_targets_defined"] == 17  # the t5 'random' source is left out

@@ -149,6 +149,22 @@ def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
     return out
 
 
+def tracker_constructions(root: Path = ROOT) -> list[str]:
+    """'path:line' of every call to MlflowTracker (bare or as an attribute) under `root`, but in track.py."""
+    out = []
+    for path in sorted(root.rglob("*.py")):
+        rel = path.relative_to(root.parent).as_posix()
+        if rel == f"{root.name}/track.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Call):
+                func = node.func
+                name = func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", None)
+                if name == "MlflowTracker":
+                    out.append(f"{rel}:{node.lineno}")
+    return out
+
+
 @pytest.fixture(scope="module")
 def graph():
     return import_graph()
@@ -173,6 +189,21 @@ def test_layering_rules_hold_but_for_the_known_exceptions(graph):
     found = violations(graph)
     assert found - KNOWN_EXCEPTIONS == set(), "new layering violations"
     assert KNOWN_EXCEPTIONS - found == set(), "fixed: remove these from KNOWN_EXCEPTIONS"
+
+
+def test_mlflow_tracker_is_constructed_only_in_track():
+    # MlflowTracker is constructed only in ptx/track.py: everything else calls track.open or TrackerRef.open()
+    found = tracker_constructions()
+    assert found == [], "construct trackers with track.open(uri, experiment, workdir) or TrackerRef(...).open()"
+
+
+def test_the_tracker_construction_scan_finds_planted_calls(tmp_path):
+    pkg = tmp_path / "ptx"
+    (pkg / "stages").mkdir(parents=True)
+    (pkg / "track.py").write_text("class MlflowTracker: ...\ndef open(u):\n    return MlflowTracker(u)\n")
+    (pkg / "stages" / "a.py").write_text("from ptx import track\n\ndef f(u):\n    return track.MlflowTracker(u)\n")
+    (pkg / "b.py").write_text("from ptx.track import MlflowTracker as M, MlflowTracker\nx = MlflowTracker('u')\n")
+    assert tracker_constructions(pkg) == ["ptx/b.py:2", "ptx/stages/a.py:4"]
 
 
 def test_the_checker_finds_planted_violations(tmp_path):

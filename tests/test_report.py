@@ -77,6 +77,7 @@ def _log_transfer(tracker, backbone, table, workdir):
         "ptx.config_hash": f"t-{backbone}"})
     _log_matrix(tracker, run_id, pa.Table.from_pandas(table, schema=SCHEMA, preserve_index=False),
                 workdir / "transfer" / backbone)
+    tracker.finish(run_id)  # the stage's run skeleton finishes it there
     return run_id
 
 

@@ -14,7 +14,7 @@ import pytest
 from cli_runner import invoke_cli
 from mlflow.tracking import MlflowClient
 
-from ptx import track
+from ptx import bank, track
 from ptx.errors import PtxError
 from ptx.prompt_runs import PromptRequest, run_prompt
 from ptx.train import TrainSettings
@@ -226,7 +226,7 @@ def test_unknown_run_and_tracker_errors_are_user_errors(wd, tmp_path):
     with pytest.raises(PtxError, match="does not exist"):
         tracker.get_run("0123456789abcdef0123456789abcdef")
     with pytest.raises(PtxError, match="quotes"):
-        tracker.prompt_runs(task="x' or '1'='1")
+        bank.prompt_runs(tracker, task="x' or '1'='1")
 
 
 def test_tag_best_ranks_vanilla_runs_only(wd):
@@ -240,11 +240,11 @@ def test_tag_best_ranks_vanilla_runs_only(wd):
         ids[name] = tracker.start_run(name, {**base, **extra})
         tracker.log(ids[name], {"best_dev_metric": score})
         tracker.finish(ids[name])
-    tracker.tag_best({("sst2", "tiny-bert")})
+    bank.tag_best(tracker, {("sst2", "tiny-bert")})
     tags = {name: tracker.get_run(rid).tags.get("ptx.best") for name, rid in ids.items()}
     assert tags == {"vanilla_a": "false", "vanilla_b": "true", "tpt": "false", "projected": "false"}
     # `ptx prompts best` reads the same rule: the TPT and projected runs score higher, the vanilla one is best
-    assert tracker.best_prompt_run("sst2", "tiny-bert").run_id == ids["vanilla_b"]
+    assert bank.best_prompt_run(tracker, "sst2", "tiny-bert").run_id == ids["vanilla_b"]
 
 
 
@@ -321,12 +321,12 @@ def test_null_tracker_stores_nothing_and_finds_nothing(tmp_path):
     null.finish(rid)
     with null.system_metrics(rid, enabled=True):
         pass
-    assert null.find_runs({"ptx.kind": "prompt"}) == [] and null.bank_runs("tiny-bert") == []
-    assert null.prompt_runs() == [] and null.bank("tiny-bert", mode="best") == []
+    assert null.find_runs({"ptx.kind": "prompt"}) == [] and bank.bank_runs(null, "tiny-bert") == []
+    assert bank.prompt_runs(null) == [] and bank.select_runs(null, "tiny-bert", mode="best") == []
     assert null.finished_run("prompt", "h") is None and null.metric_history("r", "m") == []
     assert null.stored_points("r", ["m"]) == set() and null.for_experiment("other").experiment == "other"
-    for ask in (lambda: null.get_run("abc"), lambda: null.fetch_prompt("abc", tmp_path),
-                lambda: null.best_prompt_run("sst2", "tiny-bert")):
+    for ask in (lambda: null.get_run("abc"), lambda: bank.fetch_prompt(null, "abc", tmp_path),
+                lambda: bank.best_prompt_run(null, "sst2", "tiny-bert")):
         with pytest.raises(PtxError, match="no MLflow store is configured|no finished prompt run"):
             ask()
     assert list(tmp_path.iterdir()) == []  # nothing written anywhere
@@ -381,25 +381,25 @@ def test_the_bank_picks_vanilla_runs_the_best_per_task_and_fetches_to_one_dir(wd
             insertion="prepend", init={"mode": "random"}))
         tracker.log_artifacts(rid, src, track.PROMPT_ARTIFACT)
         tracker.finish(rid)
-    assert [r.run_id for r in tracker.bank_runs("tiny-bert")] == [ids["a0"], ids["a1"], ids["b0"]]  # oldest first
-    assert [r.run_id for r in tracker.bank_runs("tiny-bert", tasks={"rte"})] == [ids["b0"]]
-    assert tracker.best_prompt_run("sst2", "tiny-bert").run_id == ids["a1"]  # the TPT run scores higher: not vanilla
+    assert [r.run_id for r in bank.bank_runs(tracker, "tiny-bert")] == [ids["a0"], ids["a1"], ids["b0"]]  # oldest first
+    assert [r.run_id for r in bank.bank_runs(tracker, "tiny-bert", tasks={"rte"})] == [ids["b0"]]
+    assert bank.best_prompt_run(tracker, "sst2", "tiny-bert").run_id == ids["a1"]  # the TPT run scores higher: not vanilla
     with pytest.raises(PtxError, match="no finished prompt run for task 'rte'"):  # b0 has no dev metric
-        tracker.best_prompt_run("rte", "tiny-bert")
-    assert [r.run_id for r in tracker.bank("tiny-bert", mode="best")] == [ids["a1"], ids["b0"]]
+        bank.best_prompt_run(tracker, "rte", "tiny-bert")
+    assert [r.run_id for r in bank.select_runs(tracker, "tiny-bert", mode="best")] == [ids["a1"], ids["b0"]]
     tracker.set_tags(ids["a0"], {"ptx.best": "true"})  # the tag a sweep set wins over a later, better run
-    assert [r.run_id for r in tracker.bank("tiny-bert", mode="best")] == [ids["a0"], ids["b0"]]
+    assert [r.run_id for r in bank.select_runs(tracker, "tiny-bert", mode="best")] == [ids["a0"], ids["b0"]]
     with pytest.raises(PtxError, match="transfer.sources: expected 'all' or 'best', found 'top'"):
-        tracker.bank("tiny-bert", mode="top")
-    local = tracker.fetch_prompt(ids["a1"], wd)
+        bank.select_runs(tracker, "tiny-bert", mode="top")
+    local = bank.fetch_prompt(tracker, ids["a1"], wd)
     assert local == wd.resolve() / "prompts" / ids["a1"] == track.prompt_dir(wd, ids["a1"])
     assert torch.equal(load_prompt(local).prompt, torch.full((2, 4), 2.0))
     (local / "prompt.safetensors").write_bytes(b"kept")  # present: never downloaded again
-    assert tracker.fetch_prompt(ids["a1"], wd) == local and (local / "prompt.safetensors").read_bytes() == b"kept"
+    assert bank.fetch_prompt(tracker, ids["a1"], wd) == local and (local / "prompt.safetensors").read_bytes() == b"kept"
     partial = track.prompt_dir(wd, ids["a0"])
     partial.mkdir(parents=True)
     (partial / "prompt.safetensors").write_bytes(b"half")  # an interrupted fetch: replaced
-    assert load_prompt(tracker.fetch_prompt(ids["a0"], wd)).prompt.shape == (2, 4)
+    assert load_prompt(bank.fetch_prompt(tracker, ids["a0"], wd)).prompt.shape == (2, 4)
 
 
 def test_every_prompt_writer_records_the_same_metadata_keys(wd, tmp_path):

@@ -12,6 +12,7 @@ import torch
 
 from ptx import progress, track
 from ptx.backbones import load_backbone
+from ptx.bank import prompt_runs
 from ptx.config import DataLimits, Resources, StudySpec, TptStage, TransferStage
 from ptx.data import collate, encode_split
 from ptx.errors import PtxError
@@ -340,14 +341,14 @@ def test_tpt_stage_records_speedup(study):
         run_tpt_stage(replace(spec, tpt=TptStage(source="indicator:on")), tracker, workdir)
     with pytest.raises(PtxError, match="tpt.source.*'bbc_topik'; did you mean 'bbc_topic'"):
         run_tpt_stage(replace(spec, tpt=TptStage(source="bbc_topik")), tracker, workdir)
-    vanilla_before = {r.run_id for r in tracker.prompt_runs(backbone="tiny-bert")}
+    vanilla_before = {r.run_id for r in prompt_runs(tracker, backbone="tiny-bert")}
     out = run_tpt_stage(spec, tracker, workdir)
     assert [s["target_task"] for s in out["skipped"]] == ["bbc_topic"]  # no same-category source
     rows = {r["target_task"]: r for r in out["backbones"]["tiny-bert"]["table"]}
     assert set(rows) == {"tweet_sentiment", "drug_sentiment"}
     assert rows["tweet_sentiment"]["source_task"] == "drug_sentiment"
     assert rows["drug_sentiment"]["source_task"] == "tweet_sentiment"
-    new = [r for r in tracker.prompt_runs(backbone="tiny-bert") if r.run_id not in vanilla_before]
+    new = [r for r in prompt_runs(tracker, backbone="tiny-bert") if r.run_id not in vanilla_before]
     assert sorted(r.tags["ptx.init"] for r in new) == ["artifact", "artifact"]  # vanilla PT was reused
     seeds = pd.read_parquet(Path(out["backbones"]["tiny-bert"]["parquet"]).with_name("tpt_seeds.parquet"))
     for _, r in seeds.iterrows():
@@ -386,7 +387,7 @@ def test_tpt_runs_each_source_mode_and_reuses_shared_runs(study):
 
     spec, tracker, workdir = study["spec"], study["tracker"], study["workdir"]
     run_tpt_stage(spec, tracker, workdir)  # the single-mode stage (a no-op when the test above ran first)
-    before = {r.run_id for r in tracker.prompt_runs(backbone="tiny-bert")}
+    before = {r.run_id for r in prompt_runs(tracker, backbone="tiny-bert")}
     both = replace(spec, tpt=TptStage(sources=("best_same_category", "best_cross_category")))
     out = run_tpt_stage(both, tracker, workdir)
     assert [(s["target_task"], s["source_mode"]) for s in out["skipped"]] == [("bbc_topic", "best_same_category")]
@@ -402,7 +403,7 @@ def test_tpt_runs_each_source_mode_and_reuses_shared_runs(study):
     own_dev = dev[dev.source_task == dev.target_task].set_index("source_prompt_run").value
     cands = sorted(dev[(dev.target_task == "bbc_topic") & (dev.source_category != "topic")].source_prompt_run)
     assert rows["best_cross_category", "bbc_topic"]["source_prompt_run"] == max(cands, key=lambda r: own_dev[r])
-    new = [r for r in tracker.prompt_runs(backbone="tiny-bert") if r.run_id not in before]
+    new = [r for r in prompt_runs(tracker, backbone="tiny-bert") if r.run_id not in before]
     assert len(new) == 3 and {r.tags["ptx.source_run"] for r in new} == {
         rows["best_cross_category", t]["source_prompt_run"] for t in ("tweet_sentiment", "drug_sentiment", "bbc_topic")}
     assert tracker.get_run(out["backbones"]["tiny-bert"]["run_id"]).params["source"] == (

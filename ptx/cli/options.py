@@ -123,7 +123,7 @@ def open_tracker(tracking_uri: str | None, workdir: Path, experiment: str | None
     from ptx import track
 
     uri = track.resolve_tracking_uri(tracking_uri, workdir)
-    return track.MlflowTracker(uri, experiment or track.DEFAULT_EXPERIMENT, workdir=workdir)
+    return track.open(uri, experiment or track.DEFAULT_EXPERIMENT, workdir=workdir)
 
 
 workdir_option = click.option("--workdir", default=None, help="Results directory [env PTX_WORKDIR; default ./ptx-work].")

@@ -120,7 +120,7 @@ def ui(workdir, port, address):
     from ptx import track
 
     for name in track.experiment_names(uri):
-        click.echo(f"  {name}: {track.MlflowTracker(uri, name).experiment_url(f'http://127.0.0.1:{port}')}")
+        click.echo(f"  {name}: {track.open(uri, name).experiment_url(f'http://127.0.0.1:{port}')}")
     dashboard, login = running_dashboard(address)
     if dashboard:
         click.echo(f"Ray dashboard: {dashboard}" + (f"  (log in: {login})" if login else ""))

@@ -8,6 +8,8 @@ import numpy as np
 import pandas as pd
 import torch
 
+from ptx import track
+from ptx.bank import bank_runs, fetch_prompt, load_bank
 from ptx.errors import PtxError
 from ptx.indicators import (
     _metrics,
@@ -20,6 +22,7 @@ from ptx.indicators import (
 )
 
 log = logging.getLogger(__name__)
+NAME, KIND, UNITS, SECTION = "indicators", track.KIND_INDICATORS, "batches", "indicators"
 
 
 # ---- activations of a bank on a Ray actor pool -------------------------------------------------------
@@ -67,24 +70,6 @@ def compute_bank_activations(backbone_name: str, prompts: torch.Tensor, insertio
 
 
 
-def load_bank(tracker, runs: list, workdir) -> tuple[list, list, torch.Tensor, str]:
-    """Prompt runs -> (run ids, tasks, prompts [P, n, d], insertion); artifacts come through the tracker's bank
-    (`<workdir>/prompts/<run id>`)."""
-    from ptx.prompt import load_prompt
-
-    ids, tasks, prompts, insertions = [], [], [], set()
-    for run in runs:
-        rid = run.run_id
-        art = load_prompt(tracker.fetch_prompt(rid, workdir))
-        ids.append(rid)
-        tasks.append(art.meta["task"]["name"])
-        prompts.append(art.prompt)
-        insertions.add(art.meta.get("insertion", "prepend"))
-    if len(insertions) > 1:
-        raise PtxError(f"prompt bank: insertion modes differ {sorted(insertions)}; one backbone layout per bank")
-    return ids, tasks, stack_prompts(prompts), insertions.pop() if insertions else "prepend"
-
-
 def _own_runs(runs) -> dict:
     """Per task, the prompt(s) that stand for it as a target: the run tagged ptx.best=true, else all its runs."""
     own: dict = {}
@@ -104,17 +89,18 @@ def _transfer_table(tracker, backbone: str, study: str, table) -> pd.DataFrame:
     return table[table["backbone"] == backbone] if "backbone" in table.columns else table
 
 
-def run_indicators_stage(spec, tracker, workdir, transfer_table: pd.DataFrame | None = None) -> dict:
+def run_indicators_stage(spec, tracker, workdir, transfer_table: pd.DataFrame | None = None,
+                         force: bool = False) -> dict:
     """Per backbone of a study: embedding indicators + ON (actor pool) vs transfer, logged as ptx.kind=indicators.
 
     Returns {study, backbones: {name: {run_id, reused, artifacts, n_prompts, spearman: {indicator: mean}}},
-    computed, skipped}. A backbone whose bank, settings and transfer table already have a finished run is skipped.
+    computed, skipped}. A backbone whose bank, settings and transfer table already have a finished run is skipped
+    (unless `force`).
     """
     import dataclasses
     import time
     from pathlib import Path
 
-    from ptx import track
     from ptx.activations import ACTIVE_RULE, overlap_matrices, save_masks
     from ptx.io import config_hash
 
@@ -122,7 +108,7 @@ def run_indicators_stage(spec, tracker, workdir, transfer_table: pd.DataFrame | 
     tracker = tracker.for_experiment(spec.name, Path(workdir))  # stages read and write the study's experiment
     cap = spec.data.max_length if ind.probe == "examples" else None  # the paper probe reads no task text
     for backbone in spec.backbones:
-        runs = tracker.bank_runs(backbone, spec.tasks)
+        runs = bank_runs(tracker, backbone, spec.tasks)
         if len(runs) < 2:
             raise PtxError(f"backbone '{backbone}': the bank has {len(runs)} finished prompt run(s) for the study's "
                            "tasks; expected at least 2 (run the train stage first)")
@@ -131,30 +117,31 @@ def run_indicators_stage(spec, tracker, workdir, transfer_table: pd.DataFrame | 
                               "settings": dataclasses.asdict(ind),
                               "transfer": int(pd.util.hash_pandas_object(table, index=False).sum()),
                               **({"max_length": cap} if cap is not None else {})})
-        done = tracker.finished_run(track.KIND_INDICATORS, digest)
-        if done is not None:
-            out["backbones"][backbone] = {"run_id": done.run_id, "reused": True}
-            out["skipped"] += 1
-            continue
-        t0 = time.perf_counter()
-        ids, tasks, prompts, insertion = load_bank(tracker, runs, workdir)
-        matrices = embedding_similarities(prompts, drop_first=insertion == "paper")
-        inits = bank_inits(workdir, ids, backbone, insertion)
-        if inits is not None:
-            matrices.update(displacement_similarities(prompts, inits, drop_first=insertion == "paper"))
-        both = torch.cat([prompts, inits]) if inits is not None else prompts  # inits' masks: ON's displacement
-        masks, info = compute_bank_activations(backbone, both, insertion, ind.probe,
-                                               tasks * (2 if inits is not None else 1), ind.probe_examples,
-                                               getattr(ind, "position", "score"), ind.hook, ind.num_actors,
-                                               dataclasses.asdict(ind.resources), describe=True, max_length=cap)
-        if inits is not None:
-            masks, init_masks = masks[:len(ids)], masks[len(ids):]
-        matrices.update(overlap_matrices(masks, ind.windows, getattr(ind, "window_stride", None)))
-        if inits is not None:
-            matrices.update(displacement_overlap(masks, init_masks))
-        run_id = tracker.start_run(track.run_name("indicators", spec.name, backbone), {
-            "ptx.kind": track.KIND_INDICATORS, "ptx.backbone": backbone, "ptx.study": spec.name, "ptx.config_hash": digest})
-        try:
+        tags = {"ptx.kind": KIND, "ptx.backbone": backbone, "ptx.study": spec.name, "ptx.config_hash": digest}
+        with tracker.run(track.run_name("indicators", spec.name, backbone), tags, reuse=not force) as run:
+            if run.reused:
+                out["backbones"][backbone] = {"run_id": run.run_id, "reused": True}
+                out["skipped"] += 1
+                continue
+            t0 = time.perf_counter()
+            bank = load_bank(tracker, runs, workdir)
+            ids, tasks, insertion = list(bank.ids), list(bank.tasks), bank.insertion
+            prompts = stack_prompts(bank.prompts)
+            matrices = embedding_similarities(prompts, drop_first=insertion == "paper")
+            inits = bank_inits(bank, backbone, insertion)
+            if inits is not None:
+                matrices.update(displacement_similarities(prompts, inits, drop_first=insertion == "paper"))
+            both = torch.cat([prompts, inits]) if inits is not None else prompts  # inits' masks: ON's displacement
+            masks, info = compute_bank_activations(backbone, both, insertion, ind.probe,
+                                                   tasks * (2 if inits is not None else 1), ind.probe_examples,
+                                                   getattr(ind, "position", "score"), ind.hook, ind.num_actors,
+                                                   dataclasses.asdict(ind.resources), describe=True, max_length=cap)
+            if inits is not None:
+                masks, init_masks = masks[:len(ids)], masks[len(ids):]
+            matrices.update(overlap_matrices(masks, ind.windows, getattr(ind, "window_stride", None)))
+            if inits is not None:
+                matrices.update(displacement_overlap(masks, init_masks))
+            run_id = run.run_id
             art = Path(workdir).resolve() / "indicators" / run_id
             save_masks(art / "activations", masks, {
                 "backbone": backbone, "backbone_kind": info["kind"], "hook_modules": info["hooks"],
@@ -169,10 +156,6 @@ def run_indicators_stage(spec, tracker, workdir, transfer_table: pd.DataFrame | 
             tracker.log(run_id, {**_metrics(tables), "n_prompts": len(ids), "seconds": time.perf_counter() - t0},
                         params={"indicators": dataclasses.asdict(ind), "n_prompts": len(ids)})
             tracker.log_artifacts(run_id, art)
-            tracker.finish(run_id)
-        except BaseException:
-            tracker.finish(run_id, "FAILED")
-            raise
         spearman = tables["correlations"].query("method == 'spearman'")
         out["backbones"][backbone] = {"run_id": run_id, "reused": False, "artifacts": str(art), "n_prompts": len(ids),
                                       "spearman": dict(zip(spearman.indicator, spearman.mean_over_targets, strict=True))}
@@ -190,7 +173,6 @@ def reference_check(reference_dir, tracker, workdir, bootstrap: int = 1000, seed
     """
     from pathlib import Path
 
-    from ptx import track
     from ptx.prompt import load_prompt
     from ptx.prompt_runs import import_prompt
     from ptx.tasks import list_tasks
@@ -211,7 +193,7 @@ def reference_check(reference_dir, tracker, workdir, bootstrap: int = 1000, seed
             run = import_prompt(f, backbone, f.stem, insertion, workdir, tracker)
             local = run.artifact
             if not (local / "prompt.json").is_file():  # imported earlier into another workdir
-                local = tracker.fetch_prompt(run.run_id, workdir)
+                local = fetch_prompt(tracker, run.run_id, workdir)
             ids.append(run.run_id or local.name)
             tasks.append(f.stem)
             prompts.append(load_prompt(local).prompt)
@@ -222,12 +204,11 @@ def reference_check(reference_dir, tracker, workdir, bootstrap: int = 1000, seed
                        relative_value=zs["value"] / zs["target_task"].map(own))
         tables = analyse(zs, matrices, ids, tasks, None, workdir / "reference_check" / backbone, bootstrap, seed)
         if tracker.enabled:
-            rid = tracker.start_run(f"reference check {backbone}", {
-                "ptx.kind": track.KIND_INDICATORS, "ptx.backbone": backbone, "ptx.study": "reference-check",
-                "ptx.origin": "reference"})
-            tracker.log(rid, {**_metrics(tables), "n_prompts": len(ids)}, params={"reference_dir": str(root)})
-            tracker.log_artifacts(rid, workdir / "reference_check" / backbone)
-            tracker.finish(rid)
+            with tracker.run(f"reference check {backbone}", {
+                    "ptx.kind": KIND, "ptx.backbone": backbone, "ptx.study": "reference-check",
+                    "ptx.origin": "reference"}, reuse=False) as run:
+                tracker.log(run.run_id, {**_metrics(tables), "n_prompts": len(ids)}, params={"reference_dir": str(root)})
+                tracker.log_artifacts(run.run_id, workdir / "reference_check" / backbone)
         out.append(tables["correlations"].assign(backbone=backbone, n_prompts=len(ids)))
     if not out:
         raise PtxError(f"reference dir {root}: no backbone folders under prompts/")
@@ -252,12 +233,13 @@ def recommend(task: str, backbone_name: str, tracker, workdir, top_k: int = 5, p
     from ptx.train import TrainSettings, train_prompt
 
     spec = load_task(task)
-    runs = [r for r in tracker.bank_runs(backbone_name, experiment_ids=tracker.all_experiment_ids())
+    runs = [r for r in bank_runs(tracker, backbone_name, experiment_ids=tracker.all_experiment_ids())
             if r.tags.get("ptx.task") != spec.name]
     if not runs:
         raise PtxError(f"no finished prompt run on backbone '{backbone_name}' for a task other than '{task}' in "
                        f"{tracker.uri}; train or import a bank first")
-    ids, tasks, prompts, insertion = load_bank(tracker, runs, workdir)
+    bank = load_bank(tracker, runs, workdir)
+    ids, tasks, prompts, insertion = bank.ids, bank.tasks, stack_prompts(bank.prompts), bank.insertion
     backbone = load_backbone(backbone_name, insertion=insertion)
     init = init_prompt(backbone, prompts.shape[1], "random", seed=seed, task=spec.name)
     settings = TrainSettings(steps=probe_steps, eval_every=probe_steps, lr=probe_lr, seed=seed, batch_size=16)
@@ -271,6 +253,7 @@ def recommend(task: str, backbone_name: str, tracker, workdir, top_k: int = 5, p
              "probe_dev_metric": probe.best_metric} for r, i in enumerate(order)]
 
 
-def run(spec, tracker, workdir, **opts) -> dict:
-    """The stage's entry (ptx.stages.STAGES): run_indicators_stage."""
-    return run_indicators_stage(spec, tracker, workdir, **opts)
+def run(spec, tracker, workdir, *, force: bool = False, max_concurrent: int | None = None,
+        address: str | None = None) -> dict:
+    """The stage's entry: run_indicators_stage (the actor pool's size is `indicators.num_actors`)."""
+    return run_indicators_stage(spec, tracker, workdir, force=force)

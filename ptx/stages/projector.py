@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from ptx import progress, track
+from ptx.bank import bank_runs, best_of, fetch_prompt
 from ptx.errors import PtxError
 from ptx.io import config_hash
 from ptx.projector import (
@@ -33,7 +34,7 @@ from ptx.stages.tpt import tpt_request
 from ptx.transfer import censored_speedups
 
 log = logging.getLogger(__name__)
-STAGE_KIND = "stage"  # the stage's parent run: ptx.kind=stage, ptx.stage=projector
+NAME, KIND, UNITS, SECTION = "projector", "stage", "steps", "projector"  # KIND: the stage's parent run
 
 
 def backbone_info(name: str, insertion: str = "prepend") -> dict:
@@ -97,7 +98,7 @@ def study_best_run(tracker, backbone: str, task: str, study: str):
     per study), or None: another study's prompts in the same store never enter. (A trial's ptx.study tag names
     its Tune experiment, e.g. '<study>-train-<hash>', so the experiment, not that tag, says whose run it is.)"""
     exp = tracker.experiment_id_of(study)
-    return None if exp is None else track.best_of(tracker.bank_runs(backbone, task=task, experiment_ids=[exp]))
+    return None if exp is None else best_of(bank_runs(tracker, backbone, task=task, experiment_ids=[exp]))
 
 
 def bank(tracker, workdir: Path, backbone: str, tasks, study: str) -> dict:
@@ -107,38 +108,35 @@ def bank(tracker, workdir: Path, backbone: str, tasks, study: str) -> dict:
     for task in dict.fromkeys(tasks):
         best = study_best_run(tracker, backbone, task, study)
         if best is not None:
-            out[task] = (best.run_id, tracker.fetch_prompt(best.run_id, workdir))
+            out[task] = (best.run_id, fetch_prompt(tracker, best.run_id, workdir))
     return out
 
 
 def _train_job(job: dict) -> dict:
     """One Ray task: train (or reuse) one objective's projector, log it as a ptx.kind=projector run."""
+    from ptx import sweep
     from ptx.backbones import load_backbone
     from ptx.data import encode_split
     from ptx.prompt import load_prompt
     from ptx.tasks import load_task
 
     workdir = Path(job["workdir"])
-    tracker = track.MlflowTracker(job["tracking_uri"], job["experiment"], workdir=workdir)
-    from ptx import sweep
-
-    done = tracker.finished_run(track.KIND_PROJECTOR, job["digest"])
-    if done is not None:
-        sweep.report_units(job["settings"]["steps"])  # progress: this projector's steps are done
-        run_id = done.run_id
-        local = workdir / "projectors" / run_id
-        if not (local / "projector.json").is_file():
-            tracker.download(run_id, ARTIFACT, local)
-        return {"objective": job["objective"], "run_id": run_id, "artifact": str(local), "reused": True,
-                "initial_loss": done.metrics.get("initial_loss"), "final_loss": done.metrics.get("final_loss")}
+    tracker = job["tracker"].open()
     source, target, objective = job["source"], job["target"], job["objective"]
     tags = {"ptx.kind": track.KIND_PROJECTOR, "ptx.source_backbone": source["name"], "ptx.target_backbone": target["name"],
             "ptx.objective": objective, "ptx.study": job["study"], "ptx.config_hash": job["digest"],
             "ptx.form": job["config"]["form"], "ptx.projector_unit": job["unit"]}
-    run_id = tracker.start_run(track.run_name("projector", objective, f"{source['name']} → {target['name']}",
-                                              job["unit"]), tags,
-                               job["parent"])
-    try:
+    name = track.run_name("projector", objective, f"{source['name']} → {target['name']}", job["unit"])
+    with tracker.run(name, tags, job["parent"], reuse=not job.get("force")) as run:
+        if run.reused:
+            sweep.report_units(job["settings"]["steps"])  # progress: this projector's steps are done
+            local = workdir / "projectors" / run.run_id
+            if not (local / "projector.json").is_file():
+                tracker.download(run.run_id, ARTIFACT, local)
+            return {"objective": objective, "run_id": run.run_id, "artifact": str(local), "reused": True,
+                    "initial_loss": run.reused.metrics.get("initial_loss"),
+                    "final_loss": run.reused.metrics.get("final_loss")}
+        run_id = run.run_id
         tracker.log(run_id, params={**{k: job[k] for k in ("config", "settings", "source_runs", "target_runs")},
                                     "train_tasks": json.dumps(job["train_tasks"])})
         sources = {t: load_prompt(p).prompt for t, p in job["sources"].items()}
@@ -166,15 +164,11 @@ def _train_job(job: dict) -> dict:
                                result.tasks, metrics, run_id, extra={"curve": result.curve})
         tracker.log(run_id, metrics, step=len(result.curve))
         tracker.log_artifacts(run_id, local, ARTIFACT)
-        tracker.finish(run_id)
-    except BaseException:
-        tracker.finish(run_id, "FAILED")
-        raise
     return {"objective": objective, "run_id": run_id, "artifact": str(local), "reused": False, **metrics}
 
 
 def train_projectors(spec, tracker, workdir, stage_run: str, objectives, src_bank: dict, tgt_bank: dict,
-                     source: dict, target: dict, units: list | None = None) -> dict:
+                     source: dict, target: dict, units: list | None = None, force: bool = False) -> dict:
     """Train one projector per (objective, unit) as parallel Ray tasks; {name: summary} (see `unit_name`)."""
     from ptx import sweep
     from ptx.prompt import load_prompt
@@ -211,7 +205,8 @@ def train_projectors(spec, tracker, workdir, stage_run: str, objectives, src_ban
             job["digest"] = config_hash(job)  # the training tasks are in it: another split is another projector
             job.update(sources={t: str(src_bank[t][1]) for t in train_tasks},
                        targets={t: str(tgt_bank[t][1]) for t in job["target_runs"]},
-                       tracking_uri=tracker.uri, experiment=tracker.experiment, workdir=str(workdir),
+                       tracker=track.TrackerRef(tracker.uri, tracker.experiment, str(workdir)), workdir=str(workdir),
+                       force=force,
                        parent=stage_run, study=spec.name, unit=unit["key"])
             jobs.append(job)
             names.append(unit_name(objective, unit))
@@ -378,11 +373,11 @@ def planned_steps(spec, units: list, objectives, src_bank: dict, tpt: bool, tpt_
 
 
 def run_projector_stage(spec, tracker, workdir, objectives=None, evaluate: bool = True, tpt: bool = True,
-                        tpt_tasks=None) -> dict:
+                        tpt_tasks=None, force: bool = False) -> dict:
     """The projector stage: skip (reason as a run tag) when a backbone is unset or missing; else train, eval, TPT.
 
     `objectives` defaults to (spec.projector.objective,); `tpt_tasks` (default: the eval tasks) bounds TPT_MODEL,
-    the stage's most expensive part.
+    the stage's most expensive part; `force` trains projectors that have a finished run again.
     """
     import pandas as pd
 
@@ -393,16 +388,15 @@ def run_projector_stage(spec, tracker, workdir, objectives=None, evaluate: bool 
     for o in objectives:
         if o not in [x.value for x in Objective]:
             raise PtxError(f"projector objective '{o}': expected one of {[x.value for x in Objective]}")
-    tags = {"ptx.kind": STAGE_KIND, "ptx.stage": "projector", "ptx.study": spec.name,
+    tags = {"ptx.kind": KIND, "ptx.stage": NAME, "ptx.study": spec.name,
             "ptx.source_backbone": p.source_backbone, "ptx.target_backbone": p.target_backbone}
-    stage_run = tracker.start_run(track.run_name("projector", spec.name), tags)
-    reason = unavailable_reason(p)
-    if reason:
-        log.warning("projector stage skipped: %s", reason)
-        tracker.log(stage_run, tags={"ptx.skipped": "true", "ptx.skip_reason": reason})
-        tracker.finish(stage_run)
-        return {"skipped": True, "reason": reason, "stage_run": stage_run}
-    try:
+    with tracker.run(track.run_name("projector", spec.name), tags, reuse=False) as run:
+        stage_run = run.run_id
+        reason = unavailable_reason(p)
+        if reason:
+            log.warning("projector stage skipped: %s", reason)
+            tracker.log(stage_run, tags={"ptx.skipped": "true", "ptx.skip_reason": reason})
+            return {"skipped": True, "reason": reason, "stage_run": stage_run}
         source, target = backbone_info(p.source_backbone), backbone_info(p.target_backbone, spec.insertion)
         units = projector_units(p, spec.tasks, task_categories(spec))
         tasks = tuple(t for u in units for t in (*u["train"], *u["eval"]))
@@ -413,7 +407,7 @@ def run_projector_stage(spec, tracker, workdir, objectives=None, evaluate: bool 
         # the whole total at once, so the line never reaches 100% of the projectors and then restarts lower
         progress.current().update(total=planned_steps(spec, units, objectives, src_bank, evaluate and tpt, tpt_tasks))
         projectors = train_projectors(spec, tracker, workdir, stage_run, objectives, src_bank, tgt_bank, source, target,
-                                      units)
+                                      units, force=force)
         out = {"skipped": False, "stage_run": stage_run, "projectors": projectors}
         for o in objectives:  # the mean over this objective's projectors
             infos = [i for i in projectors.values() if i["objective"] == o]
@@ -445,13 +439,10 @@ def run_projector_stage(spec, tracker, workdir, objectives=None, evaluate: bool 
             flags = {f"ptx.tpt.{r['task']}.flag": r["flag"] for r in out.get("tpt", [])}
             tracker.log(stage_run, summary, tags={"ptx.best_objective": best, **flags})
             tracker.log_artifacts(stage_run, tables, "tables")
-        tracker.finish(stage_run)
         return out
-    except BaseException:
-        tracker.finish(stage_run, "FAILED")
-        raise
 
 
-def run(spec, tracker, workdir, **opts) -> dict:
-    """The stage's entry (ptx.stages.STAGES): run_projector_stage."""
-    return run_projector_stage(spec, tracker, workdir, **opts)
+def run(spec, tracker, workdir, *, force: bool = False, max_concurrent: int | None = None,
+        address: str | None = None) -> dict:
+    """The stage's entry: run_projector_stage (projectors are Ray tasks that fill the cluster)."""
+    return run_projector_stage(spec, tracker, workdir, force=force)

@@ -5,6 +5,7 @@ import logging
 from pathlib import Path
 
 log = logging.getLogger(__name__)
+NAME, KIND, UNITS, SECTION = "train", "sweep", "trials", "training"  # KIND: the sweep's parent run
 
 
 def train_experiment_name(spec) -> str:
@@ -28,6 +29,7 @@ def run_train_stage(spec, tracker, workdir: Path, force: bool = False, max_concu
                            force=force, name=name, tags={"ptx.stage": "train"})
 
 
-def run(spec, tracker, workdir, **opts) -> dict:
-    """The stage's entry (ptx.stages.STAGES): run_train_stage."""
-    return run_train_stage(spec, tracker, workdir, **opts)
+def run(spec, tracker, workdir, *, force: bool = False, max_concurrent: int | None = None,
+        address: str | None = None) -> dict:
+    """The stage's entry: run_train_stage (`address`: run_study connected Ray already)."""
+    return run_train_stage(spec, tracker, workdir, force=force, max_concurrent=max_concurrent)

@@ -7,12 +7,13 @@ import math
 from pathlib import Path
 
 from ptx import track
+from ptx.bank import best_prompt_run, fetch_prompt
 from ptx.config import TptSource
 from ptx.errors import PtxError, suggest
 from ptx.figures import convergence_png
 from ptx.io import config_hash
 from ptx.prompt import load_prompt
-from ptx.stages.transfer import _study_tracker, load_transfer_table
+from ptx.stages.transfer import load_transfer_table
 from ptx.transfer import (
     KIND_TPT,
     RANDOM,
@@ -23,10 +24,11 @@ from ptx.transfer import (
 )
 
 log = logging.getLogger(__name__)
+NAME, KIND, UNITS, SECTION = "tpt", KIND_TPT, "trials", "tpt"
 
 
 def _best_run(tracker, task: str, backbone: str) -> str:
-    return tracker.best_prompt_run(task, backbone, all_experiments=False).run_id
+    return best_prompt_run(tracker, task, backbone, all_experiments=False).run_id
 
 
 def _indicator_sources(tracker, backbone: str, study: str, indicator: str) -> dict:
@@ -137,7 +139,7 @@ def run_tpt_stage(spec, tracker, workdir: Path, address: str | None = None) -> d
     from ptx.config import Scheduler, Search
 
     workdir = Path(workdir).resolve()
-    tracker = _study_tracker(spec, tracker, workdir)
+    tracker = tracker.for_experiment(spec.name, workdir)  # the study's experiment, where its sweeps log
     settings = spec.train if spec.tpt.steps is None else dataclasses.replace(spec.train, steps=spec.tpt.steps)
     plan, skipped = [], []
     for name in spec.backbones:
@@ -147,7 +149,7 @@ def run_tpt_stage(spec, tracker, workdir: Path, address: str | None = None) -> d
                 log.warning("TPT: skipping %s on %s (%s): %s", target, name, mode, pick)
                 skipped.append({"backbone": name, "target_task": target, "source_mode": mode, "reason": pick})
                 continue
-            dest = tracker.fetch_prompt(pick[0], workdir)  # fetched once here, not by concurrent trials racing for it
+            dest = fetch_prompt(tracker, pick[0], workdir)  # fetched once here, not by concurrent trials racing for it
             n_tok = load_prompt(dest).prompt.shape[0]
             if n_tok != spec.prompt_length:
                 raise PtxError(f"TPT source {pick[0]} ({pick[1]}) has {n_tok} prompt tokens; study '{spec.name}' "
@@ -213,17 +215,18 @@ def _log_tpt(tracker, spec, backbone: str, rows: list, curves: dict, local: Path
     for (target, mode), cs in curves.items():  # one plot per target (and source mode when there are several)
         name = f"{target}_{mode}" if several else target
         convergence_png(cs, name, _spec(target).metric, local / f"curves_{name}.png")
-    run_id = tracker.start_run(track.run_name("tpt", spec.name, backbone), {
-        "ptx.kind": KIND_TPT, "ptx.backbone": backbone, "ptx.study": spec.name,
-        "ptx.config_hash": config_hash(sorted(f"{r.get('vanilla_run')}:{r.get('tpt_run')}" for r in rows))})
-    finite = {k: v for k, v in overall.items() if math.isfinite(v)}  # MLflow takes no inf; the tables keep it
-    tracker.log(run_id, {**finite, "targets": len(agg)}, params={"source": ",".join(spec.tpt.source_modes)})
-    tracker.log_artifacts(run_id, local, KIND_TPT)
-    tracker.finish(run_id)
-    return {"run_id": run_id, "parquet": str(local / "tpt.parquet"), "table": agg.to_dict("records"),
+    tags = {"ptx.kind": KIND_TPT, "ptx.backbone": backbone, "ptx.study": spec.name,
+            "ptx.config_hash": config_hash(sorted(f"{r.get('vanilla_run')}:{r.get('tpt_run')}" for r in rows))}
+    with tracker.run(track.run_name("tpt", spec.name, backbone), tags, reuse=False) as run:
+        finite = {k: v for k, v in overall.items() if math.isfinite(v)}  # MLflow takes no inf; the tables keep it
+        tracker.log(run.run_id, {**finite, "targets": len(agg)}, params={"source": ",".join(spec.tpt.source_modes)})
+        tracker.log_artifacts(run.run_id, local, KIND_TPT)
+    return {"run_id": run.run_id, "parquet": str(local / "tpt.parquet"), "table": agg.to_dict("records"),
             "overall": overall}
 
 
-def run(spec, tracker, workdir, **opts) -> dict:
-    """The stage's entry (ptx.stages.STAGES): run_tpt_stage."""
-    return run_tpt_stage(spec, tracker, workdir, **opts)
+def run(spec, tracker, workdir, *, force: bool = False, max_concurrent: int | None = None,
+        address: str | None = None) -> dict:
+    """The stage's entry: run_tpt_stage. `force` and `max_concurrent` are the train stage's: a TPT or vanilla run is
+    a prompt request, reused by its hash, and the TPT sweep runs as many trials at once as the spec says."""
+    return run_tpt_stage(spec, tracker, workdir, address=address)

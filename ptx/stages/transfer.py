@@ -17,10 +17,10 @@ import pyarrow.parquet as pq
 import torch
 
 from ptx import progress, track
+from ptx.bank import load_bank, select_runs
 from ptx.errors import PtxError
 from ptx.figures import transfer_heatmaps
 from ptx.io import config_hash
-from ptx.prompt import load_prompt
 from ptx.transfer import (
     KIND_UNIT,
     RANDOM,
@@ -41,6 +41,7 @@ from ptx.transfer import (
 )
 
 log = logging.getLogger(__name__)
+NAME, KIND, UNITS, SECTION = "transfer", track.KIND_TRANSFER, "pairs", "transfer"
 
 
 # ---- the matrix and table from the store -------------------------------------------------------------------------------
@@ -50,11 +51,11 @@ def transfer_matrix_from_store(tracking_uri: str, backbone, tasks=None, splits=(
     from ptx.backbones import load_backbone
     from ptx.io import cache_dir
 
-    tracker = track.MlflowTracker(tracking_uri, experiment or track.DEFAULT_EXPERIMENT)
+    tracker = track.open(tracking_uri, experiment or track.DEFAULT_EXPERIMENT)
     name = backbone if isinstance(backbone, str) else backbone.name
     ids = [tracker.experiment_id] if experiment else tracker.all_experiment_ids()
     local = Path(workdir) if workdir else cache_dir()
-    bank = {r.run_id: load_prompt(tracker.fetch_prompt(r.run_id, local)) for r in tracker.bank(name, tasks, sources, ids)}
+    bank = load_bank(tracker, select_runs(tracker, name, tasks, sources, ids), local).by_run()
     if not bank:
         raise PtxError(f"the prompt bank for backbone '{name}' in {tracking_uri} is empty (tasks: {tasks or 'all'})")
     if isinstance(backbone, str):
@@ -120,13 +121,13 @@ def plan_units(targets: list, sources: list, random_baseline: bool, slots: int, 
 def _log_unit(tracker, unit: dict, table: pa.Table, seconds: float, predictions: list) -> None:
     """One target's matrix as its own run (ptx.kind=transfer_unit), keyed by the unit's config hash, with the
     per-example predictions of its own and random prompts when it has any."""
-    run_id = tracker.start_run(track.run_name("transfer", unit["target"], unit["backbone"]), unit["tags"], unit["parent"])
-    tracker.log_table(run_id, table, KIND_UNIT, "unit.parquet")
-    if predictions:
-        tracker.log_table(run_id, pa.Table.from_pylist(predictions), KIND_UNIT, "predictions.parquet")
-    tracker.log(run_id, {"rows": table.num_rows, "seconds": seconds},
-                params={"sources": unit["n_sources"], "splits": list(unit["splits"]), "limits": unit["limits"]})
-    tracker.finish(run_id)
+    name = track.run_name("transfer", unit["target"], unit["backbone"])
+    with tracker.run(name, unit["tags"], unit["parent"], reuse=False) as run:
+        tracker.log_table(run.run_id, table, KIND_UNIT, "unit.parquet")
+        if predictions:
+            tracker.log_table(run.run_id, pa.Table.from_pylist(predictions), KIND_UNIT, "predictions.parquet")
+        tracker.log(run.run_id, {"rows": table.num_rows, "seconds": seconds},
+                    params={"sources": unit["n_sources"], "splits": list(unit["splits"]), "limits": unit["limits"]})
 
 
 def _compute_targets(todo: list, bank: dict, unit_of: dict, cfg, address, bar) -> dict:
@@ -176,23 +177,20 @@ def _compute_targets(todo: list, bank: dict, unit_of: dict, cfg, address, bar) -
     return tables
 
 
-def _study_tracker(spec, tracker, workdir: Path):
-    """Stages read and write the study's experiment (where its sweeps log), whatever `tracker` points at."""
-    return tracker.for_experiment(spec.name, workdir)
-
-
-def run_transfer_stage(spec, tracker, workdir: Path, address: str | None = None) -> dict:
+def run_transfer_stage(spec, tracker, workdir: Path, address: str | None = None, force: bool = False) -> dict:
     """Compute or resume the study's transfer matrix per backbone: a missing (backbone, target) unit is scored over
-    (source chunk, target) Ray tasks and logged as one run when its last chunk lands."""
+    (source chunk, target) Ray tasks and logged as one run when its last chunk lands. `force`: every unit and the
+    matrix are computed again, finished runs or not."""
     workdir = Path(workdir).resolve()
-    tracker, cfg = _study_tracker(spec, tracker, workdir), spec.transfer
+    # stages read and write the study's experiment (where its sweeps log), whatever `tracker` points at
+    tracker, cfg = tracker.for_experiment(spec.name, workdir), spec.transfer
     limits = {"dev": spec.data.dev_limit, "test": spec.data.test_limit}
     targets = [_spec(t, spec.data.max_length) for t in spec.tasks]
     out = {"study": spec.name, "backbones": {}, "computed": 0, "skipped": 0}
     bar = progress.current()  # units: (source prompt, target) pairs; the total grows per backbone
     for name in spec.backbones:
-        bank = {r.run_id: load_prompt(tracker.fetch_prompt(r.run_id, workdir))
-                for r in tracker.bank(name, set(spec.tasks), getattr(cfg, "sources", "all"), [tracker.experiment_id])}
+        runs = select_runs(tracker, name, set(spec.tasks), getattr(cfg, "sources", "all"), [tracker.experiment_id])
+        bank = load_bank(tracker, runs, workdir).by_run()
         if not bank:
             raise PtxError(f"the prompt bank for backbone '{name}' of study '{spec.name}' is empty in {tracker.uri}: "
                            "run the train stage first")
@@ -206,19 +204,18 @@ def run_transfer_stage(spec, tracker, workdir: Path, address: str | None = None)
             base["max_length"] = spec.data.max_length
         hashes = {t.name: config_hash({**base, "target": t.name}) for t in targets}
         digest = config_hash(sorted(hashes.values()))
-        done = {t: tracker.finished_run(KIND_UNIT, h) for t, h in hashes.items()}
+        done = {t: None if force else tracker.finished_run(KIND_UNIT, h) for t, h in hashes.items()}
         todo = [t for t in spec.tasks if done[t] is None]
-        previous = tracker.finished_run(track.KIND_TRANSFER, digest)
         pairs = len(bank) + bool(cfg.random_baseline)  # rows of the matrix per target and split
         bar.update(total=bar.total + pairs * len(targets), done=bar.done + pairs * (len(targets) - len(todo)))
-        if not todo and previous is not None:
-            out["backbones"][name] = {"run_id": previous.run_id, "units": len(targets), "computed": 0,
-                                      "sources": len(bank), "reused": True}
-            out["skipped"] += len(targets)
-            continue
-        parent = tracker.start_run(track.run_name("transfer", spec.name, name), {
-            "ptx.kind": track.KIND_TRANSFER, "ptx.backbone": name, "ptx.study": spec.name, "ptx.config_hash": digest})
-        try:
+        tags = {"ptx.kind": KIND, "ptx.backbone": name, "ptx.study": spec.name, "ptx.config_hash": digest}
+        with tracker.run(track.run_name("transfer", spec.name, name), tags, reuse=not todo) as run:
+            if run.reused:
+                out["backbones"][name] = {"run_id": run.run_id, "units": len(targets), "computed": 0,
+                                          "sources": len(bank), "reused": True}
+                out["skipped"] += len(targets)
+                continue
+            parent = run.run_id
             unit_of = {t: {**base, "target": t, "tracker": tracker, "parent": parent, "n_sources": len(bank),
                            "tags": {"ptx.kind": KIND_UNIT, "ptx.backbone": name, "ptx.task": t, "ptx.study": spec.name,
                                     "ptx.config_hash": hashes[t]}} for t in todo}
@@ -229,9 +226,6 @@ def run_transfer_stage(spec, tracker, workdir: Path, address: str | None = None)
             local = workdir / "transfer" / name.replace("/", "_")
             _gather_predictions(tracker, [hashes[t] for t in spec.tasks], local)
             summary = _log_matrix(tracker, parent, table, local)
-        except BaseException:
-            tracker.finish(parent, "FAILED")
-            raise
         out["backbones"][name] = {"run_id": parent, "units": len(targets), "computed": len(todo),
                                   "sources": len(bank), "reused": False, **summary}
         out["computed"] += len(todo)
@@ -258,7 +252,7 @@ def _gather_predictions(tracker, unit_hashes: list, local: Path) -> None:
 
 
 def _log_matrix(tracker, run_id: str, table: pa.Table, local: Path) -> dict:
-    """Write the long table and one heatmap per split, log them to the transfer run and finish it."""
+    """Write the long table and one heatmap per split and log them to the transfer run."""
     local.mkdir(parents=True, exist_ok=True)
     pq.write_table(table, local / "transfer.parquet")
     df = table.to_pandas()
@@ -271,10 +265,10 @@ def _log_matrix(tracker, run_id: str, table: pa.Table, local: Path) -> dict:
         metrics[f"{split}_mean_relative_offdiag"] = float(off[off.split == split].relative_value.mean())
     tracker.log(run_id, metrics)
     tracker.log_artifacts(run_id, local, track.KIND_TRANSFER)
-    tracker.finish(run_id)
     return {"parquet": str(local / "transfer.parquet"), "rows": len(df)}
 
 
-def run(spec, tracker, workdir, **opts) -> dict:
-    """The stage's entry (ptx.stages.STAGES): run_transfer_stage."""
-    return run_transfer_stage(spec, tracker, workdir, **opts)
+def run(spec, tracker, workdir, *, force: bool = False, max_concurrent: int | None = None,
+        address: str | None = None) -> dict:
+    """The stage's entry: run_transfer_stage (`max_concurrent` is the train stage's: chunks fill the cluster)."""
+    return run_transfer_stage(spec, tracker, workdir, address=address, force=force)

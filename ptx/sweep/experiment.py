@@ -45,7 +45,7 @@ def run_requests(requests: list[PromptRequest], settings: SweepSettings, workdir
     res = s.resources
     check_resources(res["cpu"], res["gpu"], res.get("custom"), autoscaling=cluster.joined_cluster())
     guards.check_storage(s.storage_path, len(live_nodes()), cluster.joined_cluster(), s.storage_shared)
-    tracker = track.MlflowTracker(tracking_uri, s.experiment, workdir=workdir)
+    tracker = track.open(tracking_uri, s.experiment, workdir=workdir)
     stage = s.tags.get("ptx.stage")
     parent = tracker.start_run(track.run_name(stage, s.experiment, "sweep"), {
         "ptx.kind": "sweep", "ptx.study": s.experiment, "ptx.experiment_path": f"{s.storage_path}/{s.name}",
@@ -124,7 +124,7 @@ def resume_sweep(path: str, restart_errored: bool = False) -> dict:
     os.environ["RAY_AIR_NEW_OUTPUT"] = "0"  # as build_tuner's _tune_output: no experiment box from Tune
     tuner = tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True,
                                resume_errored=not restart_errored, restart_errored=restart_errored)
-    tracker = track.MlflowTracker(state["tracking_uri"], state["experiment"], workdir=Path(state["workdir"]))
+    tracker = track.open(state["tracking_uri"], state["experiment"], workdir=Path(state["workdir"]))
     tracker.reopen(state["parent_run_id"])  # reopened (KILLED if the sweep was interrupted)
     summary = _fit_and_finalise(tuner, tracker, state["parent_run_id"], Path(state["workdir"]),
                                 then=lambda grid: _unstarted_trials_tuner(state, trainable, _grid_uri(grid)))

@@ -43,7 +43,7 @@ def group_trainable(config: dict) -> None:
         logging.getLogger("ray.tune").setLevel(logging.WARNING)
     reqs = [request_from({**config, "request": r}) for r in config["group"]]
     track.wait_reachable(const["tracking_uri"], tries=track.outage_wait_tries(), delay=2.0)
-    tracker = track.MlflowTracker(const["tracking_uri"], const["experiment"], workdir=Path(const["workdir"]))
+    tracker = track.open(const["tracking_uri"], const["experiment"], workdir=Path(const["workdir"]))
     trial_id, parent = tune.get_context().get_trial_id(), const["parent_run_id"]
     states: dict = {}
     ckpt = tune.get_checkpoint()

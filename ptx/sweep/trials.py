@@ -44,7 +44,7 @@ def prompt_trainable(config: dict) -> None:
     # a trial (re)started while the MLflow server is down waits for it (80 s at most) instead of failing in 12 s:
     # an outage then costs a trial one retry, not all of them (docs/fault_tolerance.md)
     track.wait_reachable(const["tracking_uri"], tries=track.outage_wait_tries(), delay=2.0)
-    tracker = track.MlflowTracker(const["tracking_uri"], const["experiment"], workdir=Path(const["workdir"]))
+    tracker = track.open(const["tracking_uri"], const["experiment"], workdir=Path(const["workdir"]))
     trial_id = tune.get_context().get_trial_id()
     resume, run_id = None, None
     ckpt = tune.get_checkpoint()
