@@ -20,8 +20,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
-from ptx import bank
-
 # re-exported: callers reach the seam's plain parts (ptx.store, ptx.bank) through this module as before
 from ptx.bank import KIND_PROMPT as KIND_PROMPT
 from ptx.bank import PROMPT_ARTIFACT as PROMPT_ARTIFACT
@@ -457,19 +455,6 @@ class MlflowTracker:
         if not files:
             raise PtxError(f"run '{run_id}' has no artifact '{path}'")
         return files
-
-    # ---- TEMPORARY: the bank's callers in ptx/sweep and ptx/cli, until they call ptx.bank directly -----------------
-    def tag_best(self, pairs) -> None:
-        bank.tag_best(self, pairs)
-
-    def prompt_runs(self, task=None, backbone=None, all_experiments: bool = True) -> list[RunRecord]:
-        return bank.prompt_runs(self, task, backbone, all_experiments)
-
-    def best_prompt_run(self, task: str, backbone: str) -> RunRecord:
-        return bank.best_prompt_run(self, task, backbone)
-
-    def download_prompt(self, run_id: str, out_dir) -> Path:
-        return bank.download_prompt(self, run_id, out_dir)
 
 
 def experiment_names(uri: str) -> list[str]:

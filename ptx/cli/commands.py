@@ -6,6 +6,7 @@ from pathlib import Path
 
 import click
 
+from ptx import bank
 from ptx.cli.group import cli
 from ptx.cli.options import (
     check_out_dir,
@@ -207,7 +208,7 @@ def prompts_list(task, backbone, fmt, workdir, tracking_uri):
              "backbone": r.tags.get("ptx.backbone"), "insertion": r.tags.get("ptx.insertion", ""),
              "seed": r.tags.get("ptx.seed", ""), "origin": r.tags.get("ptx.origin", ""),
              "best": r.tags.get("ptx.best", ""),
-             "dev": metric_text(r.metrics.get("best_dev_metric"))} for r in tracker.prompt_runs(task, backbone)]
+             "dev": metric_text(r.metrics.get("best_dev_metric"))} for r in bank.prompt_runs(tracker, task, backbone)]
     print_rows(rows, fmt)
 
 
@@ -219,7 +220,7 @@ def prompts_list(task, backbone, fmt, workdir, tracking_uri):
 def prompts_get(run_id, out, workdir, tracking_uri):
     """Download a prompt run's artifact through MLflow."""
     check_out_dir(out)
-    path = open_tracker(tracking_uri, workdir_path(workdir)).download_prompt(run_id, out)
+    path = bank.download_prompt(open_tracker(tracking_uri, workdir_path(workdir)), run_id, out)
     click.echo(f"prompt of run {run_id}: {path}")
 
 
@@ -233,10 +234,10 @@ def prompts_best(task, backbone, out, workdir, tracking_uri):
     """The prompt run with the best dev metric for a task and backbone."""
     check_out_dir(out)
     tracker = open_tracker(tracking_uri, workdir_path(workdir))
-    run = tracker.best_prompt_run(task, backbone)
+    run = bank.best_prompt_run(tracker, task, backbone)
     click.echo(f"{run.run_id}\tdev {run.metrics['best_dev_metric']:.4f}")
     if out:
-        click.echo(f"downloaded to {tracker.download_prompt(run.run_id, out)}")
+        click.echo(f"downloaded to {bank.download_prompt(tracker, run.run_id, out)}")
 
 
 @prompts.command("export-peft")
@@ -254,7 +255,7 @@ def prompts_export_peft(run_id, out, base_model, workdir, tracking_uri):
     check_out_dir(out)
     tracker = open_tracker(tracking_uri, workdir_path(workdir))
     with tempfile.TemporaryDirectory() as tmp:
-        local = tracker.download_prompt(run_id, Path(tmp) / "p")
+        local = bank.download_prompt(tracker, run_id, Path(tmp) / "p")
         export_peft(load_prompt(local), out, base_model)
     click.echo(f"PEFT adapter: {Path(out).resolve()}  (PeftModel.from_pretrained(model, '{out}'))")
 

@@ -6,7 +6,7 @@ prompt per (task, backbone).
 import logging
 from pathlib import Path
 
-from ptx import track
+from ptx import bank, track
 from ptx.plan import request_from
 from ptx.sweep.groups import load_group_checkpoint
 from ptx.sweep.trials import find_trial_run
@@ -41,7 +41,7 @@ def finalise(grid, tracker, workdir: Path) -> dict:
             state = None
         rows.append(_finalise_run(req, run_id, state, result, tracker, workdir))
         _prune_checkpoints(result)
-    tracker.tag_best({(r["task"], r["backbone"]) for r in rows if r["task"] is not None})
+    bank.tag_best(tracker, {(r["task"], r["backbone"]) for r in rows if r["task"] is not None})
     return {"trials": len(rows), "errored": errored, "rows": rows}
 
 
