@@ -41,6 +41,7 @@ class SpecInit(str, Enum):  # a study's init modes (a transfer init is the TPT s
     RANDOM = "random"
     VOCAB = "vocab"
     TEXT = "text"
+    TEXT_NOISE = "text_noise"  # each task's instruction plus noise seeded by (seed, task): a start per prompt
 
 
 class BankSources(str, Enum):  # which prompts of the bank the transfer stage reads
@@ -280,8 +281,8 @@ def _validate(spec: StudySpec, where: str, errors: list) -> None:
             errors.append(f"{where}.stages: unknown stage '{stage}'{suggest(stage, STAGES)}; expected {list(STAGES)}")
     if not spec.tasks or not spec.backbones or not spec.seeds:
         errors.append(f"{where}: backbones, tasks and seeds must each list at least one entry")
-    if spec.init == "text" and not (isinstance(spec.init_text, str) and spec.init_text.strip()):
-        errors.append(f"{where}.init_text: init 'text' needs a non-empty init_text, found {spec.init_text!r}")
+    if spec.init in ("text", "text_noise") and not (isinstance(spec.init_text, str) and spec.init_text.strip()):
+        errors.append(f"{where}.init_text: init '{spec.init}' needs a non-empty init_text, found {spec.init_text!r}")
     train_fields = {f.name for f in fields(TrainSettings)} | {"prompt_length", "init"}
     for key, dist in spec.search.space.items():
         if key not in train_fields:

@@ -274,10 +274,10 @@ def bank_inits(workdir, ids: list, backbone_name: str, insertion: str) -> torch.
     from pathlib import Path
 
     from ptx.backbones import load_backbone
-    from ptx.prompt import reconstruct_init
+    from ptx.prompt import SEEDED, TEXTUAL, reconstruct_init
 
     metas = [json.loads((Path(workdir) / "prompts" / rid / "prompt.json").read_text()) for rid in ids]
-    if any((m.get("init") or {}).get("mode") not in ("random", "vocab", "text") for m in metas):
+    if any((m.get("init") or {}).get("mode") not in (*SEEDED, *TEXTUAL) for m in metas):
         log.info("displacement indicators left out: some prompts have no rebuildable init (imported or transferred)")
         return None
     backbone = load_backbone(backbone_name, insertion=insertion)
