@@ -105,6 +105,7 @@ class GpuCluster:
 class TransferStage:
     splits: tuple[str, ...] = ("dev", "test")
     random_baseline: bool = True
+    init_baseline: bool = False  # also score each task's own prompts' untrained starts (the paired test's baseline)
     prompts_per_pass: Count = 8  # prompts stacked in one forward pass
     batch_size: Count = 32
     unit: Annotated[str, TransferUnit] = "target"
@@ -207,6 +208,8 @@ class StudySpec:
             d["train"].pop("group_size", None)
         if d["tpt"].get("sources") is None:  # likewise for tpt.sources
             d["tpt"].pop("sources", None)
+        if not d["transfer"].get("init_baseline"):  # likewise for transfer.init_baseline
+            d["transfer"].pop("init_baseline", None)
         return config_hash(d)
 
 
