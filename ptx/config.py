@@ -164,6 +164,9 @@ class ProjectorStage:
     train_tasks: tuple[str, ...] | None = None  # the training pool; default: all tasks of the study
     eval_tasks: tuple[str, ...] | None = None  # the evaluated tasks; default: all tasks of the study
     allow_overlap: bool = False  # split only: let eval_tasks share tasks with train_tasks (rows then not held out)
+    # why this study cannot test the cross-model question (e.g. no offline target with a trained head fits its
+    # budget): the stage then runs nothing and logs "not testable offline: <reason>", and the report gives no verdict
+    not_testable: str | None = None
 
 
 @dataclass(frozen=True)
@@ -210,6 +213,8 @@ class StudySpec:
             d["tpt"].pop("sources", None)
         if not d["transfer"].get("init_baseline"):  # likewise for transfer.init_baseline
             d["transfer"].pop("init_baseline", None)
+        if d["projector"].get("not_testable") is None:  # likewise for projector.not_testable
+            d["projector"].pop("not_testable", None)
         return config_hash(d)
 
 

@@ -25,6 +25,7 @@ from ptx.findings import Finding, Verdict
 from ptx.indicators import EMBEDDING_INDICATORS as EMBEDDING
 from ptx.indicators import MAIN_ON as ON
 from ptx.io import atomic_dir, write_json
+from ptx.projector import NOT_TESTABLE
 from ptx.transfer import INIT, KIND_TPT, RANDOM, censored_speedups
 
 log = logging.getLogger(__name__)
@@ -812,9 +813,10 @@ def findings(ctx) -> list[str]:
                    f"score {_num(proj['projected'][best])} on their own task on the target backbone, vs "
                    f"{_num(proj['random'])} for a random prompt and {_num(proj['own'])} for the target's own prompt. "
                    f"Run {ctx.sources.cite(proj['run_id'])}.")
-    elif "skipped" in proj:
-        out.append(f"<b>Do projected prompts transfer across models?</b> <span class='muted'>skipped: "
-                   f"{esc(proj['skipped'])}.</span>")
+    elif "skipped" in proj:  # a study that declared the question not testable says so, with no verdict
+        said = proj["skipped"] if proj["skipped"].startswith(NOT_TESTABLE) else f"skipped: {proj['skipped']}"
+        out.append(f"<b>Do projected prompts transfer across models?</b> <span class='muted'>{esc(said)} "
+                   "(no verdict).</span>")
     return out
 
 
