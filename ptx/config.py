@@ -41,6 +41,7 @@ class SpecInit(str, Enum):  # a study's init modes (a transfer init is the TPT s
     RANDOM = "random"
     VOCAB = "vocab"
     TEXT = "text"
+    TEXT_NOISE = "text_noise"  # each task's instruction plus noise seeded by (seed, task): a start per prompt
 
 
 class BankSources(str, Enum):  # which prompts of the bank the transfer stage reads
@@ -104,6 +105,7 @@ class GpuCluster:
 class TransferStage:
     splits: tuple[str, ...] = ("dev", "test")
     random_baseline: bool = True
+    init_baseline: bool = False  # also score each task's own prompts' untrained starts (the paired test's baseline)
     prompts_per_pass: Count = 8  # prompts stacked in one forward pass
     batch_size: Count = 32
     unit: Annotated[str, TransferUnit] = "target"
@@ -162,6 +164,9 @@ class ProjectorStage:
     train_tasks: tuple[str, ...] | None = None  # the training pool; default: all tasks of the study
     eval_tasks: tuple[str, ...] | None = None  # the evaluated tasks; default: all tasks of the study
     allow_overlap: bool = False  # split only: let eval_tasks share tasks with train_tasks (rows then not held out)
+    # why this study cannot test the cross-model question (e.g. no offline target with a trained head fits its
+    # budget): the stage then runs nothing and logs "not testable offline: <reason>", and the report gives no verdict
+    not_testable: str | None = None
 
 
 @dataclass(frozen=True)
@@ -206,6 +211,10 @@ class StudySpec:
             d["train"].pop("group_size", None)
         if d["tpt"].get("sources") is None:  # likewise for tpt.sources
             d["tpt"].pop("sources", None)
+        if not d["transfer"].get("init_baseline"):  # likewise for transfer.init_baseline
+            d["transfer"].pop("init_baseline", None)
+        if d["projector"].get("not_testable") is None:  # likewise for projector.not_testable
+            d["projector"].pop("not_testable", None)
         return config_hash(d)
 
 
@@ -280,8 +289,8 @@ def _validate(spec: StudySpec, where: str, errors: list) -> None:
             errors.append(f"{where}.stages: unknown stage '{stage}'{suggest(stage, STAGES)}; expected {list(STAGES)}")
     if not spec.tasks or not spec.backbones or not spec.seeds:
         errors.append(f"{where}: backbones, tasks and seeds must each list at least one entry")
-    if spec.init == "text" and not (isinstance(spec.init_text, str) and spec.init_text.strip()):
-        errors.append(f"{where}.init_text: init 'text' needs a non-empty init_text, found {spec.init_text!r}")
+    if spec.init in ("text", "text_noise") and not (isinstance(spec.init_text, str) and spec.init_text.strip()):
+        errors.append(f"{where}.init_text: init '{spec.init}' needs a non-empty init_text, found {spec.init_text!r}")
     train_fields = {f.name for f in fields(TrainSettings)} | {"prompt_length", "init"}
     for key, dist in spec.search.space.items():
         if key not in train_fields:

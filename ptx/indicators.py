@@ -271,10 +271,10 @@ def bank_inits(bank, backbone_name: str, insertion: str) -> torch.Tensor | None:
     """The init of every prompt of a `ptx.bank.Bank` [P, n, d], rebuilt from its metadata (prompt.json), or None
     when one cannot be rebuilt (an imported prompt): the displacement indicators then stay out."""
     from ptx.backbones import load_backbone
-    from ptx.prompt import reconstruct_init
+    from ptx.prompt import SEEDED, TEXTUAL, reconstruct_init
 
     metas = bank.metas
-    if any((m.get("init") or {}).get("mode") not in ("random", "vocab", "text") for m in metas):
+    if any((m.get("init") or {}).get("mode") not in (*SEEDED, *TEXTUAL) for m in metas):
         log.info("displacement indicators left out: some prompts have no rebuildable init (imported or transferred)")
         return None
     backbone = load_backbone(backbone_name, insertion=insertion)

@@ -8,6 +8,7 @@ returns the verdict `ptx.verdicts` gives it. The calibration tests and `ptx run 
 these, so the planner's numbers come from the same verdict code the report uses.
 """
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -175,6 +176,11 @@ def plan_lines(spec, n_studies: int = 40) -> list[str]:
         shown = "cannot answer it (no simulated effect gets 80% power)" if e is None else \
             f"80% power from {effect_scale(q, e):.3g}" + ("x" if q == "tpt" else "")
         out.append(f"{q} ({unit}): {shown}")
+    if "transfer" in spec.stages and getattr(spec.transfer, "init_baseline", False):
+        # each own prompt against its one untrained start: the same paired test with one baseline prompt
+        e = detectable_effect("own_vs_random", dataclasses.replace(design, n_random=1), n_studies=n_studies)
+        shown = "cannot answer it (no simulated effect gets 80% power)" if e is None else f"80% power from {e:.3g}"
+        out.append(f"own_vs_init (own prompt's log-odds gain over its untrained start): {shown}")
     return out
 
 

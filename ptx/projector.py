@@ -30,6 +30,7 @@ from ptx.io import atomic_dir, git_sha, write_json
 log = logging.getLogger(__name__)
 FORMAT_VERSION = 1
 ARTIFACT = "projector"  # the MLflow artifact sub-directory of a projector run
+NOT_TESTABLE = "not testable offline"  # the projector stage's skip reason when a spec declares projector.not_testable
 
 
 class Form(str, Enum):

@@ -20,12 +20,19 @@ log = logging.getLogger(__name__)
 FORMAT_VERSION = 1
 DEFAULT_TOKENS = 100  # the paper's prompt length
 VOCAB_SAMPLE_TOP = 5000  # sample init tokens from the most frequent ids (low ids in BPE/WordPiece vocabularies)
+# text_noise: the noise's sd as a share of the vocabulary embeddings' sd. Half keeps the instruction the larger
+# part of each token (the prompt starts near what it says) and still makes two starts of one text differ in
+# every coordinate (docs/findings.md, the pilot)
+TEXT_NOISE_SCALE = 0.5
 
 
 class InitMode(str, Enum):
     RANDOM = "random"  # Gaussian with the vocabulary embeddings' own scale
     VOCAB = "vocab"  # embeddings of sampled vocabulary tokens
     TEXT = "text"  # embeddings of an init text, cycled to length
+    # the task's own instruction plus Gaussian noise seeded by (seed, task): every (seed, task) prompt starts from
+    # its own tensor, while the instruction still names the label words (what lets a prompt learn in few CPU steps)
+    TEXT_NOISE = "text_noise"
     ARTIFACT = "artifact"  # a saved prompt (transfer initialisation)
 
 
@@ -63,13 +70,17 @@ def init_prompt(backbone, n_tokens: int = DEFAULT_TOKENS, mode: str = "random", 
     if mode is InitMode.VOCAB:
         ids = torch.randint(0, min(VOCAB_SAMPLE_TOP, emb.shape[0]), (n_tokens,), generator=gen)
         return emb[ids].clone()
-    if mode is InitMode.TEXT:
+    if mode in (InitMode.TEXT, InitMode.TEXT_NOISE):
         if not text:
-            raise PtxError("init mode 'text' needs --init-text (the text whose token embeddings start the prompt)")
+            raise PtxError(f"init mode '{mode.value}' needs --init-text (the text whose token embeddings start the "
+                           "prompt)")
         ids = backbone.tokenizer(text, add_special_tokens=False)["input_ids"]
         if not ids:
             raise PtxError(f"init text {text!r} tokenizes to nothing")
-        return emb[torch.tensor([ids[i % len(ids)] for i in range(n_tokens)])].clone()
+        start = emb[torch.tensor([ids[i % len(ids)] for i in range(n_tokens)])].clone()
+        if mode is InitMode.TEXT:
+            return start
+        return start + torch.randn(n_tokens, emb.shape[1], generator=gen) * (TEXT_NOISE_SCALE * emb.std())
     if artifact is None:
         raise PtxError("init mode 'artifact' needs the path of a prompt artifact (--init-from DIR)")
     loaded = load_prompt(artifact, backbone=backbone)
@@ -82,11 +93,15 @@ def init_record(mode: str | None, seed, task: str | None, text: str | None = Non
     """prompt.json's `init`: the mode, its source, and what rebuilds the start (`reconstruct_init`): the generator
     seed of a random/vocab draw, the text of a text init."""
     out = {"mode": mode, "source": source}
-    if mode in (InitMode.RANDOM.value, InitMode.VOCAB.value) and seed is not None:
+    if mode in SEEDED and seed is not None:
         out["seed"] = init_seed(int(seed), task)
-    if mode == InitMode.TEXT.value and text:
+    if mode in TEXTUAL and text:
         out["text"] = text
     return out
+
+
+SEEDED = (InitMode.RANDOM.value, InitMode.VOCAB.value, InitMode.TEXT_NOISE.value)  # modes that draw from a generator
+TEXTUAL = (InitMode.TEXT.value, InitMode.TEXT_NOISE.value)  # modes that read an init text
 
 
 def reconstruct_init(meta: dict, backbone) -> torch.Tensor | None:
@@ -94,10 +109,14 @@ def reconstruct_init(meta: dict, backbone) -> torch.Tensor | None:
     (an imported prompt, a transfer init, a text init written before the text was recorded)."""
     init, n_tokens = meta.get("init") or {}, meta.get("n_tokens")
     mode = init.get("mode")
-    if n_tokens is None or mode not in (InitMode.RANDOM.value, InitMode.VOCAB.value, InitMode.TEXT.value):
+    if n_tokens is None or mode not in (*SEEDED, *TEXTUAL):
         return None
     if mode == InitMode.TEXT.value:
         return init_prompt(backbone, n_tokens, mode, text=init["text"]) if init.get("text") else None
+    if mode == InitMode.TEXT_NOISE.value:  # the recorded seed is the generator's (init_seed's output): task=None
+        if not init.get("text") or init.get("seed") is None:
+            return None
+        return init_prompt(backbone, n_tokens, mode, seed=int(init["seed"]), text=init["text"])
     seed = init.get("seed", meta.get("seed"))  # no init.seed: written before per-task seeding, the run's seed
     return init_prompt(backbone, n_tokens, mode, seed=int(seed)) if seed is not None else None
 
@@ -256,3 +275,61 @@ def import_torch_prompt(file: str | Path, d_model: int, backbone_name: str) -> t
     if not torch.isfinite(obj).all():
         raise PtxError(f"{file}: tensor holds NaN or inf values")
     return obj.float()
+
+
+@dataclass(frozen=True)
+class InitPlanEntry:
+    """Where one (backbone, seed, task) prompt of a study starts, known before any training: the recipe
+    `init_prompt` follows (mode, the generator seed of a seeded mode, the task's instruction of a text mode)."""
+
+    backbone: str
+    task: str
+    seed: int
+    mode: str
+    n_tokens: int
+    generator_seed: int | None  # init_seed(seed, task) for a seeded mode, else None (a text init draws nothing)
+    text: str | None  # the task's own instruction ({labels} filled in) for a text mode, else None
+
+    def recipe(self) -> str:
+        """One line: what the prompt starts from."""
+        parts = [f"{self.mode}, {self.n_tokens} tokens"]
+        if self.text is not None:
+            parts.append(f"text {self.text!r}")
+        if self.generator_seed is not None:
+            parts.append(f"generator seed {self.generator_seed}")
+        return "; ".join(parts)
+
+    def tensor(self, backbone) -> torch.Tensor:
+        """The start itself [n_tokens, d_model] on `backbone` (the same call the train stage makes)."""
+        return init_prompt(backbone, self.n_tokens, self.mode, seed=self.seed, text=self.text, task=self.task)
+
+
+def init_plan(spec) -> list[InitPlanEntry]:
+    """Every (backbone, seed, task) prompt of a study spec (ptx.config.StudySpec) with its start, in the train
+    stage's order; computed from the spec alone (task metadata, no data, no weights)."""
+    from ptx.tasks import load_task
+
+    mode = InitMode(spec.init)
+    out = []
+    for backbone in spec.backbones:
+        for task in spec.tasks:
+            text = load_task(task).instruction(spec.init_text) if mode.value in TEXTUAL and spec.init_text else None
+            for seed in spec.seeds:
+                out.append(InitPlanEntry(backbone, task, int(seed), mode.value, int(spec.prompt_length),
+                                         init_seed(int(seed), task) if mode.value in SEEDED else None, text))
+    return out
+
+
+def shared_starts(plan: list[InitPlanEntry], tensors: list[torch.Tensor] | None = None) -> list[tuple]:
+    """Pairs of plan entries of different (seed, task) on one backbone that start from the same tensor: by
+    their recipes, or, given `tensors` (one per entry), by the tensors themselves. [] when every start is its own."""
+    pairs = []
+    for i, a in enumerate(plan):
+        for j in range(i + 1, len(plan)):
+            b = plan[j]
+            if a.backbone != b.backbone or (a.seed, a.task) == (b.seed, b.task):
+                continue
+            if (tensors is not None and torch.equal(tensors[i], tensors[j])) or \
+                    (tensors is None and (a.mode, a.generator_seed, a.text) == (b.mode, b.generator_seed, b.text)):
+                pairs.append((a, b))
+    return pairs

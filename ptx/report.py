@@ -25,7 +25,8 @@ from ptx.findings import Finding, Verdict
 from ptx.indicators import EMBEDDING_INDICATORS as EMBEDDING
 from ptx.indicators import MAIN_ON as ON
 from ptx.io import atomic_dir, write_json
-from ptx.transfer import KIND_TPT, RANDOM, censored_speedups
+from ptx.projector import NOT_TESTABLE
+from ptx.transfer import INIT, KIND_TPT, RANDOM, censored_speedups
 
 log = logging.getLogger(__name__)
 MARKER = '<meta name="generator" content="ptx report">'  # an existing out dir is only replaced when it is a report
@@ -270,9 +271,52 @@ def own_vs_random(df: pd.DataFrame, split: str, predictions: pd.DataFrame | None
             if len(own) and n_rand and len(rnd) == n_rand * len(own):
                 finding = verdicts.own_vs_random(own.pred.to_numpy(), rnd.pred.to_numpy().reshape(n_rand, -1),
                                                  own.label.to_numpy(), str(getattr(r, "metric", "accuracy")))
-        out.append({"target_task": r.target_task, "source_prompt_run": r.source_prompt_run, "own": float(r.value),
-                    "random": float(base.value), "n": n, "finding": finding})
+        row = {"target_task": r.target_task, "source_prompt_run": r.source_prompt_run, "own": float(r.value),
+               "random": float(base.value), "n": n, "finding": finding}
+        vs_init = _own_vs_init(p, r)
+        if vs_init:  # against every baseline family at once: the random prompts and the start
+            vs_init["baselines"] = verdicts.own_vs_baselines([finding, vs_init["init_finding"]])
+        out.append({**row, **vs_init})
     return sorted(out, key=lambda o: (o["target_task"], o["source_prompt_run"]))
+
+
+def _init_paragraph(bb: str, f: dict, own: list) -> list[str]:
+    """The own prompts against their untrained starts and against every baseline at once (a list of one
+    paragraph, or none when the transfer run scored no starts)."""
+    with_init = [o for o in own if "init_finding" in o]
+    if not with_init:
+        return []
+    esc = html.escape
+    beat = [o for o in with_init if o["init_finding"].verdict == Verdict.YES]
+    every = [o for o in with_init if o["baselines"] == Verdict.YES]
+    lost = [o for o in with_init if o["init_finding"].verdict == Verdict.NO]
+    word = ("Yes" if len(beat) == len(with_init) else "No" if len(lost) == len(with_init) else "Partly" if beat
+            else "Inconclusive")
+    rest = "; ".join(f"{esc(o['target_task'])} {_num(o['own'])} vs its start {_num(o['init'])}, difference "
+                     f"{_finding(o['init_finding'])}" for o in with_init if o not in beat)
+    return [f"<b>Did tuning improve on the untrained start? {word}</b> on {esc(bb)} ({esc(f['split'])} split): "
+            f"{len(beat)} of {len(with_init)} own-task prompts beat their own untrained start on the same test "
+            f"examples ({esc(with_init[0]['init_finding'].test)}); {len(every)} of {len(with_init)} beat every "
+            "baseline (the seeded random prompts and the start; yes only when each family is beaten)"
+            + (f"; not: {rest}" if rest else "") + "."]
+
+
+def _own_vs_init(p: pd.DataFrame | None, r) -> dict:
+    """The own prompt `r` against its untrained start (predictions' init:<run>, when the transfer stage scored it:
+    transfer.init_baseline), with the same paired test: {init, init_finding} or {} without it."""
+    if p is None:
+        return {}
+    g = p[p.target_task == r.target_task]
+    own = g[g.source_prompt_run == r.source_prompt_run].sort_values("example")
+    start = g[g.source_prompt_run == f"{INIT}:{r.source_prompt_run}"].sort_values("example")
+    if not len(own) or len(start) != len(own):
+        return {}
+    from ptx.metrics import get_metric
+
+    metric = str(getattr(r, "metric", "accuracy"))
+    found = verdicts.own_vs_random(own.pred.to_numpy(), start.pred.to_numpy()[None], own.label.to_numpy(), metric,
+                                   baseline="untrained start (the prompt's own init)")
+    return {"init": float(get_metric(metric)(start.pred.tolist(), start.label.tolist())), "init_finding": found}
 
 
 def category_finding(df: pd.DataFrame, split: str) -> Finding:
@@ -714,6 +758,7 @@ def findings(ctx) -> list[str]:
                    f"{max(o['n'] for o in own)} examples a target"
                    + (f"; {esc(', '.join(methods))}" if methods else "") + ")"
                    + (f"; not: {rest}" if rest else "") + ".")
+        out += _init_paragraph(bb, f, own)
     if not transfer:
         out.append("<b>Does same-category transfer beat cross-category?</b> " + _missing("transfer"))
     ind = ctx.facts.get("indicators") or {}
@@ -768,9 +813,10 @@ def findings(ctx) -> list[str]:
                    f"score {_num(proj['projected'][best])} on their own task on the target backbone, vs "
                    f"{_num(proj['random'])} for a random prompt and {_num(proj['own'])} for the target's own prompt. "
                    f"Run {ctx.sources.cite(proj['run_id'])}.")
-    elif "skipped" in proj:
-        out.append(f"<b>Do projected prompts transfer across models?</b> <span class='muted'>skipped: "
-                   f"{esc(proj['skipped'])}.</span>")
+    elif "skipped" in proj:  # a study that declared the question not testable says so, with no verdict
+        said = proj["skipped"] if proj["skipped"].startswith(NOT_TESTABLE) else f"skipped: {proj['skipped']}"
+        out.append(f"<b>Do projected prompts transfer across models?</b> <span class='muted'>{esc(said)} "
+                   "(no verdict).</span>")
     return out
 
 

@@ -15,11 +15,15 @@ import pyarrow as pa
 import torch
 
 from ptx.errors import PtxError
-from ptx.prompt import PromptArtifact, check_compatible, init_prompt
+from ptx.prompt import PromptArtifact, check_compatible, init_prompt, reconstruct_init
 
 log = logging.getLogger(__name__)
 KIND_UNIT, KIND_TPT = "transfer_unit", "tpt"
 RANDOM = "random"  # source_prompt_run / source_task / source_category of the random-prompt baseline
+# the untrained-init baseline: a target's own prompts' starts, scored on the target as sources init:<prompt run>;
+# they are kept out of the matrix (whose consumers read every non-random row as a bank prompt) and travel in
+# the per-example predictions, where the paired own-vs-baselines test reads them
+INIT = "init"
 SCHEMA = pa.schema([("backbone", pa.string()), ("source_prompt_run", pa.string()), ("source_task", pa.string()),
                     ("source_category", pa.string()), ("target_task", pa.string()), ("target_category", pa.string()),
                     ("split", pa.string()), ("metric", pa.string()), ("value", pa.float64()),
@@ -43,6 +47,17 @@ def _spec(task, max_length: int | None = None):
     return load_task(task, max_length=max_length) if isinstance(task, str) else task
 
 
+def _unpack(name, item) -> tuple:
+    """(tensor, meta) of a bank item: a PromptArtifact, a (tensor, meta) pair or {"prompt", "meta"}."""
+    if isinstance(item, PromptArtifact):
+        return item.prompt, item.meta
+    if isinstance(item, (tuple, list)) and len(item) == 2:
+        return tuple(item)
+    if isinstance(item, dict) and "prompt" in item:
+        return item["prompt"], item.get("meta") or {}
+    raise PtxError(f"prompt '{name}': expected a PromptArtifact or a (tensor, meta) pair, found {type(item).__name__}")
+
+
 def _sources(prompts: dict, backbone) -> list[Source]:
     """Normalise the bank (PromptArtifact, (tensor, meta) or {"prompt", "meta"}) and check every prompt fits."""
     if not prompts:
@@ -50,15 +65,7 @@ def _sources(prompts: dict, backbone) -> list[Source]:
                        "(ptx train / the study's train stage) or pass at least one prompt")
     out = []
     for name, item in prompts.items():
-        if isinstance(item, PromptArtifact):
-            tensor, meta = item.prompt, item.meta
-        elif isinstance(item, (tuple, list)) and len(item) == 2:
-            tensor, meta = item
-        elif isinstance(item, dict) and "prompt" in item:
-            tensor, meta = item["prompt"], item.get("meta") or {}
-        else:
-            raise PtxError(f"prompt '{name}': expected a PromptArtifact or a (tensor, meta) pair, "
-                           f"found {type(item).__name__}")
+        tensor, meta = _unpack(name, item)
         check_compatible(meta, backbone, where=f"prompt '{name}'")
         if not torch.is_tensor(tensor) or tensor.dim() != 2 or tensor.shape[1] != backbone.d_model:
             raise PtxError(f"prompt '{name}': expected a tensor [n_tokens, {backbone.d_model}] for backbone "
@@ -97,13 +104,15 @@ RANDOM_PROMPTS = 3  # seeded random prompts a target: the baseline is a distribu
 def transfer_matrix(backbone, prompts: dict, targets: list, splits=("dev", "test"), limits=None,
                     prompts_per_pass: int = 8, batch_size: int = 32, random_baseline: bool = True, seed: int = 0,
                     progress: bool = False, random_prompts: int = RANDOM_PROMPTS,
-                    predictions: list | None = None) -> pa.Table:
+                    predictions: list | None = None, init_baseline: bool = False) -> pa.Table:
     """Zero-shot score of every bank prompt [n, d] on every target split, as a long table, beside the target's own
     `random_prompts` seeded random prompts (one `random` row: their mean score).
 
     `predictions`, when a list: per classification target and split, one row per test example for each of the
     target's own prompts and each random prompt (target_task, split, source_prompt_run, example, pred, label;
     the random prompts as random:<i>), for the paired own-vs-random test (ptx.verdicts.own_vs_random).
+    `init_baseline`: also score each target's own prompts' untrained starts (init:<name>; `init_sources`); they
+    appear in `predictions` only, not as matrix rows.
     """
     targets = [_spec(t) for t in targets]
     if not targets:
@@ -115,7 +124,8 @@ def transfer_matrix(backbone, prompts: dict, targets: list, splits=("dev", "test
     rows = []
     for spec in targets:
         randoms = random_sources(backbone, n_tok, seed, spec.name, random_prompts if random_baseline else 0)
-        scores, sizes = score_sources(backbone, sources + randoms, spec, splits, limits, prompts_per_pass,
+        inits = init_sources(backbone, prompts, spec.name) if init_baseline else []
+        scores, sizes = score_sources(backbone, sources + randoms + inits, spec, splits, limits, prompts_per_pass,
                                       batch_size, progress, predictions)
         add_random_mean(scores, len(randoms), splits)
         rows += matrix_rows(backbone.name, listed, spec, splits, scores, sizes)
@@ -137,6 +147,23 @@ def random_sources(backbone, n_tokens: int, seed: int, target: str, count: int =
     that draws them draws the same prompts)."""
     return [Source(f"{RANDOM}:{i}", init_prompt(backbone, n_tokens, "random", seed=random_prompt_seed(seed, target, i)),
                    RANDOM, RANDOM) for i in range(count)]
+
+
+def init_sources(backbone, prompts: dict, target: str) -> list[Source]:
+    """The untrained starts of `target`'s own prompts in `prompts` (the bank's form) as sources init:<name>, rebuilt
+    from each prompt's record (ptx.prompt.reconstruct_init: the same call that made the start). A prompt whose start
+    cannot be rebuilt (imported, transfer-initialised) has none; the paired test then says so."""
+    out = []
+    for name, item in prompts.items():
+        _, meta = _unpack(name, item)
+        if _describe(meta, name)[0] != target:
+            continue
+        start = reconstruct_init(meta, backbone)
+        if start is None:
+            log.info("prompt '%s' records no rebuildable init: no untrained baseline for it", name)
+            continue
+        out.append(Source(f"{INIT}:{name}", start.float(), INIT, INIT))
+    return out
 
 
 def add_random_mean(scores: dict, count: int, splits) -> None:
@@ -162,7 +189,7 @@ def score_sources(backbone, sources: list, spec, splits, limits=None, prompts_pe
     for n_tok in sorted({s.prompt.shape[0] for s in sources}):
         same = [s for s in sources if s.prompt.shape[0] == n_tok]
         groups += [same[i:i + max(1, prompts_per_pass)] for i in range(0, len(same), max(1, prompts_per_pass))]
-    kept = {s.name for s in sources if s.task in (spec.name, RANDOM)}  # whose answers the paired test reads
+    kept = {s.name for s in sources if s.task in (spec.name, RANDOM, INIT)}  # whose answers the paired test reads
     scores, sizes = {}, {}
     for split in splits:
         encoded = encode_split(spec, backbone, split, limit=_limit(limits, split))

@@ -252,13 +252,15 @@ def holm(findings: dict, alpha: float = ALPHA) -> dict:
 
 # ---- own prompt vs random prompts ---------------------------------------------------------------------
 def own_vs_random(own_pred, random_preds, labels, metric: str = "accuracy", n_boot: int = 2000, seed: int = 0,
-                  alpha: float = ALPHA) -> Finding:
+                  alpha: float = ALPHA, baseline: str = "seeded random prompt(s)") -> Finding:
     """A task's own prompt against several seeded random prompts, paired on the same test examples.
 
     own_pred [n], random_preds [R, n], labels [n]: predicted and gold label ids. Accuracy: the exact McNemar test
     (statsmodels) against each random prompt; other metrics (macro-F1): a paired bootstrap over examples. "yes"
     when the own prompt beats every random prompt at alpha / 2 one-sided, "no" when every random prompt beats it;
     the estimate is the own score minus the mean random score, the interval (paired bootstrap) the same.
+    `baseline` names what the rows of `random_preds` are in the test's description (the same test serves the
+    own prompt against its untrained start: `own_vs_baselines`).
     """
     from statsmodels.stats.contingency_tables import mcnemar
 
@@ -291,8 +293,20 @@ def own_vs_random(own_pred, random_preds, labels, metric: str = "accuracy", n_bo
     verdict = Verdict.YES if worst_yes <= alpha / 2 else Verdict.NO if worst_no <= alpha / 2 else Verdict.INCONCLUSIVE
     lo, hi = np.percentile(boot.mean(0), [alpha / 2 * 100, (1 - alpha / 2) * 100])
     test = ("exact McNemar" if metric == "accuracy" else "paired bootstrap over examples") + \
-        f" against each of {r} seeded random prompt(s); yes only when the own prompt beats every one"
+        f" against each of {r} {baseline}; yes only when the own prompt beats every one"
     return Finding(est, float(lo), float(hi), 0.0, verdict, test, n, float(min(1.0, 2 * min(worst_yes, worst_no))))
+
+
+def own_vs_baselines(findings: list[Finding]) -> Verdict:
+    """One own prompt against several baseline families (the seeded random prompts, its untrained start), each
+    already tested by `own_vs_random`: yes only when it beats every family (an intersection-union test, so the
+    level of each test is the level of the whole), no only when every family beats it, else inconclusive.
+    No families at all: inconclusive."""
+    if findings and all(f.verdict == Verdict.YES for f in findings):
+        return Verdict.YES
+    if findings and all(f.verdict == Verdict.NO for f in findings):
+        return Verdict.NO
+    return Verdict.INCONCLUSIVE
 
 
 def _accuracy_rows(pred: np.ndarray, ref: np.ndarray) -> np.ndarray:

@@ -43,7 +43,7 @@ def test_power_planner_says_which_questions_the_findings_design_cannot_answer():
 
     lines = power.plan_lines(load_study("experiments/findings_cpu.yaml"), n_studies=20)
     by_q = {line.split(" (")[0]: line for line in lines}
-    assert set(by_q) == {"tpt", "category", "indicators", "own_vs_random"}
+    assert set(by_q) == {"tpt", "category", "indicators", "own_vs_random", "own_vs_init"}  # + its starts
     assert "cannot answer it" in by_q["tpt"] and "cannot answer it" in by_q["category"]
     assert "80% power from" in by_q["own_vs_random"]
 

@@ -22,6 +22,7 @@ from ptx.errors import PtxError
 from ptx.io import config_hash
 from ptx.projector import (
     ARTIFACT,
+    NOT_TESTABLE,
     Objective,
     ProjectorConfig,
     ProjectorSettings,
@@ -56,6 +57,8 @@ def backbone_info(name: str, insertion: str = "prepend") -> dict:
 
 def unavailable_reason(p) -> str | None:
     """Why the projector stage cannot run with `spec.projector` (None when it can)."""
+    if getattr(p, "not_testable", None):  # the study says it cannot test the question: no run, no verdict
+        return f"{NOT_TESTABLE}: {p.not_testable}"
     for side in ("source_backbone", "target_backbone"):
         name = getattr(p, side)
         if not name:

@@ -33,6 +33,7 @@ from ptx.transfer import (
     add_random_mean,
     check_targets,
     chunk_sizes,
+    init_sources,
     matrix_rows,
     random_length,
     random_sources,
@@ -97,6 +98,8 @@ def run_chunk(chunk: dict) -> dict:
     sources = _sources(chunk["prompts"], bb) if chunk["prompts"] else []
     if chunk["random_tokens"]:  # the target's own seeded random prompts, scored together in this chunk
         sources += random_sources(bb, chunk["random_tokens"], chunk["seed"], chunk["target"], chunk["random_prompts"])
+    if chunk.get("init_baseline") and chunk["prompts"]:  # the untrained starts of this chunk's own-task prompts
+        sources += init_sources(bb, chunk["prompts"], chunk["target"])
     predictions: list = []  # the own and random prompts' answers per example, for the paired test in the report
     scores, sizes = score_sources(bb, sources, target, chunk["splits"], chunk["limits"], chunk["prompts_per_pass"],
                                   chunk["batch_size"], predictions=predictions)
@@ -146,7 +149,7 @@ def _compute_targets(todo: list, bank: dict, unit_of: dict, cfg, address, bar) -
                "max_length": first.get("max_length"), "splits": list(cfg.splits), "limits": first["limits"],
                "prompts": {rid: (bank[rid].prompt, bank[rid].meta) for rid in names},
                "random_tokens": random_length(lengths) if with_random else None,
-               "random_prompts": first["random_prompts"],
+               "random_prompts": first["random_prompts"], "init_baseline": first.get("init_baseline", False),
                "prompts_per_pass": cfg.prompts_per_pass, "batch_size": cfg.batch_size}
               for t, names, with_random in plan]
     left = {t: sum(1 for u in plan if u[0] == t) for t in todo}
@@ -202,6 +205,8 @@ def run_transfer_stage(spec, tracker, workdir: Path, address: str | None = None,
                 "random_prompts": RANDOM_PROMPTS}
         if spec.data.max_length is not None:  # only when set: units computed before the field existed keep their hash
             base["max_length"] = spec.data.max_length
+        if cfg.init_baseline:  # likewise
+            base["init_baseline"] = True
         hashes = {t.name: config_hash({**base, "target": t.name}) for t in targets}
         digest = config_hash(sorted(hashes.values()))
         done = {t: None if force else tracker.finished_run(KIND_UNIT, h) for t, h in hashes.items()}
