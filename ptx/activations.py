@@ -48,7 +48,8 @@ class Hook(str, Enum):  # which stack's FFNs are hooked; only seq2seq backbones 
     DECODER = "decoder"
 
 
-def _enum(cls, value, what: str):
+def parse_enum(cls, value, what: str):
+    """`value` as a member of the str Enum `cls`; a PtxError naming `what` and the allowed values otherwise."""
     try:
         return cls(value)
     except ValueError:
@@ -86,7 +87,7 @@ def _read_index(backbone: Backbone, batch: dict, n_tok: int, where: str, positio
 def activation_values(backbone: Backbone, prompts: torch.Tensor, batch: dict, where: str = "decoder",
                       position: str = "score") -> torch.Tensor:
     """Hooked FFN values at the read position: prompts [P, n, d] x batch [B, T] -> [P, B, n_layers, d_ff]."""
-    position = _enum(Position, position, "position")
+    position = parse_enum(Position, position, "position")
     modules = backbone.ffn_modules(where)
     n_prompts, n_tok = prompts.shape[0], prompts.shape[1]
     bsz = batch["input_ids"].shape[0]
@@ -123,7 +124,7 @@ def capture_activations(backbone: Backbone, prompts: torch.Tensor, probe: str = 
     """Active-neuron masks of prompts [P, n, d] -> bool [P, n_layers, d_ff] (value > 0; see the module doc)."""
     from ptx.data import iterate_batches
 
-    probe = _enum(Probe, probe, "probe")
+    probe = parse_enum(Probe, probe, "probe")
     if prompts.dim() != 3 or prompts.shape[2] != backbone.d_model:
         raise PtxError(f"prompts: expected [P, n_tokens, {backbone.d_model}] for backbone '{backbone.name}', "
                        f"found {list(prompts.shape)}")

