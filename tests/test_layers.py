@@ -3,7 +3,7 @@ module-level or inside a function; imports under `if TYPE_CHECKING:` do not (the
 
     cli, __main__                      the only click user
     stages/*  (run_study, one module per stage)
-    report    prompt_runs    sweep     sweep: the only Ray user
+    report (report_data, the data it renders)    prompt_runs    sweep     sweep: the only Ray user
     track                              the only MLflow user
     library   (everything else: tasks backbones data prompt train ... figures config)
 
@@ -18,16 +18,18 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent / "ptx"
 
-ADAPTERS = {"ptx.track", "ptx.sweep", "ptx.prompt_runs", "ptx.report"}
+ADAPTERS = {"ptx.track", "ptx.sweep", "ptx.prompt_runs", "ptx.report", "ptx.report_data"}
 TOP = {"ptx.cli", "ptx.__main__"}
 # what no library module may import: the MLflow and Ray adapters, the stages, the report, the CLI
-NOT_FOR_LIBRARY = ("ptx.track", "ptx.sweep", "ptx.prompt_runs", "ptx.report", "ptx.stages", "ptx.cli")
+NOT_FOR_LIBRARY = ("ptx.track", "ptx.sweep", "ptx.prompt_runs", "ptx.report", "ptx.report_data", "ptx.stages",
+                   "ptx.cli")
 # per adapter, the ptx modules (or packages) above its layer it must not import
 ADAPTER_MUST_NOT = {
-    "ptx.track": ("ptx.sweep", "ptx.prompt_runs", "ptx.report", "ptx.stages", "ptx.cli"),
-    "ptx.prompt_runs": ("ptx.sweep", "ptx.report", "ptx.stages", "ptx.cli"),
-    "ptx.sweep": ("ptx.report", "ptx.stages", "ptx.cli"),
+    "ptx.track": ("ptx.sweep", "ptx.prompt_runs", "ptx.report", "ptx.report_data", "ptx.stages", "ptx.cli"),
+    "ptx.prompt_runs": ("ptx.sweep", "ptx.report", "ptx.report_data", "ptx.stages", "ptx.cli"),
+    "ptx.sweep": ("ptx.report", "ptx.report_data", "ptx.stages", "ptx.cli"),
     "ptx.report": ("ptx.sweep", "ptx.prompt_runs", "ptx.stages", "ptx.cli"),
+    "ptx.report_data": ("ptx.sweep", "ptx.prompt_runs", "ptx.report", "ptx.stages", "ptx.cli"),
 }
 # third-party packages with one home each
 ONLY_IN = {"mlflow": {"ptx.track"}, "ray": {"ptx.sweep"}, "click": {"ptx.cli"}}

@@ -4,7 +4,8 @@
 from pathlib import Path
 
 from ptx import track
-from ptx.report import KIND_TPT, build_report
+from ptx.report import build_report
+from ptx.transfer import KIND_TPT
 
 
 def stage_runs(tracker, study: str) -> dict:
