@@ -259,3 +259,48 @@ def test_backbones_are_frozen_and_described(tiny):
         assert not any(p.requires_grad for p in backbone.model.parameters())
         assert not backbone.model.training
         assert len(backbone.ffn_modules()) == backbone.n_layers
+
+
+def test_describe_and_kind_of_need_no_weights(tiny, tmp_path, monkeypatch):
+    """`describe` reads the config only; `kind_of` not even resolves the model (a shipped or local config.json,
+    else the name); both agree with the loaded backbone."""
+    from ptx import backbones
+
+    expect = {}
+    for name in ("tiny-bert", "tiny-t5", "tiny-llama"):
+        b = tiny(name)
+        expect[name] = {"name": name, "revision": b.revision, "kind": b.kind.value, "d_model": b.d_model,
+                        "insertion": "prepend"}
+
+    def no_weights(*_a, **_k):
+        raise AssertionError("a weight-free lookup loaded a model")
+
+    monkeypatch.setattr(backbones, "_from_pretrained", no_weights)
+    for name, info in expect.items():
+        assert backbones.describe(name) == info
+    assert backbones.describe("tiny-bert", "paper")["insertion"] == "paper"
+    local = tmp_path / "my-model"
+    local.mkdir()
+    (local / "config.json").write_text('{"model_type": "t5", "is_encoder_decoder": true}')
+    assert backbones.kind_of(str(local)) is BackboneKind.SEQ2SEQ
+    assert [backbones.kind_of(n) for n in ("org/some-t5-small", "org/roberta-x", "org/gpt-x")] == [
+        BackboneKind.SEQ2SEQ, BackboneKind.MASKED_LM, BackboneKind.CAUSAL_LM]
+
+
+def test_read_position_and_active_rule_per_kind(tiny):
+    """The index read per example: score slot (n_tok + score_index) on masked LM and decoder-only, slot 0 in the
+    paper layout, the last real token with `last` (and on a T5 encoder), decoder step 0 on a T5 decoder."""
+    from ptx.backbones import Position
+
+    batch = {"input_ids": torch.zeros(2, 6, dtype=torch.long), "score_index": torch.tensor([1, 4]),
+             "attention_mask": torch.tensor([[1, 1, 1, 0, 0, 0], [1, 1, 1, 1, 1, 1]])}
+    bert, llama, roberta_paper, t5 = tiny("tiny-bert"), tiny("tiny-llama"), tiny("tiny-roberta", "paper"), tiny("tiny-t5")
+    assert bert.read_index(batch, 3).tolist() == [4, 7] and llama.read_index(batch, 3).tolist() == [4, 7]
+    assert roberta_paper.read_index(batch, 3).tolist() == [0, 0]
+    assert bert.read_index(batch, 3, position=Position.LAST).tolist() == [5, 8]
+    assert t5.read_index(batch, 3, "encoder").tolist() == [5, 8] and t5.read_index(batch, 3, "decoder").tolist() == [0, 0]
+    assert bert.read_index(batch, 3, position=Position.MEAN) is None
+    assert bert.active_neurons(torch.tensor([-1.0, 0.0, 0.5])).tolist() == [False, False, True]
+    assert t5.active_rule == "wi / wi_0 output (before ReLU/GELU) > 0"
+    assert {k.value for k in BackboneKind} == {"masked_lm", "seq2seq", "causal_lm"} and all(
+        k.active_rule.endswith("> 0") for k in BackboneKind)

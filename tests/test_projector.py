@@ -450,9 +450,9 @@ def test_projector_bank_holds_the_study_s_own_prompts_only(tmp_path, new_workdir
 
 
 def _infos(spec):
-    from ptx.stages.projector import backbone_info
+    from ptx.backbones import describe
 
-    return backbone_info("tiny-bert"), backbone_info("tiny-llama")
+    return describe("tiny-bert"), describe("tiny-llama")
 
 
 # ---- the large model's offline assets --------------------------------------------------------------
