@@ -255,32 +255,13 @@ def _package_dir(module: str, dist: str, pin: str) -> tuple[Path, str]:
 
 def _build_smollm2(out: Path) -> str:
     """Dequantize the packaged SmolLM2-135M-Instruct GGUF into an fp32 safetensors model directory."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from ptx.assets_large import dequantize_gguf
 
     module, dist, pin, gguf = _SMOLLM2
     pkg, version = _package_dir(module, dist, pin)
     if not (pkg / gguf).is_file():
         raise PtxError(f"package '{dist}' ({pkg}): expected {gguf}, found none; reinstall {dist}=={pin}")
-    tokenizer = AutoTokenizer.from_pretrained(pkg, gguf_file=gguf)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    # fp32, not bf16: CPU prompt tuning backpropagates through the frozen model and bf16 makes those gradients coarse.
-    quantized = AutoModelForCausalLM.from_pretrained(pkg, gguf_file=gguf, dtype=torch.float32)
-    tokenizer.model_max_length = quantized.config.max_position_embeddings  # the GGUF leaves it unbounded
-    # A GGUF-loaded model keeps its quantizer and refuses save_pretrained, so move the (already dequantized)
-    # weights into a plain model. Built on meta: assign=True replaces every saved tensor, so no init is wasted.
-    fields = {k: v for k, v in quantized.config.to_dict().items() if k != "quantization_config"}
-    config = type(quantized.config).from_dict(fields)
-    config.pad_token_id = tokenizer.pad_token_id
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    model.load_state_dict(quantized.state_dict(), strict=True, assign=True)
-    model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    probe = "Review: the movie was great. Sentiment: positive negative neutral"
-    if AutoTokenizer.from_pretrained(out)(probe).input_ids != tokenizer(probe).input_ids:
-        raise RuntimeError(f"smollm2-135m: the saved tokenizer in {out} does not reproduce the GGUF tokenizer")
+    dequantize_gguf(pkg, gguf, out, "smollm2-135m")
     return f"{dist}=={version}:Q4_1"
 
 

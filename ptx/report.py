@@ -168,54 +168,65 @@ def training_section(ctx) -> str:
             + _table([*head, "mean dev", "runs"], rows))
 
 
+def _per_backbone(ctx, sid: str, what: str, results, block) -> str:
+    """A section of one block per backbone (sorted): block(ctx, result, cite) -> (HTML, facts), `cite` the
+    result's run, cited first; a notice for a run that lacks its tables (`what`: the stage's name in it), and the
+    'not run' notice when the stage has no finished run."""
+    if isinstance(results, NotRun):
+        return _not_run(ctx, sid, results)
+    parts, facts = [], {}
+    for backbone, res in sorted(results.items()):
+        cite = ctx.sources.cite(res.run)
+        if res.missing:
+            parts.append(f"<h3>{esc(backbone)}</h3><p class='notrun'>{what} run {cite} has {res.missing}.</p>")
+            continue
+        part, facts[backbone] = block(ctx, res, cite)
+        parts.append(part)
+    ctx.facts[sid] = facts
+    ctx.status[sid] = ("ok", ", ".join(results))
+    return "".join(parts)
+
+
 # ---- transfer -----------------------------------------------------------------------------------------
 def transfer_section(ctx) -> str:
     """Per backbone: heatmaps of the latest transfer matrix, and same- vs cross-category transfer."""
-    matrices = data.transfer(ctx.store)
-    if isinstance(matrices, NotRun):
-        return _not_run(ctx, "transfer", matrices)
-    parts, facts = [], {}
-    for _, m in sorted(matrices.items()):
-        backbone, run, df = m.backbone, m.run, m.table
-        cite = ctx.sources.cite(run)
-        if df is None or df.empty:
-            parts.append(f"<h3>{esc(backbone)}</h3><p class='notrun'>transfer run {cite} has no readable "
-                         "transfer/transfer.parquet.</p>")
-            continue
-        split, summary, metrics = m.split, m.summary, m.metrics
-        facts[backbone] = m.facts
-        parts.append(f"<h3>{esc(backbone)}</h3><p>Zero-shot transfer of every bank prompt (columns) to every task "
-                     f"(rows), from transfer run {cite}; {m.n_sources} source prompts, {df.target_task.nunique()} "
-                     f"targets, metric: {esc(metrics)}. Outlined cells: a task's own prompt; black lines separate "
-                     "categories.</p>")
-        for i, s in enumerate(m.splits):
-            d = df[df.split == s]
-            figs = []
-            for column, kind, cbar, centre in figures.HEATMAP_PANELS:  # the transfer stage's PNG has the same two
-                n_c = d.source_task.nunique()
-                fig = figures.new_figure(*figures.heatmap_size(d))
-                figures.heatmap(fig.subplots(), d, column, f"{backbone} · {s} split · {kind} transfer",
-                                cbar.format(metric=metrics), centre)
-                figs.append(_figure(ctx, fig, f"transfer_{_slug(backbone, s, kind)}.png",
-                                    f"{esc(backbone)}, {esc(s)} split, {kind} (run {esc(run.run_id)})"))
-            block = f"<div class='{'grid2' if n_c <= 6 else 'stack'}'>" + "".join(figs) + "</div>"
-            parts.append(block if i == 0 else f"<details><summary>{esc(s)} split heatmaps</summary>{block}</details>")
-        rows = [[label, summary[k]["mean"], summary[k]["n"], summary[k]["mean_value"]]
-                for k, label in (("same", "same category (off-diagonal)"), ("cross", "cross category"),
-                                 ("random", "random prompt"))]
-        fig = figures.new_figure(5.2, 3.4)
-        figures.group_bars(fig.subplots(), summary, f"{backbone} · {split} split")
-        parts.append(f"<h4>Same-category vs cross-category transfer ({esc(split)} split)</h4><div class='grid2'>"
-                     + _table(["source → target pairs", "mean relative", "pairs", "mean score"], rows, cite)
-                     + _figure(ctx, fig, f"categories_{_slug(backbone, split)}.png",
-                               "relative transfer per (source prompt, target) pair; bars: means") + "</div>")
-        parts.append("<details><summary>source prompts of this matrix</summary>" + _table(
-            ["source task", "category", "prompt run"],
-            [[esc(r.source_task), esc(r.source_category), ctx.sources.cite(r.source_prompt_run)]
-             for r in m.bank.itertuples()]) + "</details>")
-    ctx.facts["transfer"] = facts
-    ctx.status["transfer"] = ("ok", ", ".join(matrices))
-    return "".join(parts)
+    return _per_backbone(ctx, "transfer", "transfer", data.transfer(ctx.store), _transfer_block)
+
+
+def _transfer_block(ctx, m, cite: str) -> tuple[str, dict]:
+    backbone, run, df = m.backbone, m.run, m.table
+    parts = []
+    split, summary, metrics = m.split, m.summary, m.metrics
+    parts.append(f"<h3>{esc(backbone)}</h3><p>Zero-shot transfer of every bank prompt (columns) to every task "
+                 f"(rows), from transfer run {cite}; {m.n_sources} source prompts, {df.target_task.nunique()} "
+                 f"targets, metric: {esc(metrics)}. Outlined cells: a task's own prompt; black lines separate "
+                 "categories.</p>")
+    for i, s in enumerate(m.splits):
+        d = df[df.split == s]
+        figs = []
+        for column, kind, cbar, centre in figures.HEATMAP_PANELS:  # the transfer stage's PNG has the same two
+            n_c = d.source_task.nunique()
+            fig = figures.new_figure(*figures.heatmap_size(d))
+            figures.heatmap(fig.subplots(), d, column, f"{backbone} · {s} split · {kind} transfer",
+                            cbar.format(metric=metrics), centre)
+            figs.append(_figure(ctx, fig, f"transfer_{_slug(backbone, s, kind)}.png",
+                                f"{esc(backbone)}, {esc(s)} split, {kind} (run {esc(run.run_id)})"))
+        block = f"<div class='{'grid2' if n_c <= 6 else 'stack'}'>" + "".join(figs) + "</div>"
+        parts.append(block if i == 0 else f"<details><summary>{esc(s)} split heatmaps</summary>{block}</details>")
+    rows = [[label, summary[k]["mean"], summary[k]["n"], summary[k]["mean_value"]]
+            for k, label in (("same", "same category (off-diagonal)"), ("cross", "cross category"),
+                             ("random", "random prompt"))]
+    fig = figures.new_figure(5.2, 3.4)
+    figures.group_bars(fig.subplots(), summary, f"{backbone} · {split} split")
+    parts.append(f"<h4>Same-category vs cross-category transfer ({esc(split)} split)</h4><div class='grid2'>"
+                 + _table(["source → target pairs", "mean relative", "pairs", "mean score"], rows, cite)
+                 + _figure(ctx, fig, f"categories_{_slug(backbone, split)}.png",
+                           "relative transfer per (source prompt, target) pair; bars: means") + "</div>")
+    parts.append("<details><summary>source prompts of this matrix</summary>" + _table(
+        ["source task", "category", "prompt run"],
+        [[esc(r.source_task), esc(r.source_category), ctx.sources.cite(r.source_prompt_run)]
+         for r in m.bank.itertuples()]) + "</details>")
+    return "".join(parts), m.facts
 
 
 # ---- TPT ----------------------------------------------------------------------------------------------
@@ -227,117 +238,100 @@ def _median_cell(records: list, suffix: str = "") -> str:
 
 def tpt_section(ctx) -> str:
     """Per backbone: the TPT speed-up table and the dev curves of its vanilla and TPT runs."""
-    results = data.tpt(ctx.store)
-    if isinstance(results, NotRun):
-        return _not_run(ctx, "tpt", results)
-    parts, facts = [], {}
-    for _, res in sorted(results.items()):
-        backbone, run, agg, seeds = res.backbone, res.run, res.agg, res.seeds
-        cite = ctx.sources.cite(run)
-        if agg is None or agg.empty:
-            parts.append(f"<h3>{esc(backbone)}</h3><p class='notrun'>TPT run {cite} has no tpt/tpt.parquet.</p>")
-            continue
-        if seeds is None or "flag" not in seeds:
-            parts.append(f"<h3>{esc(backbone)}</h3><p class='notrun'>TPT run {cite} has no per-seed table.</p>")
-            continue
-        facts[backbone] = f = res.facts
-        parts.append(f"<h3>{esc(backbone)}</h3><p>Prompt tuning started from a transferred prompt (TPT) beside "
-                     f"vanilla prompt tuning, same seeds; TPT run {cite}. Speed-up = steps vanilla needs to reach "
-                     "its best dev score ÷ steps TPT needs to reach it. No run is dropped: a TPT run that never "
-                     "reaches vanilla's best is censored (its speed-up is below vanilla's steps ÷ TPT's budget) and "
-                     "enters the median at that bound, which keeps its side of 1; one that starts there counts as "
-                     "infinitely fast. An even count's median is the range between its two middle runs; the table "
-                     "and the findings print the same median. The mean is over the runs that reached it after step "
-                     f"0 only. Overall: reached in {f['n_reached']} of {f['n_runs']} runs, median "
-                     f"{_speed(*f['median_range'])}, mean over reaching runs "
-                     f"{_num(f['mean_speedup_reached'], 2, '×')}.</p>")
-        rows = []
-        for r in agg.itertuples():
-            runs = seeds[(seeds.target_task == r.target_task) & (seeds.source_prompt_run == r.source_prompt_run)]
-            ids = " ".join(ctx.sources.cite(x) for c in ("vanilla_run", "tpt_run") if c in runs
-                           for x in runs[c].dropna())
-            records = runs.to_dict("records")
-            per = censored_speedups(records)
-            rows.append([esc(r.target_task), esc(r.source_task), ctx.sources.cite(r.source_prompt_run),
-                         r.vanilla_best, r.tpt_best, f"{per['n_reached']}/{per['n_runs']}",
-                         _median_cell(records), _num(per["mean_speedup_reached"], 2, "×"),
-                         _median_cell(records, "_90"), esc(str(getattr(r, "flags", ""))), ids or cite])
-        parts.append(_table(["target", "source task", "source prompt", "vanilla best", "TPT best", "reached",
-                             "median speed-up", "mean speed-up (reaching runs)", "median @90%", "flags",
-                             "runs (vanilla, TPT)"], rows))
-        if res.panels:
-            fig = figures.new_figure(*figures.convergence_size(seeds.target_task.nunique()))
-            panels = [(f"{p.target} ← {p.source_task}: median {_speed(*p.speedup) if p.speedup else '—'}", p.metric,
-                       p.runs) for p in res.panels]
-            if figures.convergence_grid(fig, panels, f"{backbone}: dev score while tuning, "
-                                        "vanilla PT vs TPT (dashed: vanilla's best)"):
-                parts.append(_figure(ctx, fig, f"tpt_{_slug(backbone)}.png",
-                                     f"dev curves of the runs in the table above (TPT run {esc(run.run_id)})"))
-    ctx.facts["tpt"] = facts
-    ctx.status["tpt"] = ("ok", ", ".join(results))
-    return "".join(parts)
+    return _per_backbone(ctx, "tpt", "TPT", data.tpt(ctx.store), _tpt_block)
+
+
+def _tpt_block(ctx, res, cite: str) -> tuple[str, dict]:
+    backbone, run, agg, seeds = res.backbone, res.run, res.agg, res.seeds
+    parts = []
+    f = res.facts
+    parts.append(f"<h3>{esc(backbone)}</h3><p>Prompt tuning started from a transferred prompt (TPT) beside "
+                 f"vanilla prompt tuning, same seeds; TPT run {cite}. Speed-up = steps vanilla needs to reach "
+                 "its best dev score ÷ steps TPT needs to reach it. No run is dropped: a TPT run that never "
+                 "reaches vanilla's best is censored (its speed-up is below vanilla's steps ÷ TPT's budget) and "
+                 "enters the median at that bound, which keeps its side of 1; one that starts there counts as "
+                 "infinitely fast. An even count's median is the range between its two middle runs; the table "
+                 "and the findings print the same median. The mean is over the runs that reached it after step "
+                 f"0 only. Overall: reached in {f['n_reached']} of {f['n_runs']} runs, median "
+                 f"{_speed(*f['median_range'])}, mean over reaching runs "
+                 f"{_num(f['mean_speedup_reached'], 2, '×')}.</p>")
+    rows = []
+    for r in agg.itertuples():
+        runs = seeds[(seeds.target_task == r.target_task) & (seeds.source_prompt_run == r.source_prompt_run)]
+        ids = " ".join(ctx.sources.cite(x) for c in ("vanilla_run", "tpt_run") if c in runs
+                       for x in runs[c].dropna())
+        records = runs.to_dict("records")
+        per = censored_speedups(records)
+        rows.append([esc(r.target_task), esc(r.source_task), ctx.sources.cite(r.source_prompt_run),
+                     r.vanilla_best, r.tpt_best, f"{per['n_reached']}/{per['n_runs']}",
+                     _median_cell(records), _num(per["mean_speedup_reached"], 2, "×"),
+                     _median_cell(records, "_90"), esc(str(getattr(r, "flags", ""))), ids or cite])
+    parts.append(_table(["target", "source task", "source prompt", "vanilla best", "TPT best", "reached",
+                         "median speed-up", "mean speed-up (reaching runs)", "median @90%", "flags",
+                         "runs (vanilla, TPT)"], rows))
+    if res.panels:
+        fig = figures.new_figure(*figures.convergence_size(seeds.target_task.nunique()))
+        panels = [(f"{p.target} ← {p.source_task}: median {_speed(*p.speedup) if p.speedup else '—'}", p.metric,
+                   p.runs) for p in res.panels]
+        if figures.convergence_grid(fig, panels, f"{backbone}: dev score while tuning, "
+                                    "vanilla PT vs TPT (dashed: vanilla's best)"):
+            parts.append(_figure(ctx, fig, f"tpt_{_slug(backbone)}.png",
+                                 f"dev curves of the runs in the table above (TPT run {esc(run.run_id)})"))
+    return "".join(parts), f
 
 
 # ---- indicators ---------------------------------------------------------------------------------------
 def indicators_section(ctx) -> str:
     """Per backbone: the indicator-transfer correlations with CIs, scatter plots and per-layer ON."""
-    results = data.indicators(ctx.store)
-    if isinstance(results, NotRun):
-        return _not_run(ctx, "indicators", results)
-    parts, facts = [], {}
-    for _, res in sorted(results.items()):
-        backbone, run, summary, pairs = res.backbone, res.run, res.summary, res.pairs
-        cite = ctx.sources.cite(run)
-        if summary is None or summary.empty:
-            parts.append(f"<h3>{esc(backbone)}</h3><p class='notrun'>indicators run {cite} has no "
-                         "tables/correlations.parquet.</p>")
-            continue
-        facts[backbone] = res.facts
-        parts.append(f"<h3>{esc(backbone)}</h3><p>Correlation of each indicator with zero-shot transfer, per target "
-                     "task over its source prompts and then averaged (95% bootstrap CI), and pooled over all pairs; "
-                     "<i>_disp</i>: the same measure of each prompt's displacement from its own init (ON: of the "
-                     "neurons training switched), which a shared start cannot inflate; <i>within one seed</i>: "
-                     f"sources and targets' own prompts of one seed only (docs/fidelity.md); from indicators run {cite}.</p>")
-        methods = [m for m in ("spearman", "pearson", "kendall") if m in set(summary.method)]
-        order = data.indicator_order(summary)
-        seeded = "within_seed" in summary.columns
-        rows = []
-        for name in order:
-            by = summary[summary.indicator == name].set_index("method")
-            row = [f"<b>{esc(name)}</b>" if name in ON else esc(name)]
-            row += [ci_text(*(by.loc[m, c] for c in ("mean_over_targets", "ci_low", "ci_high"))) if m in by.index
-                    else "—" for m in methods]
-            s = by.loc["spearman"] if "spearman" in by.index else by.iloc[0]
-            row += [ci_text(s.get("pooled"), s.get("pooled_ci_low"), s.get("pooled_ci_high"))]
-            row += [_num(s.get("within_seed"), 2)] if seeded else []
-            row += [f"{s.get('n_targets_defined', '')}/{s.get('n_targets', '')}", s.get("n_pairs", "")]
-            rows.append(row)
-        parts.append(_table(["indicator", *(f"{m} (mean over targets) [CI]" for m in methods), "Spearman pooled [CI]",
-                             *(["Spearman within one seed"] if seeded else []), "targets defined", "pairs"], rows, cite))
-        names = [n for n in order if pairs is not None and n in pairs.columns and not n.endswith("_disp")]
-        if names:
-            valid = pairs.dropna(subset=["y"])
-            ncol = min(4, len(names))
-            fig = figures.new_figure(3.3 * ncol, 0.9 + 2.9 * math.ceil(len(names) / ncol))
-            figures.indicator_grid(fig, valid, names, summary, backbone, bold=ON)
-            parts.append(_figure(ctx, fig, f"indicators_{_slug(backbone)}.png",
-                                 f"indicator vs transfer (run {esc(run.run_id)}; pairs.parquet)"))
-        win = res.windows
-        if win is not None and not win.empty:
-            win = win[win.method == "spearman"]
-            keys = [(k[0], k[1] != k[2], k[1]) if (k := figures.layer_of(n)) else (n, False, 0) for n in win.indicator]
-            win = win.iloc[sorted(range(len(win)), key=keys.__getitem__)]  # per base: layers, then windows
-            fig = figures.new_figure(6.4, 3.4)
-            figures.layer_profile(fig.subplots(), win, summary, backbone, ON)
-            rows = [[esc(r.indicator), ci_text(r.mean_over_targets, r.ci_low, r.ci_high),
-                     f"{r.n_targets_defined}/{r.n_targets}"] for r in win.itertuples()]
-            parts.append("<h4>Per-layer ON</h4><div class='grid2'>" + _figure(
-                ctx, fig, f"layers_{_slug(backbone)}.png", f"ON per layer and window (run {esc(run.run_id)})")
-                + _table(["indicator", "Spearman (mean over targets) [CI]", "targets defined"], rows, cite)
-                + "</div>")
-    ctx.facts["indicators"] = facts
-    ctx.status["indicators"] = ("ok", ", ".join(results))
-    return "".join(parts)
+    return _per_backbone(ctx, "indicators", "indicators", data.indicators(ctx.store), _indicators_block)
+
+
+def _indicators_block(ctx, res, cite: str) -> tuple[str, dict]:
+    backbone, run, summary, pairs = res.backbone, res.run, res.summary, res.pairs
+    parts = []
+    parts.append(f"<h3>{esc(backbone)}</h3><p>Correlation of each indicator with zero-shot transfer, per target "
+                 "task over its source prompts and then averaged (95% bootstrap CI), and pooled over all pairs; "
+                 "<i>_disp</i>: the same measure of each prompt's displacement from its own init (ON: of the "
+                 "neurons training switched), which a shared start cannot inflate; <i>within one seed</i>: "
+                 f"sources and targets' own prompts of one seed only (docs/fidelity.md); from indicators run {cite}.</p>")
+    methods = [m for m in ("spearman", "pearson", "kendall") if m in set(summary.method)]
+    order = data.indicator_order(summary)
+    seeded = "within_seed" in summary.columns
+    rows = []
+    for name in order:
+        by = summary[summary.indicator == name].set_index("method")
+        row = [f"<b>{esc(name)}</b>" if name in ON else esc(name)]
+        row += [ci_text(*(by.loc[m, c] for c in ("mean_over_targets", "ci_low", "ci_high"))) if m in by.index
+                else "—" for m in methods]
+        s = by.loc["spearman"] if "spearman" in by.index else by.iloc[0]
+        row += [ci_text(s.get("pooled"), s.get("pooled_ci_low"), s.get("pooled_ci_high"))]
+        row += [_num(s.get("within_seed"), 2)] if seeded else []
+        row += [f"{s.get('n_targets_defined', '')}/{s.get('n_targets', '')}", s.get("n_pairs", "")]
+        rows.append(row)
+    parts.append(_table(["indicator", *(f"{m} (mean over targets) [CI]" for m in methods), "Spearman pooled [CI]",
+                         *(["Spearman within one seed"] if seeded else []), "targets defined", "pairs"], rows, cite))
+    names = [n for n in order if pairs is not None and n in pairs.columns and not n.endswith("_disp")]
+    if names:
+        valid = pairs.dropna(subset=["y"])
+        ncol = min(4, len(names))
+        fig = figures.new_figure(3.3 * ncol, 0.9 + 2.9 * math.ceil(len(names) / ncol))
+        figures.indicator_grid(fig, valid, names, summary, backbone, bold=ON)
+        parts.append(_figure(ctx, fig, f"indicators_{_slug(backbone)}.png",
+                             f"indicator vs transfer (run {esc(run.run_id)}; pairs.parquet)"))
+    win = res.windows
+    if win is not None and not win.empty:
+        win = win[win.method == "spearman"]
+        keys = [(k[0], k[1] != k[2], k[1]) if (k := figures.layer_of(n)) else (n, False, 0) for n in win.indicator]
+        win = win.iloc[sorted(range(len(win)), key=keys.__getitem__)]  # per base: layers, then windows
+        fig = figures.new_figure(6.4, 3.4)
+        figures.layer_profile(fig.subplots(), win, summary, backbone, ON)
+        rows = [[esc(r.indicator), ci_text(r.mean_over_targets, r.ci_low, r.ci_high),
+                 f"{r.n_targets_defined}/{r.n_targets}"] for r in win.itertuples()]
+        parts.append("<h4>Per-layer ON</h4><div class='grid2'>" + _figure(
+            ctx, fig, f"layers_{_slug(backbone)}.png", f"ON per layer and window (run {esc(run.run_id)})")
+            + _table(["indicator", "Spearman (mean over targets) [CI]", "targets defined"], rows, cite)
+            + "</div>")
+    return "".join(parts), res.facts
 
 
 # ---- projector ----------------------------------------------------------------------------------------

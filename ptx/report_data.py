@@ -80,6 +80,17 @@ def not_run(store: Store, stage: str, tags: dict) -> NotRun:
     return NotRun(stage, others[0] if others else None)
 
 
+def per_backbone(store: Store, kind: str, stage: str, path: str, read) -> dict | NotRun:
+    """backbone -> read(store, backbone, run, folder) for the newest finished run of `kind` per backbone of this
+    study (newest first), `folder` its downloaded artifact dir `path` (None when absent); the stage's NotRun when
+    there is no such run."""
+    tags = {"ptx.kind": kind}
+    latest = latest_per_backbone(find_runs(store, tags), store.experiment)
+    if not latest:
+        return not_run(store, stage, tags)
+    return {backbone: read(store, backbone, run, artifacts(store, run, path)) for backbone, run in latest.items()}
+
+
 def artifacts(store: Store, run, path: str) -> Path | None:
     """Download one artifact directory of a run into the scratch dir (None, logged, when it is absent)."""
     dest = store.tmp / run.run_id / path.replace("/", "_")
@@ -248,35 +259,34 @@ class TransferMatrix:
     n_sources: int = 0  # bank prompts (the random prompt not counted)
     bank: pd.DataFrame | None = None  # one row per source prompt: source_task, source_category, source_prompt_run
 
+    @property
+    def missing(self) -> str | None:
+        """What the run lacks for its section (None: nothing)."""
+        return "no readable transfer/transfer.parquet" if self.table is None or self.table.empty else None
+
 
 def transfer(store: Store) -> dict[str, TransferMatrix] | NotRun:
     """Per backbone (newest first): the latest transfer matrix, its category summary and verdicts."""
-    tags = {"ptx.kind": track.KIND_TRANSFER}
-    latest = latest_per_backbone(find_runs(store, tags), store.experiment)
-    if not latest:
-        return not_run(store, "transfer", tags)
-    out = {}
-    for backbone, run in latest.items():
-        folder = artifacts(store, run, track.KIND_TRANSFER)
-        df = parquet(folder, "transfer.parquet")
-        if df is None or df.empty:
-            out[backbone] = TransferMatrix(backbone, run)
-            continue
-        splits = [s for s in ("test", "dev") if s in set(df.split)] + sorted(set(df.split) - {"test", "dev"})
-        split = splits[0]
-        summary = category_summary(df, split)
-        facts = {"split": split, "run_id": run.run_id,
-                 **{f"{k}_{m}": v[m] for k, v in summary.items() for m in ("mean", "n")},
-                 "same_vs_cross": category_finding(df, split),
-                 "own_vs_random": own_vs_random(df, split, parquet(folder, "predictions.parquet"))}
-        bank = df[(df.source_prompt_run != RANDOM)].drop_duplicates("source_prompt_run")
-        out[backbone] = TransferMatrix(
-            backbone, run, df, splits, split, summary, facts,
-            ", ".join(sorted(set(df.metric))) if "metric" in df else "score",
-            df[df.source_prompt_run != RANDOM].source_prompt_run.nunique(),
-            bank.sort_values(["source_category", "source_task"])[["source_task", "source_category",
-                                                                   "source_prompt_run"]])
-    return out
+    return per_backbone(store, track.KIND_TRANSFER, "transfer", track.KIND_TRANSFER, _transfer_matrix)
+
+
+def _transfer_matrix(store: Store, backbone: str, run, folder: Path | None) -> TransferMatrix:
+    df = parquet(folder, "transfer.parquet")
+    if df is None or df.empty:
+        return TransferMatrix(backbone, run)
+    splits = [s for s in ("test", "dev") if s in set(df.split)] + sorted(set(df.split) - {"test", "dev"})
+    split = splits[0]
+    summary = category_summary(df, split)
+    facts = {"split": split, "run_id": run.run_id,
+             **{f"{k}_{m}": v[m] for k, v in summary.items() for m in ("mean", "n")},
+             "same_vs_cross": category_finding(df, split),
+             "own_vs_random": own_vs_random(df, split, parquet(folder, "predictions.parquet"))}
+    bank = df[(df.source_prompt_run != RANDOM)].drop_duplicates("source_prompt_run")
+    return TransferMatrix(backbone, run, df, splits, split, summary, facts,
+                          ", ".join(sorted(set(df.metric))) if "metric" in df else "score",
+                          df[df.source_prompt_run != RANDOM].source_prompt_run.nunique(),
+                          bank.sort_values(["source_category", "source_task"])[
+                              ["source_task", "source_category", "source_prompt_run"]])
 
 
 # ---- TPT ----------------------------------------------------------------------------------------------
@@ -349,8 +359,11 @@ class TptResult:
     panels: list = field(default_factory=list)  # CurvePanel per target, when the seed table names the runs
 
     @property
-    def usable(self) -> bool:
-        return self.agg is not None and not self.agg.empty and self.seeds is not None and "flag" in self.seeds
+    def missing(self) -> str | None:
+        """What the run lacks for its section (None: nothing)."""
+        if self.agg is None or self.agg.empty:
+            return "no tpt/tpt.parquet"
+        return "no per-seed table" if self.seeds is None or "flag" not in self.seeds else None
 
 
 def curve_panels(store: Store, seeds: pd.DataFrame, agg: pd.DataFrame) -> list[CurvePanel]:
@@ -375,27 +388,23 @@ def curve_panels(store: Store, seeds: pd.DataFrame, agg: pd.DataFrame) -> list[C
 
 def tpt(store: Store) -> dict[str, TptResult] | NotRun:
     """Per backbone (newest first): the latest TPT run's tables, speed-up facts and dev curves."""
-    tags = {"ptx.kind": KIND_TPT}
-    latest = latest_per_backbone(find_runs(store, tags), store.experiment)
-    if not latest:
-        return not_run(store, "TPT", tags)
-    out = {}
-    for backbone, run in latest.items():
-        folder = artifacts(store, run, KIND_TPT)
-        res = TptResult(backbone, run, parquet(folder, "tpt.parquet"), parquet(folder, "tpt_seeds.parquet"))
-        out[backbone] = res
-        if not res.usable:
-            continue
-        records = res.seeds.to_dict("records")
-        overall, overall90 = censored_speedups(records), censored_speedups(records, "_90")
-        res.facts = {"run_id": run.run_id, "targets": len(res.agg), **overall,
-                     **{f"{k}_90": v for k, v in overall90.items()},
-                     "median_range": verdicts.median_range(speedups(records)),
-                     "by_source": {mode: {**censored_speedups(g), "finding": tpt_verdict(g)}
-                                   for mode, g in by_source_mode(records).items()}}
-        if {"vanilla_run", "tpt_run", "metric", "target_task"} <= set(res.seeds.columns):
-            res.panels = curve_panels(store, res.seeds, res.agg)
-    return out
+    return per_backbone(store, KIND_TPT, "TPT", KIND_TPT, _tpt_result)
+
+
+def _tpt_result(store: Store, backbone: str, run, folder: Path | None) -> TptResult:
+    res = TptResult(backbone, run, parquet(folder, "tpt.parquet"), parquet(folder, "tpt_seeds.parquet"))
+    if res.missing:
+        return res
+    records = res.seeds.to_dict("records")
+    overall, overall90 = censored_speedups(records), censored_speedups(records, "_90")
+    res.facts = {"run_id": run.run_id, "targets": len(res.agg), **overall,
+                 **{f"{k}_90": v for k, v in overall90.items()},
+                 "median_range": verdicts.median_range(speedups(records)),
+                 "by_source": {mode: {**censored_speedups(g), "finding": tpt_verdict(g)}
+                               for mode, g in by_source_mode(records).items()}}
+    if {"vanilla_run", "tpt_run", "metric", "target_task"} <= set(res.seeds.columns):
+        res.panels = curve_panels(store, res.seeds, res.agg)
+    return res
 
 
 # ---- indicators ---------------------------------------------------------------------------------------
@@ -437,36 +446,35 @@ class IndicatorResult:
     windows: pd.DataFrame | None = None  # tables/correlations_windows.parquet: ON per layer and layer window
     facts: dict = field(default_factory=dict)
 
+    @property
+    def missing(self) -> str | None:
+        """What the run lacks for its section (None: nothing)."""
+        return "no tables/correlations.parquet" if self.summary is None or self.summary.empty else None
+
 
 def indicators(store: Store) -> dict[str, IndicatorResult] | NotRun:
     """Per backbone (newest first): the indicator-transfer correlations, the best embedding similarity, the verdicts."""
-    tags = {"ptx.kind": track.KIND_INDICATORS}
-    latest = latest_per_backbone(find_runs(store, tags), store.experiment)
-    if not latest:
-        return not_run(store, "indicators", tags)
-    out = {}
-    for backbone, run in latest.items():
-        folder = artifacts(store, run, "tables")
-        summary = parquet(folder, "correlations.parquet")
-        if summary is None or summary.empty:
-            out[backbone] = IndicatorResult(backbone, run, summary)
-            continue
-        sp = summary[summary.method == "spearman"].set_index("indicator")
-        emb = sp[sp.index.isin(EMBEDDING)].dropna(subset=["mean_over_targets"])
-        fact = {"run_id": run.run_id}
-        if "on" in sp.index:
-            fact.update(on=float(sp.loc["on", "mean_over_targets"]), on_ci=[float(sp.loc["on", "ci_low"]),
-                                                                               float(sp.loc["on", "ci_high"])])
-        if len(emb):
-            top = emb.mean_over_targets.idxmax()
-            fact.update(embedding=top, embedding_rho=float(emb.loc[top, "mean_over_targets"]),
-                        embedding_ci=[float(emb.loc[top, "ci_low"]), float(emb.loc[top, "ci_high"])])
-        pairs = parquet(folder, "pairs.parquet")
-        if pairs is not None and "on" in fact:
-            fact.update(indicator_findings(pairs, store.primary))
-        out[backbone] = IndicatorResult(backbone, run, summary, pairs,
-                                        parquet(folder, "correlations_windows.parquet"), fact)
-    return out
+    return per_backbone(store, track.KIND_INDICATORS, "indicators", "tables", _indicator_result)
+
+
+def _indicator_result(store: Store, backbone: str, run, folder: Path | None) -> IndicatorResult:
+    summary = parquet(folder, "correlations.parquet")
+    if summary is None or summary.empty:
+        return IndicatorResult(backbone, run, summary)
+    sp = summary[summary.method == "spearman"].set_index("indicator")
+    emb = sp[sp.index.isin(EMBEDDING)].dropna(subset=["mean_over_targets"])
+    fact = {"run_id": run.run_id}
+    if "on" in sp.index:
+        fact.update(on=float(sp.loc["on", "mean_over_targets"]), on_ci=[float(sp.loc["on", "ci_low"]),
+                                                                           float(sp.loc["on", "ci_high"])])
+    if len(emb):
+        top = emb.mean_over_targets.idxmax()
+        fact.update(embedding=top, embedding_rho=float(emb.loc[top, "mean_over_targets"]),
+                    embedding_ci=[float(emb.loc[top, "ci_low"]), float(emb.loc[top, "ci_high"])])
+    pairs = parquet(folder, "pairs.parquet")
+    if pairs is not None and "on" in fact:
+        fact.update(indicator_findings(pairs, store.primary))
+    return IndicatorResult(backbone, run, summary, pairs, parquet(folder, "correlations_windows.parquet"), fact)
 
 
 # ---- projector ----------------------------------------------------------------------------------------
