@@ -26,6 +26,15 @@ def make_batch(backbone, texts=TEXTS, max_length=64):
     return collate(rows, backbone.pad_id), rows
 
 
+def case(tiny, name, insertion, seed=None):
+    """(backbone, the padded batch of TEXTS, the verbalizer's label ids, a random prompt of N_TOK rows when `seed`
+    is given)."""
+    backbone = tiny(name, insertion)
+    batch, _ = make_batch(backbone)
+    prompt = init_prompt(backbone, N_TOK, "random", seed=seed) if seed is not None else None
+    return backbone, batch, backbone.label_ids(VERBALIZER), prompt
+
+
 def reference_logits(backbone, prompt, batch, label_ids):
     """The whole PLM run on inputs_embeds built here (not by Backbone), full-vocabulary logits sliced to labels."""
     model, n = backbone.model, prompt.shape[0]
@@ -53,10 +62,7 @@ def reference_logits(backbone, prompt, batch, label_ids):
 @pytest.mark.parametrize(("name", "insertion"), CONFIGS)
 def test_label_logits_equal_the_full_lm_head(tiny, name, insertion):
     """The label-rows-only head at the scoring position is exactly the full model's logits there."""
-    backbone = tiny(name, insertion)
-    batch, _ = make_batch(backbone)
-    label_ids = backbone.label_ids(VERBALIZER)
-    prompt = init_prompt(backbone, N_TOK, "random", seed=1)
+    backbone, batch, label_ids, prompt = case(tiny, name, insertion, seed=1)
     with torch.no_grad():
         got = backbone.label_logits(prompt, batch, label_ids)
     want = reference_logits(backbone, prompt, batch, label_ids)
@@ -68,9 +74,7 @@ def test_label_logits_equal_the_full_lm_head(tiny, name, insertion):
 @pytest.mark.parametrize(("name", "insertion"), CONFIGS)
 def test_prompt_gradients_equal_the_full_models(tiny, name, insertion):
     """Training backpropagates through label_logits: its gradient wrt the prompt is the full forward's."""
-    backbone = tiny(name, insertion)
-    batch, _ = make_batch(backbone)
-    label_ids = backbone.label_ids(VERBALIZER)
+    backbone, batch, label_ids, _ = case(tiny, name, insertion)
     weights = torch.randn(3, len(VERBALIZER), generator=torch.Generator().manual_seed(0))
     grads = []
     for fn in (lambda p: backbone.label_logits(p, batch, label_ids), lambda p: reference_logits(backbone, p, batch, label_ids)):
@@ -103,10 +107,7 @@ def _embedding_input(backbone):
 
 @pytest.mark.parametrize(("name", "insertion"), CONFIGS)
 def test_the_model_receives_the_prompt_rows_first(tiny, name, insertion):
-    backbone = tiny(name, insertion)
-    batch, _ = make_batch(backbone)
-    label_ids = backbone.label_ids(VERBALIZER)
-    prompt = init_prompt(backbone, N_TOK, "random", seed=3)
+    backbone, batch, label_ids, prompt = case(tiny, name, insertion, seed=3)
     seen = []
     hook = _embedding_input(backbone).register_forward_pre_hook(
         lambda mod, args, kwargs: seen.append(kwargs["inputs_embeds"].detach().clone()), with_kwargs=True)
@@ -134,9 +135,7 @@ def test_the_model_receives_the_prompt_rows_first(tiny, name, insertion):
 
 @pytest.mark.parametrize(("name", "insertion"), CONFIGS)
 def test_the_prompt_changes_the_logits(tiny, name, insertion):
-    backbone = tiny(name, insertion)
-    batch, _ = make_batch(backbone)
-    label_ids = backbone.label_ids(VERBALIZER)
+    backbone, batch, label_ids, _ = case(tiny, name, insertion)
     a, b = (init_prompt(backbone, N_TOK, "random", seed=s) for s in (4, 5))
     with torch.no_grad():
         diff = (backbone.label_logits(a, batch, label_ids) - backbone.label_logits(b, batch, label_ids)).abs()
@@ -225,9 +224,7 @@ def test_unknown_insertion_is_an_error(ptx_cache_dir):
 
 @pytest.mark.parametrize(("name", "insertion"), CONFIGS)
 def test_batched_prompts_equal_separate_calls(tiny, name, insertion):
-    backbone = tiny(name, insertion)
-    batch, _ = make_batch(backbone)
-    label_ids = backbone.label_ids(VERBALIZER)
+    backbone, batch, label_ids, _ = case(tiny, name, insertion)
     prompts = torch.stack([init_prompt(backbone, N_TOK, "random", seed=s) for s in (8, 9, 10)])
     with torch.no_grad():
         together = backbone.label_logits(prompts, batch, label_ids)
