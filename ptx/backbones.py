@@ -24,6 +24,24 @@ class BackboneKind(str, Enum):
     SEQ2SEQ = "seq2seq"
     CAUSAL_LM = "causal_lm"
 
+    @property
+    def active_rule(self) -> str:
+        """Which FFN value makes a neuron active on this kind (`Backbone.ffn_modules`), as activations.json records it."""
+        return _ACTIVE_RULE[self]
+
+
+# An FFN neuron is active when the value at its hook point is > 0; per kind, that value is:
+_ACTIVE_RULE = {BackboneKind.MASKED_LM: "intermediate output (after GELU) > 0",
+                BackboneKind.SEQ2SEQ: "wi / wi_0 output (before ReLU/GELU) > 0",
+                BackboneKind.CAUSAL_LM: "gate_proj output (before SiLU) > 0; GPT-2: c_fc output (before GELU) > 0"}
+
+
+class Position(str, Enum):  # where FFN activations are read (Backbone.read_index)
+    SCORE = "score"  # the kind's reading slot: <mask> (masked LM), decoder step 0 / last encoder token (seq2seq),
+    #                 the last position (decoder-only)
+    LAST = "last"  # the last non-padding position of the hooked sequence
+    MEAN = "mean"  # the mean over every non-padding position of the hooked sequence (prompt included)
+
 
 class Insertion(str, Enum):
     PREPEND = "prepend"  # prompt before the whole input (PEFT's layout)
@@ -301,6 +319,32 @@ class Backbone:
             raise PtxError(f"generation tasks need a seq2seq backbone; '{self.name}' is {self.kind.value}")
 
     # ---- FFN hook points ----------------------------------------------------------------------------
+    @property
+    def active_rule(self) -> str:
+        """Which FFN value makes a neuron active on this backbone (its kind's rule)."""
+        return self.kind.active_rule
+
+    @staticmethod
+    def active_neurons(values: torch.Tensor) -> torch.Tensor:
+        """Active-neuron mask of hooked FFN values [..., d_ff] -> bool, the same shape: value > 0 on every kind
+        (for each hook point > 0 before or after the activation function is the same test)."""
+        return values > 0
+
+    def read_index(self, batch: dict, n_tok: int, where: str = "decoder",
+                   position: Position = Position.SCORE) -> torch.Tensor | None:
+        """Per example, the index into the hooked sequence (n_tok prompt tokens, then the batch's tokens) where
+        FFN activations are read [B]; None for Position.MEAN (mean over positions)."""
+        if position is Position.MEAN:
+            return None
+        if self.kind is BackboneKind.SEQ2SEQ and where == "decoder":
+            return torch.zeros(len(batch["input_ids"]), dtype=torch.long)  # one decoder step: the start token
+        last = n_tok + batch["attention_mask"].sum(1) - 1
+        if position is Position.LAST or self.kind is BackboneKind.SEQ2SEQ:
+            return last
+        if self.kind is BackboneKind.MASKED_LM and self.insertion is Insertion.PAPER:
+            return torch.zeros_like(last)  # the paper's layout: prompt slot 0 holds <mask>
+        return n_tok + batch["score_index"]
+
     def ffn_modules(self, where: str = "decoder") -> list[nn.Module]:
         """Per layer, the module whose output is the FFN's intermediate activation (active when > 0).
 
@@ -343,6 +387,43 @@ def detect_kind(config) -> BackboneKind:
     if "MaskedLM" in archs or config.model_type in MASKED_TYPES:
         return BackboneKind.MASKED_LM
     return BackboneKind.CAUSAL_LM
+
+
+def describe(name: str, insertion: str = "prepend") -> dict:
+    """{name, revision, kind, d_model, insertion} of a backbone from its config alone (no weights loaded)."""
+    import transformers
+
+    from ptx.assets import resolve_model
+
+    src = resolve_model(name)
+    try:
+        cfg = transformers.AutoConfig.from_pretrained(src.path)
+    except OSError as exc:
+        raise PtxError(f"backbone '{name}': cannot read its config ({str(exc).splitlines()[0]})") from None
+    d_model = getattr(cfg, "d_model", None) or cfg.hidden_size
+    return {"name": name, "revision": src.revision, "kind": detect_kind(cfg).value, "d_model": int(d_model),
+            "insertion": insertion}
+
+
+def kind_of(name: str) -> BackboneKind:
+    """The kind of a backbone from its local or shipped config.json, without resolving or loading the model (an
+    import of a prompt names a backbone that may not be in the cache); else guessed from its name."""
+    import json
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    from ptx.assets import paper_config
+
+    local = Path(name).expanduser() / "config.json"
+    try:
+        config = json.loads(local.read_text()) if local.is_file() else paper_config(name)
+    except PtxError:
+        config = None
+    if config:
+        return detect_kind(SimpleNamespace(**{"is_encoder_decoder": False, "architectures": None, **config}))
+    n = name.lower()
+    return BackboneKind.SEQ2SEQ if "t5" in n else BackboneKind.MASKED_LM if any(
+        k in n for k in ("bert", "roberta", "minilm")) else BackboneKind.CAUSAL_LM
 
 
 def _zero_position(model) -> int | None:

@@ -12,7 +12,8 @@ from ptx.metrics import METRICS
 log = logging.getLogger(__name__)
 
 
-def _autocast(backbone):
+def bf16_autocast(backbone):
+    """bf16 autocast on CUDA; a disabled autocast elsewhere (CPU runs stay fp32)."""
     enabled = backbone.device.type == "cuda"
     return torch.autocast(device_type=backbone.device.type, dtype=torch.bfloat16, enabled=enabled)
 
@@ -25,7 +26,7 @@ def predict_labels(backbone, prompts: torch.Tensor, encoded, label_ids: torch.Te
     it = iterate_batches(encoded, batch_size, backbone.pad_id, seed=None)
     total = (len(encoded) + batch_size - 1) // batch_size
     for batch in tqdm(it, total=total, disable=not progress, desc="evaluating", leave=False):
-        with _autocast(backbone):
+        with bf16_autocast(backbone):
             logits = backbone.label_logits(prompts.to(backbone.device), batch, label_ids)  # [P, B, L]
         preds.append(logits.argmax(-1).cpu())
         golds.append(batch["labels"])

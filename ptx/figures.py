@@ -115,7 +115,7 @@ def transfer_heatmaps(df, split: str, path, title: str = "") -> Path:
 
 def group_bars(ax, summary: dict, title: str) -> None:
     """Relative transfer per group (same category, cross category, random prompt): a bar at the mean over the
-    points of every (source prompt, target) pair; `summary` is report.category_summary's."""
+    points of every (source prompt, target) pair; `summary` is report_data.category_summary's."""
     rng = np.random.default_rng(0)
     for i, (name, s) in enumerate(summary.items()):
         ax.bar(i, s["mean"] if s["n"] else 0, color=GROUP_COLOURS[name], alpha=0.35, width=0.6)

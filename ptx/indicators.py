@@ -145,7 +145,7 @@ def _rank(a: np.ndarray) -> np.ndarray:
     return rankdata(a, axis=-1)
 
 
-def _row_corr(x: np.ndarray, y: np.ndarray, method: str) -> np.ndarray:
+def row_corr(x: np.ndarray, y: np.ndarray, method: str) -> np.ndarray:
     """Correlation of each row pair, x, y [B, n] -> [B] (NaN for a constant row); tau-b for Kendall."""
     if method == "kendall":  # tau-b = sum(sx*sy) / sqrt(#pairs untied in x * #pairs untied in y), i < j
         i, j = np.triu_indices(x.shape[1], 1)
@@ -207,7 +207,7 @@ def correlate_indicators(pairs: pd.DataFrame, indicators, methods=METHODS, boots
                 per_target.append({"indicator": name, "method": method, "target_task": t, "n_sources": len(g),
                                    "value": r, "reason": why})
                 if np.isfinite(r):
-                    boots.append(_row_corr(g[name].to_numpy(float)[boot[t]], g["y"].to_numpy(float)[boot[t]], method))
+                    boots.append(row_corr(g[name].to_numpy(float)[boot[t]], g["y"].to_numpy(float)[boot[t]], method))
             defined = [r for r in values.values() if np.isfinite(r)]
             pooled, _ = correlation(valid[name], valid["y"], method)
             with warnings.catch_warnings():  # a resample may be constant: NaN, left out of the percentiles
@@ -216,7 +216,7 @@ def correlate_indicators(pairs: pd.DataFrame, indicators, methods=METHODS, boots
                 if boots and bootstrap:
                     lo, hi = np.nanpercentile(np.nanmean(np.stack(boots), 0), q)
                 if pooled_idx is not None and np.isfinite(pooled) and bootstrap:
-                    pb = _row_corr(valid[name].to_numpy(float)[pooled_idx], valid["y"].to_numpy(float)[pooled_idx], method)
+                    pb = row_corr(valid[name].to_numpy(float)[pooled_idx], valid["y"].to_numpy(float)[pooled_idx], method)
                     plo, phi = np.nanpercentile(pb, q)
             summary.append({"indicator": name, "method": method,
                             "mean_over_targets": float(np.mean(defined)) if defined else np.nan,
@@ -319,6 +319,7 @@ def analyse(transfer: pd.DataFrame, matrices: dict, ids: list, tasks: list, own:
     return tables
 
 
-def _metrics(tables: dict) -> dict:
+def summary_metrics(tables: dict) -> dict:
+    """{method.indicator: mean over targets} of the correlation tables, for the run's MLflow metrics (NaN left out)."""
     rows = pd.concat([t for k, t in tables.items() if k in ("correlations", "correlations_windows")])
     return {f"{r.method}.{r.indicator}": r.mean_over_targets for r in rows.itertuples() if np.isfinite(r.mean_over_targets)}

@@ -16,6 +16,9 @@ def config_hash(obj) -> str:
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
+ASSET_MARKER = "ptx_asset.json"  # written last inside a model cache dir's temp dir: a dir holding it is complete
+
+
 def cache_dir() -> Path:
     """The ptx cache: $PTX_CACHE_DIR, else ~/.cache/ptx (created on demand)."""
     path = Path(os.environ.get("PTX_CACHE_DIR") or Path.home() / ".cache" / "ptx").expanduser().resolve()

@@ -142,8 +142,8 @@ def backbone_shape(name: str) -> BackboneShape:
     local = Path(name).expanduser() / "config.json"
     if local.is_file():
         return shape_from_config(name, json.loads(local.read_text()))
-    if name in assets._TINY:
-        tiny = assets._TINY[name]
+    if name in assets.TINY_MODELS:
+        tiny = assets.TINY_MODELS[name]
         vocab = 1000  # the tiny vocabularies are small; their memory is noise next to any share
         return shape_from_config(name, {"model_type": tiny["model_type"], "vocab_size": vocab,
                                         "is_encoder_decoder": tiny["model_type"] == "t5", **tiny["config"]})
@@ -152,7 +152,7 @@ def backbone_shape(name: str) -> BackboneShape:
     try:
         return shape_from_config(name, assets.paper_config(name))
     except PtxError:
-        known = [*assets._TINY, *_ALIAS_CONFIGS, *(p.stem for p in assets._CONFIGS.glob("*.json"))]
+        known = [*assets.TINY_MODELS, *_ALIAS_CONFIGS, *(p.stem for p in assets.CONFIGS_DIR.glob("*.json"))]
         raise PtxError(f"backbone '{name}': no config to size its memory from; expected one of {sorted(known)}"
                        f"{suggest(name, known)} or a model directory") from None
 

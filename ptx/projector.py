@@ -169,17 +169,10 @@ def _state_shapes(config: ProjectorConfig) -> dict[str, list[int]]:
 
 def load_projector(path: str | Path) -> ProjectorArtifact:
     """Strictly load a projector artifact: format version, config and every tensor shape are checked."""
-    path = Path(path)
-    meta_file, weights = path / "projector.json", path / "projector.safetensors"
-    for f in (meta_file, weights):
-        if not f.is_file():
-            raise PtxError(f"{path} is not a projector artifact: {f.name} is missing")
-    from ptx.prompt import read_meta
+    from ptx.prompt import open_artifact
 
-    meta = read_meta(meta_file, "projector metadata")
-    if meta.get("format_version") != FORMAT_VERSION:
-        raise PtxError(f"{meta_file}: format_version {meta.get('format_version')!r} is not supported "
-                       f"(this ptx reads {FORMAT_VERSION})")
+    path = Path(path)
+    meta, meta_file, weights = open_artifact(path, "projector", FORMAT_VERSION)
     raw = meta.get("config") or {}
     if not isinstance(raw, dict):
         raise PtxError(f"{meta_file}: 'config' must be an object, found {type(raw).__name__}")

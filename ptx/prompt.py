@@ -176,17 +176,24 @@ def read_meta(meta_file: Path, what: str) -> dict:
     return meta
 
 
+def open_artifact(path: Path, stem: str, version: int) -> tuple[dict, Path, Path]:
+    """(metadata, STEM.json, STEM.safetensors) of an artifact directory (a prompt, a projector): both files there,
+    the JSON an object of the supported format `version`; else a one-line PtxError."""
+    meta_file, weights = path / f"{stem}.json", path / f"{stem}.safetensors"
+    for f in (meta_file, weights):
+        if not f.is_file():
+            raise PtxError(f"{path} is not a {stem} artifact: {f.name} is missing")
+    meta = read_meta(meta_file, f"{stem} metadata")
+    if meta.get("format_version") != version:
+        raise PtxError(f"{meta_file}: format_version {meta.get('format_version')!r} is not supported "
+                       f"(this ptx reads {version})")
+    return meta, meta_file, weights
+
+
 def load_prompt(path: str | Path, backbone=None) -> PromptArtifact:
     """Strictly load a prompt artifact; a mismatch with `backbone` names both sides."""
     path = Path(path)
-    meta_file, weights = path / "prompt.json", path / "prompt.safetensors"
-    for f in (meta_file, weights):
-        if not f.is_file():
-            raise PtxError(f"{path} is not a prompt artifact: {f.name} is missing")
-    meta = read_meta(meta_file, "prompt metadata")
-    if meta.get("format_version") != FORMAT_VERSION:
-        raise PtxError(f"{meta_file}: format_version {meta.get('format_version')!r} is not supported "
-                       f"(this ptx reads {FORMAT_VERSION})")
+    meta, meta_file, weights = open_artifact(path, "prompt", FORMAT_VERSION)
     try:
         tensors = load_file(str(weights))
     except (SafetensorError, OSError, ValueError) as exc:

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Annotated
 
 from ptx import bank, track
-from ptx.backbones import Insertion, load_backbone
+from ptx.backbones import Insertion, kind_of, load_backbone
 from ptx.data import describe_split, encode_split
 from ptx.errors import PtxError
 from ptx.fields import Range
@@ -234,7 +234,7 @@ def import_prompt(file: str | Path, backbone_name: str, task: str | None, insert
     width = d_model or known_d_model(backbone_name)
     if width is None:
         raise PtxError(f"the width of backbone '{backbone_name}' is not known offline; pass --d-model")
-    kind = _backbone_kind(backbone_name)
+    kind = kind_of(backbone_name).value
     if insertion == "paper" and kind != "masked_lm":
         raise PtxError(f"insertion 'paper' is the masked-LM <mask>-slot layout; backbone '{backbone_name}' is {kind}")
     tensor = import_torch_prompt(file, width, backbone_name)
@@ -272,25 +272,6 @@ def _sha(file) -> str:
     import hashlib
 
     return hashlib.sha256(Path(file).read_bytes()).hexdigest()[:16]
-
-
-def _backbone_kind(name: str) -> str:
-    """The kind of a backbone from its local or shipped config.json (no weights loaded); else from its name."""
-    import json
-    from types import SimpleNamespace
-
-    from ptx.assets import paper_config
-    from ptx.backbones import detect_kind
-
-    local = Path(name).expanduser() / "config.json"
-    try:
-        config = json.loads(local.read_text()) if local.is_file() else paper_config(name)
-    except PtxError:
-        config = None
-    if config:
-        return detect_kind(SimpleNamespace(**{"is_encoder_decoder": False, "architectures": None, **config})).value
-    n = name.lower()
-    return "seq2seq" if "t5" in n else "masked_lm" if any(k in n for k in ("bert", "roberta", "minilm")) else "causal_lm"
 
 
 def with_settings(req: PromptRequest, **changes) -> PromptRequest:

@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 
 from ptx.data import iterate_batches
 from ptx.errors import PtxError
-from ptx.evaluate import _autocast, score_prompts
+from ptx.evaluate import bf16_autocast, score_prompts
 from ptx.fields import Range
 from ptx.prompt import SoftPrompt
 
@@ -122,8 +122,8 @@ def train_prompt(backbone, spec, init: torch.Tensor, train_data, dev_data, setti
         batch = next(batches)
         backbone.model.train(settings.dropout)  # evaluate() switches back to eval mode
         if settings.dropout:
-            torch.manual_seed(_step_seed(settings.seed, step))
-        with _autocast(backbone) if settings.bf16 else torch.autocast(device.type, enabled=False):
+            torch.manual_seed(step_seed(settings.seed, step))
+        with bf16_autocast(backbone) if settings.bf16 else torch.autocast(device.type, enabled=False):
             if generation:
                 loss = backbone.seq2seq_loss(prompt.weight, batch)
             else:
@@ -174,7 +174,7 @@ def train_prompt(backbone, spec, init: torch.Tensor, train_data, dev_data, setti
                        curve=curve, steps_done=step, stopped=stopped, seconds=time.perf_counter() - t0)
 
 
-def _step_seed(seed: int, step: int) -> int:
+def step_seed(seed: int, step: int) -> int:
     """The dropout RNG seed of one step: a resumed run draws the masks an uninterrupted run would have drawn."""
     return (seed * 1_000_003 + step) % (2 ** 63)
 

@@ -26,10 +26,10 @@ from tqdm.auto import tqdm
 
 from ptx.data import iterate_batches
 from ptx.errors import PtxError
-from ptx.evaluate import _autocast
+from ptx.evaluate import bf16_autocast
 from ptx.metrics import METRICS
 from ptx.prompt import SoftPrompt
-from ptx.train import Report, TrainResult, TrainSettings, _step_seed
+from ptx.train import Report, TrainResult, TrainSettings, step_seed
 
 log = logging.getLogger(__name__)
 
@@ -204,7 +204,7 @@ def score_stacked(backbone, items: list, per_pass: int | None = None) -> list[fl
         segments = [(torch.stack([items[i][0] for i in segs[k]]).to(backbone.device), batches[k]) for k in order]
         pieces: dict = {k: [] for k in order}
         for chunk, owners in _passes(segments, per_pass):
-            with _autocast(backbone):
+            with bf16_autocast(backbone):
                 part = backbone.stacked_label_logits(chunk, [labels[order[i]] for i in owners])
             for i, out in zip(owners, part, strict=True):
                 pieces[order[i]].append(out)
@@ -265,7 +265,7 @@ def train_group(backbone, members: list[GroupMember], progress: bool = False,
     t0 = time.perf_counter()
     total = sum(r.settings.steps for r in runs)
     bar = tqdm(total=total, initial=sum(r.step for r in runs), disable=not progress, desc=f"tuning {len(runs)} prompts")
-    autocast = _autocast(backbone) if members[0].settings.bf16 else torch.autocast(backbone.device.type, enabled=False)
+    autocast = bf16_autocast(backbone) if members[0].settings.bf16 else torch.autocast(backbone.device.type, enabled=False)
     while live := [r for r in runs if r.stopped is None]:
         batches = []
         for run in live:
@@ -275,7 +275,7 @@ def train_group(backbone, members: list[GroupMember], progress: bool = False,
         # for the stacked batch, seeded by the first live member's step so a resumed group draws the same masks
         backbone.model.train(members[0].settings.dropout)
         if members[0].settings.dropout:
-            torch.manual_seed(_step_seed(live[0].settings.seed, live[0].step))
+            torch.manual_seed(step_seed(live[0].settings.seed, live[0].step))
         # a member's prompt reaches only its own rows, so d(sum)/d(prompt_k) = d(loss_k)/d(prompt_k)
         losses = group_backward(backbone, [(r.prompt.weight, b, r.label_ids) for r, b in zip(live, batches, strict=True)],
                                 per_pass, autocast)

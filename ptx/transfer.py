@@ -41,7 +41,8 @@ class Source:
     dev: float | None = None  # its own dev metric: picks a target's own prompt when the task has several
 
 
-def _spec(task, max_length: int | None = None):
+def task_spec(task, max_length: int | None = None):
+    """A task given by name (loaded, with this max_length) or as a TaskSpec (returned as is)."""
     from ptx.tasks import load_task
 
     return load_task(task, max_length=max_length) if isinstance(task, str) else task
@@ -58,7 +59,7 @@ def _unpack(name, item) -> tuple:
     raise PtxError(f"prompt '{name}': expected a PromptArtifact or a (tensor, meta) pair, found {type(item).__name__}")
 
 
-def _sources(prompts: dict, backbone) -> list[Source]:
+def bank_sources(prompts: dict, backbone) -> list[Source]:
     """Normalise the bank (PromptArtifact, (tensor, meta) or {"prompt", "meta"}) and check every prompt fits."""
     if not prompts:
         raise PtxError(f"the prompt bank for backbone '{backbone.name}' is empty: train prompts first "
@@ -73,17 +74,17 @@ def _sources(prompts: dict, backbone) -> list[Source]:
         if meta.get("insertion", backbone.insertion.value) != backbone.insertion.value:
             raise PtxError(f"prompt '{name}' uses insertion '{meta['insertion']}'; backbone '{backbone.name}' was "
                            f"loaded with '{backbone.insertion.value}'")
-        out.append(Source(str(name), tensor.detach().float().cpu(), *_describe(meta, name)))
+        out.append(Source(str(name), tensor.detach().float().cpu(), *describe_prompt(meta, name)))
     return out
 
 
-def _describe(meta: dict, name: str = "") -> tuple[str, str, float | None]:
+def describe_prompt(meta: dict, name: str = "") -> tuple[str, str, float | None]:
     """(task, category, own dev metric) of a bank prompt from its metadata."""
     task = meta.get("task")
     task = task.get("name") if isinstance(task, dict) else task
     if not task:
         raise PtxError(f"prompt '{name}': its metadata names no task (expected meta['task']['name'])")
-    return task, meta.get("category") or _spec(task).category, (meta.get("dev_metric") or {}).get("value")
+    return task, meta.get("category") or task_spec(task).category, (meta.get("dev_metric") or {}).get("value")
 
 
 def check_targets(backbone_name: str, kind: str, targets) -> None:
@@ -114,11 +115,11 @@ def transfer_matrix(backbone, prompts: dict, targets: list, splits=("dev", "test
     `init_baseline`: also score each target's own prompts' untrained starts (init:<name>; `init_sources`); they
     appear in `predictions` only, not as matrix rows.
     """
-    targets = [_spec(t) for t in targets]
+    targets = [task_spec(t) for t in targets]
     if not targets:
         raise PtxError("transfer_matrix: no target tasks given")
     check_targets(backbone.name, backbone.kind.value, targets)
-    sources = _sources(prompts, backbone)
+    sources = bank_sources(prompts, backbone)
     n_tok = random_length(s.prompt.shape[0] for s in sources)
     listed = sources + ([Source(RANDOM, None, RANDOM, RANDOM)] if random_baseline and random_prompts else [])
     rows = []
@@ -156,7 +157,7 @@ def init_sources(backbone, prompts: dict, target: str) -> list[Source]:
     out = []
     for name, item in prompts.items():
         _, meta = _unpack(name, item)
-        if _describe(meta, name)[0] != target:
+        if describe_prompt(meta, name)[0] != target:
             continue
         start = reconstruct_init(meta, backbone)
         if start is None:
@@ -247,7 +248,7 @@ def chunk_sizes(n_sources: int, n_targets: int, slots: int, prompts_per_pass: in
 
 
 # ---- transfer-initialised prompt tuning (TPT) -----------------------------------------------------------
-def _curve(points) -> list[tuple[int, float]]:
+def score_curve(points) -> list[tuple[int, float]]:
     """[(step, score)] from tuples, {step, dev_metric} dicts or MLflow metrics; last value per step, NaN dropped."""
     by_step = {}
     for p in points:
@@ -280,7 +281,7 @@ def convergence_speedup(vanilla_curve, tpt_curve, fraction: float = 0.9) -> dict
     A TPT run that never reaches the goal gets `speedup_bound`: vanilla's steps ÷ the last step TPT ran, an upper
     bound on its (censored) speed-up, since it would have needed more steps than it ran.
     """
-    v, t = _curve(vanilla_curve), _curve(tpt_curve)
+    v, t = score_curve(vanilla_curve), score_curve(tpt_curve)
     if not v or not t:
         raise PtxError(f"convergence_speedup: empty learning curve (vanilla {len(v)} points, TPT {len(t)})")
     best = max(x for _, x in v)

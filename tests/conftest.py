@@ -50,6 +50,13 @@ def tiny(ptx_cache_dir):
     return get
 
 
+# ---- shared backbones (test helpers written once; the Ray fixtures live in their own block) -----------------
+@pytest.fixture(scope="session")
+def llama(tiny) -> Backbone:
+    """tiny-llama, the session's one copy (never mutate its model)."""
+    return tiny("tiny-llama")
+
+
 FIXED = [("the movie was great", 2), ("a terrible film", 0), ("it was fine i guess", 1),
          ("bad acting and a bad plot", 0), ("good fun for the whole family", 2), ("nothing special", 1),
          ("the best film of the year", 2), ("boring", 0)]

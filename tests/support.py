@@ -1,6 +1,6 @@
 """Plain helpers shared by the test modules (the fixtures live in conftest.py, the CLI runner in cli_runner.py):
-free loopback ports, waiting for a server's /health, a log's tail, the small tiny-llama study spec, and
-hypothesis example counts scaled by the loaded profile."""
+free loopback ports, waiting for a server's /health, a log's tail, the small tiny-llama study spec, a store's prompt
+runs, the shared reference data's place, and hypothesis example counts scaled by the loaded profile."""
 
 import socket
 import subprocess
@@ -30,6 +30,24 @@ def write_spec(path: Path, **changes) -> Path:
     """SMALL_STUDY named after the file's stem, with top-level keys replaced by `changes`, written as YAML."""
     path.write_text(yaml.safe_dump({"name": path.stem, **SMALL_STUDY, **changes}))
     return path
+
+
+# the authors' released prompts and results, beside the repository (not in it), as CI has them: ../shared/reference/...
+REFERENCE = Path(__file__).resolve().parents[1] / ".." / "shared" / "reference" / "prompt-transferability"
+NO_REFERENCE = ("the authors' released prompts are not beside the repository (expected "
+                "../shared/reference/prompt-transferability/ relative to its root)")
+
+
+def prompt_runs(uri: str, experiment: str | None = None) -> list:
+    """Every ptx prompt run (any status) of `experiment` in the store at `uri`, or of all its experiments, as
+    ptx.track.RunRecord."""
+    from ptx import track
+
+    if experiment is None:
+        tracker = track.MlflowTracker(uri)
+        return tracker.find_runs({"ptx.kind": "prompt"}, status=None, experiment_ids=tracker.all_experiment_ids())
+    tracker = track.MlflowTracker(uri, experiment)
+    return tracker.find_runs({"ptx.kind": "prompt"}, status=None)
 
 
 def free_port() -> int:

@@ -26,6 +26,15 @@ def make_batch(backbone, texts=TEXTS, max_length=64):
     return collate(rows, backbone.pad_id), rows
 
 
+def case(tiny, name, insertion, seed=None):
+    """(backbone, the padded batch of TEXTS, the verbalizer's label ids, a random prompt of N_TOK rows when `seed`
+    is given)."""
+    backbone = tiny(name, insertion)
+    batch, _ = make_batch(backbone)
+    prompt = init_prompt(backbone, N_TOK, "random", seed=seed) if seed is not None else None
+    return backbone, batch, backbone.label_ids(VERBALIZER), prompt
+
+
 def reference_logits(backbone, prompt, batch, label_ids):
     """The whole PLM run on inputs_embeds built here (not by Backbone), full-vocabulary logits sliced to labels."""
     model, n = backbone.model, prompt.shape[0]
@@ -53,10 +62,7 @@ def reference_logits(backbone, prompt, batch, label_ids):
 @pytest.mark.parametrize(("name", "insertion"), CONFIGS)
 def test_label_logits_equal_the_full_lm_head(tiny, name, insertion):
     """The label-rows-only head at the scoring position is exactly the full model's logits there."""
-    backbone = tiny(name, insertion)
-    batch, _ = make_batch(backbone)
-    label_ids = backbone.label_ids(VERBALIZER)
-    prompt = init_prompt(backbone, N_TOK, "random", seed=1)
+    backbone, batch, label_ids, prompt = case(tiny, name, insertion, seed=1)
     with torch.no_grad():
         got = backbone.label_logits(prompt, batch, label_ids)
     want = reference_logits(backbone, prompt, batch, label_ids)
@@ -68,9 +74,7 @@ def test_label_logits_equal_the_full_lm_head(tiny, name, insertion):
 @pytest.mark.parametrize(("name", "insertion"), CONFIGS)
 def test_prompt_gradients_equal_the_full_models(tiny, name, insertion):
     """Training backpropagates through label_logits: its gradient wrt the prompt is the full forward's."""
-    backbone = tiny(name, insertion)
-    batch, _ = make_batch(backbone)
-    label_ids = backbone.label_ids(VERBALIZER)
+    backbone, batch, label_ids, _ = case(tiny, name, insertion)
     weights = torch.randn(3, len(VERBALIZER), generator=torch.Generator().manual_seed(0))
     grads = []
     for fn in (lambda p: backbone.label_logits(p, batch, label_ids), lambda p: reference_logits(backbone, p, batch, label_ids)):
@@ -103,10 +107,7 @@ def _embedding_input(backbone):
 
 @pytest.mark.parametrize(("name", "insertion"), CONFIGS)
 def test_the_model_receives_the_prompt_rows_first(tiny, name, insertion):
-    backbone = tiny(name, insertion)
-    batch, _ = make_batch(backbone)
-    label_ids = backbone.label_ids(VERBALIZER)
-    prompt = init_prompt(backbone, N_TOK, "random", seed=3)
+    backbone, batch, label_ids, prompt = case(tiny, name, insertion, seed=3)
     seen = []
     hook = _embedding_input(backbone).register_forward_pre_hook(
         lambda mod, args, kwargs: seen.append(kwargs["inputs_embeds"].detach().clone()), with_kwargs=True)
@@ -134,9 +135,7 @@ def test_the_model_receives_the_prompt_rows_first(tiny, name, insertion):
 
 @pytest.mark.parametrize(("name", "insertion"), CONFIGS)
 def test_the_prompt_changes_the_logits(tiny, name, insertion):
-    backbone = tiny(name, insertion)
-    batch, _ = make_batch(backbone)
-    label_ids = backbone.label_ids(VERBALIZER)
+    backbone, batch, label_ids, _ = case(tiny, name, insertion)
     a, b = (init_prompt(backbone, N_TOK, "random", seed=s) for s in (4, 5))
     with torch.no_grad():
         diff = (backbone.label_logits(a, batch, label_ids) - backbone.label_logits(b, batch, label_ids)).abs()
@@ -225,9 +224,7 @@ def test_unknown_insertion_is_an_error(ptx_cache_dir):
 
 @pytest.mark.parametrize(("name", "insertion"), CONFIGS)
 def test_batched_prompts_equal_separate_calls(tiny, name, insertion):
-    backbone = tiny(name, insertion)
-    batch, _ = make_batch(backbone)
-    label_ids = backbone.label_ids(VERBALIZER)
+    backbone, batch, label_ids, _ = case(tiny, name, insertion)
     prompts = torch.stack([init_prompt(backbone, N_TOK, "random", seed=s) for s in (8, 9, 10)])
     with torch.no_grad():
         together = backbone.label_logits(prompts, batch, label_ids)
@@ -259,3 +256,48 @@ def test_backbones_are_frozen_and_described(tiny):
         assert not any(p.requires_grad for p in backbone.model.parameters())
         assert not backbone.model.training
         assert len(backbone.ffn_modules()) == backbone.n_layers
+
+
+def test_describe_and_kind_of_need_no_weights(tiny, tmp_path, monkeypatch):
+    """`describe` reads the config only; `kind_of` not even resolves the model (a shipped or local config.json,
+    else the name); both agree with the loaded backbone."""
+    from ptx import backbones
+
+    expect = {}
+    for name in ("tiny-bert", "tiny-t5", "tiny-llama"):
+        b = tiny(name)
+        expect[name] = {"name": name, "revision": b.revision, "kind": b.kind.value, "d_model": b.d_model,
+                        "insertion": "prepend"}
+
+    def no_weights(*_a, **_k):
+        raise AssertionError("a weight-free lookup loaded a model")
+
+    monkeypatch.setattr(backbones, "_from_pretrained", no_weights)
+    for name, info in expect.items():
+        assert backbones.describe(name) == info
+    assert backbones.describe("tiny-bert", "paper")["insertion"] == "paper"
+    local = tmp_path / "my-model"
+    local.mkdir()
+    (local / "config.json").write_text('{"model_type": "t5", "is_encoder_decoder": true}')
+    assert backbones.kind_of(str(local)) is BackboneKind.SEQ2SEQ
+    assert [backbones.kind_of(n) for n in ("org/some-t5-small", "org/roberta-x", "org/gpt-x")] == [
+        BackboneKind.SEQ2SEQ, BackboneKind.MASKED_LM, BackboneKind.CAUSAL_LM]
+
+
+def test_read_position_and_active_rule_per_kind(tiny):
+    """The index read per example: score slot (n_tok + score_index) on masked LM and decoder-only, slot 0 in the
+    paper layout, the last real token with `last` (and on a T5 encoder), decoder step 0 on a T5 decoder."""
+    from ptx.backbones import Position
+
+    batch = {"input_ids": torch.zeros(2, 6, dtype=torch.long), "score_index": torch.tensor([1, 4]),
+             "attention_mask": torch.tensor([[1, 1, 1, 0, 0, 0], [1, 1, 1, 1, 1, 1]])}
+    bert, llama, roberta_paper, t5 = tiny("tiny-bert"), tiny("tiny-llama"), tiny("tiny-roberta", "paper"), tiny("tiny-t5")
+    assert bert.read_index(batch, 3).tolist() == [4, 7] and llama.read_index(batch, 3).tolist() == [4, 7]
+    assert roberta_paper.read_index(batch, 3).tolist() == [0, 0]
+    assert bert.read_index(batch, 3, position=Position.LAST).tolist() == [5, 8]
+    assert t5.read_index(batch, 3, "encoder").tolist() == [5, 8] and t5.read_index(batch, 3, "decoder").tolist() == [0, 0]
+    assert bert.read_index(batch, 3, position=Position.MEAN) is None
+    assert bert.active_neurons(torch.tensor([-1.0, 0.0, 0.5])).tolist() == [False, False, True]
+    assert t5.active_rule == "wi / wi_0 output (before ReLU/GELU) > 0"
+    assert {k.value for k in BackboneKind} == {"masked_lm", "seq2seq", "causal_lm"} and all(
+        k.active_rule.endswith("> 0") for k in BackboneKind)

@@ -14,15 +14,14 @@ import pytest
 import torch
 from cli_runner import invoke_cli, user_error
 from mlflow.tracking import MlflowClient
+from support import NO_REFERENCE, REFERENCE
 
 from ptx.prompt import load_prompt
 
 pytestmark = pytest.mark.usefixtures("no_env_uri")  # each test names its store (conftest.py)
-# the fixture lives in the shared reference folder beside the repository, not in it
-RELEASED = Path(__file__).resolve().parents[1] / ".." / "shared" / "reference" / "prompt-transferability" / "prompts"
+RELEASED = REFERENCE / "prompts"  # the fixture lives in the shared reference folder beside the repository, not in it
 if not RELEASED.is_dir():
-    pytest.skip("the authors' released prompts are not beside the repository (expected "
-                "../shared/reference/prompt-transferability/prompts/ relative to its root)", allow_module_level=True)
+    pytest.skip(NO_REFERENCE, allow_module_level=True)
 WIDTH = {"roberta-base": 768, "roberta-large": 1024, "t5-base": 768}
 COUNT = {"roberta-base": 14, "roberta-large": 13, "t5-base": 17}
 

@@ -10,6 +10,7 @@ import pandas as pd
 import pytest
 import torch
 from scipy import stats
+from support import NO_REFERENCE, REFERENCE
 
 from ptx import activations as act
 from ptx import indicators as ind
@@ -20,8 +21,6 @@ from ptx.errors import PtxError
 from ptx.stages import indicators as stage
 from ptx.tasks import load_task
 
-# the authors' released prompts and results, beside the repository (not in it): ../shared/reference/...
-REFERENCE = Path(__file__).resolve().parents[1] / ".." / "shared" / "reference" / "prompt-transferability"
 TINY_KINDS = [("tiny-bert", "prepend", "decoder"), ("tiny-roberta", "paper", "decoder"),
               ("tiny-t5", "prepend", "encoder"), ("tiny-t5", "prepend", "decoder"), ("tiny-llama", "prepend", "decoder")]
 
@@ -263,7 +262,7 @@ def test_correlation_matches_scipy_and_is_seeded():
     x = np.random.default_rng(0).integers(0, 4, (20, 9)).astype(float)  # ties
     y = np.random.default_rng(1).integers(0, 4, (20, 9)).astype(float)
     for method, fn in (("spearman", stats.spearmanr), ("kendall", stats.kendalltau), ("pearson", stats.pearsonr)):
-        got = ind._row_corr(x, y, method)
+        got = ind.row_corr(x, y, method)
         assert np.allclose(got, [fn(u, v).statistic for u, v in zip(x, y, strict=True)], equal_nan=True)
 
 
@@ -403,8 +402,7 @@ def test_recommend_ranks_other_tasks_prompts(ptx_cache_dir, tmp_path, new_workdi
 
 # ---- the authors' released prompts -------------------------------------------------------------------
 @pytest.mark.slow
-@pytest.mark.skipif(not REFERENCE.is_dir(), reason="the authors' released prompts are not beside the repository "
-                    "(expected ../shared/reference/prompt-transferability/ relative to its root)")
+@pytest.mark.skipif(not REFERENCE.is_dir(), reason=NO_REFERENCE)
 def test_reference_prompts_import_and_correlate(ptx_cache_dir, tmp_path, new_workdir):
     new_workdir(tmp_path)  # its store: a copy of the migrated empty db
     from ptx.prompt import import_torch_prompt

@@ -110,7 +110,8 @@ def test_report_tests_each_prompt_against_its_start_and_every_baseline():
     """bbc_topic's own prompt (wrong on 2 of 80) beats both random prompts and its start (wrong on 30: own right
     on 28 discordant examples, the start on none); drug_sentiment's equals its start answer for answer (no
     discordant example: p = 1), so it beats the random prompts' family or not but never every baseline."""
-    from ptx.report import _init_paragraph, own_vs_random
+    from ptx.report import _init_paragraph
+    from ptx.report_data import own_vs_random
 
     labels = np.array([0, 1] * 40)
     answers = {("bbc_topic", "run-b"): _answers(labels, range(0, 2)),

@@ -27,7 +27,7 @@ import psutil
 import pytest
 import support
 from mlflow.tracking import MlflowClient
-from support import free_port, tail, wait_healthy
+from support import free_port, prompt_runs, tail, wait_healthy
 
 from ptx.sweep import HOLD_ENV
 
@@ -360,13 +360,6 @@ def launch(cluster, server, tmp_path):
 
 
 # ---- what the store and Tune recorded ---------------------------------------------------------------
-def prompt_runs(uri: str, experiment: str) -> list:
-    client = MlflowClient(uri)
-    exp = client.get_experiment_by_name(experiment)
-    assert exp is not None, f"no MLflow experiment {experiment!r} on {uri}"
-    return client.search_runs([exp.experiment_id], "tags.`ptx.kind` = 'prompt'", max_results=1000)
-
-
 def tune_trials(path: Path) -> list[dict]:
     """Each trial's id, final state and number of failures, as the Tune experiment state records them."""
     from ray.tune import ExperimentAnalysis
@@ -380,13 +373,13 @@ def check_store(uri: str, experiment: str, trials: list[dict], steps: list[int],
     return the figures."""
     client = MlflowClient(uri)
     runs = prompt_runs(uri, experiment)
-    per_trial = {t["trial"]: [r for r in runs if r.data.tags.get("ptx.trial_id") == t["trial"]] for t in trials}
+    per_trial = {t["trial"]: [r for r in runs if r.tags.get("ptx.trial_id") == t["trial"]] for t in trials}
     assert all(len(v) == 1 for v in per_trial.values()), {k: len(v) for k, v in per_trial.items()}
     assert len(runs) == len(trials), "runs that belong to no trial"
     missing, duplicated = 0, 0
     for run in runs:
-        rid = run.info.run_id
-        assert run.info.status == "FINISHED", (rid, run.info.status)
+        rid = run.run_id
+        assert run.status == "FINISHED", (rid, run.status)
         for key, expected in ((metric, steps), ("best_dev_metric", steps), ("train_loss", steps[1:])):
             got = sorted(m.step for m in client.get_metric_history(rid, key))
             duplicated += len(got) - len(set(got))
@@ -398,7 +391,7 @@ def check_store(uri: str, experiment: str, trials: list[dict], steps: list[int],
             best = max(m.value for m in client.get_metric_history(rid, metric))
             assert meta["mlflow_run_id"] == rid and meta["dev_metric"]["value"] == pytest.approx(best)
     assert missing == 0, f"{missing} prompt artifact files missing"
-    return {"trials_started": len({r.data.tags["ptx.trial_id"] for r in runs}),
+    return {"trials_started": len({r.tags["ptx.trial_id"] for r in runs}),
             "trials_finished": sum(t["state"] == "TERMINATED" for t in trials),
             "retries": sum(t["failures"] for t in trials),
             "runs_per_trial": sorted({len(v) for v in per_trial.values()}),
@@ -431,13 +424,13 @@ def test_sweep_runs_trials_on_both_nodes_and_logs_to_the_server(cluster, server,
     assert len(trials) == 4 and all(t["state"] == "TERMINATED" for t in trials), trials
     fig = check_store(server.uri, "multinode", trials, [0, 3, 6, 9, 12])
     runs = prompt_runs(server.uri, "multinode")
-    nodes = {r.data.tags.get("ptx.node") for r in runs}
+    nodes = {r.tags.get("ptx.node") for r in runs}
     cluster_ids = {n.node_id for n in cluster.alive()}
     assert nodes <= cluster_ids, (nodes, cluster_ids)
     assert len(nodes) >= 2, f"every trial ran on one node: {nodes}"
     # the artifacts went to the server's store, not to the driver's workdir
     for r in runs:
-        assert list((server.workdir / "artifacts").rglob(f"{r.info.run_id}/artifacts/prompt/prompt.safetensors"))
+        assert list((server.workdir / "artifacts").rglob(f"{r.run_id}/artifacts/prompt/prompt.safetensors"))
     assert not (tmp_path / "work" / "mlflow.db").exists()
     figures("multinode", {**fig, "nodes_used": len(nodes), "wall_seconds": round(wall, 1)})
 
@@ -572,7 +565,7 @@ def test_worker_node_lost_mid_sweep_trials_finish_elsewhere(cluster, server, lau
     trials = tune_trials(sweep.experiment_path())
     assert len(trials) == 2 and all(t["state"] == "TERMINATED" for t in trials), trials
     fig = check_store(server.uri, "nodeloss", trials, steps)
-    after = {r.data.tags["ptx.trial_id"]: r.data.tags.get("ptx.node") for r in prompt_runs(server.uri, "nodeloss")}
+    after = {r.tags["ptx.trial_id"]: r.tags.get("ptx.node") for r in prompt_runs(server.uri, "nodeloss")}
     assert {t["trial"]: t["failures"] for t in trials} == dict.fromkeys(at_kill, 1), trials
     assert after == dict.fromkeys(at_kill, fresh.node_id), (after, fresh.node_id)
     # each went on from its step-9 checkpoint: a restart from scratch would report steps 3-9 again
@@ -602,7 +595,7 @@ def test_worker_node_lost_mid_sweep_a_group_resumes_every_member_elsewhere(clust
     victim.kill()
     release(folder)
     members = {f"{group}/m{i}" for i in range(2)}
-    before = {r.data.tags["ptx.trial_id"]: r.data.tags.get("ptx.node") for r in prompt_runs(server.uri, "groupnodeloss")}
+    before = {r.tags["ptx.trial_id"]: r.tags.get("ptx.node") for r in prompt_runs(server.uri, "groupnodeloss")}
     assert before == dict.fromkeys(members, victim.node_id), (before, victim.node_id)
     fresh = cluster.add_worker()
     wall = sweep.wait()
@@ -610,8 +603,8 @@ def test_worker_node_lost_mid_sweep_a_group_resumes_every_member_elsewhere(clust
     assert trial == {"trial": group, "state": "TERMINATED", "failures": 1}, trial
     fig = check_store(server.uri, "groupnodeloss", [{**trial, "trial": m} for m in sorted(members)], steps)
     runs = prompt_runs(server.uri, "groupnodeloss")
-    assert {r.data.tags["ptx.trial_id"]: r.data.tags.get("ptx.node") for r in runs} == dict.fromkeys(members, fresh.node_id)
-    assert {r.data.tags["ptx.group_trial"] for r in runs} == {group}
+    assert {r.tags["ptx.trial_id"]: r.tags.get("ptx.node") for r in runs} == dict.fromkeys(members, fresh.node_id)
+    assert {r.tags["ptx.group_trial"] for r in runs} == {group}
     assert reported_steps(sweep.experiment_path(), group) == steps[1:]  # from the step-9 checkpoint, not scratch
     figures("group_node_loss", {**fig, "retries": trial["failures"], "members": len(members), "checkpoint_step_at_kill": step,
                                 "wall_seconds": round(wall, 1)})
@@ -669,7 +662,7 @@ def test_head_restart_then_resume_finishes_the_sweep_exactly_once(cluster, serve
     trials = tune_trials(sweep.experiment_path())
     assert len(trials) == 2 and all(t["state"] == "TERMINATED" for t in trials), trials
     fig = check_store(server.uri, "headloss", trials, steps)
-    nodes = {r.data.tags.get("ptx.node") for r in prompt_runs(server.uri, "headloss")}
+    nodes = {r.tags.get("ptx.node") for r in prompt_runs(server.uri, "headloss")}
     assert nodes == {cluster.nodes[-1].node_id}, (nodes, cluster.nodes[-1].node_id)  # all finished after it
     # each went on from its step-9 checkpoint in the saved state: a restart would report steps 3-9 again
     assert steps_after_a_held_fault(sweep, at_loss) == dict.fromkeys(at_loss, steps[1:])

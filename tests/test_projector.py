@@ -38,21 +38,14 @@ TASKS = ("tweet_sentiment", "drug_sentiment")
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    path = tmp_path_factory.mktemp("ptx-cache")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("PTX_CACHE_DIR", str(path))
-        yield path
+def cache(ptx_cache_dir):
+    """The session's model cache (conftest.py): each tiny model is built once per session, not again here."""
+    return ptx_cache_dir
 
 
 @pytest.fixture(scope="module")
-def bert(cache):
-    return load_backbone("tiny-bert")
-
-
-@pytest.fixture(scope="module")
-def llama(cache):
-    return load_backbone("tiny-llama")
+def bert(tiny):
+    return tiny("tiny-bert")
 
 
 @pytest.fixture(scope="module")
@@ -204,7 +197,7 @@ def test_artifact_round_trip_and_strict_load(tmp_path, bert, llama):
         save_projector(tmp_path / "q", proj, _info(bert), {"name": "tiny-roberta", "d_model": 48}, "task", [])
 
 
-def test_projected_prompt_artifact_is_accepted_by_the_target(tmp_path, bert, llama, cache):
+def test_projected_prompt_artifact_is_accepted_by_the_target(tmp_path, bert, llama):
     proj = Projector(ProjectorConfig("flat", 32, 64, n_tokens=4, hidden=8), out_scale=0.02)
     pdir = save_projector(tmp_path / "proj", proj, _info(bert), _info(llama), "task", ["tweet_sentiment"],
                           mlflow_run_id="projrun")
@@ -309,8 +302,9 @@ def test_headline_uses_held_out_rows_only_and_the_objective_is_picked_on_dev():
     assert best_objective(rows, ("distance", "task")) == "task"  # dev 0.6 > 0.1, though test says distance
 
 
-def test_stage_skips_when_a_backbone_is_unset_or_missing(tmp_path, cache, new_workdir):
+def test_stage_skips_when_a_backbone_is_unset_or_missing(tmp_path, monkeypatch, new_workdir):
     new_workdir(tmp_path)  # its store: a copy of the migrated empty db
+    monkeypatch.setenv("PTX_CACHE_DIR", str(tmp_path / "cache"))  # a cache without the large model, whatever the session's holds
     from ptx.stages.projector import run_projector_stage
 
     tracker = track.MlflowTracker(f"sqlite:///{tmp_path}/mlflow.db", "skip", workdir=tmp_path)
@@ -450,14 +444,16 @@ def test_projector_bank_holds_the_study_s_own_prompts_only(tmp_path, new_workdir
 
 
 def _infos(spec):
-    from ptx.stages.projector import backbone_info
+    from ptx.backbones import describe
 
-    return backbone_info("tiny-bert"), backbone_info("tiny-llama")
+    return describe("tiny-bert"), describe("tiny-llama")
 
 
 # ---- the large model's offline assets --------------------------------------------------------------
-def test_qwen_alias_without_its_cache_says_how_to_build_it(cache):
+def test_qwen_alias_without_its_cache_says_how_to_build_it(tmp_path, monkeypatch):
     from ptx.assets import resolve_model
+
+    monkeypatch.setenv("PTX_CACHE_DIR", str(tmp_path))  # an empty cache, whatever the session's holds
 
     with pytest.raises(PtxError, match="run make assets-large"):
         resolve_model("qwen2.5-0.5b")

@@ -252,7 +252,7 @@ def test_full_report_has_every_section_number_and_run(store):
         assert f"p = {min(1, 2 * p_one):.3f}" in sentence
         assert f"{rnd.mean():.3f}" in sentence and store["runs"][f"transfer/{backbone}"] in sentence
     # the fixture's transfer runs logged no per-example predictions: no paired test, so no verdict (not a "No")
-    from ptx.report import NO_PREDICTIONS
+    from ptx.report_data import NO_PREDICTIONS
 
     assert findings.count("Does every prompt beat a random prompt on its own task? Inconclusive</b>") == 2
     assert NO_PREDICTIONS in findings
@@ -463,7 +463,7 @@ def test_own_prompt_vs_random_is_paired_on_the_examples():
     """bbc_topic's own prompt beats both seeded random prompts on the same 80 examples (exact McNemar: 20 vs 2
     discordant examples against each); drug_sentiment's is beaten by neither more than chance allows. Without
     per-example predictions (an older transfer run) the answer is inconclusive and says why."""
-    from ptx.report import NO_PREDICTIONS, own_vs_random
+    from ptx.report_data import NO_PREDICTIONS, own_vs_random
 
     labels = np.array([0, 1] * 40)
 
@@ -498,7 +498,7 @@ def test_own_prompt_vs_random_is_paired_on_the_examples():
 def test_tpt_verdict_reads_censored_runs_at_their_bound_per_source_mode():
     """Each source mode gets its own verdict over targets; a run that never reached vanilla's best enters at its
     bound (<= 1), one that starts there far above every other, one without a defined speed-up not at all."""
-    from ptx.report import _by_source_mode, _speedups, tpt_verdict
+    from ptx.report_data import by_source_mode, speedups, tpt_verdict
 
     same = [{"source_mode": "best_same_category", "target_task": f"t{i}", "flag": "ok", "speedup": v}
             for i, v in enumerate((2.0, 3.0, 1.5, 2.5, 4.0))]
@@ -507,23 +507,24 @@ def test_tpt_verdict_reads_censored_runs_at_their_bound_per_source_mode():
               "speedup": math.nan, "speedup_bound": b} for i, b in enumerate((0.5, 0.6, 0.4, 0.7, 0.9, 0.8))]
     cross.append({"source_mode": "best_cross_category", "target_task": "t6", "flag": "vanilla_at_init",
                   "speedup": math.nan})
-    groups = _by_source_mode(same + cross)
+    groups = by_source_mode(same + cross)
     assert list(groups) == ["best_same_category", "best_cross_category"]
-    assert _speedups(groups["best_same_category"]) == [2.0, 3.0, 1.5, 2.5, 4.0, 1e9]
+    assert speedups(groups["best_same_category"]) == [2.0, 3.0, 1.5, 2.5, 4.0, 1e9]
     a, b = tpt_verdict(groups["best_same_category"]), tpt_verdict(groups["best_cross_category"])
     # six targets: k = 1, the interval is [smallest, largest]; the median of six is the range of the middle two
     assert a.verdict.value == "yes" and (a.ci_low, a.ci_high) == (1.5, 1e9) and (a.estimate, a.estimate_high) == (
         2.5, 3.0)
     assert b.verdict.value == "no" and (b.ci_low, b.ci_high) == (0.4, 0.9) and b.n == 6
     assert tpt_verdict(same[:3]).verdict.value == "inconclusive"  # three targets: no interval exists
-    assert list(_by_source_mode([{"flag": "ok", "speedup": 1.5}])) == ["source"]  # a table from before the modes
+    assert list(by_source_mode([{"flag": "ok", "speedup": 1.5}])) == ["source"]  # a table from before the modes
 
 
 def test_an_interval_reaching_a_speed_up_at_init_reads_infinity():
     """A TPT run that starts at vanilla's best enters the median's bootstrap as AT_INIT (faster than any finite
     speed-up); an interval that reaches it is printed open-ended, not as 1000000000.000 (seen in the findings
     study's report)."""
-    from ptx.report import AT_INIT, _ci
+    from ptx.report import ci_text
+    from ptx.report_data import AT_INIT
 
-    assert _ci(3.0, 0.75, AT_INIT) == "3.000 [0.750, ∞]"
-    assert _ci(0.028, -0.042, 0.094) == "0.028 [-0.042, 0.094]"
+    assert ci_text(3.0, 0.75, AT_INIT) == "3.000 [0.750, ∞]"
+    assert ci_text(0.028, -0.042, 0.094) == "0.028 [-0.042, 0.094]"

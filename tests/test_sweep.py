@@ -11,7 +11,7 @@ import time
 from collections import Counter
 
 import pytest
-from support import write_spec
+from support import prompt_runs, write_spec
 
 from ptx import sweep, track
 from ptx.config import load_study
@@ -31,10 +31,6 @@ def ray_session(tmp_path_factory):
     yield
     sweep.shutdown()
     os.environ.pop(sweep.FAIL_ONCE_ENV, None)
-
-
-def prompt_runs(uri: str, experiment: str) -> list:
-    return track.MlflowTracker(uri, experiment).find_runs({"ptx.kind": "prompt"}, status=None)
 
 
 def test_asha_sweep_stops_poor_trials_early(ray_session, tmp_path, new_workdir):

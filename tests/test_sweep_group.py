@@ -3,23 +3,21 @@
 import os
 
 import pytest
-import yaml
+import support
 from cli_runner import invoke_cli
+from support import SMALL_STUDY
 
 from ptx import sweep, track
 from ptx.config import load_study
 from ptx.errors import PtxError
 
+# the small study (support.SMALL_STUDY) with two seeds, 48 training examples and three prompts a trial
+GROUPED = {"seeds": [0, 1], "train": {**SMALL_STUDY["train"], "group_size": 3},
+           "data": {**SMALL_STUDY["data"], "train_limit": 48}}
+
 
 def write_spec(path, **changes):
-    spec = {"name": path.stem, "backbones": ["tiny-llama"], "tasks": ["tweet_sentiment", "drug_sentiment"],
-            "seeds": [0, 1], "prompt_length": 4, "init": "vocab",
-            "train": {"steps": 12, "batch_size": 8, "lr": 0.05, "eval_every": 3, "eval_batch_size": 32,
-                      "group_size": 3},
-            "data": {"train_limit": 48, "dev_limit": 16, "test_limit": 16}, "resources": {"cpu": 1},
-            "max_concurrent": 2, "max_failures": 2, **changes}
-    path.write_text(yaml.safe_dump(spec))
-    return path
+    return support.write_spec(path, **{**GROUPED, **changes})
 
 
 def test_the_plan_is_printed_in_groups(tmp_path):

@@ -13,6 +13,7 @@ import mlflow
 import pytest
 from cli_runner import invoke_cli
 from mlflow.tracking import MlflowClient
+from support import prompt_runs
 
 from ptx import bank, track
 from ptx.errors import PtxError
@@ -35,11 +36,6 @@ def uri_path(uri: str) -> Path:
     return Path(unquote(urlparse(uri).path))
 
 
-def prompt_runs(client: MlflowClient) -> list:
-    ids = [e.experiment_id for e in client.search_experiments()]
-    return list(client.search_runs(ids, "tags.`ptx.kind` = 'prompt'"))
-
-
 def test_train_logs_everything_into_the_workdir_store(tmp_path, monkeypatch):
     cwd, wd = tmp_path / "elsewhere", tmp_path / "wd"
     cwd.mkdir()
@@ -49,12 +45,12 @@ def test_train_logs_everything_into_the_workdir_store(tmp_path, monkeypatch):
     assert list(cwd.rglob("*")) == [], "nothing may be written under the current directory"
     assert (wd / "mlflow.db").is_file()
     client = MlflowClient(f"sqlite:///{wd / 'mlflow.db'}")
-    (run,) = prompt_runs(client)
-    rid = run.info.run_id
-    assert rid in out and run.info.status == "FINISHED"
+    (run,) = prompt_runs(f"sqlite:///{wd / 'mlflow.db'}")
+    rid = run.run_id
+    assert rid in out and run.status == "FINISHED"
 
     # artifacts physically under the workdir, identical to the local copy
-    art_root = uri_path(run.info.artifact_uri)
+    art_root = uri_path(run.artifact_uri)
     assert art_root.is_relative_to(wd.resolve()), art_root
     assert sorted(a.path for a in client.list_artifacts(rid, "prompt")) == ["prompt/prompt.json",
                                                                             "prompt/prompt.safetensors"]
@@ -62,11 +58,11 @@ def test_train_logs_everything_into_the_workdir_store(tmp_path, monkeypatch):
         assert (art_root / "prompt" / name).read_bytes() == (wd / "prompts" / rid / name).read_bytes()
 
     # params are the resolved request
-    p = run.data.params
+    p = run.params
     assert (p["task"], p["backbone"], p["prompt_length"], p["settings.steps"], p["settings.lr"], p["train_limit"]) == \
         ("tweet_sentiment", "tiny-llama", "4", "4", "0.05", "32")
     # lineage tags
-    t = run.data.tags
+    t = run.tags
     assert (t["ptx.kind"], t["ptx.task"], t["ptx.backbone"], t["ptx.seed"]) == ("prompt", "tweet_sentiment", "tiny-llama", "0")
     assert t["ptx.config_hash"] == small_request().hash()
     assert "ptx.source_run" not in t  # not a transfer init
@@ -76,7 +72,7 @@ def test_train_logs_everything_into_the_workdir_store(tmp_path, monkeypatch):
     assert sorted(m.step for m in client.get_metric_history(rid, "train_loss")) == [2, 4]
     best = sorted(client.get_metric_history(rid, "best_dev_metric"), key=lambda m: m.step)
     assert [m.step for m in best] == [0, 2, 4]
-    assert best[-1].value == max(m.value for m in dev) == run.data.metrics["best_dev_metric"]
+    assert best[-1].value == max(m.value for m in dev) == run.metrics["best_dev_metric"]
     assert all(a.value <= b.value for a, b in zip(best, best[1:], strict=False))
 
 
@@ -92,12 +88,12 @@ def test_tracking_uri_from_option_and_from_env(tmp_path, empty_db, monkeypatch):
     code, _, err = invoke_cli(*args, "--seed", "1")
     assert code == 0, err
     assert not (wd / "mlflow.db").exists()
-    (a,) = prompt_runs(MlflowClient(f"sqlite:///{opt_db}"))
-    (b,) = prompt_runs(MlflowClient(f"sqlite:///{env_db}"))
-    assert (a.data.tags["ptx.seed"], b.data.tags["ptx.seed"]) == ("0", "1")
+    (a,) = prompt_runs(f"sqlite:///{opt_db}")
+    (b,) = prompt_runs(f"sqlite:///{env_db}")
+    assert (a.tags["ptx.seed"], b.tags["ptx.seed"]) == ("0", "1")
     for run in (a, b):  # artifacts still go under the workdir
-        assert uri_path(run.info.artifact_uri).is_relative_to(wd.resolve())
-        assert (uri_path(run.info.artifact_uri) / "prompt" / "prompt.safetensors").is_file()
+        assert uri_path(run.artifact_uri).is_relative_to(wd.resolve())
+        assert (uri_path(run.artifact_uri) / "prompt" / "prompt.safetensors").is_file()
 
 
 @pytest.mark.parametrize("uri", ["./mlruns", "mlruns", "file:///tmp/ptx-test-mlruns", "file:./mlruns"])
@@ -121,12 +117,12 @@ def test_transfer_init_comes_through_mlflow(wd, tmp_path):
     src.artifact.rmdir()
     code, out, err = invoke_cli("train", *SMALL, "--init-from", src.run_id, "--workdir", wd)
     assert code == 0, err
-    runs = {r.info.run_id: r for r in prompt_runs(tracker.client)}
+    runs = {r.run_id: r for r in prompt_runs(tracker.uri)}
     (new_id,) = set(runs) - {src.run_id}
-    assert runs[new_id].data.tags["ptx.source_run"] == src.run_id
-    assert runs[new_id].data.tags["ptx.init"] == "artifact"
+    assert runs[new_id].tags["ptx.source_run"] == src.run_id
+    assert runs[new_id].tags["ptx.init"] == "artifact"
     fetched = wd / "prompts" / src.run_id / "prompt.safetensors"  # the one local home of a fetched prompt
-    stored = uri_path(runs[src.run_id].info.artifact_uri) / "prompt" / "prompt.safetensors"
+    stored = uri_path(runs[src.run_id].artifact_uri) / "prompt" / "prompt.safetensors"
     assert fetched.read_bytes() == stored.read_bytes()
     # the new run started from the source's best prompt: its step-0 dev score is the source's best
     step0 = [m.value for m in tracker.client.get_metric_history(new_id, "dev_accuracy") if m.step == 0]
@@ -202,23 +198,23 @@ def test_same_request_reuses_the_finished_run_and_force_trains_again(wd, tmp_pat
     code, out2, err = invoke_cli("train", *SMALL, "--workdir", wd)
     assert code == 0, err
     tracker = track.MlflowTracker(track.resolve_tracking_uri(None, wd), workdir=wd)
-    (first,) = prompt_runs(tracker.client)
-    assert "reused finished run " + first.info.run_id in out2 and "trained " + first.info.run_id in out1
+    (first,) = prompt_runs(tracker.uri)
+    assert "reused finished run " + first.run_id in out2 and "trained " + first.run_id in out1
 
     # the library call reuses it too, and fetches the prompt through MLflow when this workdir lost its copy
-    local = wd / "prompts" / first.info.run_id
+    local = wd / "prompts" / first.run_id
     for f in local.iterdir():
         f.unlink()
     again = run_prompt(small_request(), wd, tracker=tracker)
-    assert again.reused and again.run_id == first.info.run_id
+    assert again.reused and again.run_id == first.run_id
     assert (local / "prompt.safetensors").is_file()
-    assert len(prompt_runs(tracker.client)) == 1
+    assert len(prompt_runs(tracker.uri)) == 1
 
     code, out3, err = invoke_cli("train", *SMALL, "--workdir", wd, "--force")
     assert code == 0, err
-    runs = prompt_runs(tracker.client)
-    assert len(runs) == 2 and len({r.data.tags["ptx.config_hash"] for r in runs}) == 1
-    assert "trained " in out3 and first.info.run_id not in out3
+    runs = prompt_runs(tracker.uri)
+    assert len(runs) == 2 and len({r.tags["ptx.config_hash"] for r in runs}) == 1
+    assert "trained " in out3 and first.run_id not in out3
 
 
 def test_unknown_run_and_tracker_errors_are_user_errors(wd, tmp_path):

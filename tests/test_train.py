@@ -39,6 +39,17 @@ def _data(backbone, spec, train=64, dev=32):
     return encode_split(spec, backbone, "train", limit=train), encode_split(spec, backbone, "dev", limit=dev)
 
 
+def _recorded_run(tiny, spec, settings: TrainSettings):
+    """tiny-llama trained from a seeded random 4-token prompt on 16 train and 16 dev examples, every report
+    recorded: (backbone, dev, init, recorder, result)."""
+    backbone = tiny("tiny-llama")
+    train, dev = _data(backbone, spec, train=16, dev=16)
+    init = init_prompt(backbone, 4, "random", seed=0)
+    rec = Recorder()
+    result = train_prompt(backbone, spec, init, train, dev, settings, report=rec)
+    return backbone, dev, init, rec, result
+
+
 class Recorder:
     """A report callable that keeps every call (metrics, step, state)."""
 
@@ -109,12 +120,8 @@ def test_only_the_prompt_trains(tiny, spec, name):
 
 
 def test_step_zero_is_evaluated_and_reported(tiny, spec):
-    backbone = tiny("tiny-llama")
-    train, dev = _data(backbone, spec, train=16, dev=16)
-    init = init_prompt(backbone, 4, "random", seed=0)
-    rec = Recorder()
-    result = train_prompt(backbone, spec, init, train, dev,
-                          TrainSettings(steps=4, batch_size=8, lr=0.01, eval_every=2, eval_batch_size=16), report=rec)
+    backbone, dev, init, rec, result = _recorded_run(
+        tiny, spec, TrainSettings(steps=4, batch_size=8, lr=0.01, eval_every=2, eval_batch_size=16))
     dev0 = score_prompts(backbone, init, spec, dev)[0]
     assert result.curve[0] == {"step": 0, "dev_metric": dev0, "train_loss": None}
     assert rec.calls[0] == ({"dev_accuracy": dev0, "best_dev_metric": dev0}, 0, None)
@@ -173,13 +180,8 @@ def test_early_stopping_with_patience(tiny, spec):
 
 def test_non_finite_training_stops_and_keeps_the_best(tiny, spec):
     """lr=inf: the first update makes the prompt inf/NaN; that prompt must never be scored as "best"."""
-    backbone = tiny("tiny-llama")
-    train, dev = _data(backbone, spec, train=16, dev=16)
-    init = init_prompt(backbone, 4, "random", seed=0)
-    rec = Recorder()
-    result = train_prompt(backbone, spec, init, train, dev,
-                          TrainSettings(steps=5, batch_size=8, lr=float("inf"), eval_every=1, eval_batch_size=16),
-                          report=rec)
+    _, _, init, rec, result = _recorded_run(
+        tiny, spec, TrainSettings(steps=5, batch_size=8, lr=float("inf"), eval_every=1, eval_batch_size=16))
     assert result.stopped == "nonfinite_loss" and result.steps_done == 0
     assert result.best_step == 0 and torch.equal(result.prompt, init)  # the diverged prompt never became "best"
     assert torch.isfinite(result.prompt).all() and [s for _, s, _ in rec.calls] == [0]

@@ -32,11 +32,6 @@ from ptx.transfer import KIND_UNIT, RANDOM, chunk_sizes, convergence_speedup, tr
 TARGETS = ["tweet_sentiment", "drug_sentiment", "bbc_topic"]
 
 
-@pytest.fixture(scope="module")
-def llama():
-    return load_backbone("tiny-llama")
-
-
 def _prompt(bb, task, seed, n_tokens=6, dev=None, scale=3.0):
     gen = torch.Generator().manual_seed(seed)
     emb_std = bb.input_embeddings().detach().std()

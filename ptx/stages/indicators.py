@@ -12,13 +12,13 @@ from ptx import track
 from ptx.bank import bank_runs, fetch_prompt, load_bank
 from ptx.errors import PtxError
 from ptx.indicators import (
-    _metrics,
     analyse,
     bank_inits,
     displacement_overlap,
     displacement_similarities,
     embedding_similarities,
     stack_prompts,
+    summary_metrics,
 )
 
 log = logging.getLogger(__name__)
@@ -43,7 +43,7 @@ def compute_bank_activations(backbone_name: str, prompts: torch.Tensor, insertio
     from ptx.activations import Probe
     from ptx.io import cache_dir
 
-    probe = activations._enum(Probe, probe, "probe").value
+    probe = activations.parse_enum(Probe, probe, "probe").value
     if probe == Probe.EXAMPLES.value and (tasks is None or len(tasks) != len(prompts)):
         raise PtxError(f"probe 'examples' needs one task per prompt: {len(prompts)} prompts, "
                        f"{'no' if tasks is None else len(tasks)} tasks")
@@ -153,7 +153,7 @@ def run_indicators_stage(spec, tracker, workdir, transfer_table: pd.DataFrame | 
                              seeds=[r.tags.get("ptx.seed") for r in runs])
             (art / "indicators").mkdir()  # where TPT's `indicator:<name>` source reads its ranking
             tables["recommendations"].to_parquet(art / "indicators" / "recommendations.parquet", index=False)
-            tracker.log(run_id, {**_metrics(tables), "n_prompts": len(ids), "seconds": time.perf_counter() - t0},
+            tracker.log(run_id, {**summary_metrics(tables), "n_prompts": len(ids), "seconds": time.perf_counter() - t0},
                         params={"indicators": dataclasses.asdict(ind), "n_prompts": len(ids)})
             tracker.log_artifacts(run_id, art)
         spearman = tables["correlations"].query("method == 'spearman'")
@@ -207,7 +207,7 @@ def reference_check(reference_dir, tracker, workdir, bootstrap: int = 1000, seed
             with tracker.run(f"reference check {backbone}", {
                     "ptx.kind": KIND, "ptx.backbone": backbone, "ptx.study": "reference-check",
                     "ptx.origin": "reference"}, reuse=False) as run:
-                tracker.log(run.run_id, {**_metrics(tables), "n_prompts": len(ids)}, params={"reference_dir": str(root)})
+                tracker.log(run.run_id, {**summary_metrics(tables), "n_prompts": len(ids)}, params={"reference_dir": str(root)})
                 tracker.log_artifacts(run.run_id, workdir / "reference_check" / backbone)
         out.append(tables["correlations"].assign(backbone=backbone, n_prompts=len(ids)))
     if not out:

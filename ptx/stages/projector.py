@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from ptx import progress, track
+from ptx.backbones import describe
 from ptx.bank import bank_runs, best_of, fetch_prompt
 from ptx.errors import PtxError
 from ptx.io import config_hash
@@ -38,23 +39,6 @@ log = logging.getLogger(__name__)
 NAME, KIND, UNITS, SECTION = "projector", "stage", "steps", "projector"  # KIND: the stage's parent run
 
 
-def backbone_info(name: str, insertion: str = "prepend") -> dict:
-    """{name, revision, kind, d_model, insertion} of a backbone from its config alone (no weights loaded)."""
-    import transformers
-
-    from ptx.assets import resolve_model
-    from ptx.backbones import detect_kind
-
-    src = resolve_model(name)
-    try:
-        cfg = transformers.AutoConfig.from_pretrained(src.path)
-    except OSError as exc:
-        raise PtxError(f"backbone '{name}': cannot read its config ({str(exc).splitlines()[0]})") from None
-    d_model = getattr(cfg, "d_model", None) or cfg.hidden_size
-    return {"name": name, "revision": src.revision, "kind": detect_kind(cfg).value, "d_model": int(d_model),
-            "insertion": insertion}
-
-
 def unavailable_reason(p) -> str | None:
     """Why the projector stage cannot run with `spec.projector` (None when it can)."""
     if getattr(p, "not_testable", None):  # the study says it cannot test the question: no run, no verdict
@@ -64,7 +48,7 @@ def unavailable_reason(p) -> str | None:
         if not name:
             return f"projector.{side} is not set"
         try:
-            backbone_info(name)
+            describe(name)
         except PtxError as exc:
             return f"projector.{side} '{name}' is not available: {exc}"
     return None
@@ -400,7 +384,7 @@ def run_projector_stage(spec, tracker, workdir, objectives=None, evaluate: bool 
             log.warning("projector stage skipped: %s", reason)
             tracker.log(stage_run, tags={"ptx.skipped": "true", "ptx.skip_reason": reason})
             return {"skipped": True, "reason": reason, "stage_run": stage_run}
-        source, target = backbone_info(p.source_backbone), backbone_info(p.target_backbone, spec.insertion)
+        source, target = describe(p.source_backbone), describe(p.target_backbone, spec.insertion)
         units = projector_units(p, spec.tasks, task_categories(spec))
         tasks = tuple(t for u in units for t in (*u["train"], *u["eval"]))
         src_bank = bank(tracker, workdir, p.source_backbone, tasks, spec.name)

@@ -17,10 +17,10 @@ from ptx.stages.transfer import load_transfer_table
 from ptx.transfer import (
     KIND_TPT,
     RANDOM,
-    _curve,
-    _spec,
     censored_speedups,
     convergence_speedup,
+    score_curve,
+    task_spec,
 )
 
 log = logging.getLogger(__name__)
@@ -173,14 +173,14 @@ def run_tpt_stage(spec, tracker, workdir: Path, address: str | None = None) -> d
         for bb, mode, target, (src_run, src_task), seed, vreq, treq in plan:
             if bb != name:
                 continue
-            metric = _spec(target).metric
+            metric = task_spec(target).metric
             row = {"backbone": name, "source_mode": mode, "target_task": target, "source_task": src_task,
                    "source_prompt_run": src_run, "seed": seed, "metric": metric}
             v, t = tracker.finished_run(track.KIND_PROMPT, vreq.hash()), tracker.finished_run(track.KIND_PROMPT, treq.hash())
             if v is None or t is None:
                 rows.append({**row, "flag": "run_missing", "flag_90": "run_missing", "speedup": math.nan})
                 continue
-            vc, tc = (_curve(tracker.metric_history(r.run_id, f"dev_{metric}")) for r in (v, t))
+            vc, tc = (score_curve(tracker.metric_history(r.run_id, f"dev_{metric}")) for r in (v, t))
             rows.append({**row, **convergence_speedup(vc, tc), "vanilla_run": v.run_id, "tpt_run": t.run_id})
             curves.setdefault((target, mode), []).append((seed, vc, tc))
         if rows:
@@ -214,7 +214,7 @@ def _log_tpt(tracker, spec, backbone: str, rows: list, curves: dict, local: Path
     several = len({mode for _, mode in curves}) > 1
     for (target, mode), cs in curves.items():  # one plot per target (and source mode when there are several)
         name = f"{target}_{mode}" if several else target
-        convergence_png(cs, name, _spec(target).metric, local / f"curves_{name}.png")
+        convergence_png(cs, name, task_spec(target).metric, local / f"curves_{name}.png")
     tags = {"ptx.kind": KIND_TPT, "ptx.backbone": backbone, "ptx.study": spec.name,
             "ptx.config_hash": config_hash(sorted(f"{r.get('vanilla_run')}:{r.get('tpt_run')}" for r in rows))}
     with tracker.run(track.run_name("tpt", spec.name, backbone), tags, reuse=False) as run:

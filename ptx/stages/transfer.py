@@ -27,17 +27,17 @@ from ptx.transfer import (
     RANDOM_PROMPTS,
     SCHEMA,
     Source,
-    _describe,
-    _sources,
-    _spec,
     add_random_mean,
+    bank_sources,
     check_targets,
     chunk_sizes,
+    describe_prompt,
     init_sources,
     matrix_rows,
     random_length,
     random_sources,
     score_sources,
+    task_spec,
     transfer_matrix,
 )
 
@@ -94,8 +94,8 @@ def run_chunk(chunk: dict) -> dict:
     target's chunks into its table. Returns {scores: [(source, split, value)], sizes, seconds}."""
     t0 = time.perf_counter()
     bb = _backbone(chunk["backbone"], chunk["insertion"])
-    target = _spec(chunk["target"], chunk.get("max_length"))
-    sources = _sources(chunk["prompts"], bb) if chunk["prompts"] else []
+    target = task_spec(chunk["target"], chunk.get("max_length"))
+    sources = bank_sources(chunk["prompts"], bb) if chunk["prompts"] else []
     if chunk["random_tokens"]:  # the target's own seeded random prompts, scored together in this chunk
         sources += random_sources(bb, chunk["random_tokens"], chunk["seed"], chunk["target"], chunk["random_prompts"])
     if chunk.get("init_baseline") and chunk["prompts"]:  # the untrained starts of this chunk's own-task prompts
@@ -155,7 +155,7 @@ def _compute_targets(todo: list, bank: dict, unit_of: dict, cfg, address, bar) -
     left = {t: sum(1 for u in plan if u[0] == t) for t in todo}
     scores, sizes, seconds, tables = {t: {} for t in todo}, {}, dict.fromkeys(todo, 0.0), {}
     predictions = {t: [] for t in todo}
-    described = [Source(rid, a.prompt, *_describe(a.meta, rid)) for rid, a in bank.items()]
+    described = [Source(rid, a.prompt, *describe_prompt(a.meta, rid)) for rid, a in bank.items()]
     if first["random_baseline"]:
         described.append(Source(RANDOM, None, RANDOM, RANDOM))
 
@@ -168,7 +168,7 @@ def _compute_targets(todo: list, bank: dict, unit_of: dict, cfg, address, bar) -
         left[target] -= 1
         bar.advance(len(plan[i][1]) + plan[i][2])  # this chunk's (source, target) pairs
         if not left[target]:  # the target's last chunk: its table is complete
-            unit, spec = unit_of[target], _spec(target, first.get("max_length"))
+            unit, spec = unit_of[target], task_spec(target, first.get("max_length"))
             if first["random_baseline"]:  # the matrix's one random row: the mean of the target's random prompts
                 add_random_mean(scores[target], first["random_prompts"], unit["splits"])
             rows = matrix_rows(unit["backbone"], described, spec, unit["splits"], scores[target], sizes[target])
@@ -188,7 +188,7 @@ def run_transfer_stage(spec, tracker, workdir: Path, address: str | None = None,
     # stages read and write the study's experiment (where its sweeps log), whatever `tracker` points at
     tracker, cfg = tracker.for_experiment(spec.name, workdir), spec.transfer
     limits = {"dev": spec.data.dev_limit, "test": spec.data.test_limit}
-    targets = [_spec(t, spec.data.max_length) for t in spec.tasks]
+    targets = [task_spec(t, spec.data.max_length) for t in spec.tasks]
     out = {"study": spec.name, "backbones": {}, "computed": 0, "skipped": 0}
     bar = progress.current()  # units: (source prompt, target) pairs; the total grows per backbone
     for name in spec.backbones:

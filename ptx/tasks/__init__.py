@@ -120,7 +120,6 @@ def _template_pieces(template: str) -> tuple:
 _KEYS = ("name", "version", "category", "kind", "source", "splits", "template", "label_column", "labels",
          "verbalizer", "target_column", "metric", "max_length", "preprocess", "dev_size", "test_size",
          "split_seed", "group_column", "verbalizer_by_kind", "max_new_tokens")
-BACKBONE_KINDS = ("masked_lm", "seq2seq", "causal_lm")
 _REQUIRED = ("name", "version", "category", "kind", "source", "template", "metric", "max_length")
 _SOURCE_KEYS = {"hf": ("path", "name", "revision", "data_dir"), "files": ("files",), "package": ("package", "file")}
 _NAME = re.compile(r"^[a-z][a-z0-9_]*$")
@@ -274,10 +273,13 @@ def _check_by_kind(raw, verbalizer, errors: list[str]) -> None:
     if not isinstance(raw, dict):
         errors.append(f"field 'verbalizer_by_kind': expected a mapping of backbone kind to words, found {raw!r}")
         return
+    from ptx.backbones import BackboneKind  # here, not at the top: reading a task file needs no torch
+
+    kinds = [k.value for k in BackboneKind]
     for kind, words in raw.items():
-        if kind not in BACKBONE_KINDS:
-            errors.append(f"field 'verbalizer_by_kind.{kind}': unknown backbone kind{suggest(str(kind), BACKBONE_KINDS)}; "
-                          f"expected one of {list(BACKBONE_KINDS)}")
+        if kind not in kinds:
+            errors.append(f"field 'verbalizer_by_kind.{kind}': unknown backbone kind{suggest(str(kind), kinds)}; "
+                          f"expected one of {kinds}")
         elif not (isinstance(words, list) and words and all(_is_str(w) for w in words)) or len(set(words)) != len(words):
             errors.append(f"field 'verbalizer_by_kind.{kind}': expected a list of distinct words (quote yes/no), "
                           f"found {words!r}")

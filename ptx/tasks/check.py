@@ -35,11 +35,11 @@ from ptx.tasks.sources import (
     HF_MIRROR_ENV,
     PREPROCESSORS,
     SPLITS,
-    _clean,
-    _local_files,
-    _read_source,
+    clean_table,
     hf_location,
     load_hf_split,
+    local_files,
+    read_source,
 )
 
 log = logging.getLogger(__name__)
@@ -117,7 +117,7 @@ def _hf_sample(spec: TaskSpec, rows: int, root: Path | None) -> dict[str, tuple[
 
 def _file_sample(spec: TaskSpec, rows: int, files) -> dict[str, tuple[str, pd.DataFrame, object]]:
     roles = {role: role for role in SPLITS if role in files} if files is not None else _roles(spec)
-    tables = _read_source(spec, roles, files, nrows=rows)  # only the head of each file is read
+    tables = read_source(spec, roles, files, nrows=rows)  # only the head of each file is read
     return {role: (roles[role], df.head(rows), None) for role, df in tables.items()}
 
 
@@ -137,7 +137,7 @@ def _check_sample(spec: TaskSpec, sample: dict) -> str:
                            f"classes {feature.names}, the verbalizer {len(spec.verbalizer)} words "
                            f"{list(spec.verbalizer)}")
         preprocess = PREPROCESSORS[spec.preprocess] if spec.preprocess else None
-        clean = _clean(spec, preprocess(df, spec) if preprocess else df, name)
+        clean = clean_table(spec, preprocess(df, spec) if preprocess else df, name)
         if clean.empty:
             raise PtxError(f"task '{spec.name}': none of the first {len(df)} rows of split '{name}' is usable "
                            f"(empty fields or unknown labels)")
@@ -219,7 +219,7 @@ def _check_task(spec: TaskSpec, checkers: dict | None, rows: int, hub: bool | No
     checkers = checkers or {}
     files = None
     try:
-        files = _local_files(spec, None)
+        files = local_files(spec, None)
     except PtxError as exc:
         return TaskCheck(spec.name, "broken", f"PTX_DATA_{spec.name.upper()}", _one_line(exc))
     where, status, root = "", "", None
@@ -275,7 +275,7 @@ def check_tasks(names, backbones=(), rows: int = 8, max_length: int | None = Non
 
 def _uses_hub(spec: TaskSpec) -> bool:
     try:
-        local = _local_files(spec, None) is not None
+        local = local_files(spec, None) is not None
     except PtxError:  # a bad PTX_DATA_<TASK>: check_task reports it
         return False
     return spec.source.kind == "hf" and not local and hf_location(spec)[0] == spec.source.path

@@ -194,7 +194,7 @@ def _first_line(e: Exception) -> str:
     return text.splitlines()[0] if text else type(e).__name__
 
 
-def _local_files(spec: TaskSpec, data_files) -> dict[str, Path] | None:
+def local_files(spec: TaskSpec, data_files) -> dict[str, Path] | None:
     """The override (data_files argument, else PTX_DATA_<TASK>) as {split: file}, or None; checked to exist."""
     env = f"PTX_DATA_{spec.name.upper()}"
     where = f"local data for task '{spec.name}' ({env} or data_files)"
@@ -259,7 +259,7 @@ def _check_local_columns(spec: TaskSpec, files: dict[str, Path], tables: dict[st
                            f"it has {sorted(map(str, df.columns))}")
 
 
-def _read_source(spec: TaskSpec, roles: dict[str, str], files: dict[str, Path] | None,
+def read_source(spec: TaskSpec, roles: dict[str, str], files: dict[str, Path] | None,
                  nrows: int | None = None) -> dict[str, pd.DataFrame]:
     """Tables for the source split names in `roles` ({train|dev|test: source split name}); with `nrows`, only
     the first rows of each local or packaged file are read (the pre-flight check's sample)."""
@@ -420,7 +420,7 @@ def _text(series: pd.Series) -> list[str]:
     return ["" if v is None or (isinstance(v, float) and math.isnan(v)) else str(v).strip() for v in series]
 
 
-def _clean(spec: TaskSpec, df: pd.DataFrame, where: str) -> pd.DataFrame:
+def clean_table(spec: TaskSpec, df: pd.DataFrame, where: str) -> pd.DataFrame:
     """Source table -> fields (str) + label (int) | target (str) + references; empty rows and dups dropped."""
     fields = list(spec.fields())
     value_col = spec.label_column if spec.kind == "classification" else spec.target_column
@@ -534,16 +534,16 @@ def load_split(spec: TaskSpec, split: str, limit: int | None = None, data_files=
                        f"expected one of {list(SPLITS)}")
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 0):
         raise PtxError(f"limit for task '{spec.name}': expected an integer >= 0 or None, found {limit!r}")
-    files = _local_files(spec, data_files)
+    files = local_files(spec, data_files)
     if files is not None:  # the override's own file names are its split names
         roles = {role: role for role in SPLITS if role in files}
     else:
         named = dict(zip(SPLITS, (spec.splits.train, spec.splits.dev, spec.splits.test), strict=True))
         roles = {role: name for role, name in named.items() if name is not None}
     # every named split is read even for one request, so dedup and carving never depend on which was asked for
-    tables = _read_source(spec, roles, files)
+    tables = read_source(spec, roles, files)
     preprocess = PREPROCESSORS[spec.preprocess] if spec.preprocess else None
-    rows = {role: _clean(spec, preprocess(t, spec) if preprocess else t, roles[role]) for role, t in tables.items()}
+    rows = {role: clean_table(spec, preprocess(t, spec) if preprocess else t, roles[role]) for role, t in tables.items()}
     rows = _split(spec, _drop_overlap(spec, rows))
     out = rows[split] if limit is None else rows[split].iloc[:limit]
     return _to_dataset(spec, out)
