@@ -3,6 +3,8 @@ reason and gets no verdict; the spec's baselines and inits are what the design s
 
 from types import SimpleNamespace
 
+import pytest
+
 from ptx import track
 from ptx.config import ProjectorStage, StudySpec, load_study
 from ptx.projector import NOT_TESTABLE
@@ -66,3 +68,18 @@ def test_power_planner_sizes_the_init_baseline():
     assert [line.split(" (")[0] for line in lines][-1] == "own_vs_init"
     off = load_study("experiments/findings_cpu.yaml", ["transfer.init_baseline=false"])
     assert "own_vs_init" not in " ".join(power.plan_lines(off, n_studies=20))
+
+
+@pytest.mark.ray
+def test_project_train_runs_the_stage_through_run_study_and_prints_the_reason(tmp_path, new_workdir):
+    """`ptx project train` goes through run_study with the projector stage's own options: on the findings spec
+    (projector declared not testable) it logs the skipped stage run in the study's store and says why."""
+    from cli_runner import invoke_cli
+
+    workdir = new_workdir(tmp_path / "work")
+    code, out, err = invoke_cli("project", "train", "experiments/findings_cpu.yaml", "--workdir", workdir)
+    assert code == 0, err
+    spec = load_study("experiments/findings_cpu.yaml")
+    assert out.splitlines() == [f"projector stage skipped: {NOT_TESTABLE}: {spec.projector.not_testable}"]
+    runs = track.open(None, spec.name, workdir).find_runs({"ptx.kind": "stage", "ptx.stage": "projector"})
+    assert [r.tags["ptx.skipped"] for r in runs] == ["true"]

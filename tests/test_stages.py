@@ -10,6 +10,7 @@ import yaml
 
 from ptx import config, report, stages, track
 from ptx.config import load_study
+from ptx.errors import PtxError
 from ptx.io import config_hash
 
 
@@ -46,7 +47,7 @@ def toy_stage(fail_after: int | None = None) -> types.ModuleType:
     toy = types.ModuleType("ptx.stages.toy")
     toy.NAME, toy.KIND, toy.UNITS, toy.SECTION = "toy", "toy", "tasks", None
 
-    def run(spec, tracker, workdir, *, force=False, max_concurrent=None, address=None) -> dict:
+    def run(spec, tracker, workdir, *, force=False, max_concurrent=None, address=None, scale=1) -> dict:
         from ptx import progress
 
         tracker = tracker.for_experiment(spec.name, workdir)
@@ -60,7 +61,7 @@ def toy_stage(fail_after: int | None = None) -> types.ModuleType:
             for i, task in enumerate(spec.tasks):
                 if fail_after is not None and i == fail_after:
                     raise RuntimeError("toy stage failed on purpose")
-                tracker.log(run.run_id, {f"letters.{task}": len(task)})
+                tracker.log(run.run_id, {f"letters.{task}": len(task) * scale})
                 bar.advance(1)
         return {"run_id": run.run_id, "reused": False}
 
@@ -108,6 +109,11 @@ def test_a_registered_toy_stage_runs_through_run_study_and_reuses_its_run(toy_st
     forced = stages.run_study(spec, workdir=workdir, force=True)["stages"]["toy"]
     assert forced["reused"] is False and forced["run_id"] != out["run_id"]
     assert len(tracker.find_runs({"ptx.kind": "toy"})) == 2
+    # a stage's own option (as the CLI's single-stage commands pass theirs), and one for a stage not run here
+    scaled = stages.run_study(spec, workdir=workdir, force=True, stage_options={"toy": {"scale": 2}})["stages"]["toy"]
+    assert tracker.get_run(scaled["run_id"]).metrics == {"letters.tweet_sentiment": 30.0, "letters.bbc_topic": 18.0}
+    with pytest.raises(PtxError, match=r"stage_options: stage 'projector' is not run here; expected one of \['toy'\]"):
+        stages.run_study(spec, workdir=workdir, stage_options={"projector": {}})
 
     stages.register(toy_stage(fail_after=1))  # the same name: replaces the first toy
     with pytest.raises(RuntimeError, match="on purpose"):

@@ -206,13 +206,19 @@ def indicators(spec_path, transfer_table, address, overrides, workdir, tracking_
         return
     import pandas as pd
 
-    from ptx.stages import open_study
-    from ptx.stages.indicators import run_indicators_stage
-
     table = pd.read_parquet(transfer_table) if transfer_table.endswith(".parquet") else pd.read_csv(transfer_table)
-    setup = open_study(spec, _study_workdir(spec, workdir), tracking_uri, address)
-    result = run_indicators_stage(spec, setup.tracker, setup.workdir, transfer_table=table)
+    result, _ = _one_stage(spec, "indicators", workdir, tracking_uri, address, transfer_table=table)
     click.echo(f"indicators: {_stage_line(result)}")
+
+
+def _one_stage(spec, stage: str, workdir, tracking_uri, address, **options) -> tuple[dict, str]:
+    """One stage through run_study with that stage's own options (no study header: the caller prints its lines);
+    (its result, the store's URI)."""
+    from ptx.stages import run_study
+
+    summary = run_study(spec, _study_workdir(spec, workdir), tracking_uri, address, [stage],
+                        stage_options={stage: options})
+    return summary["stages"][stage], summary["tracking_uri"]
 
 
 @cli.command("reference-check")
@@ -324,14 +330,10 @@ def project_eval(spec_path, objectives, no_tpt, address, overrides, workdir, tra
 
 def _project(spec_path, objectives, address, overrides, workdir, tracking_uri, evaluate, tpt):
     from ptx.config import load_study
-    from ptx.stages import open_study
-    from ptx.stages.projector import run_projector_stage
 
     spec = load_study(spec_path, overrides)
-    setup = open_study(spec, _study_workdir(spec, workdir), tracking_uri, address)
-    uri = setup.tracking_uri
-    out = run_projector_stage(spec, setup.tracker, setup.workdir, objectives=objectives or None, evaluate=evaluate,
-                              tpt=tpt)
+    out, uri = _one_stage(spec, "projector", workdir, tracking_uri, address, objectives=objectives or None,
+                     evaluate=evaluate, tpt=tpt)
     if out["skipped"]:
         click.echo(f"projector stage skipped: {out['reason']}")
         return

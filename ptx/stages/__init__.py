@@ -124,9 +124,11 @@ def open_study(spec, workdir: str | Path | None = None, tracking_uri: str | None
 
 def run_study(spec, workdir: str | Path | None = None, tracking_uri: str | None = None, address: str | None = None,
               stages: list[str] | None = None, force: bool = False, max_concurrent: int | None = None,
-              on_ready=None, offline_ok: bool = False, display: progress.Display | None = None) -> dict:
+              on_ready=None, offline_ok: bool = False, display: progress.Display | None = None,
+              stage_options: dict[str, dict] | None = None) -> dict:
     """Run the spec's stages in order (or `stages`); returns a summary per stage. Every stage gets the same options
-    (force, max_concurrent, address).
+    (force, max_concurrent, address); `stage_options` adds a stage's own ({"projector": {"evaluate": False}}), so
+    the CLI's single-stage commands run through here too.
 
     Before the train stage starts anything, every task's data is checked on this driver (ptx.tasks.check): a
     broken source stops the study here, in seconds; one not reachable from here does too, unless `offline_ok`.
@@ -140,6 +142,10 @@ def run_study(spec, workdir: str | Path | None = None, tracking_uri: str | None 
     for stage in todo:
         if stage not in STAGES:
             raise PtxError(f"unknown stage '{stage}'; expected one of {list(STAGES)}")
+    extra = dict(stage_options or {})
+    for stage in extra:
+        if stage not in todo:
+            raise PtxError(f"stage_options: stage '{stage}' is not run here; expected one of {todo}")
     setup = open_study(spec, workdir, tracking_uri, address)
     workdir, uri, tracker, dashboard = setup.workdir, setup.tracking_uri, setup.tracker, setup.dashboard
     if on_ready:
@@ -154,7 +160,7 @@ def run_study(spec, workdir: str | Path | None = None, tracking_uri: str | None 
             log.info("stage %s", stage)
             units = STAGE_UNITS.get(stage)
             with progress.stage(stage, 0 if units else 1, units or "stage") as bar:
-                result = STAGES[stage](spec, tracker, workdir, **options) or {}
+                result = STAGES[stage](spec, tracker, workdir, **options, **extra.get(stage, {})) or {}
                 if not units:
                     bar.advance(1)
             result["seconds"] = time.perf_counter() - t0

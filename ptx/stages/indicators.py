@@ -254,6 +254,7 @@ def recommend(task: str, backbone_name: str, tracker, workdir, top_k: int = 5, p
 
 
 def run(spec, tracker, workdir, *, force: bool = False, max_concurrent: int | None = None,
-        address: str | None = None) -> dict:
-    """The stage's entry: run_indicators_stage (the actor pool's size is `indicators.num_actors`)."""
-    return run_indicators_stage(spec, tracker, workdir, force=force)
+        address: str | None = None, transfer_table: pd.DataFrame | None = None) -> dict:
+    """The stage's entry: run_indicators_stage (the actor pool's size is `indicators.num_actors`); `transfer_table`
+    correlates with that table instead of the transfer stage's (`ptx indicators --transfer-table`)."""
+    return run_indicators_stage(spec, tracker, workdir, transfer_table=transfer_table, force=force)

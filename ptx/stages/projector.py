@@ -430,6 +430,7 @@ def run_projector_stage(spec, tracker, workdir, objectives=None, evaluate: bool 
 
 
 def run(spec, tracker, workdir, *, force: bool = False, max_concurrent: int | None = None,
-        address: str | None = None) -> dict:
-    """The stage's entry: run_projector_stage (projectors are Ray tasks that fill the cluster)."""
-    return run_projector_stage(spec, tracker, workdir, force=force)
+        address: str | None = None, objectives=None, evaluate: bool = True, tpt: bool = True) -> dict:
+    """The stage's entry: run_projector_stage (projectors are Ray tasks that fill the cluster); `objectives`,
+    `evaluate` and `tpt` are `ptx project train/eval`'s choices."""
+    return run_projector_stage(spec, tracker, workdir, objectives=objectives, evaluate=evaluate, tpt=tpt, force=force)
