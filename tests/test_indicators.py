@@ -25,15 +25,6 @@ TINY_KINDS = [("tiny-bert", "prepend", "decoder"), ("tiny-roberta", "paper", "de
               ("tiny-t5", "prepend", "encoder"), ("tiny-t5", "prepend", "decoder"), ("tiny-llama", "prepend", "decoder")]
 
 
-@pytest.fixture(scope="module")
-def ray_local(ptx_cache_dir):
-    from ptx import sweep
-
-    sweep.connect(num_cpus=2)
-    yield
-    sweep.shutdown()
-
-
 def _tracker(tmp_path, experiment="study"):
     return track.MlflowTracker(f"sqlite:///{tmp_path / 'mlflow.db'}", experiment, workdir=tmp_path)
 

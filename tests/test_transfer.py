@@ -219,7 +219,7 @@ def test_a_tpt_run_is_never_stopped_on_patience():
 
 # ---- the stages: real local Ray, real sqlite MLflow ---------------------------------------------------------
 @pytest.fixture(scope="module")
-def study(tmp_path_factory, new_workdir):
+def study(tmp_path_factory, new_workdir, ray_local):
     from ptx import prompt_runs as stages
     from ptx import sweep
 
@@ -233,14 +233,12 @@ def study(tmp_path_factory, new_workdir):
     reqs = sweep.sweep_requests(spec)
     reqs.append(stages.with_settings(reqs[0], seed=1))  # a second seed of tweet_sentiment: one more source
     bank = [stages.run_prompt(r, workdir, tracker) for r in reqs]
-    sweep.connect(num_cpus=2)
     shown = io.StringIO()  # what a person watching sees: a plain line at every change (interval 0)
     with progress.watching(progress.Display(shown, interactive=False, interval=0)), \
             progress.stage("transfer", 0, "pairs"):
         first = run_transfer_stage(spec, tracker, workdir)
     yield {"spec": spec, "tracker": tracker, "workdir": workdir, "bank": bank, "first": first,
            "shown": shown.getvalue()}
-    sweep.shutdown()
 
 
 def _units(tracker, status="FINISHED"):
