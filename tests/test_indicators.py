@@ -176,6 +176,7 @@ def test_capture_refuses_bad_input(tiny):
 
 # ---- the actor pool ----------------------------------------------------------------------------------
 @pytest.mark.ray
+@pytest.mark.slow  # two actor pools, one losing an actor: 25 s on 2 nearly idle cores
 def test_pool_equals_in_process_and_redoes_a_killed_actor(tiny, ray_local, tmp_path):
     bb = tiny("tiny-llama")
     prompts = torch.randn(10, 4, bb.d_model, generator=torch.Generator().manual_seed(3))

@@ -461,6 +461,7 @@ def s3_server(tmp_path, monkeypatch):
         proc.wait(timeout=30)
 
 
+@pytest.mark.slow  # four `ptx` processes, two of them starting a local Ray: 50 s on 2 nearly idle cores
 def test_bad_cli_inputs_exit_2(tmp_path):
     env = {**os.environ}
     ptx = [sys.executable, "-m", "ptx"]

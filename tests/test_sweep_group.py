@@ -66,6 +66,7 @@ def test_group_requests_keep_members_that_share_a_pass_together(tmp_path):
 
 
 @pytest.mark.ray
+@pytest.mark.slow  # two sweeps, one with a retried group: 30 s on 2 nearly idle cores
 def test_a_grouped_sweep_logs_every_member_and_a_retried_group_resumes_them_all(tmp_path, new_workdir, ray_local):
     new_workdir(tmp_path)  # its store: a copy of the migrated empty db
     markers = ray_local  # the shared Ray's fault hook (conftest.py), armed while this directory exists
