@@ -112,3 +112,68 @@ def new_workdir(empty_db):
 def wd(tmp_path, new_workdir) -> Path:
     """A workdir of this test's own, with an empty MLflow store."""
     return new_workdir(tmp_path / "wd")
+
+
+# ---- Ray: one shared local Ray for the session ----------------------------------------------------------------
+# Starting a local Ray costs seconds of CPU (GCS, raylet, dashboard) and every new worker imports torch again, so
+# the modules that only need "a local Ray started the way ptx starts it" share one, started on first use and
+# stopped at the end of the session. A test that needs a Ray of its own (another shape, a cluster it kills, the
+# CLI's own start-up) asks for `own_ray`, which stops the shared one first; the next `ray_local` starts it again.
+_SHARED_RAY: dict = {"node": None}
+
+
+def _shared_ray_running() -> bool:
+    import ray
+
+    # the node id, not the address: a Ray started later (by a CLI call in a test) may reuse the same port
+    return ray.is_initialized() and ray.get_runtime_context().get_node_id() == _SHARED_RAY["node"]
+
+
+@pytest.fixture(scope="session")
+def ray_faults(tmp_path_factory) -> Path:
+    """The directory the shared Ray's fault hook watches (sweep.FAIL_ONCE_ENV = "6:<dir>"): a trial raises once after
+    its step-6 report while the directory exists, so a test arms the hook by creating it and disarms it by removing
+    it. Not created here: unarmed, the hook does nothing."""
+    return tmp_path_factory.mktemp("ray-faults") / "armed"
+
+
+@pytest.fixture(scope="session")
+def _ray_session_end():
+    yield
+    from ptx import sweep
+
+    if _SHARED_RAY["node"] is not None:
+        sweep.shutdown()
+
+
+@pytest.fixture(scope="module")
+def ray_local(ptx_cache_dir, ray_faults, _ray_session_end) -> Path:
+    """The session's shared local Ray, started by `sweep.connect(num_cpus=2)` as the CLI starts one (the workers'
+    setup hook, the runtime env), with the session's model cache and the fault hook (unarmed, see ray_faults) in
+    its workers' environment. A Ray left running by someone else (a CLI call in an earlier test) is stopped first:
+    its workers lack that environment. Yields ray_faults."""
+    import ray
+
+    from ptx import sweep
+
+    if ray.is_initialized() and not _shared_ray_running():
+        sweep.shutdown()
+    if not ray.is_initialized():
+        # sweep.connect copies these from os.environ into the workers' runtime env, once, at start-up
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setenv("PTX_CACHE_DIR", str(ptx_cache_dir))
+            mp.setenv(sweep.FAIL_ONCE_ENV, f"6:{ray_faults}")
+            sweep.connect(num_cpus=2)
+        _SHARED_RAY["node"] = ray.get_runtime_context().get_node_id()
+    yield ray_faults
+
+
+@pytest.fixture(scope="module")
+def own_ray():
+    """For a test (or a module's fixture) that starts a Ray of its own (a cluster of another shape, one it kills,
+    the CLI's start-up and dashboard): no Ray is connected when it starts. It stops its own; a later `ray_local`
+    restarts the shared one."""
+    from ptx import sweep
+
+    sweep.shutdown()
+    yield

@@ -38,7 +38,7 @@ class SlowWorker:
         return self.inner.masks(item)
 
 
-def test_actor_node_lost_mid_indicators_chunks_are_redone(tmp_path, monkeypatch, caplog, tiny):
+def test_actor_node_lost_mid_indicators_chunks_are_redone(tmp_path, monkeypatch, caplog, tiny, own_ray):
     import ray
     from ray.cluster_utils import Cluster
 

@@ -25,15 +25,6 @@ TINY_KINDS = [("tiny-bert", "prepend", "decoder"), ("tiny-roberta", "paper", "de
               ("tiny-t5", "prepend", "encoder"), ("tiny-t5", "prepend", "decoder"), ("tiny-llama", "prepend", "decoder")]
 
 
-@pytest.fixture(scope="module")
-def ray_local(ptx_cache_dir):
-    from ptx import sweep
-
-    sweep.connect(num_cpus=2)
-    yield
-    sweep.shutdown()
-
-
 def _tracker(tmp_path, experiment="study"):
     return track.MlflowTracker(f"sqlite:///{tmp_path / 'mlflow.db'}", experiment, workdir=tmp_path)
 
@@ -185,6 +176,7 @@ def test_capture_refuses_bad_input(tiny):
 
 # ---- the actor pool ----------------------------------------------------------------------------------
 @pytest.mark.ray
+@pytest.mark.slow  # two actor pools, one losing an actor: 25 s on 2 nearly idle cores
 def test_pool_equals_in_process_and_redoes_a_killed_actor(tiny, ray_local, tmp_path):
     bb = tiny("tiny-llama")
     prompts = torch.randn(10, 4, bb.d_model, generator=torch.Generator().manual_seed(3))

@@ -223,7 +223,7 @@ class RayCluster:
 
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory, ptx_cache_dir):
+def cluster(tmp_path_factory, ptx_cache_dir, own_ray):  # own_ray: the shared Ray stops, its CPU freed
     logs = tmp_path_factory.mktemp("ray-logs")
     ray_cluster = RayCluster(logs)
     try:
@@ -505,6 +505,7 @@ def test_mlflow_outage_outlasting_the_retries_then_resume_finishes_exactly_once(
                                           "outage_seconds": round(outage, 1), "resume_wall_seconds": round(wall, 1)})
 
 
+HELD_STEPS = 18  # the held fault tests' trials: nothing can finish before the fault, so two evaluations after it do
 HOLD_STEP = 9  # the fault tests hold every trial after its report of this step (sweep.HOLD_ENV) until the fault
 
 
@@ -539,11 +540,11 @@ def test_worker_node_lost_mid_sweep_trials_finish_elsewhere(cluster, server, lau
     then are they released. (Without the hold, trials on a loaded box reported their last steps in the seconds
     between the trigger and the kill, and a trial that had finished on the node was rightly not retried.) Each
     trial then goes on from its step-9 checkpoint on the fresh node: every step reported exactly once."""
-    steps = list(range(0, 61, 3))
+    steps = list(range(0, HELD_STEPS + 1, 3))
     # trials may run only on worker nodes (two per node): once the worker is gone, nothing fits until a fresh node
     spec = write_spec(tmp_path / "nodeloss.yaml", tasks=["tweet_sentiment"], seeds=[0, 1], max_failures=3,
                       resources={"cpu": 1, "custom": {"worker_node": 0.5}},
-                      train={"steps": 60, "batch_size": 8, "lr": 0.05, "eval_every": 3, "eval_batch_size": 32})
+                      train={"steps": HELD_STEPS, "batch_size": 8, "lr": 0.05, "eval_every": 3, "eval_batch_size": 32})
     workers = [n for n in cluster.alive() if n is not cluster.nodes[0]]
     assert len(workers) == 1
     victim = workers[0]
@@ -578,10 +579,10 @@ def test_worker_node_lost_mid_sweep_a_group_resumes_every_member_elsewhere(clust
     """The node-loss test for a grouped trial (train.group_size 2): both prompts train in one trial on the
     worker; the node dies while the group holds after its step-9 checkpoint. The group is retried on a fresh node
     from that checkpoint, and each member finishes in its own MLflow run, every step logged once."""
-    steps = list(range(0, 61, 3))
+    steps = list(range(0, HELD_STEPS + 1, 3))
     spec = write_spec(tmp_path / "groupnodeloss.yaml", tasks=["tweet_sentiment"], seeds=[0, 1], max_failures=3,
                       resources={"cpu": 1, "custom": {"worker_node": 0.5}},
-                      train={"steps": 60, "batch_size": 8, "lr": 0.05, "eval_every": 3, "eval_batch_size": 32,
+                      train={"steps": HELD_STEPS, "batch_size": 8, "lr": 0.05, "eval_every": 3, "eval_batch_size": 32,
                              "group_size": 2})
     workers = [n for n in cluster.alive() if n is not cluster.nodes[0]]
     if not workers:  # the node-loss test did not run (or could not add its fresh node)
@@ -637,10 +638,10 @@ def test_head_restart_then_resume_finishes_the_sweep_exactly_once(cluster, serve
 
     Deterministic as the node-loss test is: the trials hold after their step-9 checkpoints, and the cluster dies
     once Tune's experiment state (what `ptx resume` reads) has been saved with those checkpoints in it."""
-    steps = list(range(0, 61, 3))
+    steps = list(range(0, HELD_STEPS + 1, 3))
     spec = write_spec(tmp_path / "headloss.yaml", tasks=["tweet_sentiment"], seeds=[0, 1], max_failures=1,
                       resources={"cpu": 1, "custom": {"worker_node": 0.5}},
-                      train={"steps": 60, "batch_size": 8, "lr": 0.05, "eval_every": 3, "eval_batch_size": 32})
+                      train={"steps": HELD_STEPS, "batch_size": 8, "lr": 0.05, "eval_every": 3, "eval_batch_size": 32})
     for node in cluster.alive()[1:-1]:  # one worker: extra ones left by an earlier test would take trials too
         node.kill()
     if len(cluster.alive()) < 2:  # an earlier test lost its worker and could not add one

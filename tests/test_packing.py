@@ -160,7 +160,8 @@ def test_readme_tables_match_the_computed_packing():
 
 
 @pytest.mark.ray
-def test_dry_run_prints_the_live_packing_and_a_local_storage_path_is_refused(tmp_path):
+@pytest.mark.slow  # a two-node local Ray cluster of its own: 20-80 s on a shared 2-core machine
+def test_dry_run_prints_the_live_packing_and_a_local_storage_path_is_refused(tmp_path, own_ray):
     """A real local Ray cluster of two nodes with logical GPUs, shaped like aws.yaml's and gcp.yaml's gpu_1x
     (4 and 8 CPUs): `ptx run --dry-run --address` reads the alive nodes and prints what each runs at once."""
     from click.testing import CliRunner

@@ -209,7 +209,7 @@ def _request(server: MlflowServer, method: str, path: str, login=None, host=None
 
 
 @pytest.fixture(scope="module")
-def store(tmp_path_factory):
+def store(tmp_path_factory, own_ray):
     pg = Postgres()
     server = MlflowServer(pg, tmp_path_factory.mktemp("mlflow"))
     saved = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")}

@@ -316,16 +316,6 @@ def test_stage_skips_when_a_backbone_is_unset_or_missing(tmp_path, monkeypatch, 
     assert "make assets-large" in tracker.get_run(out["stage_run"]).tags["ptx.skip_reason"]
 
 
-@pytest.fixture(scope="module")
-def ray_local(cache):
-    import ray
-
-    ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": {"PTX_CACHE_DIR": str(cache)}},
-             logging_level="ERROR")
-    yield
-    ray.shutdown()
-
-
 def _expected_flag(vanilla: list, tpt: list) -> str:
     """The speed-up flag from two raw curves [(step, value)], worked out here without the code under test."""
     best = max(v for _, v in vanilla)
@@ -337,6 +327,7 @@ def _expected_flag(vanilla: list, tpt: list) -> str:
 
 
 @pytest.mark.ray
+@pytest.mark.slow  # a whole projector stage on real Ray: about 65 s on 2 nearly idle cores
 def test_stage_trains_evaluates_and_runs_tpt_model(tmp_path, cache, ray_local, new_workdir):
     new_workdir(tmp_path)  # its store: a copy of the migrated empty db
     from ptx.prompt_runs import PromptRequest, run_prompt

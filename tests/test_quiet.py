@@ -67,35 +67,30 @@ print("ok")
 
 
 @pytest.mark.ray
-def test_ray_workers_started_by_ptx_keep_a_lost_exit_request_quiet():
-    """A real local Ray started by `sweep.connect`: its workers run the setup hook, so the same lost SystemExit
-    in a worker leaves nothing on the worker's stderr (the stream Ray forwards to the user's terminal)."""
+def test_ray_workers_started_by_ptx_keep_a_lost_exit_request_quiet(ray_local):
+    """A real local Ray started by `sweep.connect` (the session's shared one, conftest.py): its workers run the
+    setup hook, so the same lost SystemExit in a worker leaves nothing on the worker's stderr (the stream Ray
+    forwards to the user's terminal)."""
     import ray
 
-    from ptx import sweep
+    @ray.remote(num_cpus=1)
+    def lost_exit() -> str:
+        import contextlib
+        import gc
+        import io
+        import weakref
 
-    sweep.connect(num_cpus=1)
-    try:
-        @ray.remote(num_cpus=1)
-        def lost_exit() -> str:
-            import contextlib
-            import gc
-            import io
-            import weakref
+        class Thing:
+            pass
 
-            class Thing:
-                pass
+        def callback(ref):
+            raise SystemExit(1)
 
-            def callback(ref):
-                raise SystemExit(1)
+        err = io.StringIO()
+        with contextlib.redirect_stderr(err):  # the default hook writes to sys.stderr
+            keep = weakref.ref(t := Thing(), callback)  # noqa: F841
+            del t
+            gc.collect()
+        return err.getvalue()
 
-            err = io.StringIO()
-            with contextlib.redirect_stderr(err):  # the default hook writes to sys.stderr
-                keep = weakref.ref(t := Thing(), callback)  # noqa: F841
-                del t
-                gc.collect()
-            return err.getvalue()
-
-        assert ray.get(lost_exit.remote(), timeout=120) == ""
-    finally:
-        sweep.shutdown()
+    assert ray.get(lost_exit.remote(), timeout=120) == ""

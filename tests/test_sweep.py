@@ -18,22 +18,10 @@ from ptx.config import load_study
 from ptx.errors import PtxError
 from ptx.sweep import experiment as tune_experiment
 
-pytestmark = pytest.mark.ray
-FAIL_MARKERS = None  # set by the fixture: the fault hook is armed only while this directory exists
+pytestmark = pytest.mark.ray  # ray_local: the session's shared local Ray (conftest.py)
 
 
-@pytest.fixture(scope="module")
-def ray_session(tmp_path_factory):
-    global FAIL_MARKERS
-    FAIL_MARKERS = tmp_path_factory.mktemp("faults") / "armed"
-    os.environ[sweep.FAIL_ONCE_ENV] = f"6:{FAIL_MARKERS}"
-    sweep.connect(num_cpus=2)
-    yield
-    sweep.shutdown()
-    os.environ.pop(sweep.FAIL_ONCE_ENV, None)
-
-
-def test_asha_sweep_stops_poor_trials_early(ray_session, tmp_path, new_workdir):
+def test_asha_sweep_stops_poor_trials_early(ray_local, tmp_path, new_workdir):
     new_workdir(tmp_path)  # its store: a copy of the migrated empty db
     spec = load_study(write_spec(
         tmp_path / "asha.yaml", seeds=[0, 1],
@@ -76,7 +64,7 @@ def _iterations_by_trial(scheduler, tmp_path, name: str) -> dict:
             for r in tuner.fit()}
 
 
-def test_asha_ranks_trials_within_their_task_so_a_hard_task_keeps_its_best_trial(ray_session, tmp_path):
+def test_asha_ranks_trials_within_their_task_so_a_hard_task_keeps_its_best_trial(ray_local, tmp_path):
     from ray.tune.schedulers import ASHAScheduler
 
     from ptx.prompt_runs import PromptRequest
@@ -95,18 +83,18 @@ def test_asha_ranks_trials_within_their_task_so_a_hard_task_keeps_its_best_trial
     assert plain[("hard", 0.05)] == 1 and plain[("hard", 0.001)] == 1
 
 
-def test_failed_trial_retries_from_checkpoint(ray_session, tmp_path, new_workdir):
+def test_failed_trial_retries_from_checkpoint(ray_local, tmp_path, new_workdir):
     new_workdir(tmp_path)  # its store: a copy of the migrated empty db
     spec = load_study(write_spec(tmp_path / "retry.yaml", tasks=["tweet_sentiment"]))
     uri = track.resolve_tracking_uri(None, tmp_path)
-    FAIL_MARKERS.mkdir(parents=True, exist_ok=True)
+    ray_local.mkdir()  # arms the hook: the trial raises once after its step-6 report
     try:
         summary = sweep.run_sweep(spec, tmp_path, uri)
     finally:
-        fired = list(FAIL_MARKERS.iterdir())
+        fired = list(ray_local.iterdir())
         for f in fired:
             f.unlink()
-        FAIL_MARKERS.rmdir()
+        ray_local.rmdir()
     assert len(fired) == 1, "the injected failure did not fire"
     assert summary["errored"] == 0 and summary["trials"] == 1
     runs = prompt_runs(uri, spec.name)
@@ -120,7 +108,7 @@ def test_failed_trial_retries_from_checkpoint(ray_session, tmp_path, new_workdir
         assert sorted(steps) == expected, f"{key}: steps {sorted(steps)}, expected each of {expected} once"
 
 
-def test_ray_workers_start_with_mlflow_telemetry_off(ray_session):
+def test_ray_workers_start_with_mlflow_telemetry_off(ray_local):
     """Every Ray worker of a sweep imports mlflow with its telemetry off (track.TELEMETRY_ENV). With it on, an
     offline worker's telemetry thread removed its session id from os.environ while `requests` read os.environ:
     at 500 trials two trials' first log-batch failed with KeyError('_MLFLOW_TELEMETRY_SESSION_ID')."""
@@ -203,7 +191,7 @@ def test_an_unstarted_trial_carries_its_searched_values_in_its_request():
         "tweet_sentiment", "drug_sentiment"]
 
 
-def test_rerun_reuses_finished_runs(ray_session, tmp_path, new_workdir):
+def test_rerun_reuses_finished_runs(ray_local, tmp_path, new_workdir):
     new_workdir(tmp_path)  # its store: a copy of the migrated empty db
     spec = load_study(write_spec(tmp_path / "again.yaml", tasks=["drug_sentiment"]))
     uri = track.resolve_tracking_uri(None, tmp_path)
@@ -230,13 +218,13 @@ def test_rerun_reuses_finished_runs(ray_session, tmp_path, new_workdir):
 # s3: the same with storage_path=s3://... on an S3-compatible server started by the test (moto's server mode on
 # 127.0.0.1), the documented multi-node setting: Tune's state and checkpoints, ptx's state file, the kill's cut and
 # the resume all go through object storage.
+@pytest.mark.slow  # two local Rays in subprocesses (the killed sweep's, the resume's): 60-90 s each at load 1-6
 @pytest.mark.parametrize("group,lose_search_state,storage",
-                         [(1, False, "local"), (1, True, "local"), pytest.param(2, False, "local", marks=pytest.mark.slow),
-                          (1, False, "s3")],
+                         [(1, False, "local"), (1, True, "local"), (2, False, "local"), (1, False, "s3")],
                          ids=["alone", "search-state-cut", "grouped", "s3"])
 def test_killed_driver_is_finished_by_resume(tmp_path, new_workdir, group, lose_search_state, storage, request):
     new_workdir(tmp_path)  # its store: a copy of the migrated empty db
-    steps = 30  # held at step 12 until the kill: the trials need not be long to be killed mid-sweep
+    steps = 18  # held at step 12 until the kill, so they need not be long: two evaluations are left to the resume
     train = {"steps": steps, "batch_size": 8, "lr": 0.05, "eval_every": 3, "eval_batch_size": 32}
     s3_env = request.getfixturevalue("s3_server") if storage == "s3" else {}
     results = Storage(f"s3://{S3_BUCKET}/ray-results" if s3_env else str(tmp_path / "ray_results"))
@@ -470,19 +458,30 @@ def s3_server(tmp_path, monkeypatch):
         proc.wait(timeout=30)
 
 
+@pytest.mark.slow  # four `ptx` processes, two of them starting a local Ray: 50 s on 2 nearly idle cores
 def test_bad_cli_inputs_exit_2(tmp_path):
     env = {**os.environ}
     ptx = [sys.executable, "-m", "ptx"]
     big = write_spec(tmp_path / "big.yaml", resources={"cpu": 1, "gpu": 4})
     cases = [
-        ([*ptx, "sweep", str(big), "--workdir", str(tmp_path)], "exceed every node"),
-        ([*ptx, "sweep", str(write_spec(tmp_path / "ok.yaml")), "--address", "127.0.0.1:1", "--workdir", str(tmp_path)],
-         "cannot reach a Ray cluster"),
+        ([*ptx, "sweep", str(big), "--workdir", str(tmp_path / "big")], "exceed every node"),
+        ([*ptx, "sweep", str(write_spec(tmp_path / "ok.yaml")), "--address", "127.0.0.1:1", "--workdir",
+          str(tmp_path / "ok")], "cannot reach a Ray cluster"),
         ([*ptx, "resume", str(tmp_path)], "not a Tune experiment"),
         ([*ptx, "status", str(tmp_path)], "not a Tune experiment"),
     ]
-    for cmd, expected in cases:
-        out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-        assert out.returncode == 2, (cmd, out.stderr[-1500:])
-        last = [line for line in out.stderr.splitlines() if line.startswith("error:")]
-        assert last and expected in last[-1], out.stderr[-1500:]
+    # the four are independent (a workdir each, their own local Rays): started together, they wait on their imports
+    # and Ray start-ups side by side rather than one after the other
+    procs = [subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for cmd, _ in cases]
+    try:
+        for proc, (cmd, expected) in zip(procs, cases, strict=True):
+            _, stderr = proc.communicate(timeout=300)
+            assert proc.returncode == 2, (cmd, stderr[-1500:])
+            last = [line for line in stderr.splitlines() if line.startswith("error:")]
+            assert last and expected in last[-1], stderr[-1500:]
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()

@@ -1,6 +1,5 @@
 """Grouped sweeps (train.group_size): a trial trains several prompts; each is still its own MLflow prompt run."""
 
-import os
 
 import pytest
 import support
@@ -65,14 +64,13 @@ def test_group_requests_keep_members_that_share_a_pass_together(tmp_path):
 
 
 @pytest.mark.ray
-def test_a_grouped_sweep_logs_every_member_and_a_retried_group_resumes_them_all(tmp_path, new_workdir):
+@pytest.mark.slow  # two sweeps, one with a retried group: 30 s on 2 nearly idle cores
+def test_a_grouped_sweep_logs_every_member_and_a_retried_group_resumes_them_all(tmp_path, new_workdir, ray_local):
     new_workdir(tmp_path)  # its store: a copy of the migrated empty db
-    markers = tmp_path / "armed"
-    markers.mkdir()
-    os.environ[sweep.FAIL_ONCE_ENV] = f"6:{markers}"  # the group trial raises once after its step-6 report
+    markers = ray_local  # the shared Ray's fault hook (conftest.py), armed while this directory exists
+    markers.mkdir()  # the group trial raises once after its step-6 report
     train = {"steps": 9, "batch_size": 8, "lr": 0.05, "eval_every": 3, "eval_batch_size": 32}
     try:
-        sweep.connect(num_cpus=2)
         spec = load_study(write_spec(tmp_path / "grouped.yaml", seeds=[0], train={**train, "group_size": 2}))
         uri = track.resolve_tracking_uri(None, tmp_path)
         summary = sweep.run_sweep(spec, tmp_path, uri, name="grouped")
@@ -98,5 +96,6 @@ def test_a_grouped_sweep_logs_every_member_and_a_retried_group_resumes_them_all(
         assert again["errored"] == 0
         assert len(tracker.find_runs({"ptx.kind": "prompt"}, status=None)) == 2, "a grouped run was trained again"
     finally:
-        sweep.shutdown()
-        os.environ.pop(sweep.FAIL_ONCE_ENV, None)
+        for f in markers.iterdir():
+            f.unlink()
+        markers.rmdir()

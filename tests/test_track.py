@@ -286,7 +286,11 @@ def test_experiment_kind_datasets_links_and_system_metrics(wd):
     with tracker.system_metrics(other, enabled=True, interval=0.2):
         import time
 
-        time.sleep(1.5)
+        # until the monitor's first logging lands, not a fixed time: under load 1.5 s was sometimes too short
+        deadline = time.monotonic() + 60
+        while ("system/cpu_utilization_percentage" not in tracker.get_run(other).metrics
+               and time.monotonic() < deadline):
+            time.sleep(0.1)
     assert "system/cpu_utilization_percentage" in tracker.get_run(other).metrics
     with tracker.system_metrics(run.run_id, enabled=False):
         pass

@@ -214,8 +214,9 @@ def test_a_tpt_run_is_never_stopped_on_patience():
 
 
 # ---- the stages: real local Ray, real sqlite MLflow ---------------------------------------------------------
+stage_test = pytest.mark.slow  # the module's study (train, transfer, TPT on Ray): 45 s to build, 2 nearly idle cores
 @pytest.fixture(scope="module")
-def study(tmp_path_factory, new_workdir):
+def study(tmp_path_factory, new_workdir, ray_local):
     from ptx import prompt_runs as stages
     from ptx import sweep
 
@@ -229,14 +230,12 @@ def study(tmp_path_factory, new_workdir):
     reqs = sweep.sweep_requests(spec)
     reqs.append(stages.with_settings(reqs[0], seed=1))  # a second seed of tweet_sentiment: one more source
     bank = [stages.run_prompt(r, workdir, tracker) for r in reqs]
-    sweep.connect(num_cpus=2)
     shown = io.StringIO()  # what a person watching sees: a plain line at every change (interval 0)
     with progress.watching(progress.Display(shown, interactive=False, interval=0)), \
             progress.stage("transfer", 0, "pairs"):
         first = run_transfer_stage(spec, tracker, workdir)
     yield {"spec": spec, "tracker": tracker, "workdir": workdir, "bank": bank, "first": first,
            "shown": shown.getvalue()}
-    sweep.shutdown()
 
 
 def _units(tracker, status="FINISHED"):
@@ -281,6 +280,7 @@ def test_unit_plan_leaves_no_core_idle_for_long_where_one_task_per_target_did():
 
 
 @pytest.mark.ray
+@stage_test
 def test_transfer_stage_progress_moves_as_each_chunk_lands(study):
     """3 targets x (4 prompts + the random one) on 2 slots: chunks of 3 and 2 sources (6 Ray tasks), so the line
     moves 6 times, by 3 or 2 pairs, to 15 pairs."""
@@ -290,6 +290,7 @@ def test_transfer_stage_progress_moves_as_each_chunk_lands(study):
 
 
 @pytest.mark.ray
+@stage_test
 def test_transfer_stage_logs_and_resumes_only_missing_units(study):
     spec, tracker, workdir = study["spec"], study["tracker"], study["workdir"]
     first = study["first"]
@@ -328,6 +329,7 @@ def test_transfer_stage_logs_and_resumes_only_missing_units(study):
 
 
 @pytest.mark.ray
+@stage_test
 def test_tpt_stage_records_speedup(study):
     from dataclasses import replace
 
@@ -375,6 +377,7 @@ def test_tpt_stage_records_speedup(study):
 
 
 @pytest.mark.ray
+@stage_test
 def test_tpt_runs_each_source_mode_and_reuses_shared_runs(study):
     """tpt.sources [best_same_category, best_cross_category]: one TPT run per (target, source); the vanilla runs
     and the same-category TPT runs of the single-mode test above are reused by their hash, not retrained."""

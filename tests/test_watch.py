@@ -27,13 +27,15 @@ pytestmark = pytest.mark.ray
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 needs_chromium = pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="headless Chromium missing: run `make browser`")
 RAY_FORWARDED = re.compile(r"(\x1b\[[\d;]*m)*\([^\s()]+ pid=\d+(, ip=[\w.:-]+)?\)")
+smoke_test = pytest.mark.slow  # the tests of the smoke study: the study alone takes 80 s on 2 nearly idle cores
 STAGE_UNITS = {"train": "trials", "transfer": "pairs", "tpt": "trials", "indicators": "batches",
                "projector": "steps", "report": "stage"}
 
 
 @pytest.fixture(scope="module")
-def smoke(tmp_path_factory, new_workdir):
-    """`ptx demo --smoke` with its output captured (not a terminal: plain progress lines)."""
+def smoke(tmp_path_factory, new_workdir, own_ray):
+    """`ptx demo --smoke` with its output captured (not a terminal: plain progress lines), starting its own Ray
+    (own_ray: the demo's dashboard line is the test's business)."""
     from click.testing import CliRunner
 
     from ptx.cli import cli
@@ -51,6 +53,7 @@ def smoke(tmp_path_factory, new_workdir):
     sweep.shutdown()
 
 
+@smoke_test
 def test_smoke_study_prints_one_progress_line_per_stage(smoke):
     out = smoke.output
     assert smoke.code == 0, out[-3000:]
@@ -93,6 +96,7 @@ def test_ray_forwarded_line_filter_matches_the_shapes_ray_writes():
     assert [bool(RAY_FORWARDED.match(ln)) for ln in forwarded + ours] == [True] * 4 + [False] * 4
 
 
+@smoke_test
 def test_smoke_demo_runs_every_stage_and_its_report_renders(smoke, tmp_path):
     """Every stage through the CLI, then the report rendered in Chromium (moved here from test_report.py so that
     the suite runs the smoke study once)."""
@@ -116,6 +120,7 @@ def test_smoke_demo_runs_every_stage_and_its_report_renders(smoke, tmp_path):
         assert n_img >= 5  # heatmaps, TPT curves, indicator scatter plots, projector figure
 
 
+@smoke_test
 def test_mlflow_records_kind_datasets_names_and_report_links(smoke):
     from ptx.backbones import load_backbone
     from ptx.data import describe_split, encode_split
@@ -158,6 +163,7 @@ def _dashboard(smoke) -> str:
     return re.search(r"Ray dashboard \(while this runs\): (\S+)", smoke.output).group(1)
 
 
+@smoke_test
 @needs_chromium
 def test_ptx_ui_opens_the_runs_table_with_datasets(smoke, tmp_path):
     port = free_port()
@@ -199,6 +205,7 @@ def _text(html: str) -> str:
     return re.sub(r"\s+", " ", re.sub(r"<[^>]+>", " ", re.sub(r"<(script|style)[^>]*>.*?</\1>", "", html, flags=re.S)))
 
 
+@smoke_test
 @needs_chromium
 def test_ray_dashboard_lists_the_trial_actors_with_the_token(smoke, tmp_path):
     """The dashboard is a single-page app behind a token: --dump-dom cannot log in, so Chromium is driven over its
