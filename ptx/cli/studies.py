@@ -32,7 +32,8 @@ def _study_run_options(dry_run_help: str, max_concurrent_help: str | None = None
                *([stage_option] if stage_option is not None else []),
                click.option("--dry-run", is_flag=True, help=dry_run_help),
                click.option("--max-concurrent", type=click.IntRange(min=1), default=None, help=max_concurrent_help),
-               click.option("--force", is_flag=True, help="Redo work that already has a finished run (prompts, transfer units, indicators, projectors)."),
+               click.option("--force", is_flag=True, help="Redo work that already has a finished run (prompts, "
+                            "transfer units, indicators, projectors)."),
                offline_ok_option, set_option, workdir_option, uri_option]
 
     def apply(command):
