@@ -3,6 +3,7 @@
 import hashlib
 import json
 import logging
+import warnings
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
@@ -270,7 +271,9 @@ def import_torch_prompt(file: str | Path, d_model: int, backbone_name: str) -> t
     if not file.is_file():
         raise PtxError(f"{file}: no such file")
     try:
-        obj = torch.load(file, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # a raw pickle makes torch warn about its protocol before refusing it: the
+            warnings.simplefilter("ignore")  # user gets the one-line error below, not that warning beside it
+            obj = torch.load(file, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises UnpicklingError, RuntimeError, EOFError...: all mean "not a safe tensor file"
         raise PtxError(f"{file}: not a plain tensor file loadable with weights_only=True "
                        f"({type(exc).__name__}: {str(exc).splitlines()[0][:200]})") from None

@@ -140,3 +140,21 @@ def test_unsafe_and_non_tensor_files_are_refused(wd, tmp_path):
                    "--task", "sst2", "--workdir", wd))
     client = MlflowClient(f"sqlite:///{wd / 'mlflow.db'}")
     assert client.search_runs([e.experiment_id for e in client.search_experiments()]) == []
+
+
+def test_a_refused_raw_pickle_draws_no_warning_beside_its_error(tmp_path):
+    """Outside pytest's warning capture (a user's terminal) torch warns about a raw pickle's protocol before the
+    weights_only load refuses it; the import says only its one-line error."""
+    import warnings
+
+    from ptx.errors import PtxError
+    from ptx.prompt import import_torch_prompt
+
+    raw_pickle = tmp_path / "raw.pkl"
+    raw_pickle.write_bytes(pickle.dumps(_WritesMarker(tmp_path / "never"), protocol=4))
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        with pytest.raises(PtxError, match="not a plain tensor file loadable with weights_only=True"):
+            import_torch_prompt(raw_pickle, 16, "tiny-bert")
+    assert [str(w.message) for w in seen] == []
+    assert not (tmp_path / "never").exists()
