@@ -223,9 +223,11 @@ def own_vs_random(df: pd.DataFrame, split: str, predictions: pd.DataFrame | None
         n = int(getattr(r, "n_examples", 0) or 0)
         finding = Finding(float(r.value) - float(base.value), math.nan, math.nan, 0.0, Verdict.INCONCLUSIVE,
                           NO_PREDICTIONS, n)
+        vs_init = {}
         if p is not None:
             g = p[p.target_task == r.target_task]
             own = g[g.source_prompt_run == r.source_prompt_run].sort_values("example")
+            vs_init = own_vs_init(g, own, r)
             rnd = g[g.source_prompt_run.str.startswith(f"{RANDOM}:")].sort_values(["source_prompt_run", "example"])
             n_rand = rnd.source_prompt_run.nunique()
             if len(own) and n_rand and len(rnd) == n_rand * len(own):
@@ -233,20 +235,16 @@ def own_vs_random(df: pd.DataFrame, split: str, predictions: pd.DataFrame | None
                                                  own.label.to_numpy(), str(getattr(r, "metric", "accuracy")))
         row = {"target_task": r.target_task, "source_prompt_run": r.source_prompt_run, "own": float(r.value),
                "random": float(base.value), "n": n, "finding": finding}
-        vs_init = own_vs_init(p, r)
         if vs_init:  # against every baseline family at once: the random prompts and the start
             vs_init["baselines"] = verdicts.own_vs_baselines([finding, vs_init["init_finding"]])
         out.append({**row, **vs_init})
     return sorted(out, key=lambda o: (o["target_task"], o["source_prompt_run"]))
 
 
-def own_vs_init(p: pd.DataFrame | None, r) -> dict:
-    """The own prompt `r` against its untrained start (predictions' init:<run>, when the transfer stage scored it:
-    transfer.init_baseline), with the same paired test: {init, init_finding} or {} without it."""
-    if p is None:
-        return {}
-    g = p[p.target_task == r.target_task]
-    own = g[g.source_prompt_run == r.source_prompt_run].sort_values("example")
+def own_vs_init(g: pd.DataFrame, own: pd.DataFrame, r) -> dict:
+    """The own prompt `r` (its answers `own`, by example) against its untrained start in its target's predictions
+    `g` (init:<run>, when the transfer stage scored it: transfer.init_baseline), with the same paired test:
+    {init, init_finding} or {} without it."""
     start = g[g.source_prompt_run == f"{INIT}:{r.source_prompt_run}"].sort_values("example")
     if not len(own) or len(start) != len(own):
         return {}
