@@ -6,7 +6,8 @@ A stage is one module of this package that declares itself (see docs/design.md, 
     KIND = "transfer"          # ptx.kind of the run the stage logs per study (what the report stage links)
     UNITS = "pairs"            # what its progress line counts; None: the stage counts itself, 0/1 then 1/1
     SECTION = "transfer"       # its key in ptx.report.SECTIONS; None: the report shows nothing of it
-    def run(spec, tracker, workdir, *, force=False, max_concurrent=None, address=None) -> dict
+    def run(spec, tracker, workdir, *, force=False, max_concurrent=None, address=None, **own) -> dict
+                               # own: the stage's own keyword options (run_study's stage_options)
 
 The modules are found by scanning this package, so adding a stage touches its module and the spec only; every
 registry below (and the report stage's list of run kinds) is built from that one list, `STAGE_LIST`.
